@@ -1,0 +1,135 @@
+"""Backend selection: the one place that decides which implementation serves an op.
+
+An op declares a table ``{backend_name: implementation}``; :func:`select` picks the entry for the
+current backend setting and the tensor's device. ``"auto"`` prefers the fused kernels on CUDA
+(``cuda`` then ``triton``) and the C++ extension on CPU (``cpp`` then ``torch``). A forced backend
+that cannot serve the input raises; it never falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch", "reference")
+
+_AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastssl_backend", default=None)
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend in force: a `use_backend` context, else $FASTSSL_BACKEND, else "auto"."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    env = os.environ.get("FASTSSL_BACKEND", "auto") or "auto"
+    try:
+        return _check_name(env)
+    except ValueError as e:
+        raise ValueError(f"FASTSSL_BACKEND: {e}") from None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Force a backend inside a ``with`` block (tests and benchmarks)."""
+    token = _forced.set(_check_name(name))
+    try:
+        yield name
+    finally:
+        _forced.reset(token)
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def cpp_available() -> bool:
+    try:
+        from fastssl import _C  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def cuda_ext_available() -> bool:
+    try:
+        from fastssl import _C
+    except Exception:
+        return False
+    return bool(getattr(_C, "with_cuda", lambda: False)())
+
+
+def can_serve(backend: str, device: torch.device) -> tuple[bool, str]:
+    """Whether `backend` can run on tensors of `device`, and if not, why."""
+    if backend in ("torch", "reference"):
+        return True, ""
+    if backend == "cpp":
+        if device.type != "cpu":
+            return False, "the C++ backend serves CPU tensors only"
+        return (True, "") if cpp_available() else (False, "fastssl._C is not built")
+    if backend == "cuda":
+        if device.type != "cuda":
+            return False, "the CUDA backend serves CUDA tensors only"
+        return (True, "") if cuda_ext_available() else (False, "fastssl._C was built without CUDA")
+    if backend == "triton":
+        if not triton_available():
+            return False, "triton is not installed"
+        if device.type == "cpu" and not triton_interpreter_enabled():
+            return False, "triton on CPU tensors needs TRITON_INTERPRET=1 set before fastssl is imported"
+        if device.type not in ("cpu", "cuda"):
+            return False, f"triton does not serve {device.type} tensors"
+        return True, ""
+    return False, f"unknown backend {backend!r}"
+
+
+def select(op: str, device: torch.device, table: Mapping[str, Callable]) -> tuple[str, Callable]:
+    """Return ``(name, implementation)`` for `op` on `device` under the current setting."""
+    want = current_backend()
+    if want == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if name in table and can_serve(name, device)[0]:
+                return name, table[name]
+        if "torch" in table:
+            return "torch", table["torch"]
+        return "reference", table["reference"]
+    if want not in table:
+        raise RuntimeError(f"fastssl.{op}: backend {want!r} has no implementation of this op "
+                           f"(available: {sorted(table)})")
+    ok, why = can_serve(want, device)
+    if not ok:
+        raise RuntimeError(f"fastssl.{op}: backend {want!r} cannot serve {device.type} tensors: {why}")
+    return want, table[want]
+
+
+_check_finite = False
+
+
+def set_check_finite(enabled: bool) -> None:
+    """Raise ValueError on non-finite inputs (costs a device sync per call; off by default)."""
+    global _check_finite
+    _check_finite = bool(enabled)
+
+
+def check_finite_enabled() -> bool:
+    return _check_finite

@@ -1,0 +1,134 @@
+"""The distributed layer: all-gather with an exact backward, and the loss scaling for DDP.
+
+The promises of api.md for ``gather_distributed=True`` with world size W:
+
+1. The returned loss equals, on every rank, the single-process loss over the global batch.
+2. Each rank's input gradient divided by W equals the single-process gradient of its rows, so
+   DDP's gradient average gives the single-process parameter gradient.
+
+A loss gets both by computing its rows against the gathered columns with :func:`gather`
+(whose backward sums the gathered gradient over ranks and returns the local slice), taking its
+local share of the global mean, and passing that share through :func:`reduce_loss`.
+Everything here works without an initialised process group (W = 1): then every function is the
+identity, and on gloo (CPU) and NCCL (GPU) alike.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_check_batch_sizes = True
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def set_check_batch_sizes(enabled: bool) -> None:
+    """Check that every rank passes the same local batch size (one tiny all-gather per call)."""
+    global _check_batch_sizes
+    _check_batch_sizes = bool(enabled)
+
+
+def check_equal_batch(name: str, x: torch.Tensor) -> None:
+    """Raise ValueError on every rank when the local batch sizes differ (instead of a hang)."""
+    if not (_check_batch_sizes and is_distributed()):
+        return
+    w = world_size()
+    mine = torch.tensor([x.shape[0]] + list(x.shape[1:2]), device=x.device, dtype=torch.int64)
+    sizes = [torch.empty_like(mine) for _ in range(w)]
+    dist.all_gather(sizes, mine)
+    sizes = [tuple(s.tolist()) for s in sizes]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"{name}: gather_distributed needs the same local shape on every rank, "
+                         f"got (batch, dim) per rank {sizes}")
+
+
+def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        return _all_gather_cat(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss depends on this rank's rows through the gather: sum the gathered
+        # gradient over ranks and keep our slice (SogCLR issue #1 kept only the local term).
+        grad = grad.contiguous()
+        w, b = world_size(), ctx.rows
+        if dist.get_backend() == "nccl":
+            out = torch.empty((b,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        dist.all_reduce(grad)
+        r = rank()
+        return grad[r * b:(r + 1) * b]
+
+
+def gather(x: torch.Tensor, *, name: str = "input") -> torch.Tensor:
+    """All-gather the rows of `x` from every rank (rank order), with the exact backward."""
+    if not is_distributed():
+        return x
+    check_equal_batch(name, x)
+    if x.requires_grad:
+        return _GatherWithGrad.apply(x)
+    return _all_gather_cat(x)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor, *, name: str = "input") -> torch.Tensor:
+    """All-gather without gradient (momentum keys, indices, state updates)."""
+    if not is_distributed():
+        return x
+    check_equal_batch(name, x)
+    return _all_gather_cat(x)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place and returned (no gradient: Sinkhorn's normalisers)."""
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def reduce_loss(local_share: torch.Tensor) -> torch.Tensor:
+    """Turn this rank's share of the global loss into the value and gradient api.md promises.
+
+    `local_share` is the sum of this rank's terms of the global mean (so the shares of all
+    ranks add up to the single-process loss). The result's value is that sum on every rank;
+    its gradient is W times the share's gradient, so that after DDP divides by W each
+    parameter gets the single-process gradient.
+    """
+    if not is_distributed():
+        return local_share
+    w = world_size()
+    total = all_reduce_sum(local_share.detach().clone())
+    scaled = local_share * w
+    return scaled + (total - scaled).detach()
+
+
+def row_offset(local_rows: int) -> int:
+    """Index of this rank's first row in the gathered (rank-ordered) batch."""
+    return rank() * local_rows

@@ -1,0 +1,1 @@
+"""Placeholder: contrastive ops (autograd.Function + torch.library registration + backend table)."""

@@ -1,0 +1,1 @@
+"""Placeholder: swav ops (autograd.Function + torch.library registration + backend table)."""

@@ -1,0 +1,1 @@
+"""Placeholder: sortnet ops (autograd.Function + torch.library registration + backend table)."""

@@ -1,0 +1,1 @@
+"""Placeholder: sphere ops (autograd.Function + torch.library registration + backend table)."""

@@ -1,0 +1,102 @@
+"""Build fastssl and its extension fastssl._C.
+
+The CPU sources in csrc/*_cpu.cpp (plus csrc/bindings.cpp) always build, with OpenMP when the
+compiler has it. The CUDA sources (csrc/*_cuda.cu: plain CUDA on raw pointers, and the torch glue
+csrc/*_cuda_glue.cpp) build only against a CUDA build of torch with nvcc present.
+FASTSSL_BUILD_CUDA=1 forces the CUDA part on (and fails loudly if it cannot build), =0 forces it off.
+
+Install with the pinned torch already present and without build isolation, so pip does not pull
+a different torch into the build environment:
+    pip install torch==2.13.0 && pip install --no-build-isolation -e ".[dev]"
+"""
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDA_HOME, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _has_openmp() -> bool:
+    """Compile a tiny OpenMP program: the flag is only used where it works."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
+        res = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "a.out")],
+                             capture_output=True)
+        return res.returncode == 0
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("FASTSSL_BUILD_CUDA", "auto").lower()
+    if flag in ("0", "off", "false", "no"):
+        return False
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag in ("1", "on", "true", "yes"):
+        if not available:
+            raise RuntimeError("FASTSSL_BUILD_CUDA=1 but torch has no CUDA build or nvcc is missing "
+                               f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
+        return True
+    return available
+
+
+def _extension():
+    rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
+    sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*_cpu.cpp"))) + ["csrc/bindings.cpp"]
+    cxx_flags = ["-O3", "-std=c++17"]
+    link_flags = []
+    if _has_openmp():
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    if _want_cuda():
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "*_cuda.cu")))
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "*_cuda_glue.cpp")))
+        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math",
+                      "-gencode=arch=compute_80,code=sm_80",
+                      "-gencode=arch=compute_90,code=sm_90"]
+        return CUDAExtension("fastssl._C", sources,
+                             extra_compile_args={"cxx": cxx_flags + ["-DFASTSSL_WITH_CUDA"],
+                                                 "nvcc": nvcc_flags},
+                             extra_link_args=link_flags)
+    return CppExtension("fastssl._C", sources, extra_compile_args={"cxx": cxx_flags},
+                        extra_link_args=link_flags)
+
+
+def _version() -> str:
+    with open(os.path.join(ROOT, "fastssl", "version.py")) as f:
+        scope = {}
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+setup(
+    name="fastssl",
+    version=_version(),
+    description="Fused kernels for self-supervised pretraining losses, and a fast ResNet-50 stack",
+    python_requires=">=3.10",
+    # The Triton kernels live in the top-level kernels/ folder but install as fastssl.kernels:
+    # no top-level `kernels` module lands in site-packages.
+    packages=["fastssl", "fastssl.kernels", "fastssl.ops", "fastssl.functional",
+              "fastssl.losses", "fastssl.reference", "fastssl.models", "fastssl.data",
+              "fastssl.methods", "fastssl.train", "fastssl.eval"],
+    package_dir={"fastssl": "fastssl", "fastssl.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout", "diffsort==0.2.0", "numpy", "matplotlib", "pillow",
+                "triton>=3.0; platform_system == 'Linux'"],
+        "dali": ["nvidia-dali-cuda130"],
+    },
+    zip_safe=False,
+)
