@@ -1,1 +1,404 @@
-"""Placeholder: sphere ops (autograd.Function + torch.library registration + backend table)."""
+"""Sphere-family ops: pair reductions over the Gram matrix of normalised rows, never stored.
+
+* ``series_sum(x, y=None, weights)``: sum over all pairs (i, j) of
+  psi(<x_i/|x_i|, y_j/|y_j|>), psi = sum_k w_k P_k (normalised Gegenbauer, dimension D).
+  ``y=None`` means y = x (all N*N pairs, diagonal included; mirrored tiles computed once).
+* ``gauss_lse(x, y=None, scale, diag_offset)``: log of the sum over pairs (i, j) with
+  j != i + diag_offset of exp(2*scale*(<x̂_i, ŷ_j> - 1)) (AUH's uniformity before the mean).
+
+Each is a torch.library custom op (forward and backward ops, fake kernels, autograd) with one
+backend table dispatched by :func:`fastssl._backend.select`:
+``triton`` (kernels/sphere.py), ``torch`` (blocks of rows in PyTorch, never the full N x N;
+serves CPU and float64) and ``reference`` (the full matrices, autograd for the derivative).
+Inputs are raw rows; the normalisation is part of the op (its backward projects the gradient).
+The scalar is float32 for fp32/bf16/fp16 inputs and float64 for float64.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from fastssl._backend import select
+from fastssl._validation import accumulation_dtype
+from fastssl.reference.sphere import kernel_series
+
+_NORM_EPS = 1e-12
+# Elements of one (rows x N) block in the torch path: a few fp32 temporaries of 4 MiB.
+_TORCH_BLOCK_ELEMENTS = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+def _inv_norm(z: torch.Tensor) -> torch.Tensor:
+    acc = accumulation_dtype(z)
+    return torch.linalg.vector_norm(z, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()
+
+
+def _normalized(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    return z.to(r.dtype) * r[:, None]
+
+
+def recurrence_coefficients(num_w: int, dim: int) -> tuple[list[float], list[float]]:
+    """a_k, b_k (k = 1..num_w-1) of P_{k+1} = a_k t P_k - b_k P_{k-1} in dimension `dim`."""
+    a = [(2 * k + dim - 2) / (k + dim - 2) for k in range(1, num_w)]
+    b = [k / (k + dim - 2) for k in range(1, num_w)]
+    return a, b
+
+
+_COEF_CACHE: dict = {}
+
+
+def _coef_tensor(weights: Sequence[float], dim: int, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    key = (tuple(weights), dim, dtype, str(device))
+    t = _COEF_CACHE.get(key)
+    if t is None:
+        a, b = recurrence_coefficients(len(weights), dim)
+        t = torch.tensor(list(weights) + a + b, dtype=dtype, device=device)
+        if len(_COEF_CACHE) > 64:
+            _COEF_CACHE.clear()
+        _COEF_CACHE[key] = t
+    return t
+
+
+def _series_and_derivative(t: torch.Tensor, weights: Sequence[float], dim: int,
+                           derivative: bool):
+    """psi(t) or psi'(t) by the Gegenbauer recurrence (torch path)."""
+    a, b = recurrence_coefficients(len(weights), dim)
+    p_prev, p = torch.ones_like(t), t
+    if not derivative:
+        acc = weights[0] * t
+        for k in range(1, len(weights)):
+            p_prev, p = p, a[k - 1] * t * p - b[k - 1] * p_prev
+            acc = acc + weights[k] * p
+        return acc
+    dp_prev, dp = torch.zeros_like(t), torch.ones_like(t)
+    dacc = torch.full_like(t, weights[0])
+    for k in range(1, len(weights)):
+        p_next = a[k - 1] * t * p - b[k - 1] * p_prev
+        dp_next = a[k - 1] * (p + t * dp) - b[k - 1] * dp_prev
+        p_prev, p, dp_prev, dp = p, p_next, dp, dp_next
+        dacc = dacc + weights[k] * dp
+    return dacc
+
+
+def _project(grad_hat: torch.Tensor, a: torch.Tensor, ra: torch.Tensor,
+             grad: torch.Tensor) -> torch.Tensor:
+    """Chain rule through a -> a/|a|: r (g - <g, â> â), times the upstream scalar gradient."""
+    a_hat = _normalized(a, ra)
+    radial = (grad_hat * a_hat).sum(dim=1, keepdim=True)
+    return ((grad_hat - radial * a_hat) * (ra[:, None] * grad.to(ra.dtype))).to(a.dtype)
+
+
+def _row_blocks(rows: int, cols: int):
+    step = max(1, min(rows, _TORCH_BLOCK_ELEMENTS // max(cols, 1)))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: blocks of rows
+
+def _torch_series_forward(x, y, weights, dim):
+    rx = _inv_norm(x)
+    xh = _normalized(x, rx)
+    total = xh.new_zeros(())
+    if y is None:
+        # Row block [s, e) against columns >= s: the block itself once, columns >= e twice.
+        n = xh.shape[0]
+        for s, e in _row_blocks(n, n):
+            psi = _series_and_derivative(xh[s:e] @ xh[s:].T, weights, dim, False)
+            total = total + psi[:, : e - s].sum() + 2 * psi[:, e - s:].sum()
+        return total
+    yh = _normalized(y, _inv_norm(y))
+    for s, e in _row_blocks(xh.shape[0], yh.shape[0]):
+        total = total + _series_and_derivative(xh[s:e] @ yh.T, weights, dim, False).sum()
+    return total
+
+
+def _torch_series_grad_hat(a, b, weights, dim):
+    ra = _inv_norm(a)
+    ah = _normalized(a, ra)
+    if b is None:
+        # Symmetric: d/dâ_i sum_{jk} psi(G_jk) = 2 sum_j psi'(G_ij) â_j; each block of rows
+        # against the columns from its start, scattering the mirrored part to those columns.
+        n = ah.shape[0]
+        out = torch.zeros_like(ah)
+        for s, e in _row_blocks(n, n):
+            c = _series_and_derivative(ah[s:e] @ ah[s:].T, weights, dim, True)
+            out[s:e] += c @ ah[s:]
+            out[e:] += c[:, e - s:].T @ ah[s:e]
+        return out * 2, ra
+    bh = _normalized(b, _inv_norm(b))
+    out = torch.empty_like(ah)
+    for s, e in _row_blocks(ah.shape[0], bh.shape[0]):
+        out[s:e] = _series_and_derivative(ah[s:e] @ bh.T, weights, dim, True) @ bh
+    return out, ra
+
+
+def _diag_mask(s, e, col_start, cols, diag_offset, device):
+    """True where column (col_start + c) == row + diag_offset, rows s..e-1."""
+    rows = torch.arange(s, e, device=device)[:, None] + diag_offset
+    return rows == torch.arange(col_start, col_start + cols, device=device)[None, :]
+
+
+def _torch_gauss_forward(x, y, scale, diag_offset):
+    rx = _inv_norm(x)
+    xh = _normalized(x, rx)
+    parts = []
+    if y is None:
+        n = xh.shape[0]
+        for s, e in _row_blocks(n, n):
+            logit = 2 * scale * (xh[s:e] @ xh[s:].T - 1)
+            logit = logit.masked_fill(_diag_mask(s, e, s, n - s, 0, x.device), float("-inf"))
+            # Mirrored pairs (columns >= e) count twice.
+            logit[:, e - s:] += math.log(2.0)
+            parts.append(torch.logsumexp(logit.reshape(-1), dim=0))
+        return torch.logsumexp(torch.stack(parts), dim=0)
+    yh = _normalized(y, _inv_norm(y))
+    for s, e in _row_blocks(xh.shape[0], yh.shape[0]):
+        logit = 2 * scale * (xh[s:e] @ yh.T - 1)
+        logit = logit.masked_fill(_diag_mask(s, e, 0, yh.shape[0], diag_offset, x.device),
+                                  float("-inf"))
+        parts.append(torch.logsumexp(logit.reshape(-1), dim=0))
+    return torch.logsumexp(torch.stack(parts), dim=0)
+
+
+def _torch_gauss_grad_hat(a, b, scale, diag_offset, lse):
+    ra = _inv_norm(a)
+    ah = _normalized(a, ra)
+    lse = lse.to(ah.dtype)
+    if b is None:
+        n = ah.shape[0]
+        out = torch.zeros_like(ah)
+        for s, e in _row_blocks(n, n):
+            logit = 2 * scale * (ah[s:e] @ ah[s:].T - 1)
+            c = (2 * scale) * torch.exp(logit - lse)
+            c = c.masked_fill(_diag_mask(s, e, s, n - s, 0, a.device), 0.0)
+            out[s:e] += c @ ah[s:]
+            out[e:] += c[:, e - s:].T @ ah[s:e]
+        return out * 2, ra
+    bh = _normalized(b, _inv_norm(b))
+    out = torch.empty_like(ah)
+    for s, e in _row_blocks(ah.shape[0], bh.shape[0]):
+        c = (2 * scale) * torch.exp(2 * scale * (ah[s:e] @ bh.T - 1) - lse)
+        c = c.masked_fill(_diag_mask(s, e, 0, bh.shape[0], diag_offset, a.device), 0.0)
+        out[s:e] = c @ bh
+    return out, ra
+
+
+# ---------------------------------------------------------------------------------------------
+# reference backend: full matrices (fastssl.reference's polynomials, autograd for psi')
+
+def _ref_gram(a, b):
+    ah = _normalized(a, _inv_norm(a))
+    bh = ah if b is None else _normalized(b, _inv_norm(b))
+    return ah, bh, ah @ bh.T
+
+
+def _ref_series_forward(x, y, weights, dim):
+    return kernel_series(_ref_gram(x, y)[2], weights, dim).sum()
+
+
+def _ref_series_grad_hat(a, b, weights, dim):
+    ah, bh, g = _ref_gram(a, b)
+    # torch.func works inside the op's body, where the autograd engine is switched off.
+    _, vjp = torch.func.vjp(lambda t: kernel_series(t, weights, dim), g)
+    (c,) = vjp(torch.ones_like(g))
+    out = c @ bh if b is not None else (c + c.T) @ ah
+    return out, _inv_norm(a)
+
+
+def _ref_gauss_mask(m, n, diag_offset, device):
+    return torch.arange(m, device=device)[:, None] + diag_offset == torch.arange(n, device=device)
+
+
+def _ref_gauss_forward(x, y, scale, diag_offset):
+    _, _, g = _ref_gram(x, y)
+    logit = (2 * scale * (g - 1)).masked_fill(_ref_gauss_mask(*g.shape, diag_offset, x.device),
+                                              float("-inf"))
+    return torch.logsumexp(logit.reshape(-1), dim=0)
+
+
+def _ref_gauss_grad_hat(a, b, scale, diag_offset, lse):
+    ah, bh, g = _ref_gram(a, b)
+    mask = _ref_gauss_mask(*g.shape, diag_offset, a.device)
+
+    def lse_of(t):
+        logit = (2 * scale * (t - 1)).masked_fill(mask, float("-inf"))
+        return torch.logsumexp(logit.reshape(-1), dim=0)
+
+    _, vjp = torch.func.vjp(lse_of, g)
+    (c,) = vjp(torch.ones((), dtype=g.dtype, device=g.device))
+    out = c @ bh if b is not None else (c + c.T) @ ah
+    return out, _inv_norm(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend
+
+def _triton_series_forward(x, y, weights, dim):
+    from fastssl.kernels import sphere as K
+    rx = _inv_norm(x)
+    ry = None if y is None else _inv_norm(y)
+    coef = _coef_tensor(weights, dim, rx.dtype, x.device)
+    rows, _ = K.pair_forward(x, y, rx, ry, kind=0, coef=coef, num_w=len(weights))
+    return rows.sum()
+
+
+def _triton_series_grad_hat(a, b, weights, dim):
+    from fastssl.kernels import sphere as K
+    ra = _inv_norm(a)
+    coef = _coef_tensor(weights, dim, ra.dtype, a.device)
+    if b is None:
+        # psi'(G) is symmetric: the column term equals the row term.
+        out = K.pair_backward(a, a, ra, ra, kind=0, coef=coef, num_w=len(weights))
+        return out * 2, ra
+    out = K.pair_backward(a, b, ra, _inv_norm(b), kind=0, coef=coef, num_w=len(weights))
+    return out, ra
+
+
+def _triton_gauss_forward(x, y, scale, diag_offset):
+    from fastssl.kernels import sphere as K
+    rx = _inv_norm(x)
+    ry = None if y is None else _inv_norm(y)
+    sums, maxima = K.pair_forward(x, y, rx, ry, kind=1, coef=None, num_w=1,
+                                  diag_offset=0 if y is None else diag_offset,
+                                  two_scale=2.0 * scale)
+    return torch.logsumexp(maxima + torch.log(sums), dim=0)
+
+
+def _triton_gauss_grad_hat(a, b, scale, diag_offset, lse):
+    from fastssl.kernels import sphere as K
+    ra = _inv_norm(a)
+    if b is None:
+        out = K.pair_backward(a, a, ra, ra, kind=1, coef=None, num_w=1, diag_offset=0,
+                              two_scale=2.0 * scale, lse=lse)
+        return out * 2, ra
+    out = K.pair_backward(a, b, ra, _inv_norm(b), kind=1, coef=None, num_w=1,
+                          diag_offset=diag_offset, two_scale=2.0 * scale, lse=lse)
+    return out, ra
+
+
+SERIES_TABLE = {
+    "triton": (_triton_series_forward, _triton_series_grad_hat),
+    "torch": (_torch_series_forward, _torch_series_grad_hat),
+    "reference": (_ref_series_forward, _ref_series_grad_hat),
+}
+GAUSS_TABLE = {
+    "triton": (_triton_gauss_forward, _triton_gauss_grad_hat),
+    "torch": (_torch_gauss_forward, _torch_gauss_grad_hat),
+    "reference": (_ref_gauss_forward, _ref_gauss_grad_hat),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops
+
+def _scalar_like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((), dtype=accumulation_dtype(x))
+
+
+@torch.library.custom_op("fastssl::sphere_series_sum", mutates_args=())
+def _series_sum_op(x: torch.Tensor, y: Optional[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    _, (fwd, _) = select("sphere_series_sum", x.device, SERIES_TABLE)
+    return fwd(x, y, list(weights), x.shape[1])
+
+
+@_series_sum_op.register_fake
+def _(x, y, weights):
+    return _scalar_like(x)
+
+
+@torch.library.custom_op("fastssl::sphere_series_grad", mutates_args=())
+def _series_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor],
+                    weights: list[float]) -> torch.Tensor:
+    _, (_, grad_hat_fn) = select("sphere_series_sum", a.device, SERIES_TABLE)
+    grad_hat, ra = grad_hat_fn(a, b, list(weights), a.shape[1])
+    return _project(grad_hat, a, ra, grad)
+
+
+@_series_grad_op.register_fake
+def _(grad, a, b, weights):
+    return torch.empty_like(a)
+
+
+def _series_setup(ctx, inputs, output):
+    x, y, weights = inputs
+    ctx.save_for_backward(x, y)
+    ctx.weights = weights
+
+
+def _series_backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    if y is None:
+        return _series_grad_op(grad, x, None, ctx.weights), None, None
+    gx = _series_grad_op(grad, x, y, ctx.weights) if ctx.needs_input_grad[0] else None
+    gy = _series_grad_op(grad, y, x, ctx.weights) if ctx.needs_input_grad[1] else None
+    return gx, gy, None
+
+
+_series_sum_op.register_autograd(_series_backward, setup_context=_series_setup)
+
+
+@torch.library.custom_op("fastssl::sphere_gauss_lse", mutates_args=())
+def _gauss_lse_op(x: torch.Tensor, y: Optional[torch.Tensor], scale: float,
+                  diag_offset: int) -> torch.Tensor:
+    _, (fwd, _) = select("sphere_gauss_lse", x.device, GAUSS_TABLE)
+    return fwd(x, y, scale, diag_offset)
+
+
+@_gauss_lse_op.register_fake
+def _(x, y, scale, diag_offset):
+    return _scalar_like(x)
+
+
+@torch.library.custom_op("fastssl::sphere_gauss_grad", mutates_args=())
+def _gauss_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], scale: float,
+                   diag_offset: int, lse: torch.Tensor) -> torch.Tensor:
+    _, (_, grad_hat_fn) = select("sphere_gauss_lse", a.device, GAUSS_TABLE)
+    grad_hat, ra = grad_hat_fn(a, b, scale, diag_offset, lse)
+    return _project(grad_hat, a, ra, grad)
+
+
+@_gauss_grad_op.register_fake
+def _(grad, a, b, scale, diag_offset, lse):
+    return torch.empty_like(a)
+
+
+def _gauss_setup(ctx, inputs, output):
+    x, y, scale, diag_offset = inputs
+    ctx.save_for_backward(x, y, output)
+    ctx.scale, ctx.diag_offset = scale, diag_offset
+
+
+def _gauss_backward(ctx, grad):
+    x, y, lse = ctx.saved_tensors
+    s, off = ctx.scale, ctx.diag_offset
+    if y is None:
+        return _gauss_grad_op(grad, x, None, s, 0, lse), None, None, None
+    gx = _gauss_grad_op(grad, x, y, s, off, lse) if ctx.needs_input_grad[0] else None
+    # The transposed pairs: row j of y meets column i of x, excluded when i == j - offset.
+    gy = _gauss_grad_op(grad, y, x, s, -off, lse) if ctx.needs_input_grad[1] else None
+    return gx, gy, None, None
+
+
+_gauss_lse_op.register_autograd(_gauss_backward, setup_context=_gauss_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+
+def series_sum(x: torch.Tensor, y: torch.Tensor | None = None, *,
+               weights: Sequence[float]) -> torch.Tensor:
+    """sum_{i,j} sum_k w_k P_k(<x̂_i, ŷ_j>) in dimension D (y None: y = x, all N*N pairs)."""
+    return _series_sum_op(x, y, [float(w) for w in weights])
+
+
+def gauss_lse(x: torch.Tensor, y: torch.Tensor | None = None, *, scale: float,
+              diag_offset: int = 0) -> torch.Tensor:
+    """log sum_{(i,j): j != i + diag_offset} exp(2 scale (<x̂_i, ŷ_j> - 1)) (y None: y = x)."""
+    return _gauss_lse_op(x, y, float(scale), int(diag_offset))

@@ -1,0 +1,237 @@
+"""Triton kernels of the sphere family: pairwise kernels of a Gram matrix that is never stored.
+
+Both kernels walk tiles of X @ Y.T (rows of X against rows of Y), computed by a loop over the
+feature dimension D in blocks (SFRIK uses D = 32768), with the normalisation folded in as
+G_ij = <x_i, y_j> * rx_i * ry_j (rx, ry: inverse row norms), so no normalised copy is stored.
+
+KIND 0 (SFRIK's MMD): psi(t) = sum_k w_k P_k(t), P_k the normalised Gegenbauer polynomials in
+dimension q = D, evaluated by their three-term recurrence in registers for any number of
+degrees (NUM_W, a constexpr; the weights and recurrence coefficients come from a small vector).
+KIND 1 (AUH's uniformity): the Gaussian potential exp(2s(t - 1)), the pair (i, i + diag_offset)
+excluded, reduced as an online log-sum-exp (row max and shifted row sum) so that the log of
+the mean stays finite when every term underflows.
+
+Forward: one program per block of rows, streaming row partials (sum, or max and shifted sum).
+With SYM (X is Y) only the column blocks at or after the diagonal block are visited and the
+off-diagonal ones count twice. Backward: the same tiles recomputed; the coefficient tile
+C = dpsi(G) (or the softmax weights of the log-sum-exp) times ry is multiplied by the Y block
+and accumulated into the program's own rows of an fp32 (fp64 for fp64) output, D block by D
+block, so no N x N buffer and no atomics. Accumulation is fp32 for fp32/bf16/fp16 and fp64
+for fp64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _series(t, coef_ptr, NUM_W: tl.constexpr):
+    # coef = [w_1..w_K, a_1..a_{K-1}, b_1..b_{K-1}]: P_{k+1} = a_k t P_k - b_k P_{k-1}.
+    p_prev = tl.full(t.shape, 1.0, t.dtype)
+    p = t
+    acc = tl.load(coef_ptr) * t
+    for k in tl.static_range(1, NUM_W):
+        a_k = tl.load(coef_ptr + NUM_W + k - 1)
+        b_k = tl.load(coef_ptr + 2 * NUM_W - 1 + k - 1)
+        p_next = a_k * t * p - b_k * p_prev
+        p_prev = p
+        p = p_next
+        acc += tl.load(coef_ptr + k) * p
+    return acc
+
+
+@triton.jit
+def _series_derivative(t, coef_ptr, NUM_W: tl.constexpr):
+    # d/dt of the recurrence: P'_{k+1} = a_k (P_k + t P'_k) - b_k P'_{k-1}.
+    p_prev = tl.full(t.shape, 1.0, t.dtype)
+    p = t
+    dp_prev = tl.zeros(t.shape, t.dtype)
+    dp = tl.full(t.shape, 1.0, t.dtype)
+    dacc = tl.full(t.shape, 1.0, t.dtype) * tl.load(coef_ptr)
+    for k in tl.static_range(1, NUM_W):
+        a_k = tl.load(coef_ptr + NUM_W + k - 1)
+        b_k = tl.load(coef_ptr + 2 * NUM_W - 1 + k - 1)
+        p_next = a_k * t * p - b_k * p_prev
+        dp_next = a_k * (p + t * dp) - b_k * dp_prev
+        p_prev = p
+        p = p_next
+        dp_prev = dp
+        dp = dp_next
+        dacc += tl.load(coef_ptr + k) * dp
+    return dacc
+
+
+@triton.jit
+def _gram_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    dot = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        d_ok = dd < D
+        xt = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        yt = tl.load(y_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        if UPCAST:
+            # Exact bf16 -> fp32 widening: the products equal those of a bf16 MMA.
+            xt = xt.to(tl.float32)
+            yt = yt.to(tl.float32)
+        dot = tl.dot(xt, tl.trans(yt), dot, input_precision=PRECISION, out_dtype=ACC)
+    return dot
+
+
+@triton.jit
+def _pair_forward_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, coef_ptr, out_a_ptr, out_b_ptr,
+                         M, N, D, diag_offset, two_scale, lower_bound,
+                         KIND: tl.constexpr, NUM_W: tl.constexpr, SYM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
+    row_sum = tl.zeros((BLOCK_M,), ACC)
+    # Every logit 2s(G - 1) is >= lower_bound, so starting the running max there never
+    # shifts a real term into underflow; rows without any term keep row_sum = 0.
+    row_max = tl.zeros((BLOCK_M,), ACC) + lower_bound
+    start = 0
+    if SYM:
+        start = pid
+    for jb in range(start, tl.cdiv(N, BLOCK_N)):
+        cols = jb * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dot = _gram_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D,
+                         BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION, UPCAST)
+        ry = tl.load(ry_ptr + cols, mask=col_ok, other=0.0)
+        g = dot * rx[:, None] * ry[None, :]
+        valid = row_ok[:, None] & col_ok[None, :]
+        factor = 1.0
+        if SYM:
+            # The tile (jb, pid) mirrors (pid, jb): off-diagonal tiles count twice.
+            factor = tl.where(jb == pid, 1.0, 2.0)
+        if KIND == 0:
+            val = tl.where(valid, _series(g, coef_ptr, NUM_W), 0.0)
+            row_sum += tl.sum(val, axis=1) * factor
+        else:
+            valid = valid & (cols[None, :] != rows[:, None] + diag_offset)
+            logit = tl.where(valid, two_scale * (g - 1.0), float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(logit, axis=1))
+            row_sum = (row_sum * tl.exp(row_max - new_max)
+                       + tl.sum(tl.exp(logit - new_max[:, None]), axis=1) * factor)
+            row_max = new_max
+    tl.store(out_a_ptr + rows, row_sum, mask=row_ok)
+    if KIND == 1:
+        tl.store(out_b_ptr + rows, row_max, mask=row_ok)
+
+
+@triton.jit
+def _pair_backward_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, coef_ptr, lse_ptr, out_ptr,
+                          M, N, D, diag_offset, two_scale,
+                          KIND: tl.constexpr, NUM_W: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # out[i] = sum_j C(G_ij) * rb_j * b_j: the gradient of the pair sum wrt the normalised a_i.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ra = tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr)
+    for jb in range(0, tl.cdiv(N, BLOCK_N)):
+        cols = jb * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dot = _gram_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
+                         BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION, UPCAST)
+        rb = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
+        g = dot * ra[:, None] * rb[None, :]
+        valid = row_ok[:, None] & col_ok[None, :]
+        if KIND == 0:
+            c = _series_derivative(g, coef_ptr, NUM_W)
+        else:
+            valid = valid & (cols[None, :] != rows[:, None] + diag_offset)
+            # lse >= every logit, so the exponent is <= 0: no overflow.
+            c = two_scale * tl.exp(two_scale * (g - 1.0) - lse)
+        c = tl.where(valid, c, 0.0) * rb[None, :]
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            d_ok = dd < D
+            bt = tl.load(b_ptr + cols[:, None] * D + dd[None, :],
+                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            c_low = c.to(bt.dtype)
+            if UPCAST:
+                c_low = c_low.to(tl.float32)
+                bt = bt.to(tl.float32)
+            contrib = tl.dot(c_low, bt, input_precision=PRECISION, out_dtype=ACC)
+            o_ptrs = out_ptr + rows[:, None] * D + dd[None, :]
+            o_mask = row_ok[:, None] & d_ok[None, :]
+            tl.store(o_ptrs, tl.load(o_ptrs, mask=o_mask, other=0.0) + contrib, mask=o_mask)
+
+
+_TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
+
+
+def _config(x: torch.Tensor, symmetric: bool) -> dict:
+    if x.device.type == "cpu":
+        # The interpreter: small tiles keep the emulation fast and exercise several blocks.
+        bm = bn = bd = 16
+    else:
+        bm = bn = 64
+        bd = 64 if x.element_size() <= 4 else 32
+    if symmetric:
+        bn = bm  # the symmetric walk pairs row block i with column block i
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # fp32 inputs keep full fp32 products (no TF32), fp16/bf16 use tensor cores.
+    precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+    # The interpreter's tl.dot misreads bf16 operands (it multiplies their raw bits), so on
+    # CPU bf16 tiles are widened to fp32 first.
+    upcast = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ACC=_TL_ACC[acc], PRECISION=precision,
+                UPCAST=upcast), acc
+
+
+def pair_forward(x: torch.Tensor, y: torch.Tensor | None, rx: torch.Tensor, ry: torch.Tensor | None,
+                 *, kind: int, coef: torch.Tensor | None, num_w: int, diag_offset: int = 0,
+                 two_scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row partials of the pair reduction of rows x against rows y (y None: x against itself,
+    mirrored tiles counted twice). KIND 0: (row sums of psi, None). KIND 1: (shifted row sums,
+    row maxima), so that the log of the total is logsumexp(max + log sum)."""
+    symmetric = y is None
+    if symmetric:
+        y, ry = x, rx
+    x, y = x.contiguous(), y.contiguous()
+    m, d = x.shape
+    n = y.shape[0]
+    cfg, acc = _config(x, symmetric)
+    out_a = torch.empty(m, dtype=acc, device=x.device)
+    out_b = torch.empty(m if kind == 1 else 1, dtype=acc, device=x.device)
+    if coef is None:
+        coef = torch.zeros(1, dtype=acc, device=x.device)
+    lower_bound = -2.0 * two_scale * 1.01 - 1.0
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+    _pair_forward_kernel[grid](x, y, rx, ry, coef, out_a, out_b, m, n, d, diag_offset,
+                               two_scale, lower_bound, KIND=kind, NUM_W=max(num_w, 1),
+                               SYM=symmetric, **cfg)
+    return out_a, (out_b if kind == 1 else None)
+
+
+def pair_backward(a: torch.Tensor, b: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, *,
+                  kind: int, coef: torch.Tensor | None, num_w: int, diag_offset: int = 0,
+                  two_scale: float = 0.0, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, D) accumulation-dtype gradient of the pair reduction wrt the normalised rows of a."""
+    a, b = a.contiguous(), b.contiguous()
+    m, d = a.shape
+    n = b.shape[0]
+    cfg, acc = _config(a, False)
+    out = torch.zeros(m, d, dtype=acc, device=a.device)
+    if coef is None:
+        coef = torch.zeros(1, dtype=acc, device=a.device)
+    if lse is None:
+        lse = torch.zeros(1, dtype=acc, device=a.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+    _pair_backward_kernel[grid](a, b, ra, rb, coef, lse.to(acc).reshape(1), out, m, n, d,
+                                diag_offset, two_scale, KIND=kind, NUM_W=max(num_w, 1), **cfg)
+    return out
