@@ -1,0 +1,159 @@
+"""Command-line plumbing shared by ``python -m fastssl.eval.knn`` and ``fastssl.eval.linear``:
+common options, torchrun set-up, checkpoint loading with clear errors, JSON output."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import torch
+
+from fastssl import distributed as D
+
+DEFAULT_ARCH = "resnet50"
+
+
+class EvalError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="fastssl checkpoint (dict with 'arch' and 'backbone') or a torchvision-"
+                        "format ResNet state dict (optionally prefixed 'module.', "
+                        "'module.backbone.' or 'backbone.')")
+    p.add_argument("--data", default="demo",
+                   help="ImageFolder root with train/ and val/, or 'demo' (default: demo)")
+    p.add_argument("--arch", default=None, choices=["resnet18", "resnet50"],
+                   help="backbone architecture (default: the checkpoint's 'arch', else resnet50)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per feature-extraction batch and per GPU (default: 128)")
+    p.add_argument("--device", default=None,
+                   help="cuda, cuda:N or cpu (default: cuda if available; under torchrun "
+                        "cuda:LOCAL_RANK)")
+    p.add_argument("--size", type=int, default=None,
+                   help="centre-crop size of the evaluation images (default: the data "
+                        "loader's, 224 for ImageNet)")
+    p.add_argument("--num-threads", type=int, default=2, help="data-loading threads (default: 2)")
+    p.add_argument("--no-amp", action="store_true",
+                   help="extract features in float32 on CUDA (default: bfloat16 autocast)")
+    p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+
+
+def amp_flag(args, device: torch.device) -> bool:
+    return device.type == "cuda" and not args.no_amp
+
+
+def setup_device(device: str | None) -> torch.device:
+    """The device of this process; initialises the process group when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            torch.distributed.init_process_group("nccl")
+            return torch.device("cuda", local)
+        torch.distributed.init_process_group("gloo")
+        return torch.device("cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def teardown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def read_checkpoint(path: str):
+    """The object stored in `path`, with an EvalError naming the file when that fails."""
+    if not os.path.exists(path):
+        raise EvalError(f"checkpoint not found: {path}")
+    if not os.path.isfile(path):
+        raise EvalError(f"checkpoint is not a file: {path}")
+    try:
+        # fastssl checkpoints hold RNG and loader state beside the weights, which the
+        # weights-only unpickler rejects; checkpoints are the user's own files.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # corrupt, truncated, not a torch file
+        raise EvalError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from e
+
+
+def checkpoint_arch(obj, arch: str | None, path: str) -> str:
+    stored = obj.get("arch") if isinstance(obj, dict) and "backbone" in obj else None
+    if arch is not None and stored is not None and arch != stored:
+        raise EvalError(f"checkpoint {path}: --arch {arch} given but the checkpoint was "
+                        f"trained with arch {stored!r}")
+    return arch or stored or DEFAULT_ARCH
+
+
+def load_backbone_from(path: str, arch: str | None = None):
+    """(backbone module, arch) from a fastssl or torchvision-format checkpoint file."""
+    from fastssl.models import load_backbone
+    obj = read_checkpoint(path)
+    arch = checkpoint_arch(obj, arch, path)
+    if not isinstance(obj, dict):
+        raise EvalError(f"checkpoint {path}: expected a dict (a fastssl checkpoint or a state "
+                        f"dict), got {type(obj).__name__}")
+    try:
+        module = load_backbone(obj, arch)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise EvalError(f"checkpoint {path}: {e}") from e
+    return module, arch
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (BN uses and keeps its running statistics) and no parameter gradients."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def load_frozen_backbone(path: str, arch: str | None, device: torch.device):
+    module, arch = load_backbone_from(path, arch)
+    module = freeze(module).to(device)
+    if device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+    return module, arch
+
+
+def resolve_data(data: str) -> str:
+    if data != "demo" and not os.path.isdir(data):
+        raise EvalError(f"--data {data}: no such directory (expected an ImageFolder root, or demo)")
+    return data
+
+
+@torch.no_grad()
+def feature_dim(module: torch.nn.Module, device: torch.device, size: int = 32) -> int:
+    was = module.training
+    module.eval()
+    out = module(torch.zeros(1, 3, size, size, device=device))
+    module.train(was)
+    return out.flatten(1).shape[1]
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def cli_errors():
+    """Turn user-facing errors into one line on stderr and exit status 2."""
+    try:
+        yield
+    except (EvalError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
