@@ -1,1 +1,310 @@
-"""Placeholder: contrastive ops (autograd.Function + torch.library registration + backend table)."""
+"""Contrastive ops: the streaming log-sum-exp statistics behind NT-Xent, InfoNCE, DCL, SogCLR
+and SCE, as torch.library custom ops with autograd, and the backend table of the family.
+
+Two ops (the losses in ``fastssl.functional.contrastive`` compose them with O(N) PyTorch):
+
+* ``fastssl::contrastive_lse(a, b, self_col, pos_col, scale, split, exclude_pos, weighted,
+  col_stats, backend) -> (lse0, lse1, wmean, col_lse)``. With X = scale * a @ b.T and the
+  entries (i, self_col[i]) (and (i, pos_col[i]) when exclude_pos) masked out: lse0[i] =
+  log-sum-exp of row i over the columns < split, lse1[i] over the columns >= split (empty when
+  split >= C), wmean[i] = softmax-weighted mean of row i's logits over the same columns as lse0
+  (empty unless weighted; no gradient), col_lse[j] = log-sum-exp of column j (empty unless
+  col_stats).
+* ``fastssl::sce_stats(q, k, cols, self_col, scale_s, scale_t, backend) -> (lse_s, lse_t,
+  wmean)``: student X = scale_s * q @ cols.T, teacher Y = scale_t * k @ cols.T with
+  (i, self_col[i]) masked in Y only; lse_s, lse_t the row log-sum-exps, wmean[i] = sum_j
+  softmax(Y)_ij X_ij. Gradient for q only (k and the columns are constants of SCE).
+
+Backends: "triton" (``fastssl.kernels.contrastive``, CUDA or the CPU interpreter), "torch" (a
+chunked PyTorch path: blocks of rows against all columns, never the full M x C matrix; serves
+float64), "reference" (the losses of ``fastssl.reference``, full matrices). On CPU, auto picks
+"torch" (there is no C++ entry: torch's matmul is the fast CPU path).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastssl._backend import select
+from fastssl._validation import accumulation_dtype
+from fastssl.reference import contrastive as _reference
+
+# Rows per chunk of the torch path: at most this many logits in flight per chunk.
+CHUNK_ELEMENTS = 1 << 22
+MAX_CHUNK_ROWS = 1024
+
+
+def _chunk_rows(cols: int) -> int:
+    return max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // max(cols, 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch backend: chunked PyTorch
+# ----------------------------------------------------------------------------------------------
+
+def _masked_lse(x, ok):
+    """Row log-sum-exp over the entries where ok is set; -inf for an empty row, never NaN."""
+    return torch.logsumexp(x.masked_fill(~ok, float("-inf")), dim=1)
+
+
+def _chunk_mask(r0, r1, c, self_col, pos_col, exclude_pos, device):
+    cols = torch.arange(c, device=device)
+    ok = cols[None, :] != self_col[r0:r1, None]
+    if exclude_pos:
+        ok &= cols[None, :] != pos_col[r0:r1, None]
+    return ok, cols
+
+
+def torch_lse_forward(a, b, self_col, pos_col, scale, split, exclude_pos, weighted, col_stats):
+    acc = accumulation_dtype(a)
+    m, c = a.shape[0], b.shape[0]
+    has_split = split < c
+    bt = b.to(acc).T
+    lse0 = a.new_empty(m, dtype=acc)
+    lse1 = a.new_empty(m if has_split else 0, dtype=acc)
+    wmean = a.new_empty(m if weighted else 0, dtype=acc)
+    col_lse = a.new_full((c,) if col_stats else (0,), float("-inf"), dtype=acc)
+    step = _chunk_rows(c)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        x = (a[r0:r1].to(acc) @ bt) * scale
+        ok, cols = _chunk_mask(r0, r1, c, self_col, pos_col, exclude_pos, a.device)
+        ok0 = ok & (cols[None, :] < split) if has_split else ok
+        lse0[r0:r1] = _masked_lse(x, ok0)
+        if has_split:
+            lse1[r0:r1] = _masked_lse(x, ok & (cols[None, :] >= split))
+        if weighted:
+            p = torch.exp(x.masked_fill(~ok0, float("-inf")) - lse0[r0:r1, None])
+            wmean[r0:r1] = (p * x.masked_fill(~ok0, 0.0)).sum(1)
+        if col_stats:
+            col_lse = torch.logaddexp(col_lse, torch.logsumexp(
+                x.masked_fill(~ok, float("-inf")), dim=0))
+    return lse0, lse1, wmean, col_lse
+
+
+def torch_lse_backward(a, b, self_col, pos_col, scale, split, exclude_pos, lse0, lse1, col_lse,
+                       g0, g1, g_col, need_da=True, need_db=True):
+    acc = accumulation_dtype(a)
+    m, c = a.shape[0], b.shape[0]
+    has_split = split < c
+    col_grad = col_lse.numel() > 0
+    b_acc = b.to(acc)
+    da = torch.empty(a.shape, dtype=acc, device=a.device) if need_da else None
+    db = torch.zeros(b.shape, dtype=acc, device=b.device) if need_db else None
+    step = _chunk_rows(c)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        a_chunk = a[r0:r1].to(acc)
+        x = (a_chunk @ b_acc.T) * scale
+        ok, cols = _chunk_mask(r0, r1, c, self_col, pos_col, exclude_pos, a.device)
+        lse_row, g_row = lse0[r0:r1, None], g0[r0:r1, None].to(acc)
+        if has_split:
+            first = cols[None, :] < split
+            lse_row = torch.where(first, lse_row, lse1[r0:r1, None])
+            g_row = torch.where(first, g_row, g1[r0:r1, None].to(acc))
+        # Masked entries get exp(-inf) = 0 (never inf * 0: the mask goes in before the exp).
+        dx = g_row * torch.exp((x - lse_row).masked_fill(~ok, float("-inf")))
+        if col_grad:
+            dx += g_col[None, :].to(acc) * torch.exp((x - col_lse[None, :]).masked_fill(
+                ~ok, float("-inf")))
+        if need_da:
+            da[r0:r1] = (dx @ b_acc) * scale
+        if need_db:
+            db += (dx.T @ a_chunk) * scale
+    return (da.to(a.dtype) if need_da else None), (db.to(b.dtype) if need_db else None)
+
+
+def torch_sce_forward(q, k, cols, self_col, scale_s, scale_t):
+    acc = accumulation_dtype(q)
+    m, c = q.shape[0], cols.shape[0]
+    ct = cols.to(acc).T
+    lse_s, lse_t, wmean = (q.new_empty(m, dtype=acc) for _ in range(3))
+    step = _chunk_rows(c)
+    col_idx = torch.arange(c, device=q.device)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        x = (q[r0:r1].to(acc) @ ct) * scale_s
+        y = ((k[r0:r1].to(acc) @ ct) * scale_t).masked_fill(
+            col_idx[None, :] == self_col[r0:r1, None], float("-inf"))
+        lse_s[r0:r1] = torch.logsumexp(x, dim=1)
+        lse_t[r0:r1] = torch.logsumexp(y, dim=1)
+        wmean[r0:r1] = (torch.softmax(y, dim=1) * x).sum(1)
+    return lse_s, lse_t, wmean
+
+
+def torch_sce_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t, g_lse, g_w):
+    acc = accumulation_dtype(q)
+    m, c = q.shape[0], cols.shape[0]
+    c_acc = cols.to(acc)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    step = _chunk_rows(c)
+    col_idx = torch.arange(c, device=q.device)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        x = (q[r0:r1].to(acc) @ c_acc.T) * scale_s
+        y = ((k[r0:r1].to(acc) @ c_acc.T) * scale_t).masked_fill(
+            col_idx[None, :] == self_col[r0:r1, None], float("-inf"))
+        dx = (g_lse[r0:r1, None].to(acc) * torch.exp(x - lse_s[r0:r1, None])
+              + g_w[r0:r1, None].to(acc) * torch.exp(y - lse_t[r0:r1, None]))
+        dq[r0:r1] = (dx @ c_acc) * scale_s
+    return dq.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend table (one per family: every op and loss of the family dispatches through it)
+# ----------------------------------------------------------------------------------------------
+
+class _TorchKernels:
+    lse_forward = staticmethod(torch_lse_forward)
+    lse_backward = staticmethod(torch_lse_backward)
+    sce_forward = staticmethod(torch_sce_forward)
+    sce_backward = staticmethod(torch_sce_backward)
+
+
+class _TritonKernels:
+    """Loads fastssl.kernels.contrastive (and so triton) only when the triton backend runs."""
+
+    def __getattr__(self, name):
+        from fastssl.kernels import contrastive as kernels
+        return getattr(kernels, name)
+
+
+class _ReferenceLosses:
+    nt_xent = staticmethod(_reference.nt_xent)
+    info_nce = staticmethod(_reference.info_nce)
+    dcl = staticmethod(_reference.dcl)
+    sogclr = staticmethod(_reference.sogclr)
+    sce = staticmethod(_reference.sce)
+
+
+TABLE = {"triton": _TritonKernels(), "torch": _TorchKernels, "reference": _ReferenceLosses}
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The backend that serves `op` on `device` under the current setting (the dispatch point)."""
+    return select(op, device, TABLE)[0]
+
+
+def _kernels(backend: str):
+    if backend not in ("triton", "torch"):
+        raise RuntimeError(f"fastssl contrastive ops: backend {backend!r} has no kernels "
+                           f"(expected 'triton' or 'torch')")
+    return TABLE[backend]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+
+def _stats_dtype(a: torch.Tensor) -> torch.dtype:
+    return accumulation_dtype(a)
+
+
+@torch.library.custom_op("fastssl::contrastive_lse", mutates_args=())
+def contrastive_lse(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor,
+                    pos_col: torch.Tensor, scale: float, split: int, exclude_pos: bool,
+                    weighted: bool, col_stats: bool, backend: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    outs = _kernels(backend).lse_forward(a, b, self_col, pos_col, scale, split, exclude_pos,
+                                         weighted, col_stats)
+    dt = _stats_dtype(a)
+    return tuple(o.to(dt).contiguous() for o in outs)
+
+
+@contrastive_lse.register_fake
+def _(a, b, self_col, pos_col, scale, split, exclude_pos, weighted, col_stats, backend):
+    m, c = a.shape[0], b.shape[0]
+    dt = _stats_dtype(a)
+    return (a.new_empty(m, dtype=dt), a.new_empty(m if split < c else 0, dtype=dt),
+            a.new_empty(m if weighted else 0, dtype=dt), a.new_empty(c if col_stats else 0, dtype=dt))
+
+
+@torch.library.custom_op("fastssl::contrastive_lse_backward", mutates_args=())
+def contrastive_lse_backward(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor,
+                             pos_col: torch.Tensor, scale: float, split: int, exclude_pos: bool,
+                             lse0: torch.Tensor, lse1: torch.Tensor, col_lse: torch.Tensor,
+                             g0: torch.Tensor, g1: torch.Tensor, g_col: torch.Tensor,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    da, db = _kernels(backend).lse_backward(a, b, self_col, pos_col, scale, split, exclude_pos,
+                                            lse0, lse1, col_lse, g0, g1, g_col)
+    return da.to(a.dtype).contiguous(), db.to(b.dtype).contiguous()
+
+
+@contrastive_lse_backward.register_fake
+def _(a, b, self_col, pos_col, scale, split, exclude_pos, lse0, lse1, col_lse, g0, g1, g_col,
+      backend):
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+def _lse_setup_context(ctx, inputs, output):
+    a, b, self_col, pos_col, scale, split, exclude_pos, _weighted, _col, backend = inputs
+    lse0, lse1, _wmean, col_lse = output
+    ctx.save_for_backward(a, b, self_col, pos_col, lse0, lse1, col_lse)
+    ctx.args = (scale, split, exclude_pos, backend)
+
+
+def _zeros_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def _lse_backward(ctx, g0, g1, _g_wmean, g_col):
+    # wmean carries no gradient by contract (SogCLR uses it as a detached value).
+    a, b, self_col, pos_col, lse0, lse1, col_lse = ctx.saved_tensors
+    scale, split, exclude_pos, backend = ctx.args
+    da, db = contrastive_lse_backward(
+        a, b, self_col, pos_col, scale, split, exclude_pos, lse0, lse1, col_lse,
+        _zeros_if_none(g0, lse0), _zeros_if_none(g1, lse1), _zeros_if_none(g_col, col_lse),
+        backend)
+    return da, db, None, None, None, None, None, None, None, None
+
+
+contrastive_lse.register_autograd(_lse_backward, setup_context=_lse_setup_context)
+
+
+@torch.library.custom_op("fastssl::sce_stats", mutates_args=())
+def sce_stats(q: torch.Tensor, k: torch.Tensor, cols: torch.Tensor, self_col: torch.Tensor,
+              scale_s: float, scale_t: float, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    outs = _kernels(backend).sce_forward(q, k, cols, self_col, scale_s, scale_t)
+    dt = _stats_dtype(q)
+    return tuple(o.to(dt).contiguous() for o in outs)
+
+
+@sce_stats.register_fake
+def _(q, k, cols, self_col, scale_s, scale_t, backend):
+    dt = _stats_dtype(q)
+    m = q.shape[0]
+    return q.new_empty(m, dtype=dt), q.new_empty(m, dtype=dt), q.new_empty(m, dtype=dt)
+
+
+@torch.library.custom_op("fastssl::sce_stats_backward", mutates_args=())
+def sce_stats_backward(q: torch.Tensor, k: torch.Tensor, cols: torch.Tensor,
+                       self_col: torch.Tensor, scale_s: float, scale_t: float,
+                       lse_s: torch.Tensor, lse_t: torch.Tensor, g_lse: torch.Tensor,
+                       g_w: torch.Tensor, backend: str) -> torch.Tensor:
+    dq = _kernels(backend).sce_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t,
+                                        g_lse, g_w)
+    return dq.to(q.dtype).contiguous()
+
+
+@sce_stats_backward.register_fake
+def _(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t, g_lse, g_w, backend):
+    return torch.empty_like(q)
+
+
+def _sce_setup_context(ctx, inputs, output):
+    q, k, cols, self_col, scale_s, scale_t, backend = inputs
+    lse_s, lse_t, _ = output
+    ctx.save_for_backward(q, k, cols, self_col, lse_s, lse_t)
+    ctx.args = (scale_s, scale_t, backend)
+
+
+def _sce_backward(ctx, g_lse, _g_lse_t, g_w):
+    # The teacher's log-sum-exp depends only on k and the columns, which carry no gradient.
+    q, k, cols, self_col, lse_s, lse_t = ctx.saved_tensors
+    scale_s, scale_t, backend = ctx.args
+    dq = sce_stats_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t,
+                            _zeros_if_none(g_lse, lse_s), _zeros_if_none(g_w, lse_s), backend)
+    return dq, None, None, None, None, None, None
+
+
+sce_stats.register_autograd(_sce_backward, setup_context=_sce_setup_context)

@@ -1,0 +1,441 @@
+"""Triton kernels of the contrastive family, flash-attention style.
+
+The similarity matrix ``X = scale * A @ B.T`` (rows A: (M, D), columns B: (C, D)) is never
+stored. Each program holds a tile of X in registers and streams row statistics over the column
+tiles (online max + sum of exponentials), so a forward pass saves O(M + C) numbers. The backward
+recomputes the tiles from those statistics, in two passes with no M x C buffer: one
+row-parallel pass for dA, one column-parallel pass for dB.
+
+Two kernel sets:
+
+* ``lse``: the log-sum-exp statistics of NT-Xent, InfoNCE, DCL and SogCLR. Per row, over the
+  columns not masked out (the row's own column ``self_col``, and its positive ``pos_col`` when
+  ``exclude_pos``): a log-sum-exp per column segment (``split`` cuts the columns in two for DCL),
+  the softmax-weighted mean of the logits (SogCLR's weighted sum), and, from the same tiles, the
+  log-sum-exp of every column (symmetric InfoNCE), merged across row blocks under a per-column-
+  block lock as in the Triton layer-norm tutorial.
+* ``sce``: SCE's student log-softmax (q against the columns at 1/temperature) and teacher
+  softmax (k against the same columns at 1/temperature_m, own column masked) streamed over the
+  same column tiles; saves the two log-sum-exps and the teacher-weighted mean of the student
+  logits.
+
+Every tile accumulates in float32 (float32, bfloat16, float16 inputs); the feature dimension is
+looped over in chunks of BLOCK_D, so any D works; odd sizes are handled by masks.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared building blocks
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _logits_tile(A, B, rows, cols, row_ok, col_ok, D, stride_a, stride_b, scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """scale * A[rows] @ B[cols].T for one (BLOCK_M, BLOCK_N) tile, looping over D."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_ptr = A + rows.to(tl.int64)[:, None] * stride_a
+    b_ptr = B + cols.to(tl.int64)[:, None] * stride_b
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        a = tl.load(a_ptr + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc * scale
+
+
+@triton.jit
+def _online_lse(x, ok, m, l):
+    """One step of the streaming log-sum-exp over the entries of x where ok is set.
+
+    Returns the new running max and sum, the rescale factor of the old sum, and the
+    exponentials of this tile (0 where masked). A row with nothing unmasked yet keeps m = -inf
+    and l = 0 without producing NaN.
+    """
+    xm = tl.where(ok, x, NEG_INF)
+    m_new = tl.maximum(m, tl.max(xm, axis=1))
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(xm - m_safe[:, None])
+    return m_new, l * alpha + tl.sum(p, axis=1), alpha, p
+
+
+@triton.jit
+def _merge_column_stats(x, ok, cols, col_ok, COL_M, COL_L, LOCK):
+    """Fold this tile's column log-sum-exp into the global per-column (max, sum) under a lock."""
+    xm = tl.where(ok, x, NEG_INF)
+    tile_m = tl.max(xm, axis=0)
+    tile_m_safe = tl.where(tile_m == NEG_INF, 0.0, tile_m)
+    tile_l = tl.sum(tl.exp(xm - tile_m_safe[None, :]), axis=0)
+    while tl.atomic_cas(LOCK, 0, 1) == 1:
+        pass
+    old_m = tl.load(COL_M + cols, mask=col_ok, other=NEG_INF)
+    old_l = tl.load(COL_L + cols, mask=col_ok, other=0.0)
+    new_m = tl.maximum(old_m, tile_m)
+    new_m_safe = tl.where(new_m == NEG_INF, 0.0, new_m)
+    new_l = old_l * tl.exp(old_m - new_m_safe) + tile_l * tl.exp(tile_m - new_m_safe)
+    tl.store(COL_M + cols, new_m, mask=col_ok)
+    tl.store(COL_L + cols, new_l, mask=col_ok)
+    # Every thread's stores must land before the lock is released.
+    tl.debug_barrier()
+    tl.atomic_xchg(LOCK, 0)
+
+
+@triton.jit
+def _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS: tl.constexpr):
+    ok = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != self_col[:, None])
+    if EXCLUDE_POS:
+        ok = ok & (cols[None, :] != pos_col[:, None])
+    return ok
+
+
+@triton.jit
+def _lse_logit_grad(x, ok, cols, split, lse0, g0, lse1, g1, col_lse, g_col,
+                    SPLIT: tl.constexpr, COL_GRAD: tl.constexpr):
+    """d loss / d X for one tile: each log-sum-exp passes its incoming gradient times softmax."""
+    if SPLIT:
+        first = cols[None, :] < split
+        lse_row = tl.where(first, lse0[:, None], lse1[:, None])
+        g_row = tl.where(first, g0[:, None], g1[:, None])
+    else:
+        lse_row = lse0[:, None]
+        g_row = g0[:, None]
+    dx = tl.where(ok, g_row * tl.exp(x - lse_row), 0.0)
+    if COL_GRAD:
+        dx += tl.where(ok, g_col[None, :] * tl.exp(x - col_lse[None, :]), 0.0)
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# LSE family: forward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _lse_fwd_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, WMEAN, COL_M, COL_L, COL_LOCK,
+                    M, C, D, stride_a, stride_b, scale, split,
+                    EXCLUDE_POS: tl.constexpr, SPLIT: tl.constexpr, WEIGHTED: tl.constexpr,
+                    COL_STATS: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    self_col = tl.load(SELF_COL + rows, mask=row_ok, other=-1)
+    pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
+
+    m0 = tl.full((BLOCK_M,), NEG_INF, tl.float32)
+    l0 = tl.zeros((BLOCK_M,), tl.float32)
+    w0 = tl.zeros((BLOCK_M,), tl.float32)
+    m1 = tl.full((BLOCK_M,), NEG_INF, tl.float32)
+    l1 = tl.zeros((BLOCK_M,), tl.float32)
+
+    n_tiles = tl.cdiv(C, BLOCK_N)
+    for t in range(0, n_tiles):
+        # Row blocks start at different column blocks, so they rarely wait on the same lock.
+        tile = (t + pid) % n_tiles
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < C
+        x = _logits_tile(A, B, rows, cols, row_ok, col_ok, D, stride_a, stride_b, scale,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
+        if SPLIT:
+            ok0 = ok & (cols[None, :] < split)
+            m1, l1, _a1, _p1 = _online_lse(x, ok & (cols[None, :] >= split), m1, l1)
+        else:
+            ok0 = ok
+        m0, l0, alpha0, p0 = _online_lse(x, ok0, m0, l0)
+        if WEIGHTED:
+            w0 = w0 * alpha0 + tl.sum(p0 * tl.where(ok0, x, 0.0), axis=1)
+        if COL_STATS:
+            _merge_column_stats(x, ok, cols, col_ok, COL_M, COL_L, COL_LOCK + tile)
+
+    # Padding rows (beyond M) have l = 0: give them 1 so they compute quietly; not stored.
+    l0 = tl.where(row_ok, l0, 1.0)
+    l1 = tl.where(row_ok, l1, 1.0)
+    tl.store(LSE0 + rows, m0 + tl.log(l0), mask=row_ok)
+    if SPLIT:
+        tl.store(LSE1 + rows, m1 + tl.log(l1), mask=row_ok)
+    if WEIGHTED:
+        tl.store(WMEAN + rows, w0 / l0, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# LSE family: backward (dA row-parallel, dB column-parallel; grid axis 1 splits D)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _lse_bwd_rows_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G_COL, DA,
+                         M, C, D, stride_a, stride_b, stride_da, scale, split,
+                         EXCLUDE_POS: tl.constexpr, SPLIT: tl.constexpr, COL_GRAD: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    self_col = tl.load(SELF_COL + rows, mask=row_ok, other=-1)
+    pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
+    lse0 = tl.load(LSE0 + rows, mask=row_ok, other=0.0)
+    g0 = tl.load(G0 + rows, mask=row_ok, other=0.0)
+    lse1 = lse0
+    g1 = g0
+    if SPLIT:
+        lse1 = tl.load(LSE1 + rows, mask=row_ok, other=0.0)
+        g1 = tl.load(G1 + rows, mask=row_ok, other=0.0)
+    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_out_ok = d_out < D
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    for start_n in range(0, C, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < C
+        x = _logits_tile(A, B, rows, cols, row_ok, col_ok, D, stride_a, stride_b, scale,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
+        col_lse = tl.zeros((BLOCK_N,), tl.float32)
+        g_col = tl.zeros((BLOCK_N,), tl.float32)
+        if COL_GRAD:
+            col_lse = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
+            g_col = tl.load(G_COL + cols, mask=col_ok, other=0.0)
+        dx = _lse_logit_grad(x, ok, cols, split, lse0, g0, lse1, g1, col_lse, g_col,
+                             SPLIT, COL_GRAD)
+        b = tl.load(B + cols.to(tl.int64)[:, None] * stride_b + d_out[None, :],
+                    mask=col_ok[:, None] & d_out_ok[None, :], other=0.0)
+        acc = tl.dot(dx.to(b.dtype), b, acc, input_precision=PRECISION)
+    tl.store(DA + rows.to(tl.int64)[:, None] * stride_da + d_out[None, :],
+             (acc * scale).to(DA.dtype.element_ty), mask=row_ok[:, None] & d_out_ok[None, :])
+
+
+@triton.jit
+def _lse_bwd_cols_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G_COL, DB,
+                         M, C, D, stride_a, stride_b, stride_db, scale, split,
+                         EXCLUDE_POS: tl.constexpr, SPLIT: tl.constexpr, COL_GRAD: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < C
+    col_lse = tl.zeros((BLOCK_N,), tl.float32)
+    g_col = tl.zeros((BLOCK_N,), tl.float32)
+    if COL_GRAD:
+        col_lse = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
+        g_col = tl.load(G_COL + cols, mask=col_ok, other=0.0)
+    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_out_ok = d_out < D
+
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
+    for start_m in range(0, M, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        self_col = tl.load(SELF_COL + rows, mask=row_ok, other=-1)
+        pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
+        lse0 = tl.load(LSE0 + rows, mask=row_ok, other=0.0)
+        g0 = tl.load(G0 + rows, mask=row_ok, other=0.0)
+        lse1 = lse0
+        g1 = g0
+        if SPLIT:
+            lse1 = tl.load(LSE1 + rows, mask=row_ok, other=0.0)
+            g1 = tl.load(G1 + rows, mask=row_ok, other=0.0)
+        x = _logits_tile(A, B, rows, cols, row_ok, col_ok, D, stride_a, stride_b, scale,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
+        dx = _lse_logit_grad(x, ok, cols, split, lse0, g0, lse1, g1, col_lse, g_col,
+                             SPLIT, COL_GRAD)
+        a = tl.load(A + rows.to(tl.int64)[:, None] * stride_a + d_out[None, :],
+                    mask=row_ok[:, None] & d_out_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dx).to(a.dtype), a, acc, input_precision=PRECISION)
+    tl.store(DB + cols.to(tl.int64)[:, None] * stride_db + d_out[None, :],
+             (acc * scale).to(DB.dtype.element_ty), mask=col_ok[:, None] & d_out_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# SCE: student and teacher streamed over the same column tiles
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sce_fwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, WMEAN,
+                    M, C, D, stride_q, stride_k, stride_c, scale_s, scale_t,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    self_col = tl.load(SELF_COL + rows, mask=row_ok, other=-1)
+    m_s = tl.full((BLOCK_M,), NEG_INF, tl.float32)
+    l_s = tl.zeros((BLOCK_M,), tl.float32)
+    m_t = tl.full((BLOCK_M,), NEG_INF, tl.float32)
+    l_t = tl.zeros((BLOCK_M,), tl.float32)
+    w_t = tl.zeros((BLOCK_M,), tl.float32)
+    for start_n in range(0, C, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < C
+        x = _logits_tile(Q, COLS, rows, cols, row_ok, col_ok, D, stride_q, stride_c, scale_s,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        y = _logits_tile(K, COLS, rows, cols, row_ok, col_ok, D, stride_k, stride_c, scale_t,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        ok_s = row_ok[:, None] & col_ok[None, :]
+        # The teacher never sees the key's own column (use_keys); the student sees every column.
+        ok_t = ok_s & (cols[None, :] != self_col[:, None])
+        m_s, l_s, _alpha_s, _p_s = _online_lse(x, ok_s, m_s, l_s)
+        m_t, l_t, alpha_t, p_t = _online_lse(y, ok_t, m_t, l_t)
+        w_t = w_t * alpha_t + tl.sum(p_t * tl.where(ok_t, x, 0.0), axis=1)
+    l_s = tl.where(row_ok, l_s, 1.0)
+    l_t = tl.where(row_ok, l_t, 1.0)
+    tl.store(LSE_S + rows, m_s + tl.log(l_s), mask=row_ok)
+    tl.store(LSE_T + rows, m_t + tl.log(l_t), mask=row_ok)
+    tl.store(WMEAN + rows, w_t / l_t, mask=row_ok)
+
+
+@triton.jit
+def _sce_bwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, G_LSE, G_W, DQ,
+                    M, C, D, stride_q, stride_k, stride_c, stride_dq, scale_s, scale_t,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    self_col = tl.load(SELF_COL + rows, mask=row_ok, other=-1)
+    lse_s = tl.load(LSE_S + rows, mask=row_ok, other=0.0)
+    lse_t = tl.load(LSE_T + rows, mask=row_ok, other=0.0)
+    g_lse = tl.load(G_LSE + rows, mask=row_ok, other=0.0)
+    g_w = tl.load(G_W + rows, mask=row_ok, other=0.0)
+    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_out_ok = d_out < D
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    for start_n in range(0, C, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < C
+        x = _logits_tile(Q, COLS, rows, cols, row_ok, col_ok, D, stride_q, stride_c, scale_s,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        y = _logits_tile(K, COLS, rows, cols, row_ok, col_ok, D, stride_k, stride_c, scale_t,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        ok_s = row_ok[:, None] & col_ok[None, :]
+        ok_t = ok_s & (cols[None, :] != self_col[:, None])
+        # d lse_s / dx = student softmax; d wmean / dx = teacher softmax (teacher is constant).
+        dx = tl.where(ok_s, g_lse[:, None] * tl.exp(x - lse_s[:, None]), 0.0)
+        dx += tl.where(ok_t, g_w[:, None] * tl.exp(y - lse_t[:, None]), 0.0)
+        c = tl.load(COLS + cols.to(tl.int64)[:, None] * stride_c + d_out[None, :],
+                    mask=col_ok[:, None] & d_out_ok[None, :], other=0.0)
+        acc = tl.dot(dx.to(c.dtype), c, acc, input_precision=PRECISION)
+    tl.store(DQ + rows.to(tl.int64)[:, None] * stride_dq + d_out[None, :],
+             (acc * scale_s).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_out_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _config(x: torch.Tensor):
+    """Tile sizes: 64 on a GPU; 16 under the CPU interpreter, where every element is Python."""
+    d = x.shape[1]
+    interp = x.device.type == "cpu"
+    block = 16 if interp else 64
+    block_d = min(max(16, triton.next_power_of_2(d)), 64 if interp else 128)
+    block_do = block_d
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    return block, block, block_d, block_do, precision
+
+
+def _check_dtype(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise RuntimeError(f"fastssl triton contrastive kernels serve float32, bfloat16 and "
+                               f"float16 inputs, got {t.dtype} (use the torch backend for float64)")
+    if len({t.dtype for t in tensors}) != 1:
+        raise RuntimeError(f"fastssl triton contrastive kernels need one input dtype, got "
+                           f"{[t.dtype for t in tensors]}")
+
+
+def lse_forward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos: bool,
+                weighted: bool, col_stats: bool):
+    """Row statistics of X = scale * a @ b.T; see the module docstring. Returns
+    (lse0, lse1, wmean, col_lse), float32, with the unused ones empty."""
+    _check_dtype(a, b)
+    a, b = a.contiguous(), b.contiguous()
+    m, c, d = a.shape[0], b.shape[0], a.shape[1]
+    bm, bn, bd, _, prec = _config(a)
+    has_split = split < c
+    f32 = dict(dtype=torch.float32, device=a.device)
+    lse0 = torch.empty(m, **f32)
+    lse1 = torch.empty(m if has_split else 0, **f32)
+    wmean = torch.empty(m if weighted else 0, **f32)
+    n_col_tiles = triton.cdiv(c, bn)
+    col_m = torch.full((c if col_stats else 1,), NEG_INF, **f32)
+    col_l = torch.zeros(c if col_stats else 1, **f32)
+    lock = torch.zeros(n_col_tiles if col_stats else 1, dtype=torch.int32, device=a.device)
+    _lse_fwd_kernel[(triton.cdiv(m, bm),)](
+        a, b, self_col, pos_col, lse0, lse1 if has_split else lse0,
+        wmean if weighted else lse0, col_m, col_l, lock,
+        m, c, d, a.stride(0), b.stride(0), scale, split,
+        EXCLUDE_POS=exclude_pos, SPLIT=has_split, WEIGHTED=weighted, COL_STATS=col_stats,
+        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    col_lse = (col_m + col_l.log()) if col_stats else torch.empty(0, **f32)
+    return lse0, lse1, wmean, col_lse
+
+
+def lse_backward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos: bool,
+                 lse0, lse1, col_lse, g0, g1, g_col, need_da: bool = True, need_db: bool = True):
+    """(da, db) of the statistics' incoming gradients (g0 for lse0, g1 for lse1, g_col for
+    col_lse), recomputing the tiles; no M x C buffer."""
+    _check_dtype(a, b)
+    a, b = a.contiguous(), b.contiguous()
+    m, c, d = a.shape[0], b.shape[0], a.shape[1]
+    bm, bn, bd, bdo, prec = _config(a)
+    has_split = split < c
+    col_grad = col_lse.numel() > 0
+    g0 = g0.contiguous().float()
+    g1 = g1.contiguous().float() if has_split else g0
+    lse1 = lse1 if has_split else lse0
+    g_col = g_col.contiguous().float() if col_grad else g0
+    col_lse = col_lse if col_grad else lse0
+    flags = dict(EXCLUDE_POS=exclude_pos, SPLIT=has_split, COL_GRAD=col_grad, PRECISION=prec,
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo)
+    da = db = None
+    if need_da:
+        da = torch.empty_like(a)
+        _lse_bwd_rows_kernel[(triton.cdiv(m, bm), triton.cdiv(d, bdo))](
+            a, b, self_col, pos_col, lse0, lse1, g0, g1, col_lse, g_col, da,
+            m, c, d, a.stride(0), b.stride(0), da.stride(0), scale, split, **flags)
+    if need_db:
+        db = torch.empty_like(b)
+        _lse_bwd_cols_kernel[(triton.cdiv(c, bn), triton.cdiv(d, bdo))](
+            a, b, self_col, pos_col, lse0, lse1, g0, g1, col_lse, g_col, db,
+            m, c, d, a.stride(0), b.stride(0), db.stride(0), scale, split, **flags)
+    return da, db
+
+
+def sce_forward(q, k, cols, self_col, scale_s: float, scale_t: float):
+    """(lse_student, lse_teacher, teacher-weighted mean of the student logits), float32."""
+    _check_dtype(q, k, cols)
+    q, k, cols = q.contiguous(), k.contiguous(), cols.contiguous()
+    m, c, d = q.shape[0], cols.shape[0], q.shape[1]
+    bm, bn, bd, _, prec = _config(q)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    lse_s, lse_t, wmean = (torch.empty(m, **f32) for _ in range(3))
+    _sce_fwd_kernel[(triton.cdiv(m, bm),)](
+        q, k, cols, self_col, lse_s, lse_t, wmean, m, c, d,
+        q.stride(0), k.stride(0), cols.stride(0), scale_s, scale_t,
+        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    return lse_s, lse_t, wmean
+
+
+def sce_backward(q, k, cols, self_col, scale_s: float, scale_t: float, lse_s, lse_t, g_lse, g_w):
+    _check_dtype(q, k, cols)
+    q, k, cols = q.contiguous(), k.contiguous(), cols.contiguous()
+    m, c, d = q.shape[0], cols.shape[0], q.shape[1]
+    bm, bn, bd, bdo, prec = _config(q)
+    dq = torch.empty_like(q)
+    _sce_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(d, bdo))](
+        q, k, cols, self_col, lse_s, lse_t, g_lse.contiguous().float(), g_w.contiguous().float(),
+        dq, m, c, d, q.stride(0), k.stride(0), cols.stride(0), dq.stride(0), scale_s, scale_t,
+        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo)
+    return dq
