@@ -13,6 +13,15 @@ import torch
 from fastssl import distributed as D
 
 DEFAULT_ARCH = "resnet50"
+# Image size for the demo data (small generated images), as the demo pretraining presets'
+# eval_size (fastssl.methods.presets); ImageFolder data uses the loader's default (224).
+DEMO_EVAL_SIZE = 32
+
+
+def default_size(data, size: int | None) -> int | None:
+    if size is None and data == "demo":
+        return DEMO_EVAL_SIZE
+    return size
 
 
 class EvalError(Exception):

@@ -318,6 +318,8 @@ def knn_accuracy(backbone: torch.nn.Module, data, *, k=(20, 200), temperature: f
     bank_device = torch.device(bank_device) if bank_device is not None else device
     if train_loader is None or val_loader is None:
         from fastssl.data import build_eval_loader
+        from fastssl.eval._cli import default_size
+        size = default_size(data, size)
         kwargs = dict(device=device, rank=D.rank(), world_size=D.world_size(),
                       num_threads=num_threads)
         if size is not None:

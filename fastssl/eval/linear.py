@@ -299,7 +299,8 @@ def linear_probe(backbone: torch.nn.Module, data, *, preset: str | None = None,
     Returns {"top1", "top5" (percent), "train_loss", "recipe": dict, "mode"}.
     The backbone is frozen (eval mode, no parameter gradients) and left so.
     """
-    from fastssl.eval._cli import feature_dim, freeze
+    from fastssl.eval._cli import default_size, feature_dim, freeze
+    size = default_size(data, size)
     recipe = resolve_recipe(preset or default_preset(data), batch_size=batch_size, epochs=epochs,
                             lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                             momentum=momentum)

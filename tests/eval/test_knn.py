@@ -1,5 +1,6 @@
 """Weighted k-NN: the blocked implementation against a brute-force reference, the tie rules,
 top-5, the multi-rank feature gather, the CLI, and pretrained-vs-random on the demo data."""
+import json
 import math
 import os
 import subprocess
@@ -225,3 +226,55 @@ def test_cli_unreadable_checkpoint(tmp_path):
     proc = _run_cli("--checkpoint", str(junk), "--data", "demo", "--device", "cpu")
     assert proc.returncode != 0
     assert str(junk) in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ demo data: trained vs random
+
+PRETRAIN_EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def pretrained_checkpoint(tmp_path_factory):
+    """A short demo pretraining run of the trainer (SimCLR demo preset, ResNet-18, CPU)."""
+    from fastssl.methods.presets import PRESETS
+    from fastssl.train import make_config, train
+    out = tmp_path_factory.mktemp("pretrain")
+    cfg = make_config(PRESETS["demo"], {"epochs": PRETRAIN_EPOCHS, "out": str(out), "knn_every": 0,
+                                        "device": "cpu", "log_every": 1000})
+    result = train(cfg, stream=open(os.devnull, "w"))
+    assert result["status"] == "completed"
+    return result["checkpoint"]
+
+
+def test_pretrained_backbone_beats_random_init_on_demo(pretrained_checkpoint, tmp_path):
+    from fastssl.eval.knn import knn_accuracy
+    from fastssl.models import build_backbone
+    out = tmp_path / "knn.json"
+    proc = _run_cli("--checkpoint", pretrained_checkpoint, "--data", "demo", "--device", "cpu",
+                    "--k", "20", "200", "--output", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = {int(k): v for k, v in json.loads(out.read_text())["knn"].items()}
+    torch.manual_seed(0)
+    random_init, _ = build_backbone("resnet18")
+    rand = knn_accuracy(random_init, "demo", k=(20, 200), device="cpu")
+    print(f"demo k-NN top-1 (k=20): trained {trained[20]['top1']:.1f}% vs random init "
+          f"{rand[20]['top1']:.1f}%; k=200: {trained[200]['top1']:.1f}% vs {rand[200]['top1']:.1f}%")
+    assert trained[20]["top1"] > rand[20]["top1"] + 5.0
+    assert trained[20]["top5"] >= trained[20]["top1"]
+
+
+def test_knn_accuracy_equals_features_path(pretrained_checkpoint):
+    # The library path (loaders -> features -> blocked k-NN) and the tensor path agree, and the
+    # block size does not change the result.
+    from fastssl.data import build_eval_loader
+    from fastssl.eval.knn import knn_accuracy
+    from fastssl.models import load_backbone
+    model = load_backbone(pretrained_checkpoint, "resnet18")
+    a = knn_accuracy(model, "demo", k=(5,), device="cpu", block_size=7)
+    b = knn_accuracy(model, "demo", k=(5,), device="cpu")
+    tr, va = (build_eval_loader("demo", s, 64, size=32, device="cpu") for s in ("train", "val"))
+    f_tr, y_tr = extract_features(model, tr, "cpu")
+    f_va, y_va = extract_features(model, va, "cpu")
+    votes = brute_force_votes(f_tr, y_tr, f_va, 5, 0.07, tr.num_classes)
+    assert a == b
+    assert a[5]["top1"] == pytest.approx(100 * brute_force_correct(votes, y_va, 1) / len(y_va))
