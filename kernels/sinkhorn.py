@@ -1,0 +1,122 @@
+"""Triton kernels for the SwAV Sinkhorn (log domain; see fastssl/ops/sinkhorn.py).
+
+Two passes over the (B, K) scores, both read-only on the scores:
+
+* ``colstats``: per block of rows and of prototypes, the column max m and sum of exp(x - m)
+  (x = scores / eps), merged over row blocks into logsumexp_b x[b, k] = M + log S.
+* ``rowpass``: per block of rows, the row logsumexp of x + a (online over prototype chunks),
+  then either the codes softmax_k(x + a) or their per-block column sums.
+
+Compute is float32 (float64 for float64 scores) whatever the input dtype; every exponent is
+max-shifted, so no epsilon or input range overflows.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _colstats_kernel(s_ptr, eps_ptr, m_ptr, l_ptr, B, K,
+                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_r * ROWS + tl.arange(0, ROWS)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows < B
+    cmask = cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    eps = tl.load(eps_ptr).to(ACC)
+    s = tl.load(s_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(ACC)
+    x = tl.where(mask, s / eps, float("-inf"))
+    m = tl.max(x, axis=0)
+    # every valid column has at least one valid row here; padded columns get a finite shift
+    m_safe = tl.where(cmask, m, 0.0)
+    e = tl.where(mask, tl.exp(x - m_safe[None, :]), 0.0)
+    l = tl.sum(e, axis=0)
+    tl.store(m_ptr + pid_r * K + cols, m_safe, mask=cmask)
+    tl.store(l_ptr + pid_r * K + cols, l, mask=cmask)
+
+
+@triton.jit
+def _rowpass_kernel(s_ptr, eps_ptr, a_ptr, out_ptr, B, K,
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_CODES: tl.constexpr,
+                    ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < B
+    eps = tl.load(eps_ptr).to(ACC)
+    m = tl.full([ROWS], float("-inf"), ACC)
+    l = tl.zeros([ROWS], ACC)
+    # online logsumexp over prototype chunks; padded rows see finite values and are dropped below
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        mask = rmask[:, None] & cmask[None, :]
+        s = tl.load(s_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(ACC)
+        a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        x = tl.where(cmask[None, :], s / eps + a[None, :], float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(l)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        mask = rmask[:, None] & cmask[None, :]
+        s = tl.load(s_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(ACC)
+        a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        p = tl.where(mask, tl.exp(s / eps + a[None, :] - lse[:, None]), 0.0)
+        if WRITE_CODES:
+            tl.store(out_ptr + rows[:, None] * K + cols[None, :], p, mask=mask)
+        else:
+            tl.store(out_ptr + pid * K + cols, tl.sum(p, axis=0), mask=cmask)
+
+
+def _acc(dtype: torch.dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _rows_per_program(B: int) -> int:
+    # enough programs to fill a GPU at SwAV's small local batches, few partial rows at large B
+    return max(1, min(32, triton.next_power_of_2(triton.cdiv(B, 128))))
+
+
+def _block_k(K: int) -> int:
+    return max(16, min(256, triton.next_power_of_2(K)))
+
+
+def _eps_tensor(eps: float, like: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    # epsilon goes in as a tensor: a Python float argument would be rounded to float32
+    return torch.full((1,), eps, dtype=acc, device=like.device)
+
+
+def colstats(scores: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, S) with logsumexp_b scores[b, k] / eps = M[k] + log S[k]; M the column max."""
+    B, K = scores.shape
+    tl_acc, acc = _acc(scores.dtype)
+    rows = min(32, triton.next_power_of_2(B))
+    block_k = min(128, _block_k(K))
+    n_r = triton.cdiv(B, rows)
+    m_part = torch.empty((n_r, K), dtype=acc, device=scores.device)
+    l_part = torch.empty((n_r, K), dtype=acc, device=scores.device)
+    _colstats_kernel[(n_r, triton.cdiv(K, block_k))](
+        scores, _eps_tensor(eps, scores, acc), m_part, l_part, B, K,
+        ROWS=rows, BLOCK_K=block_k, ACC=tl_acc)
+    M = m_part.amax(dim=0)
+    S = (l_part * torch.exp(m_part - M)).sum(dim=0)
+    return M, S
+
+
+def rowpass(scores: torch.Tensor, eps: float, a: torch.Tensor, write_codes: bool) -> torch.Tensor:
+    """softmax_k(scores / eps + a) per row: the (B, K) codes, or their (K,) column sums."""
+    B, K = scores.shape
+    tl_acc, acc = _acc(scores.dtype)
+    rows = _rows_per_program(B)
+    n_r = triton.cdiv(B, rows)
+    out = torch.empty((B, K) if write_codes else (n_r, K), dtype=acc, device=scores.device)
+    _rowpass_kernel[(n_r,)](
+        scores, _eps_tensor(eps, scores, acc), a, out, B, K,
+        ROWS=rows, BLOCK_K=_block_k(K), WRITE_CODES=write_codes, ACC=tl_acc)
+    return out if write_codes else out.sum(dim=0)
