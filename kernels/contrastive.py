@@ -36,9 +36,18 @@ NEG_INF = float("-inf")
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST: the CPU interpreter of triton 3.9 miscomputes bfloat16 dots, so there
+    the operands go to float32 first (exact for bfloat16 values, like a tensor core's products)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _logits_tile(A, B, rows, cols, row_ok, col_ok, D, stride_a, stride_b, scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """scale * A[rows] @ B[cols].T for one (BLOCK_M, BLOCK_N) tile, looping over D."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_ptr = A + rows.to(tl.int64)[:, None] * stride_a
@@ -48,7 +57,7 @@ def _logits_tile(A, B, rows, cols, row_ok, col_ok, D, stride_a, stride_b, scale,
         d_ok = d < D
         a = tl.load(a_ptr + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         b = tl.load(b_ptr + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
     return acc * scale
 
 
@@ -108,9 +117,10 @@ def _lse_logit_grad(x, ok, cols, split, lse0, g0, lse1, g1, col_lse, g_col,
     else:
         lse_row = lse0[:, None]
         g_row = g0[:, None]
-    dx = tl.where(ok, g_row * tl.exp(x - lse_row), 0.0)
+    # The mask goes in before the exp: a masked entry must not overflow.
+    dx = g_row * tl.exp(tl.where(ok, x - lse_row, NEG_INF))
     if COL_GRAD:
-        dx += tl.where(ok, g_col[None, :] * tl.exp(x - col_lse[None, :]), 0.0)
+        dx += g_col[None, :] * tl.exp(tl.where(ok, x - col_lse[None, :], NEG_INF))
     return dx
 
 
@@ -122,7 +132,7 @@ def _lse_logit_grad(x, ok, cols, split, lse0, g0, lse1, g1, col_lse, g_col,
 def _lse_fwd_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, WMEAN, COL_M, COL_L, COL_LOCK,
                     M, C, D, stride_a, stride_b, scale, split,
                     EXCLUDE_POS: tl.constexpr, SPLIT: tl.constexpr, WEIGHTED: tl.constexpr,
-                    COL_STATS: tl.constexpr, PRECISION: tl.constexpr,
+                    COL_STATS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -143,7 +153,7 @@ def _lse_fwd_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, WMEAN, COL_M, COL_L, CO
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < C
         x = _logits_tile(A, B, rows, cols, row_ok, col_ok, D, stride_a, stride_b, scale,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
         if SPLIT:
             ok0 = ok & (cols[None, :] < split)
@@ -174,7 +184,8 @@ def _lse_fwd_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, WMEAN, COL_M, COL_L, CO
 def _lse_bwd_rows_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G_COL, DA,
                          M, C, D, stride_a, stride_b, stride_da, scale, split,
                          EXCLUDE_POS: tl.constexpr, SPLIT: tl.constexpr, COL_GRAD: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -197,7 +208,7 @@ def _lse_bwd_rows_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < C
         x = _logits_tile(A, B, rows, cols, row_ok, col_ok, D, stride_a, stride_b, scale,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
         col_lse = tl.zeros((BLOCK_N,), tl.float32)
         g_col = tl.zeros((BLOCK_N,), tl.float32)
@@ -208,7 +219,7 @@ def _lse_bwd_rows_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G
                              SPLIT, COL_GRAD)
         b = tl.load(B + cols.to(tl.int64)[:, None] * stride_b + d_out[None, :],
                     mask=col_ok[:, None] & d_out_ok[None, :], other=0.0)
-        acc = tl.dot(dx.to(b.dtype), b, acc, input_precision=PRECISION)
+        acc = _dot(dx.to(b.dtype), b, acc, PRECISION, UPCAST)
     tl.store(DA + rows.to(tl.int64)[:, None] * stride_da + d_out[None, :],
              (acc * scale).to(DA.dtype.element_ty), mask=row_ok[:, None] & d_out_ok[None, :])
 
@@ -217,7 +228,8 @@ def _lse_bwd_rows_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G
 def _lse_bwd_cols_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G_COL, DB,
                          M, C, D, stride_a, stride_b, stride_db, scale, split,
                          EXCLUDE_POS: tl.constexpr, SPLIT: tl.constexpr, COL_GRAD: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -245,13 +257,13 @@ def _lse_bwd_cols_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G
             lse1 = tl.load(LSE1 + rows, mask=row_ok, other=0.0)
             g1 = tl.load(G1 + rows, mask=row_ok, other=0.0)
         x = _logits_tile(A, B, rows, cols, row_ok, col_ok, D, stride_a, stride_b, scale,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
         dx = _lse_logit_grad(x, ok, cols, split, lse0, g0, lse1, g1, col_lse, g_col,
                              SPLIT, COL_GRAD)
         a = tl.load(A + rows.to(tl.int64)[:, None] * stride_a + d_out[None, :],
                     mask=row_ok[:, None] & d_out_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(dx).to(a.dtype), a, acc, input_precision=PRECISION)
+        acc = _dot(tl.trans(dx).to(a.dtype), a, acc, PRECISION, UPCAST)
     tl.store(DB + cols.to(tl.int64)[:, None] * stride_db + d_out[None, :],
              (acc * scale).to(DB.dtype.element_ty), mask=col_ok[:, None] & d_out_ok[None, :])
 
@@ -263,7 +275,8 @@ def _lse_bwd_cols_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G
 @triton.jit
 def _sce_fwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, WMEAN,
                     M, C, D, stride_q, stride_k, stride_c, scale_s, scale_t,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -278,9 +291,9 @@ def _sce_fwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, WMEAN,
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < C
         x = _logits_tile(Q, COLS, rows, cols, row_ok, col_ok, D, stride_q, stride_c, scale_s,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         y = _logits_tile(K, COLS, rows, cols, row_ok, col_ok, D, stride_k, stride_c, scale_t,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         ok_s = row_ok[:, None] & col_ok[None, :]
         # The teacher never sees the key's own column (use_keys); the student sees every column.
         ok_t = ok_s & (cols[None, :] != self_col[:, None])
@@ -297,7 +310,8 @@ def _sce_fwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, WMEAN,
 @triton.jit
 def _sce_bwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, G_LSE, G_W, DQ,
                     M, C, D, stride_q, stride_k, stride_c, stride_dq, scale_s, scale_t,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -315,17 +329,17 @@ def _sce_bwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, G_LSE, G_W, DQ,
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < C
         x = _logits_tile(Q, COLS, rows, cols, row_ok, col_ok, D, stride_q, stride_c, scale_s,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         y = _logits_tile(K, COLS, rows, cols, row_ok, col_ok, D, stride_k, stride_c, scale_t,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         ok_s = row_ok[:, None] & col_ok[None, :]
         ok_t = ok_s & (cols[None, :] != self_col[:, None])
         # d lse_s / dx = student softmax; d wmean / dx = teacher softmax (teacher is constant).
-        dx = tl.where(ok_s, g_lse[:, None] * tl.exp(x - lse_s[:, None]), 0.0)
-        dx += tl.where(ok_t, g_w[:, None] * tl.exp(y - lse_t[:, None]), 0.0)
+        dx = g_lse[:, None] * tl.exp(tl.where(ok_s, x - lse_s[:, None], NEG_INF))
+        dx += g_w[:, None] * tl.exp(tl.where(ok_t, y - lse_t[:, None], NEG_INF))
         c = tl.load(COLS + cols.to(tl.int64)[:, None] * stride_c + d_out[None, :],
                     mask=col_ok[:, None] & d_out_ok[None, :], other=0.0)
-        acc = tl.dot(dx.to(c.dtype), c, acc, input_precision=PRECISION)
+        acc = _dot(dx.to(c.dtype), c, acc, PRECISION, UPCAST)
     tl.store(DQ + rows.to(tl.int64)[:, None] * stride_dq + d_out[None, :],
              (acc * scale_s).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_out_ok[None, :])
 
@@ -342,7 +356,8 @@ def _config(x: torch.Tensor):
     block_d = min(max(16, triton.next_power_of_2(d)), 64 if interp else 128)
     block_do = block_d
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    return block, block, block_d, block_do, precision
+    upcast = interp and x.dtype == torch.bfloat16
+    return block, block, block_d, block_do, precision, upcast
 
 
 def _check_dtype(*tensors: torch.Tensor) -> None:
@@ -362,7 +377,7 @@ def lse_forward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos: 
     _check_dtype(a, b)
     a, b = a.contiguous(), b.contiguous()
     m, c, d = a.shape[0], b.shape[0], a.shape[1]
-    bm, bn, bd, _, prec = _config(a)
+    bm, bn, bd, _, prec, upcast = _config(a)
     has_split = split < c
     f32 = dict(dtype=torch.float32, device=a.device)
     lse0 = torch.empty(m, **f32)
@@ -377,7 +392,7 @@ def lse_forward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos: 
         wmean if weighted else lse0, col_m, col_l, lock,
         m, c, d, a.stride(0), b.stride(0), scale, split,
         EXCLUDE_POS=exclude_pos, SPLIT=has_split, WEIGHTED=weighted, COL_STATS=col_stats,
-        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+        PRECISION=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     col_lse = (col_m + col_l.log()) if col_stats else torch.empty(0, **f32)
     return lse0, lse1, wmean, col_lse
 
@@ -389,7 +404,7 @@ def lse_backward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos:
     _check_dtype(a, b)
     a, b = a.contiguous(), b.contiguous()
     m, c, d = a.shape[0], b.shape[0], a.shape[1]
-    bm, bn, bd, bdo, prec = _config(a)
+    bm, bn, bd, bdo, prec, upcast = _config(a)
     has_split = split < c
     col_grad = col_lse.numel() > 0
     g0 = g0.contiguous().float()
@@ -397,7 +412,7 @@ def lse_backward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos:
     lse1 = lse1 if has_split else lse0
     g_col = g_col.contiguous().float() if col_grad else g0
     col_lse = col_lse if col_grad else lse0
-    flags = dict(EXCLUDE_POS=exclude_pos, SPLIT=has_split, COL_GRAD=col_grad, PRECISION=prec,
+    flags = dict(EXCLUDE_POS=exclude_pos, SPLIT=has_split, COL_GRAD=col_grad, PRECISION=prec, UPCAST=upcast,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo)
     da = db = None
     if need_da:
@@ -418,13 +433,13 @@ def sce_forward(q, k, cols, self_col, scale_s: float, scale_t: float):
     _check_dtype(q, k, cols)
     q, k, cols = q.contiguous(), k.contiguous(), cols.contiguous()
     m, c, d = q.shape[0], cols.shape[0], q.shape[1]
-    bm, bn, bd, _, prec = _config(q)
+    bm, bn, bd, _, prec, upcast = _config(q)
     f32 = dict(dtype=torch.float32, device=q.device)
     lse_s, lse_t, wmean = (torch.empty(m, **f32) for _ in range(3))
     _sce_fwd_kernel[(triton.cdiv(m, bm),)](
         q, k, cols, self_col, lse_s, lse_t, wmean, m, c, d,
         q.stride(0), k.stride(0), cols.stride(0), scale_s, scale_t,
-        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+        PRECISION=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     return lse_s, lse_t, wmean
 
 
@@ -432,10 +447,10 @@ def sce_backward(q, k, cols, self_col, scale_s: float, scale_t: float, lse_s, ls
     _check_dtype(q, k, cols)
     q, k, cols = q.contiguous(), k.contiguous(), cols.contiguous()
     m, c, d = q.shape[0], cols.shape[0], q.shape[1]
-    bm, bn, bd, bdo, prec = _config(q)
+    bm, bn, bd, bdo, prec, upcast = _config(q)
     dq = torch.empty_like(q)
     _sce_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(d, bdo))](
         q, k, cols, self_col, lse_s, lse_t, g_lse.contiguous().float(), g_w.contiguous().float(),
         dq, m, c, d, q.stride(0), k.stride(0), cols.stride(0), dq.stride(0), scale_s, scale_t,
-        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo)
+        PRECISION=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo)
     return dq
