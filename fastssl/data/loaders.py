@@ -10,7 +10,7 @@ bit for bit, that the original would have yielded next.
 """
 from __future__ import annotations
 
-import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -93,6 +93,37 @@ def _decode_error(err: Exception, files) -> Exception:
         return CorruptImageError(path, f"{reason}{more}; DALI: {first_line}")
     shown = ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
     return RuntimeError(f"DALI pipeline failed on a batch of {len(files)} files ({shown}): {err}")
+
+
+class _ReadAhead:
+    """Reads (and prepares) the next few batches in background threads.
+
+    DALI calls its external source on the training thread, inside ``pipe.run()``; reading a
+    batch's files there would put file-system latency on the critical path of every step.
+    File reads release the GIL, so a few threads overlap them with the step. Results depend only
+    on the key, never on timing, so determinism is unaffected.
+    """
+
+    def __init__(self, prepare, depth: int = 4, workers: int = 4):
+        self.prepare, self.depth, self.workers = prepare, depth, workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict = {}
+
+    def get(self, key, upcoming):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fastssl-read")
+        for k in upcoming:
+            if k not in self._futures:
+                self._futures[k] = self._pool.submit(self.prepare, k)
+        future = self._futures.pop(key, None)
+        if future is None:
+            return self.prepare(key)
+        return future.result()
+
+    def clear(self):
+        for f in self._futures.values():
+            f.cancel()
+        self._futures = {}
 
 
 class TrainLoader:
@@ -185,7 +216,7 @@ class DaliTrainLoader(TrainLoader):
 
     def __init__(self, folder: ImageFolderIndex, crops, batch_size: int, *, device, rank: int,
                  world_size: int, seed: int, num_threads: int, channels_last: bool,
-                 dtype: torch.dtype, return_index: bool, prefetch: int = 2):
+                 dtype: torch.dtype, return_index: bool, prefetch: int = 2, read_ahead: int = 4):
         super().__init__(num_samples=len(folder), labels=folder.labels, crops=crops,
                          batch_size=batch_size, device=device, rank=rank, world_size=world_size,
                          seed=seed, channels_last=channels_last, dtype=dtype,
@@ -201,21 +232,28 @@ class DaliTrainLoader(TrainLoader):
             device=self.device, seed=self.seed, channels_last=self.channels_last, half=half,
             prefetch=prefetch))
         self._prefetch = prefetch
+        self._read_ahead = _ReadAhead(self._prepare, depth=max(read_ahead, prefetch + 1))
 
     def _files(self, epoch, position):
         return [self.folder.files[i] for i in self.batch_indices(epoch, position)]
+
+    def _prepare(self, key):
+        """Encoded images and augmentation parameters of global batch ``key = (epoch, position)``."""
+        epoch, position = key
+        encoded, widths, heights = _read_batch(self._files(epoch, position))
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        params = sample_view_params(self.views, (self.seed, epoch, _AUGMENT_STREAM, position),
+                                    self.global_batch, rows, widths, heights)
+        return encoded, list(params)
 
     def _source(self, info):
         """DALI's external source: batch ``info.iteration`` of the current run."""
         position = self._run_start + info.iteration
         if position >= len(self):
             raise StopIteration
-        files = self._files(self._run_epoch, position)
-        encoded, widths, heights = _read_batch(files)
-        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        params = sample_view_params(self.views, (self.seed, self._run_epoch, _AUGMENT_STREAM, position),
-                                    self.global_batch, rows, widths, heights)
-        return encoded, list(params)
+        epoch = self._run_epoch
+        upcoming = [(epoch, p) for p in range(position, min(position + self._read_ahead.depth, len(self)))]
+        return self._read_ahead.get((epoch, position), upcoming)
 
     def __iter__(self):
         self._iter_token += 1
@@ -223,6 +261,8 @@ class DaliTrainLoader(TrainLoader):
         epoch, start = self.epoch, self._start_position()
         self.position = start
         self._run_epoch, self._run_start = epoch, start
+        self.epoch_order(epoch)    # computed once here, not concurrently by the reader threads
+        self._read_ahead.clear()
         pipe = self._runner.start()
         for position in range(start, len(self) + 1):
             if token != self._iter_token:
@@ -323,7 +363,8 @@ class EvalLoader:
     """
 
     def __init__(self, folder: ImageFolderIndex, batch_size: int, *, size: int, device, rank: int,
-                 world_size: int, num_threads: int, channels_last: bool = False, prefetch: int = 2):
+                 world_size: int, num_threads: int, channels_last: bool = False, prefetch: int = 2,
+                 read_ahead: int = 4):
         self.folder = folder
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.size = _check_int("size", size, 1)
@@ -340,6 +381,7 @@ class EvalLoader:
         self.labels = torch.from_numpy(folder.labels[self.indices])
         self._num_threads = _check_int("num_threads", num_threads, 1)
         self._prefetch = prefetch
+        self._read_ahead = _ReadAhead(self._prepare, depth=max(read_ahead, prefetch + 1))
         self._runner = DaliRunner(lambda: build_eval_pipeline(
             self._source, size=self.size, batch_size=self.batch_size,
             num_threads=self._num_threads, device=self.device,
@@ -351,16 +393,19 @@ class EvalLoader:
     def _batch(self, i):
         return self.indices[i * self.batch_size:(i + 1) * self.batch_size]
 
+    def _prepare(self, i):
+        return _read_batch([self.folder.files[j] for j in self._batch(i)])[0]
+
     def _source(self, info):
-        if info.iteration >= len(self):
+        i = info.iteration
+        if i >= len(self):
             raise StopIteration
-        files = [self.folder.files[j] for j in self._batch(info.iteration)]
-        encoded, _, _ = _read_batch(files)
-        return encoded
+        return self._read_ahead.get(i, range(i, min(i + self._read_ahead.depth, len(self))))
 
     def __iter__(self):
         if len(self) == 0:
             return
+        self._read_ahead.clear()
         pipe = self._runner.start()
         for i in range(len(self) + 1):
             try:
