@@ -25,8 +25,9 @@ from fastssl._validation import accumulation_dtype
 from fastssl.reference.sphere import kernel_series
 
 _NORM_EPS = 1e-12
-# Elements of one (rows x N) block in the torch path: a few fp32 temporaries of 4 MiB.
-_TORCH_BLOCK_ELEMENTS = 1 << 20
+# Elements of one (rows x N) block in the torch path: a few fp32 temporaries of 16 MiB
+# (1024 rows at N = 4096: large enough for efficient GEMMs).
+_TORCH_BLOCK_ELEMENTS = 1 << 22
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,33 +65,52 @@ def _coef_tensor(weights: Sequence[float], dim: int, dtype: torch.dtype,
     return t
 
 
-def _series_and_derivative(t: torch.Tensor, weights: Sequence[float], dim: int,
-                           derivative: bool):
-    """psi(t) or psi'(t) by the Gegenbauer recurrence (torch path)."""
+def power_coefficients(weights: Sequence[float], dim: int) -> list[float]:
+    """psi = sum_k w_k P_k in the monomial basis, c_0..c_K (float64 host arithmetic).
+
+    The torch path evaluates psi and psi' by Horner's rule in place on each block: K fused
+    multiply-adds per element instead of the recurrence's several temporaries.
+    """
     a, b = recurrence_coefficients(len(weights), dim)
-    p_prev, p = torch.ones_like(t), t
-    if not derivative:
-        acc = weights[0] * t
-        for k in range(1, len(weights)):
-            p_prev, p = p, a[k - 1] * t * p - b[k - 1] * p_prev
-            acc = acc + weights[k] * p
-        return acc
-    dp_prev, dp = torch.zeros_like(t), torch.ones_like(t)
-    dacc = torch.full_like(t, weights[0])
+    p_prev, p = [1.0], [0.0, 1.0]
+    coef = [0.0, weights[0]]
     for k in range(1, len(weights)):
-        p_next = a[k - 1] * t * p - b[k - 1] * p_prev
-        dp_next = a[k - 1] * (p + t * dp) - b[k - 1] * dp_prev
-        p_prev, p, dp_prev, dp = p, p_next, dp, dp_next
-        dacc = dacc + weights[k] * dp
-    return dacc
+        shifted = [0.0] + [a[k - 1] * c for c in p]
+        p_prev, p = p, [c - b[k - 1] * (p_prev[i] if i < len(p_prev) else 0.0)
+                        for i, c in enumerate(shifted)]
+        coef = coef + [0.0]
+        coef = [c + weights[k] * p[i] for i, c in enumerate(coef)]
+    return coef
+
+
+def _horner_(t: torch.Tensor, coef: Sequence[float]) -> torch.Tensor:
+    """sum_m coef[m] t^m, computed into a fresh buffer with in-place steps."""
+    acc = torch.full_like(t, coef[-1])
+    for c in reversed(coef[:-1]):
+        acc.mul_(t).add_(c)
+    return acc
+
+
+def _series_and_derivative(t: torch.Tensor, weights: Sequence[float], dim: int,
+                           derivative: bool) -> torch.Tensor:
+    """psi(t) or psi'(t) (torch path)."""
+    coef = power_coefficients(weights, dim)
+    if derivative:
+        coef = [m * c for m, c in enumerate(coef)][1:]
+    return _horner_(t, coef)
 
 
 def _project(grad_hat: torch.Tensor, a: torch.Tensor, ra: torch.Tensor,
              grad: torch.Tensor) -> torch.Tensor:
-    """Chain rule through a -> a/|a|: r (g - <g, â> â), times the upstream scalar gradient."""
+    """Chain rule through a -> a/|a|: r (g - <g, â> â), times the upstream scalar gradient.
+
+    `grad_hat` is a fresh buffer of the backend and is updated in place (one (B, D) buffer less).
+    """
     a_hat = _normalized(a, ra)
     radial = (grad_hat * a_hat).sum(dim=1, keepdim=True)
-    return ((grad_hat - radial * a_hat) * (ra[:, None] * grad.to(ra.dtype))).to(a.dtype)
+    torch.addcmul(grad_hat, a_hat, radial, value=-1, out=grad_hat)
+    grad_hat.mul_(ra[:, None] * grad.to(ra.dtype))
+    return grad_hat.to(a.dtype)
 
 
 def _row_blocks(rows: int, cols: int):
@@ -131,7 +151,7 @@ def _torch_series_grad_hat(a, b, weights, dim):
             c = _series_and_derivative(ah[s:e] @ ah[s:].T, weights, dim, True)
             out[s:e] += c @ ah[s:]
             out[e:] += c[:, e - s:].T @ ah[s:e]
-        return out * 2, ra
+        return out.mul_(2), ra
     bh = _normalized(b, _inv_norm(b))
     out = torch.empty_like(ah)
     for s, e in _row_blocks(ah.shape[0], bh.shape[0]):
@@ -180,7 +200,7 @@ def _torch_gauss_grad_hat(a, b, scale, diag_offset, lse):
             c = c.masked_fill(_diag_mask(s, e, s, n - s, 0, a.device), 0.0)
             out[s:e] += c @ ah[s:]
             out[e:] += c[:, e - s:].T @ ah[s:e]
-        return out * 2, ra
+        return out.mul_(2), ra
     bh = _normalized(b, _inv_norm(b))
     out = torch.empty_like(ah)
     for s, e in _row_blocks(ah.shape[0], bh.shape[0]):
@@ -256,7 +276,7 @@ def _triton_series_grad_hat(a, b, weights, dim):
     if b is None:
         # psi'(G) is symmetric: the column term equals the row term.
         out = K.pair_backward(a, a, ra, ra, kind=0, coef=coef, num_w=len(weights))
-        return out * 2, ra
+        return out.mul_(2), ra
     out = K.pair_backward(a, b, ra, _inv_norm(b), kind=0, coef=coef, num_w=len(weights))
     return out, ra
 
@@ -277,7 +297,7 @@ def _triton_gauss_grad_hat(a, b, scale, diag_offset, lse):
     if b is None:
         out = K.pair_backward(a, a, ra, ra, kind=1, coef=None, num_w=1, diag_offset=0,
                               two_scale=2.0 * scale, lse=lse)
-        return out * 2, ra
+        return out.mul_(2), ra
     out = K.pair_backward(a, b, ra, _inv_norm(b), kind=1, coef=None, num_w=1,
                           diag_offset=diag_offset, two_scale=2.0 * scale, lse=lse)
     return out, ra
