@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["IMG_EXTENSIONS", "ImageFolderIndex", "CorruptImageError", "scan_image_folder",
-           "resolve_root", "read_image", "image_size", "find_undecodable"]
+           "resolve_root", "read_bytes", "image_size", "find_undecodable"]
 
-# torchvision's IMG_EXTENSIONS minus formats DALI cannot decode (.ppm/.pgm are decodable but rare).
+# torchvision's IMG_EXTENSIONS; DALI decodes all of them.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # JPEG start-of-frame markers (baseline, progressive, lossless, ...); C4/C8/CC are not frames.
@@ -124,8 +124,8 @@ def image_size(buf: bytes, path: str) -> tuple[int, int]:
     return w, h
 
 
-def read_image(path: str) -> np.ndarray:
-    """The encoded bytes of ``path`` as a uint8 array (what DALI's decoders take)."""
+def read_bytes(path: str) -> bytes:
+    """The encoded bytes of ``path``; CorruptImageError naming it if unreadable or empty."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -133,7 +133,7 @@ def read_image(path: str) -> np.ndarray:
         raise CorruptImageError(path, f"cannot read file ({e.strerror or e})") from None
     if not data:
         raise CorruptImageError(path, "empty file")
-    return np.frombuffer(data, dtype=np.uint8)
+    return data
 
 
 def find_undecodable(paths) -> list[tuple[str, str]]:

@@ -19,7 +19,8 @@ import torch
 from fastssl.data.crops import CropSpec, expand_views, sample_view_params
 from fastssl.data.dali import DaliRunner, build_eval_pipeline, build_train_pipeline, dali_available, to_torch
 from fastssl.data.folder import (CorruptImageError, ImageFolderIndex, find_undecodable,
-                                 image_size, resolve_root, scan_image_folder)
+                                 image_size, read_bytes, resolve_root,
+                                 scan_image_folder)
 
 __all__ = ["Batch", "TrainLoader", "DaliTrainLoader", "SyntheticTrainLoader", "EvalLoader",
            "build_train_loader", "build_eval_loader", "IMAGENET_TRAIN_SIZE"]
@@ -59,22 +60,11 @@ def _resolve_data(data, split):
     return resolve_root(data, split)
 
 
-def _read_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise CorruptImageError(path, f"cannot read file ({e.strerror or e})") from None
-    if not data:
-        raise CorruptImageError(path, "empty file")
-    return data
-
-
 def _read_batch(files):
     """Encoded arrays and (width, height) of each file; CorruptImageError names a bad file."""
     encoded, widths, heights = [], [], []
     for f in files:
-        buf = _read_bytes(f)
+        buf = read_bytes(f)
         w, h = image_size(buf, f)
         encoded.append(np.frombuffer(buf, dtype=np.uint8))
         widths.append(w)

@@ -96,7 +96,8 @@ def test_crop_spec_validation_and_recipes():
     with pytest.raises(ValueError, match="size"):
         CropSpec(0, (0.2, 1.0))
     swav = recipe_for("swav", size=64, small_size=32)
-    assert [(v.size, v.scale) for v in expand_views(swav)] == [(64, (0.14, 1.0))] * 2 + [(32, (0.05, 0.14))] * 6
+    assert ([(v.size, v.scale) for v in expand_views(swav)]
+            == [(64, (0.14, 1.0))] * 2 + [(32, (0.05, 0.14))] * 6)
     byol = expand_views(recipe_for("sfrik", size=64))
     assert [(v.blur_p, v.solarize_p) for v in byol] == [(1.0, 0.0), (0.1, 0.2)]
     assert expand_views(recipe_for("sce"))[0].scale == (0.2, 1.0)
