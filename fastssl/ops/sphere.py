@@ -91,12 +91,33 @@ def _horner_(t: torch.Tensor, coef: Sequence[float]) -> torch.Tensor:
     return acc
 
 
+def _recurrence(t: torch.Tensor, weights: Sequence[float], dim: int,
+                derivative: bool) -> torch.Tensor:
+    """psi(t) or psi'(t) by the three-term recurrence (stable for any degree)."""
+    a, b = recurrence_coefficients(len(weights), dim)
+    p_prev, p = torch.ones_like(t), t
+    dp_prev, dp = torch.zeros_like(t), torch.ones_like(t)
+    acc = (torch.full_like(t, weights[0]) if derivative else weights[0] * t)
+    for k in range(1, len(weights)):
+        p_next = a[k - 1] * t * p - b[k - 1] * p_prev
+        if derivative:
+            dp_prev, dp = dp, a[k - 1] * (p + t * dp) - b[k - 1] * dp_prev
+        p_prev, p = p, p_next
+        acc = acc + weights[k] * (dp if derivative else p)
+    return acc
+
+
 def _series_and_derivative(t: torch.Tensor, weights: Sequence[float], dim: int,
                            derivative: bool) -> torch.Tensor:
-    """psi(t) or psi'(t) (torch path)."""
+    """psi(t) or psi'(t) (torch path): Horner in the monomial basis where that basis is benign
+    (sum |c_m| bounds Horner's rounding error; sum |w_k| bounds |psi| on [-1, 1]), else the
+    recurrence (high degrees in low dimensions, e.g. Chebyshev-like coefficients for D = 2)."""
     coef = power_coefficients(weights, dim)
     if derivative:
         coef = [m * c for m, c in enumerate(coef)][1:]
+    scale = sum(abs(w) for w in weights) * (len(weights) ** 2 if derivative else 1)
+    if sum(abs(c) for c in coef) > 64 * max(scale, 1e-300):
+        return _recurrence(t, weights, dim, derivative)
     return _horner_(t, coef)
 
 

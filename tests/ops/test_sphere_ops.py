@@ -139,6 +139,13 @@ def test_torch_path_polynomials_match_reference():
         tt = t.clone().requires_grad_(True)
         (d,) = torch.autograd.grad(kernel_series(tt, w, dim).sum(), tt)
         torch.testing.assert_close(ops._series_and_derivative(t, w, dim, True), d)
+    # High degree in D = 2 takes the recurrence (the monomial basis is ill-conditioned there).
+    w = tuple(float(k % 3 + 1) for k in range(20))
+    tt = t.clone().requires_grad_(True)
+    (d,) = torch.autograd.grad(kernel_series(tt, w, 2).sum(), tt)
+    for derivative, expected in ((False, kernel_series(t, w, 2)), (True, d)):
+        torch.testing.assert_close(ops._series_and_derivative(t.float(), w, 2, derivative),
+                                   expected.float(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
