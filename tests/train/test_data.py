@@ -325,3 +325,35 @@ def test_corrupt_image_error_names_the_file(demo_root, tmp_path, kind):
     ev = build_eval_loader(str(tmp_path), "train", 7, size=32, device=CPU, num_threads=1)
     with pytest.raises(CorruptImageError, match="broken.jpg"):
         list(ev)
+
+
+@pytest.mark.gpu
+def test_gpu_loader_mixed_decode(demo_root):
+    # nvJPEG ("mixed") decode and GPU augmentation; outputs are CUDA tensors on the given device.
+    dev = torch.device("cuda", 0)
+    loader = _loader(MULTI_CROP, batch_size=32, device=dev, channels_last=True, num_threads=2)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 500 // 32
+    b = batches[0]
+    assert [tuple(v.shape) for v in b.views] == [(32, 3, 64, 64)] * 2 + [(32, 3, 32, 32)] * 6
+    for v in b.views:
+        assert v.device == dev and v.dtype == torch.float32 and torch.isfinite(v).all()
+        assert v.is_contiguous(memory_format=torch.channels_last)
+    assert b.labels.device == dev and b.index.device == dev
+    # Resume mid-epoch on the GPU: same samples, same augmentation parameters.
+    loader.set_epoch(1)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    rest = list(it)
+    resumed = _loader(MULTI_CROP, batch_size=32, device=dev, channels_last=True, num_threads=2)
+    resumed.load_state_dict(state)
+    again = list(resumed)
+    assert len(again) == len(rest)
+    for x, y in zip(rest, again):
+        assert torch.equal(x.index, y.index)
+        for u, v in zip(x.views, y.views):
+            torch.testing.assert_close(u, v, atol=2e-2, rtol=0)
+    ev = build_eval_loader("demo", "val", 64, size=56, device=dev)
+    images, labels = next(iter(ev))
+    assert images.shape == (64, 3, 56, 56) and images.device == dev and labels.device == dev

@@ -46,7 +46,7 @@ def _torchvision_layout(arch: str) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize("arch,params,entries", [("resnet18", 11_689_512, 122),
                                                  ("resnet50", 25_557_032, 320)])
-def test_torchvision_layout_and_parameter_count(arch, params, entries):
+def test_torchvision_compatible_keys(arch, params, entries):
     model = {"resnet18": resnet18, "resnet50": resnet50}[arch]()
     sd = model.state_dict()
     expected = _torchvision_layout(arch)
