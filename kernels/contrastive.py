@@ -184,9 +184,9 @@ def _lse_fwd_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, WMEAN, COL_M, COL_L, CO
 def _lse_bwd_rows_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G_COL, DA,
                          M, C, D, stride_a, stride_b, stride_da, scale, split,
                          EXCLUDE_POS: tl.constexpr, SPLIT: tl.constexpr, COL_GRAD: tl.constexpr,
-                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                         GRAD_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -219,7 +219,7 @@ def _lse_bwd_rows_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G
                              SPLIT, COL_GRAD)
         b = tl.load(B + cols.to(tl.int64)[:, None] * stride_b + d_out[None, :],
                     mask=col_ok[:, None] & d_out_ok[None, :], other=0.0)
-        acc = _dot(dx.to(b.dtype), b, acc, PRECISION, UPCAST)
+        acc = tl.dot(dx, b.to(tl.float32), acc, input_precision=GRAD_PRECISION)
     tl.store(DA + rows.to(tl.int64)[:, None] * stride_da + d_out[None, :],
              (acc * scale).to(DA.dtype.element_ty), mask=row_ok[:, None] & d_out_ok[None, :])
 
@@ -228,9 +228,9 @@ def _lse_bwd_rows_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G
 def _lse_bwd_cols_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G_COL, DB,
                          M, C, D, stride_a, stride_b, stride_db, scale, split,
                          EXCLUDE_POS: tl.constexpr, SPLIT: tl.constexpr, COL_GRAD: tl.constexpr,
-                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                         GRAD_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -263,7 +263,7 @@ def _lse_bwd_cols_kernel(A, B, SELF_COL, POS_COL, LSE0, LSE1, G0, G1, COL_LSE, G
                              SPLIT, COL_GRAD)
         a = tl.load(A + rows.to(tl.int64)[:, None] * stride_a + d_out[None, :],
                     mask=row_ok[:, None] & d_out_ok[None, :], other=0.0)
-        acc = _dot(tl.trans(dx).to(a.dtype), a, acc, PRECISION, UPCAST)
+        acc = tl.dot(tl.trans(dx), a.to(tl.float32), acc, input_precision=GRAD_PRECISION)
     tl.store(DB + cols.to(tl.int64)[:, None] * stride_db + d_out[None, :],
              (acc * scale).to(DB.dtype.element_ty), mask=col_ok[:, None] & d_out_ok[None, :])
 
@@ -310,9 +310,9 @@ def _sce_fwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, WMEAN,
 @triton.jit
 def _sce_bwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, G_LSE, G_W, DQ,
                     M, C, D, stride_q, stride_k, stride_c, stride_dq, scale_s, scale_t,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    GRAD_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -339,7 +339,7 @@ def _sce_bwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, G_LSE, G_W, DQ,
         dx += g_w[:, None] * tl.exp(tl.where(ok_t, y - lse_t[:, None], NEG_INF))
         c = tl.load(COLS + cols.to(tl.int64)[:, None] * stride_c + d_out[None, :],
                     mask=col_ok[:, None] & d_out_ok[None, :], other=0.0)
-        acc = _dot(dx.to(c.dtype), c, acc, PRECISION, UPCAST)
+        acc = tl.dot(dx, c.to(tl.float32), acc, input_precision=GRAD_PRECISION)
     tl.store(DQ + rows.to(tl.int64)[:, None] * stride_dq + d_out[None, :],
              (acc * scale_s).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_out_ok[None, :])
 
@@ -355,9 +355,13 @@ def _config(x: torch.Tensor):
     block = 16 if interp else 64
     block_d = min(max(16, triton.next_power_of_2(d)), 64 if interp else 128)
     block_do = block_d
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    # float32 operands: exact products (no TF32), as the float32 reference. The backward keeps
+    # dX in float32 (g * softmax underflows float16 at large N) and multiplies it with the
+    # operands upcast to float32: exact for float32 inputs, TF32 tensor cores for bf16/fp16.
+    precision = "ieee" if x.dtype == torch.float32 else None
+    grad_precision = "ieee" if x.dtype == torch.float32 else "tf32"
     upcast = interp and x.dtype == torch.bfloat16
-    return block, block, block_d, block_do, precision, upcast
+    return block, block, block_d, block_do, precision, upcast, grad_precision
 
 
 def _check_dtype(*tensors: torch.Tensor) -> None:
@@ -377,7 +381,7 @@ def lse_forward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos: 
     _check_dtype(a, b)
     a, b = a.contiguous(), b.contiguous()
     m, c, d = a.shape[0], b.shape[0], a.shape[1]
-    bm, bn, bd, _, prec, upcast = _config(a)
+    bm, bn, bd, _, prec, upcast, _ = _config(a)
     has_split = split < c
     f32 = dict(dtype=torch.float32, device=a.device)
     lse0 = torch.empty(m, **f32)
@@ -404,7 +408,7 @@ def lse_backward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos:
     _check_dtype(a, b)
     a, b = a.contiguous(), b.contiguous()
     m, c, d = a.shape[0], b.shape[0], a.shape[1]
-    bm, bn, bd, bdo, prec, upcast = _config(a)
+    bm, bn, bd, bdo, prec, upcast, grad_prec = _config(a)
     has_split = split < c
     col_grad = col_lse.numel() > 0
     g0 = g0.contiguous().float()
@@ -412,7 +416,8 @@ def lse_backward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos:
     lse1 = lse1 if has_split else lse0
     g_col = g_col.contiguous().float() if col_grad else g0
     col_lse = col_lse if col_grad else lse0
-    flags = dict(EXCLUDE_POS=exclude_pos, SPLIT=has_split, COL_GRAD=col_grad, PRECISION=prec, UPCAST=upcast,
+    flags = dict(EXCLUDE_POS=exclude_pos, SPLIT=has_split, COL_GRAD=col_grad, PRECISION=prec,
+                 UPCAST=upcast, GRAD_PRECISION=grad_prec,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo)
     da = db = None
     if need_da:
@@ -433,7 +438,7 @@ def sce_forward(q, k, cols, self_col, scale_s: float, scale_t: float):
     _check_dtype(q, k, cols)
     q, k, cols = q.contiguous(), k.contiguous(), cols.contiguous()
     m, c, d = q.shape[0], cols.shape[0], q.shape[1]
-    bm, bn, bd, _, prec, upcast = _config(q)
+    bm, bn, bd, _, prec, upcast, _ = _config(q)
     f32 = dict(dtype=torch.float32, device=q.device)
     lse_s, lse_t, wmean = (torch.empty(m, **f32) for _ in range(3))
     _sce_fwd_kernel[(triton.cdiv(m, bm),)](
@@ -447,10 +452,11 @@ def sce_backward(q, k, cols, self_col, scale_s: float, scale_t: float, lse_s, ls
     _check_dtype(q, k, cols)
     q, k, cols = q.contiguous(), k.contiguous(), cols.contiguous()
     m, c, d = q.shape[0], cols.shape[0], q.shape[1]
-    bm, bn, bd, bdo, prec, upcast = _config(q)
+    bm, bn, bd, bdo, prec, upcast, grad_prec = _config(q)
     dq = torch.empty_like(q)
     _sce_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(d, bdo))](
         q, k, cols, self_col, lse_s, lse_t, g_lse.contiguous().float(), g_w.contiguous().float(),
         dq, m, c, d, q.stride(0), k.stride(0), cols.stride(0), dq.stride(0), scale_s, scale_t,
-        PRECISION=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo)
+        PRECISION=prec, UPCAST=upcast, GRAD_PRECISION=grad_prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        BLOCK_DO=bdo)
     return dq

@@ -41,17 +41,15 @@ def _chunk_rows(cols: int) -> int:
 # torch backend: chunked PyTorch
 # ----------------------------------------------------------------------------------------------
 
-def _masked_lse(x, ok):
-    """Row log-sum-exp over the entries where ok is set; -inf for an empty row, never NaN."""
-    return torch.logsumexp(x.masked_fill(~ok, float("-inf")), dim=1)
-
-
-def _chunk_mask(r0, r1, c, self_col, pos_col, exclude_pos, device):
-    cols = torch.arange(c, device=device)
-    ok = cols[None, :] != self_col[r0:r1, None]
-    if exclude_pos:
-        ok &= cols[None, :] != pos_col[r0:r1, None]
-    return ok, cols
+def _fill_masked(x, r0, r1, self_col, pos_col, exclude_pos, value):
+    """In place: x[i, self_col[i]] (and x[i, pos_col[i]]) = value for the rows r0:r1 of the
+    chunk. O(rows) scatters, no host sync; a column of -1 means nothing to mask on that row."""
+    for col in ((self_col, pos_col) if exclude_pos else (self_col,)):
+        c = col[r0:r1]
+        idx = c.clamp(min=0)[:, None]
+        keep = x.gather(1, idx)
+        x.scatter_(1, idx, torch.where((c >= 0)[:, None], torch.full_like(keep, value), keep))
+    return x
 
 
 def torch_lse_forward(a, b, self_col, pos_col, scale, split, exclude_pos, weighted, col_stats):
@@ -66,18 +64,18 @@ def torch_lse_forward(a, b, self_col, pos_col, scale, split, exclude_pos, weight
     step = _chunk_rows(c)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
-        x = (a[r0:r1].to(acc) @ bt) * scale
-        ok, cols = _chunk_mask(r0, r1, c, self_col, pos_col, exclude_pos, a.device)
-        ok0 = ok & (cols[None, :] < split) if has_split else ok
-        lse0[r0:r1] = _masked_lse(x, ok0)
+        x = torch.mm(a[r0:r1].to(acc) * scale, bt)
+        _fill_masked(x, r0, r1, self_col, pos_col, exclude_pos, float("-inf"))
+        x0 = x[:, :split] if has_split else x
+        lse0[r0:r1] = torch.logsumexp(x0, dim=1)
         if has_split:
-            lse1[r0:r1] = _masked_lse(x, ok & (cols[None, :] >= split))
+            lse1[r0:r1] = torch.logsumexp(x[:, split:], dim=1)
         if weighted:
-            p = torch.exp(x.masked_fill(~ok0, float("-inf")) - lse0[r0:r1, None])
-            wmean[r0:r1] = (p * x.masked_fill(~ok0, 0.0)).sum(1)
+            # softmax * logit, with 0 * -inf (masked entries) read as 0
+            p = torch.exp(x0 - lse0[r0:r1, None])
+            wmean[r0:r1] = torch.nan_to_num(p * x0, nan=0.0).sum(1)
         if col_stats:
-            col_lse = torch.logaddexp(col_lse, torch.logsumexp(
-                x.masked_fill(~ok, float("-inf")), dim=0))
+            col_lse = torch.logaddexp(col_lse, torch.logsumexp(x, dim=0))
     return lse0, lse1, wmean, col_lse
 
 
@@ -93,23 +91,33 @@ def torch_lse_backward(a, b, self_col, pos_col, scale, split, exclude_pos, lse0,
     step = _chunk_rows(c)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
-        a_chunk = a[r0:r1].to(acc)
-        x = (a_chunk @ b_acc.T) * scale
-        ok, cols = _chunk_mask(r0, r1, c, self_col, pos_col, exclude_pos, a.device)
-        lse_row, g_row = lse0[r0:r1, None], g0[r0:r1, None].to(acc)
-        if has_split:
-            first = cols[None, :] < split
-            lse_row = torch.where(first, lse_row, lse1[r0:r1, None])
-            g_row = torch.where(first, g_row, g1[r0:r1, None].to(acc))
-        # Masked entries get exp(-inf) = 0 (never inf * 0: the mask goes in before the exp).
-        dx = g_row * torch.exp((x - lse_row).masked_fill(~ok, float("-inf")))
+        a_scaled = a[r0:r1].to(acc) * scale
+        x = torch.mm(a_scaled, b_acc.T)
+        col_part = None
         if col_grad:
-            dx += g_col[None, :].to(acc) * torch.exp((x - col_lse[None, :]).masked_fill(
-                ~ok, float("-inf")))
+            col_part = (x - col_lse[None, :]).exp_()
+            _fill_masked(col_part, r0, r1, self_col, pos_col, exclude_pos, 0.0)
+            col_part.mul_(g_col[None, :].to(acc))
+        # dx = g * softmax, in place; masked entries are zeroed after the exp, before the
+        # multiply, so an overflowing masked exp never meets a zero gradient (no inf * 0).
+        if has_split:
+            x[:, :split].sub_(lse0[r0:r1, None])
+            x[:, split:].sub_(lse1[r0:r1, None])
+        else:
+            x.sub_(lse0[r0:r1, None])
+        x.exp_()
+        _fill_masked(x, r0, r1, self_col, pos_col, exclude_pos, 0.0)
+        if has_split:
+            x[:, :split].mul_(g0[r0:r1, None].to(acc))
+            x[:, split:].mul_(g1[r0:r1, None].to(acc))
+        else:
+            x.mul_(g0[r0:r1, None].to(acc))
+        if col_part is not None:
+            x.add_(col_part)
         if need_da:
-            da[r0:r1] = (dx @ b_acc) * scale
+            da[r0:r1] = torch.mm(x, b_acc).mul_(scale)
         if need_db:
-            db += (dx.T @ a_chunk) * scale
+            db.addmm_(x.T, a_scaled)
     return (da.to(a.dtype) if need_da else None), (db.to(b.dtype) if need_db else None)
 
 
@@ -119,15 +127,14 @@ def torch_sce_forward(q, k, cols, self_col, scale_s, scale_t):
     ct = cols.to(acc).T
     lse_s, lse_t, wmean = (q.new_empty(m, dtype=acc) for _ in range(3))
     step = _chunk_rows(c)
-    col_idx = torch.arange(c, device=q.device)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
-        x = (q[r0:r1].to(acc) @ ct) * scale_s
-        y = ((k[r0:r1].to(acc) @ ct) * scale_t).masked_fill(
-            col_idx[None, :] == self_col[r0:r1, None], float("-inf"))
+        x = torch.mm(q[r0:r1].to(acc) * scale_s, ct)
+        y = torch.mm(k[r0:r1].to(acc) * scale_t, ct)
+        _fill_masked(y, r0, r1, self_col, None, False, float("-inf"))
         lse_s[r0:r1] = torch.logsumexp(x, dim=1)
         lse_t[r0:r1] = torch.logsumexp(y, dim=1)
-        wmean[r0:r1] = (torch.softmax(y, dim=1) * x).sum(1)
+        wmean[r0:r1] = (y.sub_(lse_t[r0:r1, None]).exp_() * x).sum(1)
     return lse_s, lse_t, wmean
 
 
@@ -137,15 +144,14 @@ def torch_sce_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t, g_l
     c_acc = cols.to(acc)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     step = _chunk_rows(c)
-    col_idx = torch.arange(c, device=q.device)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
-        x = (q[r0:r1].to(acc) @ c_acc.T) * scale_s
-        y = ((k[r0:r1].to(acc) @ c_acc.T) * scale_t).masked_fill(
-            col_idx[None, :] == self_col[r0:r1, None], float("-inf"))
-        dx = (g_lse[r0:r1, None].to(acc) * torch.exp(x - lse_s[r0:r1, None])
-              + g_w[r0:r1, None].to(acc) * torch.exp(y - lse_t[r0:r1, None]))
-        dq[r0:r1] = (dx @ c_acc) * scale_s
+        x = torch.mm(q[r0:r1].to(acc) * scale_s, c_acc.T)
+        y = torch.mm(k[r0:r1].to(acc) * scale_t, c_acc.T)
+        _fill_masked(y, r0, r1, self_col, None, False, float("-inf"))
+        dx = x.sub_(lse_s[r0:r1, None]).exp_().mul_(g_lse[r0:r1, None].to(acc))
+        dx.add_(y.sub_(lse_t[r0:r1, None]).exp_().mul_(g_w[r0:r1, None].to(acc)))
+        dq[r0:r1] = torch.mm(dx, c_acc) * scale_s
     return dq.to(q.dtype)
 
 
@@ -224,7 +230,8 @@ def _(a, b, self_col, pos_col, scale, split, exclude_pos, weighted, col_stats, b
     m, c = a.shape[0], b.shape[0]
     dt = _stats_dtype(a)
     return (a.new_empty(m, dtype=dt), a.new_empty(m if split < c else 0, dtype=dt),
-            a.new_empty(m if weighted else 0, dtype=dt), a.new_empty(c if col_stats else 0, dtype=dt))
+            a.new_empty(m if weighted else 0, dtype=dt),
+            a.new_empty(c if col_stats else 0, dtype=dt))
 
 
 @torch.library.custom_op("fastssl::contrastive_lse_backward", mutates_args=())
