@@ -197,6 +197,33 @@ def test_gather_pads_and_drops_unequal_shards():
         torch.testing.assert_close(f[3:, 0], torch.ones(5) + torch.arange(5) / 10)
 
 
+def _seeded_resnet18():
+    from fastssl.models import build_backbone
+    torch.manual_seed(0)
+    return build_backbone("resnet18", zero_init_residual=False)[0]
+
+
+def worker_knn_accuracy():
+    from fastssl.eval.knn import knn_accuracy
+    return knn_accuracy(_seeded_resnet18(), "demo", k=(5, 20), device="cpu", batch_size=64)
+
+
+@pytest.mark.distributed
+def test_two_rank_knn_accuracy_equals_single_process():
+    # Sharded eval loaders (unequal shards), the padded gather of the bank and the summed counts
+    # give exactly the single-process accuracy.
+    from fastssl.eval.knn import knn_accuracy
+    from fastssl.testing import run_torchrun
+    want = knn_accuracy(_seeded_resnet18(), "demo", k=(5, 20), device="cpu", batch_size=64)
+    # Tolerance: one val image (of 150), in case a different batch composition changes a
+    # feature's float rounding enough to swap a neighbour; on this machine they are equal.
+    one_image = 100.0 / 150 + 1e-9
+    for got in run_torchrun(f"{os.path.abspath(__file__)}:worker_knn_accuracy", 2):
+        for k in (5, 20):
+            assert got[k]["top1"] == pytest.approx(want[k]["top1"], abs=one_image)
+            assert got[k]["top5"] == pytest.approx(want[k]["top5"], abs=one_image)
+
+
 # ------------------------------------------------------------------ command line
 
 def _run_cli(*args, timeout=120):
