@@ -8,7 +8,9 @@ the streaming ops (no N x N matrix), compose the loss from them, ``reduce_loss``
 
 Layout shared by NT-Xent, DCL and SogCLR: the anchors are the local rows ``[z1; z2]`` (2B), the
 columns the global ``[Z1; Z2]`` (2N); row i of z1 has its own column at ``off + i`` and its
-positive at ``N + off + i``, and the other way round for z2 (``off`` = rank * B).
+positive at ``N + off + i``, and the other way round for z2 (``off`` = rank * B). In a single
+process the columns are the rows and the masks are symmetric, so NT-Xent and SogCLR use the
+symmetric op (one backward pass).
 """
 from __future__ import annotations
 
@@ -166,8 +168,11 @@ def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
                                               gather_distributed=gather_distributed)
     rows, cols, self_col, pos_col, positives, n = _two_view_layout(z1, z2, gather_distributed)
     scale = 1.0 / temperature
-    lse, _, _, _ = ops.contrastive_lse(rows, cols, self_col, pos_col, scale, cols.shape[0],
-                                       False, False, False, backend)
+    if cols is rows:
+        lse, _ = ops.contrastive_lse_sym(rows, self_col, pos_col, scale, False, False, backend)
+    else:
+        lse, _, _, _ = ops.contrastive_lse(rows, cols, self_col, pos_col, scale, cols.shape[0],
+                                           False, False, False, backend)
     pos = _rowdot(rows, positives) * scale
     return dist_utils.reduce_loss((lse - pos).sum() / (2 * n))
 
@@ -243,8 +248,11 @@ def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=F
     t = temperature
     num_neg = 2 * (n - 1)
     # Negatives: every column but the own one and the positive (2(N-1) per anchor).
-    lse, _, wmean, _ = ops.contrastive_lse(rows, cols, self_col, pos_col, 1.0 / t, cols.shape[0],
-                                           True, True, False, backend)
+    if cols is rows:
+        lse, wmean = ops.contrastive_lse_sym(rows, self_col, pos_col, 1.0 / t, True, True, backend)
+    else:
+        lse, _, wmean, _ = ops.contrastive_lse(rows, cols, self_col, pos_col, 1.0 / t,
+                                               cols.shape[0], True, True, False, backend)
     with torch.no_grad():
         u_old = u[index].to(acc)
         g = torch.where(u_old.sum() == 0, torch.ones((), dtype=acc, device=u.device),

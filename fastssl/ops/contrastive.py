@@ -1,7 +1,7 @@
 """Contrastive ops: the streaming log-sum-exp statistics behind NT-Xent, InfoNCE, DCL, SogCLR
 and SCE, as torch.library custom ops with autograd, and the backend table of the family.
 
-Two ops (the losses in ``fastssl.functional.contrastive`` compose them with O(N) PyTorch):
+Three ops (the losses in ``fastssl.functional.contrastive`` compose them with O(N) PyTorch):
 
 * ``fastssl::contrastive_lse(a, b, self_col, pos_col, scale, split, exclude_pos, weighted,
   col_stats, backend) -> (lse0, lse1, wmean, col_lse)``. With X = scale * a @ b.T and the
@@ -10,6 +10,9 @@ Two ops (the losses in ``fastssl.functional.contrastive`` compose them with O(N)
   split >= C), wmean[i] = softmax-weighted mean of row i's logits over the same columns as lse0
   (empty unless weighted; no gradient), col_lse[j] = log-sum-exp of column j (empty unless
   col_stats).
+* ``fastssl::contrastive_lse_sym(z, self_col, pos_col, scale, exclude_pos, weighted, backend)
+  -> (lse, wmean)``: the same with a = b = z and symmetric masks (single-process NT-Xent and
+  SogCLR), whose backward needs one pass instead of two.
 * ``fastssl::sce_stats(q, k, cols, self_col, scale_s, scale_t, backend) -> (lse_s, lse_t,
   wmean)``: student X = scale_s * q @ cols.T, teacher Y = scale_t * k @ cols.T with
   (i, self_col[i]) masked in Y only; lse_s, lse_t the row log-sum-exps, wmean[i] = sum_j
@@ -274,6 +277,62 @@ def _lse_backward(ctx, g0, g1, _g_wmean, g_col):
 
 
 contrastive_lse.register_autograd(_lse_backward, setup_context=_lse_setup_context)
+
+
+@torch.library.custom_op("fastssl::contrastive_lse_sym", mutates_args=())
+def contrastive_lse_sym(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.Tensor,
+                        scale: float, exclude_pos: bool, weighted: bool, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """contrastive_lse with b = a = z and symmetric masks (self_col[i] = i, and pos_col[j] = i
+    whenever pos_col[i] = j): lse and wmean of every row of the symmetric X = scale z z.T.
+
+    Its backward is ONE row-parallel pass: by symmetry, the column gradient of X is the row
+    gradient with the roles of (lse_i, g_i) and (lse_j, g_j) swapped, so
+    dz_i = scale * sum_j (g_i P_ij + g_j P_ji) z_j, the column statistics being the row ones.
+    """
+    lse, _, wmean, _ = _kernels(backend).lse_forward(z, z, self_col, pos_col, scale, z.shape[0],
+                                                     exclude_pos, weighted, False)
+    dt = _stats_dtype(z)
+    return lse.to(dt).contiguous(), wmean.to(dt).contiguous()
+
+
+@contrastive_lse_sym.register_fake
+def _(z, self_col, pos_col, scale, exclude_pos, weighted, backend):
+    dt = _stats_dtype(z)
+    return z.new_empty(z.shape[0], dtype=dt), z.new_empty(z.shape[0] if weighted else 0, dtype=dt)
+
+
+@torch.library.custom_op("fastssl::contrastive_lse_sym_backward", mutates_args=())
+def contrastive_lse_sym_backward(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.Tensor,
+                                 scale: float, exclude_pos: bool, lse: torch.Tensor,
+                                 g: torch.Tensor, backend: str) -> torch.Tensor:
+    empty = lse[:0]
+    dz, _ = _kernels(backend).lse_backward(z, z, self_col, pos_col, scale, z.shape[0],
+                                           exclude_pos, lse, empty, lse, g, empty, g,
+                                           need_da=True, need_db=False)
+    return dz.to(z.dtype).contiguous()
+
+
+@contrastive_lse_sym_backward.register_fake
+def _(z, self_col, pos_col, scale, exclude_pos, lse, g, backend):
+    return torch.empty_like(z)
+
+
+def _lse_sym_setup_context(ctx, inputs, output):
+    z, self_col, pos_col, scale, exclude_pos, _weighted, backend = inputs
+    ctx.save_for_backward(z, self_col, pos_col, output[0])
+    ctx.args = (scale, exclude_pos, backend)
+
+
+def _lse_sym_backward(ctx, g, _g_wmean):
+    z, self_col, pos_col, lse = ctx.saved_tensors
+    scale, exclude_pos, backend = ctx.args
+    dz = contrastive_lse_sym_backward(z, self_col, pos_col, scale, exclude_pos, lse,
+                                      _zeros_if_none(g, lse), backend)
+    return dz, None, None, None, None, None, None
+
+
+contrastive_lse_sym.register_autograd(_lse_sym_backward, setup_context=_lse_sym_setup_context)
 
 
 @torch.library.custom_op("fastssl::sce_stats", mutates_args=())

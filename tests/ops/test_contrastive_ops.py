@@ -183,6 +183,20 @@ def test_op_gradcheck_split_and_column_stats():
     assert torch.autograd.gradcheck(f, (a, b))
 
 
+def test_op_gradcheck_symmetric():
+    # The one-pass symmetric backward, with the NT-Xent/SogCLR masks (own column, positive).
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    self_col = torch.arange(6)
+    pos_col = (self_col + 3) % 6
+    w = torch.randn(6, generator=g, dtype=torch.float64)
+    for exclude_pos in (False, True):
+        def f(x):
+            lse, _ = ops.contrastive_lse_sym(x, self_col, pos_col, 0.8, exclude_pos, False, "torch")
+            return (lse * w).sum()
+        assert torch.autograd.gradcheck(f, (z,))
+
+
 @pytest.mark.parametrize("backend,device", backend_params("torch", "triton"))
 @pytest.mark.parametrize("name", LOSSES + ["sogclr"])
 def test_no_nan_for_extreme_logits_fp16(backend, device, name):
@@ -221,6 +235,9 @@ def test_opcheck_registered_ops():
     pos_col = torch.tensor([1, 2, 3, 4, 5])
     torch.library.opcheck(torch.ops.fastssl.contrastive_lse.default,
                           (a, b, self_col, pos_col, 2.0, 3, True, True, True, "torch"))
+    z = torch.randn(6, 3, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastssl.contrastive_lse_sym.default,
+                          (z, torch.arange(6), (torch.arange(6) + 3) % 6, 2.0, True, True, "torch"))
     q = torch.randn(4, 3, generator=g, requires_grad=True)
     k = torch.randn(4, 3, generator=g)
     cols = torch.randn(6, 3, generator=g)
