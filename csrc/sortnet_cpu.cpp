@@ -1,4 +1,554 @@
-// sortnet family, CPU (C++ / OpenMP). Placeholder until the family's kernels land.
+// sortnet family, CPU (C++ / OpenMP): diffsort-compatible soft sort and the fused GroCo row loss.
+//
+// A sorting network is passed as a (4, C) int32 tensor of comparators in execution order:
+// rows = wire a (split_a), wire b (split_b), destination of the soft min, destination of the soft
+// max. Identity slots of diffsort are dropped (they pass the wire through exactly). Comparators
+// of one layer touch disjoint wires, so running them one after another equals the layer update.
+//
+// Per comparator with d = x[b] - x[a] and alpha = f(d):
+//   x'[dmin] = alpha x[a] + (1 - alpha) x[b],   x'[dmax] = (1 - alpha) x[a] + alpha x[b]
+// and the same mix on the two columns a, b of P (P = M_1 ... M_C, so each row of P is a vector
+// swept through the network on its own). The backward sweeps in reverse; the P-chain per row
+// recomputes its forward from checkpoints (every K comparators), so it needs O(n sqrt(C n))
+// memory per thread instead of the dense reference's O(n^2 L) per problem.
 #include <torch/extension.h>
 
-void init_sortnet_cpu(pybind11::module_& m) {}
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+enum Dist { LOGISTIC = 0, LOGISTIC_PHI = 1, GAUSSIAN = 2, RECIPROCAL = 3, CAUCHY = 4, OPTIMAL = 5 };
+
+struct SortParams {
+  int dist;
+  double steepness;
+  double art_lambda;
+  double sigma_bwd;  // diffsort's NormalCDF keeps 1/steepness as a float32 tensor for backward
+};
+
+// alpha = f(d) and dalpha/dd with diffsort's exact formulas.
+template <typename T>
+inline void alpha_and_slope(T d, const SortParams& p, T& alpha, T& slope) {
+  const T s = static_cast<T>(p.steepness);
+  switch (p.dist) {
+    case LOGISTIC: {
+      T a = T(1) / (T(1) + std::exp(-d * s));
+      alpha = a;
+      slope = s * a * (T(1) - a);
+      break;
+    }
+    case LOGISTIC_PHI: {
+      const T lam = static_cast<T>(p.art_lambda);
+      const T ad = std::abs(d) + T(1e-10);
+      const T den = std::pow(ad, lam);
+      const T v = d * s / den;
+      T a = T(1) / (T(1) + std::exp(-v));
+      alpha = a;
+      slope = a * (T(1) - a) * (s / den) * (T(1) - lam * std::abs(d) / ad);
+      break;
+    }
+    case GAUSSIAN: {
+      const T sigma = T(1) / s;
+      alpha = T(0.5) + T(0.5) * std::erf(d / sigma / std::sqrt(T(2)));
+      const T sb = static_cast<T>(p.sigma_bwd);
+      const T z = d / sb;
+      slope = T(1) / sb / std::sqrt(T(M_PI) * T(2)) * std::exp(T(-0.5) * z * z);
+      break;
+    }
+    case RECIPROCAL: {
+      const T v = s * d;
+      const T den = T(2) + std::abs(v);
+      alpha = T(0.5) * (v / den + T(1));
+      slope = s / (den * den);
+      break;
+    }
+    case CAUCHY: {
+      const T v = s * d;
+      alpha = T(1) / T(M_PI) * std::atan(v) + T(0.5);
+      slope = s / (T(M_PI) * (T(1) + v * v));
+      break;
+    }
+    default: {  // OPTIMAL
+      const T v = s * d;
+      const T av = std::abs(v);
+      const T clamped = std::min(std::max(v, T(-0.25)), T(0.25));
+      const T side = (v > T(0.25) ? T(1) : T(0)) - (v < T(-0.25) ? T(1) : T(0));
+      alpha = clamped + T(0.5) + side * (T(0.25) - T(1) / T(16) / (av + T(1e-10)));
+      if (av <= T(0.25)) {
+        slope = s;
+      } else {
+        const T e = av + T(1e-10);
+        slope = s / (T(16) * e * e);
+      }
+      break;
+    }
+  }
+}
+
+struct Net {
+  const int32_t* a;
+  const int32_t* b;
+  const int32_t* dmin;
+  const int32_t* dmax;
+  int64_t C;
+};
+
+Net net_of(const torch::Tensor& net) {
+  TORCH_CHECK(net.dim() == 2 && net.size(0) == 4 && net.scalar_type() == torch::kInt32 &&
+                  net.is_contiguous(),
+              "sortnet: network must be a contiguous (4, C) int32 tensor");
+  const int32_t* p = net.data_ptr<int32_t>();
+  const int64_t C = net.size(1);
+  return Net{p, p + C, p + 2 * C, p + 3 * C, C};
+}
+
+// Value chain forward: x (n) in place; d and alpha per comparator.
+template <typename T>
+inline void value_forward(const Net& net, const SortParams& p, T* x, T* d_out, T* alpha_out,
+                          T* slope_out) {
+  for (int64_t c = 0; c < net.C; ++c) {
+    const T va = x[net.a[c]], vb = x[net.b[c]];
+    const T d = vb - va;
+    T al, sl;
+    alpha_and_slope(d, p, al, sl);
+    x[net.dmin[c]] = al * va + (T(1) - al) * vb;
+    x[net.dmax[c]] = (T(1) - al) * va + al * vb;
+    if (d_out) d_out[c] = d;
+    if (alpha_out) alpha_out[c] = al;
+    if (slope_out) slope_out[c] = sl;
+  }
+}
+
+// Apply comparator c to a row vector u (the same mix as the value chain, with a given alpha).
+template <typename T>
+inline void mix(const Net& net, int64_t c, T al, T* u) {
+  const T ua = u[net.a[c]], ub = u[net.b[c]];
+  u[net.dmin[c]] = al * ua + (T(1) - al) * ub;
+  u[net.dmax[c]] = (T(1) - al) * ua + al * ub;
+}
+
+// Reverse sweep of the value chain: lam (n) holds dL/dx_C on entry, dL/dx_0 on exit.
+// galpha: extra dL/dalpha from other chains (P or q), may be null.
+template <typename T>
+inline void value_backward(const Net& net, const T* d, const T* alpha, const T* slope,
+                           const T* galpha, T* lam) {
+  for (int64_t c = net.C - 1; c >= 0; --c) {
+    const int32_t ia = net.a[c], ib = net.b[c];
+    const T lmin = lam[net.dmin[c]], lmax = lam[net.dmax[c]];
+    const T al = alpha[c];
+    T ga = -(lmin - lmax) * d[c];  // (lmin - lmax) * (x[a] - x[b])
+    if (galpha) ga += galpha[c];
+    const T gd = ga * slope[c];
+    lam[ia] = al * lmin + (T(1) - al) * lmax - gd;
+    lam[ib] = (T(1) - al) * lmin + al * lmax + gd;
+  }
+}
+
+// The OpenMP pragmas cannot sit inside AT_DISPATCH's macro argument; this calls a generic
+// lambda with a float or double tag instead.
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  if (t == at::kDouble) {
+    f(double(0));
+  } else if (t == at::kFloat) {
+    f(float(0));
+  } else {
+    TORCH_CHECK(false, "sortnet: expected float32 or float64 tensors, got ", t);
+  }
+}
+
+SortParams params_of(int64_t dist, double steepness, double art_lambda, double sigma_bwd) {
+  TORCH_CHECK(dist >= 0 && dist <= 5, "sortnet: unknown distribution id ", dist);
+  return SortParams{static_cast<int>(dist), steepness, art_lambda, sigma_bwd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// soft sort
+
+std::vector<torch::Tensor> soft_sort_forward(torch::Tensor x, torch::Tensor net_t, int64_t dist,
+                                             double steepness, double art_lambda,
+                                             double sigma_bwd, bool want_p) {
+  TORCH_CHECK(x.dim() == 2, "soft_sort_forward: x must be (B, n)");
+  x = x.contiguous();
+  const Net net = net_of(net_t);
+  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
+  const int64_t B = x.size(0), n = x.size(1), C = net.C;
+  auto y = x.clone();
+  auto d = torch::empty({B, C}, x.options());
+  auto alpha = torch::empty({B, C}, x.options());
+  torch::Tensor P = want_p ? torch::empty({B, n, n}, x.options()) : torch::empty({0}, x.options());
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* dp = d.data_ptr<scalar_t>();
+    scalar_t* ap = alpha.data_ptr<scalar_t>();
+#pragma omp parallel for schedule(static)
+    for (int64_t bi = 0; bi < B; ++bi)
+      value_forward<scalar_t>(net, prm, yp + bi * n, dp + bi * C, ap + bi * C, nullptr);
+    if (want_p) {
+      scalar_t* Pp = P.data_ptr<scalar_t>();
+      // rows of P are independent sweeps of e_r through the network
+#pragma omp parallel for schedule(static)
+      for (int64_t br = 0; br < B * n; ++br) {
+        const int64_t bi = br / n, r = br % n;
+        scalar_t* u = Pp + br * n;
+        for (int64_t j = 0; j < n; ++j) u[j] = scalar_t(0);
+        u[r] = scalar_t(1);
+        const scalar_t* al = ap + bi * C;
+        for (int64_t c = 0; c < C; ++c) mix<scalar_t>(net, c, al[c], u);
+      }
+    }
+  });
+  return {y, P, d};
+}
+
+torch::Tensor soft_sort_backward(torch::Tensor gy, torch::Tensor gP, torch::Tensor d,
+                                 torch::Tensor net_t, int64_t dist, double steepness,
+                                 double art_lambda, double sigma_bwd) {
+  d = d.contiguous();
+  const Net net = net_of(net_t);
+  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
+  const int64_t B = d.size(0), C = net.C;
+  const bool has_gy = gy.defined() && gy.numel() > 0;
+  const bool has_gp = gP.defined() && gP.numel() > 0;
+  const int64_t n = has_gy ? gy.size(1) : (has_gp ? gP.size(1) : 0);
+  if (has_gy) gy = gy.contiguous();
+  if (has_gp) gP = gP.contiguous();
+  auto gx = has_gy ? gy.clone() : torch::zeros({B, n}, d.options());
+  if (n == 0) return gx;
+  // checkpoint spacing K minimises S*n + 2K (S = C/K checkpoints of a row, 2K saved pairs)
+  const int64_t K = std::max<int64_t>(1, (int64_t)std::ceil(std::sqrt((double)C * n / 2.0)));
+  const int64_t S = (C + K - 1) / K;
+  dispatch_float(d.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* dp = d.data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    const scalar_t* gpp = has_gp ? gP.data_ptr<scalar_t>() : nullptr;
+#pragma omp parallel
+    {
+      std::vector<scalar_t> alpha(C), slope(C), galpha(C);
+      std::vector<scalar_t> ckpt(has_gp ? S * n : 0), u(n), g(n), pairs(has_gp ? 2 * K : 0);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t bi = 0; bi < B; ++bi) {
+        const scalar_t* db = dp + bi * C;
+        for (int64_t c = 0; c < C; ++c) alpha_and_slope<scalar_t>(db[c], prm, alpha[c], slope[c]);
+        std::fill(galpha.begin(), galpha.end(), scalar_t(0));
+        if (has_gp) {
+          for (int64_t r = 0; r < n; ++r) {
+            const scalar_t* gpr = gpp + (bi * n + r) * n;
+            std::fill(u.begin(), u.end(), scalar_t(0));
+            u[r] = scalar_t(1);
+            for (int64_t c = 0; c < C; ++c) {
+              if (c % K == 0) std::copy(u.begin(), u.end(), ckpt.begin() + (c / K) * n);
+              mix<scalar_t>(net, c, alpha[c], u.data());
+            }
+            std::copy(gpr, gpr + n, g.begin());
+            for (int64_t s = S - 1; s >= 0; --s) {
+              const int64_t c0 = s * K, c1 = std::min(C, c0 + K);
+              std::copy(ckpt.begin() + s * n, ckpt.begin() + (s + 1) * n, u.begin());
+              for (int64_t c = c0; c < c1; ++c) {
+                pairs[2 * (c - c0)] = u[net.a[c]];
+                pairs[2 * (c - c0) + 1] = u[net.b[c]];
+                mix<scalar_t>(net, c, alpha[c], u.data());
+              }
+              for (int64_t c = c1 - 1; c >= c0; --c) {
+                const scalar_t gmin = g[net.dmin[c]], gmax = g[net.dmax[c]];
+                const scalar_t al = alpha[c];
+                galpha[c] += (gmin - gmax) * (pairs[2 * (c - c0)] - pairs[2 * (c - c0) + 1]);
+                g[net.a[c]] = al * gmin + (scalar_t(1) - al) * gmax;
+                g[net.b[c]] = (scalar_t(1) - al) * gmin + al * gmax;
+              }
+            }
+          }
+        }
+        value_backward<scalar_t>(net, db, alpha.data(), slope.data(), galpha.data(),
+                                 gxp + bi * n);
+      }
+    }
+  });
+  return gx;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GroCo row loss on a pre-ordered row s = [negatives asc | positives asc]:
+//   q_pos = P 1[c >= k], q_neg = P 1[c < k], each a vector swept backwards through the network
+//   (q = M_1(...(M_C v))), clipped to [0, 1]; loss = (sum_r BCE(q_pos) + BCE(q_neg)) / (2n).
+
+template <typename T>
+inline T bce_term(T q, T t) {
+  const T lq = std::max(std::log(q), T(-100));
+  const T l1q = std::max(std::log(T(1) - q), T(-100));
+  return -(t * lq + (T(1) - t) * l1q);
+}
+
+template <typename T>
+inline T bce_grad(T q, T t) {  // torch's binary_cross_entropy_backward, EPSILON = 1e-12
+  return (q - t) / std::max((T(1) - q) * q, T(1e-12));
+}
+
+template <typename T>
+struct RowWork {
+  std::vector<T> x, d, alpha, slope, wpos, wneg, ppos, pneg, galpha, gpos, gneg;
+  RowWork(int64_t n, int64_t C)
+      : x(n), d(C), alpha(C), slope(C), wpos(n), wneg(n), ppos(2 * C), pneg(2 * C), galpha(C),
+        gpos(n), gneg(n) {}
+};
+
+// Forward of one row; keeps what the backward needs in w. Returns the row loss.
+template <typename T>
+T groco_row_forward(const Net& net, const SortParams& prm, const T* s, int64_t n, int64_t k,
+                    RowWork<T>& w) {
+  std::copy(s, s + n, w.x.begin());
+  value_forward<T>(net, prm, w.x.data(), w.d.data(), w.alpha.data(), w.slope.data());
+  for (int64_t r = 0; r < n; ++r) {
+    w.wpos[r] = r >= k ? T(1) : T(0);
+    w.wneg[r] = r >= k ? T(0) : T(1);
+  }
+  for (int64_t c = net.C - 1; c >= 0; --c) {
+    const int32_t dn = net.dmin[c], dx = net.dmax[c];
+    const T al = w.alpha[c];
+    const T pmin = w.wpos[dn], pmax = w.wpos[dx], nmin = w.wneg[dn], nmax = w.wneg[dx];
+    w.ppos[2 * c] = pmin; w.ppos[2 * c + 1] = pmax;
+    w.pneg[2 * c] = nmin; w.pneg[2 * c + 1] = nmax;
+    w.wpos[net.a[c]] = al * pmin + (T(1) - al) * pmax;
+    w.wpos[net.b[c]] = (T(1) - al) * pmin + al * pmax;
+    w.wneg[net.a[c]] = al * nmin + (T(1) - al) * nmax;
+    w.wneg[net.b[c]] = (T(1) - al) * nmin + al * nmax;
+  }
+  T loss = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const T t = r >= k ? T(1) : T(0);
+    const T qp = std::min(std::max(w.wpos[r], T(0)), T(1));
+    const T qn = std::min(std::max(w.wneg[r], T(0)), T(1));
+    loss += bce_term(qp, t) + bce_term(qn, T(1) - t);
+  }
+  return loss / T(2 * n);
+}
+
+// Backward of one row after groco_row_forward: gs (n) = dL/ds for dL/dloss = gl.
+template <typename T>
+void groco_row_backward(const Net& net, int64_t n, int64_t k, T gl, RowWork<T>& w, T* gs) {
+  const T scale = gl / T(2 * n);
+  for (int64_t r = 0; r < n; ++r) {
+    const T t = r >= k ? T(1) : T(0);
+    const T qp = w.wpos[r], qn = w.wneg[r];
+    // torch.clip passes the gradient where 0 <= q <= 1
+    w.gpos[r] = (qp >= T(0) && qp <= T(1)) ? scale * bce_grad(qp, t) : T(0);
+    w.gneg[r] = (qn >= T(0) && qn <= T(1)) ? scale * bce_grad(qn, T(1) - t) : T(0);
+  }
+  for (int64_t c = 0; c < net.C; ++c) {
+    const int32_t ia = net.a[c], ib = net.b[c];
+    const T al = w.alpha[c];
+    const T pa = w.gpos[ia], pb = w.gpos[ib], na = w.gneg[ia], nb = w.gneg[ib];
+    w.galpha[c] = (pa - pb) * (w.ppos[2 * c] - w.ppos[2 * c + 1]) +
+                  (na - nb) * (w.pneg[2 * c] - w.pneg[2 * c + 1]);
+    w.gpos[net.dmin[c]] = al * pa + (T(1) - al) * pb;
+    w.gpos[net.dmax[c]] = (T(1) - al) * pa + al * pb;
+    w.gneg[net.dmin[c]] = al * na + (T(1) - al) * nb;
+    w.gneg[net.dmax[c]] = (T(1) - al) * na + al * nb;
+  }
+  for (int64_t r = 0; r < n; ++r) gs[r] = T(0);
+  value_backward<T>(net, w.d.data(), w.alpha.data(), w.slope.data(), w.galpha.data(), gs);
+}
+
+torch::Tensor groco_rows_forward(torch::Tensor sims, int64_t k, torch::Tensor net_t, int64_t dist,
+                                 double steepness, double art_lambda, double sigma_bwd) {
+  sims = sims.contiguous();
+  const Net net = net_of(net_t);
+  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
+  const int64_t B = sims.size(0), n = sims.size(1);
+  auto loss = torch::empty({B}, sims.options());
+  dispatch_float(sims.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* sp = sims.data_ptr<scalar_t>();
+    scalar_t* lp = loss.data_ptr<scalar_t>();
+#pragma omp parallel
+    {
+      RowWork<scalar_t> w(n, net.C);
+#pragma omp for schedule(static)
+      for (int64_t bi = 0; bi < B; ++bi)
+        lp[bi] = groco_row_forward<scalar_t>(net, prm, sp + bi * n, n, k, w);
+    }
+  });
+  return loss;
+}
+
+torch::Tensor groco_rows_backward(torch::Tensor grow, torch::Tensor sims, int64_t k,
+                                  torch::Tensor net_t, int64_t dist, double steepness,
+                                  double art_lambda, double sigma_bwd) {
+  sims = sims.contiguous();
+  grow = grow.contiguous();
+  const Net net = net_of(net_t);
+  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
+  const int64_t B = sims.size(0), n = sims.size(1);
+  auto gs = torch::empty_like(sims);
+  dispatch_float(sims.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* sp = sims.data_ptr<scalar_t>();
+    const scalar_t* gp = grow.data_ptr<scalar_t>();
+    scalar_t* gsp = gs.data_ptr<scalar_t>();
+#pragma omp parallel
+    {
+      RowWork<scalar_t> w(n, net.C);
+#pragma omp for schedule(static)
+      for (int64_t bi = 0; bi < B; ++bi) {
+        groco_row_forward<scalar_t>(net, prm, sp + bi * n, n, k, w);
+        groco_row_backward<scalar_t>(net, n, k, gp[bi], w, gsp + bi * n);
+      }
+    }
+  });
+  return gs;
+}
+
+template <typename T>
+inline T dot(const T* x, const T* y, int64_t D) {
+  // 8 partial sums let the compiler vectorise without reassociating a single chain
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += x[i + j] * y[i + j];
+  T s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < D; ++i) s += x[i] * y[i];
+  return s;
+}
+
+// Fused GroCo forward for one anchor view. anchor (B, D), negatives (N, D) and positives (P, B, D)
+// are already normalised. Per row: cosine to every negative tile by tile with a running top-k
+// (self column masked), sorted positives, then the row loss. No B x N matrix is stored.
+// Returns (row_loss (B), sims (B, n), index (B, n) int64: negative row for the first k slots,
+// positive view for the rest).
+std::vector<torch::Tensor> groco_fused_forward(torch::Tensor anchor, torch::Tensor negatives,
+                                               torch::Tensor positives, int64_t self_offset,
+                                               int64_t k, torch::Tensor net_t, int64_t dist,
+                                               double steepness, double art_lambda,
+                                               double sigma_bwd) {
+  anchor = anchor.contiguous();
+  negatives = negatives.contiguous();
+  positives = positives.contiguous();
+  const Net net = net_of(net_t);
+  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
+  const int64_t B = anchor.size(0), D = anchor.size(1), N = negatives.size(0);
+  const int64_t P = positives.size(0), n = k + P;
+  TORCH_CHECK(N >= k + 1, "groco: need at least topk_neg + 1 negatives rows");
+  auto loss = torch::empty({B}, anchor.options());
+  auto sims = torch::empty({B, n}, anchor.options());
+  auto index = torch::empty({B, n}, anchor.options().dtype(torch::kInt64));
+  dispatch_float(anchor.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* ap = anchor.data_ptr<scalar_t>();
+    const scalar_t* np_ = negatives.data_ptr<scalar_t>();
+    const scalar_t* pp = positives.data_ptr<scalar_t>();
+    scalar_t* lp = loss.data_ptr<scalar_t>();
+    scalar_t* sp = sims.data_ptr<scalar_t>();
+    int64_t* ip = index.data_ptr<int64_t>();
+#pragma omp parallel
+    {
+      RowWork<scalar_t> w(n, net.C);
+      std::vector<scalar_t> topv(k);
+      std::vector<int64_t> topi(k);
+#pragma omp for schedule(static)
+      for (int64_t bi = 0; bi < B; ++bi) {
+        const scalar_t* a = ap + bi * D;
+        int64_t filled = 0;
+        // running top-k, kept sorted descending; strict > keeps the lower index on ties
+        for (int64_t j = 0; j < N; ++j) {
+          if (j == self_offset + bi) continue;
+          const scalar_t v = dot<scalar_t>(a, np_ + j * D, D);
+          if (filled == k && !(v > topv[k - 1])) continue;
+          int64_t pos = filled < k ? filled++ : k - 1;
+          while (pos > 0 && v > topv[pos - 1]) {
+            topv[pos] = topv[pos - 1];
+            topi[pos] = topi[pos - 1];
+            --pos;
+          }
+          topv[pos] = v;
+          topi[pos] = j;
+        }
+        scalar_t* srow = sp + bi * n;
+        int64_t* irow = ip + bi * n;
+        for (int64_t i = 0; i < k; ++i) {  // ascending
+          srow[i] = topv[k - 1 - i];
+          irow[i] = topi[k - 1 - i];
+        }
+        for (int64_t p = 0; p < P; ++p) {  // insertion sort of the positives, ascending
+          const scalar_t v = dot<scalar_t>(a, pp + (p * B + bi) * D, D);
+          int64_t pos = k + p;
+          while (pos > k && srow[pos - 1] > v) {
+            srow[pos] = srow[pos - 1];
+            irow[pos] = irow[pos - 1];
+            --pos;
+          }
+          srow[pos] = v;
+          irow[pos] = p;
+        }
+        lp[bi] = groco_row_forward<scalar_t>(net, prm, srow, n, k, w);
+      }
+    }
+  });
+  return {loss, sims, index};
+}
+
+torch::Tensor groco_fused_backward(torch::Tensor grow, torch::Tensor sims, torch::Tensor index,
+                                   torch::Tensor negatives, torch::Tensor positives, int64_t k,
+                                   torch::Tensor net_t, int64_t dist, double steepness,
+                                   double art_lambda, double sigma_bwd) {
+  grow = grow.contiguous();
+  sims = sims.contiguous();
+  index = index.contiguous();
+  negatives = negatives.contiguous();
+  positives = positives.contiguous();
+  const Net net = net_of(net_t);
+  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
+  const int64_t B = sims.size(0), n = sims.size(1), D = negatives.size(1);
+  auto ga = torch::zeros({B, D}, sims.options());
+  dispatch_float(sims.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* gp = grow.data_ptr<scalar_t>();
+    const scalar_t* sp = sims.data_ptr<scalar_t>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    const scalar_t* np_ = negatives.data_ptr<scalar_t>();
+    const scalar_t* pp = positives.data_ptr<scalar_t>();
+    scalar_t* gap = ga.data_ptr<scalar_t>();
+#pragma omp parallel
+    {
+      RowWork<scalar_t> w(n, net.C);
+      std::vector<scalar_t> gs(n);
+#pragma omp for schedule(static)
+      for (int64_t bi = 0; bi < B; ++bi) {
+        groco_row_forward<scalar_t>(net, prm, sp + bi * n, n, k, w);
+        groco_row_backward<scalar_t>(net, n, k, gp[bi], w, gs.data());
+        scalar_t* g = gap + bi * D;
+        // scatter into the anchor only: sims_i = <anchor, column_i>
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* col = i < k ? np_ + ip[bi * n + i] * D
+                                      : pp + (ip[bi * n + i] * B + bi) * D;
+          const scalar_t gi = gs[i];
+          for (int64_t t = 0; t < D; ++t) g[t] += gi * col[t];
+        }
+      }
+    }
+  });
+  return ga;
+}
+
+}  // namespace
+
+void init_sortnet_cpu(pybind11::module_& m) {
+  m.def("soft_sort_forward", &soft_sort_forward,
+        "soft sort forward: (x, network, dist, steepness, art_lambda, sigma_bwd, want_p) -> "
+        "(sorted, P, d)");
+  m.def("soft_sort_backward", &soft_sort_backward,
+        "soft sort backward: (grad_sorted, grad_P, d, network, ...) -> grad_x");
+  m.def("groco_rows_forward", &groco_rows_forward, "GroCo row losses of pre-ordered rows");
+  m.def("groco_rows_backward", &groco_rows_backward, "GroCo row loss backward -> grad of rows");
+  m.def("groco_fused_forward", &groco_fused_forward,
+        "fused GroCo (cosine + running top-k + network + BCE) per anchor row");
+  m.def("groco_fused_backward", &groco_fused_backward,
+        "fused GroCo backward into the normalised anchor");
+}
