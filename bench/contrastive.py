@@ -1,0 +1,104 @@
+"""Contrastive family: nt_xent, info_nce, dcl, sogclr, sce.
+
+Sizes: B is the per-view batch (the global batch when gathered; nt_xent and dcl then have
+N = 2B anchors), D the projector width (128 for SimCLR/SogCLR, 256 for MoCo-v3/SCE), K the SCE
+queue. GPU sizes run up to the issue-3 targets (nt_xent N = 2 x 32768 bf16; SCE K = 65536,
+B = 1024) and a max-batch probe for fastssl alone (N = 2 x 524288 anchors > 1,000,000); CPU
+sizes up to the CPU target (nt_xent N = 16384 anchors, i.e. B = 8192, D = 128).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fastssl.functional as fast
+import fastssl.reference as ref
+from bench.harness import OpSpec, Prepared, Size, embeddings, resolve, scalar_backward
+
+ALL_MODES = ("forward", "backward", "forward+backward")
+FULL = ("forward+backward",)
+
+
+def _pair_build(fast_fn, ref_fn, **kwargs):
+    def build(provider, shape, dtype, device):
+        fn = resolve(provider, fast_fn, ref_fn)
+        z1 = embeddings(shape["B"], shape["D"], dtype, device, seed=1)
+        z2 = embeddings(shape["B"], shape["D"], dtype, device, seed=2)
+        return Prepared(forward=lambda: fn(z1, z2, **kwargs), backward=scalar_backward, leaves=(z1, z2))
+    return build
+
+
+def _pair_sizes(cpu_bs, gpu_bs, *, cpu_d=128, gpu_d=128, gpu_probe=()):
+    def sizes(dev, quick):
+        if quick:
+            return [Size({"B": 16, "D": 8})]
+        if dev == "cpu":
+            return [Size({"B": b, "D": cpu_d}, modes=ALL_MODES if b <= 2048 else FULL) for b in cpu_bs]
+        out = [Size({"B": b, "D": gpu_d}) for b in gpu_bs]
+        out += [Size({"B": b, "D": gpu_d}, modes=FULL, providers=("fastssl",)) for b in gpu_probe]
+        return out
+    return sizes
+
+
+def _info_nce_build(provider, shape, dtype, device):
+    fn = resolve(provider, fast.info_nce, ref.info_nce)
+    q = embeddings(shape["B"], shape["D"], dtype, device, seed=1)
+    k = embeddings(shape["B"], shape["D"], dtype, device, seed=2)
+    sym = bool(shape.get("symmetric", False))
+    return Prepared(forward=lambda: fn(q, k, symmetric=sym), backward=scalar_backward, leaves=(q, k))
+
+
+def _info_nce_sizes(dev, quick):
+    if quick:
+        return [Size({"B": 16, "D": 8, "symmetric": True})]
+    if dev == "cpu":
+        return [Size({"B": b, "D": 128, "symmetric": s}, modes=ALL_MODES if b <= 1024 else FULL)
+                for s in (False, True) for b in (1024, 4096)]
+    return [Size({"B": b, "D": 256, "symmetric": s}) for s in (False, True)
+            for b in (8192, 32768, 65536)]
+
+
+def _sogclr_build(provider, shape, dtype, device):
+    fn = resolve(provider, fast.sogclr, ref.sogclr)
+    b, d = shape["B"], shape["D"]
+    num_samples = 4 * b
+    z1 = embeddings(b, d, dtype, device, seed=1)
+    z2 = embeddings(b, d, dtype, device, seed=2)
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    index = torch.randperm(num_samples, generator=gen)[:b].to(device)
+    # u is updated in place by every call, as in training; after the first call the batch's
+    # samples are "visited", the steady state of training.
+    u = torch.zeros(num_samples, dtype=torch.float32, device=device)
+    return Prepared(forward=lambda: fn(z1, z2, index, u), backward=scalar_backward, leaves=(z1, z2))
+
+
+def _sce_build(provider, shape, dtype, device):
+    fn = resolve(provider, fast.sce, ref.sce)
+    b, d, k_size = shape["B"], shape["D"], shape["K"]
+    q = embeddings(b, d, dtype, device, seed=1)
+    k = embeddings(b, d, dtype, device, seed=2, requires_grad=False)
+    queue = F.normalize(embeddings(k_size, d, torch.float32, device, seed=3, requires_grad=False),
+                        dim=1).to(dtype)
+    return Prepared(forward=lambda: fn(q, k, queue), backward=scalar_backward, leaves=(q,))
+
+
+def _sce_sizes(dev, quick):
+    if quick:
+        return [Size({"B": 16, "D": 8, "K": 40})]
+    if dev == "cpu":
+        return [Size({"B": 256, "D": 128, "K": 4096}, modes=ALL_MODES),
+                Size({"B": 256, "D": 128, "K": 16384}, modes=FULL),
+                Size({"B": 1024, "D": 128, "K": 16384}, modes=FULL)]
+    return [Size({"B": b, "D": 256, "K": k}) for k in (16384, 65536) for b in (256, 1024, 4096)]
+
+
+SPECS = [
+    OpSpec("nt_xent", "contrastive", _pair_build(fast.nt_xent, ref.nt_xent),
+           _pair_sizes((1024, 2048, 4096, 8192), (4096, 8192, 16384, 32768),
+                       gpu_probe=(65536, 131072, 262144, 524288))),
+    OpSpec("info_nce", "contrastive", _info_nce_build, _info_nce_sizes),
+    OpSpec("dcl", "contrastive", _pair_build(fast.dcl, ref.dcl),
+           _pair_sizes((1024, 4096), (4096, 16384, 32768))),
+    OpSpec("sogclr", "contrastive", _sogclr_build, _pair_sizes((1024, 4096), (4096, 16384, 32768))),
+    OpSpec("sce", "contrastive", _sce_build, _sce_sizes),
+]

@@ -1,0 +1,446 @@
+"""Markdown summary of a results file (speedups and memory ratios against the reference and the
+other baselines, verdicts on the issue targets) and the README's benchmark block.
+
+The README block lies between the markers `<!-- bench:begin -->` and `<!-- bench:end -->`;
+`update_readme` regenerates it from every device directory under bench/results/.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.harness import fmt_mb, fmt_ms
+
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+BASELINES = ("reference", "reference:compile", "diffsort")
+
+
+# ----------------------------------------------------------------------------------------------
+# the issue targets
+
+
+@dataclass
+class Target:
+    issue: int
+    device: str             # "cpu" or "cuda"
+    what: str               # the target in words
+    op: str
+    shape: dict             # matched as a subset of the record's shape
+    mode: str
+    check: str              # speedup | mem_ratio | runs | max_n | images_per_s | loss_share
+    threshold: float = 0.0
+    dtype: str | None = None
+    provider: str = "fastssl"
+    baseline: str = "reference"
+    n_factor: int = 1       # max_n: anchors per unit of the x axis (nt_xent: N = 2B)
+
+
+def _cpu_targets() -> list[Target]:
+    nt = dict(op="nt_xent", shape={"B": 8192, "D": 128}, mode="forward+backward", dtype="float32")
+    return [
+        Target(3, "cpu", "nt_xent N=16384 (B=8192 x 2 views), D=128, fwd+bwd: peak memory <= 1/8 of the reference",
+               check="mem_ratio", threshold=1 / 8, **nt),
+        Target(3, "cpu", "nt_xent N=16384, D=128, fwd+bwd: time no worse than the reference",
+               check="speedup", threshold=1.0, **nt),
+        Target(4, "cpu", "soft_sort (C++) B=1024, n=16, fwd+bwd: >= 20x faster than diffsort",
+               op="soft_sort", shape={"B": 1024, "n": 16, "network": "odd_even"}, mode="forward+backward",
+               dtype="float32", check="speedup", threshold=20.0, provider="fastssl:cpp", baseline="diffsort"),
+        Target(4, "cpu", "groco B=512, D=256, 2 views, fwd+bwd: >= 3x faster than the reference",
+               op="groco", shape={"B": 512, "D": 256, "views": 2}, mode="forward+backward", dtype="float32",
+               check="speedup", threshold=3.0),
+        Target(5, "cpu", "sinkhorn B=4096, K=3000, 3 iterations: >= 1.5x faster than the reference",
+               op="sinkhorn", shape={"B": 4096, "K": 3000}, mode="forward", dtype="float32",
+               check="speedup", threshold=1.5),
+    ]
+
+
+def _gpu_targets() -> list[Target]:
+    nt = dict(op="nt_xent", shape={"B": 32768, "D": 128}, mode="forward+backward", dtype="bfloat16")
+    sce = dict(op="sce", shape={"B": 1024, "K": 65536}, mode="forward+backward", dtype="bfloat16")
+    groco = dict(op="groco", shape={"B": 1024, "D": 2048, "views": 2}, mode="forward+backward", dtype="bfloat16")
+    out = [
+        Target(3, "cuda", "nt_xent N=2x32768, D=128, bf16, fwd+bwd: >= 2x faster than the eager reference",
+               check="speedup", threshold=2.0, **nt),
+        Target(3, "cuda", "nt_xent N=2x32768, D=128, bf16, fwd+bwd: >= 1.3x faster than torch.compile(reference)",
+               check="speedup", threshold=1.3, baseline="reference:compile", **nt),
+        Target(3, "cuda", "nt_xent N=2x32768, D=128, bf16, fwd+bwd: loss memory <= 1/30 of the reference",
+               check="mem_ratio", threshold=1 / 30, **nt),
+        Target(3, "cuda", "nt_xent: largest N that fits >= 1,000,000 anchors (bf16, fwd+bwd)",
+               op="nt_xent", shape={"D": 128}, mode="forward+backward", dtype="bfloat16", check="max_n",
+               threshold=1_000_000, n_factor=2),
+        Target(3, "cuda", "sce K=65536, B=1024, bf16, fwd+bwd: >= 2x faster than the reference",
+               check="speedup", threshold=2.0, **sce),
+        Target(3, "cuda", "sce K=65536, B=1024, bf16, fwd+bwd: memory <= 1/10 of the reference",
+               check="mem_ratio", threshold=1 / 10, **sce),
+        Target(4, "cuda", "soft_sort B=4096, n=32, odd_even, fwd+bwd: >= 30x faster than diffsort",
+               op="soft_sort", shape={"B": 4096, "n": 32, "network": "odd_even"}, mode="forward+backward",
+               dtype="float32", check="speedup", threshold=30.0, baseline="diffsort"),
+        Target(4, "cuda", "soft_sort n=1024 bitonic runs",
+               op="soft_sort", shape={"n": 1024, "network": "bitonic"}, mode="forward+backward",
+               dtype="float32", check="runs"),
+        Target(4, "cuda", "groco B=1024, D=2048, 2 views, fwd+bwd: >= 10x faster than the reference",
+               check="speedup", threshold=10.0, **groco),
+        Target(4, "cuda", "groco B=1024, D=2048, 2 views, fwd+bwd: loss memory <= 1/10 of the reference",
+               check="mem_ratio", threshold=1 / 10, **groco),
+        Target(5, "cuda", "sinkhorn B=4096, K=3000, 3 iterations: >= 3x faster than the reference",
+               op="sinkhorn", shape={"B": 4096, "K": 3000}, mode="forward", dtype="float32",
+               check="speedup", threshold=3.0),
+        Target(5, "cuda", "sinkhorn B=1024, K=65536, 3 iterations: >= 3x faster than the reference",
+               op="sinkhorn", shape={"B": 1024, "K": 65536}, mode="forward", dtype="float32",
+               check="speedup", threshold=3.0),
+    ]
+    for method in ("simclr", "groco", "sce", "sogclr", "sfrik", "swav", "auh"):
+        step = dict(op="train_step", shape={"method": method, "arch": "resnet50", "B": 256, "res": 224},
+                    mode="step", dtype="bfloat16")
+        out.append(Target(7, "cuda", f"train step {method}, ResNet-50 2x224 bf16 channels-last, B=256: >= 3000 images/s",
+                          check="images_per_s", threshold=3000.0, **step))
+        out.append(Target(7, "cuda", f"train step {method}: loss <= 3% of the step time",
+                          check="loss_share", threshold=0.03, **step))
+    return out
+
+
+TARGETS = _cpu_targets() + _gpu_targets()
+
+
+def _matches(rec: dict, t: Target, provider: str) -> bool:
+    shape = rec.get("shape") or {}
+    return (rec.get("op") == t.op and rec.get("provider") == provider and rec.get("mode") == t.mode
+            and (t.dtype is None or rec.get("dtype") == t.dtype)
+            and all(shape.get(k) == v for k, v in t.shape.items()))
+
+
+def _latest(records: list[dict], t: Target, provider: str) -> dict | None:
+    found = [r for r in records if _matches(r, t, provider)]
+    ok = [r for r in found if r.get("status") == "ok"]
+    return (ok or found or [None])[-1]
+
+
+def evaluate_target(records: list[dict], t: Target) -> tuple[str, str]:
+    """(verdict, detail): verdict is "met", "NOT met" or "not measured"."""
+    rec = _latest(records, t, t.provider)
+    if t.check == "max_n":
+        ok = [r for r in records if _matches(r, t, t.provider) and r.get("status") == "ok"]
+        if not ok:
+            return "not measured", "no successful fastssl run"
+        best = max(r["x"] * t.n_factor for r in ok)
+        failed = sorted({r["x"] * t.n_factor for r in records if _matches(r, t, t.provider)
+                         and r.get("status") != "ok"})
+        detail = f"largest N measured {best:,}" + (f" (failed from N={failed[0]:,})" if failed else "")
+        return ("met" if best >= t.threshold else "NOT met"), detail
+    if rec is None:
+        return "not measured", "no record"
+    if rec.get("status") != "ok":
+        return ("NOT met" if t.check == "runs" else "not measured"), f"{t.provider}: {rec.get('status')} {rec.get('note', '')}".strip()
+    if t.check == "runs":
+        return "met", f"{fmt_ms(rec['p50_ms'])}"
+    if t.check == "images_per_s":
+        v = rec.get("images_per_s")
+        if v is None:
+            return "not measured", "no images/s"
+        return ("met" if v >= t.threshold else "NOT met"), f"{v:,.0f} images/s"
+    if t.check == "loss_share":
+        v = rec.get("loss_share")
+        if v is None:
+            return "not measured", "no loss share"
+        return ("met" if v <= t.threshold else "NOT met"), f"loss {100 * v:.1f}% of the step"
+    base = _latest(records, t, t.baseline)
+    if base is None or base.get("status") != "ok":
+        why = "no record" if base is None else f"{base.get('status')} {base.get('note', '')}".strip()
+        if t.check == "mem_ratio" and base is not None and base.get("status") == "oom":
+            return "met", f"{t.baseline} runs out of memory; fastssl peak {fmt_mb(rec.get('peak_mem_mb'))}"
+        return "not measured", f"{t.baseline}: {why}"
+    if t.check == "speedup":
+        v = base["p50_ms"] / rec["p50_ms"]
+        return ("met" if v >= t.threshold else "NOT met"), (
+            f"{v:.2f}x ({fmt_ms(rec['p50_ms'])} vs {fmt_ms(base['p50_ms'])})")
+    if t.check == "mem_ratio":
+        m, b = rec.get("peak_mem_mb"), base.get("peak_mem_mb")
+        if m is None or b is None or b <= 0:
+            return "not measured", "no memory figure"
+        v = m / b
+        return ("met" if v <= t.threshold else "NOT met"), (
+            f"{_ratio(v)} ({fmt_mb(m)} vs {fmt_mb(b)})")
+    return "not measured", f"unknown check {t.check}"
+
+
+def _ratio(v: float) -> str:
+    if v <= 0:
+        return "0"
+    return f"{v:.3f} (1/{1 / v:.0f})" if v < 1 else f"{v:.2f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# summary
+
+
+def _shape_str(shape: dict | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (shape or {}).items()) or "-"
+
+
+def _device_type(records: list[dict]) -> str:
+    return next((r["device"] for r in records if r.get("device")), "cpu")
+
+
+def _load_note(records: list[dict]) -> str | None:
+    loads = [r["loadavg_1m"] for r in records if r.get("loadavg_1m") is not None]
+    cores = next((r.get("cpu_count") for r in records if r.get("cpu_count")), None)
+    threads = next((r.get("num_threads") for r in records if r.get("num_threads")), None)
+    if not loads or not cores:
+        return None
+    hi = max(loads)
+    med = sorted(loads)[len(loads) // 2]
+    # Our own threads account for about `threads` of the load; beyond the core count, other
+    # processes were competing for the CPU.
+    if med > cores or hi > 1.5 * cores:
+        return (f"**Timings were taken on a loaded machine**: the 1-minute load average was {med:.1f} "
+                f"(median) and up to {hi:.1f} on {cores} cores while measuring, i.e. other processes "
+                f"competed for the CPU; absolute times are inflated and noisier than on an idle machine, "
+                f"ratios between providers less so (each case is measured over several calls).")
+    return f"Load average while measuring: median {med:.1f}, max {hi:.1f} on {cores} cores."
+
+
+def _key(r: dict) -> tuple:
+    return (json.dumps(r.get("shape"), sort_keys=True), r.get("dtype"), r.get("mode"))
+
+
+def _latest_by_case(records: list[dict]) -> dict[tuple, dict]:
+    """The last record per (op, provider, shape, dtype, mode) (results files can be appended to)."""
+    out = {}
+    for r in records:
+        out[(r.get("op"), r.get("provider")) + _key(r)] = r
+    return out
+
+
+def build_summary(records: list[dict]) -> str:
+    latest = list(_latest_by_case(records).values())
+    dev = _device_type(latest)
+    env = latest[-1] if latest else {}
+    lines = [f"# fastssl benchmark summary: {env.get('device_name', dev)}", ""]
+    lines.append(f"fastssl {env.get('fastssl_version')} at commit `{env.get('git_commit')}`, torch "
+                 f"{env.get('torch_version')}, triton {env.get('triton_version')}, {env.get('num_threads')} "
+                 f"threads, measured {env.get('timestamp')}.")
+    lines.append("")
+    note = _load_note(latest)
+    if note:
+        lines += [note, ""]
+    lines += [
+        "Times are medians over repeated calls (p20-p80 in brackets); on GPU synchronised "
+        "(triton.testing.do_bench / CUDA events) after warm-up. Speedup = baseline time / provider "
+        "time. Peak memory is the peak above what was allocated before the call (inputs); on CPU "
+        "it is the growth of the process's peak RSS (VmHWM reset per measurement), on GPU "
+        "torch.cuda.max_memory_allocated. Memory ratio = provider / reference (smaller is better).",
+        "",
+        "Providers: `fastssl` = automatic backend, `fastssl:<backend>` = backend forced, "
+        "`reference` = fastssl.reference eager, `reference:compile` = torch.compile of it (GPU), "
+        "`diffsort` = diffsort.DiffSortNet.",
+        "",
+    ]
+
+    targets = [t for t in TARGETS if t.device == dev]
+    if targets:
+        lines += ["## Targets", "", "| issue | target | verdict | measured |", "|---|---|---|---|"]
+        for t in targets:
+            verdict, detail = evaluate_target(latest, t)
+            lines.append(f"| #{t.issue} | {t.what} | **{verdict}** | {detail} |")
+        lines.append("")
+
+    by_op: dict[str, list[dict]] = defaultdict(list)
+    for r in latest:
+        by_op[r["op"]].append(r)
+    for op, recs in by_op.items():
+        lines += [f"## {op}", ""]
+        if op == "train_step":
+            lines += _trainer_table(recs)
+        else:
+            lines += _op_table(recs)
+        problems = [r for r in recs if r.get("status") not in ("ok",)]
+        if problems:
+            seen = set()
+            lines.append("")
+            lines.append("Not measured:")
+            for r in problems:
+                k = (r["provider"], r.get("status"), r.get("note"))
+                if k in seen:
+                    continue
+                seen.add(k)
+                lines.append(f"- `{r['provider']}`: {r.get('status')}: {r.get('note', '')}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _op_table(recs: list[dict]) -> list[str]:
+    ok = [r for r in recs if r.get("status") == "ok"]
+    if not ok:
+        return ["No successful measurement."]
+    baselines = [b for b in BASELINES if any(r["provider"] == b for r in ok)]
+    head = "| shape | dtype | mode | provider | time p50 (p20-p80) | " + " | ".join(
+        f"speedup vs {b}" for b in baselines) + " | peak memory | memory / reference |"
+    out = [head, "|" + "---|" * (7 + len(baselines))]
+    cases: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in ok:
+        cases[_key(r)][r["provider"]] = r
+    for (shape_json, dtype, mode), provs in sorted(cases.items(), key=lambda kv: _case_order(kv[0])):
+        ref = provs.get("reference")
+        for prov, r in sorted(provs.items(), key=lambda kv: _provider_order(kv[0])):
+            speed = []
+            for b in baselines:
+                base = provs.get(b)
+                speed.append("-" if base is None or b == prov else f"{base['p50_ms'] / r['p50_ms']:.2f}x")
+            mem = r.get("peak_mem_mb")
+            ratio = "-"
+            if ref is not None and prov != "reference" and mem is not None and ref.get("peak_mem_mb"):
+                ratio = _ratio(mem / ref["peak_mem_mb"])
+            t = f"{fmt_ms(r['p50_ms'])} ({fmt_ms(r.get('p20_ms'))}-{fmt_ms(r.get('p80_ms'))})"
+            out.append(f"| {_shape_str(json.loads(shape_json))} | {dtype} | {mode} | {prov} | {t} | "
+                       + " | ".join(speed) + f" | {fmt_mb(mem)} | {ratio} |")
+    return out
+
+
+def _trainer_table(recs: list[dict]) -> list[str]:
+    ok = [r for r in recs if r.get("status") == "ok"]
+    if not ok:
+        return ["No successful measurement."]
+    out = ["| shape | dtype | provider | step p50 (p20-p80) | images/s | loss fwd+bwd | loss share | peak memory |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(ok, key=lambda r: (_shape_str(r.get("shape")), r["provider"])):
+        t = f"{fmt_ms(r['p50_ms'])} ({fmt_ms(r.get('p20_ms'))}-{fmt_ms(r.get('p80_ms'))})"
+        ips = r.get("images_per_s")
+        share = r.get("loss_share")
+        out.append(f"| {_shape_str(r.get('shape'))} | {r['dtype']} | {r['provider']} | {t} | "
+                   f"{'-' if ips is None else f'{ips:,.0f}'} | {fmt_ms(r.get('loss_ms'))} | "
+                   f"{'-' if share is None else f'{100 * share:.1f}%'} | {fmt_mb(r.get('peak_mem_mb'))} |")
+    return out
+
+
+def _case_order(key: tuple):
+    shape_json, dtype, mode = key
+    shape = json.loads(shape_json) or {}
+    mode_rank = {"forward": 0, "backward": 1, "forward+backward": 2, "step": 3}.get(mode, 9)
+    return (str(sorted((k, v) for k, v in shape.items() if not isinstance(v, int))),
+            [v for v in shape.values() if isinstance(v, int)], str(dtype), mode_rank)
+
+
+def _provider_order(p: str):
+    order = ["fastssl", "fastssl:cuda", "fastssl:triton", "fastssl:cpp", "fastssl:torch",
+             "reference", "reference:compile", "diffsort"]
+    return order.index(p) if p in order else len(order)
+
+
+def write_summary(records: list[dict], path: Path) -> Path:
+    path = Path(path)
+    path.write_text(build_summary(records))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# README block
+
+
+def _headline_rows(records: list[dict]) -> list[dict]:
+    """Per op: the target shape when the device has a target for the op, else the largest shape
+    with both fastssl and the reference measured (forward+backward, or forward/step)."""
+    latest = list(_latest_by_case(records).values())
+    dev = _device_type(latest)
+    rows = []
+    ops = list(dict.fromkeys(r["op"] for r in latest))
+    for op in ops:
+        recs = [r for r in latest if r["op"] == op and r.get("status") == "ok"]
+        if op == "train_step":
+            rows += [{"op": op, "fast": r, "ref": None} for r in recs if r["provider"] == "fastssl"]
+            continue
+        target = next((t for t in TARGETS if t.device == dev and t.op == op and t.check in ("speedup", "mem_ratio")), None)
+        fast_recs = [r for r in recs if r["provider"] == (target.provider if target else "fastssl")]
+        if target is not None:
+            fast_recs = [r for r in fast_recs if _matches(r, target, r["provider"])] or fast_recs
+        if not fast_recs:
+            continue
+        best = None
+        for r in fast_recs:
+            base = next((b for b in recs if b["provider"] == "reference" and _key(b) == _key(r)), None)
+            cand = (base is not None, r.get("mode") in ("forward+backward", "step") or op == "sinkhorn",
+                    r.get("x") or 0, math.prod(v for v in (r.get("shape") or {}).values() if isinstance(v, int)))
+            if best is None or cand > best[0]:
+                best = (cand, r, base)
+        _, r, base = best
+        extra = next((b for b in recs if b["provider"] in ("diffsort", "reference:compile") and _key(b) == _key(r)), None)
+        rows.append({"op": op, "fast": r, "ref": base, "extra": extra})
+    return rows
+
+
+def readme_table(records: list[dict]) -> str:
+    latest = list(_latest_by_case(records).values())
+    if not latest:
+        return ""
+    env = latest[-1]
+    dev = _device_type(latest)
+    lines = [f"**{env.get('device_name', dev)}** ({dev}, {env.get('num_threads')} threads), commit "
+             f"`{env.get('git_commit')}`, {str(env.get('timestamp', ''))[:10]}:", ""]
+    lines += ["| op | shape | dtype | mode | fastssl | reference | speedup | memory vs reference | other baseline |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    trainer = []
+    for row in _headline_rows(records):
+        r, base, extra = row["fast"], row.get("ref"), row.get("extra")
+        if row["op"] == "train_step":
+            trainer.append(r)
+            continue
+        speed = "-" if base is None else f"{base['p50_ms'] / r['p50_ms']:.2f}x"
+        mem = "-"
+        if base is not None and r.get("peak_mem_mb") is not None and base.get("peak_mem_mb"):
+            mem = _ratio(r["peak_mem_mb"] / base["peak_mem_mb"])
+        other = "-"
+        if extra is not None:
+            other = f"{extra['provider']} {fmt_ms(extra['p50_ms'])} ({extra['p50_ms'] / r['p50_ms']:.1f}x)"
+        prov = "" if r["provider"] == "fastssl" else f" ({r['provider']})"
+        lines.append(f"| {r['op']} | {_shape_str(r.get('shape'))} | {r['dtype']} | {r['mode']} | "
+                     f"{fmt_ms(r['p50_ms'])}{prov} | {fmt_ms(base['p50_ms']) if base else '-'} | {speed} | {mem} | {other} |")
+    if trainer:
+        lines += ["", "| training step | dtype | step | images/s | loss share |", "|---|---|---|---|---|"]
+        for r in trainer:
+            share = r.get("loss_share")
+            lines.append(f"| {_shape_str(r.get('shape'))} | {r['dtype']} | {fmt_ms(r['p50_ms'])} | "
+                         f"{r.get('images_per_s', 0):,.0f} | {'-' if share is None else f'{100 * share:.1f}%'} |")
+    targets = [t for t in TARGETS if t.device == dev]
+    if targets:
+        verdicts = [evaluate_target(latest, t)[0] for t in targets]
+        lines += ["", f"Targets on this device: {verdicts.count('met')} met, {verdicts.count('NOT met')} not met, "
+                      f"{verdicts.count('not measured')} not measured (details in the summary)."]
+    note = _load_note(latest)
+    if note and note.startswith("**"):
+        lines += ["", "Measured on a loaded machine: absolute times are inflated."]
+    return "\n".join(lines)
+
+
+def readme_block(results_root: Path = RESULTS_ROOT) -> str:
+    from bench.results import load
+    parts = ["<!-- generated by `python -m bench --update-readme`; edit bench/summary.py, not this block -->", ""]
+    for path in sorted(Path(results_root).glob("*/results.jsonl")):
+        records = load(path)
+        if not records:
+            continue
+        rel = path.parent.relative_to(Path(results_root).parent.parent) if path.is_relative_to(
+            Path(results_root).parent.parent) else path.parent
+        parts += [readme_table(records), "", f"Full summary and plots: [{rel}/summary.md]({rel}/summary.md)", ""]
+    if len(parts) == 2:
+        parts.append("No benchmark results yet: run `python -m bench`.")
+    return "\n".join(parts).rstrip()
+
+
+def update_readme(readme_path: Path, results_root: Path = RESULTS_ROOT) -> bool:
+    """Rewrite the block between the bench markers of `readme_path` from the results under
+    `results_root`; returns whether the file changed. Raises ValueError if the markers are
+    missing or out of order (they are placed by hand, once)."""
+    readme_path = Path(readme_path)
+    text = readme_path.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < 0 or end < start:
+        raise ValueError(f"{readme_path}: expected the markers {BEGIN!r} and {END!r}, in that order")
+    new = text[:start + len(BEGIN)] + "\n" + readme_block(results_root) + "\n" + text[end:]
+    if new == text:
+        return False
+    readme_path.write_text(new)
+    return True
