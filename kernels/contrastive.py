@@ -86,8 +86,9 @@ def _merge_column_stats(x, ok, cols, col_ok, COL_M, COL_L, LOCK):
     tile_l = tl.sum(tl.exp(xm - tile_m_safe[None, :]), axis=0)
     while tl.atomic_cas(LOCK, 0, 1) == 1:
         pass
-    old_m = tl.load(COL_M + cols, mask=col_ok, other=NEG_INF)
-    old_l = tl.load(COL_L + cols, mask=col_ok, other=0.0)
+    # .cg: read through L2, never a stale L1 line written by another program before its release.
+    old_m = tl.load(COL_M + cols, mask=col_ok, other=NEG_INF, cache_modifier=".cg")
+    old_l = tl.load(COL_L + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
     new_m = tl.maximum(old_m, tile_m)
     new_m_safe = tl.where(new_m == NEG_INF, 0.0, new_m)
     new_l = old_l * tl.exp(old_m - new_m_safe) + tile_l * tl.exp(tile_m - new_m_safe)
