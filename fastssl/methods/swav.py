@@ -53,8 +53,11 @@ class SwAV(Method):
         out = model(views)
         scores = [s.float() for s in out["scores"]]   # Sinkhorn's exp(s / eps) needs float32
         use_queue = self.queue_length() > 0 and ctx.epoch >= self.args["epoch_queue_starts"]
-        embeddings = list(out["embeddings"].split(views[0].shape[0])) if use_queue else None
-        return self.criterion(scores, embeddings=embeddings)
+        if not use_queue:
+            return self.criterion(scores)
+        # The queue stores normalised embeddings and rescores them with the current prototypes.
+        return self.criterion(scores, embeddings=out["embeddings"].detach(),
+                              prototypes=self.model.prototypes.weight.detach().float())
 
     def after_backward(self, ctx):
         if ctx.step < self.args["freeze_prototypes_iters"]:

@@ -177,3 +177,20 @@ def test_unknown_method_and_argument():
         build_method("byol", backbone, dim)
     with pytest.raises(ValueError, match="unknown method argument"):
         build_method("simclr", backbone, dim, args={"temprature": 0.1})
+
+
+def test_swav_queue_starts_at_its_epoch_and_is_rescored():
+    backbone, dim = tiny_backbone()
+    method = build_method("swav", backbone, dim, heads=TINY_HEADS["swav"], batch_size=8,
+                          args={"n_prototypes": 10, "queue_length": 20, "epoch_queue_starts": 1,
+                                "freeze_prototypes_iters": 0})
+    assert method.queue_length() == 16           # whole global batches only
+    opt = build_optimizer("larc", method.model.parameters(), lr=0.1)
+    runner = StepRunner(method, method.model, opt)
+    views = views_of([16, 16, 8])
+    runner(views, torch.arange(8), StepContext(step=0, epoch=0, total_steps=9, steps_per_epoch=3))
+    assert method.criterion.queue.numel() == 0   # not started in epoch 0
+    for step in range(1, 4):
+        loss = runner(views, torch.arange(8), StepContext(step=step, epoch=1, total_steps=9, steps_per_epoch=3))
+        assert torch.isfinite(loss)
+    assert method.criterion.queue.shape == (2, 16, 16) and int(method.criterion.queue_count) == 24
