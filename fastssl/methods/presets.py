@@ -109,11 +109,13 @@ PRESETS["swav_400ep_bs256"] = {**PRESETS["swav_200ep_bs256"], "epochs": 400}
 
 # --- demo presets: ResNet-18 on the generated demo dataset, small crops, small heads ------------
 _DEMO_CROPS = [crop(32, (0.3, 1.0), 2)]
-_DEMO = {"arch": "resnet18", "data": "demo", "batch_size": 64, "epochs": 12, "warmup_epochs": 1,
+_DEMO = {"arch": "resnet18", "data": "demo", "batch_size": 64, "epochs": 8, "warmup_epochs": 1,
          "weight_decay": 1e-5, "momentum": 0.9, "crops": _DEMO_CROPS, "final_lr_ratio": 0.0,
          "eval_size": 32, "knn_k": 20}
-PRESETS["demo_simclr"] = {**_DEMO, "method": "simclr", "optimizer": "lars", "base_lr": 1.0,
-                          "lr_scaling": "linear", "heads": {"projector": [256, 64]},
+# SimCLR's small-batch rule (LARS, 0.075 * sqrt(bs) = 0.6 at 64): 8 epochs take the k-NN
+# top-1 from ~27 % (random init) to ~70 % on the demo data.
+PRESETS["demo_simclr"] = {**_DEMO, "method": "simclr", "optimizer": "lars", "base_lr": 0.075,
+                          "lr_scaling": "sqrt", "heads": {"projector": [256, 64]},
                           "method_args": {"temperature": 0.2}}
 PRESETS["demo_groco"] = {**_DEMO, "method": "groco", "optimizer": "sgd", "base_lr": 0.75,
                          "lr_scaling": "linear32", "heads": {"projector": [256, 256, 128]},

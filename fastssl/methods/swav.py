@@ -38,11 +38,16 @@ class SwAV(Method):
         return q
 
     def build_criterion(self):
+        # Before epoch_queue_starts the same loss runs without a queue; the queued module (whose
+        # state is checkpointed) is first fed at that epoch, so it fills from there, as upstream.
+        self.criterion_no_queue = self._loss(0)
+        return self._loss(self.queue_length() // max(D.world_size(), 1))
+
+    def _loss(self, queue_length):
         a = self.args
         return SwAVLoss(temperature=a["temperature"], epsilon=a["epsilon"],
                         sinkhorn_iterations=a["sinkhorn_iterations"], n_assign_crops=a["n_assign_crops"],
-                        queue_length=self.queue_length() // max(D.world_size(), 1),
-                        gather_distributed=self.gather_distributed)
+                        queue_length=queue_length, gather_distributed=self.gather_distributed)
 
     def before_step(self, ctx):
         with torch.no_grad():
@@ -54,7 +59,7 @@ class SwAV(Method):
         scores = [s.float() for s in out["scores"]]   # Sinkhorn's exp(s / eps) needs float32
         use_queue = self.queue_length() > 0 and ctx.epoch >= self.args["epoch_queue_starts"]
         if not use_queue:
-            return self.criterion(scores)
+            return self.criterion_no_queue(scores)
         # The queue stores normalised embeddings and rescores them with the current prototypes.
         return self.criterion(scores, embeddings=out["embeddings"].detach(),
                               prototypes=self.model.prototypes.weight.detach().float())
