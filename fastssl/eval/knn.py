@@ -217,10 +217,12 @@ def extract_features(model: torch.nn.Module, loader: Iterable, device=None, *,
             labs.append(labels.to(out_device, dtype=torch.int64, non_blocking=True).flatten())
     finally:
         model.train(was_training)
-    if feats:
-        features, labels = torch.cat(feats), torch.cat(labs)
-    else:
+    if not feats:
         raise ValueError("loader: produced no batches, so there are no features to extract")
+    if device.type == "cuda" and out_device.type == "cpu":
+        # Non-blocking device-to-host copies are complete only after a synchronisation.
+        torch.cuda.synchronize(device)
+    features, labels = torch.cat(feats), torch.cat(labs)
     if gather and D.is_distributed():
         features, labels = gather_rows(features, labels, comm_device=device)
     return features, labels
@@ -279,7 +281,9 @@ def knn_eval_features(train_feats, train_labels, test_feats, test_labels, *, k=(
     """
     ks, _ = _as_k_list(k)
     if num_classes is None:
-        num_classes = int(train_labels.max()) + 1
+        # A bank subset may miss classes that the test rows have: count both.
+        test_max = int(test_labels.max()) if test_labels.numel() else -1
+        num_classes = max(int(train_labels.max()), test_max) + 1
     votes = knn_predict(train_feats, train_labels, test_feats, k=ks, temperature=temperature,
                         num_classes=num_classes, block_size=block_size, normalize=normalize)
     counts = []
