@@ -42,7 +42,7 @@ import gc
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -106,6 +106,8 @@ class BenchConfig:
     max_time_s: float = 20.0   # ...but stop after this much (big reference cases)
     cuda_warmup_ms: int = 25
     cuda_rep_ms: int = 100
+    long_call_s: float = 3.0    # CPU: a warm-up call longer than this...
+    long_call_reps: int = 2     # ...gets this many timed calls
 
     @classmethod
     def for_run(cls, quick: bool) -> "BenchConfig":
@@ -417,10 +419,21 @@ def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device
             # Warm-up on the heaviest mode: JIT, torch.compile, lazily built tables, thread pools.
             warm_mode = "forward+backward" if "forward+backward" in modes and prep.backward else modes[0]
             setup, run = _mode_steps(prep, warm_mode)
-            for _ in range(cfg.warmup):
-                run(setup())
+            warm_mem, warm_s = None, 0.0
+            for i in range(cfg.warmup):
+                t0 = time.perf_counter()
+                if i == 0 and device.type == "cpu":
+                    warm_mem = cpu_peak_growth(setup, run)
+                else:
+                    run(setup())
+                warm_s = time.perf_counter() - t0
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            # A call of several seconds (the big CPU reference cases) is measured with fewer
+            # repetitions, and its memory is taken from the warm-up call (one-time allocations
+            # are negligible next to the gigabytes such a call allocates).
+            long_call = device.type == "cpu" and warm_s > cfg.long_call_s
+            timing_cfg = replace(cfg, min_reps=cfg.long_call_reps, max_reps=cfg.long_call_reps) if long_call else cfg
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
             prep = None
             yield from failed(modes, exc)
@@ -436,8 +449,11 @@ def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device
                     (p20, p50, p80), reps = time_cuda(prep, mode, setup, run, cfg)
                     mem_method = CUDA_MEM_METHOD
                 else:
-                    mem = cpu_peak_growth(setup, run)
-                    times = time_cpu(setup, run, cfg)
+                    if long_call and mode == warm_mode and warm_mem is not None:
+                        mem = warm_mem
+                    else:
+                        mem = cpu_peak_growth(setup, run)
+                    times = time_cpu(setup, run, timing_cfg)
                     (p20, p50, p80), reps = _quantiles(times), len(times)
                     mem_method = CPU_MEM_METHOD if mem is not None else None
                 rec.update(status="ok", note="", p20_ms=p20, p50_ms=p50, p80_ms=p80, reps=reps,

@@ -8,6 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 
 MODE_ORDER = ("forward", "backward", "forward+backward", "step")
+ALL_PROVIDERS = ("fastssl", "fastssl:torch", "fastssl:cpp", "fastssl:triton", "fastssl:cuda",
+                 "reference", "reference:compile", "diffsort")
 
 
 def _fixed_params(rec: dict) -> tuple:
@@ -40,6 +42,10 @@ def make_plots(records: list[dict], out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 3.6), squeeze=False)
         axes = axes[0]
         providers = sorted({r["provider"] for r in recs})
+        # One colour per provider across all panels and figures.
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        color = {p: palette[ALL_PROVIDERS.index(p) % len(palette)] if p in ALL_PROVIDERS
+                 else palette[(len(ALL_PROVIDERS) + i) % len(palette)] for i, p in enumerate(providers)}
         x_key = recs[0].get("x_key") or "x"
         for ax, mode in zip(axes, modes):
             for prov in providers:
@@ -50,7 +56,7 @@ def make_plots(records: list[dict], out_dir: Path) -> list[Path]:
                 ys = [r["p50_ms"] for r in pts]
                 lo = [max(0.0, r["p50_ms"] - r.get("p20_ms", r["p50_ms"])) for r in pts]
                 hi = [max(0.0, r.get("p80_ms", r["p50_ms"]) - r["p50_ms"]) for r in pts]
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=prov)
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=prov, color=color[prov])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"time, {mode}")
@@ -64,7 +70,7 @@ def make_plots(records: list[dict], out_dir: Path) -> list[Path]:
                               and r.get("peak_mem_mb") is not None), key=lambda r: r["x"])
                 if pts:
                     ax.plot([r["x"] for r in pts], [max(r["peak_mem_mb"], 1e-3) for r in pts],
-                            marker="o", label=prov)
+                            marker="o", label=prov, color=color[prov])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"peak memory, {mem_mode}")

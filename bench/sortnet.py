@@ -71,7 +71,7 @@ def _groco_sizes(dev, quick):
     if quick:
         return [Size({"B": 16, "D": 8, "views": 2})]
     if dev == "cpu":
-        return ([Size({"B": b, "D": 256, "views": 2}, modes=ALL_MODES if b <= 256 else FULL)
+        return ([Size({"B": b, "D": 256, "views": 2}, modes=ALL_MODES if b <= 128 else FULL)
                  for b in (128, 256, 512)])
     return ([Size({"B": b, "D": 2048, "views": 2}) for b in (1024, 2048, 4096)]
             + [Size({"B": 1024, "D": 2048, "views": 4}, modes=FULL)])
@@ -79,6 +79,8 @@ def _groco_sizes(dev, quick):
 
 SPECS = [
     OpSpec("soft_sort", "sortnet", _soft_sort_build, _soft_sort_sizes,
-           providers=STANDARD_PROVIDERS + ("diffsort",), x_label="number of problems B"),
+           providers=STANDARD_PROVIDERS + ("diffsort",), x_label="number of problems B",
+           # Sort keys are float32 in GroCo (it sorts float similarities) and in diffsort's use.
+           dtypes=lambda dev, quick: (torch.float32,)),
     OpSpec("groco", "sortnet", _groco_build, _groco_sizes, x_label="global batch B"),
 ]

@@ -157,7 +157,7 @@ def evaluate_target(records: list[dict], t: Target) -> tuple[str, str]:
     if t.check == "speedup":
         v = base["p50_ms"] / rec["p50_ms"]
         return ("met" if v >= t.threshold else "NOT met"), (
-            f"{v:.2f}x ({fmt_ms(rec['p50_ms'])} vs {fmt_ms(base['p50_ms'])})")
+            f"{_speedup(v)} ({fmt_ms(rec['p50_ms'])} vs {t.baseline} {fmt_ms(base['p50_ms'])})")
     if t.check == "mem_ratio":
         m, b = rec.get("peak_mem_mb"), base.get("peak_mem_mb")
         if m is None or b is None or b <= 0:
@@ -166,6 +166,10 @@ def evaluate_target(records: list[dict], t: Target) -> tuple[str, str]:
         return ("met" if v <= t.threshold else "NOT met"), (
             f"{_ratio(v)} ({fmt_mb(m)} vs {fmt_mb(b)})")
     return "not measured", f"unknown check {t.check}"
+
+
+def _speedup(v: float) -> str:
+    return f"{v:.2f}x" if v >= 0.1 else f"{v:.3g}x"
 
 
 def _ratio(v: float) -> str:
@@ -290,7 +294,7 @@ def _op_table(recs: list[dict]) -> list[str]:
             speed = []
             for b in baselines:
                 base = provs.get(b)
-                speed.append("-" if base is None or b == prov else f"{base['p50_ms'] / r['p50_ms']:.2f}x")
+                speed.append("-" if base is None or b == prov else _speedup(base["p50_ms"] / r["p50_ms"]))
             mem = r.get("peak_mem_mb")
             ratio = "-"
             if ref is not None and prov != "reference" and mem is not None and ref.get("peak_mem_mb"):
@@ -388,7 +392,7 @@ def readme_table(records: list[dict]) -> str:
         if row["op"] == "train_step":
             trainer.append(r)
             continue
-        speed = "-" if base is None else f"{base['p50_ms'] / r['p50_ms']:.2f}x"
+        speed = "-" if base is None else _speedup(base["p50_ms"] / r["p50_ms"])
         mem = "-"
         if base is not None and r.get("peak_mem_mb") is not None and base.get("peak_mem_mb"):
             mem = _ratio(r["peak_mem_mb"] / base["peak_mem_mb"])
