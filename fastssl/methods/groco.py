@@ -4,6 +4,7 @@ Linear(bias, bias frozen) - BN(affine=False). Optimiser: plain SGD (no LARS), se
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from fastssl.losses import GroCoLoss
@@ -32,5 +33,6 @@ class GroCo(Method):
 
     def compute_loss(self, model, views, index, ctx):
         z = model(views)["z"]
-        # GroCo computes its loss in float32 (upstream casts the projections with .float()).
-        return self.criterion([v.float() for v in z])
+        # GroCo computes its loss in float32, outside autocast (upstream casts with .float()).
+        with torch.autocast(z[0].device.type, enabled=False):
+            return self.criterion([v.float() for v in z])

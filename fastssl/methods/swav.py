@@ -56,13 +56,15 @@ class SwAV(Method):
 
     def compute_loss(self, model, views, index, ctx):
         out = model(views)
-        scores = [s.float() for s in out["scores"]]   # Sinkhorn's exp(s / eps) needs float32
+        # Sinkhorn's exp(s / eps) needs float32 scores (swav_dali_lars.md 1.3): loss outside autocast.
+        scores = [s.float() for s in out["scores"]]
         use_queue = self.queue_length() > 0 and ctx.epoch >= self.args["epoch_queue_starts"]
-        if not use_queue:
-            return self.criterion_no_queue(scores)
-        # The queue stores normalised embeddings and rescores them with the current prototypes.
-        return self.criterion(scores, embeddings=out["embeddings"].detach(),
-                              prototypes=self.model.prototypes.weight.detach().float())
+        with torch.autocast(scores[0].device.type, enabled=False):
+            if not use_queue:
+                return self.criterion_no_queue(scores)
+            # The queue stores normalised embeddings and rescores them with the current prototypes.
+            return self.criterion(scores, embeddings=out["embeddings"].detach(),
+                                  prototypes=self.model.prototypes.weight.detach().float())
 
     def after_backward(self, ctx):
         if ctx.step < self.args["freeze_prototypes_iters"]:

@@ -227,7 +227,7 @@ def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
     start_epoch, step, resumed_mid_epoch = 0, 0, False
     resume_path = ckpt_io.resolve_resume(cfg.resume, out_dir)
     if resume_path:
-        state = ckpt_io.load(resume_path, map_location=device)
+        state = ckpt_io.load(resume_path, map_location="cpu")   # RNG states must stay on the CPU
         if state["method"] != cfg.method or state["arch"] != cfg.arch:
             raise ValueError(f"--resume {resume_path}: checkpoint is {state['method']}/{state['arch']}, "
                              f"this run is {cfg.method}/{cfg.arch}")

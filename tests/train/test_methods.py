@@ -194,3 +194,11 @@ def test_swav_queue_starts_at_its_epoch_and_is_rescored():
         loss = runner(views, torch.arange(8), StepContext(step=step, epoch=1, total_steps=9, steps_per_epoch=3))
         assert torch.isfinite(loss)
     assert method.criterion.queue.shape == (2, 16, 16) and method.criterion.queue_full
+
+
+@pytest.mark.parametrize("method", ["swav", "groco"])
+def test_bf16_autocast_steps(method, tmp_path):
+    # Heads under bf16 autocast; GroCo's and SwAV's losses run in float32 outside it.
+    cfg = tiny_config(method, tmp_path, amp="bf16", batch_size=12, dataset_size=24)
+    result = train(cfg, stream=open("/dev/null", "w"))
+    assert result["status"] == "completed" and result["step"] == 2
