@@ -173,7 +173,10 @@ def resolve(provider: str, fastssl_fn: Callable, reference_fn: Callable) -> Call
     if provider == "reference":
         return reference_fn
     if provider == "reference:compile":
-        # Static shapes: each benchmark shape is compiled once during the warm-up calls.
+        # Static shapes: each benchmark shape is compiled once during the warm-up calls. The
+        # dynamo cache is reset first: every case recompiles the same reference function, and
+        # past the recompile limit dynamo would silently run it eagerly.
+        torch._dynamo.reset()
         return torch.compile(reference_fn, dynamic=False)
     raise Skip(f"provider {provider!r} does not apply to this op")
 

@@ -98,15 +98,20 @@ def _build(provider, shape, dtype, device):
     counter = {"step": 0}
     backend = "reference" if provider == "reference" else None
 
-    # Capture the loss module's inputs in one real step, for the loss-only timing.
+    # Capture the loss module's inputs in one real step, for the loss-only timing. A method may
+    # hold several loss modules (SwAV: with and without its queue): all are watched.
     captured = {}
-    criterion = method.criterion
-    original_forward = criterion.forward
+    criteria = {name: mod for name, mod in vars(method).items()
+                if name.startswith("criterion") and isinstance(mod, torch.nn.Module)}
 
-    def capturing_forward(*args, **kwargs):
-        if "args" not in captured:
-            captured["args"], captured["kwargs"] = _clone_inputs(args), _clone_inputs(kwargs)
-        return original_forward(*args, **kwargs)
+    def capturing(module):
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            if "args" not in captured:
+                captured.update(module=module, args=_clone_inputs(args), kwargs=_clone_inputs(kwargs))
+            return original(*args, **kwargs)
+        return forward
 
     def step():
         ctx = StepContext(step=counter["step"], epoch=0, total_steps=10**6, steps_per_epoch=10**4)
@@ -114,16 +119,18 @@ def _build(provider, shape, dtype, device):
         with backend_forced(backend) if backend else contextlib.nullcontext():
             return runner(views, index, ctx)
 
-    criterion.forward = capturing_forward
+    for mod in criteria.values():
+        mod.forward = capturing(mod)
     try:
         step()
     finally:
-        criterion.forward = original_forward
+        for mod in criteria.values():
+            del mod.forward   # back to the class's forward
     if device.type == "cuda":
         torch.cuda.synchronize()
 
     def loss_only_ms(cfg: BenchConfig) -> float:
-        args, kwargs = captured["args"], captured["kwargs"]
+        criterion, args, kwargs = captured["module"], captured["args"], captured["kwargs"]
         leaves = _leaves(args) + _leaves(kwargs)
         autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                     else contextlib.nullcontext())
