@@ -7,14 +7,11 @@ never holds parameters that a non-finite loss has touched).
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
 import os
 import random
 import signal
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
