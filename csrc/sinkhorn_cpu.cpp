@@ -42,7 +42,7 @@ int thread_id() {
 // exp(x) for float without branches or calls, so that `omp simd` loops vectorise (std::exp
 // does not): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, the Cephes degree-5
 // polynomial for e^r (about 1 ulp), and 2^n built in the exponent bits. Callers pass x <= 0.
-inline float exp_simd(float x) {
+__attribute__((always_inline)) inline float exp_simd(float x) {
   const float lo = -87.0f;  // below this e^x is under FLT_MIN: return 0
   const float xc = x < lo ? lo : x;
   const float t = xc * 1.44269504088896341f;
@@ -64,7 +64,7 @@ inline float exp_simd(float x) {
   return x < lo ? 0.0f : y;
 }
 
-inline float exp_t(float x) { return exp_simd(x); }
+__attribute__((always_inline)) inline float exp_t(float x) { return exp_simd(x); }
 inline double exp_t(double x) { return std::exp(x); }
 
 void check_scores(const torch::Tensor& s, const char* fn) {
@@ -81,6 +81,7 @@ template <typename T>
 void colstats_impl(const T* s, int64_t B, int64_t K, T eps, T* M, T* S) {
   const int nt = num_threads(B * K);
   std::vector<T> part(static_cast<size_t>(nt) * K);
+  std::vector<T> row_total(nt, T(0));
 #pragma omp parallel num_threads(nt)
   {
     const int tid = thread_id();
@@ -90,7 +91,10 @@ void colstats_impl(const T* s, int64_t B, int64_t K, T eps, T* M, T* S) {
     for (int64_t b = 0; b < B; ++b) {
       const T* row = s + b * K;
 #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) mine[k] = std::max(mine[k], row[k] / eps);
+      for (int64_t k = 0; k < K; ++k) {
+        const T v = row[k] / eps, cur = mine[k];
+        mine[k] = v > cur ? v : cur;  // values, not std::max's references: vectorises
+      }
     }
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < K; ++k) {
@@ -100,11 +104,23 @@ void colstats_impl(const T* s, int64_t B, int64_t K, T eps, T* M, T* S) {
     }
     // implicit barrier: M is complete; reuse the per-thread buffer for the sums
     std::fill(mine, mine + K, T(0));
+    std::vector<T> e(K);
+    T* eb = e.data();
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const T* row = s + b * K;
+      // gcc 12 vectorises this exp loop only in the form with a live reduction (as in
+      // rowpass); the row total is kept per thread (row_total) so that it stays live
+      T total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t k = 0; k < K; ++k) {
+        const T p = exp_t(row[k] / eps - M[k]);
+        eb[k] = p;
+        total += p;
+      }
+      row_total[tid] += total;
 #pragma omp simd
-      for (int64_t k = 0; k < K; ++k) mine[k] += exp_t(row[k] / eps - M[k]);
+      for (int64_t k = 0; k < K; ++k) mine[k] += eb[k];
     }
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < K; ++k) {
