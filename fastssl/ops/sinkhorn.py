@@ -10,8 +10,9 @@ cancel in the softmax). The recursion for a, with n = iterations:
     a -= log sum_b softmax_k(x[b] + a)[k]        n - 1 times        ("rowpass", column sums)
     codes = softmax_k(x + a)                                         ("rowpass", write codes)
 
-Each pass reads the (B, K) scores once and keeps only K-vectors; nothing B x K is written
-before the codes. Every exponent is shifted by a max (pass 0: the column max; the others:
+Each pass streams the (B, K) scores once (the row pass revisits each row while it is in
+cache) and keeps only K-vectors; nothing B x K is written before the codes. The C++ path
+upcasts float16/bfloat16 scores to float32 first (one copy). Every exponent is shifted by a max (pass 0: the column max; the others:
 the row max), so there is no overflow at any epsilon or in float16/bfloat16 (computed in
 float32; float64 end to end for float64). Once a is set, each prototype's column of
 softmax probabilities has mass >= 1/(B K), so log S cannot underflow either.

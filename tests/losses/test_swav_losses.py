@@ -178,7 +178,7 @@ def test_normalize_prototypes_in_place():
     layer = torch.nn.Linear(8, 5, bias=False)
     w = layer.weight
     out = normalize_prototypes_(layer)
-    assert out is layer and layer.weight is w and not w.requires_grad is False
+    assert out is layer and layer.weight is w and w.requires_grad
     assert_close(w.detach().norm(dim=1), torch.ones(5))
     t = torch.randn(3, 4, dtype=torch.float64)
     normalize_prototypes_(t)
@@ -189,7 +189,6 @@ def test_freeze_prototypes_grad():
     model = torch.nn.Module()
     model.head = torch.nn.Linear(4, 4)
     model.prototypes = torch.nn.Linear(4, 3, bias=False)
-    model(torch.randn(2, 4)) if False else None
     out = model.prototypes(model.head(torch.randn(2, 4))).sum()
     out.backward()
     assert freeze_prototypes_grad(model, iteration=0, freeze_iters=2)
