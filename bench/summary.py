@@ -175,7 +175,7 @@ def _speedup(v: float) -> str:
 def _ratio(v: float) -> str:
     if v <= 0:
         return "0"
-    return f"{v:.3f} (1/{1 / v:.0f})" if v < 1 else f"{v:.2f}"
+    return f"{v:.3f} (1/{1 / v:.0f})" if v < 0.5 else f"{v:.2f}"
 
 
 # ----------------------------------------------------------------------------------------------
