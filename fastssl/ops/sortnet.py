@@ -16,7 +16,6 @@ Ops and their backend tables (dispatched by fastssl._backend.select only):
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 
