@@ -192,7 +192,6 @@ def run_isolated(specs, args, device, emit):
                 import selectors
                 sel = selectors.DefaultSelector()
                 sel.register(proc.stdout, selectors.EVENT_READ)
-                buf = ""
                 while True:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -203,12 +202,11 @@ def run_isolated(specs, args, device, emit):
                         if proc.poll() is not None:
                             break
                         continue
-                    chunk = proc.stdout.readline()
-                    if not chunk:
+                    line = proc.stdout.readline()
+                    if not line:
                         break
-                    buf = chunk
-                    if buf.startswith(RECORD_PREFIX):
-                        rec = json.loads(buf[len(RECORD_PREFIX):])
+                    if line.startswith(RECORD_PREFIX):
+                        rec = json.loads(line[len(RECORD_PREFIX):])
                         seen.add(_case_key(rec["op"], rec["provider"], rec["shape"], rec["dtype"], rec["mode"]))
                         emit(rec)
                 rc = proc.wait()
