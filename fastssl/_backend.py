@@ -105,21 +105,29 @@ def can_serve(backend: str, device: torch.device) -> tuple[bool, str]:
 
 def select(op: str, device: torch.device, table: Mapping[str, Callable]) -> tuple[str, Callable]:
     """Return ``(name, implementation)`` for `op` on `device` under the current setting."""
+    name = _selected_name(op, device.type, tuple(sorted(table)))
+    return name, table[name]
+
+
+# torch.compile cannot trace the ContextVar and environment reads behind the choice: it takes
+# the choice as a constant of the traced graph (a compiled step keeps the backend it was traced
+# with, like any other configuration read at trace time).
+@torch.compiler.assume_constant_result
+def _selected_name(op: str, device_type: str, names: tuple[str, ...]) -> str:
+    device = torch.device(device_type)
     want = current_backend()
     if want == "auto":
         for name in _AUTO_ORDER.get(device.type, ("torch",)):
-            if name in table and can_serve(name, device)[0]:
-                return name, table[name]
-        if "torch" in table:
-            return "torch", table["torch"]
-        return "reference", table["reference"]
-    if want not in table:
+            if name in names and can_serve(name, device)[0]:
+                return name
+        return "torch" if "torch" in names else "reference"
+    if want not in names:
         raise RuntimeError(f"fastssl.{op}: backend {want!r} has no implementation of this op "
-                           f"(available: {sorted(table)})")
+                           f"(available: {list(names)})")
     ok, why = can_serve(want, device)
     if not ok:
         raise RuntimeError(f"fastssl.{op}: backend {want!r} cannot serve {device.type} tensors: {why}")
-    return want, table[want]
+    return want
 
 
 _check_finite = False

@@ -115,3 +115,24 @@ def test_cuda_sources_compile(tmp_path, arch):
                               f"-gencode=arch=compute_{arch},code=sm_{arch}"],
                              capture_output=True, text=True)
         assert res.returncode == 0, f"nvcc failed on {src}:\n{res.stderr[-4000:]}"
+
+
+def test_every_family_traces_with_fullgraph():
+    """A step calling one loss of each family compiles without graph breaks (api.md)."""
+    from fastssl.functional import groco, nt_xent, sfrik, swav
+
+    def step(z1, z2):
+        return (nt_xent(z1, z2) + groco([z1, z2], topk_neg=4) + sfrik(z1, z2)
+                + swav([z1 @ z2.T, z2 @ z1.T]))
+
+    torch.manual_seed(0)
+    z1 = torch.randn(8, 16, requires_grad=True)
+    z2 = torch.randn(8, 16, requires_grad=True)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(z1, z2)
+    (g1, g2) = torch.autograd.grad(out, (z1, z2))
+    ref = step(z1, z2)
+    (r1, r2) = torch.autograd.grad(ref, (z1, z2))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g1, r1)
+    torch.testing.assert_close(g2, r2)

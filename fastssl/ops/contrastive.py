@@ -188,18 +188,9 @@ class _ReferenceLosses:
 TABLE = {"triton": _TritonKernels(), "torch": _TorchKernels, "reference": _ReferenceLosses}
 
 
-@torch.compiler.assume_constant_result
-def _select_name(op: str, device_type: str) -> str:
-    return select(op, torch.device(device_type), TABLE)[0]
-
-
 def backend_for(op: str, device: torch.device) -> str:
-    """The backend that serves `op` on `device` under the current setting (the dispatch point).
-
-    torch.compile reads the choice once, as a constant of the traced graph (dynamo cannot trace
-    the ContextVar behind fastssl.use_backend).
-    """
-    return _select_name(op, device.type)
+    """The backend that serves `op` on `device` under the current setting (the dispatch point)."""
+    return select(op, device, TABLE)[0]
 
 
 def _kernels(backend: str):
