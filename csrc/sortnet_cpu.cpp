@@ -7,10 +7,10 @@
 //
 // Per comparator with d = x[b] - x[a] and alpha = f(d):
 //   x'[dmin] = alpha x[a] + (1 - alpha) x[b],   x'[dmax] = (1 - alpha) x[a] + alpha x[b]
-// and the same mix on the two columns a, b of P (P = M_1 ... M_C, so each row of P is a vector
-// swept through the network on its own). The backward sweeps in reverse; the P-chain per row
-// recomputes its forward from checkpoints (every K comparators), so it needs O(n sqrt(C n))
-// memory per thread instead of the dense reference's O(n^2 L) per problem.
+// and the same mix on the two columns a, b of P = M_1 ... M_C. The soft sort P-chain works on
+// whole rows of n x n matrices (see "soft sort" below); its backward keeps per-thread buffers of
+// O(C n) values, or O(sqrt(C n) n + n^2 sqrt(C / n)) with checkpoints when C n is large, instead
+// of the dense reference's O(n^2 L) per problem.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -125,14 +125,6 @@ inline void value_forward(const Net& net, const SortParams& p, T* x, T* d_out, T
   }
 }
 
-// Apply comparator c to a row vector u (the same mix as the value chain, with a given alpha).
-template <typename T>
-inline void mix(const Net& net, int64_t c, T al, T* u) {
-  const T ua = u[net.a[c]], ub = u[net.b[c]];
-  u[net.dmin[c]] = al * ua + (T(1) - al) * ub;
-  u[net.dmax[c]] = (T(1) - al) * ua + al * ub;
-}
-
 // Reverse sweep of the value chain: lam (n) holds dL/dx_C on entry, dL/dx_0 on exit.
 // galpha: extra dL/dalpha from other chains (P or q), may be null.
 template <typename T>
@@ -170,6 +162,46 @@ SortParams params_of(int64_t dist, double steepness, double art_lambda, double s
 
 // ---------------------------------------------------------------------------------------------
 // soft sort
+//
+// P = M_1 ... M_C, where M_c mixes the two wires of comparator c. The P-chain runs on whole
+// n-vectors so that every step is two contiguous length-n rows (vectorisable), never a column
+// gather:
+//   forward:  P = M_1 (M_2 (... (M_C I))): left-multiplying by M_c writes rows a, b from rows
+//             dmin, dmax, so P is built in its own (row-major) layout, comparators in reverse.
+//   backward: with U_c = M_1 ... M_{c-1} (the prefix before c) and H_c = M_{c+1} ... M_C gP^T,
+//             dL/dalpha_c = sum_r (H_c[dmin, r] - H_c[dmax, r]) (U_c^T[a, r] - U_c^T[b, r]).
+//             X = U^T is swept forward (rows a, b -> dmin, dmax, the value-chain mix) keeping
+//             the row difference X[a] - X[b] per comparator; H starts at gP^T and is swept
+//             backward (rows dmin, dmax -> a, b). For large C n the differences are kept for one
+//             segment of K comparators at a time, recomputed from checkpoints of X.
+
+// out_dmin = al u_a + (1 - al) u_b, out_dmax = (1 - al) u_a + al u_b, reading before writing
+// (out_dmin/out_dmax are u_a/u_b in some order).
+template <typename T>
+inline void mix_rows(T al, T* ua, T* ub, T* out_min, T* out_max, int64_t n) {
+  const T bl = T(1) - al;
+  if (out_min == ua) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T x = ua[i], y = ub[i];
+      ua[i] = al * x + bl * y;
+      ub[i] = bl * x + al * y;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T x = ua[i], y = ub[i];
+      ub[i] = al * x + bl * y;
+      ua[i] = bl * x + al * y;
+    }
+  }
+}
+
+template <typename T>
+inline void identity_matrix(T* X, int64_t n) {
+  std::fill(X, X + n * n, T(0));
+  for (int64_t r = 0; r < n; ++r) X[r * n + r] = T(1);
+}
 
 std::vector<torch::Tensor> soft_sort_forward(torch::Tensor x, torch::Tensor net_t, int64_t dist,
                                              double steepness, double art_lambda,
@@ -181,27 +213,28 @@ std::vector<torch::Tensor> soft_sort_forward(torch::Tensor x, torch::Tensor net_
   const int64_t B = x.size(0), n = x.size(1), C = net.C;
   auto y = x.clone();
   auto d = torch::empty({B, C}, x.options());
-  auto alpha = torch::empty({B, C}, x.options());
   torch::Tensor P = want_p ? torch::empty({B, n, n}, x.options()) : torch::empty({0}, x.options());
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* dp = d.data_ptr<scalar_t>();
-    scalar_t* ap = alpha.data_ptr<scalar_t>();
-#pragma omp parallel for schedule(static)
-    for (int64_t bi = 0; bi < B; ++bi)
-      value_forward<scalar_t>(net, prm, yp + bi * n, dp + bi * C, ap + bi * C, nullptr);
-    if (want_p) {
-      scalar_t* Pp = P.data_ptr<scalar_t>();
-      // rows of P are independent sweeps of e_r through the network
-#pragma omp parallel for schedule(static)
-      for (int64_t br = 0; br < B * n; ++br) {
-        const int64_t bi = br / n, r = br % n;
-        scalar_t* u = Pp + br * n;
-        for (int64_t j = 0; j < n; ++j) u[j] = scalar_t(0);
-        u[r] = scalar_t(1);
-        const scalar_t* al = ap + bi * C;
-        for (int64_t c = 0; c < C; ++c) mix<scalar_t>(net, c, al[c], u);
+    scalar_t* Pp = want_p ? P.data_ptr<scalar_t>() : nullptr;
+#pragma omp parallel
+    {
+      std::vector<scalar_t> alpha(C);
+#pragma omp for schedule(static)
+      for (int64_t bi = 0; bi < B; ++bi) {
+        value_forward<scalar_t>(net, prm, yp + bi * n, dp + bi * C, alpha.data(), nullptr);
+        if (want_p) {
+          scalar_t* M = Pp + bi * n * n;
+          identity_matrix(M, n);
+          for (int64_t c = C - 1; c >= 0; --c) {
+            // rows a, b of M_c V from rows dmin, dmax of V: the transposed mix
+            scalar_t* vmin = M + net.dmin[c] * n;
+            scalar_t* vmax = M + net.dmax[c] * n;
+            mix_rows<scalar_t>(alpha[c], vmin, vmax, M + net.a[c] * n, M + net.b[c] * n, n);
+          }
+        }
       }
     }
   });
@@ -222,8 +255,12 @@ torch::Tensor soft_sort_backward(torch::Tensor gy, torch::Tensor gP, torch::Tens
   if (has_gp) gP = gP.contiguous();
   auto gx = has_gy ? gy.clone() : torch::zeros({B, n}, d.options());
   if (n == 0) return gx;
-  // checkpoint spacing K minimises S*n + 2K (S = C/K checkpoints of a row, 2K saved pairs)
-  const int64_t K = std::max<int64_t>(1, (int64_t)std::ceil(std::sqrt((double)C * n / 2.0)));
+  // Keep every comparator's row difference (C n values) while that is small (L2-sized); else
+  // segments of K ~ sqrt(C n) comparators between checkpoints of X (C/K n^2 + K n values).
+  const int64_t full_limit = int64_t(1) << 17;
+  const int64_t K = C * n <= full_limit
+                        ? std::max<int64_t>(C, 1)
+                        : std::max<int64_t>(1, (int64_t)std::ceil(std::sqrt((double)C * n)));
   const int64_t S = (C + K - 1) / K;
   dispatch_float(d.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -233,39 +270,57 @@ torch::Tensor soft_sort_backward(torch::Tensor gy, torch::Tensor gP, torch::Tens
 #pragma omp parallel
     {
       std::vector<scalar_t> alpha(C), slope(C), galpha(C);
-      std::vector<scalar_t> ckpt(has_gp ? S * n : 0), u(n), g(n), pairs(has_gp ? 2 * K : 0);
-#pragma omp for schedule(dynamic, 1)
+      std::vector<scalar_t> X(has_gp ? n * n : 0), H(has_gp ? n * n : 0);
+      std::vector<scalar_t> ckpt(has_gp && S > 1 ? (S - 1) * n * n : 0);
+      std::vector<scalar_t> diff(has_gp ? std::min(K, C) * n : 0);
+#pragma omp for schedule(static)
       for (int64_t bi = 0; bi < B; ++bi) {
         const scalar_t* db = dp + bi * C;
         for (int64_t c = 0; c < C; ++c) alpha_and_slope<scalar_t>(db[c], prm, alpha[c], slope[c]);
-        std::fill(galpha.begin(), galpha.end(), scalar_t(0));
         if (has_gp) {
-          for (int64_t r = 0; r < n; ++r) {
-            const scalar_t* gpr = gpp + (bi * n + r) * n;
-            std::fill(u.begin(), u.end(), scalar_t(0));
-            u[r] = scalar_t(1);
-            for (int64_t c = 0; c < C; ++c) {
-              if (c % K == 0) std::copy(u.begin(), u.end(), ckpt.begin() + (c / K) * n);
-              mix<scalar_t>(net, c, alpha[c], u.data());
+          scalar_t* Xp = X.data();
+          scalar_t* Hp = H.data();
+          const scalar_t* g = gpp + bi * n * n;
+          for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = 0; j < n; ++j) Hp[j * n + r] = g[r * n + j];
+          if (S > 1) {  // checkpoints of X at the start of segments 1 .. S-1
+            identity_matrix(Xp, n);
+            for (int64_t c = 0; c < (S - 1) * K; ++c) {
+              if (c % K == 0 && c > 0)
+                std::copy(Xp, Xp + n * n, ckpt.begin() + (c / K - 1) * n * n);
+              mix_rows<scalar_t>(alpha[c], Xp + net.a[c] * n, Xp + net.b[c] * n,
+                                 Xp + net.dmin[c] * n, Xp + net.dmax[c] * n, n);
             }
-            std::copy(gpr, gpr + n, g.begin());
-            for (int64_t s = S - 1; s >= 0; --s) {
-              const int64_t c0 = s * K, c1 = std::min(C, c0 + K);
-              std::copy(ckpt.begin() + s * n, ckpt.begin() + (s + 1) * n, u.begin());
-              for (int64_t c = c0; c < c1; ++c) {
-                pairs[2 * (c - c0)] = u[net.a[c]];
-                pairs[2 * (c - c0) + 1] = u[net.b[c]];
-                mix<scalar_t>(net, c, alpha[c], u.data());
-              }
-              for (int64_t c = c1 - 1; c >= c0; --c) {
-                const scalar_t gmin = g[net.dmin[c]], gmax = g[net.dmax[c]];
-                const scalar_t al = alpha[c];
-                galpha[c] += (gmin - gmax) * (pairs[2 * (c - c0)] - pairs[2 * (c - c0) + 1]);
-                g[net.a[c]] = al * gmin + (scalar_t(1) - al) * gmax;
-                g[net.b[c]] = (scalar_t(1) - al) * gmin + al * gmax;
-              }
+            std::copy(Xp, Xp + n * n, ckpt.begin() + (S - 2) * n * n);
+          }
+          for (int64_t s = S - 1; s >= 0; --s) {
+            const int64_t c0 = s * K, c1 = std::min(C, c0 + K);
+            if (s == 0)
+              identity_matrix(Xp, n);
+            else
+              std::copy(ckpt.begin() + (s - 1) * n * n, ckpt.begin() + s * n * n, Xp);
+            for (int64_t c = c0; c < c1; ++c) {
+              scalar_t* xa = Xp + net.a[c] * n;
+              scalar_t* xb = Xp + net.b[c] * n;
+              scalar_t* df = diff.data() + (c - c0) * n;
+#pragma omp simd
+              for (int64_t i = 0; i < n; ++i) df[i] = xa[i] - xb[i];
+              mix_rows<scalar_t>(alpha[c], xa, xb, Xp + net.dmin[c] * n, Xp + net.dmax[c] * n,
+                                 n);
+            }
+            for (int64_t c = c1 - 1; c >= c0; --c) {
+              scalar_t* hmin = Hp + net.dmin[c] * n;
+              scalar_t* hmax = Hp + net.dmax[c] * n;
+              const scalar_t* df = diff.data() + (c - c0) * n;
+              scalar_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+              for (int64_t i = 0; i < n; ++i) acc += (hmin[i] - hmax[i]) * df[i];
+              galpha[c] = acc;
+              mix_rows<scalar_t>(alpha[c], hmin, hmax, Hp + net.a[c] * n, Hp + net.b[c] * n, n);
             }
           }
+        } else {
+          std::fill(galpha.begin(), galpha.end(), scalar_t(0));
         }
         value_backward<scalar_t>(net, db, alpha.data(), slope.data(), galpha.data(),
                                  gxp + bi * n);
