@@ -212,48 +212,54 @@ std::vector<torch::Tensor> soft_sort_forward(torch::Tensor x, torch::Tensor net_
   const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
   const int64_t B = x.size(0), n = x.size(1), C = net.C;
   auto y = x.clone();
-  auto d = torch::empty({B, C}, x.options());
+  // saved for the backward, per problem: d, alpha, dalpha/dd (C each), so that it evaluates no
+  // transcendental function again
+  auto saved = torch::empty({B, 3 * C}, x.options());
   torch::Tensor P = want_p ? torch::empty({B, n, n}, x.options()) : torch::empty({0}, x.options());
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* dp = d.data_ptr<scalar_t>();
+    scalar_t* sp = saved.data_ptr<scalar_t>();
     scalar_t* Pp = want_p ? P.data_ptr<scalar_t>() : nullptr;
-#pragma omp parallel
-    {
-      std::vector<scalar_t> alpha(C);
-#pragma omp for schedule(static)
-      for (int64_t bi = 0; bi < B; ++bi) {
-        value_forward<scalar_t>(net, prm, yp + bi * n, dp + bi * C, alpha.data(), nullptr);
-        if (want_p) {
-          scalar_t* M = Pp + bi * n * n;
-          identity_matrix(M, n);
-          for (int64_t c = C - 1; c >= 0; --c) {
-            // rows a, b of M_c V from rows dmin, dmax of V: the transposed mix
-            scalar_t* vmin = M + net.dmin[c] * n;
-            scalar_t* vmax = M + net.dmax[c] * n;
-            mix_rows<scalar_t>(alpha[c], vmin, vmax, M + net.a[c] * n, M + net.b[c] * n, n);
-          }
+#pragma omp parallel for schedule(static)
+    for (int64_t bi = 0; bi < B; ++bi) {
+      scalar_t* db = sp + bi * 3 * C;
+      const scalar_t* alpha = db + C;
+      value_forward<scalar_t>(net, prm, yp + bi * n, db, db + C, db + 2 * C);
+      if (want_p) {
+        scalar_t* M = Pp + bi * n * n;
+        identity_matrix(M, n);
+        for (int64_t c = C - 1; c >= 0; --c) {
+          // rows a, b of M_c V from rows dmin, dmax of V: the transposed mix
+          scalar_t* vmin = M + net.dmin[c] * n;
+          scalar_t* vmax = M + net.dmax[c] * n;
+          mix_rows<scalar_t>(alpha[c], vmin, vmax, M + net.a[c] * n, M + net.b[c] * n, n);
         }
       }
     }
   });
-  return {y, P, d};
+  return {y, P, saved};
 }
 
-torch::Tensor soft_sort_backward(torch::Tensor gy, torch::Tensor gP, torch::Tensor d,
+// saved: (B, 3C) from soft_sort_forward (d, alpha, slope), or (B, C) holding d only (then alpha
+// and slope are evaluated again).
+torch::Tensor soft_sort_backward(torch::Tensor gy, torch::Tensor gP, torch::Tensor saved,
                                  torch::Tensor net_t, int64_t dist, double steepness,
                                  double art_lambda, double sigma_bwd) {
-  d = d.contiguous();
+  saved = saved.contiguous();
   const Net net = net_of(net_t);
   const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
-  const int64_t B = d.size(0), C = net.C;
+  const int64_t B = saved.size(0), C = net.C;
+  TORCH_CHECK(saved.dim() == 2 && (saved.size(1) == 3 * C || saved.size(1) == C),
+              "soft_sort_backward: expected the forward's (B, 3C) or (B, C) saved tensor");
+  const bool has_alpha = saved.size(1) == 3 * C;
+  const int64_t stride = saved.size(1);
   const bool has_gy = gy.defined() && gy.numel() > 0;
   const bool has_gp = gP.defined() && gP.numel() > 0;
   const int64_t n = has_gy ? gy.size(1) : (has_gp ? gP.size(1) : 0);
   if (has_gy) gy = gy.contiguous();
   if (has_gp) gP = gP.contiguous();
-  auto gx = has_gy ? gy.clone() : torch::zeros({B, n}, d.options());
+  auto gx = has_gy ? gy.clone() : torch::zeros({B, n}, saved.options());
   if (n == 0) return gx;
   // Keep every comparator's row difference (C n values) while that is small (L2-sized); else
   // segments of K ~ sqrt(C n) comparators between checkpoints of X (C/K n^2 + K n values).
@@ -262,21 +268,28 @@ torch::Tensor soft_sort_backward(torch::Tensor gy, torch::Tensor gP, torch::Tens
                         ? std::max<int64_t>(C, 1)
                         : std::max<int64_t>(1, (int64_t)std::ceil(std::sqrt((double)C * n)));
   const int64_t S = (C + K - 1) / K;
-  dispatch_float(d.scalar_type(), [&](auto tag) {
+  dispatch_float(saved.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* dp = d.data_ptr<scalar_t>();
+    const scalar_t* sp = saved.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     const scalar_t* gpp = has_gp ? gP.data_ptr<scalar_t>() : nullptr;
 #pragma omp parallel
     {
-      std::vector<scalar_t> alpha(C), slope(C), galpha(C);
+      std::vector<scalar_t> alpha_buf(has_alpha ? 0 : C), slope_buf(has_alpha ? 0 : C), galpha(C);
       std::vector<scalar_t> X(has_gp ? n * n : 0), H(has_gp ? n * n : 0);
       std::vector<scalar_t> ckpt(has_gp && S > 1 ? (S - 1) * n * n : 0);
       std::vector<scalar_t> diff(has_gp ? std::min(K, C) * n : 0);
 #pragma omp for schedule(static)
       for (int64_t bi = 0; bi < B; ++bi) {
-        const scalar_t* db = dp + bi * C;
-        for (int64_t c = 0; c < C; ++c) alpha_and_slope<scalar_t>(db[c], prm, alpha[c], slope[c]);
+        const scalar_t* db = sp + bi * stride;
+        const scalar_t* alpha = db + C;
+        const scalar_t* slope = db + 2 * C;
+        if (!has_alpha) {
+          for (int64_t c = 0; c < C; ++c)
+            alpha_and_slope<scalar_t>(db[c], prm, alpha_buf[c], slope_buf[c]);
+          alpha = alpha_buf.data();
+          slope = slope_buf.data();
+        }
         if (has_gp) {
           scalar_t* Xp = X.data();
           scalar_t* Hp = H.data();
@@ -322,8 +335,7 @@ torch::Tensor soft_sort_backward(torch::Tensor gy, torch::Tensor gP, torch::Tens
         } else {
           std::fill(galpha.begin(), galpha.end(), scalar_t(0));
         }
-        value_backward<scalar_t>(net, db, alpha.data(), slope.data(), galpha.data(),
-                                 gxp + bi * n);
+        value_backward<scalar_t>(net, db, alpha, slope, galpha.data(), gxp + bi * n);
       }
     }
   });
@@ -597,9 +609,9 @@ torch::Tensor groco_fused_backward(torch::Tensor grow, torch::Tensor sims, torch
 void init_sortnet_cpu(pybind11::module_& m) {
   m.def("soft_sort_forward", &soft_sort_forward,
         "soft sort forward: (x, network, dist, steepness, art_lambda, sigma_bwd, want_p) -> "
-        "(sorted, P, d)");
+        "(sorted, P, saved (B, 3C): d | alpha | dalpha/dd)");
   m.def("soft_sort_backward", &soft_sort_backward,
-        "soft sort backward: (grad_sorted, grad_P, d, network, ...) -> grad_x");
+        "soft sort backward: (grad_sorted, grad_P, saved, network, ...) -> grad_x");
   m.def("groco_rows_forward", &groco_rows_forward, "GroCo row losses of pre-ordered rows");
   m.def("groco_rows_backward", &groco_rows_backward, "GroCo row loss backward -> grad of rows");
   m.def("groco_fused_forward", &groco_fused_forward,
