@@ -7,6 +7,9 @@ Two passes over the (B, K) scores, both read-only on the scores:
 * ``rowpass``: per block of rows, the row logsumexp of x + a (online over prototype chunks),
   then either the codes softmax_k(x + a) or their per-block column sums.
 
+and, for the loss, ``swav_cross_entropy``: per block of rows, -<q, log_softmax(s / T)> (online
+logsumexp over prototype chunks) and, when asked, its gradient (softmax(s / T) sum q - q) / T.
+
 Compute is float32 (float64 for float64 scores) whatever the input dtype; every exponent is
 max-shifted, so no epsilon or input range overflows.
 """
@@ -74,6 +77,46 @@ def _rowpass_kernel(s_ptr, eps_ptr, a_ptr, out_ptr, B, K,
             tl.store(out_ptr + pid * K + cols, tl.sum(p, axis=0), mask=cmask)
 
 
+@triton.jit
+def _swav_ce_kernel(s_ptr, q_ptr, t_ptr, loss_ptr, grad_ptr, B, K,
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                    ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < B
+    temp = tl.load(t_ptr).to(ACC)
+    m = tl.full([ROWS], float("-inf"), ACC)
+    l = tl.zeros([ROWS], ACC)
+    q_sum = tl.zeros([ROWS], ACC)
+    qz = tl.zeros([ROWS], ACC)
+    # padded rows load zeros (finite, dropped at the store); padded columns are -inf
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None] * K + cols[None, :]
+        z = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC) / temp
+        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.where(cmask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+        q_sum += tl.sum(q, axis=1)
+        qz += tl.sum(q * z, axis=1)
+    lse = m + tl.log(l)
+    tl.store(loss_ptr + rows, q_sum * lse - qz, mask=rmask)
+    if WRITE_GRAD:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cmask = cols < K
+            mask = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None] * K + cols[None, :]
+            z = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC) / temp
+            q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(ACC)
+            g = (tl.exp(z - lse[:, None]) * q_sum[:, None] - q) / temp
+            tl.store(grad_ptr + offs, g, mask=mask)
+
+
 def _acc(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
@@ -120,3 +163,19 @@ def rowpass(scores: torch.Tensor, eps: float, a: torch.Tensor, write_codes: bool
         scores, _eps_tensor(eps, scores, acc), a, out, B, K,
         ROWS=rows, BLOCK_K=_block_k(K), WRITE_CODES=write_codes, ACC=tl_acc)
     return out if write_codes else out.sum(dim=0)
+
+
+def swav_cross_entropy(scores: torch.Tensor, targets: torch.Tensor, temperature: float,
+                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-sum_b <targets[b], log_softmax(scores[b] / T)>, its gradient in scores or an empty
+    tensor); targets in the accumulation dtype, both contiguous (B, K)."""
+    B, K = scores.shape
+    tl_acc, acc = _acc(scores.dtype)
+    rows = _rows_per_program(B)
+    n_r = triton.cdiv(B, rows)
+    row_loss = torch.empty((B,), dtype=acc, device=scores.device)
+    grad = torch.empty((B, K) if compute_grad else (0,), dtype=acc, device=scores.device)
+    _swav_ce_kernel[(n_r,)](
+        scores, targets, _eps_tensor(temperature, scores, acc), row_loss, grad, B, K,
+        ROWS=rows, BLOCK_K=_block_k(K), WRITE_GRAD=compute_grad, ACC=tl_acc)
+    return row_loss.sum(), grad

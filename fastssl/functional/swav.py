@@ -4,7 +4,8 @@ The Sinkhorn itself is the fused op ``torch.ops.fastssl.sinkhorn`` (fastssl/ops/
 The loss needs one log_softmax per crop: with L_v = log_softmax(scores[v] / T), upstream's
 sum over (assigned crop i, other crop v) of -mean_b <q_i, L_v> equals the sum over crops v of
 -mean_b <sum_{i assigned, i != v} q_i, L_v>, so each crop's log_softmax is computed once
-instead of once per assigned crop.
+instead of once per assigned crop, inside the fused op ``torch.ops.fastssl.swav_cross_entropy``
+(value and closed-form gradient in one pass; the backward only scales the gradient).
 
 Also the two per-step helpers the SwAV trainer needs: :func:`normalize_prototypes_` and
 :func:`freeze_prototypes_grad`.
@@ -103,10 +104,10 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
         if not others:
             continue
         target = others[0] if len(others) == 1 else torch.stack(others).sum(dim=0)
-        log_p = F.log_softmax(views[v].to(acc) / temperature, dim=1)
-        term = -(target * log_p).sum(dim=1).mean()
+        # sum over rows of -<target, log_softmax(scores / T)>, one fused op (closed-form backward)
+        term = _ops.swav_cross_entropy(views[v], target, temperature)
         loss = term if loss is None else loss + term
-    loss = loss / ((n_crops - 1) * n_assign_crops)
+    loss = loss / (bs * (n_crops - 1) * n_assign_crops)
     if use_dist:
         loss = D.reduce_loss(loss / D.world_size())
     return loss

@@ -1,4 +1,6 @@
-"""SwAV Sinkhorn-Knopp op: ``torch.ops.fastssl.sinkhorn`` and its one backend table.
+"""SwAV ops: ``torch.ops.fastssl.sinkhorn`` (Sinkhorn-Knopp codes) and
+``torch.ops.fastssl.swav_cross_entropy`` (the swapped-prediction cross-entropy), each with its
+one backend table.
 
 Log-domain form. Upstream scales Q = exp(x).T, x = scores / epsilon, alternately by global
 prototype (row) sums and local sample (column) sums; after its last sample normalisation
@@ -21,6 +23,13 @@ then sum; then one K-vector sum per iteration, as upstream's one (K, 1) all-redu
 
 Codes come back in the accumulation dtype (float32, or float64 for float64 scores), as
 upstream's under autocast, where exp runs in float32.
+
+swav_cross_entropy(scores, targets, T) = -sum_b <targets[b], log_softmax(scores[b] / T)>, the
+sum over rows of one crop's prediction loss. Its gradient in the scores has the closed form
+(softmax(s / T) * sum_k targets - targets) / T; the forward writes it while the row's
+exponentials are at hand (the one B x K tensor autograd keeps, as log_softmax keeps its
+output), and the backward only scales it, so no log_softmax, product or softmax backward is
+materialised.
 """
 from __future__ import annotations
 
@@ -78,6 +87,7 @@ def _sinkhorn_torch(scores, epsilon, iterations, distributed):
 # ---- cpp: fastssl._C (OpenMP, float32/float64; float16/bfloat16 are upcast first) ------------
 
 def _cpp_input(scores):
+    # float32/float64 contiguous scores go in as they are (to/contiguous return them, no copy)
     return scores.to(accumulation_dtype(scores.dtype)).contiguous()
 
 
@@ -149,3 +159,103 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int,
 def backend_name(device: torch.device) -> str:
     """The backend that serves sinkhorn on `device` under the current setting (benchmarks)."""
     return select("sinkhorn", device, SINKHORN_BACKENDS)[0]
+
+
+# ---- swav_cross_entropy: -sum_b <q_b, log_softmax(s_b / T)> and its gradient in s -------------
+
+def _ce_torch(scores, targets, temperature, compute_grad):
+    acc = accumulation_dtype(scores.dtype)
+    log_p = torch.log_softmax(scores.to(acc) / temperature, dim=1)
+    q = targets.to(acc)
+    loss = -(q * log_p).sum()
+    if not compute_grad:
+        return loss, log_p.new_empty((0,))
+    grad = (torch.exp(log_p) * q.sum(dim=1, keepdim=True) - q) / temperature
+    return loss, grad
+
+
+def _ce_cpp(scores, targets, temperature, compute_grad):
+    from fastssl import _C
+    acc = accumulation_dtype(scores.dtype)
+    loss, grad = _C.swav_cross_entropy_cpu(_cpp_input(scores), targets.to(acc).contiguous(),
+                                           temperature, compute_grad)
+    return loss, grad
+
+
+def _ce_triton(scores, targets, temperature, compute_grad):
+    from fastssl.kernels import sinkhorn as K
+    acc = accumulation_dtype(scores.dtype)
+    return K.swav_cross_entropy(scores.contiguous(), targets.to(acc).contiguous(), temperature,
+                                compute_grad)
+
+
+def _ce_reference(scores, targets, temperature, compute_grad):
+    # upstream's arithmetic (fastssl.reference.swav's loss term) in the input dtype; the
+    # gradient is the closed form of log_softmax's (op bodies run below autograd)
+    import torch.nn.functional as F
+    acc = accumulation_dtype(scores.dtype)
+    x = scores / temperature
+    loss = -torch.sum(targets * F.log_softmax(x, dim=1)).to(acc)
+    if not compute_grad:
+        return loss, scores.new_empty((0,), dtype=acc)
+    grad = (F.softmax(x, dim=1) * targets.sum(dim=1, keepdim=True) - targets) / temperature
+    return loss, grad.to(acc)
+
+
+SWAV_CE_BACKENDS = {
+    "reference": _ce_reference,
+    "torch": _ce_torch,
+    "cpp": _ce_cpp,
+    # no hand-written CUDA kernel for this op: a forced "cuda" backend composes ATen's CUDA
+    # kernels (the torch arithmetic), so the SwAV loss runs whole under that setting
+    "cuda": _ce_torch,
+    "triton": _ce_triton,
+}
+
+
+@torch.library.custom_op("fastssl::swav_cross_entropy", mutates_args=())
+def _swav_ce_op(scores: torch.Tensor, targets: torch.Tensor, temperature: float,
+                compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _, impl = select("swav_cross_entropy", scores.device, SWAV_CE_BACKENDS)
+    return impl(scores, targets, float(temperature), bool(compute_grad))
+
+
+@_swav_ce_op.register_fake
+def _swav_ce_fake(scores, targets, temperature, compute_grad):
+    acc = accumulation_dtype(scores.dtype)
+    grad_shape = scores.shape if compute_grad else (0,)
+    return scores.new_empty((), dtype=acc), scores.new_empty(grad_shape, dtype=acc)
+
+
+def _swav_ce_setup_context(ctx, inputs, output):
+    scores, targets, temperature, _ = inputs
+    ctx.temperature = temperature
+    ctx.score_dtype = scores.dtype
+    ctx.target_dtype = targets.dtype
+    ctx.save_for_backward(output[1], scores, targets)
+
+
+def _swav_ce_backward(ctx, grad_loss, _grad_of_grad):
+    saved_grad, scores, targets = ctx.saved_tensors
+    g_scores = g_targets = None
+    if ctx.needs_input_grad[0]:
+        if saved_grad.dim() != 2:  # forward ran without compute_grad
+            _, saved_grad = _swav_ce_op(scores.detach(), targets.detach(), ctx.temperature, True)
+        g_scores = (grad_loss * saved_grad).to(ctx.score_dtype)
+    if ctx.needs_input_grad[1]:
+        acc = accumulation_dtype(scores.dtype)
+        log_p = torch.log_softmax(scores.to(acc) / ctx.temperature, dim=1)
+        g_targets = (-grad_loss * log_p).to(ctx.target_dtype)
+    return g_scores, g_targets, None, None
+
+
+_swav_ce_op.register_autograd(_swav_ce_backward, setup_context=_swav_ce_setup_context)
+
+
+def swav_cross_entropy(scores: torch.Tensor, targets: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """-sum_b <targets[b], log_softmax(scores[b] / temperature)> (a scalar in the accumulation
+    dtype) of validated (B, K) scores and targets; differentiable in both."""
+    loss, _ = torch.ops.fastssl.swav_cross_entropy(scores, targets, float(temperature),
+                                                   bool(scores.requires_grad))
+    return loss

@@ -155,3 +155,67 @@ def test_cuda_backends_match_fp64(backend, dtype):
         want = R.sinkhorn(s.double(), epsilon=eps)
         tol = torch.float64 if dtype == torch.float64 else torch.float32
         assert_close(got.double(), want, dtype=tol, rtol=1e-4 if eps == 0.01 and tol != torch.float64 else None)
+
+
+# ---- swav_cross_entropy: -sum_b <q_b, log_softmax(s_b / T)>, fused value and gradient --------
+
+def _ce_inputs(B, K, dtype, device="cpu", seed=0):
+    s = _cosine_scores(B, K, dtype=dtype, device=device, seed=seed).requires_grad_(True)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.softmax(torch.randn(B, K, generator=g, dtype=torch.float64), dim=1)
+    return s, q.to(dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+
+
+def _ce_reference(s, q, T):
+    return -(q * F.log_softmax(s / T, dim=1)).sum()
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(13, 37), (1, 5), (20, 24)])
+def test_cross_entropy_equals_reference(backend, device, dtype, shape):
+    from fastssl.ops.sinkhorn import swav_cross_entropy
+    s, q = _ce_inputs(*shape, dtype, device)
+    q = (2 * q).requires_grad_(True)  # targets summing to 2 (two assigned crops' codes)
+    ref = _ce_reference(s, q, 0.1)
+    ref_gs, ref_gq = torch.autograd.grad(ref * 3.0, (s, q))
+    with fastssl.use_backend(backend):
+        got = swav_cross_entropy(s, q, 0.1)
+    gs, gq = torch.autograd.grad(got * 3.0, (s, q))
+    assert got.dtype == dtype and got.dim() == 0
+    assert_close(got, ref)
+    assert gs.dtype == dtype
+    assert_close(gs, ref_gs)
+    assert_close(gq, ref_gq)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_cross_entropy_gradcheck_float64(backend):
+    from fastssl.ops.sinkhorn import swav_cross_entropy
+    s, q = _ce_inputs(5, 7, torch.float64)
+    with fastssl.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b: swav_cross_entropy(a, b, 0.3),
+                                        (s, q.requires_grad_(True)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cross_entropy_low_precision_gradient_in_input_dtype(dtype):
+    from fastssl.ops.sinkhorn import swav_cross_entropy
+    s, q = _ce_inputs(8, 12, dtype)
+    got = swav_cross_entropy(s, q, 0.1)
+    (g,) = torch.autograd.grad(got, s)
+    assert got.dtype == torch.float32 and g.dtype == dtype
+    s64 = s.detach().double().requires_grad_(True)
+    ref = _ce_reference(s64, q.double(), 0.1)
+    (rg,) = torch.autograd.grad(ref, s64)
+    assert_close(got.double(), ref, dtype=torch.float32)
+    assert_close(g.double(), rg.to(dtype).double(), dtype=dtype)
+
+
+def test_cross_entropy_library_registration_and_compile():
+    from fastssl.ops.sinkhorn import swav_cross_entropy
+    s, q = _ce_inputs(4, 6, torch.float32)
+    torch.library.opcheck(torch.ops.fastssl.swav_cross_entropy.default, (s, q, 0.1, True))
+    torch.library.opcheck(torch.ops.fastssl.swav_cross_entropy.default, (s, q, 0.1, False))
+    f = torch.compile(lambda a, b: swav_cross_entropy(a, b, 0.1), fullgraph=True, backend="eager")
+    assert_close(f(s, q), _ce_reference(s, q, 0.1))
