@@ -91,6 +91,38 @@ inline void alpha_and_slope(T d, const SortParams& p, T& alpha, T& slope) {
   }
 }
 
+// float atan for the block forward: Cephes' atanf reduction and polynomial (about 2 ulp),
+// branch-free so that a loop over problems vectorises; std::atan (a libm call per element) was
+// most of the soft sort forward. float64 keeps std::atan.
+inline float atan_vec(float v) {
+  const float ax = std::abs(v);
+  const bool big = ax > 2.414213562373095f, mid = ax > 0.4142135623730950f;
+  const float xr = big ? -1.0f / ax : (mid ? (ax - 1.0f) / (ax + 1.0f) : ax);
+  const float y0 = big ? 1.5707963267948966f : (mid ? 0.7853981633974483f : 0.0f);
+  const float z = xr * xr;
+  const float r =
+      y0 + (((8.05374449538e-2f * z - 1.38776856032e-1f) * z + 1.99777106478e-1f) * z -
+            3.33329491539e-1f) * z * xr + xr;
+  return std::copysign(r, v);
+}
+inline double atan_vec(double v) { return std::atan(v); }
+
+// alpha and slope of W problems at one comparator (d, alpha, slope: W contiguous values).
+template <typename T>
+inline void alpha_and_slope_lanes(const T* d, const SortParams& p, T* alpha, T* slope, int64_t W) {
+  if (p.dist == CAUCHY) {
+    const T s = static_cast<T>(p.steepness);
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) {
+      const T v = s * d[w];
+      alpha[w] = T(1) / T(M_PI) * atan_vec(v) + T(0.5);
+      slope[w] = s / (T(M_PI) * (T(1) + v * v));
+    }
+  } else {
+    for (int64_t w = 0; w < W; ++w) alpha_and_slope(d[w], p, alpha[w], slope[w]);
+  }
+}
+
 struct Net {
   const int32_t* a;
   const int32_t* b;
@@ -211,7 +243,7 @@ std::vector<torch::Tensor> soft_sort_forward(torch::Tensor x, torch::Tensor net_
   const Net net = net_of(net_t);
   const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
   const int64_t B = x.size(0), n = x.size(1), C = net.C;
-  auto y = x.clone();
+  auto y = torch::empty_like(x);
   // saved for the backward, per problem: d, alpha, dalpha/dd (C each), so that it evaluates no
   // transcendental function again
   auto saved = torch::empty({B, 3 * C}, x.options());
@@ -221,19 +253,57 @@ std::vector<torch::Tensor> soft_sort_forward(torch::Tensor x, torch::Tensor net_
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* sp = saved.data_ptr<scalar_t>();
     scalar_t* Pp = want_p ? P.data_ptr<scalar_t>() : nullptr;
-#pragma omp parallel for schedule(static)
-    for (int64_t bi = 0; bi < B; ++bi) {
-      scalar_t* db = sp + bi * 3 * C;
-      const scalar_t* alpha = db + C;
-      value_forward<scalar_t>(net, prm, yp + bi * n, db, db + C, db + 2 * C);
-      if (want_p) {
-        scalar_t* M = Pp + bi * n * n;
-        identity_matrix(M, n);
-        for (int64_t c = C - 1; c >= 0; --c) {
-          // rows a, b of M_c V from rows dmin, dmax of V: the transposed mix
-          scalar_t* vmin = M + net.dmin[c] * n;
-          scalar_t* vmax = M + net.dmax[c] * n;
-          mix_rows<scalar_t>(alpha[c], vmin, vmax, M + net.a[c] * n, M + net.b[c] * n, n);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    // W problems advance through the value chain together (wire-major x^T, W lanes per wire) so
+    // that alpha = f(d) vectorises across problems
+    constexpr int64_t W = 16;
+    const int64_t blocks = (B + W - 1) / W;
+#pragma omp parallel
+    {
+      std::vector<scalar_t> xt(n * W), dl(C * W), al(C * W), sl(C * W);
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t b0 = blk * W, lanes = std::min(W, B - b0);
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t w = 0; w < W; ++w)
+            xt[j * W + w] = w < lanes ? xp[(b0 + w) * n + j] : scalar_t(0);
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t* xa = xt.data() + net.a[c] * W;
+          scalar_t* xb = xt.data() + net.b[c] * W;
+          scalar_t* dc = dl.data() + c * W;
+          scalar_t* ac = al.data() + c * W;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) dc[w] = xb[w] - xa[w];
+          alpha_and_slope_lanes<scalar_t>(dc, prm, ac, sl.data() + c * W, W);
+          scalar_t* xmin = net.dmin[c] == net.a[c] ? xa : xb;
+          scalar_t* xmax = net.dmin[c] == net.a[c] ? xb : xa;
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) {
+            const scalar_t va = xa[w], vb = xb[w], aw = ac[w];
+            xmin[w] = aw * va + (scalar_t(1) - aw) * vb;
+            xmax[w] = (scalar_t(1) - aw) * va + aw * vb;
+          }
+        }
+        for (int64_t w = 0; w < lanes; ++w) {
+          const int64_t bi = b0 + w;
+          for (int64_t j = 0; j < n; ++j) yp[bi * n + j] = xt[j * W + w];
+          scalar_t* db = sp + bi * 3 * C;
+          for (int64_t c = 0; c < C; ++c) {
+            db[c] = dl[c * W + w];
+            db[C + c] = al[c * W + w];
+            db[2 * C + c] = sl[c * W + w];
+          }
+          if (want_p) {
+            const scalar_t* alpha = db + C;
+            scalar_t* M = Pp + bi * n * n;
+            identity_matrix(M, n);
+            for (int64_t c = C - 1; c >= 0; --c) {
+              // rows a, b of M_c V from rows dmin, dmax of V: the transposed mix
+              scalar_t* vmin = M + net.dmin[c] * n;
+              scalar_t* vmax = M + net.dmax[c] * n;
+              mix_rows<scalar_t>(alpha[c], vmin, vmax, M + net.a[c] * n, M + net.b[c] * n, n);
+            }
+          }
         }
       }
     }
