@@ -206,9 +206,8 @@ SWAV_CE_BACKENDS = {
     "reference": _ce_reference,
     "torch": _ce_torch,
     "cpp": _ce_cpp,
-    # no hand-written CUDA kernel for this op: a forced "cuda" backend composes ATen's CUDA
-    # kernels (the torch arithmetic), so the SwAV loss runs whole under that setting
-    "cuda": _ce_torch,
+    # no "cuda" entry: this op has no hand-written CUDA kernel, and a forced backend never
+    # falls back silently (under auto, CUDA tensors take the Triton kernel)
     "triton": _ce_triton,
 }
 
