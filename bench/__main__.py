@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 RECORD_PREFIX = "BENCH-RECORD "
-FAMILY_MODULES = ("contrastive", "sphere", "sortnet", "sinkhorn", "trainer")
+FAMILY_MODULES = ("contrastive", "sphere", "sortnet", "swav", "trainer")
 
 
 def all_specs():

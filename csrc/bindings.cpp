@@ -2,10 +2,10 @@
 #include <torch/extension.h>
 
 void init_sortnet_cpu(pybind11::module_& m);
-void init_sinkhorn_cpu(pybind11::module_& m);
+void init_swav_cpu(pybind11::module_& m);
 #ifdef FASTSSL_WITH_CUDA
 void init_sortnet_cuda(pybind11::module_& m);
-void init_sinkhorn_cuda(pybind11::module_& m);
+void init_swav_cuda(pybind11::module_& m);
 #endif
 
 #ifdef _OPENMP
@@ -29,9 +29,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   }, "whether the CPU kernels were built with OpenMP");
   init_sortnet_cpu(m);
-  init_sinkhorn_cpu(m);
+  init_swav_cpu(m);
 #ifdef FASTSSL_WITH_CUDA
   init_sortnet_cuda(m);
-  init_sinkhorn_cuda(m);
+  init_swav_cuda(m);
 #endif
 }

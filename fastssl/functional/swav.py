@@ -1,6 +1,6 @@
 """SwAV: Sinkhorn codes and the swapped-prediction loss (validation, queue, distributed).
 
-The Sinkhorn itself is the fused op ``torch.ops.fastssl.sinkhorn`` (fastssl/ops/sinkhorn.py).
+The Sinkhorn itself is the fused op ``torch.ops.fastssl.sinkhorn`` (fastssl/ops/swav.py).
 The loss needs one log_softmax per crop: with L_v = log_softmax(scores[v] / T), upstream's
 sum over (assigned crop i, other crop v) of -mean_b <q_i, L_v> equals the sum over crops v of
 -mean_b <sum_{i assigned, i != v} q_i, L_v>, so each crop's log_softmax is computed once
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fastssl import distributed as D
 from fastssl._validation import (accumulation_dtype, check_embeddings, check_int, check_positive,
                                  check_same_device, check_views)
-from fastssl.ops import sinkhorn as _ops
+from fastssl.ops import swav as _ops
 
 
 def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3,

@@ -7,7 +7,7 @@ Ops and their backend tables (dispatched by fastssl._backend.select only):
 
 * ``soft_sort(x, ...) -> (sorted, P)``: reference (diffsort), torch (per-layer gather/scatter
   with autograd), cpp, triton, cuda (per-comparator kernels with explicit backward, registered
-  as ``fastssl::soft_sort_fwd`` / ``fastssl::soft_sort_bwd``).
+  as ``fastssl::soft_sort`` / ``fastssl::soft_sort_backward``).
 * ``groco_view_rows(anchor_hat, negatives_hat, positives_hat, self_offset, ...) -> (B,)`` row
   losses of one anchor view: reference (dense sims + diffsort), torch (blocked top-k + per-layer
   vector form), cpp (fully fused: cosine + running top-k + network + BCE, ``fastssl::groco_fused``),
@@ -181,8 +181,8 @@ def _kernel_soft_sort_bwd(backend, gy, gP, d, net, dist, s, lam, sb, n):
     return _triton().soft_sort_backward(gy, gP, d, net, dist, s, lam, sb, n)
 
 
-@torch.library.custom_op("fastssl::soft_sort_fwd", mutates_args=())
-def soft_sort_fwd(x: torch.Tensor, backend: str, network: str, distribution: str,
+@torch.library.custom_op("fastssl::soft_sort", mutates_args=())
+def soft_sort_op(x: torch.Tensor, backend: str, network: str, distribution: str,
                   steepness: float, art_lambda: float, want_p: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     net = network_tensor(network, x.shape[1], x.device)
@@ -191,7 +191,7 @@ def soft_sort_fwd(x: torch.Tensor, backend: str, network: str, distribution: str
     return y, P, d
 
 
-@soft_sort_fwd.register_fake
+@soft_sort_op.register_fake
 def _(x, backend, network, distribution, steepness, art_lambda, want_p):
     B, n = x.shape
     C = sum(len(layer) for layer in comparator_layers(network, n))
@@ -201,8 +201,8 @@ def _(x, backend, network, distribution, steepness, art_lambda, want_p):
     return x.new_empty((B, n)), P, x.new_empty((B, saved))
 
 
-@torch.library.custom_op("fastssl::soft_sort_bwd", mutates_args=())
-def soft_sort_bwd(gy: torch.Tensor, gP: torch.Tensor, d: torch.Tensor, n: int, backend: str,
+@torch.library.custom_op("fastssl::soft_sort_backward", mutates_args=())
+def soft_sort_backward(gy: torch.Tensor, gP: torch.Tensor, d: torch.Tensor, n: int, backend: str,
                   network: str, distribution: str, steepness: float, art_lambda: float
                   ) -> torch.Tensor:
     net = network_tensor(network, n, d.device)
@@ -211,7 +211,7 @@ def soft_sort_bwd(gy: torch.Tensor, gP: torch.Tensor, d: torch.Tensor, n: int, b
                                  sigma_bwd(steepness), n)
 
 
-@soft_sort_bwd.register_fake
+@soft_sort_backward.register_fake
 def _(gy, gP, d, n, backend, network, distribution, steepness, art_lambda):
     return d.new_empty((d.shape[0], n))
 
@@ -227,16 +227,16 @@ def _soft_sort_backward(ctx, gy, gP, gd):
     n = ctx.args[0]
     gy = gy if gy is not None else d.new_empty(0)
     gP = gP if gP is not None and gP.numel() else d.new_empty(0)
-    gx = soft_sort_bwd(gy, gP, d, *ctx.args)
+    gx = soft_sort_backward(gy, gP, d, *ctx.args)
     return gx, None, None, None, None, None, None
 
 
-soft_sort_fwd.register_autograd(_soft_sort_backward, setup_context=_soft_sort_setup)
+soft_sort_op.register_autograd(_soft_sort_backward, setup_context=_soft_sort_setup)
 
 
 def _soft_sort_kernel(backend):
     def run(x, network, steepness, distribution, art_lambda, want_p):
-        y, P, _ = soft_sort_fwd(x, backend, network, distribution, float(steepness),
+        y, P, _ = soft_sort_op(x, backend, network, distribution, float(steepness),
                                 float(art_lambda), bool(want_p))
         return y, (P if want_p else None)
     return run
@@ -317,8 +317,8 @@ def _(sims, k, backend, network, distribution, steepness):
     return sims.new_empty((sims.shape[0],))
 
 
-@torch.library.custom_op("fastssl::groco_rows_bwd", mutates_args=())
-def groco_rows_bwd(grow: torch.Tensor, sims: torch.Tensor, k: int, backend: str, network: str,
+@torch.library.custom_op("fastssl::groco_rows_backward", mutates_args=())
+def groco_rows_backward(grow: torch.Tensor, sims: torch.Tensor, k: int, backend: str, network: str,
                    distribution: str, steepness: float) -> torch.Tensor:
     net = network_tensor(network, sims.shape[1], sims.device)
     args = (DIST_IDS[distribution], steepness, 0.25, sigma_bwd(steepness))
@@ -330,7 +330,7 @@ def groco_rows_bwd(grow: torch.Tensor, sims: torch.Tensor, k: int, backend: str,
     return _triton().groco_rows_backward(grow, sims, k, net, *args)
 
 
-@groco_rows_bwd.register_fake
+@groco_rows_backward.register_fake
 def _(grow, sims, k, backend, network, distribution, steepness):
     return torch.empty_like(sims)
 
@@ -343,7 +343,7 @@ def _groco_rows_setup(ctx, inputs, output):
 
 def _groco_rows_backward(ctx, grow):
     (sims,) = ctx.saved_tensors
-    return groco_rows_bwd(grow, sims, *ctx.args), None, None, None, None, None
+    return groco_rows_backward(grow, sims, *ctx.args), None, None, None, None, None
 
 
 groco_rows_op.register_autograd(_groco_rows_backward, setup_context=_groco_rows_setup)
@@ -370,8 +370,8 @@ def _(anchor, negatives, positives, self_offset, k, network, distribution, steep
             anchor.new_empty((B, n), dtype=torch.int64))
 
 
-@torch.library.custom_op("fastssl::groco_fused_bwd", mutates_args=())
-def groco_fused_bwd(grow: torch.Tensor, sims: torch.Tensor, index: torch.Tensor,
+@torch.library.custom_op("fastssl::groco_fused_backward", mutates_args=())
+def groco_fused_backward(grow: torch.Tensor, sims: torch.Tensor, index: torch.Tensor,
                     negatives: torch.Tensor, positives: torch.Tensor, k: int, network: str,
                     distribution: str, steepness: float) -> torch.Tensor:
     net = network_tensor(network, sims.shape[1], sims.device)
@@ -380,7 +380,7 @@ def groco_fused_bwd(grow: torch.Tensor, sims: torch.Tensor, index: torch.Tensor,
                                        steepness, 0.25, sigma_bwd(steepness))
 
 
-@groco_fused_bwd.register_fake
+@groco_fused_backward.register_fake
 def _(grow, sims, index, negatives, positives, k, network, distribution, steepness):
     return negatives.new_empty((sims.shape[0], negatives.shape[1]))
 
@@ -393,7 +393,7 @@ def _groco_fused_setup(ctx, inputs, output):
 
 def _groco_fused_backward(ctx, grow, gsims, gindex):
     sims, index, negatives, positives = ctx.saved_tensors
-    ga = groco_fused_bwd(grow, sims, index, negatives, positives, *ctx.args)
+    ga = groco_fused_backward(grow, sims, index, negatives, positives, *ctx.args)
     return ga, None, None, None, None, None, None, None
 
 

@@ -354,7 +354,7 @@ def _(x, y, weights):
     return _scalar_like(x)
 
 
-@torch.library.custom_op("fastssl::sphere_series_grad", mutates_args=())
+@torch.library.custom_op("fastssl::sphere_series_backward", mutates_args=())
 def _series_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor],
                     weights: list[float]) -> torch.Tensor:
     _, (_, grad_hat_fn) = select("sphere_series_sum", a.device, SERIES_TABLE)
@@ -397,7 +397,7 @@ def _(x, y, scale, diag_offset):
     return _scalar_like(x)
 
 
-@torch.library.custom_op("fastssl::sphere_gauss_grad", mutates_args=())
+@torch.library.custom_op("fastssl::sphere_gauss_backward", mutates_args=())
 def _gauss_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], scale: float,
                    diag_offset: int, lse: torch.Tensor) -> torch.Tensor:
     _, (_, grad_hat_fn) = select("sphere_gauss_lse", a.device, GAUSS_TABLE)

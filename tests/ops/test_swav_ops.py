@@ -93,12 +93,12 @@ def test_extreme_rows_do_not_underflow(backend, device):
 
 
 def test_auto_picks_cpp_on_cpu():
-    from fastssl.ops.sinkhorn import backend_name
+    from fastssl.ops.swav import backend_name
     assert backend_name(torch.device("cpu")) == "cpp"
 
 
 def test_cpp_kernel_exp_accuracy():
-    # the vectorised float exp of csrc/sinkhorn_cpu.cpp over its whole range (x <= 0)
+    # the vectorised float exp of csrc/swav_cpu.cpp over its whole range (x <= 0)
     from fastssl import _C
     x = torch.linspace(-86.0, 0.0, 4001, dtype=torch.float32)
     s = torch.stack([x, torch.zeros_like(x)])  # row 0 softmax: exp(x - max) / sum
@@ -174,7 +174,7 @@ def _ce_reference(s, q, T):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(13, 37), (1, 5), (20, 24)])
 def test_cross_entropy_equals_reference(backend, device, dtype, shape):
-    from fastssl.ops.sinkhorn import swav_cross_entropy
+    from fastssl.ops.swav import swav_cross_entropy
     s, q = _ce_inputs(*shape, dtype, device)
     q = (2 * q).requires_grad_(True)  # targets summing to 2 (two assigned crops' codes)
     ref = _ce_reference(s, q, 0.1)
@@ -191,7 +191,7 @@ def test_cross_entropy_equals_reference(backend, device, dtype, shape):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_cross_entropy_gradcheck_float64(backend):
-    from fastssl.ops.sinkhorn import swav_cross_entropy
+    from fastssl.ops.swav import swav_cross_entropy
     s, q = _ce_inputs(5, 7, torch.float64)
     with fastssl.use_backend(backend):
         assert torch.autograd.gradcheck(lambda a, b: swav_cross_entropy(a, b, 0.3),
@@ -200,7 +200,7 @@ def test_cross_entropy_gradcheck_float64(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cross_entropy_low_precision_gradient_in_input_dtype(dtype):
-    from fastssl.ops.sinkhorn import swav_cross_entropy
+    from fastssl.ops.swav import swav_cross_entropy
     s, q = _ce_inputs(8, 12, dtype)
     got = swav_cross_entropy(s, q, 0.1)
     (g,) = torch.autograd.grad(got, s)
@@ -213,7 +213,7 @@ def test_cross_entropy_low_precision_gradient_in_input_dtype(dtype):
 
 
 def test_cross_entropy_library_registration_and_compile():
-    from fastssl.ops.sinkhorn import swav_cross_entropy
+    from fastssl.ops.swav import swav_cross_entropy
     s, q = _ce_inputs(4, 6, torch.float32)
     torch.library.opcheck(torch.ops.fastssl.swav_cross_entropy.default, (s, q, 0.1, True))
     torch.library.opcheck(torch.ops.fastssl.swav_cross_entropy.default, (s, q, 0.1, False))

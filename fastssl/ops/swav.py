@@ -99,7 +99,7 @@ def _sinkhorn_cpp(scores, epsilon, iterations, distributed):
                                 s, epsilon, iterations, distributed)
 
 
-# ---- cuda: csrc/sinkhorn_cuda.cu through csrc/sinkhorn_cuda_glue.cpp -------------------------
+# ---- cuda: csrc/swav_cuda.cu through csrc/swav_cuda_glue.cpp -------------------------
 
 def _sinkhorn_cuda(scores, epsilon, iterations, distributed):
     from fastssl import _C
@@ -109,10 +109,10 @@ def _sinkhorn_cuda(scores, epsilon, iterations, distributed):
                                 s, epsilon, iterations, distributed)
 
 
-# ---- triton: kernels/sinkhorn.py ---------------------------------------------------------------
+# ---- triton: kernels/swav.py ---------------------------------------------------------------
 
 def _sinkhorn_triton(scores, epsilon, iterations, distributed):
-    from fastssl.kernels import sinkhorn as K
+    from fastssl.kernels import swav as K
     s = scores.contiguous()
     return _log_domain_sinkhorn(K.colstats, lambda x, e, a, w: K.rowpass(x, e, a.contiguous(), w),
                                 s, epsilon, iterations, distributed)
@@ -183,7 +183,7 @@ def _ce_cpp(scores, targets, temperature, compute_grad):
 
 
 def _ce_triton(scores, targets, temperature, compute_grad):
-    from fastssl.kernels import sinkhorn as K
+    from fastssl.kernels import swav as K
     acc = accumulation_dtype(scores.dtype)
     return K.swav_cross_entropy(scores.contiguous(), targets.to(acc).contiguous(), temperature,
                                 compute_grad)

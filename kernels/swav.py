@@ -1,4 +1,4 @@
-"""Triton kernels for the SwAV Sinkhorn (log domain; see fastssl/ops/sinkhorn.py).
+"""Triton kernels for the SwAV Sinkhorn (log domain; see fastssl/ops/swav.py).
 
 Two passes over the (B, K) scores, both read-only on the scores:
 

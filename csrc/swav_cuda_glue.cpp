@@ -1,4 +1,4 @@
-// SwAV Sinkhorn, torch-facing glue for csrc/sinkhorn_cuda.cu (builds only against a CUDA torch).
+// SwAV Sinkhorn, torch-facing glue for csrc/swav_cuda.cu (builds only against a CUDA torch).
 // Checks the tensors, allocates the outputs and partial buffers, calls the launchers on the
 // current stream. Same contract as sinkhorn_colstats_cpu / sinkhorn_rowpass_cpu.
 #include <torch/extension.h>
@@ -89,7 +89,7 @@ torch::Tensor sinkhorn_rowpass_cuda(const torch::Tensor& s, double eps, const to
 
 }  // namespace
 
-void init_sinkhorn_cuda(pybind11::module_& m) {
+void init_swav_cuda(pybind11::module_& m) {
   m.def("sinkhorn_colstats_cuda", &sinkhorn_colstats_cuda, pybind11::arg("scores"),
         pybind11::arg("eps"), "Column max M and sum S of exp(scores/eps - M) over rows (CUDA)");
   m.def("sinkhorn_rowpass_cuda", &sinkhorn_rowpass_cuda, pybind11::arg("scores"),

@@ -1,6 +1,6 @@
 // SwAV Sinkhorn-Knopp, CPU (C++ / OpenMP), float32 and float64.
 //
-// Log-domain form (see fastssl/ops/sinkhorn.py): with x = s / eps, the codes after n
+// Log-domain form (see fastssl/ops/swav.py): with x = s / eps, the codes after n
 // iterations are softmax_k(x[b, :] + a) where the prototype log-scalings a come from
 //   a  = -logsumexp_b x[b, k]                                  (colstats pass)
 //   a -= log sum_b softmax_k(x[b, :] + a)[k]     (n - 1 times, rowpass with write_codes=false)
@@ -314,7 +314,7 @@ std::vector<torch::Tensor> swav_cross_entropy_cpu(const torch::Tensor& s, const 
 
 }  // namespace
 
-void init_sinkhorn_cpu(pybind11::module_& m) {
+void init_swav_cpu(pybind11::module_& m) {
   m.def("sinkhorn_colstats_cpu", &sinkhorn_colstats_cpu, pybind11::arg("scores"),
         pybind11::arg("eps"),
         "Column max M and sum S of exp(scores/eps - M) over rows: logsumexp = M + log S");

@@ -1,12 +1,12 @@
 // SwAV Sinkhorn-Knopp, CUDA (plain CUDA: raw pointers + cudaStream_t, no torch headers).
 //
-// The two log-domain passes of fastssl/ops/sinkhorn.py (same maths as csrc/sinkhorn_cpu.cpp
-// and kernels/sinkhorn.py), on row-major contiguous (B, K) scores of float32, float64,
+// The two log-domain passes of fastssl/ops/swav.py (same maths as csrc/swav_cpu.cpp
+// and kernels/swav.py), on row-major contiguous (B, K) scores of float32, float64,
 // float16 or bfloat16; compute and outputs in float32 (float64 for float64 scores):
 //   colstats: M[k] = max_b x[b,k], S[k] = sum_b exp(x[b,k] - M[k]), x = scores / eps
 //   rowpass : p = softmax_k(x[b,:] + a); write p (codes) or colsum[k] = sum_b p[b,k]
 // Both are two-stage (per row-block partials, then a per-prototype combine), deterministic
-// (no atomics). The caller owns every buffer (see sinkhorn_cuda_glue.cpp for the sizes).
+// (no atomics). The caller owns every buffer (see swav_cuda_glue.cpp for the sizes).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
