@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -131,13 +132,49 @@ struct Net {
   int64_t C;
 };
 
-Net net_of(const torch::Tensor& net) {
-  TORCH_CHECK(net.dim() == 2 && net.size(0) == 4 && net.scalar_type() == torch::kInt32 &&
-                  net.is_contiguous(),
-              "sortnet: network must be a contiguous (4, C) int32 tensor");
+constexpr int64_t kAnyWidth = -1;  // net_of's n when no row length is known (nothing to sort)
+
+// The network's wire numbers index the rows: a wire outside [0, n), or a comparator whose
+// destinations are not its own two wires, would read and write outside the buffers.
+Net net_of(const torch::Tensor& net, int64_t n, const char* fn, const char* n_from) {
+  TORCH_CHECK(net.device().is_cpu() && net.dim() == 2 && net.size(0) == 4 &&
+                  net.scalar_type() == torch::kInt32 && net.is_contiguous(),
+              fn, ": network must be a contiguous CPU (4, C) int32 tensor, got ", net.sizes(), " ",
+              net.scalar_type(), " on ", net.device());
   const int32_t* p = net.data_ptr<int32_t>();
   const int64_t C = net.size(1);
-  return Net{p, p + C, p + 2 * C, p + 3 * C, C};
+  Net out{p, p + C, p + 2 * C, p + 3 * C, C};
+  int64_t wires = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t a = out.a[c], b = out.b[c], lo = out.dmin[c], hi = out.dmax[c];
+    TORCH_CHECK(a >= 0 && (n == kAnyWidth || a < n) && b >= 0 && (n == kAnyWidth || b < n) &&
+                    a != b,
+                fn, ": network comparator ", c, " joins wires (", a, ", ", b,
+                "), expected two distinct wires in [0, ", n, ") (n: ", n_from, ")");
+    TORCH_CHECK((lo == a && hi == b) || (lo == b && hi == a), fn, ": network comparator ", c,
+                " writes wires (", lo, ", ", hi, "), expected its own wires (", a, ", ", b, ")");
+    wires = std::max(wires, std::max(a, b) + 1);
+  }
+  // a sorting network of n >= 2 wires touches every wire: a smaller one was built for another
+  // row length, and its output would be garbage
+  TORCH_CHECK(n == kAnyWidth || wires == n || (C == 0 && n <= 1), fn, ": network sorts ", wires,
+              " wires, but the rows have n=", n, " (", n_from, ")");
+  return out;
+}
+
+// A float32/float64 CPU tensor of the given rank; names the argument.
+void check_float_cpu(const torch::Tensor& t, const char* fn, const char* name, int64_t dim) {
+  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat64, fn, ": ",
+              name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, fn, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+void check_same_dtype(const torch::Tensor& t, const torch::Tensor& ref, const char* fn,
+                      const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), fn, ": ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
 }
 
 // Value chain forward: x (n) in place; d and alpha per comparator.
@@ -188,7 +225,8 @@ void dispatch_float(at::ScalarType t, F&& f) {
 }
 
 SortParams params_of(int64_t dist, double steepness, double art_lambda, double sigma_bwd) {
-  TORCH_CHECK(dist >= 0 && dist <= 5, "sortnet: unknown distribution id ", dist);
+  TORCH_CHECK(dist >= 0 && dist <= 5, "sortnet: dist must be a distribution id in [0, 5], got ",
+              dist);
   return SortParams{static_cast<int>(dist), steepness, art_lambda, sigma_bwd};
 }
 
@@ -238,9 +276,9 @@ inline void identity_matrix(T* X, int64_t n) {
 std::vector<torch::Tensor> soft_sort_forward(torch::Tensor x, torch::Tensor net_t, int64_t dist,
                                              double steepness, double art_lambda,
                                              double sigma_bwd, bool want_p) {
-  TORCH_CHECK(x.dim() == 2, "soft_sort_forward: x must be (B, n)");
+  check_float_cpu(x, "soft_sort_forward", "x", 2);
   x = x.contiguous();
-  const Net net = net_of(net_t);
+  const Net net = net_of(net_t, x.size(1), "soft_sort_forward", "x's width");
   const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
   const int64_t B = x.size(0), n = x.size(1), C = net.C;
   auto y = torch::empty_like(x);
@@ -316,17 +354,38 @@ std::vector<torch::Tensor> soft_sort_forward(torch::Tensor x, torch::Tensor net_
 torch::Tensor soft_sort_backward(torch::Tensor gy, torch::Tensor gP, torch::Tensor saved,
                                  torch::Tensor net_t, int64_t dist, double steepness,
                                  double art_lambda, double sigma_bwd) {
+  const char* fn = "soft_sort_backward";
+  check_float_cpu(saved, fn, "saved", 2);
   saved = saved.contiguous();
-  const Net net = net_of(net_t);
   const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
-  const int64_t B = saved.size(0), C = net.C;
-  TORCH_CHECK(saved.dim() == 2 && (saved.size(1) == 3 * C || saved.size(1) == C),
-              "soft_sort_backward: expected the forward's (B, 3C) or (B, C) saved tensor");
-  const bool has_alpha = saved.size(1) == 3 * C;
-  const int64_t stride = saved.size(1);
+  const int64_t B = saved.size(0);
   const bool has_gy = gy.defined() && gy.numel() > 0;
   const bool has_gp = gP.defined() && gP.numel() > 0;
+  // every buffer below is sized from n and indexed per problem: both gradients must agree with
+  // saved and with each other, or the sweeps run past them
+  if (has_gy) {
+    check_float_cpu(gy, fn, "grad_sorted", 2);
+    check_same_dtype(gy, saved, fn, "grad_sorted", "saved");
+    TORCH_CHECK(gy.size(0) == B, fn, ": grad_sorted must have B=", B,
+                " rows (the saved tensor's), got shape ", gy.sizes());
+  }
+  if (has_gp) {
+    check_float_cpu(gP, fn, "grad_P", 3);
+    check_same_dtype(gP, saved, fn, "grad_P", "saved");
+    TORCH_CHECK(gP.size(0) == B && gP.size(1) == gP.size(2), fn,
+                ": grad_P must be (B, n, n) with B=", B, ", got shape ", gP.sizes());
+  }
   const int64_t n = has_gy ? gy.size(1) : (has_gp ? gP.size(1) : 0);
+  TORCH_CHECK(!(has_gy && has_gp) || gP.size(1) == n, fn, ": grad_P must be (B, n, n) with n=",
+              n, " (grad_sorted's), got shape ", gP.sizes());
+  const Net net = net_of(net_t, n == 0 ? kAnyWidth : n, fn,
+                         has_gy ? "grad_sorted's width" : "grad_P's size");
+  const int64_t C = net.C;
+  TORCH_CHECK(saved.size(1) == 3 * C || saved.size(1) == C, fn,
+              ": saved must be the forward's (B, 3C) or (B, C) tensor with C=", C, ", got shape ",
+              saved.sizes());
+  const bool has_alpha = saved.size(1) == 3 * C;
+  const int64_t stride = saved.size(1);
   if (has_gy) gy = gy.contiguous();
   if (has_gp) gP = gP.contiguous();
   auto gx = has_gy ? gy.clone() : torch::zeros({B, n}, saved.options());
@@ -494,12 +553,21 @@ void groco_row_backward(const Net& net, int64_t n, int64_t k, T gl, RowWork<T>& 
   value_backward<T>(net, w.d.data(), w.alpha.data(), w.slope.data(), w.galpha.data(), gs);
 }
 
+// k splits a row into k negatives and n - k positives; both parts must be non-empty.
+void check_rows_split(int64_t k, int64_t n, const char* fn) {
+  TORCH_CHECK(k >= 1 && k < n, fn, ": k must be in [1, n - 1] with n=", n, " (row length), got ",
+              k);
+}
+
 torch::Tensor groco_rows_forward(torch::Tensor sims, int64_t k, torch::Tensor net_t, int64_t dist,
                                  double steepness, double art_lambda, double sigma_bwd) {
+  const char* fn = "groco_rows_forward";
+  check_float_cpu(sims, fn, "sims", 2);
   sims = sims.contiguous();
-  const Net net = net_of(net_t);
-  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
   const int64_t B = sims.size(0), n = sims.size(1);
+  check_rows_split(k, n, fn);
+  const Net net = net_of(net_t, n, fn, "sims' row length");
+  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
   auto loss = torch::empty({B}, sims.options());
   dispatch_float(sims.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -519,11 +587,18 @@ torch::Tensor groco_rows_forward(torch::Tensor sims, int64_t k, torch::Tensor ne
 torch::Tensor groco_rows_backward(torch::Tensor grow, torch::Tensor sims, int64_t k,
                                   torch::Tensor net_t, int64_t dist, double steepness,
                                   double art_lambda, double sigma_bwd) {
+  const char* fn = "groco_rows_backward";
+  check_float_cpu(sims, fn, "sims", 2);
+  check_float_cpu(grow, fn, "grad_rows", 1);
+  check_same_dtype(grow, sims, fn, "grad_rows", "sims");
   sims = sims.contiguous();
   grow = grow.contiguous();
-  const Net net = net_of(net_t);
-  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
   const int64_t B = sims.size(0), n = sims.size(1);
+  TORCH_CHECK(grow.size(0) == B, fn, ": grad_rows must have B=", B, " entries (sims' rows), got ",
+              grow.sizes());
+  check_rows_split(k, n, fn);
+  const Net net = net_of(net_t, n, fn, "sims' row length");
+  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
   auto gs = torch::empty_like(sims);
   dispatch_float(sims.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -565,14 +640,34 @@ std::vector<torch::Tensor> groco_fused_forward(torch::Tensor anchor, torch::Tens
                                                int64_t k, torch::Tensor net_t, int64_t dist,
                                                double steepness, double art_lambda,
                                                double sigma_bwd) {
+  const char* fn = "groco_fused_forward";
+  check_float_cpu(anchor, fn, "anchor", 2);
+  check_float_cpu(negatives, fn, "negatives", 2);
+  check_float_cpu(positives, fn, "positives", 3);
+  check_same_dtype(negatives, anchor, fn, "negatives", "anchor");
+  check_same_dtype(positives, anchor, fn, "positives", "anchor");
+  const int64_t B = anchor.size(0), D = anchor.size(1), N = negatives.size(0);
+  const int64_t P = positives.size(0);
+  TORCH_CHECK(negatives.size(1) == D, fn, ": negatives must be (N, D) with D=", D,
+              " (anchor's), got shape ", negatives.sizes());
+  TORCH_CHECK(positives.size(1) == B && positives.size(2) == D, fn,
+              ": positives must be (P, B, D) with B=", B, ", D=", D, " (anchor's), got shape ",
+              positives.sizes());
+  TORCH_CHECK(P >= 1, fn, ": positives must hold at least one view, got shape ",
+              positives.sizes());
+  TORCH_CHECK(k >= 1, fn, ": k must be >= 1, got ", k);
+  TORCH_CHECK(N >= k + 1, fn, ": negatives must have at least k + 1 = ", k + 1,
+              " rows (one is the anchor's own), got ", N);
+  // row bi's own column self_offset + bi is skipped and must be a real negatives row
+  TORCH_CHECK(self_offset >= 0 && self_offset + B <= N, fn, ": self_offset must be in [0, N - B]",
+              " = [0, ", N - B, "] so that every anchor's own row is among the N=", N,
+              " negatives, got ", self_offset);
+  const int64_t n = k + P;
+  const Net net = net_of(net_t, n, fn, "k + the positive views");
+  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
   anchor = anchor.contiguous();
   negatives = negatives.contiguous();
   positives = positives.contiguous();
-  const Net net = net_of(net_t);
-  const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
-  const int64_t B = anchor.size(0), D = anchor.size(1), N = negatives.size(0);
-  const int64_t P = positives.size(0), n = k + P;
-  TORCH_CHECK(N >= k + 1, "groco: need at least topk_neg + 1 negatives rows");
   auto loss = torch::empty({B}, anchor.options());
   auto sims = torch::empty({B, n}, anchor.options());
   auto index = torch::empty({B, n}, anchor.options().dtype(torch::kInt64));
@@ -635,14 +730,43 @@ torch::Tensor groco_fused_backward(torch::Tensor grow, torch::Tensor sims, torch
                                    torch::Tensor negatives, torch::Tensor positives, int64_t k,
                                    torch::Tensor net_t, int64_t dist, double steepness,
                                    double art_lambda, double sigma_bwd) {
+  const char* fn = "groco_fused_backward";
+  check_float_cpu(sims, fn, "sims", 2);
+  check_float_cpu(grow, fn, "grad_rows", 1);
+  check_float_cpu(negatives, fn, "negatives", 2);
+  check_float_cpu(positives, fn, "positives", 3);
+  check_same_dtype(grow, sims, fn, "grad_rows", "sims");
+  check_same_dtype(negatives, sims, fn, "negatives", "sims");
+  check_same_dtype(positives, sims, fn, "positives", "sims");
+  const int64_t B = sims.size(0), n = sims.size(1), D = negatives.size(1);
+  const int64_t N = negatives.size(0), P = positives.size(0);
+  TORCH_CHECK(grow.size(0) == B, fn, ": grad_rows must have B=", B, " entries (sims' rows), got ",
+              grow.sizes());
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == torch::kInt64 &&
+                  index.sizes() == sims.sizes(),
+              fn, ": index must be a CPU int64 tensor of sims' shape ", sims.sizes(), ", got ",
+              index.sizes(), " ", index.scalar_type(), " on ", index.device());
+  TORCH_CHECK(positives.size(1) == B && positives.size(2) == D, fn,
+              ": positives must be (P, B, D) with B=", B, ", D=", D, ", got shape ",
+              positives.sizes());
+  TORCH_CHECK(k >= 1 && k + P == n, fn, ": k must be >= 1 and k + P = n (sims' row length ", n,
+              ", P=", P, " positive views), got k=", k);
   grow = grow.contiguous();
   sims = sims.contiguous();
   index = index.contiguous();
   negatives = negatives.contiguous();
   positives = positives.contiguous();
-  const Net net = net_of(net_t);
+  {  // the index picks the rows read below: negatives rows in the first k slots, views after
+    const int64_t* ip = index.data_ptr<int64_t>();
+    for (int64_t bi = 0; bi < B; ++bi)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = ip[bi * n + i], hi = i < k ? N : P;
+        TORCH_CHECK(v >= 0 && v < hi, fn, ": index[", bi, ", ", i, "]=", v, " out of range [0, ",
+                    hi, ") (", i < k ? "negatives rows" : "positive views", ")");
+      }
+  }
+  const Net net = net_of(net_t, n, fn, "sims' row length");
   const SortParams prm = params_of(dist, steepness, art_lambda, sigma_bwd);
-  const int64_t B = sims.size(0), n = sims.size(1), D = negatives.size(1);
   auto ga = torch::zeros({B, D}, sims.options());
   dispatch_float(sims.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);

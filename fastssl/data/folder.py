@@ -136,6 +136,20 @@ def read_bytes(path: str) -> bytes:
     return data
 
 
+def verify_decodable(buf: bytes, path: str) -> None:
+    """CorruptImageError naming `path` unless PIL decodes the whole image: catches corrupt scan
+    data behind a valid header, which the DALI decoder only warns about without naming the file.
+    JPEGs decode at 1/8 scale (draft mode): every entropy-coded byte is still read."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(buf)) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any failure means the file is not decodable
+        raise CorruptImageError(path, f"image data cannot be decoded ({type(e).__name__}: {e})") from None
+
+
 def find_undecodable(paths) -> list[tuple[str, str]]:
     """(path, reason) for each file PIL cannot fully decode; used to name the file behind a DALI
     decoder error, which itself does not say which sample failed."""

@@ -10,6 +10,8 @@ bit for bit, that the original would have yielded next.
 """
 from __future__ import annotations
 
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -20,7 +22,7 @@ from fastssl.data.crops import CropSpec, expand_views, sample_view_params
 from fastssl.data.dali import DaliRunner, build_eval_pipeline, build_train_pipeline, dali_available, to_torch
 from fastssl.data.folder import (CorruptImageError, ImageFolderIndex, find_undecodable,
                                  image_size, read_bytes, resolve_root,
-                                 scan_image_folder)
+                                 scan_image_folder, verify_decodable)
 
 __all__ = ["Batch", "TrainLoader", "DaliTrainLoader", "SyntheticTrainLoader", "EvalLoader",
            "build_train_loader", "build_eval_loader", "IMAGENET_TRAIN_SIZE"]
@@ -206,13 +208,21 @@ class DaliTrainLoader(TrainLoader):
 
     def __init__(self, folder: ImageFolderIndex, crops, batch_size: int, *, device, rank: int,
                  world_size: int, seed: int, num_threads: int, channels_last: bool,
-                 dtype: torch.dtype, return_index: bool, prefetch: int = 2, read_ahead: int = 4):
+                 dtype: torch.dtype, return_index: bool, prefetch: int = 2, read_ahead: int = 4,
+                 skip_corrupt: bool = False, log=None):
         super().__init__(num_samples=len(folder), labels=folder.labels, crops=crops,
                          batch_size=batch_size, device=device, rank=rank, world_size=world_size,
                          seed=seed, channels_last=channels_last, dtype=dtype,
                          return_index=return_index, num_classes=len(folder.classes))
         self.folder = folder
         self.classes = folder.classes
+        # an unreadable image (bad header, or scan data PIL cannot decode) raises, or with
+        # skip_corrupt is reported once through `log` and replaced by the next readable file
+        self.skip_corrupt = bool(skip_corrupt)
+        self.skipped: dict[str, str] = {}
+        self._verified: set[int] = set()
+        self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._lock = threading.Lock()
         self.num_threads = _check_int("num_threads", num_threads, 1)
         self._run_epoch = 0
         self._run_start = 0
@@ -227,10 +237,57 @@ class DaliTrainLoader(TrainLoader):
     def _files(self, epoch, position):
         return [self.folder.files[i] for i in self.batch_indices(epoch, position)]
 
+    def _read_checked(self, i: int):
+        """(encoded, width, height) of file i; CorruptImageError naming it if it cannot be read or
+        fully decoded. The decode check runs once per file and run (in the read-ahead threads):
+        the DALI decoder decodes corrupt scan data with a libjpeg warning that names no file."""
+        path = self.folder.files[i]
+        buf = read_bytes(path)
+        w, h = image_size(buf, path)
+        if i not in self._verified:
+            verify_decodable(buf, path)
+            with self._lock:
+                self._verified.add(i)
+        return np.frombuffer(buf, dtype=np.uint8), w, h
+
+    def _readable(self, i: int):
+        """_read_checked, or None (reported once) for an unreadable file under skip_corrupt."""
+        path = self.folder.files[i]
+        if path in self.skipped:
+            return None
+        try:
+            return self._read_checked(i)
+        except CorruptImageError as e:
+            if not self.skip_corrupt:
+                raise
+            with self._lock:
+                first = path not in self.skipped
+                self.skipped[path] = e.reason
+            if first:
+                self._log(f"warning: skipping corrupt image {path}: {e.reason}")
+            return None
+
+    def _read_batch_checked(self, indices):
+        """Encoded images and sizes of a batch; under skip_corrupt an unreadable file is replaced
+        by the next readable one of the folder (the sample keeps its index and label)."""
+        encoded, widths, heights = [], [], []
+        n = len(self.folder.files)
+        for i in indices:
+            for j in range(n if self.skip_corrupt else 1):
+                got = self._readable((int(i) + j) % n)
+                if got is not None:
+                    break
+            else:
+                raise CorruptImageError(self.folder.files[int(i)], "no readable image left to use")
+            encoded.append(got[0])
+            widths.append(got[1])
+            heights.append(got[2])
+        return encoded, np.asarray(widths, np.int64), np.asarray(heights, np.int64)
+
     def _prepare(self, key):
         """Encoded images and augmentation parameters of global batch ``key = (epoch, position)``."""
         epoch, position = key
-        encoded, widths, heights = _read_batch(self._files(epoch, position))
+        encoded, widths, heights = self._read_batch_checked(self.batch_indices(epoch, position))
         rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         params = sample_view_params(self.views, (self.seed, epoch, _AUGMENT_STREAM, position),
                                     self.global_batch, rows, widths, heights)
@@ -320,11 +377,15 @@ class SyntheticTrainLoader(TrainLoader):
 def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", device=None,
                        rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2,
                        channels_last: bool = False, dtype: torch.dtype = torch.float32,
-                       return_index: bool = True, dataset_size: int | None = None) -> TrainLoader:
+                       return_index: bool = True, dataset_size: int | None = None,
+                       skip_corrupt: bool = False, log=None) -> TrainLoader:
     """A TrainLoader over ``data`` (an ImageFolder root, "DIR/train" if present, or "demo").
 
     backend: "dali", "synthetic" (``data`` is then ignored; ``dataset_size`` samples, ImageNet's
     1,281,167 by default) or "auto" (DALI; an error if it is not installed).
+    DALI: each file is decode-checked once per loader; an unreadable one raises CorruptImageError
+    naming it, or with skip_corrupt is replaced by the next readable file and reported once
+    through ``log`` (default: a warning on stderr).
     """
     if backend not in ("auto", "dali", "synthetic"):
         raise ValueError(f"backend: expected 'auto', 'dali' or 'synthetic', got {backend!r}")
@@ -342,7 +403,8 @@ def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", d
     folder = scan_image_folder(_resolve_data(data, None))
     return DaliTrainLoader(folder, crops, batch_size, device=device, rank=rank,
                            world_size=world_size, seed=seed, num_threads=num_threads,
-                           channels_last=channels_last, dtype=dtype, return_index=return_index)
+                           channels_last=channels_last, dtype=dtype, return_index=return_index,
+                           skip_corrupt=skip_corrupt, log=log)
 
 
 class EvalLoader:

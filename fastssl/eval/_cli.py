@@ -28,6 +28,40 @@ class EvalError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
 
 
+def number(cast, minimum: float, strict: bool, what: str):
+    """An argparse `type`: parse with `cast`, reject values below `minimum` (or equal, when
+    strict) and NaN, so that a bad flag is an argparse error, not a traceback later."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum):  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
+positive_int = number(int, 0, True, "a positive integer")
+nonneg_int = number(int, 0, False, "an integer >= 0")
+positive_float = number(float, 0.0, True, "a positive number")
+nonneg_float = number(float, 0.0, False, "a number >= 0")
+
+
+def check_output(path: str | None) -> None:
+    """EvalError naming --output before any work when the JSON could not be written there."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise EvalError(f"--output {path}: is a directory (expected a file path)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise EvalError(f"--output {path}: the directory {parent} does not exist or is a file")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                    and not os.access(path, os.W_OK)):
+        raise EvalError(f"--output {path}: not writable")
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="fastssl checkpoint (dict with 'arch' and 'backbone') or a torchvision-"
@@ -37,15 +71,15 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="ImageFolder root with train/ and val/, or 'demo' (default: demo)")
     p.add_argument("--arch", default=None, choices=["resnet18", "resnet50"],
                    help="backbone architecture (default: the checkpoint's 'arch', else resnet50)")
-    p.add_argument("--batch-size", type=int, default=128,
+    p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per feature-extraction batch and per GPU (default: 128)")
     p.add_argument("--device", default=None,
                    help="cuda, cuda:N or cpu (default: cuda if available; under torchrun "
                         "cuda:LOCAL_RANK)")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=positive_int, default=None,
                    help="centre-crop size of the evaluation images (default: the data "
                         "loader's, 224 for ImageNet)")
-    p.add_argument("--num-threads", type=int, default=2, help="data-loading threads (default: 2)")
+    p.add_argument("--num-threads", type=positive_int, default=2, help="data-loading threads (default: 2)")
     p.add_argument("--no-amp", action="store_true",
                    help="extract features in float32 on CUDA (default: bfloat16 autocast)")
     p.add_argument("--output", default=None, help="also write the results as JSON to this file")
@@ -153,9 +187,14 @@ def write_json(path: str | None, payload: dict) -> None:
     if not path:
         return
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise EvalError(f"--output {path}: cannot write ({e.strerror or e})") from None
 
 
 @contextlib.contextmanager
@@ -163,6 +202,8 @@ def cli_errors():
     """Turn user-facing errors into one line on stderr and exit status 2."""
     try:
         yield
-    except (EvalError, FileNotFoundError) as e:
+    except (EvalError, FileNotFoundError, ValueError) as e:
+        # ValueError: the library's argument checks (they name the argument), e.g. an empty
+        # data folder or a batch larger than the data
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

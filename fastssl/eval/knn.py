@@ -357,11 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "L2-normalised features, top-k neighbours weighted by exp(sim/T)) of a "
                     "frozen backbone. Multi-GPU: torchrun --nproc_per_node=G -m fastssl.eval.knn ...")
     _cli.add_common_args(p)
-    p.add_argument("--k", type=int, nargs="+", default=[20, 200],
+    p.add_argument("--k", type=_cli.positive_int, nargs="+", default=[20, 200],
                    help="numbers of neighbours (default: 20 200)")
-    p.add_argument("--temperature", type=float, default=0.07,
+    p.add_argument("--temperature", type=_cli.positive_float, default=0.07,
                    help="vote weight exp(sim/T) temperature (default: 0.07)")
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--block-size", type=_cli.positive_int, default=None,
                    help="test rows per similarity block (default: about %d similarities per "
                         "block)" % BLOCK_ELEMENTS)
     p.add_argument("--bank-device", default=None,
@@ -374,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastssl.eval import _cli
     args = build_parser().parse_args(argv)
     with _cli.cli_errors():
+        _cli.check_output(args.output)
         device = _cli.setup_device(args.device)
         backbone, arch = _cli.load_frozen_backbone(args.checkpoint, args.arch, device)
         res = knn_accuracy(backbone, _cli.resolve_data(args.data), k=args.k,

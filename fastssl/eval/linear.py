@@ -363,18 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cached-features", action="store_true",
                    help="extract centre-crop features once and train the head on them "
                         "(logistic regression; no augmentation; much faster)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate at the global batch")
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--momentum", type=float, default=None)
+    p.add_argument("--epochs", type=_cli.positive_int, default=None)
+    p.add_argument("--lr", type=_cli.positive_float, default=None,
+                   help="peak learning rate at the global batch")
+    p.add_argument("--weight-decay", type=_cli.nonneg_float, default=None)
+    p.add_argument("--momentum", type=_cli.nonneg_float, default=None)
     p.add_argument("--optimizer", choices=["sgd", "larc", "lars"], default=None)
-    p.add_argument("--crop-size", type=int, default=None,
+    p.add_argument("--crop-size", type=_cli.positive_int, default=None,
                    help="training crop size (default: --size, else the eval loader's)")
-    p.add_argument("--feature-batch-size", type=int, default=128,
+    p.add_argument("--feature-batch-size", type=_cli.positive_int, default=128,
                    help="batch for feature extraction in --cached-features mode")
     p.add_argument("--feature-device", default=None,
                    help="device holding cached features (e.g. cpu for large datasets)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_cli.nonneg_int, default=0)
     return p
 
 
@@ -382,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastssl.eval import _cli
     args = build_parser().parse_args(argv)
     with _cli.cli_errors():
+        _cli.check_output(args.output)
         device = _cli.setup_device(args.device)
         backbone, arch = _cli.load_frozen_backbone(args.checkpoint, args.arch, device)
         res = linear_probe(backbone, _cli.resolve_data(args.data), preset=args.preset,

@@ -1,15 +1,27 @@
-"""Checkpoints: atomic save (temp file, fsync, os.replace), RNG state capture and restore."""
+"""Checkpoints: atomic save (one fixed temp name per target, fsync, os.replace), RNG state capture
+and restore, and a load that names the file when it is not a readable checkpoint."""
 from __future__ import annotations
 
+import glob
+import io
 import os
 import random
-import tempfile
+import time
 
 import numpy as np
 import torch
 
 CHECKPOINT_VERSION = 1
 LAST_NAME = "checkpoint_last.pth"
+# Test hook (fault injection): seconds to sleep after each chunk written, so that a kill lands
+# inside a write.
+_SLOW_WRITE_ENV = "FASTSSL_CHECKPOINT_WRITE_DELAY"
+_CHUNK = 1 << 20
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names the path and the OS error. The
+    previous checkpoint at that path is left as it was."""
 
 
 def rng_state() -> dict:
@@ -27,28 +39,85 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj: dict, path: str) -> None:
-    """Write to a temp file in the same directory, then os.replace: a reader (or a crash) never
-    sees a half-written checkpoint, and the previous one survives a failed save."""
+def temp_path(path: str) -> str:
+    """The one temporary file of a target: a killed write leaves at most this file, which the
+    next save overwrites and :func:`sweep_stale_temps` removes."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.tmp")
+
+
+def sweep_stale_temps(path: str) -> list[str]:
+    """Remove what killed writes of `path` left behind (also the random-named temp files of
+    earlier versions); returns the removed paths."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
+    stale = [temp_path(path)] + glob.glob(os.path.join(glob.escape(directory), ".tmp_*.pth"))
+    removed = []
+    for p in stale:
+        try:
+            os.unlink(p)
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _write_file(path: str, data) -> None:
+    """Write `data` to `path` and fsync it. Created with mode 0666 minus the umask, like any
+    file the user's tools create (mkstemp's 0600 ignored the umask)."""
+    delay = float(os.environ.get(_SLOW_WRITE_ENV, "0") or 0)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        view = memoryview(data)
+        for start in range(0, len(view), _CHUNK):
+            chunk = view[start:start + _CHUNK]
+            while chunk:
+                chunk = chunk[os.write(fd, chunk):]
+            if delay:
+                time.sleep(delay)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """Serialise in memory, write the temp file, then os.replace: a reader (or a crash) never
+    sees a half-written checkpoint, and the previous one survives a failed save. An OS error
+    (full disk, read-only directory) becomes CheckpointWriteError naming the path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = temp_path(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        _write_file(tmp, buffer.getbuffer())
         os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        reason = f"[Errno {e.errno}] {e.strerror}" if e.errno else str(e)
+        error = CheckpointWriteError(f"cannot write checkpoint {path}: {reason}")
+        error.errno = e.errno
+        raise error from e
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove_quietly(tmp)
         raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def load(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path!r}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated zip, garbage pickle, ...: all mean unreadable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"--resume: {path!r} is not a readable checkpoint (truncated or not a "
+                         f"checkpoint: {type(e).__name__}: {first[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or "model" not in ckpt:
         raise ValueError(f"--resume: {path!r} is not a fastssl training checkpoint "
                          f"(version {CHECKPOINT_VERSION} with 'model', 'optimizer', ...)")

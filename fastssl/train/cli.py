@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive_int, help="steps between progress/log lines")
     p.add_argument("--max-steps", type=_positive_int, help="stop with a checkpoint after this many steps")
     p.add_argument("--deterministic", action="store_true", default=None)
+    p.add_argument("--skip-corrupt", action="store_true", default=None,
+                   help="skip unreadable images (each decode-checked once, reported on stderr) instead "
+                        "of stopping with a checkpoint and 'error: FILE: REASON'")
     p.add_argument("--method-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyperparameter (JSON value), e.g. temperature=0.2")
     p.add_argument("--head", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_FIELDS = ["data", "method", "epochs", "batch_size", "lr", "base_lr", "lr_scaling", "warmup_epochs",
                "weight_decay", "optimizer", "arch", "amp", "channels_last", "compile", "sync_bn", "out",
                "resume", "seed", "device", "backend", "dataset_size", "num_threads", "knn_every", "knn_k",
-               "knn_train_samples", "eval_size", "log_every", "max_steps", "deterministic"]
+               "knn_train_samples", "eval_size", "log_every", "max_steps", "deterministic",
+               "skip_corrupt"]
 
 
 def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
 
-    from fastssl.train.loop import NonFiniteLossError, random_init_backbone, run_knn, train
+    from fastssl.train.checkpoint import CheckpointWriteError
+    from fastssl.train.loop import CorruptDataError, NonFiniteLossError, random_init_backbone, run_knn, train
     from fastssl import distributed as D
     start = time.perf_counter()
     try:
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CorruptDataError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["status"] != "completed":

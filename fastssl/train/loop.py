@@ -32,6 +32,11 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class CorruptDataError(RuntimeError):
+    """The run met an unreadable image (without --skip-corrupt); a resumable checkpoint of the
+    steps before it has been written. The message is ``<file>: <reason>``."""
+
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
@@ -162,213 +167,397 @@ def _in_main_thread() -> bool:
 
 
 # --- the run -------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
-    """Run (or resume) a pretraining run. Returns a summary dict: status ("completed",
-    "interrupted" or "stopped"), epoch, step, the checkpoint path, k-NN results."""
-    hooks = hooks or {}
-    stream = stream or sys.stdout
-    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    rank, world, local_rank = init_distributed("cuda" if want_cuda else "cpu")
-    device = resolve_device(cfg.device, local_rank)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    is_main = rank == 0
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
-    local_batch = cfg.batch_size // world
+# train() = setup_run (process group, loader, model, optimiser) -> resume_run -> per epoch:
+# run_epoch (the steps, with the stop every rank agrees on) -> finish_epoch (checkpoint, log).
+@dataclass
+class Run:
+    """What one training run holds between its phases."""
+    cfg: TrainConfig
+    stream: object
+    hooks: dict
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    out_dir: str
+    last_path: str
+    logger: JsonlLogger
+    loader: object
+    steps_per_epoch: int
+    total_steps: int
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    images_per_step: int
+    runner: StepRunner | None = None
+    start_epoch: int = 0
+    step: int = 0
+    resumed_mid_epoch: bool = False
+    epoch: int = 0
+    knn_results: dict = None
+    monitor: object = None
+    # running sums of the epoch in progress as of the resumed checkpoint (loss sum, steps)
+    resumed_loss: tuple = (0.0, 0)
+    # the epoch in progress, kept current for a mid-epoch checkpoint
+    epoch_loss: "EpochOutcome | None" = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            print(text, file=self.stream)
+
+    def summary(self, status: str, epoch: int, **extra) -> dict:
+        return {"status": status, "epoch": epoch, "step": self.step, "checkpoint": self.last_path,
+                "out": self.out_dir, "knn": self.knn_results, **extra}
+
+
+@dataclass
+class EpochOutcome:
+    """How run_epoch ended: the whole epoch ran (stop_after: a stop was agreed on its last step),
+    or the run stopped mid-epoch (stopped_mid_epoch)."""
+    loss_sum: torch.Tensor
+    n_steps: int
+    rate: float = 0.0
+    stop_after: bool = False
+    stopped_mid_epoch: bool = False
+
+
+def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    seed_everything(cfg.seed)
 
-    out_dir = cfg.out or os.path.join("runs", cfg.preset or cfg.method)
-    last_path = os.path.join(out_dir, ckpt_io.LAST_NAME)
-    logger = JsonlLogger(os.path.join(out_dir, "log.jsonl"), enabled=is_main)
 
-    from fastssl.data import build_train_loader
-    from fastssl.models import build_backbone, backbone_state_dict
-
-    loader = build_train_loader(cfg.data, crop_specs(cfg.crops), local_batch, backend=cfg.backend,
-                                device=device, rank=rank, world_size=world, seed=cfg.seed,
-                                num_threads=cfg.num_threads, channels_last=channels_last,
-                                return_index=True, dataset_size=cfg.dataset_size)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size}: larger than the dataset "
-                         f"({loader.num_samples} images); no full batch per epoch")
-    total_steps = cfg.epochs * steps_per_epoch
-
+def _build_method(cfg: TrainConfig, loader, world: int, device: torch.device,
+                  channels_last: bool) -> Method:
+    from fastssl.models import build_backbone
     backbone, feat_dim = build_backbone(cfg.arch, zero_init_residual=cfg.zero_init_residual)
     method = build_method(cfg.method, backbone, feat_dim, args=cfg.method_args, heads=cfg.heads,
                           num_samples=loader.num_samples, batch_size=cfg.batch_size,
                           gather_distributed=world > 1)
     method.check_views(n_views(cfg.crops))
-    if world > 1 and device.type == "cuda" and cfg.sync_bn:
-        method.model = nn.SyncBatchNorm.convert_sync_batchnorm(method.model)
-        if method.momentum_model is not None:
-            method.momentum_model = nn.SyncBatchNorm.convert_sync_batchnorm(method.momentum_model)
+    convert = world > 1 and device.type == "cuda" and cfg.sync_bn
+    for name in ("model", "momentum_model"):
+        module = getattr(method, name)
+        if module is not None and convert:
+            setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(module))
     method.to(device)
     if channels_last:
-        method.model.to(memory_format=torch.channels_last)
-        if method.momentum_model is not None:
-            method.momentum_model.to(memory_format=torch.channels_last)
+        for module in (method.model, method.momentum_model):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    return method
 
+
+def prepare_out_dir(out_dir: str) -> None:
+    """Create --out (ValueError naming it when that is impossible: a file, no permission)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out_dir}: cannot create the output directory "
+                         f"({e.strerror or e})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out_dir}: the output directory is not writable")
+
+
+def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
+    """Process group, device, loader, model, optimiser; nothing is read from a checkpoint yet."""
+    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    rank, world, local_rank = init_distributed("cuda" if want_cuda else "cpu")
+    device = resolve_device(cfg.device, local_rank)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
+    local_batch = cfg.batch_size // world
+    _configure_torch(cfg, device)
+    seed_everything(cfg.seed)
+
+    out_dir = cfg.out or os.path.join("runs", cfg.preset or cfg.method)
+    if rank == 0:
+        prepare_out_dir(out_dir)
+    from fastssl.data import build_train_loader
+    loader = build_train_loader(cfg.data, crop_specs(cfg.crops), local_batch, backend=cfg.backend,
+                                device=device, rank=rank, world_size=world, seed=cfg.seed,
+                                num_threads=cfg.num_threads, channels_last=channels_last,
+                                return_index=True, dataset_size=cfg.dataset_size,
+                                **({"skip_corrupt": True,
+                                    "log": lambda text: print(text, file=stream, flush=True)}
+                                   if cfg.skip_corrupt else {}))
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size}: larger than the dataset "
+                         f"({loader.num_samples} images); no full batch per epoch")
+    method = _build_method(cfg, loader, world, device, channels_last)
     optimizer = build_optimizer(cfg.optimizer, method.model.parameters(), lr=0.0,
                                 weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                                 trust_coefficient=cfg.trust_coefficient, exclude_1d=cfg.exclude_1d)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    last_path = os.path.join(out_dir, ckpt_io.LAST_NAME)
+    if rank == 0:
+        ckpt_io.sweep_stale_temps(last_path)    # what a kill during an earlier write left
+    return Run(cfg=cfg, stream=stream, hooks=hooks, rank=rank, world=world, device=device,
+               amp_dtype=amp_dtype, out_dir=out_dir, last_path=last_path,
+               logger=JsonlLogger(os.path.join(out_dir, "log.jsonl"), enabled=rank == 0),
+               loader=loader, steps_per_epoch=steps_per_epoch,
+               total_steps=cfg.epochs * steps_per_epoch, method=method, optimizer=optimizer,
+               scaler=scaler, images_per_step=local_batch * n_views(cfg.crops) * world,
+               knn_results={})
 
-    start_epoch, step, resumed_mid_epoch = 0, 0, False
-    resume_path = ckpt_io.resolve_resume(cfg.resume, out_dir)
-    if resume_path:
-        state = ckpt_io.load(resume_path, map_location="cpu")   # RNG states must stay on the CPU
-        if state["method"] != cfg.method or state["arch"] != cfg.arch:
-            raise ValueError(f"--resume {resume_path}: checkpoint is {state['method']}/{state['arch']}, "
-                             f"this run is {cfg.method}/{cfg.arch}")
+
+def resume_run(run: Run) -> None:
+    """Load --resume's checkpoint (or OUT's last one under ``auto``) into the run."""
+    cfg = run.cfg
+    resume_path = ckpt_io.resolve_resume(cfg.resume, run.out_dir)
+    if not resume_path:
+        return
+    state = ckpt_io.load(resume_path, map_location="cpu")   # RNG states must stay on the CPU
+    check_compatible(state, cfg, resume_path)
+    method = run.method
+    try:
         method.model.load_state_dict(state["model"])
-        method.load_momentum_state(state["momentum"])
-        method.criterion.load_state_dict(state["loss_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
-        start_epoch, step = state["epoch"], state["step"]
-        resumed_mid_epoch = step > start_epoch * steps_per_epoch
-        ckpt_io.set_rng_state(state["rng"])
-        if is_main:
-            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}", file=stream)
+    except RuntimeError as e:
+        raise ValueError(f"--resume {resume_path}: the checkpoint's model does not fit this run's "
+                         f"({str(e).strip().splitlines()[0]})") from None
+    method.load_momentum_state(state["momentum"])
+    method.criterion.load_state_dict(state["loss_state"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.loader.load_state_dict(state["loader"])
+    run.start_epoch, run.step = state["epoch"], state["step"]
+    run.resumed_mid_epoch = run.step > run.start_epoch * run.steps_per_epoch
+    if run.resumed_mid_epoch and "epoch_loss" in state:
+        run.resumed_loss = (float(state["epoch_loss"]["sum"]), int(state["epoch_loss"]["steps"]))
+    ckpt_io.set_rng_state(state["rng"])
+    run.say(f"resumed from {resume_path}: epoch {run.start_epoch}, step {run.step}")
 
-    model: nn.Module = method.model
-    if world > 1:
+
+# what a resumed run must share with its checkpoint: other values build another model
+_RESUME_KEYS = ("method", "arch", "heads")
+
+
+def check_compatible(state: dict, cfg: TrainConfig, path: str) -> None:
+    """ValueError comparing the checkpoint's method, arch and heads with this run's."""
+    saved = dict(state.get("config") or {})
+    saved.setdefault("method", state.get("method"))
+    saved.setdefault("arch", state.get("arch"))
+    ours = cfg.to_dict()
+    diffs = [f"{key}: checkpoint {saved.get(key)!r}, this run {ours[key]!r}"
+             for key in _RESUME_KEYS if key in saved and saved.get(key) != ours[key]]
+    if diffs:
+        raise ValueError(f"--resume {path}: the checkpoint was trained with other settings ("
+                         + "; ".join(diffs) + ")")
+
+
+def wrap_model(run: Run) -> None:
+    """DDP and torch.compile around the method's model; the step runner that uses them."""
+    model: nn.Module = run.method.model
+    if run.world > 1:
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.cfg.compile:
         model = torch.compile(model)
-    runner = StepRunner(method, model, optimizer, scaler, amp_dtype, device.type)
+    run.runner = StepRunner(run.method, model, run.optimizer, run.scaler, run.amp_dtype,
+                            run.device.type)
 
-    def save(epoch_done: int, step_done: int) -> None:
-        if is_main:
-            state = {"version": ckpt_io.CHECKPOINT_VERSION, "arch": cfg.arch, "method": cfg.method,
-                     "config": cfg.to_dict(), "backbone": backbone_state_dict(method.model.backbone),
-                     "model": method.model.state_dict(), "momentum": method.momentum_state(),
-                     "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "loss_state": method.criterion.state_dict(), "epoch": epoch_done, "step": step_done,
-                     "loader": loader.state_dict(), "rng": ckpt_io.rng_state()}
-            ckpt_io.save_atomic(state, last_path)
-        if world > 1:
-            dist.barrier()
 
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        print(f"{cfg.method} {cfg.arch} on {cfg.data} ({cfg.backend}): {world} process(es) on {device}, "
-              f"batch {cfg.batch_size}, {n_views(cfg.crops)} views, {cfg.epochs} epochs x {steps_per_epoch} steps, "
-              f"peak lr {peak_lr(cfg):.4g}, amp {cfg.amp}, out {out_dir}", file=stream)
+def save_checkpoint(run: Run, epoch_done: int, step_done: int, may_defer: bool = False) -> None:
+    """Rank 0 writes the resumable state (atomically); every rank waits for it. A write that
+    fails (full disk) raises CheckpointWriteError naming the path, or with may_defer (an epoch
+    checkpoint with epochs still to run) warns and leaves the retry to the next checkpoint, so
+    the epoch's work is not lost with the process."""
+    error = None
+    if run.is_main:
+        from fastssl.models import backbone_state_dict
+        cfg, method = run.cfg, run.method
+        state = {"version": ckpt_io.CHECKPOINT_VERSION, "arch": cfg.arch, "method": cfg.method,
+                 "config": cfg.to_dict(), "backbone": backbone_state_dict(method.model.backbone),
+                 "model": method.model.state_dict(), "momentum": method.momentum_state(),
+                 "optimizer": run.optimizer.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                 "loss_state": method.criterion.state_dict(), "epoch": epoch_done,
+                 "step": step_done, "loader": run.loader.state_dict(), "rng": ckpt_io.rng_state()}
+        if run.epoch_loss is not None and step_done > epoch_done * run.steps_per_epoch:
+            # mid-epoch: the resumed run's epoch loss then covers the whole epoch
+            state["epoch_loss"] = {"sum": float(run.epoch_loss.loss_sum),
+                                   "steps": run.epoch_loss.n_steps}
+        try:
+            ckpt_io.save_atomic(state, run.last_path)
+        except ckpt_io.CheckpointWriteError as e:
+            error = e
+    if run.world > 1:
+        dist.barrier()
+    if error is not None:
+        if not may_defer:
+            raise error
+        run.say(f"warning: {error}; the previous checkpoint is kept, training goes on and the "
+                "next checkpoint retries")
+        run.logger.log(event="checkpoint_failed", step=step_done, error=str(error))
 
-    bad = torch.zeros((), dtype=torch.bool, device=device)
-    images_per_step = local_batch * n_views(cfg.crops) * world
-    knn_results: dict = {}
-    status = "completed"
-    epoch = start_epoch
-    pending_stop = False
-    monitor = None
 
-    def check_finite(at_step: int, loss_value: float | None = None) -> None:
-        if bool(bad):
-            msg = (f"non-finite loss ({loss_value if loss_value is not None else 'nan/inf'}) by step "
-                   f"{at_step} (epoch {epoch + 1}); stopping. "
-                   + (f"The last good checkpoint is kept at {last_path}."
-                      if os.path.isfile(last_path) else "No checkpoint had been written yet."))
-            logger.log(event="nonfinite", step=at_step, epoch=epoch)
-            raise NonFiniteLossError(msg)
+def _announce(run: Run) -> None:
+    if not run.is_main:
+        return
+    cfg = run.cfg
+    os.makedirs(run.out_dir, exist_ok=True)
+    with open(os.path.join(run.out_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    run.say(f"{cfg.method} {cfg.arch} on {cfg.data} ({cfg.backend}): {run.world} process(es) on "
+            f"{run.device}, batch {cfg.batch_size}, {n_views(cfg.crops)} views, {cfg.epochs} epochs "
+            f"x {run.steps_per_epoch} steps, peak lr {peak_lr(cfg):.4g}, amp {cfg.amp}, "
+            f"out {run.out_dir}")
 
+
+def check_finite(run: Run, bad: torch.Tensor, at_step: int, loss_value: float | None = None) -> None:
+    """Raise NonFiniteLossError if any loss since the last check was NaN/inf (reads `bad`)."""
+    if bool(bad):
+        msg = (f"non-finite loss ({loss_value if loss_value is not None else 'nan/inf'}) by step "
+               f"{at_step} (epoch {run.epoch + 1}); stopping. "
+               + (f"The last good checkpoint is kept at {run.last_path}."
+                  if os.path.isfile(run.last_path) else "No checkpoint had been written yet."))
+        run.logger.log(event="nonfinite", step=at_step, epoch=run.epoch)
+        raise NonFiniteLossError(msg)
+
+
+def agreed_stop(run: Run, requested: bool, sync_now: bool, max_reached: bool) -> bool:
+    """Whether to stop after this step. Every rank must stop at the same step (a signal may reach
+    them at different times): under torchrun they agree at the sync points, which all share."""
+    stop_now = requested or max_reached
+    if run.world == 1:
+        return stop_now
+    if not (sync_now or max_reached):
+        return False
+    flag = torch.tensor([int(stop_now)], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def run_epoch(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -> EpochOutcome:
+    """The steps of one epoch, until its end or an agreed stop (then checkpointed mid-epoch)."""
+    cfg, spe = run.cfg, run.steps_per_epoch
+    if not (run.resumed_mid_epoch and epoch == run.start_epoch):
+        run.loader.set_epoch(epoch)
+    run.method.model.train()
+    if run.method.momentum_model is not None:
+        run.method.momentum_model.train()
+    progress = Progress(spe, epoch=epoch, epochs=cfg.epochs, enabled=run.is_main)
+    outcome = EpochOutcome(torch.zeros((), dtype=torch.float64, device=run.device), 0)
+    if run.resumed_mid_epoch and epoch == run.start_epoch:
+        outcome.loss_sum += run.resumed_loss[0]
+        outcome.n_steps = run.resumed_loss[1]
+    run.epoch_loss = outcome
+    for batch in run.loader:
+        ctx = StepContext(step=run.step, epoch=epoch, total_steps=run.total_steps, steps_per_epoch=spe)
+        lr = lr_at(run.step, cfg, run.total_steps, spe)
+        set_lr(run.optimizer, lr)
+        loss = run.runner(batch.views, batch.index, ctx)
+        bad |= ~torch.isfinite(loss)
+        outcome.loss_sum += loss.double()
+        outcome.n_steps += 1
+        run.step += 1
+        in_epoch = run.step - epoch * spe
+        if "step_end" in run.hooks:
+            run.hooks["step_end"](run.step, loss)
+        sync_now = (run.step % cfg.log_every == 0) or in_epoch == spe
+        if sync_now:
+            value = float(loss)
+            check_finite(run, bad, run.step, value)
+            progress.update(in_epoch, run.images_per_step, value, lr)
+            run.logger.log(event="step", epoch=epoch, step=run.step, loss=value, lr=lr)
+        else:
+            progress.images += run.images_per_step
+        max_reached = cfg.max_steps is not None and run.step >= cfg.max_steps
+        if not agreed_stop(run, stop.requested, sync_now, max_reached):
+            continue
+        if in_epoch == spe:
+            outcome.stop_after = True      # finish the epoch normally, then stop
+            continue
+        check_finite(run, bad, run.step)
+        save_checkpoint(run, epoch, run.step)
+        progress.close()
+        outcome.stopped_mid_epoch = True
+        return outcome
+    outcome.rate = progress.close()
+    return outcome
+
+
+def finish_epoch(run: Run, epoch: int, outcome: EpochOutcome, bad: torch.Tensor) -> None:
+    """Checkpoint the finished epoch, run the k-NN monitor when due, log and print the epoch."""
+    cfg = run.cfg
+    check_finite(run, bad, run.step)
+    mean_loss = float(outcome.loss_sum) / max(outcome.n_steps, 1)
+    save_checkpoint(run, epoch + 1, run.step, may_defer=epoch + 1 < cfg.epochs)
+    record = {"event": "epoch", "epoch": epoch + 1, "step": run.step, "loss": mean_loss,
+              "images_per_s": outcome.rate,
+              "lr": lr_at(max(run.step - 1, 0), cfg, run.total_steps, run.steps_per_epoch)}
+    if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+        if run.monitor is None:
+            run.monitor = make_monitor(cfg, run.device)
+        run.knn_results = run_knn(run.method.model.backbone, run.monitor)
+        record["knn"] = run.knn_results
+    run.logger.log(**record)
+    knn_s = ("".join(f" {k} {v:.2f}" for k, v in run.knn_results.items())
+             if "knn" in record else "")
+    run.say(f"epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f}, {outcome.rate:,.0f} img/s{knn_s}")
+    if "epoch_end" in run.hooks:
+        run.hooks["epoch_end"](epoch + 1, run.step)
+
+
+def run_epoch_or_save(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -> EpochOutcome:
+    """run_epoch; an unreadable image ends the run with CorruptDataError after a checkpoint of
+    the steps before it (single process: under torchrun the other ranks cannot join the save)."""
+    from fastssl.data.folder import CorruptImageError
+    try:
+        return run_epoch(run, epoch, stop, bad)
+    except CorruptImageError as e:
+        saved = ""
+        if run.world == 1:
+            check_finite(run, bad, run.step)
+            save_checkpoint(run, epoch, run.step)
+            saved = (f" (checkpoint at step {run.step}: fix or remove the file, or pass "
+                     f"--skip-corrupt, and continue with --resume auto --out {run.out_dir})")
+        run.logger.log(event="corrupt_image", step=run.step, path=e.path, reason=e.reason)
+        raise CorruptDataError(f"{e.path}: {e.reason}{saved}") from e
+
+
+def _stopped(run: Run, stop: StopFlag, epoch: int, where: str) -> dict:
+    status = "interrupted" if stop.requested else "stopped"
+    run.say(f"{status} {where} {epoch + 1}, step {run.step}: checkpoint {run.last_path} "
+            f"(continue with --resume auto --out {run.out_dir})")
+    return run.summary(status, epoch)
+
+
+def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
+    """Run (or resume) a pretraining run. Returns a summary dict: status ("completed",
+    "interrupted" or "stopped"), epoch, step, the checkpoint path, k-NN results."""
+    run = setup_run(cfg, hooks or {}, stream or sys.stdout)
+    resume_run(run)
+    wrap_model(run)
+    _announce(run)
+    bad = torch.zeros((), dtype=torch.bool, device=run.device)
     with StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            if not (resumed_mid_epoch and epoch == start_epoch):
-                loader.set_epoch(epoch)
-            method.model.train()
-            if method.momentum_model is not None:
-                method.momentum_model.train()
-            progress = Progress(steps_per_epoch, epoch=epoch, epochs=cfg.epochs, enabled=is_main)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            n_steps = 0
-            for batch in loader:
-                ctx = StepContext(step=step, epoch=epoch, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-                lr = lr_at(step, cfg, total_steps, steps_per_epoch)
-                set_lr(optimizer, lr)
-                loss = runner(batch.views, batch.index, ctx)
-                bad |= ~torch.isfinite(loss)
-                loss_sum += loss.double()
-                n_steps += 1
-                step += 1
-                in_epoch = step - epoch * steps_per_epoch
-                if "step_end" in hooks:
-                    hooks["step_end"](step, loss)
-                sync_now = (step % cfg.log_every == 0) or in_epoch == steps_per_epoch
-                if sync_now:
-                    value = float(loss)
-                    check_finite(step, value)
-                    progress.update(in_epoch, images_per_step, value, lr)
-                    logger.log(event="step", epoch=epoch, step=step, loss=value, lr=lr)
-                else:
-                    progress.images += images_per_step
-                max_reached = cfg.max_steps is not None and step >= cfg.max_steps
-                stop_now = stop.requested or max_reached
-                if world > 1:
-                    # Every rank must stop at the same step (a signal may reach them at different
-                    # times): agree on it at the sync points, which all ranks share.
-                    if sync_now or max_reached:
-                        flag = torch.tensor([int(stop_now)], device=device)
-                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                        stop_now = bool(flag.item())
-                    else:
-                        stop_now = False
-                if stop_now and in_epoch == steps_per_epoch:
-                    pending_stop = True      # finish the epoch normally, then stop
-                elif stop_now:
-                    check_finite(step)
-                    save(epoch, step)
-                    status = "interrupted" if stop.requested else "stopped"
-                    if is_main:
-                        progress.close()
-                        print(f"{status} at epoch {epoch + 1}, step {step}: checkpoint {last_path} "
-                              f"(continue with --resume auto --out {out_dir})", file=stream)
-                    logger.log(event=status, epoch=epoch, step=step)
-                    return {"status": status, "epoch": epoch, "step": step, "checkpoint": last_path,
-                            "out": out_dir, "knn": knn_results}
-            rate = progress.close()
-            check_finite(step)
-            mean_loss = float(loss_sum) / max(n_steps, 1)
-            save(epoch + 1, step)
-            record = {"event": "epoch", "epoch": epoch + 1, "step": step, "loss": mean_loss,
-                      "images_per_s": rate, "lr": lr_at(max(step - 1, 0), cfg, total_steps, steps_per_epoch)}
-            if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-                if monitor is None:
-                    monitor = make_monitor(cfg, device)
-                knn_results = run_knn(method.model.backbone, monitor)
-                record["knn"] = knn_results
-            logger.log(**record)
-            if is_main:
-                knn_s = "".join(f" {k} {v:.2f}" for k, v in knn_results.items()) if "knn" in record else ""
-                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f}, {rate:,.0f} img/s{knn_s}",
-                      file=stream)
-            if "epoch_end" in hooks:
-                hooks["epoch_end"](epoch + 1, step)
-            if pending_stop and epoch + 1 < cfg.epochs:
-                status = "interrupted" if stop.requested else "stopped"
-                if is_main:
-                    print(f"{status} after epoch {epoch + 1}, step {step}: checkpoint {last_path} "
-                          f"(continue with --resume auto --out {out_dir})", file=stream)
-                logger.log(event=status, epoch=epoch + 1, step=step)
-                return {"status": status, "epoch": epoch + 1, "step": step, "checkpoint": last_path,
-                        "out": out_dir, "knn": knn_results}
-    return {"status": status, "epoch": cfg.epochs, "step": step, "checkpoint": last_path, "out": out_dir,
-            "knn": knn_results, "model": method.model, "monitor": monitor, "device": device}
+        for epoch in range(run.start_epoch, cfg.epochs):
+            run.epoch = epoch
+            outcome = run_epoch_or_save(run, epoch, stop, bad)
+            if outcome.stopped_mid_epoch:
+                result = _stopped(run, stop, epoch, "at epoch")
+                run.logger.log(event=result["status"], epoch=epoch, step=run.step)
+                return result
+            finish_epoch(run, epoch, outcome, bad)
+            if outcome.stop_after and epoch + 1 < cfg.epochs:
+                result = _stopped(run, stop, epoch, "after epoch")
+                result["epoch"] = epoch + 1
+                run.logger.log(event=result["status"], epoch=epoch + 1, step=run.step)
+                return result
+    return run.summary("completed", cfg.epochs, model=run.method.model, monitor=run.monitor,
+                       device=run.device)
 
 
 def make_monitor(cfg: TrainConfig, device: torch.device):
