@@ -290,4 +290,3 @@ def check_swav(scores, n_assign_crops, temperature, epsilon, sinkhorn_iterations
     return views, queue_scores
 
 
-__all__ = [n for n in dir() if n.startswith("check_")] + ["NETWORKS", "DISTRIBUTIONS"]
