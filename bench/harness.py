@@ -137,23 +137,13 @@ def static_skip(provider: str, device_type: str) -> str | None:
 
 @contextlib.contextmanager
 def backend_forced(name: str) -> Iterator[None]:
-    """Force fastssl's backend for everything run inside, the backward included.
-
-    Both the context variable (use_backend) and $FASTSSL_BACKEND are set: the autograd engine
-    may run a backward on another thread, where the context variable is not visible but the
-    environment is."""
+    """Force fastssl's backend for everything run inside, the backward included: the public
+    functions choose the backend once and their ops' backward uses that choice on whatever
+    thread the autograd engine runs it (docs/design.md), so the context alone is enough."""
     import fastssl
 
-    old = os.environ.get("FASTSSL_BACKEND")
-    os.environ["FASTSSL_BACKEND"] = name
-    try:
-        with fastssl.use_backend(name):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTSSL_BACKEND", None)
-        else:
-            os.environ["FASTSSL_BACKEND"] = old
+    with fastssl.use_backend(name):
+        yield
 
 
 def provider_backend(provider: str) -> str | None:

@@ -14,6 +14,9 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
+from fastssl._validation import check_finite_enabled as _check_finite_enabled
+from fastssl._validation import set_check_finite as _set_check_finite
+
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch", "reference")
 
 _AUTO_ORDER = {
@@ -109,10 +112,18 @@ def select(op: str, device: torch.device, table: Mapping[str, Callable]) -> tupl
     return name, table[name]
 
 
+def _mark_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does (it sets this one attribute), without
+    importing torch._dynamo (about 1 s) when fastssl is imported; tests/test_import_graph.py
+    checks that the public decorator still does exactly this."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # torch.compile cannot trace the ContextVar and environment reads behind the choice: it takes
 # the choice as a constant of the traced graph (a compiled step keeps the backend it was traced
 # with, like any other configuration read at trace time).
-@torch.compiler.assume_constant_result
+@_mark_constant_result
 def _selected_name(op: str, device_type: str, names: tuple[str, ...]) -> str:
     device = torch.device(device_type)
     want = current_backend()
@@ -130,14 +141,20 @@ def _selected_name(op: str, device_type: str, names: tuple[str, ...]) -> str:
     return want
 
 
-_check_finite = False
+# The check-finite switch lives with the validation primitives (fastssl._validation, a leaf
+# module); re-exported here and as fastssl.set_check_finite.
+set_check_finite = _set_check_finite
+check_finite_enabled = _check_finite_enabled
 
 
-def set_check_finite(enabled: bool) -> None:
-    """Raise ValueError on non-finite inputs (costs a device sync per call; off by default)."""
-    global _check_finite
-    _check_finite = bool(enabled)
+def choose(op: str, device: torch.device, table: Mapping[str, object],
+           method: str | None = None) -> str:
+    """The name of the backend that serves `op` on `device` under the current setting.
 
-
-def check_finite_enabled() -> bool:
-    return _check_finite
+    `table` is a family's backend table (name -> namespace); with `method`, only the entries
+    that define it count (an op that one backend lacks is refused when forced, never replaced).
+    The public function calls this once and passes the name to the op (docs/design.md).
+    """
+    names = tuple(sorted(n for n, impl in table.items()
+                         if method is None or hasattr(impl, method)))
+    return _selected_name(op, device.type, names)

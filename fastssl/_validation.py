@@ -1,6 +1,8 @@
-"""Input validation shared by every public function (the bad-input rules of api.md).
+"""Input validation primitives shared by every public function (the bad-input rules of
+docs/api.md); the per-loss checks built from them are in :mod:`fastssl._checks`.
 
-Every message names the argument, what was expected and what was given.
+Every message names the argument, what was expected and what was given. This module imports
+nothing from fastssl (it is the leaf every other layer may import).
 """
 from __future__ import annotations
 
@@ -9,9 +11,28 @@ from typing import Iterable, Sequence
 
 import torch
 
-from fastssl._backend import check_finite_enabled
-
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+_check_finite = False
+
+
+def set_check_finite(enabled: bool) -> None:
+    """Raise ValueError on non-finite inputs and out-of-range indices (costs a device sync per
+    call; off by default)."""
+    global _check_finite
+    _check_finite = bool(check_flag("enabled", enabled))
+
+
+def check_finite_enabled() -> bool:
+    return _check_finite
+
+
+def check_flag(name: str, value) -> bool:
+    """A Python bool: anything else, e.g. the string "no" (truthy), is rejected, never read."""
+    if isinstance(value, bool):
+        return value
+    raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
 def check_tensor(name: str, x, *, ndim: int | None = None, float_only: bool = True,
@@ -133,19 +154,6 @@ def check_weights(name: str, weights) -> tuple[float, ...]:
     return tuple(out)
 
 
-def check_index(name: str, index, *, rows: int, device: torch.device, num_samples: int | None = None):
-    """A 1-D integer index tensor with one entry per row (SogCLR's sample indices)."""
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(index).__name__}")
-    if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name}: expected an integer dtype, got {index.dtype}")
-    if index.dim() != 1 or index.shape[0] != rows:
-        raise ValueError(f"{name}: expected shape ({rows},), got {tuple(index.shape)}")
-    if index.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {index.device}")
-    return index
-
-
 def check_views(name: str, views, *, min_views: int = 2, min_rows: int = 1) -> list[torch.Tensor]:
     """A sequence of (B, D) tensors, all of one shape, dtype and device."""
     if isinstance(views, torch.Tensor) or not isinstance(views, (list, tuple)):
@@ -163,5 +171,5 @@ def check_views(name: str, views, *, min_views: int = 2, min_rows: int = 1) -> l
 
 
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32 (api.md)."""
+    """float64 stays float64; everything else accumulates in float32 (docs/api.md)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -118,7 +118,7 @@ def test_cuda_sources_compile(tmp_path, arch):
 
 
 def test_every_family_traces_with_fullgraph():
-    """A step calling one loss of each family compiles without graph breaks (api.md)."""
+    """A step calling one loss of each family compiles without graph breaks (docs/api.md)."""
     from fastssl.functional import groco, nt_xent, sfrik, swav
 
     def step(z1, z2):

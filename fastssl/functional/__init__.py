@@ -1,8 +1,8 @@
-"""fastssl.functional: the stateless losses and ops of api.md (validation, normalisation,
+"""fastssl.functional: the stateless losses and ops of docs/api.md (validation, normalisation,
 gather, then the fused ops)."""
-from fastssl.functional.contrastive import nt_xent, info_nce, dcl, sogclr, sce
+from fastssl.functional.contrastive import nt_xent, info_nce, dcl, dclw, sogclr, sce
 from fastssl.functional.sphere import sfrik, sfrik_mmd, auh
 from fastssl.functional.sortnet import groco, soft_sort
 from fastssl.functional.swav import sinkhorn, swav
 
-__all__ = ['nt_xent', 'info_nce', 'dcl', 'sogclr', 'sce', 'sfrik', 'sfrik_mmd', 'auh', 'groco', 'soft_sort', 'sinkhorn', 'swav']
+__all__ = ['nt_xent', 'info_nce', 'dcl', 'dclw', 'sogclr', 'sce', 'sfrik', 'sfrik_mmd', 'auh', 'groco', 'soft_sort', 'sinkhorn', 'swav']

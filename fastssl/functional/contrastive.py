@@ -1,4 +1,4 @@
-"""Contrastive losses: NT-Xent, InfoNCE, DCL, SogCLR, SCE (api.md signatures).
+"""Contrastive losses: NT-Xent, InfoNCE, DCL, SogCLR, SCE (docs/api.md signatures).
 
 Each loss validates its inputs (the ``check_*`` helpers below, shared with
 ``fastssl.reference``), picks its backend once through the family table
@@ -20,103 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
-from fastssl._validation import (accumulation_dtype, check_embeddings, check_index, check_pair,
-                                 check_positive, check_range, check_same_device)
-
-# ----------------------------------------------------------------------------------------------
-# Validation (shared with fastssl.reference.contrastive)
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    return value
-
-
-def _global_rows(x: torch.Tensor, gather_distributed: bool) -> int:
-    if gather_distributed and dist_utils.is_distributed():
-        return x.shape[0] * dist_utils.world_size()
-    return x.shape[0]
-
-
-def _check_min_global(loss: str, name: str, x: torch.Tensor, gather_distributed: bool,
-                      minimum: int, why: str) -> None:
-    n = _global_rows(x, gather_distributed)
-    if n < minimum:
-        raise ValueError(f"{name}: {loss} needs a (global) batch of at least {minimum} rows "
-                         f"({why}), got shape {tuple(x.shape)}")
-
-
-def check_nt_xent(z1, z2, temperature, gather_distributed) -> None:
-    check_pair("z1", z1, "z2", z2)
-    check_positive("temperature", temperature)
-    _check_flag("gather_distributed", gather_distributed)
-
-
-def check_info_nce(q, k, temperature, symmetric, gather_distributed) -> None:
-    check_pair("q", q, "k", k)
-    check_positive("temperature", temperature)
-    _check_flag("symmetric", symmetric)
-    _check_flag("gather_distributed", gather_distributed)
-
-
-def check_dcl(z1, z2, temperature, gather_distributed) -> None:
-    check_pair("z1", z1, "z2", z2)
-    check_positive("temperature", temperature)
-    _check_flag("gather_distributed", gather_distributed)
-    _check_min_global("dcl", "z1", z1, gather_distributed, 2, "each anchor needs a negative")
-
-
-def check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed) -> None:
-    check_pair("z1", z1, "z2", z2)
-    check_index("index", index, rows=z1.shape[0], device=z1.device)
-    if not isinstance(u, torch.Tensor):
-        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
-    if not u.is_floating_point():
-        raise TypeError(f"u: expected a floating dtype (float32), got {u.dtype}")
-    if u.dim() != 1 or u.shape[0] < 1:
-        raise ValueError(f"u: expected shape (num_samples,), got {tuple(u.shape)}")
-    check_same_device([("z1", z1), ("u", u)])
-    check_range("gamma", gamma, 0.0, 1.0, lo_open=True)
-    check_positive("temperature", temperature)
-    _check_flag("gather_distributed", gather_distributed)
-    _check_min_global("sogclr", "z1", z1, gather_distributed, 2,
-                      "the estimator averages over 2(N-1) negatives")
-
-
-def check_sce(q, k, queue, coeff, temperature, temperature_m, use_keys, gather_distributed):
-    """Validates SCE's inputs; returns the queue, with an empty (0, D) queue read as None."""
-    check_pair("q", q, "k", k)
-    if queue is not None:
-        check_embeddings("queue", queue, min_rows=0)
-        if queue.shape[1] != q.shape[1]:
-            raise ValueError(f"queue: expected shape (K, {q.shape[1]}) (the feature dimension "
-                             f"of q), got {tuple(queue.shape)}")
-        check_same_device([("q", q), ("queue", queue)])
-        if queue.shape[0] == 0:
-            queue = None
-    check_range("coeff", coeff, 0.0, 1.0)
-    check_positive("temperature", temperature)
-    check_positive("temperature_m", temperature_m)
-    _check_flag("use_keys", use_keys)
-    _check_flag("gather_distributed", gather_distributed)
-    if queue is None and not use_keys:
-        raise ValueError("queue: SCE with queue=None (or an empty queue) and use_keys=False has "
-                         "no negatives; pass a (K, D) queue or use_keys=True")
-    if queue is None:
-        _check_min_global("sce", "q", q, gather_distributed, 2,
-                          "use_keys=True without a queue needs another key besides the own one")
-    return queue
-
+from fastssl._checks import (check_dcl, check_dclw, check_info_nce, check_nt_xent,
+                             check_positive_weights, check_sce, check_sogclr)
+from fastssl._validation import accumulation_dtype
+from fastssl.ops import contrastive as ops
+from fastssl.reference import contrastive as _reference
 
 # ----------------------------------------------------------------------------------------------
 # Fused path helpers
 # ----------------------------------------------------------------------------------------------
-
-def _ops():
-    from fastssl.ops import contrastive
-    return contrastive
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -159,9 +71,32 @@ def _two_view_layout(z1, z2, gather_distributed):
 # ----------------------------------------------------------------------------------------------
 
 def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
-    """SimCLR NT-Xent: 2N anchors, each with 1 positive and 2N-2 negatives; mean over anchors."""
+    """SimCLR's NT-Xent (normalised temperature-scaled cross-entropy).
+
+    The 2N anchors are the rows of z1 and z2 (L2-normalised inside); anchor i of z1 has one
+    positive (row i of z2) and 2N-2 negatives (every other row of both views), and the other
+    way round. loss = mean over anchors of -s(i, pos) + log sum_(j != i) exp s(i, j), with s
+    the cosine similarity divided by `temperature`. Computed by a streaming log-sum-exp: no
+    2N x 2N matrix is stored (forward or backward).
+
+    Args:
+        z1, z2: (B, D) raw embeddings of the two views (float32, bfloat16, float16 or float64;
+            same shape, dtype and device).
+        temperature: float > 0.
+        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
+            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
+            every rank is the single-process loss on the global batch, and each rank's
+            gradient divided by W (DDP's average) is the single-process gradient of its rows.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs); gradients in the input dtype.
+
+    Example::
+
+        >>> z1, z2 = torch.randn(256, 128), torch.randn(256, 128)
+        >>> loss = fastssl.functional.nt_xent(z1, z2, temperature=0.1)
+    """
     check_nt_xent(z1, z2, temperature, gather_distributed)
-    ops = _ops()
     backend = ops.backend_for("nt_xent", z1.device)
     if backend == "reference":
         return ops.TABLE["reference"].nt_xent(z1, z2, temperature,
@@ -178,10 +113,30 @@ def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
 
 
 def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False):
-    """InfoNCE, positives on the diagonal; symmetric=True averages q->k and k->q, both from one
-    streaming pass over q @ k.T (row and column log-sum-exp together)."""
+    """InfoNCE (MoCo v3 / CLIP): row i of q has its positive in row i of k.
+
+    q and k are L2-normalised inside; loss = mean_i cross_entropy(q_i . k^T / temperature, i).
+    With symmetric=True the k -> q direction is averaged in, both directions from ONE
+    streaming pass over q @ k.T (row and column log-sum-exp together).
+
+    Args:
+        q, k: (B, D) raw query and key embeddings (float32, bfloat16, float16 or float64; same
+            shape, dtype and device). Both receive gradients.
+        temperature: float > 0.
+        symmetric: bool, average the q -> k and k -> q losses.
+        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
+            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
+            every rank is the single-process loss on the global batch, and each rank's
+            gradient divided by W (DDP's average) is the single-process gradient of its rows. The keys (and, when symmetric, the queries) are gathered.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs).
+
+    Example::
+
+        >>> loss = fastssl.functional.info_nce(q, k, temperature=0.2, symmetric=True)
+    """
     check_info_nce(q, k, temperature, symmetric, gather_distributed)
-    ops = _ops()
     backend = ops.backend_for("info_nce", q.device)
     if backend == "reference":
         return ops.TABLE["reference"].info_nce(q, k, temperature, symmetric=symmetric,
@@ -213,29 +168,139 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
     return dist_utils.reduce_loss(0.5 * (share + col_share / n))
 
 
-def dcl(z1, z2, temperature=0.1, *, gather_distributed=False):
-    """Decoupled contrastive loss as lightly DCLLoss (no weight function): per anchor,
-    -pos + LSE over the same-view negatives + LSE over the other view without the positive,
-    averaged over both directions."""
-    check_dcl(z1, z2, temperature, gather_distributed)
-    ops = _ops()
-    backend = ops.backend_for("dcl", z1.device)
-    if backend == "reference":
-        return ops.TABLE["reference"].dcl(z1, z2, temperature,
-                                          gather_distributed=gather_distributed)
+def _weighted_positives(pos, rows, b, weight_fn):
+    """pos (2B,) times weight_fn's weights: rows [h1; h2], direction z1 -> z2 then z2 -> z1."""
+    if weight_fn is None:
+        return pos
+    h1, h2 = rows[:b], rows[b:]
+    w = torch.cat([check_positive_weights(weight_fn(h1, h2), b, h1).expand(b),
+                   check_positive_weights(weight_fn(h2, h1), b, h2).expand(b)])
+    return pos * w.to(pos.dtype)
+
+
+def _dcl_fused(z1, z2, temperature, weight_fn, gather_distributed, backend):
     rows, cols, self_col, pos_col, positives, n = _two_view_layout(z1, z2, gather_distributed)
     scale = 1.0 / temperature
-    # Columns [Z1 | Z2] split at N: one log-sum-exp per view, each missing one masked column.
+    # Columns [Z1 | Z2] split at N: one log-sum-exp per view (each without its masked column),
+    # merged by logaddexp into the log-sum-exp over all 2N-2 negatives (no extra pass).
     lse_z1, lse_z2, _, _ = ops.contrastive_lse(rows, cols, self_col, pos_col, scale, n, True,
                                                False, False, backend)
-    pos = _rowdot(rows, positives) * scale
-    return dist_utils.reduce_loss((lse_z1 + lse_z2 - pos).sum() / (2 * n))
+    pos = _weighted_positives(_rowdot(rows, positives) * scale, rows, z1.shape[0], weight_fn)
+    return dist_utils.reduce_loss((torch.logaddexp(lse_z1, lse_z2) - pos).sum() / (2 * n))
+
+
+def dcl(z1, z2, temperature=0.1, *, weight_fn=None, gather_distributed=False):
+    """Decoupled contrastive loss (DCL), as lightly's ``DCLLoss`` (>= 1.5.21) and the DCL
+    paper (Yeh et al., ECCV 2022, Eq. 6).
+
+    For each of the 2N anchors (every row of z1 and of z2, L2-normalised), with s the cosine
+    similarity divided by `temperature`::
+
+        loss_i = -w_i * s(i, positive) + log sum_{j in negatives(i)} exp s(i, j)
+
+    where the positive of row i of z1 is row i of z2 (and the other way round) and the 2N-2
+    negatives are every other row of both views (the positive is NOT in the denominator: the
+    "decoupling"). Returns the mean over the 2N anchors.
+
+    Args:
+        z1, z2: (B, D) raw embeddings of the two views, float32/bfloat16/float16/float64, same
+            shape, dtype and device. Normalised inside (callers never normalise).
+        temperature: float > 0.
+        weight_fn: optional callable ``(out0, out1) -> (B,)`` weights of the positive term,
+            called on the normalised local rows once per direction (lightly's interface);
+            None means weight 1. See :func:`dclw` for the von Mises-Fisher weighting.
+        gather_distributed: bool. With torch.distributed initialised (W > 1 ranks), each
+            rank's rows meet the gathered rows of all ranks (N = B * W); the value is the
+            single-process loss on the global batch on every rank and each rank's gradient
+            divided by W is the single-process gradient of its rows (DDP-exact).
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs); gradients in the input dtype.
+
+    Backends: triton, torch (streaming log-sum-exp, no N x N matrix), reference.
+
+    Example::
+
+        >>> z1, z2 = torch.randn(256, 128), torch.randn(256, 128)
+        >>> loss = fastssl.functional.dcl(z1, z2, temperature=0.1)
+    """
+    check_dcl(z1, z2, temperature, weight_fn, gather_distributed)
+    backend = ops.backend_for("dcl", z1.device)
+    if backend == "reference":
+        return ops.TABLE["reference"].dcl(z1, z2, temperature, weight_fn=weight_fn,
+                                          gather_distributed=gather_distributed)
+    return _dcl_fused(z1, z2, temperature, weight_fn, gather_distributed, backend)
+
+
+def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False):
+    """Weighted decoupled contrastive loss, as lightly's ``DCLWLoss``: :func:`dcl` with the
+    positive term of anchor i weighted by the von Mises-Fisher weight
+
+        w_i = 2 - N * softmax_i(<ẑ1_i, ẑ2_i> / sigma)    (no gradient through w)
+
+    over the N rows of the batch (ẑ the normalised rows), so that positives that are already
+    close weigh less. Same fused statistics as :func:`dcl` (one extra O(N) softmax).
+
+    Args:
+        z1, z2: (B, D) raw embeddings of the two views (see :func:`dcl`).
+        temperature: float > 0.
+        sigma: float > 0, the vMF concentration's inverse (lightly's default 0.5).
+        gather_distributed: bool (see :func:`dcl`). The softmax runs over the global batch,
+            so the value equals the single-process value on the global batch (lightly's
+            weight runs over each rank's local rows instead).
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs).
+
+    Example::
+
+        >>> loss = fastssl.functional.dclw(z1, z2, temperature=0.1, sigma=0.5)
+    """
+    check_dclw(z1, z2, temperature, sigma, gather_distributed)
+    backend = ops.backend_for("dclw", z1.device)
+    if backend == "reference":
+        return ops.TABLE["reference"].dclw(z1, z2, temperature, sigma=sigma,
+                                           gather_distributed=gather_distributed)
+
+    def weight_fn(out0, out1):
+        return _reference.vmf_weights(out0, out1, sigma, gather_distributed=gather_distributed)
+
+    return _dcl_fused(z1, z2, temperature, weight_fn, gather_distributed, backend)
 
 
 def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=False):
-    """SogCLR (GCL with the moving-average estimator u, updated in place as upstream)."""
+    """SogCLR (global contrastive loss with a per-sample moving-average estimator).
+
+    Per anchor i (rows of z1 and z2, L2-normalised), the 2(N-1) negatives' exp(s_ij / T) are
+    averaged into the batch estimator g_i, and u[index_i] is updated in place as upstream
+    does: u <- (1 - gamma) u + gamma g (gamma forced to 1 when u[index].sum() == 0, i.e. the
+    batch was never seen), storing the mean of the two views. The returned value is upstream's
+    surrogate -s(i, pos) + T * sum_j (exp(s_ij / T) / u_i) s_ij / 2(N-1), whose gradient is
+    GCL's gradient.
+
+    Args:
+        z1, z2: (B, D) raw embeddings of the two views (same shape, dtype and device).
+        index: (B,) int64/int32/int16/int8 sample ids in [0, num_samples) (uint8 and bool are
+            refused: PyTorch reads them as masks). Checked on the host for CPU tensors or under
+            ``fastssl.set_check_finite(True)``; otherwise on the device.
+        u: (num_samples,) float32 estimator buffer on z1's device (not a stride-0 view),
+            updated in place.
+        gamma: float in (0, 1].
+        temperature: float > 0.
+        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
+            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
+            every rank is the single-process loss on the global batch, and each rank's
+            gradient divided by W (DDP's average) is the single-process gradient of its rows. Every rank writes the gathered update, so u stays identical on all ranks.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs).
+
+    Example::
+
+        >>> u = torch.zeros(len(dataset))
+        >>> loss = fastssl.functional.sogclr(z1, z2, index, u, gamma=0.9, temperature=0.1)
+    """
     check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed)
-    ops = _ops()
     backend = ops.backend_for("sogclr", z1.device)
     if backend == "reference":
         return ops.TABLE["reference"].sogclr(z1, z2, index, u, gamma=gamma,
@@ -275,11 +340,33 @@ def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=F
 
 def sce(q, k, queue, *, coeff=0.5, temperature=0.1, temperature_m=0.07, use_keys=False,
         gather_distributed=False):
-    """SCE: target = coeff*onehot + (1-coeff)*softmax(k @ [keys|queue] / temperature_m);
-    prediction = log_softmax(q @ [keys|queue] / temperature); k and queue carry no gradient."""
+    """SCE (similarity contrastive estimation).
+
+    q and k are L2-normalised; the columns are [keys | queue] (keys only with use_keys=True).
+    target = coeff * onehot + (1 - coeff) * softmax(k . cols / temperature_m) (the own key
+    masked out), prediction = log_softmax(q . cols / temperature); loss = mean over rows of
+    -<target, prediction>. k and the queue carry no gradient.
+
+    Args:
+        q: (B, D) raw query embeddings (receives the gradient).
+        k: (B, D) raw key embeddings (momentum encoder; detached).
+        queue: (K, D) float tensor of normalised keys, or None (then use_keys=True is needed).
+        coeff: float in [0, 1]. temperature, temperature_m: floats > 0.
+        use_keys: bool, use the (gathered) keys of the batch as columns too.
+        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
+            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
+            every rank is the single-process loss on the global batch, and each rank's
+            gradient divided by W (DDP's average) is the single-process gradient of its rows. The keys are gathered (no gradient).
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs).
+
+    Example::
+
+        >>> loss = fastssl.functional.sce(q, k, queue, coeff=0.5, temperature=0.1)
+    """
     queue = check_sce(q, k, queue, coeff, temperature, temperature_m, use_keys,
                       gather_distributed)
-    ops = _ops()
     backend = ops.backend_for("sce", q.device)
     if backend == "reference":
         return ops.TABLE["reference"].sce(q, k, queue, coeff=coeff, temperature=temperature,

@@ -4,7 +4,7 @@ Single process: the pair sums run over the N x N Gram of the batch with the symm
 gather_distributed with W > 1 ranks: the local rows x (B) meet the gathered rows G = gather(x)
 (N = B*W) in a rectangular op; this rank's share of the global loss goes through
 ``reduce_loss``, so the value is the single-process value on the global batch on every rank
-and each rank's gradient / W is the single-process gradient of its rows (api.md).
+and each rank's gradient / W is the single-process gradient of its rows (docs/api.md).
 """
 from __future__ import annotations
 
@@ -12,23 +12,23 @@ import math
 
 import torch
 
-from fastssl import distributed as D
-from fastssl._validation import (accumulation_dtype, check_embeddings, check_nonnegative,
-                                 check_pair, check_positive, check_weights)
+from fastssl import distributed as dist_utils
+from fastssl._checks import check_auh, check_sfrik, check_sfrik_mmd
+from fastssl._validation import accumulation_dtype
 from fastssl.ops import sphere as ops
-from fastssl.reference.sphere import check_sphere_dim
 
 
 def _world(gather_distributed: bool) -> int:
-    return D.world_size() if gather_distributed and D.is_distributed() else 1
+    return dist_utils.world_size() if gather_distributed and dist_utils.is_distributed() else 1
 
 
-def _mmd_share(z: torch.Tensor, weights, world: int, name: str) -> torch.Tensor:
+def _mmd_share(z: torch.Tensor, weights, world: int, name: str, backend: str) -> torch.Tensor:
     """This rank's share of mean_{i,j} psi(<ẑ_i, ẑ_j>) over the global batch."""
     n = z.shape[0] * world
     if world == 1:
-        return ops.series_sum(z, weights=weights) / (n * n)
-    return ops.series_sum(z, D.gather(z, name=name), weights=weights) / (n * n)
+        return ops.series_sum(z, weights=weights, backend=backend) / (n * n)
+    return ops.series_sum(z, dist_utils.gather(z, name=name), weights=weights,
+                          backend=backend) / (n * n)
 
 
 def _mse_share(z1: torch.Tensor, z2: torch.Tensor, world: int) -> torch.Tensor:
@@ -40,53 +40,111 @@ def _mse_share(z1: torch.Tensor, z2: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def sfrik_mmd(z, *, weights=(1.0, 40.0, 40.0), gather_distributed=False):
-    check_embeddings("z", z)
-    weights = check_weights("weights", weights)
-    check_sphere_dim("z", z)
+    """SFRIK's uniformity term alone: the mean over all N * N pairs (diagonal
+    included) of sum_k w_k P_k(<z_i, z_j>), z L2-normalised, P_k the normalised Gegenbauer
+    polynomials in dimension D.
+
+    Args:
+        z: (B, D) raw embeddings, D >= 2.
+        weights: non-empty sequence of finite floats (any number of degrees).
+        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
+            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
+            every rank is the single-process loss on the global batch, and each rank's
+            gradient divided by W (DDP's average) is the single-process gradient of its rows.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs).
+
+    Example::
+
+        >>> mmd = fastssl.functional.sfrik_mmd(z, weights=(1.0, 40.0, 40.0))
+    """
+    weights = check_sfrik_mmd(z, weights, gather_distributed)
     world = _world(gather_distributed)
-    share = _mmd_share(z, weights, world, "z")
-    return D.reduce_loss(share) if world > 1 else share
+    backend = ops.backend_for("sfrik_mmd", z.device)
+    share = _mmd_share(z, weights, world, "z", backend)
+    return dist_utils.reduce_loss(share) if world > 1 else share
 
 
 def sfrik(z1, z2, *, weights=(1.0, 40.0, 40.0), sim_coeff=4000.0, mmd_coeff=1.0,
           gather_distributed=False):
-    check_pair("z1", z1, "z2", z2)
-    weights = check_weights("weights", weights)
-    check_sphere_dim("z1", z1)
-    sim_coeff = check_nonnegative("sim_coeff", sim_coeff)
-    mmd_coeff = check_nonnegative("mmd_coeff", mmd_coeff)
+    """SFRIK: sim_coeff * mse(x, y) + mmd_coeff * (mmd(x) + mmd(y)) / 2.
+
+    x, y are z1, z2 L2-normalised; mse is the mean over the N * D elements; mmd(x) is the mean
+    over all N * N pairs (diagonal included) of psi(<x_i, x_j>), psi = sum_k w_k P_k with P_k
+    the normalised Gegenbauer polynomials in dimension D. The pair sums are reduced tile by
+    tile: no N x N matrix is stored.
+
+    Args:
+        z1, z2: (B, D) raw embeddings, D >= 2 (same shape, dtype and device).
+        weights: non-empty sequence of finite floats w_1..w_K (degree 1..K).
+        sim_coeff, mmd_coeff: finite floats >= 0.
+        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
+            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
+            every rank is the single-process loss on the global batch, and each rank's
+            gradient divided by W (DDP's average) is the single-process gradient of its rows.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs).
+
+    Example::
+
+        >>> loss = fastssl.functional.sfrik(z1, z2, weights=(1.0, 40.0, 40.0))
+    """
+    weights, sim_coeff, mmd_coeff = check_sfrik(z1, z2, weights, sim_coeff, mmd_coeff,
+                                                gather_distributed)
     world = _world(gather_distributed)
-    mmd = (_mmd_share(z1, weights, world, "z1") + _mmd_share(z2, weights, world, "z2")) / 2
+    backend = ops.backend_for("sfrik", z1.device)
+    mmd = (_mmd_share(z1, weights, world, "z1", backend)
+           + _mmd_share(z2, weights, world, "z2", backend)) / 2
     share = sim_coeff * _mse_share(z1, z2, world) + mmd_coeff * mmd
-    return D.reduce_loss(share) if world > 1 else share
+    return dist_utils.reduce_loss(share) if world > 1 else share
 
 
-def _uniformity_share(z: torch.Tensor, scale: float, world: int, name: str) -> torch.Tensor:
+def _uniformity_share(z: torch.Tensor, scale: float, world: int, name: str,
+                      backend: str) -> torch.Tensor:
     """This rank's share of log mean_{i != j} exp(2s(<ẑ_i, ẑ_j> - 1)) over the global batch."""
     n = z.shape[0] * world
     log_pairs = math.log(n * (n - 1))
     if world == 1:
-        return ops.gauss_lse(z, scale=scale) - log_pairs
+        return ops.gauss_lse(z, scale=scale, backend=backend) - log_pairs
     # log of a global sum: this rank's rows give lse_r; the total is the logsumexp over ranks.
     # share_r = exp(lse_r - lse) + (U - 1)/W sums to U over ranks and has gradient d lse_r *
     # exp(lse_r - lse) = d S_r / S, the rank's part of dU (lse_r <= lse: no overflow).
-    local = ops.gauss_lse(z, D.gather(z, name=name), scale=scale,
-                          diag_offset=D.row_offset(z.shape[0]))
-    total = torch.logsumexp(D.gather_no_grad(local.detach().reshape(1)), dim=0)
+    local = ops.gauss_lse(z, dist_utils.gather(z, name=name), scale=scale,
+                          diag_offset=dist_utils.row_offset(z.shape[0]), backend=backend)
+    total = torch.logsumexp(dist_utils.gather_no_grad(local.detach().reshape(1)), dim=0)
     unif = total - log_pairs
     return torch.exp(local - total) + (unif - 1) / world
 
 
 def auh(z1, z2, *, sim_coeff=3000.0, unif_coeff=1.0, scale=2.5, gather_distributed=False):
-    check_pair("z1", z1, "z2", z2)
-    sim_coeff = check_nonnegative("sim_coeff", sim_coeff)
-    unif_coeff = check_nonnegative("unif_coeff", unif_coeff)
-    scale = check_positive("scale", scale)
+    """Alignment and uniformity on the hypersphere (AUH, as in the SFRIK repository):
+    sim_coeff * mse(x, y) + unif_coeff * (U(x) + U(y)) / 2, with x, y the L2-normalised views
+    and U(x) = log mean_(i != j) exp(-2 scale (1 - <x_i, x_j>)) (a stable log-sum-exp, tile by
+    tile, no N x N matrix).
+
+    Args:
+        z1, z2: (B, D) raw embeddings (same shape, dtype and device); the global batch needs
+            at least 2 rows.
+        sim_coeff, unif_coeff: finite floats >= 0. scale: float > 0.
+        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
+            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
+            every rank is the single-process loss on the global batch, and each rank's
+            gradient divided by W (DDP's average) is the single-process gradient of its rows.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs).
+
+    Example::
+
+        >>> loss = fastssl.functional.auh(z1, z2, sim_coeff=3000.0, scale=2.5)
+    """
+    sim_coeff, unif_coeff, scale = check_auh(z1, z2, sim_coeff, unif_coeff, scale,
+                                             gather_distributed)
     world = _world(gather_distributed)
-    if z1.shape[0] * world < 2:
-        raise ValueError(f"z1: the uniformity term needs a global batch of at least 2 rows, "
-                         f"got shape {tuple(z1.shape)} on {world} rank(s)")
-    unif = (_uniformity_share(z1, scale, world, "z1")
-            + _uniformity_share(z2, scale, world, "z2")) / 2
+    backend = ops.backend_for("auh", z1.device)
+    unif = (_uniformity_share(z1, scale, world, "z1", backend)
+            + _uniformity_share(z2, scale, world, "z2", backend)) / 2
     share = sim_coeff * _mse_share(z1, z2, world) + unif_coeff * unif
-    return D.reduce_loss(share) if world > 1 else share
+    return dist_utils.reduce_loss(share) if world > 1 else share

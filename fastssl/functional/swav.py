@@ -17,48 +17,39 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastssl import distributed as D
-from fastssl._validation import (accumulation_dtype, check_embeddings, check_int, check_positive,
-                                 check_same_device, check_views)
+from fastssl import distributed as dist_utils
+from fastssl._checks import check_sinkhorn, check_swav
+from fastssl._validation import accumulation_dtype, check_int
 from fastssl.ops import swav as _ops
 
 
 def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3,
              gather_distributed: bool = False) -> torch.Tensor:
-    """SwAV distributed Sinkhorn-Knopp on (B, K) prototype scores.
+    """SwAV's (distributed) Sinkhorn-Knopp on (B, K) prototype scores.
 
-    Returns the (B, K) codes (each row sums to 1), without gradient, in float32 (float64 for
-    float64 scores). With `gather_distributed` the prototype marginals are taken over the
-    rows of every rank (all-reduce of K-vectors), exactly as upstream's distributed_sinkhorn.
+    Log-domain and stable in float16/bfloat16 and for epsilon down to 0.01; the same codes as
+    upstream's distributed_sinkhorn. No gradient flows (upstream detaches the scores).
+
+    Args:
+        scores: (B, K) float tensor of prototype scores (not normalised here).
+        epsilon: float > 0. iterations: int >= 1.
+        gather_distributed: bool. With W > 1 ranks the prototype marginals are taken over the
+            rows of every rank (all-reduce of K-vectors), as upstream; each rank gets the
+            codes of its own rows.
+
+    Returns:
+        (B, K) codes, each row summing to 1, float32 (float64 for float64 scores).
+
+    Example::
+
+        >>> codes = fastssl.functional.sinkhorn(scores, epsilon=0.05, iterations=3)
     """
-    check_embeddings("scores", scores)
-    check_positive("epsilon", epsilon)
-    check_int("iterations", iterations, minimum=1)
-    if gather_distributed and D.is_distributed():
+    check_sinkhorn(scores, epsilon, iterations, gather_distributed)
+    if gather_distributed and dist_utils.is_distributed():
         # every rank must bring the same number of prototypes (a mismatch would hang)
-        D.check_equal_batch("scores", scores)
-    return _ops.sinkhorn(scores, epsilon, iterations, gather_distributed)
-
-
-def _check_queue_scores(queue_scores, n_assign_crops: int, ref: torch.Tensor) -> list:
-    if isinstance(queue_scores, torch.Tensor) or not isinstance(queue_scores, (list, tuple)):
-        raise TypeError(f"queue_scores: expected a list of (Q, K) tensors or None, "
-                        f"got {type(queue_scores).__name__}")
-    if len(queue_scores) != n_assign_crops:
-        raise ValueError(f"queue_scores: expected {n_assign_crops} tensors (one per assigned crop), "
-                         f"got {len(queue_scores)}")
-    out = []
-    for i, q in enumerate(queue_scores):
-        if q is None:
-            out.append(None)
-            continue
-        check_embeddings(f"queue_scores[{i}]", q)
-        if q.shape[1] != ref.shape[1]:
-            raise ValueError(f"queue_scores[{i}]: expected {ref.shape[1]} prototype columns (as scores), "
-                             f"got shape {tuple(q.shape)}")
-        check_same_device([("scores[0]", ref), (f"queue_scores[{i}]", q)])
-        out.append(q)
-    return out
+        dist_utils.check_equal_batch("scores", scores)
+    backend = _ops.backend_for("sinkhorn", scores.device)
+    return _ops.sinkhorn(scores, epsilon, iterations, gather_distributed, backend)
 
 
 def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature: float = 0.1,
@@ -71,23 +62,35 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
     (Q, K) tensor, is prepended before Sinkhorn and only the last B rows kept); every other
     crop predicts each code through log_softmax(scores / temperature). The value is the mean
     over assigned crops of (sum over the other crops of the cross-entropy) / (n_crops - 1).
-    With `gather_distributed`, Sinkhorn runs over all ranks' rows and the value is the mean
-    over the global batch (the loss of upstream is local per rank; its gradients, after DDP's
-    average, are the same).
+    The scores are used as given (the caller normalises embeddings and prototypes).
+
+    Args:
+        scores: list or tuple of >= 2 (B, K) tensors, the assigned crops first.
+        n_assign_crops: int in [1, len(scores)]. temperature, epsilon: floats > 0.
+        sinkhorn_iterations: int >= 1.
+        queue_scores: None or a list of n_assign_crops (Q, K) tensors (or None entries).
+        gather_distributed: bool. Sinkhorn runs over all ranks' rows and the value is the mean
+            over the global batch (upstream's loss is local per rank; the gradients after
+            DDP's average are the same).
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 scores).
+
+    Example::
+
+        >>> loss = fastssl.functional.swav([s1, s2, s_small], n_assign_crops=2)
     """
-    views = check_views("scores", scores, min_views=2)
+    views, queue_scores = check_swav(scores, n_assign_crops, temperature, epsilon,
+                                     sinkhorn_iterations, queue_scores, gather_distributed)
     n_crops = len(views)
-    check_int("n_assign_crops", n_assign_crops, minimum=1, maximum=n_crops)
-    check_positive("temperature", temperature)
-    check_positive("epsilon", epsilon)
-    check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=1)
-    if queue_scores is not None:
-        queue_scores = _check_queue_scores(queue_scores, n_assign_crops, views[0])
-    use_dist = bool(gather_distributed) and D.is_distributed()
+    use_dist = gather_distributed and dist_utils.is_distributed()
     if use_dist:
-        D.check_equal_batch("scores", views[0])
+        dist_utils.check_equal_batch("scores", views[0])
     bs = views[0].shape[0]
     acc = accumulation_dtype(views[0])
+    # chosen once here, passed to the ops (docs/design.md)
+    sinkhorn_backend = _ops.backend_for("sinkhorn", views[0].device)
+    ce_backend = _ops.backend_for("swav_cross_entropy", views[0].device)
 
     codes = []
     with torch.no_grad():
@@ -95,7 +98,8 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
             out = views[i].detach()
             if queue_scores is not None and queue_scores[i] is not None:
                 out = torch.cat((queue_scores[i].detach().to(acc), out.to(acc)))
-            codes.append(_ops.sinkhorn(out, epsilon, sinkhorn_iterations, use_dist)[-bs:])
+            codes.append(_ops.sinkhorn(out, epsilon, sinkhorn_iterations, use_dist,
+                                       sinkhorn_backend)[-bs:])
 
     loss = None
     for v in range(n_crops):
@@ -105,11 +109,11 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
             continue
         target = others[0] if len(others) == 1 else torch.stack(others).sum(dim=0)
         # sum over rows of -<target, log_softmax(scores / T)>, one fused op (closed-form backward)
-        term = _ops.swav_cross_entropy(views[v], target, temperature)
+        term = _ops.swav_cross_entropy(views[v], target, temperature, ce_backend)
         loss = term if loss is None else loss + term
     loss = loss / (bs * (n_crops - 1) * n_assign_crops)
     if use_dist:
-        loss = D.reduce_loss(loss / D.world_size())
+        loss = dist_utils.reduce_loss(loss / dist_utils.world_size())
     return loss
 
 

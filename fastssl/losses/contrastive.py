@@ -5,37 +5,61 @@ import torch
 import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
-from fastssl import functional as FF
-from fastssl._validation import check_int, check_positive, check_range
+from fastssl import functional
+from fastssl._validation import check_flag, check_int, check_positive, check_range
 
 
 class NTXentLoss(torch.nn.Module):
-    """SimCLR NT-Xent; see :func:`fastssl.functional.nt_xent`."""
+    """SimCLR NT-Xent as a module; see :func:`fastssl.functional.nt_xent`.
+
+    Args:
+        temperature: float > 0.
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+
+    ``forward(z1, z2)``: (B, D) raw embeddings of the two views (normalised inside; float32,
+    bfloat16, float16 or float64). Returns a 0-dim float32 tensor (float64 for float64).
+
+    Example::
+
+        >>> loss = fastssl.losses.NTXentLoss(temperature=0.1)(z1, z2)
+    """
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return FF.nt_xent(z1, z2, self.temperature, gather_distributed=self.gather_distributed)
+        return functional.nt_xent(z1, z2, self.temperature, gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
 
 
 class InfoNCELoss(torch.nn.Module):
-    """InfoNCE (MoCo v3 / CLIP); see :func:`fastssl.functional.info_nce`."""
+    """InfoNCE (MoCo v3 / CLIP) as a module; see :func:`fastssl.functional.info_nce`.
+
+    Args:
+        temperature: float > 0. symmetric: bool, average both directions.
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+
+    ``forward(q, k)``: (B, D) raw query and key embeddings, positives on the diagonal.
+    Returns a 0-dim float32 tensor (float64 for float64).
+
+    Example::
+
+        >>> loss = fastssl.losses.InfoNCELoss(temperature=0.2, symmetric=True)(q, k)
+    """
 
     def __init__(self, temperature: float = 0.1, symmetric: bool = False,
                  gather_distributed: bool = False):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
-        self.symmetric = symmetric
-        self.gather_distributed = gather_distributed
+        self.symmetric = check_flag("symmetric", symmetric)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return FF.info_nce(q, k, self.temperature, symmetric=self.symmetric,
+        return functional.info_nce(q, k, self.temperature, symmetric=self.symmetric,
                            gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
@@ -44,23 +68,93 @@ class InfoNCELoss(torch.nn.Module):
 
 
 class DCLLoss(torch.nn.Module):
-    """Decoupled contrastive loss (lightly DCLLoss); see :func:`fastssl.functional.dcl`."""
+    """Decoupled contrastive loss (lightly ``DCLLoss`` >= 1.5.21, Yeh et al. Eq. 6): one
+    log-sum-exp over the 2N-2 negatives of each anchor, the positive not in the denominator.
+    ``forward(z1, z2)`` on (B, D) raw embeddings; see :func:`fastssl.functional.dcl`.
 
-    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False):
+    Args:
+        temperature: float > 0.
+        weight_fn: optional callable ``(out0, out1) -> (B,)`` weights of the positive term
+            (lightly's interface); None means weight 1.
+        gather_distributed: bool, as in the functional loss (gather across ranks,
+            global-batch value, DDP-exact gradient).
+
+    Returns (forward) a 0-dim float32 tensor (float64 for float64 inputs).
+
+    Example::
+
+        >>> loss_fn = fastssl.losses.DCLLoss(temperature=0.1)
+        >>> loss = loss_fn(z1, z2)
+    """
+
+    def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
-        self.gather_distributed = gather_distributed
+        if weight_fn is not None and not callable(weight_fn):
+            raise TypeError(f"weight_fn: expected a callable or None, got {type(weight_fn).__name__}")
+        self.weight_fn = weight_fn
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return FF.dcl(z1, z2, self.temperature, gather_distributed=self.gather_distributed)
+        return functional.dcl(z1, z2, self.temperature, weight_fn=self.weight_fn,
+                      gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
+        return (f"temperature={self.temperature}, weight_fn={self.weight_fn!r}, "
+                f"gather_distributed={self.gather_distributed}")
+
+
+class DCLWLoss(torch.nn.Module):
+    """Weighted DCL (lightly ``DCLWLoss``): DCL with the von Mises-Fisher weighting of the
+    positive term, w_i = 2 - N softmax_i(<ẑ1_i, ẑ2_i> / sigma). ``forward(z1, z2)``; see
+    :func:`fastssl.functional.dclw`.
+
+    Args:
+        temperature: float > 0. sigma: float > 0 (lightly's default 0.5).
+        gather_distributed: bool, as in the functional loss (the softmax of the weights runs
+            over the global batch).
+
+    Returns (forward) a 0-dim float32 tensor (float64 for float64 inputs).
+
+    Example::
+
+        >>> loss = fastssl.losses.DCLWLoss(temperature=0.1, sigma=0.5)(z1, z2)
+    """
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5,
+                 gather_distributed: bool = False):
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.sigma = check_positive("sigma", sigma)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return functional.dclw(z1, z2, self.temperature, sigma=self.sigma,
+                       gather_distributed=self.gather_distributed)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, sigma={self.sigma}, "
+                f"gather_distributed={self.gather_distributed}")
 
 
 class SogCLRLoss(torch.nn.Module):
-    """SogCLR with the per-sample estimator as buffer ``u`` (float32, (num_samples,)): saved in
-    the state_dict, moved by ``.to()``, kept identical on every rank by the gathered update."""
+    """SogCLR as a module, the per-sample estimator as buffer ``u`` (float32,
+    (num_samples,)): saved in the state_dict, moved by ``.to()``, kept identical on every rank
+    by the gathered update. See :func:`fastssl.functional.sogclr`.
+
+    Args:
+        num_samples: int >= 1, the dataset size (rows of ``u``).
+        gamma: float in (0, 1]. temperature: float > 0.
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+
+    ``forward(z1, z2, index)``: (B, D) raw embeddings and the (B,) integer sample ids in
+    [0, num_samples). Returns a 0-dim float32 tensor (float64 for float64); updates ``u``.
+
+    Example::
+
+        >>> loss_fn = fastssl.losses.SogCLRLoss(num_samples=len(dataset))
+        >>> loss = loss_fn(z1, z2, index)
+    """
 
     def __init__(self, num_samples: int, gamma: float = 0.9, temperature: float = 0.1,
                  gather_distributed: bool = False):
@@ -68,11 +162,11 @@ class SogCLRLoss(torch.nn.Module):
         check_int("num_samples", num_samples, minimum=1)
         self.gamma = check_range("gamma", gamma, 0.0, 1.0, lo_open=True)
         self.temperature = check_positive("temperature", temperature)
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
         self.register_buffer("u", torch.zeros(num_samples, dtype=torch.float32))
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return FF.sogclr(z1, z2, index, self.u, gamma=self.gamma, temperature=self.temperature,
+        return functional.sogclr(z1, z2, index, self.u, gamma=self.gamma, temperature=self.temperature,
                          gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
@@ -81,10 +175,25 @@ class SogCLRLoss(torch.nn.Module):
 
 
 class SCELoss(torch.nn.Module):
-    """SCE with a FIFO queue of normalised keys (buffer ``queue`` (K, D), random normalised at
-    init, and ``queue_ptr``). The loss uses the queue as it was before the call; the (gathered)
-    keys of the call are enqueued afterwards. ``queue_size=0`` means no queue (then
-    ``use_keys=True`` is needed)."""
+    """SCE as a module with a FIFO queue of normalised keys (buffer ``queue`` (K, D),
+    random normalised at init, and ``queue_ptr``). The loss uses the queue as it was before
+    the call; the (gathered) keys of the call are enqueued afterwards. ``queue_size=0`` means
+    no queue (then ``use_keys=True`` is needed). See :func:`fastssl.functional.sce`.
+
+    Args:
+        dim: int >= 1, the embedding width D. queue_size: int >= 0.
+        coeff: float in [0, 1]. temperature, temperature_m: floats > 0.
+        use_keys: bool, use the batch's keys as columns too.
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+
+    ``forward(q, k)``: (B, D) raw query (with gradient) and key embeddings. Returns a 0-dim
+    float32 tensor (float64 for float64).
+
+    Example::
+
+        >>> loss_fn = fastssl.losses.SCELoss(dim=128, queue_size=65536)
+        >>> loss = loss_fn(q, k)
+    """
 
     def __init__(self, dim: int, queue_size: int = 65536, coeff: float = 0.5,
                  temperature: float = 0.1, temperature_m: float = 0.07, use_keys: bool = False,
@@ -98,8 +207,8 @@ class SCELoss(torch.nn.Module):
         self.coeff = check_range("coeff", coeff, 0.0, 1.0)
         self.temperature = check_positive("temperature", temperature)
         self.temperature_m = check_positive("temperature_m", temperature_m)
-        self.use_keys = use_keys
-        self.gather_distributed = gather_distributed
+        self.use_keys = check_flag("use_keys", use_keys)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -107,7 +216,7 @@ class SCELoss(torch.nn.Module):
         size = self.queue.shape[0]
         # The loss keeps the queue for its backward: give it a snapshot, then enqueue in place.
         queue = self.queue.clone() if size > 0 else None
-        loss = FF.sce(q, k, queue, coeff=self.coeff, temperature=self.temperature,
+        loss = functional.sce(q, k, queue, coeff=self.coeff, temperature=self.temperature,
                       temperature_m=self.temperature_m, use_keys=self.use_keys,
                       gather_distributed=self.gather_distributed)
         if size > 0:

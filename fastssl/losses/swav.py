@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from fastssl._validation import (check_embeddings, check_int, check_nonnegative, check_positive,
+from fastssl._validation import (check_embeddings, check_flag, check_int, check_positive,
                                  check_same_device, check_views)
 from fastssl.functional.swav import freeze_prototypes_grad, normalize_prototypes_, swav
 
@@ -13,16 +13,26 @@ __all__ = ["SwAVLoss", "normalize_prototypes_", "freeze_prototypes_grad"]
 
 
 class SwAVLoss(torch.nn.Module):
-    """SwAV loss (facebookresearch/swav) with its optional queue.
+    """SwAV loss (facebookresearch/swav) with its optional queue; see
+    :func:`fastssl.functional.swav` for the loss itself.
 
-    ``forward(scores, embeddings=None, prototypes=None)``:
+    Args:
+        temperature, epsilon: floats > 0. sinkhorn_iterations: int >= 1.
+        n_assign_crops: int >= 1 (at most the number of crops at forward).
+        queue_length: int >= 0 rows per assigned crop (per rank); 0 means no queue.
+        gather_distributed: bool, as in the functional loss (Sinkhorn over all ranks' rows,
+            global-batch value, DDP-exact gradient). The queue stays per rank, as upstream.
+
+    ``forward(scores, embeddings=None, prototypes=None)`` returns a 0-dim float32 tensor
+    (float64 for float64 scores):
 
     * `scores`: list of (B, K) prototype scores, one per crop, the assigned crops first.
     * `embeddings`: the normalised (B, D) embeddings the scores came from, a list with one per
       crop (at least the first `n_assign_crops`) or one crop-major (n_crops * B, D) tensor.
       Needed only with a queue (``queue_length > 0``): they are what the queue stores.
     * `prototypes`: the current prototype weight (K, D) (or the ``nn.Linear`` holding it),
-      needed once the queue is full, to rescore the stored embeddings as upstream does.
+      required at every call when ``queue_length > 0`` (checked from the first call): once the
+      queue is full, the stored embeddings are rescored with it, as upstream does.
 
     Queue (as upstream, per rank): a buffer ``queue`` of shape (n_assign_crops,
     queue_length, D), created at the first forward that brings embeddings, FIFO (the newest B
@@ -32,6 +42,11 @@ class SwAVLoss(torch.nn.Module):
     are pushed. ``queue_count`` (a buffer) counts the rows written, so a queue restored from
     a checkpoint resumes where it stopped. Start the queue later in training by creating the
     loss (or calling :meth:`reset_queue`) at that epoch.
+
+    Example::
+
+        >>> loss_fn = fastssl.losses.SwAVLoss(queue_length=3840)
+        >>> loss = loss_fn(scores, embeddings=emb, prototypes=model.prototypes)
     """
 
     def __init__(self, temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
@@ -42,7 +57,7 @@ class SwAVLoss(torch.nn.Module):
         self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=1)
         self.n_assign_crops = check_int("n_assign_crops", n_assign_crops, minimum=1)
         self.queue_length = check_int("queue_length", queue_length, minimum=0)
-        self.gather_distributed = bool(gather_distributed)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
         # (n_assign_crops, queue_length, D) once D is known; empty until then
         self.register_buffer("queue", torch.zeros(0))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.int64))
@@ -86,17 +101,23 @@ class SwAVLoss(torch.nn.Module):
                              f"got shape {tuple(emb[0].shape)}")
         return emb[:self.n_assign_crops]
 
-    @torch.no_grad()
-    def _queue_scores(self, prototypes, K: int, ref: torch.Tensor) -> list[torch.Tensor]:
+    def _prototype_weight(self, prototypes, K: int, D: int, ref: torch.Tensor) -> torch.Tensor:
+        """The (K, D) prototype weight, checked at every call with a queue (also before the
+        queue is full, so that a missing argument fails at the first call, not steps later)."""
         if prototypes is None:
-            raise ValueError("prototypes: required once the queue is full (the queued embeddings "
-                             "are rescored with the current prototypes), got None")
+            raise ValueError("prototypes: required when queue_length > 0 (once the queue is "
+                             "full, the queued embeddings are rescored with the current "
+                             "prototypes), got None")
         weight = prototypes.weight if isinstance(prototypes, torch.nn.Module) else prototypes
         check_embeddings("prototypes", weight)
-        if weight.shape != (K, self.queue.shape[2]):
-            raise ValueError(f"prototypes: expected shape ({K}, {self.queue.shape[2]}) (K prototypes "
-                             f"of the queue's width), got {tuple(weight.shape)}")
+        if weight.shape != (K, D):
+            raise ValueError(f"prototypes: expected shape ({K}, {D}) (K prototypes of the "
+                             f"embeddings' width), got {tuple(weight.shape)}")
         check_same_device([("scores[0]", ref), ("prototypes", weight)])
+        return weight
+
+    @torch.no_grad()
+    def _queue_scores(self, weight: torch.Tensor) -> list[torch.Tensor]:
         w = weight.detach().to(self.queue.dtype)
         return [self.queue[i] @ w.t() for i in range(self.n_assign_crops)]
 
@@ -129,8 +150,12 @@ class SwAVLoss(torch.nn.Module):
             bs, K = views[0].shape
             emb = self._assigned_embeddings(embeddings, bs, len(views))
             check_same_device([("scores[0]", views[0])] + [(f"embeddings[{i}]", e) for i, e in enumerate(emb)])
+            if bs > self.queue_length:
+                raise ValueError(f"queue_length: expected at least the batch size {bs}, "
+                                 f"got {self.queue_length}")
+            weight = self._prototype_weight(prototypes, K, emb[0].shape[1], views[0])
             if self.queue_full:
-                queue_scores = self._queue_scores(prototypes, K, views[0])
+                queue_scores = self._queue_scores(weight)
             self._push(emb)
         return swav(views, n_assign_crops=self.n_assign_crops, temperature=self.temperature,
                     epsilon=self.epsilon, sinkhorn_iterations=self.sinkhorn_iterations,

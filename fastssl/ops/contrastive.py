@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from fastssl._backend import select
+from fastssl._backend import choose
 from fastssl._validation import accumulation_dtype
 from fastssl.reference import contrastive as _reference
 
@@ -181,6 +181,7 @@ class _ReferenceLosses:
     nt_xent = staticmethod(_reference.nt_xent)
     info_nce = staticmethod(_reference.info_nce)
     dcl = staticmethod(_reference.dcl)
+    dclw = staticmethod(_reference.dclw)
     sogclr = staticmethod(_reference.sogclr)
     sce = staticmethod(_reference.sce)
 
@@ -190,7 +191,7 @@ TABLE = {"triton": _TritonKernels(), "torch": _TorchKernels, "reference": _Refer
 
 def backend_for(op: str, device: torch.device) -> str:
     """The backend that serves `op` on `device` under the current setting (the dispatch point)."""
-    return select(op, device, TABLE)[0]
+    return choose(op, device, TABLE)
 
 
 def _kernels(backend: str):

@@ -3,7 +3,8 @@
 Networks are precomputed once per (network, n, device) as comparator lists (wire a, wire b,
 soft-min destination, soft-max destination), never as diffsort's dense layer matrices.
 
-Ops and their backend tables (dispatched by fastssl._backend.select only):
+Ops and the backends that serve them (one table, ``TABLE``, chosen once by the public function
+through :func:`backend_for`, the name passed down to forward and backward; docs/design.md):
 
 * ``soft_sort(x, ...) -> (sorted, P)``: reference (diffsort), torch (per-layer gather/scatter
   with autograd), cpp, triton, cuda (per-comparator kernels with explicit backward, registered
@@ -19,7 +20,9 @@ import math
 
 import torch
 
-from fastssl._backend import select
+from fastssl._backend import choose
+from fastssl._validation import accumulation_dtype
+from fastssl.reference import sortnet as _reference
 
 NETWORKS = ("odd_even", "bitonic")
 DIST_IDS = {"logistic": 0, "logistic_phi": 1, "gaussian": 2, "reciprocal": 3, "cauchy": 4,
@@ -91,10 +94,6 @@ def sigma_bwd(steepness: float) -> float:
     return float(torch.tensor(1.0 / steepness, dtype=torch.float32))
 
 
-def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------------------------
 # torch path: alpha with diffsort's formulas (autograd), per-layer gather/scatter
 
@@ -164,30 +163,13 @@ def _triton():
     return K
 
 
-def _kernel_soft_sort_fwd(backend, x, net, dist, s, lam, sb, want_p):
-    if backend == "cpp":
-        y, P, d = _cpp().soft_sort_forward(x, net, dist, s, lam, sb, want_p)
-        return y, P, d
-    if backend == "cuda":
-        return tuple(_cpp().soft_sort_forward_cuda(x, net, dist, s, lam, sb, want_p))
-    return _triton().soft_sort_forward(x, net, dist, s, lam, sb, want_p)
-
-
-def _kernel_soft_sort_bwd(backend, gy, gP, d, net, dist, s, lam, sb, n):
-    if backend == "cpp":
-        return _cpp().soft_sort_backward(gy, gP, d, net, dist, s, lam, sb)
-    if backend == "cuda":
-        return _cpp().soft_sort_backward_cuda(gy, gP, d, net, dist, s, lam, sb, n)
-    return _triton().soft_sort_backward(gy, gP, d, net, dist, s, lam, sb, n)
-
-
 @torch.library.custom_op("fastssl::soft_sort", mutates_args=())
 def soft_sort_op(x: torch.Tensor, backend: str, network: str, distribution: str,
                   steepness: float, art_lambda: float, want_p: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     net = network_tensor(network, x.shape[1], x.device)
-    y, P, d = _kernel_soft_sort_fwd(backend, x.contiguous(), net, DIST_IDS[distribution],
-                                    steepness, art_lambda, sigma_bwd(steepness), want_p)
+    y, P, d = TABLE[backend].soft_sort_forward(x.contiguous(), net, DIST_IDS[distribution],
+                                               steepness, art_lambda, sigma_bwd(steepness), want_p)
     return y, P, d
 
 
@@ -206,9 +188,9 @@ def soft_sort_backward(gy: torch.Tensor, gP: torch.Tensor, d: torch.Tensor, n: i
                   network: str, distribution: str, steepness: float, art_lambda: float
                   ) -> torch.Tensor:
     net = network_tensor(network, n, d.device)
-    return _kernel_soft_sort_bwd(backend, gy.contiguous(), gP.contiguous(), d.contiguous(), net,
-                                 DIST_IDS[distribution], steepness, art_lambda,
-                                 sigma_bwd(steepness), n)
+    return TABLE[backend].soft_sort_backward(gy.contiguous(), gP.contiguous(), d.contiguous(),
+                                             net, DIST_IDS[distribution], steepness, art_lambda,
+                                             sigma_bwd(steepness), n)
 
 
 @soft_sort_backward.register_fake
@@ -234,38 +216,19 @@ def _soft_sort_backward(ctx, gy, gP, gd):
 soft_sort_op.register_autograd(_soft_sort_backward, setup_context=_soft_sort_setup)
 
 
-def _soft_sort_kernel(backend):
-    def run(x, network, steepness, distribution, art_lambda, want_p):
-        y, P, _ = soft_sort_op(x, backend, network, distribution, float(steepness),
-                                float(art_lambda), bool(want_p))
-        return y, (P if want_p else None)
-    return run
-
-
-def _soft_sort_reference(x, network, steepness, distribution, art_lambda, want_p):
-    from fastssl.reference.sortnet import soft_sort as ref
-    return ref(x, network=network, steepness=steepness, distribution=distribution,
-               art_lambda=art_lambda, return_permutation=want_p)
-
-
-SOFT_SORT_TABLE = {
-    "reference": _soft_sort_reference,
-    "torch": _soft_sort_torch,
-    "cpp": _soft_sort_kernel("cpp"),
-    "triton": _soft_sort_kernel("triton"),
-    "cuda": _soft_sort_kernel("cuda"),
-}
-
-
 def soft_sort(x: torch.Tensor, *, network: str = "odd_even", steepness: float = 10.0,
               distribution: str = "cauchy", art_lambda: float = 0.25,
-              return_permutation: bool = True):
-    """Soft sort of the rows of x (validated by the caller); (sorted, P or None), x's dtype."""
-    _, impl = select("soft_sort", x.device, SOFT_SORT_TABLE)
-    if impl is _soft_sort_reference:
-        return impl(x, network, steepness, distribution, art_lambda, return_permutation)
-    xw = x.to(_work_dtype(x))  # half inputs run in float32 (diffsort upcasts only alpha)
-    y, P = impl(xw, network, steepness, distribution, art_lambda, return_permutation)
+              return_permutation: bool = True, backend: str | None = None):
+    """Soft sort of the rows of x (validated by the caller); (sorted, P or None), x's dtype.
+    `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
+    if backend is None:
+        backend = backend_for("soft_sort", x.device)
+    if backend == "reference":
+        return TABLE[backend].soft_sort(x, network, steepness, distribution, art_lambda,
+                                        return_permutation)
+    xw = x.to(accumulation_dtype(x))  # half inputs run in float32 (diffsort upcasts only alpha)
+    y, P = TABLE[backend].soft_sort(xw, network, steepness, distribution, art_lambda,
+                                    return_permutation)
     return y.to(x.dtype), (P.to(x.dtype) if P is not None else None)
 
 
@@ -305,11 +268,7 @@ def groco_rows_op(sims: torch.Tensor, k: int, backend: str, network: str, distri
                   steepness: float) -> torch.Tensor:
     net = network_tensor(network, sims.shape[1], sims.device)
     args = (DIST_IDS[distribution], steepness, 0.25, sigma_bwd(steepness))
-    if backend == "cpp":
-        return _cpp().groco_rows_forward(sims.contiguous(), k, net, *args)
-    if backend == "cuda":
-        return _cpp().groco_rows_forward_cuda(sims.contiguous(), k, net, *args)
-    return _triton().groco_rows_forward(sims.contiguous(), k, net, *args)
+    return TABLE[backend].groco_rows_forward(sims.contiguous(), k, net, *args)
 
 
 @groco_rows_op.register_fake
@@ -323,11 +282,7 @@ def groco_rows_backward(grow: torch.Tensor, sims: torch.Tensor, k: int, backend:
     net = network_tensor(network, sims.shape[1], sims.device)
     args = (DIST_IDS[distribution], steepness, 0.25, sigma_bwd(steepness))
     grow, sims = grow.contiguous(), sims.contiguous()
-    if backend == "cpp":
-        return _cpp().groco_rows_backward(grow, sims, k, net, *args)
-    if backend == "cuda":
-        return _cpp().groco_rows_backward_cuda(grow, sims, k, net, *args)
-    return _triton().groco_rows_backward(grow, sims, k, net, *args)
+    return TABLE[backend].groco_rows_backward(grow, sims, k, net, *args)
 
 
 @groco_rows_backward.register_fake
@@ -357,7 +312,7 @@ def groco_fused(anchor: torch.Tensor, negatives: torch.Tensor, positives: torch.
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = k + positives.shape[0]
     net = network_tensor(network, n, anchor.device)
-    loss, sims, index = _cpp().groco_fused_forward(
+    loss, sims, index = TABLE["cpp"].groco_fused_forward(
         anchor.contiguous(), negatives.contiguous(), positives.contiguous(), self_offset, k, net,
         DIST_IDS[distribution], steepness, 0.25, sigma_bwd(steepness))
     return loss, sims, index
@@ -375,7 +330,7 @@ def groco_fused_backward(grow: torch.Tensor, sims: torch.Tensor, index: torch.Te
                     negatives: torch.Tensor, positives: torch.Tensor, k: int, network: str,
                     distribution: str, steepness: float) -> torch.Tensor:
     net = network_tensor(network, sims.shape[1], sims.device)
-    return _cpp().groco_fused_backward(grow.contiguous(), sims, index, negatives.contiguous(),
+    return TABLE["cpp"].groco_fused_backward(grow.contiguous(), sims, index, negatives.contiguous(),
                                        positives.contiguous(), k, net, DIST_IDS[distribution],
                                        steepness, 0.25, sigma_bwd(steepness))
 
@@ -429,23 +384,8 @@ def _groco_view_torch(anchor, negatives, positives, self_offset, k, network, dis
     return groco_rows_torch(sims, k, network, distribution, steepness)
 
 
-def _groco_view_rows_kernel(backend):
-    def run(anchor, negatives, positives, self_offset, k, network, distribution, steepness):
-        sims = _blocked_sims(anchor, negatives, positives, self_offset, k)
-        return groco_rows_op(sims, k, backend, network, distribution, float(steepness))
-    return run
-
-
-def _groco_view_cpp(anchor, negatives, positives, self_offset, k, network, distribution,
-                    steepness):
-    loss, _, _ = groco_fused(anchor, negatives, positives, int(self_offset), int(k), network,
-                             distribution, float(steepness))
-    return loss
-
-
 def _groco_view_reference(anchor, negatives, positives, self_offset, k, network, distribution,
                           steepness):
-    from fastssl.reference.sortnet import _sorter
     B = anchor.shape[0]
     sims_all = anchor @ negatives.T
     r = torch.arange(B, device=anchor.device)
@@ -454,41 +394,137 @@ def _groco_view_reference(anchor, negatives, positives, self_offset, k, network,
     neg = sims_all.masked_fill(mask, float("-inf")).topk(k, dim=1).values.flip(1)
     pos = (anchor.unsqueeze(0) * positives).sum(-1).T.sort(dim=1).values
     sims = torch.cat([neg, pos], dim=1)
-    _, P = _sorter(network, sims.shape[1], steepness, distribution, 0.25, anchor.device)(sims)
+    return _groco_rows_reference(sims, k, network, distribution, steepness)
+
+
+def _groco_rows_reference(sims, k, network, distribution, steepness):
+    sorter = _reference._sorter(network, sims.shape[1], steepness, distribution, 0.25, sims.device)
+    _, P = sorter(sims)
     return _bce_rows(P[:, :, k:].sum(-1), P[:, :, :k].sum(-1), k)
 
 
-GROCO_TABLE = {
-    "reference": _groco_view_reference,
-    "torch": _groco_view_torch,
-    "cpp": _groco_view_cpp,
-    "triton": _groco_view_rows_kernel("triton"),
-    "cuda": _groco_view_rows_kernel("cuda"),
+def _soft_sort_reference(x, network, steepness, distribution, art_lambda, want_p):
+    return _reference.soft_sort(x, network=network, steepness=steepness,
+                                distribution=distribution, art_lambda=art_lambda,
+                                return_permutation=want_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# The family's backend table (docs/design.md): name -> namespace, the same three entry points
+# in each (soft_sort, groco_view, groco_rows). The kernel backends run them through the
+# registered ops with their own name as the op's `backend` argument; those ops' forward and
+# backward call the kernel methods (soft_sort_forward/_backward, groco_rows_forward/_backward,
+# and on cpp groco_fused_forward/_backward) of the same entry, so a spy on an entry sees both.
+
+
+class _ReferenceSortnet:
+    soft_sort = staticmethod(_soft_sort_reference)
+    groco_view = staticmethod(_groco_view_reference)
+    groco_rows = staticmethod(_groco_rows_reference)
+
+
+class _TorchSortnet:
+    soft_sort = staticmethod(_soft_sort_torch)
+    groco_view = staticmethod(_groco_view_torch)
+    groco_rows = staticmethod(groco_rows_torch)
+
+
+class _KernelSortnet:
+    """cpp, triton or cuda: the registered ops with this backend's kernels."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def soft_sort(self, x, network, steepness, distribution, art_lambda, want_p):
+        y, P, _ = soft_sort_op(x, self.name, network, distribution, float(steepness),
+                               float(art_lambda), bool(want_p))
+        return y, (P if want_p else None)
+
+    def groco_view(self, anchor, negatives, positives, self_offset, k, network, distribution,
+                   steepness):
+        sims = _blocked_sims(anchor, negatives, positives, self_offset, k)
+        return groco_rows_op(sims, k, self.name, network, distribution, float(steepness))
+
+    def groco_rows(self, sims, k, network, distribution, steepness):
+        return groco_rows_op(sims, k, self.name, network, distribution, float(steepness))
+
+    # kernel methods, called by the registered ops' forward and backward
+    def soft_sort_forward(self, x, net, dist, s, lam, sb, want_p):
+        if self.name == "cpp":
+            return tuple(_cpp().soft_sort_forward(x, net, dist, s, lam, sb, want_p))
+        if self.name == "cuda":
+            return tuple(_cpp().soft_sort_forward_cuda(x, net, dist, s, lam, sb, want_p))
+        return _triton().soft_sort_forward(x, net, dist, s, lam, sb, want_p)
+
+    def soft_sort_backward(self, gy, gP, d, net, dist, s, lam, sb, n):
+        if self.name == "cpp":
+            return _cpp().soft_sort_backward(gy, gP, d, net, dist, s, lam, sb)
+        if self.name == "cuda":
+            return _cpp().soft_sort_backward_cuda(gy, gP, d, net, dist, s, lam, sb, n)
+        return _triton().soft_sort_backward(gy, gP, d, net, dist, s, lam, sb, n)
+
+    def groco_rows_forward(self, sims, k, net, *args):
+        if self.name == "cpp":
+            return _cpp().groco_rows_forward(sims, k, net, *args)
+        if self.name == "cuda":
+            return _cpp().groco_rows_forward_cuda(sims, k, net, *args)
+        return _triton().groco_rows_forward(sims, k, net, *args)
+
+    def groco_rows_backward(self, grow, sims, k, net, *args):
+        if self.name == "cpp":
+            return _cpp().groco_rows_backward(grow, sims, k, net, *args)
+        if self.name == "cuda":
+            return _cpp().groco_rows_backward_cuda(grow, sims, k, net, *args)
+        return _triton().groco_rows_backward(grow, sims, k, net, *args)
+
+
+class _CppSortnet(_KernelSortnet):
+    """cpp's GroCo view is the fully fused op (cosine + running top-k + network + BCE)."""
+
+    def groco_view(self, anchor, negatives, positives, self_offset, k, network, distribution,
+                   steepness):
+        loss, _, _ = groco_fused(anchor, negatives, positives, int(self_offset), int(k), network,
+                                 distribution, float(steepness))
+        return loss
+
+    def groco_fused_forward(self, *args):
+        return _cpp().groco_fused_forward(*args)
+
+    def groco_fused_backward(self, *args):
+        return _cpp().groco_fused_backward(*args)
+
+
+TABLE = {
+    "reference": _ReferenceSortnet(),
+    "torch": _TorchSortnet(),
+    "cpp": _CppSortnet("cpp"),
+    "triton": _KernelSortnet("triton"),
+    "cuda": _KernelSortnet("cuda"),
 }
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The backend that serves `op` ("soft_sort", "groco", "groco_rows") on `device` now: the
+    one dispatch point of the family; the public function calls it once and passes the name."""
+    return choose(op, device, TABLE)
 
 
 def groco_view_rows(anchor_hat: torch.Tensor, negatives_hat: torch.Tensor,
                     positives_hat: torch.Tensor, self_offset: int, topk: int, network: str,
-                    distribution: str, steepness: float) -> torch.Tensor:
-    """Row losses (B,) of one anchor view; inputs normalised, in the accumulation dtype."""
-    _, impl = select("groco", anchor_hat.device, GROCO_TABLE)
-    return impl(anchor_hat, negatives_hat.detach(), positives_hat.detach(), self_offset, topk,
-                network, distribution, steepness)
+                    distribution: str, steepness: float, backend: str | None = None
+                    ) -> torch.Tensor:
+    """Row losses (B,) of one anchor view; inputs normalised, in the accumulation dtype.
+    `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
+    if backend is None:
+        backend = backend_for("groco", anchor_hat.device)
+    return TABLE[backend].groco_view(anchor_hat, negatives_hat.detach(), positives_hat.detach(),
+                                     self_offset, topk, network, distribution, steepness)
 
 
 def groco_rows(sims: torch.Tensor, topk: int, network: str = "odd_even",
-               distribution: str = "cauchy", steepness: float = 1.0) -> torch.Tensor:
-    """Row losses of pre-ordered rows on the selected backend (tests, benchmarks)."""
-    table = {"torch": lambda: groco_rows_torch(sims, topk, network, distribution, steepness)}
-    for name in ("cpp", "triton", "cuda"):
-        table[name] = (lambda b=name: groco_rows_op(sims, topk, b, network, distribution,
-                                                    float(steepness)))
-    table["reference"] = lambda: _reference_rows(sims, topk, network, distribution, steepness)
-    _, impl = select("groco_rows", sims.device, table)
-    return impl()
-
-
-def _reference_rows(sims, k, network, distribution, steepness):
-    from fastssl.reference.sortnet import _sorter
-    _, P = _sorter(network, sims.shape[1], steepness, distribution, 0.25, sims.device)(sims)
-    return _bce_rows(P[:, :, k:].sum(-1), P[:, :, :k].sum(-1), k)
+               distribution: str = "cauchy", steepness: float = 1.0,
+               backend: str | None = None) -> torch.Tensor:
+    """Row losses of pre-ordered rows [negs asc | pos asc] (tests, benchmarks)."""
+    if backend is None:
+        backend = backend_for("groco_rows", sims.device)
+    return TABLE[backend].groco_rows(sims, topk, network, distribution, steepness)

@@ -6,8 +6,10 @@
 * ``gauss_lse(x, y=None, scale, diag_offset)``: log of the sum over pairs (i, j) with
   j != i + diag_offset of exp(2*scale*(<x̂_i, ŷ_j> - 1)) (AUH's uniformity before the mean).
 
-Each is a torch.library custom op (forward and backward ops, fake kernels, autograd) with one
-backend table dispatched by :func:`fastssl._backend.select`:
+Each is a torch.library custom op (forward and backward ops, fake kernels, autograd) taking
+the backend name as an argument (chosen once by the public function through
+:func:`backend_for`; the backward uses the forward's name, docs/design.md) from the family's
+table ``TABLE``:
 ``triton`` (kernels/sphere.py), ``torch`` (blocks of rows in PyTorch, never the full N x N;
 serves CPU and float64) and ``reference`` (the full matrices, autograd for the derivative).
 Inputs are raw rows; the normalisation is part of the op (its backward projects the gradient).
@@ -20,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fastssl._backend import select
+from fastssl._backend import choose
 from fastssl._validation import accumulation_dtype
 from fastssl.reference.sphere import kernel_series
 
@@ -38,7 +40,8 @@ def _inv_norm(z: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(z, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()
 
 
-def _normalized(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def _normalize_by(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The rows of z normalised with their precomputed inverse norms r (accumulation dtype)."""
     return z.to(r.dtype) * r[:, None]
 
 
@@ -127,7 +130,7 @@ def _project(grad_hat: torch.Tensor, a: torch.Tensor, ra: torch.Tensor,
 
     `grad_hat` is a fresh buffer of the backend and is updated in place (one (B, D) buffer less).
     """
-    a_hat = _normalized(a, ra)
+    a_hat = _normalize_by(a, ra)
     radial = (grad_hat * a_hat).sum(dim=1, keepdim=True)
     torch.addcmul(grad_hat, a_hat, radial, value=-1, out=grad_hat)
     grad_hat.mul_(ra[:, None] * grad.to(ra.dtype))
@@ -145,7 +148,7 @@ def _row_blocks(rows: int, cols: int):
 
 def _torch_series_forward(x, y, weights, dim):
     rx = _inv_norm(x)
-    xh = _normalized(x, rx)
+    xh = _normalize_by(x, rx)
     total = xh.new_zeros(())
     if y is None:
         # Row block [s, e) against columns >= s: the block itself once, columns >= e twice.
@@ -154,7 +157,7 @@ def _torch_series_forward(x, y, weights, dim):
             psi = _series_and_derivative(xh[s:e] @ xh[s:].T, weights, dim, False)
             total = total + psi[:, : e - s].sum() + 2 * psi[:, e - s:].sum()
         return total
-    yh = _normalized(y, _inv_norm(y))
+    yh = _normalize_by(y, _inv_norm(y))
     for s, e in _row_blocks(xh.shape[0], yh.shape[0]):
         total = total + _series_and_derivative(xh[s:e] @ yh.T, weights, dim, False).sum()
     return total
@@ -162,7 +165,7 @@ def _torch_series_forward(x, y, weights, dim):
 
 def _torch_series_grad_hat(a, b, weights, dim):
     ra = _inv_norm(a)
-    ah = _normalized(a, ra)
+    ah = _normalize_by(a, ra)
     if b is None:
         # Symmetric: d/dâ_i sum_{jk} psi(G_jk) = 2 sum_j psi'(G_ij) â_j; each block of rows
         # against the columns from its start, scattering the mirrored part to those columns.
@@ -173,7 +176,7 @@ def _torch_series_grad_hat(a, b, weights, dim):
             out[s:e] += c @ ah[s:]
             out[e:] += c[:, e - s:].T @ ah[s:e]
         return out.mul_(2), ra
-    bh = _normalized(b, _inv_norm(b))
+    bh = _normalize_by(b, _inv_norm(b))
     out = torch.empty_like(ah)
     for s, e in _row_blocks(ah.shape[0], bh.shape[0]):
         out[s:e] = _series_and_derivative(ah[s:e] @ bh.T, weights, dim, True) @ bh
@@ -188,7 +191,7 @@ def _diag_mask(s, e, col_start, cols, diag_offset, device):
 
 def _torch_gauss_forward(x, y, scale, diag_offset):
     rx = _inv_norm(x)
-    xh = _normalized(x, rx)
+    xh = _normalize_by(x, rx)
     parts = []
     if y is None:
         n = xh.shape[0]
@@ -199,7 +202,7 @@ def _torch_gauss_forward(x, y, scale, diag_offset):
             logit[:, e - s:] += math.log(2.0)
             parts.append(torch.logsumexp(logit.reshape(-1), dim=0))
         return torch.logsumexp(torch.stack(parts), dim=0)
-    yh = _normalized(y, _inv_norm(y))
+    yh = _normalize_by(y, _inv_norm(y))
     for s, e in _row_blocks(xh.shape[0], yh.shape[0]):
         logit = 2 * scale * (xh[s:e] @ yh.T - 1)
         logit = logit.masked_fill(_diag_mask(s, e, 0, yh.shape[0], diag_offset, x.device),
@@ -210,7 +213,7 @@ def _torch_gauss_forward(x, y, scale, diag_offset):
 
 def _torch_gauss_grad_hat(a, b, scale, diag_offset, lse):
     ra = _inv_norm(a)
-    ah = _normalized(a, ra)
+    ah = _normalize_by(a, ra)
     lse = lse.to(ah.dtype)
     if b is None:
         n = ah.shape[0]
@@ -222,7 +225,7 @@ def _torch_gauss_grad_hat(a, b, scale, diag_offset, lse):
             out[s:e] += c @ ah[s:]
             out[e:] += c[:, e - s:].T @ ah[s:e]
         return out.mul_(2), ra
-    bh = _normalized(b, _inv_norm(b))
+    bh = _normalize_by(b, _inv_norm(b))
     out = torch.empty_like(ah)
     for s, e in _row_blocks(ah.shape[0], bh.shape[0]):
         c = (2 * scale) * torch.exp(2 * scale * (ah[s:e] @ bh.T - 1) - lse)
@@ -235,8 +238,8 @@ def _torch_gauss_grad_hat(a, b, scale, diag_offset, lse):
 # reference backend: full matrices (fastssl.reference's polynomials, autograd for psi')
 
 def _ref_gram(a, b):
-    ah = _normalized(a, _inv_norm(a))
-    bh = ah if b is None else _normalized(b, _inv_norm(b))
+    ah = _normalize_by(a, _inv_norm(a))
+    bh = ah if b is None else _normalize_by(b, _inv_norm(b))
     return ah, bh, ah @ bh.T
 
 
@@ -324,16 +327,35 @@ def _triton_gauss_grad_hat(a, b, scale, diag_offset, lse):
     return out, ra
 
 
-SERIES_TABLE = {
-    "triton": (_triton_series_forward, _triton_series_grad_hat),
-    "torch": (_torch_series_forward, _torch_series_grad_hat),
-    "reference": (_ref_series_forward, _ref_series_grad_hat),
-}
-GAUSS_TABLE = {
-    "triton": (_triton_gauss_forward, _triton_gauss_grad_hat),
-    "torch": (_torch_gauss_forward, _torch_gauss_grad_hat),
-    "reference": (_ref_gauss_forward, _ref_gauss_grad_hat),
-}
+class _TritonSphere:
+    series_forward = staticmethod(_triton_series_forward)
+    series_grad_hat = staticmethod(_triton_series_grad_hat)
+    gauss_forward = staticmethod(_triton_gauss_forward)
+    gauss_grad_hat = staticmethod(_triton_gauss_grad_hat)
+
+
+class _TorchSphere:
+    series_forward = staticmethod(_torch_series_forward)
+    series_grad_hat = staticmethod(_torch_series_grad_hat)
+    gauss_forward = staticmethod(_torch_gauss_forward)
+    gauss_grad_hat = staticmethod(_torch_gauss_grad_hat)
+
+
+class _ReferenceSphere:
+    series_forward = staticmethod(_ref_series_forward)
+    series_grad_hat = staticmethod(_ref_series_grad_hat)
+    gauss_forward = staticmethod(_ref_gauss_forward)
+    gauss_grad_hat = staticmethod(_ref_gauss_grad_hat)
+
+
+# The family's backend table (docs/design.md): name -> namespace, the same methods in each.
+TABLE = {"triton": _TritonSphere(), "torch": _TorchSphere(), "reference": _ReferenceSphere()}
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The backend that serves `op` ("sfrik", "auh", ...) on `device` now (the one dispatch
+    point of the family: the public function calls it once and passes the name to the ops)."""
+    return choose(op, device, TABLE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,42 +366,44 @@ def _scalar_like(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("fastssl::sphere_series_sum", mutates_args=())
-def _series_sum_op(x: torch.Tensor, y: Optional[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    _, (fwd, _) = select("sphere_series_sum", x.device, SERIES_TABLE)
-    return fwd(x, y, list(weights), x.shape[1])
+def _series_sum_op(x: torch.Tensor, y: Optional[torch.Tensor], weights: list[float],
+                   backend: str) -> torch.Tensor:
+    return TABLE[backend].series_forward(x, y, list(weights), x.shape[1])
 
 
 @_series_sum_op.register_fake
-def _(x, y, weights):
+def _(x, y, weights, backend):
     return _scalar_like(x)
 
 
 @torch.library.custom_op("fastssl::sphere_series_backward", mutates_args=())
 def _series_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor],
-                    weights: list[float]) -> torch.Tensor:
-    _, (_, grad_hat_fn) = select("sphere_series_sum", a.device, SERIES_TABLE)
-    grad_hat, ra = grad_hat_fn(a, b, list(weights), a.shape[1])
+                    weights: list[float], backend: str) -> torch.Tensor:
+    grad_hat, ra = TABLE[backend].series_grad_hat(a, b, list(weights), a.shape[1])
     return _project(grad_hat, a, ra, grad)
 
 
 @_series_grad_op.register_fake
-def _(grad, a, b, weights):
+def _(grad, a, b, weights, backend):
     return torch.empty_like(a)
 
 
 def _series_setup(ctx, inputs, output):
-    x, y, weights = inputs
+    x, y, weights, backend = inputs
     ctx.save_for_backward(x, y)
-    ctx.weights = weights
+    ctx.weights, ctx.backend = weights, backend
 
 
 def _series_backward(ctx, grad):
+    # The forward's backend, never a new selection: the autograd engine may run this on a
+    # thread that does not see the use_backend context.
     x, y = ctx.saved_tensors
+    w, be = ctx.weights, ctx.backend
     if y is None:
-        return _series_grad_op(grad, x, None, ctx.weights), None, None
-    gx = _series_grad_op(grad, x, y, ctx.weights) if ctx.needs_input_grad[0] else None
-    gy = _series_grad_op(grad, y, x, ctx.weights) if ctx.needs_input_grad[1] else None
-    return gx, gy, None
+        return _series_grad_op(grad, x, None, w, be), None, None, None
+    gx = _series_grad_op(grad, x, y, w, be) if ctx.needs_input_grad[0] else None
+    gy = _series_grad_op(grad, y, x, w, be) if ctx.needs_input_grad[1] else None
+    return gx, gy, None, None
 
 
 _series_sum_op.register_autograd(_series_backward, setup_context=_series_setup)
@@ -387,44 +411,42 @@ _series_sum_op.register_autograd(_series_backward, setup_context=_series_setup)
 
 @torch.library.custom_op("fastssl::sphere_gauss_lse", mutates_args=())
 def _gauss_lse_op(x: torch.Tensor, y: Optional[torch.Tensor], scale: float,
-                  diag_offset: int) -> torch.Tensor:
-    _, (fwd, _) = select("sphere_gauss_lse", x.device, GAUSS_TABLE)
-    return fwd(x, y, scale, diag_offset)
+                  diag_offset: int, backend: str) -> torch.Tensor:
+    return TABLE[backend].gauss_forward(x, y, scale, diag_offset)
 
 
 @_gauss_lse_op.register_fake
-def _(x, y, scale, diag_offset):
+def _(x, y, scale, diag_offset, backend):
     return _scalar_like(x)
 
 
 @torch.library.custom_op("fastssl::sphere_gauss_backward", mutates_args=())
 def _gauss_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], scale: float,
-                   diag_offset: int, lse: torch.Tensor) -> torch.Tensor:
-    _, (_, grad_hat_fn) = select("sphere_gauss_lse", a.device, GAUSS_TABLE)
-    grad_hat, ra = grad_hat_fn(a, b, scale, diag_offset, lse)
+                   diag_offset: int, lse: torch.Tensor, backend: str) -> torch.Tensor:
+    grad_hat, ra = TABLE[backend].gauss_grad_hat(a, b, scale, diag_offset, lse)
     return _project(grad_hat, a, ra, grad)
 
 
 @_gauss_grad_op.register_fake
-def _(grad, a, b, scale, diag_offset, lse):
+def _(grad, a, b, scale, diag_offset, lse, backend):
     return torch.empty_like(a)
 
 
 def _gauss_setup(ctx, inputs, output):
-    x, y, scale, diag_offset = inputs
+    x, y, scale, diag_offset, backend = inputs
     ctx.save_for_backward(x, y, output)
-    ctx.scale, ctx.diag_offset = scale, diag_offset
+    ctx.scale, ctx.diag_offset, ctx.backend = scale, diag_offset, backend
 
 
 def _gauss_backward(ctx, grad):
     x, y, lse = ctx.saved_tensors
-    s, off = ctx.scale, ctx.diag_offset
+    s, off, be = ctx.scale, ctx.diag_offset, ctx.backend
     if y is None:
-        return _gauss_grad_op(grad, x, None, s, 0, lse), None, None, None
-    gx = _gauss_grad_op(grad, x, y, s, off, lse) if ctx.needs_input_grad[0] else None
+        return _gauss_grad_op(grad, x, None, s, 0, lse, be), None, None, None, None
+    gx = _gauss_grad_op(grad, x, y, s, off, lse, be) if ctx.needs_input_grad[0] else None
     # The transposed pairs: row j of y meets column i of x, excluded when i == j - offset.
-    gy = _gauss_grad_op(grad, y, x, s, -off, lse) if ctx.needs_input_grad[1] else None
-    return gx, gy, None, None
+    gy = _gauss_grad_op(grad, y, x, s, -off, lse, be) if ctx.needs_input_grad[1] else None
+    return gx, gy, None, None, None
 
 
 _gauss_lse_op.register_autograd(_gauss_backward, setup_context=_gauss_setup)
@@ -434,12 +456,20 @@ _gauss_lse_op.register_autograd(_gauss_backward, setup_context=_gauss_setup)
 # public entry points
 
 def series_sum(x: torch.Tensor, y: torch.Tensor | None = None, *,
-               weights: Sequence[float]) -> torch.Tensor:
-    """sum_{i,j} sum_k w_k P_k(<x̂_i, ŷ_j>) in dimension D (y None: y = x, all N*N pairs)."""
-    return _series_sum_op(x, y, [float(w) for w in weights])
+               weights: Sequence[float], backend: str | None = None) -> torch.Tensor:
+    """sum_{i,j} sum_k w_k P_k(<x̂_i, ŷ_j>) in dimension D (y None: y = x, all N*N pairs).
+
+    `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
+    if backend is None:
+        backend = backend_for("sphere_series_sum", x.device)
+    return _series_sum_op(x, y, [float(w) for w in weights], backend)
 
 
 def gauss_lse(x: torch.Tensor, y: torch.Tensor | None = None, *, scale: float,
-              diag_offset: int = 0) -> torch.Tensor:
-    """log sum_{(i,j): j != i + diag_offset} exp(2 scale (<x̂_i, ŷ_j> - 1)) (y None: y = x)."""
-    return _gauss_lse_op(x, y, float(scale), int(diag_offset))
+              diag_offset: int = 0, backend: str | None = None) -> torch.Tensor:
+    """log sum_{(i,j): j != i + diag_offset} exp(2 scale (<x̂_i, ŷ_j> - 1)) (y None: y = x).
+
+    `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
+    if backend is None:
+        backend = backend_for("sphere_gauss_lse", x.device)
+    return _gauss_lse_op(x, y, float(scale), int(diag_offset), backend)

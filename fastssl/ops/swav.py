@@ -38,11 +38,9 @@ from typing import Callable
 import torch
 
 from fastssl import distributed as D
-from fastssl._backend import select
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastssl._backend import choose
+from fastssl._validation import accumulation_dtype
+from fastssl.reference.swav import sinkhorn as _reference_sinkhorn
 
 
 def _combine_colstats(M: torch.Tensor, S: torch.Tensor, distributed: bool) -> torch.Tensor:
@@ -69,13 +67,13 @@ def _log_domain_sinkhorn(colstats: Callable, rowpass: Callable, scores: torch.Te
 # ---- torch: the same passes as vectorised PyTorch (any device) -------------------------------
 
 def _torch_colstats(scores, epsilon):
-    x = scores.to(accumulation_dtype(scores.dtype)) / epsilon
+    x = scores.to(accumulation_dtype(scores)) / epsilon
     M = x.amax(dim=0)
     return M, torch.exp(x - M).sum(dim=0)
 
 
 def _torch_rowpass(scores, epsilon, a, write_codes):
-    p = torch.softmax(scores.to(accumulation_dtype(scores.dtype)) / epsilon + a, dim=1)
+    p = torch.softmax(scores.to(accumulation_dtype(scores)) / epsilon + a, dim=1)
     return p if write_codes else p.sum(dim=0)
 
 
@@ -88,7 +86,7 @@ def _sinkhorn_torch(scores, epsilon, iterations, distributed):
 
 def _cpp_input(scores):
     # float32/float64 contiguous scores go in as they are (to/contiguous return them, no copy)
-    return scores.to(accumulation_dtype(scores.dtype)).contiguous()
+    return scores.to(accumulation_dtype(scores)).contiguous()
 
 
 def _sinkhorn_cpp(scores, epsilon, iterations, distributed):
@@ -121,50 +119,37 @@ def _sinkhorn_triton(scores, epsilon, iterations, distributed):
 # ---- reference: fastssl.reference (upstream arithmetic, in the input dtype) ---------------------
 
 def _sinkhorn_reference(scores, epsilon, iterations, distributed):
-    from fastssl.reference.swav import sinkhorn as ref_sinkhorn
-    codes = ref_sinkhorn(scores, epsilon=epsilon, iterations=iterations,
+    codes = _reference_sinkhorn(scores, epsilon=epsilon, iterations=iterations,
                          gather_distributed=distributed)
-    return codes.to(accumulation_dtype(scores.dtype))
-
-
-SINKHORN_BACKENDS = {
-    "reference": _sinkhorn_reference,
-    "torch": _sinkhorn_torch,
-    "cpp": _sinkhorn_cpp,
-    "cuda": _sinkhorn_cuda,
-    "triton": _sinkhorn_triton,
-}
+    return codes.to(accumulation_dtype(scores))
 
 
 @torch.library.custom_op("fastssl::sinkhorn", mutates_args=())
 def _sinkhorn_op(scores: torch.Tensor, epsilon: float, iterations: int,
-                 gather_distributed: bool) -> torch.Tensor:
-    _, impl = select("sinkhorn", scores.device, SINKHORN_BACKENDS)
+                 gather_distributed: bool, backend: str) -> torch.Tensor:
     distributed = bool(gather_distributed) and D.is_distributed()
-    return impl(scores, float(epsilon), int(iterations), distributed)
+    return TABLE[backend].sinkhorn(scores, float(epsilon), int(iterations), distributed)
 
 
 @_sinkhorn_op.register_fake
-def _sinkhorn_fake(scores, epsilon, iterations, gather_distributed):
-    return scores.new_empty(scores.shape, dtype=accumulation_dtype(scores.dtype))
+def _sinkhorn_fake(scores, epsilon, iterations, gather_distributed, backend):
+    return scores.new_empty(scores.shape, dtype=accumulation_dtype(scores))
 
 
 def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int,
-             gather_distributed: bool = False) -> torch.Tensor:
-    """Codes (B, K) of validated scores; no gradient flows (upstream detaches the scores)."""
+             gather_distributed: bool = False, backend: str | None = None) -> torch.Tensor:
+    """Codes (B, K) of validated scores; no gradient flows (upstream detaches the scores).
+    `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
+    if backend is None:
+        backend = backend_for("sinkhorn", scores.device)
     return torch.ops.fastssl.sinkhorn(scores.detach(), float(epsilon), int(iterations),
-                                      bool(gather_distributed))
-
-
-def backend_name(device: torch.device) -> str:
-    """The backend that serves sinkhorn on `device` under the current setting (benchmarks)."""
-    return select("sinkhorn", device, SINKHORN_BACKENDS)[0]
+                                      bool(gather_distributed), backend)
 
 
 # ---- swav_cross_entropy: -sum_b <q_b, log_softmax(s_b / T)> and its gradient in s -------------
 
 def _ce_torch(scores, targets, temperature, compute_grad):
-    acc = accumulation_dtype(scores.dtype)
+    acc = accumulation_dtype(scores)
     log_p = torch.log_softmax(scores.to(acc) / temperature, dim=1)
     q = targets.to(acc)
     loss = -(q * log_p).sum()
@@ -176,7 +161,7 @@ def _ce_torch(scores, targets, temperature, compute_grad):
 
 def _ce_cpp(scores, targets, temperature, compute_grad):
     from fastssl import _C
-    acc = accumulation_dtype(scores.dtype)
+    acc = accumulation_dtype(scores)
     loss, grad = _C.swav_cross_entropy_cpu(_cpp_input(scores), targets.to(acc).contiguous(),
                                            temperature, compute_grad)
     return loss, grad
@@ -184,7 +169,7 @@ def _ce_cpp(scores, targets, temperature, compute_grad):
 
 def _ce_triton(scores, targets, temperature, compute_grad):
     from fastssl.kernels import swav as K
-    acc = accumulation_dtype(scores.dtype)
+    acc = accumulation_dtype(scores)
     return K.swav_cross_entropy(scores.contiguous(), targets.to(acc).contiguous(), temperature,
                                 compute_grad)
 
@@ -192,43 +177,65 @@ def _ce_triton(scores, targets, temperature, compute_grad):
 def _ce_reference(scores, targets, temperature, compute_grad):
     # upstream's arithmetic (fastssl.reference.swav's loss term) in the input dtype; the
     # gradient is the closed form of log_softmax's (op bodies run below autograd)
-    import torch.nn.functional as F
-    acc = accumulation_dtype(scores.dtype)
+    acc = accumulation_dtype(scores)
     x = scores / temperature
-    loss = -torch.sum(targets * F.log_softmax(x, dim=1)).to(acc)
+    loss = -torch.sum(targets * torch.log_softmax(x, dim=1)).to(acc)
     if not compute_grad:
         return loss, scores.new_empty((0,), dtype=acc)
-    grad = (F.softmax(x, dim=1) * targets.sum(dim=1, keepdim=True) - targets) / temperature
+    grad = (torch.softmax(x, dim=1) * targets.sum(dim=1, keepdim=True) - targets) / temperature
     return loss, grad.to(acc)
 
 
-SWAV_CE_BACKENDS = {
-    "reference": _ce_reference,
-    "torch": _ce_torch,
-    "cpp": _ce_cpp,
-    # no "cuda" entry: this op has no hand-written CUDA kernel, and a forced backend never
-    # falls back silently (under auto, CUDA tensors take the Triton kernel)
-    "triton": _ce_triton,
+class _Backend:
+    """One entry of the family's table: `sinkhorn` and, where the backend has it, `cross_entropy`."""
+
+    def __init__(self, sinkhorn, cross_entropy=None):
+        self.sinkhorn = sinkhorn
+        if cross_entropy is not None:
+            self.cross_entropy = cross_entropy
+
+
+# The family's backend table (docs/design.md): name -> namespace. "cuda" has no
+# cross_entropy (no hand-written CUDA kernel for it): forcing "cuda" on swav_cross_entropy
+# raises, it never falls back (under auto, CUDA tensors take the Triton kernel).
+TABLE = {
+    "reference": _Backend(_sinkhorn_reference, _ce_reference),
+    "torch": _Backend(_sinkhorn_torch, _ce_torch),
+    "cpp": _Backend(_sinkhorn_cpp, _ce_cpp),
+    "cuda": _Backend(_sinkhorn_cuda),
+    "triton": _Backend(_sinkhorn_triton, _ce_triton),
 }
+_METHOD = {"sinkhorn": "sinkhorn", "swav_cross_entropy": "cross_entropy"}
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The backend that serves `op` ("sinkhorn", "swav_cross_entropy", or the loss "swav",
+    which needs both) on `device` now; the public function calls it once per op."""
+    return choose(op, device, TABLE, _METHOD.get(op, "cross_entropy"))
+
+
+def backend_name(device: torch.device) -> str:
+    """The backend that serves sinkhorn on `device` now (kept for the benchmarks)."""
+    return backend_for("sinkhorn", device)
 
 
 @torch.library.custom_op("fastssl::swav_cross_entropy", mutates_args=())
 def _swav_ce_op(scores: torch.Tensor, targets: torch.Tensor, temperature: float,
-                compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _, impl = select("swav_cross_entropy", scores.device, SWAV_CE_BACKENDS)
-    return impl(scores, targets, float(temperature), bool(compute_grad))
+                compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return TABLE[backend].cross_entropy(scores, targets, float(temperature), bool(compute_grad))
 
 
 @_swav_ce_op.register_fake
-def _swav_ce_fake(scores, targets, temperature, compute_grad):
-    acc = accumulation_dtype(scores.dtype)
+def _swav_ce_fake(scores, targets, temperature, compute_grad, backend):
+    acc = accumulation_dtype(scores)
     grad_shape = scores.shape if compute_grad else (0,)
     return scores.new_empty((), dtype=acc), scores.new_empty(grad_shape, dtype=acc)
 
 
 def _swav_ce_setup_context(ctx, inputs, output):
-    scores, targets, temperature, _ = inputs
+    scores, targets, temperature, _, backend = inputs
     ctx.temperature = temperature
+    ctx.backend = backend
     ctx.score_dtype = scores.dtype
     ctx.target_dtype = targets.dtype
     ctx.save_for_backward(output[1], scores, targets)
@@ -239,22 +246,27 @@ def _swav_ce_backward(ctx, grad_loss, _grad_of_grad):
     g_scores = g_targets = None
     if ctx.needs_input_grad[0]:
         if saved_grad.dim() != 2:  # forward ran without compute_grad
-            _, saved_grad = _swav_ce_op(scores.detach(), targets.detach(), ctx.temperature, True)
+            # the forward's backend (never a new selection on the autograd thread)
+            _, saved_grad = _swav_ce_op(scores.detach(), targets.detach(), ctx.temperature, True,
+                                        ctx.backend)
         g_scores = (grad_loss * saved_grad).to(ctx.score_dtype)
     if ctx.needs_input_grad[1]:
-        acc = accumulation_dtype(scores.dtype)
+        acc = accumulation_dtype(scores)
         log_p = torch.log_softmax(scores.to(acc) / ctx.temperature, dim=1)
         g_targets = (-grad_loss * log_p).to(ctx.target_dtype)
-    return g_scores, g_targets, None, None
+    return g_scores, g_targets, None, None, None
 
 
 _swav_ce_op.register_autograd(_swav_ce_backward, setup_context=_swav_ce_setup_context)
 
 
 def swav_cross_entropy(scores: torch.Tensor, targets: torch.Tensor,
-                       temperature: float) -> torch.Tensor:
+                       temperature: float, backend: str | None = None) -> torch.Tensor:
     """-sum_b <targets[b], log_softmax(scores[b] / temperature)> (a scalar in the accumulation
-    dtype) of validated (B, K) scores and targets; differentiable in both."""
+    dtype) of validated (B, K) scores and targets; differentiable in both. `backend`: a name
+    chosen by :func:`backend_for` (None: choose now)."""
+    if backend is None:
+        backend = backend_for("swav_cross_entropy", scores.device)
     loss, _ = torch.ops.fastssl.swav_cross_entropy(scores, targets, float(temperature),
-                                                   bool(scores.requires_grad))
+                                                   bool(scores.requires_grad), backend)
     return loss

@@ -1,10 +1,10 @@
-"""fastssl.reference: plain-PyTorch ground truth for every loss and op of api.md.
+"""fastssl.reference: plain-PyTorch ground truth for every loss and op of docs/api.md.
 
 Each follows the upstream formulas step by step and materialises the full matrices; never the
 fast path, always the thing the fast paths are tested against."""
-from fastssl.reference.contrastive import nt_xent, info_nce, dcl, sogclr, sce
+from fastssl.reference.contrastive import nt_xent, info_nce, dcl, dclw, sogclr, sce
 from fastssl.reference.sphere import sfrik, sfrik_mmd, auh
 from fastssl.reference.sortnet import groco, soft_sort
 from fastssl.reference.swav import sinkhorn, swav
 
-__all__ = ['nt_xent', 'info_nce', 'dcl', 'sogclr', 'sce', 'sfrik', 'sfrik_mmd', 'auh', 'groco', 'soft_sort', 'sinkhorn', 'swav']
+__all__ = ['nt_xent', 'info_nce', 'dcl', 'dclw', 'sogclr', 'sce', 'sfrik', 'sfrik_mmd', 'auh', 'groco', 'soft_sort', 'sinkhorn', 'swav']

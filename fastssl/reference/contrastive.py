@@ -8,7 +8,7 @@ everything after the matmul (exp, log-softmax, means) in float32 (float64 for fl
 Under ``gather_distributed`` every rank computes its local rows against the gathered columns
 (``fastssl.distributed.gather``, whose backward sums over ranks) and passes its share of the
 global mean through ``reduce_loss``: the value is the single-process loss over the global batch,
-and each rank's gradient / W is the single-process gradient of its rows (api.md).
+and each rank's gradient / W is the single-process gradient of its rows (docs/api.md).
 """
 from __future__ import annotations
 
@@ -16,16 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
+from fastssl._checks import (check_dcl, check_dclw, check_info_nce, check_nt_xent,
+                             check_positive_weights, check_sce, check_sogclr)
 from fastssl._validation import accumulation_dtype
 
 LARGE_NUM = 1e9
-
-
-def _checks():
-    # The validation lives in fastssl.functional.contrastive (shared with the fast path);
-    # imported lazily because functional imports this module through the ops.
-    from fastssl.functional import contrastive
-    return contrastive
 
 
 def _layout(x: torch.Tensor, gather_distributed: bool):
@@ -38,7 +33,7 @@ def _layout(x: torch.Tensor, gather_distributed: bool):
 
 def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
     """SimCLR NT-Xent: the 2N x 2N self-masked similarity matrix, mean over the 2N anchors."""
-    _checks().check_nt_xent(z1, z2, temperature, gather_distributed)
+    check_nt_xent(z1, z2, temperature, gather_distributed)
     acc = accumulation_dtype(z1)
     dist_on, n, off = _layout(z1, gather_distributed)
     b = z1.shape[0]
@@ -61,7 +56,7 @@ def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
 
 def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False):
     """InfoNCE with the positives on the diagonal of q @ k.T; symmetric averages q->k and k->q."""
-    _checks().check_info_nce(q, k, temperature, symmetric, gather_distributed)
+    check_info_nce(q, k, temperature, symmetric, gather_distributed)
     acc = accumulation_dtype(q)
     dist_on, n, off = _layout(q, gather_distributed)
     b = q.shape[0]
@@ -79,10 +74,30 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
     return dist_utils.reduce_loss(share)
 
 
-def dcl(z1, z2, temperature=0.1, *, gather_distributed=False):
-    """lightly DCLLoss (weight_fn=None): -pos + LSE(same-view negatives) + LSE(cross-view
-    negatives without the positive), both directions averaged."""
-    _checks().check_dcl(z1, z2, temperature, gather_distributed)
+def vmf_weights(out0: torch.Tensor, out1: torch.Tensor, sigma: float = 0.5, *,
+                gather_distributed: bool = False) -> torch.Tensor:
+    """DCLW's positive weights (lightly ``negative_mises_fisher_weights``), without gradient:
+    w_i = 2 - N softmax_i(<out0_i, out1_i> / sigma), out0, out1 the normalised views and the
+    softmax over the N rows of the batch. Under ``gather_distributed`` the softmax runs over
+    the global batch (lightly's runs over the local rows), so that the value is the
+    single-process value on the global batch (docs/api.md)."""
+    acc = accumulation_dtype(out0)
+    with torch.no_grad():
+        sim = (out0.detach().to(acc) * out1.detach().to(acc)).sum(1) / sigma
+        if gather_distributed and dist_utils.is_distributed():
+            b = sim.shape[0]
+            sim_all = dist_utils.gather_no_grad(sim.contiguous(), name="dclw similarities")
+            off = dist_utils.row_offset(b)
+            return 2 - sim_all.shape[0] * torch.softmax(sim_all, dim=0)[off:off + b]
+        return 2 - sim.shape[0] * torch.softmax(sim, dim=0)
+
+
+def dcl(z1, z2, temperature=0.1, *, weight_fn=None, gather_distributed=False):
+    """lightly DCLLoss (>= 1.5.21) and Yeh et al. (ECCV 2022) Eq. 6: per anchor,
+    -w * pos + ONE log-sum-exp over its 2N-2 negatives (same view without itself, other view
+    without the positive), both directions averaged. `weight_fn(out0, out1) -> (B,)` weighs
+    the positive term (None: 1), applied to the normalised local rows as lightly does."""
+    check_dcl(z1, z2, temperature, weight_fn, gather_distributed)
     acc = accumulation_dtype(z1)
     dist_on, n, off = _layout(z1, gather_distributed)
     b = z1.shape[0]
@@ -98,17 +113,28 @@ def dcl(z1, z2, temperature=0.1, *, gather_distributed=False):
         sim_00 = (out0 @ out0_all.T).to(acc) / temperature
         sim_01 = (out0 @ out1_all.T).to(acc) / temperature
         positive = -sim_01[diag]
-        neg_00 = torch.logsumexp(sim_00[~diag].view(b, -1), dim=1)
-        neg_01 = torch.logsumexp(sim_01[~diag].view(b, -1), dim=1)
-        return (positive + neg_00 + neg_01).sum()
+        if weight_fn is not None:
+            positive = positive * check_positive_weights(weight_fn(out0, out1), b, out0).to(acc)
+        negatives = torch.cat([sim_00[~diag].view(b, -1), sim_01[~diag].view(b, -1)], dim=1)
+        return (positive + torch.logsumexp(negatives, dim=1)).sum()
 
     total = one_direction(z1, z2, z1_all, z2_all) + one_direction(z2, z1, z2_all, z1_all)
     return dist_utils.reduce_loss(total / (2 * n))
 
 
+def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False):
+    """lightly DCLWLoss: :func:`dcl` with the von Mises-Fisher weights :func:`vmf_weights`."""
+    check_dclw(z1, z2, temperature, sigma, gather_distributed)
+
+    def weight_fn(out0, out1):
+        return vmf_weights(out0, out1, sigma, gather_distributed=gather_distributed)
+
+    return dcl(z1, z2, temperature, weight_fn=weight_fn, gather_distributed=gather_distributed)
+
+
 def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=False):
     """SogCLR dynamic contrastive loss (``dynamic_contrastive_loss``), u updated in place."""
-    _checks().check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed)
+    check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed)
     acc = accumulation_dtype(z1)
     dist_on, n, off = _layout(z1, gather_distributed)
     b = z1.shape[0]
@@ -165,7 +191,7 @@ def sce(q, k, queue, *, coeff=0.5, temperature=0.1, temperature_m=0.07, use_keys
         gather_distributed=False):
     """eztorch ``compute_sce_loss``: target = L1-normalise(coeff*onehot + (1-coeff)*softmax of
     the key similarities at temperature_m); loss = cross-entropy with the query log-softmax."""
-    queue = _checks().check_sce(q, k, queue, coeff, temperature, temperature_m, use_keys,
+    queue = check_sce(q, k, queue, coeff, temperature, temperature_m, use_keys,
                                 gather_distributed)
     acc = accumulation_dtype(q)
     dist_on, n, off = _layout(q, gather_distributed)

@@ -11,53 +11,45 @@
 """
 from __future__ import annotations
 
-import diffsort
 import torch
 import torch.nn.functional as F
 
-from fastssl import distributed as D
-from fastssl._validation import (check_choice, check_embeddings, check_int, check_positive,
-                                 check_views, accumulation_dtype)
-
-NETWORKS = ("odd_even", "bitonic")
-DISTRIBUTIONS = ("cauchy", "reciprocal", "optimal", "logistic", "logistic_phi", "gaussian")
+from fastssl import distributed as dist_utils
+from fastssl._checks import DISTRIBUTIONS, NETWORKS, check_groco_args, check_soft_sort  # noqa: F401
+from fastssl._validation import accumulation_dtype
 
 _sorters: dict = {}
 
 
 def _sorter(network: str, n: int, steepness: float, distribution: str, art_lambda: float,
-            device: torch.device) -> diffsort.DiffSortNet:
+            device: torch.device):
+    """diffsort.DiffSortNet, cached; diffsort (the `dev` extra) is imported only here, so the
+    library imports and runs without it except for this reference sorting network."""
     key = (network, n, steepness, distribution, art_lambda, str(device))
     net = _sorters.get(key)
     if net is None:
+        try:
+            import diffsort
+        except ImportError as e:
+            raise ImportError("fastssl.reference's sorting network needs diffsort "
+                              "(pip install 'fastssl[dev]'); the other backends do not") from e
         net = diffsort.DiffSortNet(network, n, device=str(device), steepness=steepness,
                                    art_lambda=art_lambda, distribution=distribution)
         _sorters[key] = net
     return net
 
 
-def check_sort_args(network, steepness, distribution, art_lambda) -> float:
-    check_choice("network", network, NETWORKS)
-    check_choice("distribution", distribution, DISTRIBUTIONS)
-    steepness = check_positive("steepness", steepness)
-    if isinstance(art_lambda, bool) or not isinstance(art_lambda, (int, float)):
-        raise TypeError(f"art_lambda: expected a number, got {type(art_lambda).__name__}")
-    return steepness
-
-
 def soft_sort(x, *, network="odd_even", steepness=10.0, distribution="cauchy", art_lambda=0.25,
               return_permutation=True):
     """diffsort.DiffSortNet on (B, n) rows: (soft-sorted ascending values, P or None)."""
-    check_embeddings("x", x)
-    if x.shape[1] < 2:
-        raise ValueError(f"x: expected at least 2 columns to sort, got shape {tuple(x.shape)}")
-    steepness = check_sort_args(network, steepness, distribution, art_lambda)
+    steepness = check_soft_sort(x, network, steepness, distribution, art_lambda,
+                                return_permutation)
     sorter = _sorter(network, x.shape[1], steepness, distribution, float(art_lambda), x.device)
     y, P = sorter(x)
     return y, (P if return_permutation else None)
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
+def _normalize(x: torch.Tensor) -> torch.Tensor:
     # utils.py's all-to-all cosine: a / max(||a||, 1e-8) on each side, then mm.
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
@@ -71,7 +63,7 @@ def groco_anchor_rows(anchor, positives, negatives, self_offset, *, topk_neg, st
     """One anchor view: (mean BCE loss over its rows, sims (B, n)) as upstream computes it."""
     pos_sims = torch.stack([F.cosine_similarity(anchor, p.detach(), dim=1) for p in positives],
                            dim=1)
-    neg_sims = _normalise(anchor) @ _normalise(negatives.detach()).T
+    neg_sims = _normalize(anchor) @ _normalize(negatives.detach()).T
     b = anchor.shape[0]
     rows = torch.arange(b, device=anchor.device)
     mask = torch.zeros_like(neg_sims, dtype=torch.bool)
@@ -91,31 +83,11 @@ def groco_anchor_rows(anchor, positives, negatives, self_offset, *, topk_neg, st
     return (_bce(q_pos, t_pos) + _bce(q_neg, t_neg)) / 2, sims
 
 
-def check_groco_args(views, topk_neg, steepness, n_pos_views, network, distribution,
-                     gathered: bool):
-    """Validate GroCo's arguments; `gathered` counts the global batch (rows x world size)."""
-    views = check_views("views", views, min_views=2)
-    check_int("topk_neg", topk_neg, minimum=1)
-    steepness = check_sort_args(network, steepness, distribution, 0.25)
-    n_views = len(views)
-    if n_pos_views is None:
-        n_pos_views = n_views
-    check_int("n_pos_views", n_pos_views, minimum=2, maximum=n_views)
-    world = D.world_size() if gathered else 1
-    b_global = views[0].shape[0] * world
-    if b_global < topk_neg + 1:
-        raise ValueError(f"views: GroCo needs a batch of at least topk_neg + 1 = {topk_neg + 1} "
-                         f"rows (each anchor needs topk_neg other images), got {b_global} "
-                         f"(shape {tuple(views[0].shape)} on {world} rank(s))")
-    return views, steepness, n_pos_views
-
-
 def groco(views, *, topk_neg=10, steepness=1.0, n_pos_views=None, network="odd_even",
           distribution="cauchy", gather_distributed=False):
-    """GroCo loss, upstream formulation; gather_distributed per api.md (gather + reduce_loss)."""
-    dist_on = bool(gather_distributed) and D.is_distributed()
-    views, steepness, n_pos_views = check_groco_args(views, topk_neg, steepness, n_pos_views,
-                                                     network, distribution, dist_on)
+    """GroCo loss, upstream formulation; gather_distributed per docs/api.md (gather + reduce_loss)."""
+    views, steepness, n_pos_views, dist_on = check_groco_args(
+        views, topk_neg, steepness, n_pos_views, network, distribution, gather_distributed)
     acc = accumulation_dtype(views[0])
     views = [v.to(acc) for v in views]
     n_views = len(views)
@@ -124,8 +96,8 @@ def groco(views, *, topk_neg=10, steepness=1.0, n_pos_views=None, network="odd_e
     for i, anchor in enumerate(views):
         positives = [views[j] for j in range(n_pos_views) if j != i]
         if dist_on:
-            negatives = D.gather(anchor.detach(), name=f"views[{i}]")
-            offset = D.row_offset(b)
+            negatives = dist_utils.gather(anchor.detach(), name=f"views[{i}]")
+            offset = dist_utils.row_offset(b)
         else:
             negatives, offset = anchor.detach(), 0
         loss_i, _ = groco_anchor_rows(anchor, positives, negatives, offset, topk_neg=topk_neg,
@@ -135,5 +107,5 @@ def groco(views, *, topk_neg=10, steepness=1.0, n_pos_views=None, network="odd_e
     loss = total / n_views
     if dist_on:
         # this rank's rows are 1/W of the global mean; reduce_loss restores value and gradient
-        loss = D.reduce_loss(loss / D.world_size())
+        loss = dist_utils.reduce_loss(loss / dist_utils.world_size())
     return loss

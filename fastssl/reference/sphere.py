@@ -5,7 +5,7 @@ whose backward sums over ranks, like upstream's FullGatherLayer), one full Gram 
 a kernel of the Gram, a mean. The only departure is the MSE term under gather_distributed:
 upstream keeps it local and lets DDP average it; here its global mean goes through
 ``reduce_loss`` so that the returned value is the single-process value on the global batch
-(api.md promise 1) with the same DDP gradient.
+(docs/api.md promise 1) with the same DDP gradient.
 
 Low precision follows upstream AMP: normalisation, kernel and means in float32, the Gram
 matmul in the input dtype (autocast's fp16/bf16 GEMM).
@@ -18,17 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
-from fastssl._validation import (accumulation_dtype, check_embeddings, check_nonnegative,
-                                 check_pair, check_positive, check_weights)
-
-
-def check_sphere_dim(name: str, z: torch.Tensor) -> int:
-    """The Gegenbauer normalisation divides by D - 1: D = 1 has no such polynomials."""
-    d = z.shape[1]
-    if d < 2:
-        raise ValueError(f"{name}: the Gegenbauer kernel needs an embedding dimension D >= 2, "
-                         f"got shape {tuple(z.shape)}")
-    return d
+from fastssl._checks import check_auh, check_sfrik, check_sfrik_mmd, check_sphere_dim  # noqa: F401
+from fastssl._validation import accumulation_dtype
 
 
 def gegenbauer(t: torch.Tensor, degree: int, dim: int) -> torch.Tensor:
@@ -101,20 +92,17 @@ def _out(loss: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def sfrik_mmd(z, *, weights=(1.0, 40.0, 40.0), gather_distributed=False):
-    check_embeddings("z", z)
-    weights = check_weights("weights", weights)
-    dim = check_sphere_dim("z", z)
+    weights = check_sfrik_mmd(z, weights, gather_distributed)
+    dim = z.shape[1]
     emb = _gather(_normalize(z), gather_distributed, "z")
     return _out(_mmd_full(emb, weights, dim, z.dtype), z)
 
 
 def sfrik(z1, z2, *, weights=(1.0, 40.0, 40.0), sim_coeff=4000.0, mmd_coeff=1.0,
           gather_distributed=False):
-    check_pair("z1", z1, "z2", z2)
-    weights = check_weights("weights", weights)
-    dim = check_sphere_dim("z1", z1)
-    sim_coeff = check_nonnegative("sim_coeff", sim_coeff)
-    mmd_coeff = check_nonnegative("mmd_coeff", mmd_coeff)
+    weights, sim_coeff, mmd_coeff = check_sfrik(z1, z2, weights, sim_coeff, mmd_coeff,
+                                                gather_distributed)
+    dim = z1.shape[1]
     x, y = _normalize(z1), _normalize(z2)
     repr_loss = _mse_global(x, y, gather_distributed)
     x, y = _gather(x, gather_distributed, "z1"), _gather(y, gather_distributed, "z2")
@@ -131,14 +119,8 @@ def _uniformity(emb: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Te
 
 
 def auh(z1, z2, *, sim_coeff=3000.0, unif_coeff=1.0, scale=2.5, gather_distributed=False):
-    check_pair("z1", z1, "z2", z2)
-    sim_coeff = check_nonnegative("sim_coeff", sim_coeff)
-    unif_coeff = check_nonnegative("unif_coeff", unif_coeff)
-    scale = check_positive("scale", scale)
-    w = dist_utils.world_size() if gather_distributed and dist_utils.is_distributed() else 1
-    if z1.shape[0] * w < 2:
-        raise ValueError(f"z1: the uniformity term needs a global batch of at least 2 rows, "
-                         f"got shape {tuple(z1.shape)} on {w} rank(s)")
+    sim_coeff, unif_coeff, scale = check_auh(z1, z2, sim_coeff, unif_coeff, scale,
+                                             gather_distributed)
     x, y = _normalize(z1), _normalize(z2)
     repr_loss = _mse_global(x, y, gather_distributed)
     x, y = _gather(x, gather_distributed, "z1"), _gather(y, gather_distributed, "z2")

@@ -12,32 +12,30 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastssl import distributed as D
-from fastssl._validation import check_embeddings, check_int, check_positive, check_views
+from fastssl import distributed as dist_utils
+from fastssl._checks import check_sinkhorn, check_swav
 
 
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3,
              gather_distributed: bool = False) -> torch.Tensor:
     """Upstream ``distributed_sinkhorn`` on (B, K) scores; returns (B, K) codes, rows sum to 1."""
-    check_embeddings("scores", scores)
-    check_positive("epsilon", epsilon)
-    check_int("iterations", iterations, minimum=1)
-    use_dist = bool(gather_distributed) and D.is_distributed()
+    check_sinkhorn(scores, epsilon, iterations, gather_distributed)
+    use_dist = bool(gather_distributed) and dist_utils.is_distributed()
 
     Q = torch.exp(scores.detach() / epsilon).t()  # (K, B_local)
-    B = Q.shape[1] * (D.world_size() if use_dist else 1)  # global sample count
+    B = Q.shape[1] * (dist_utils.world_size() if use_dist else 1)  # global sample count
     K = Q.shape[0]
 
     sum_Q = torch.sum(Q)
     if use_dist:
-        D.all_reduce_sum(sum_Q)
+        dist_utils.all_reduce_sum(sum_Q)
     Q = Q / sum_Q
     for _ in range(iterations):
         # prototypes (rows): global sums, each prototype gets total mass 1/K
         sum_of_rows = torch.sum(Q, dim=1, keepdim=True)
         if use_dist:
-            D.all_reduce_sum(sum_of_rows)
+            dist_utils.all_reduce_sum(sum_of_rows)
         Q = Q / sum_of_rows
         Q = Q / K
         # samples (columns): local sums, each sample gets total mass 1/B
@@ -57,14 +55,10 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
     `queue_scores[i]` prepended and only the last B rows kept); each other crop predicts them
     through ``log_softmax(scores / temperature)``.
     """
-    views = check_views("scores", scores, min_views=2)
+    views, queue_scores = check_swav(scores, n_assign_crops, temperature, epsilon,
+                                     sinkhorn_iterations, queue_scores, gather_distributed)
     n_crops = len(views)
-    check_int("n_assign_crops", n_assign_crops, minimum=1, maximum=n_crops)
-    check_positive("temperature", temperature)
     bs = views[0].shape[0]
-    if queue_scores is not None and len(queue_scores) != n_assign_crops:
-        raise ValueError(f"queue_scores: expected {n_assign_crops} tensors (one per assigned crop), "
-                         f"got {len(queue_scores)}")
 
     loss = 0
     for crop_id in range(n_assign_crops):
@@ -82,7 +76,7 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
             subloss = subloss - torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
         loss = loss + subloss / (n_crops - 1)
     loss = loss / n_assign_crops
-    if gather_distributed and D.is_distributed():
-        # upstream's loss is local per rank; api.md's value is the global mean
-        loss = D.reduce_loss(loss / D.world_size())
+    if gather_distributed and dist_utils.is_distributed():
+        # upstream's loss is local per rank; docs/api.md's value is the global mean
+        loss = dist_utils.reduce_loss(loss / dist_utils.world_size())
     return loss

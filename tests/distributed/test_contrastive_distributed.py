@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fastssl
 from fastssl import distributed as D
-from fastssl import functional as FF
+from fastssl import functional
 from fastssl import losses as L
 from fastssl.testing import run_torchrun
 
@@ -24,13 +24,14 @@ def _queue():
 
 
 CASES = {
-    "nt_xent": lambda a, b, gd: FF.nt_xent(a, b, 0.2, gather_distributed=gd),
-    "info_nce": lambda a, b, gd: FF.info_nce(a, b, 0.2, gather_distributed=gd),
-    "info_nce_sym": lambda a, b, gd: FF.info_nce(a, b, 0.2, symmetric=True, gather_distributed=gd),
-    "dcl": lambda a, b, gd: FF.dcl(a, b, 0.2, gather_distributed=gd),
-    "sce": lambda a, b, gd: FF.sce(a, b, _queue(), coeff=0.3, gather_distributed=gd),
-    "sce_keys": lambda a, b, gd: FF.sce(a, b, _queue(), use_keys=True, gather_distributed=gd),
-    "sce_keys_noqueue": lambda a, b, gd: FF.sce(a, b, None, use_keys=True, gather_distributed=gd),
+    "nt_xent": lambda a, b, gd: functional.nt_xent(a, b, 0.2, gather_distributed=gd),
+    "info_nce": lambda a, b, gd: functional.info_nce(a, b, 0.2, gather_distributed=gd),
+    "info_nce_sym": lambda a, b, gd: functional.info_nce(a, b, 0.2, symmetric=True, gather_distributed=gd),
+    "dcl": lambda a, b, gd: functional.dcl(a, b, 0.2, gather_distributed=gd),
+    "dclw": lambda a, b, gd: functional.dclw(a, b, 0.2, sigma=0.3, gather_distributed=gd),
+    "sce": lambda a, b, gd: functional.sce(a, b, _queue(), coeff=0.3, gather_distributed=gd),
+    "sce_keys": lambda a, b, gd: functional.sce(a, b, _queue(), use_keys=True, gather_distributed=gd),
+    "sce_keys_noqueue": lambda a, b, gd: functional.sce(a, b, None, use_keys=True, gather_distributed=gd),
 }
 # SogCLR batches (global indices): first visit, revisit, a permutation of seen samples, then
 # all new samples. Every rank sees the same seen/unseen status as the global batch, so the
@@ -76,7 +77,7 @@ def _run_all(world, rank, gather):
                 index = sl(torch.tensor(idx[:ROWS * world]))
                 a = sl(a_all).clone().requires_grad_(True)
                 b = sl(b_all).clone().requires_grad_(True)
-                loss = FF.sogclr(a, b, index, u, gamma=0.7, temperature=0.2,
+                loss = functional.sogclr(a, b, index, u, gamma=0.7, temperature=0.2,
                                  gather_distributed=gather)
                 loss.backward()
                 out[backend, "sogclr", step] = (loss.detach(), a.grad / scale, b.grad / scale)

@@ -1,4 +1,4 @@
-"""GroCo with gather_distributed=True under torchrun (gloo): api.md's two promises."""
+"""GroCo with gather_distributed=True under torchrun (gloo): docs/api.md's two promises."""
 import pytest
 import torch
 

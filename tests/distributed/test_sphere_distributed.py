@@ -1,6 +1,6 @@
 """sfrik_mmd, sfrik and auh with gather_distributed=True under torchrun (gloo, CPU).
 
-api.md: the loss on every rank equals the single-process loss on the concatenated batch, and
+docs/api.md: the loss on every rank equals the single-process loss on the concatenated batch, and
 each rank's input gradient / W equals the single-process gradient of its rows. Checked for the
 default (auto) fast path, the Triton kernels (interpreter on CPU) and the reference.
 """
@@ -10,7 +10,7 @@ import torch
 import fastssl
 from fastssl._backend import can_serve
 from fastssl import distributed as D
-from fastssl import functional as Fn
+from fastssl import functional
 from fastssl import reference as R
 from fastssl.testing import run_torchrun
 
@@ -53,10 +53,10 @@ def worker(with_triton):
     rows = slice(r * ROWS, (r + 1) * ROWS)
     results = {}
     with fastssl.use_backend("auto"):
-        results["fast"] = _evaluate(Fn, z1[rows], z2[rows], True, scale=w)
+        results["fast"] = _evaluate(functional, z1[rows], z2[rows], True, scale=w)
     if with_triton and can_serve("triton", z1.device)[0]:
         with fastssl.use_backend("triton"):
-            results["triton"] = _evaluate(Fn, z1[rows], z2[rows], True, scale=w)
+            results["triton"] = _evaluate(functional, z1[rows], z2[rows], True, scale=w)
     results["reference"] = _evaluate(R, z1[rows], z2[rows], True, scale=w)
     return results
 

@@ -1,12 +1,12 @@
 """SwAV under torchrun (2 gloo ranks): distributed Sinkhorn equals one process on the
-concatenated batch; the swav loss keeps api.md's value and gradient promises."""
+concatenated batch; the swav loss keeps docs/api.md's value and gradient promises."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastssl
 from fastssl import distributed as D
-from fastssl import functional as Fn
+from fastssl import functional
 from fastssl import reference as R
 from fastssl.testing import assert_close, run_torchrun
 
@@ -36,13 +36,13 @@ def worker_all():
     out = {}
     for b in SINKHORN_BACKENDS:
         with fastssl.use_backend(b):
-            out[b] = Fn.sinkhorn(mine, gather_distributed=True)
-            out[b + "_queue"] = Fn.sinkhorn(torch.cat([my_queue, mine]), gather_distributed=True)
-            out[b + "_local"] = Fn.sinkhorn(mine, gather_distributed=False)
+            out[b] = functional.sinkhorn(mine, gather_distributed=True)
+            out[b + "_queue"] = functional.sinkhorn(torch.cat([my_queue, mine]), gather_distributed=True)
+            out[b + "_local"] = functional.sinkhorn(mine, gather_distributed=False)
     out["reference_fn"] = R.sinkhorn(mine, gather_distributed=True)
     for backend, use_reference in SWAV_CASES:
         views = [v[r * B_LOCAL:(r + 1) * B_LOCAL].clone().requires_grad_(True) for v in _global_scores(w)]
-        fn = R.swav if use_reference else Fn.swav
+        fn = R.swav if use_reference else functional.swav
         with fastssl.use_backend(backend):
             loss = fn(views, n_assign_crops=2, gather_distributed=True)
         loss.backward()

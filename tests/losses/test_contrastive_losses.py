@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastssl
-from fastssl import functional as FF
+from fastssl import functional
 from fastssl import losses as L
 from fastssl import reference as R
 
@@ -58,7 +58,7 @@ BAD = [
 @pytest.mark.parametrize("case", range(len(BAD)))
 def test_bad_inputs(module, case):
     call, exc, words = BAD[case]
-    f = FF if module == "functional" else R
+    f = functional if module == "functional" else R
     with pytest.raises(exc) as info:
         call(f)
     assert type(info.value) is exc
@@ -69,18 +69,18 @@ def test_bad_inputs(module, case):
 def test_non_finite_inputs_raise_only_when_enabled():
     bad = X.clone()
     bad[0, 0] = float("nan")
-    FF.nt_xent(bad, Y)  # off by default: no check, no exception
+    functional.nt_xent(bad, Y)  # off by default: no check, no exception
     fastssl.set_check_finite(True)
     try:
         with pytest.raises(ValueError, match="z1"):
-            FF.nt_xent(bad, Y)
+            functional.nt_xent(bad, Y)
     finally:
         fastssl.set_check_finite(False)
 
 
 @pytest.mark.parametrize("cls,fn,kw", [
-    (L.NTXentLoss, FF.nt_xent, {"temperature": 0.3}),
-    (L.DCLLoss, FF.dcl, {"temperature": 0.3}),
+    (L.NTXentLoss, functional.nt_xent, {"temperature": 0.3}),
+    (L.DCLLoss, functional.dcl, {"temperature": 0.3}),
 ])
 def test_stateless_modules_match_functional(cls, fn, kw):
     m = cls(**kw)
@@ -90,7 +90,7 @@ def test_stateless_modules_match_functional(cls, fn, kw):
 
 def test_infonce_module():
     m = L.InfoNCELoss(temperature=0.2, symmetric=True)
-    torch.testing.assert_close(m(X, Y), FF.info_nce(X, Y, 0.2, symmetric=True))
+    torch.testing.assert_close(m(X, Y), functional.info_nce(X, Y, 0.2, symmetric=True))
 
 
 def test_sogclr_module_buffer_and_updates():
@@ -100,7 +100,7 @@ def test_sogclr_module_buffer_and_updates():
     u = torch.zeros(10)
     for _ in range(2):
         out = m(X, Y, IDX)
-        ref = FF.sogclr(X, Y, IDX, u, gamma=0.5, temperature=0.2)
+        ref = functional.sogclr(X, Y, IDX, u, gamma=0.5, temperature=0.2)
         torch.testing.assert_close(out, ref)
     torch.testing.assert_close(m.u, u)
     assert (m.u[:4] > 0).all() and (m.u[4:] == 0).all()
@@ -123,7 +123,7 @@ def test_sce_module_queue_and_enqueue():
     q, k = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
     loss = m(q, k)
     # The loss used the queue as it was before the call.
-    torch.testing.assert_close(loss, FF.sce(q, k, before, coeff=0.5))
+    torch.testing.assert_close(loss, functional.sce(q, k, before, coeff=0.5))
     loss.backward()
     assert q.grad is not None
     torch.testing.assert_close(m.queue[:4], F.normalize(k, dim=1))
@@ -152,7 +152,7 @@ def test_sce_module_more_keys_than_queue():
 def test_sce_module_without_queue():
     m = L.SCELoss(dim=3, queue_size=0, use_keys=True)
     assert m.queue.shape == (0, 3)
-    torch.testing.assert_close(m(X, Y), FF.sce(X, Y, None, use_keys=True))
+    torch.testing.assert_close(m(X, Y), functional.sce(X, Y, None, use_keys=True))
     with pytest.raises(ValueError, match="queue_size"):
         L.SCELoss(dim=3, queue_size=0)
     with pytest.raises(ValueError, match="queue_size"):

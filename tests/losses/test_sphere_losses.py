@@ -4,7 +4,7 @@ import torch
 from conftest import backend_params
 
 import fastssl
-from fastssl import functional as Fn
+from fastssl import functional
 from fastssl import losses as L
 from fastssl import reference as R
 from fastssl.testing import assert_close, assert_lowp_rule
@@ -45,7 +45,7 @@ def _run(module, name, z1, z2, backend=None, **kw):
 @pytest.mark.parametrize("shape", [(13, 3), (17, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_matches_reference_fp32(backend, device, name, shape):
     z1, z2 = _pair(*shape, device=device)
-    out, grads = _run(Fn, name, z1, z2, backend)
+    out, grads = _run(functional, name, z1, z2, backend)
     ref, ref_grads = _run(R, name, z1, z2)
     assert out.dtype == torch.float32 and out.shape == ()
     assert_close(out, ref, msg=name)
@@ -60,7 +60,7 @@ def test_matches_reference_fp32(backend, device, name, shape):
 def test_number_of_weights_float64(backend, device, weights):
     z1, z2 = _pair(11, 7, torch.float64, device, seed=1)
     for name in ("sfrik_mmd", "sfrik"):
-        out, grads = _run(Fn, name, z1, z2, backend, weights=weights)
+        out, grads = _run(functional, name, z1, z2, backend, weights=weights)
         ref, ref_grads = _run(R, name, z1, z2, weights=weights)
         assert out.dtype == torch.float64
         assert_close(out, ref)
@@ -73,7 +73,7 @@ def test_number_of_weights_float64(backend, device, weights):
 @pytest.mark.parametrize("name", list(CALLS))
 def test_low_precision_rule(backend, device, dtype, name):
     z1, z2 = _pair(15, 24, dtype, device, seed=2)
-    out, grads = _run(Fn, name, z1, z2, backend)
+    out, grads = _run(functional, name, z1, z2, backend)
     ref_low, ref_low_grads = _run(R, name, z1, z2)
     ref_high, ref_high_grads = _run(R, name, z1.float(), z2.float())
     assert out.dtype == torch.float32 and ref_low.dtype == torch.float32
@@ -87,23 +87,23 @@ def test_invariants_through_fast_path():
     gen = torch.Generator().manual_seed(3)
     c = torch.randn(1, 9, generator=gen).expand(12, 9).contiguous()
     with fastssl.use_backend("torch"):
-        torch.testing.assert_close(Fn.sfrik_mmd(c), torch.tensor(81.0))
-        torch.testing.assert_close(Fn.auh(c, c), torch.tensor(0.0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(functional.sfrik_mmd(c), torch.tensor(81.0))
+        torch.testing.assert_close(functional.auh(c, c), torch.tensor(0.0), atol=1e-6, rtol=0)
         q = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))[0][:8]
-        torch.testing.assert_close(Fn.sfrik_mmd(q),
+        torch.testing.assert_close(functional.sfrik_mmd(q),
                                    torch.tensor(81 / 8 - 40 * 7 / (8 * 15), dtype=torch.float64))
         z1, z2 = _pair(20, 6, seed=4)
-        assert Fn.sfrik_mmd(z1).item() >= 0
-        assert Fn.auh(z1, z2, sim_coeff=0.0).item() <= 0
+        assert functional.sfrik_mmd(z1).item() >= 0
+        assert functional.auh(z1, z2, sim_coeff=0.0).item() <= 0
 
 
 def test_modules_match_functional():
     z1, z2 = _pair(10, 8, seed=5)
     m = L.SFRIKLoss(weights=(1.0, 2.0), sim_coeff=10.0, mmd_coeff=2.0)
-    torch.testing.assert_close(m(z1, z2), Fn.sfrik(z1, z2, weights=(1.0, 2.0), sim_coeff=10.0,
+    torch.testing.assert_close(m(z1, z2), functional.sfrik(z1, z2, weights=(1.0, 2.0), sim_coeff=10.0,
                                                    mmd_coeff=2.0))
     a = L.AUHLoss(sim_coeff=5.0, unif_coeff=0.5, scale=1.5)
-    torch.testing.assert_close(a(z1, z2), Fn.auh(z1, z2, sim_coeff=5.0, unif_coeff=0.5, scale=1.5))
+    torch.testing.assert_close(a(z1, z2), functional.auh(z1, z2, sim_coeff=5.0, unif_coeff=0.5, scale=1.5))
     assert "weights=(1.0, 2.0)" in repr(m) and "scale=1.5" in repr(a)
     assert len(m.state_dict()) == 0 and len(a.state_dict()) == 0
     with pytest.raises(ValueError, match="weights"):
@@ -115,10 +115,10 @@ def test_modules_match_functional():
 def test_default_dispatch_and_compile():
     z1, z2 = _pair(9, 5, seed=6)
     ref = R.sfrik(z1, z2)
-    assert_close(Fn.sfrik(z1, z2), ref)
+    assert_close(functional.sfrik(z1, z2), ref)
 
     def step(a, b):
-        return Fn.sfrik(a, b) + Fn.auh(a, b)
+        return functional.sfrik(a, b) + functional.auh(a, b)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     a1, b1 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
@@ -133,7 +133,7 @@ def test_default_dispatch_and_compile():
 
 def test_bad_inputs():
     z = torch.randn(6, 4)
-    for fn in (Fn.sfrik_mmd, R.sfrik_mmd):
+    for fn in (functional.sfrik_mmd, R.sfrik_mmd):
         with pytest.raises(ValueError, match="z.*D >= 2"):
             fn(torch.randn(6, 1))
         with pytest.raises(ValueError, match="weights"):
@@ -150,7 +150,7 @@ def test_bad_inputs():
             fn(torch.randn(0, 4))
         with pytest.raises(TypeError, match="z"):
             fn(z.numpy())
-    for fn in (Fn.sfrik, Fn.auh, R.sfrik, R.auh):
+    for fn in (functional.sfrik, functional.auh, R.sfrik, R.auh):
         with pytest.raises(ValueError, match="z2"):
             fn(z, torch.randn(5, 4))
         with pytest.raises(TypeError, match="z2"):
@@ -158,10 +158,10 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match="sim_coeff"):
             fn(z, z, sim_coeff=-1.0)
     with pytest.raises(ValueError, match="z1.*D >= 2"):
-        Fn.sfrik(torch.randn(6, 1), torch.randn(6, 1))
+        functional.sfrik(torch.randn(6, 1), torch.randn(6, 1))
     with pytest.raises(ValueError, match="mmd_coeff"):
-        Fn.sfrik(z, z, mmd_coeff=float("inf"))
-    for fn in (Fn.auh, R.auh):
+        functional.sfrik(z, z, mmd_coeff=float("inf"))
+    for fn in (functional.auh, R.auh):
         with pytest.raises(ValueError, match="scale"):
             fn(z, z, scale=0.0)
         with pytest.raises(ValueError, match="unif_coeff"):
@@ -170,7 +170,7 @@ def test_bad_inputs():
             fn(torch.randn(1, 4), torch.randn(1, 4))
     with fastssl.use_backend("cpp"):
         with pytest.raises(RuntimeError, match="cpp"):
-            Fn.sfrik_mmd(z)
+            functional.sfrik_mmd(z)
 
 
 def test_check_finite():
@@ -179,6 +179,6 @@ def test_check_finite():
     fastssl.set_check_finite(True)
     try:
         with pytest.raises(ValueError, match="z1"):
-            Fn.sfrik(z, z.clone())
+            functional.sfrik(z, z.clone())
     finally:
         fastssl.set_check_finite(False)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import backend_params
 
 import fastssl
-from fastssl import functional as Fn
+from fastssl import functional
 from fastssl import reference as R
 from fastssl.functional.swav import freeze_prototypes_grad, normalize_prototypes_
 from fastssl.losses import SwAVLoss
@@ -40,7 +40,7 @@ def test_values_and_gradients_match_reference(backend, device, dtype, n_crops, n
     kw = dict(n_assign_crops=n_assign, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3)
     ref_v, ref_g = _value_and_grads(R.swav, views, **kw)
     with fastssl.use_backend(backend):
-        v, g = _value_and_grads(Fn.swav, views, **kw)
+        v, g = _value_and_grads(functional.swav, views, **kw)
     assert v.dtype == dtype and v.dim() == 0
     assert_close(v, ref_v)
     for a, b in zip(g, ref_g):
@@ -54,7 +54,7 @@ def test_queue_scores_match_reference(backend):
     queue = [t.detach() for t in _crops(2, 8, 7, dtype=torch.float64, seed=5)]
     ref_v, ref_g = _value_and_grads(R.swav, views, queue_scores=queue)
     with fastssl.use_backend(backend):
-        v, g = _value_and_grads(Fn.swav, views, queue_scores=queue)
+        v, g = _value_and_grads(functional.swav, views, queue_scores=queue)
     assert_close(v, ref_v)
     for a, b in zip(g, ref_g):
         assert_close(a, b)
@@ -67,19 +67,19 @@ def test_gradcheck_float64(backend):
     views = _crops(3, 3, 5, dtype=torch.float64)
     with fastssl.use_backend(backend):
         assert torch.autograd.gradcheck(
-            lambda a, b: Fn.swav([views[0].detach(), a, b], n_assign_crops=1), tuple(views[1:]))
+            lambda a, b: functional.swav([views[0].detach(), a, b], n_assign_crops=1), tuple(views[1:]))
 
 
 def test_uniform_scores_give_log_k():
     views = [torch.zeros(4, 3000) for _ in range(3)]
-    assert abs(Fn.swav(views).item() - math.log(3000)) < 1e-5
+    assert abs(functional.swav(views).item() - math.log(3000)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(dtype):
     # eps = 0.05 overflows the float16 reference (Sinkhorn's exp); fastssl computes in float32
     views = _crops(4, 8, 12, dtype=dtype)
-    loss = Fn.swav(views)
+    loss = functional.swav(views)
     grads = torch.autograd.grad(loss, views)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
@@ -95,7 +95,7 @@ def test_low_precision(dtype):
 def test_module_without_queue_equals_functional():
     views = _crops(4, 5, 9)
     loss = SwAVLoss(temperature=0.2, epsilon=0.03, sinkhorn_iterations=2, n_assign_crops=2)
-    assert_close(loss(views), Fn.swav(views, temperature=0.2, epsilon=0.03, sinkhorn_iterations=2))
+    assert_close(loss(views), functional.swav(views, temperature=0.2, epsilon=0.03, sinkhorn_iterations=2))
     assert len(loss.state_dict()) == 2  # queue, queue_count (empty queue)
 
 
@@ -166,12 +166,19 @@ def test_queue_errors():
         SwAVLoss(queue_length=8)(scores)
     with pytest.raises(ValueError, match="queue_length"):
         SwAVLoss(queue_length=2)(scores, embeddings=emb)
+    # issue 12 item 6: prototypes are required from the FIRST call with a queue, not only once
+    # the queue is full (the old code accepted this call and failed steps later)
     full = SwAVLoss(queue_length=4)
-    full(scores, embeddings=emb)
+    with pytest.raises(ValueError, match="prototypes: required"):
+        full(scores, embeddings=emb)
+    assert int(full.queue_count) == 0  # nothing was pushed by the refused call
+    full(scores, embeddings=emb, prototypes=protos)
     with pytest.raises(ValueError, match="prototypes"):
         full(scores, embeddings=emb)
     with pytest.raises(ValueError, match="prototypes"):
         full(scores, embeddings=emb, prototypes=protos[:, :5])
+    with pytest.raises(ValueError, match="prototypes"):
+        SwAVLoss(queue_length=4)(scores, embeddings=emb, prototypes=protos[:, :5])
 
 
 def test_normalize_prototypes_in_place():
@@ -202,18 +209,18 @@ def test_freeze_prototypes_grad():
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda v: Fn.swav(v[:1]), ValueError, "scores"),
-    (lambda v: Fn.swav(v[0]), TypeError, "scores"),
-    (lambda v: Fn.swav([v[0], v[1][:3]]), ValueError, "scores"),
-    (lambda v: Fn.swav([v[0], v[1].double()]), TypeError, "scores"),
-    (lambda v: Fn.swav(v, n_assign_crops=4), ValueError, "n_assign_crops"),
-    (lambda v: Fn.swav(v, n_assign_crops=0), ValueError, "n_assign_crops"),
-    (lambda v: Fn.swav(v, temperature=0.0), ValueError, "temperature"),
-    (lambda v: Fn.swav(v, epsilon=-1.0), ValueError, "epsilon"),
-    (lambda v: Fn.swav(v, sinkhorn_iterations=0), ValueError, "sinkhorn_iterations"),
-    (lambda v: Fn.swav(v, queue_scores=[torch.randn(4, 10)]), ValueError, "queue_scores"),
-    (lambda v: Fn.swav(v, queue_scores=[torch.randn(4, 9)] * 2), ValueError, "queue_scores"),
-    (lambda v: Fn.swav(v, queue_scores=torch.randn(4, 10)), TypeError, "queue_scores"),
+    (lambda v: functional.swav(v[:1]), ValueError, "scores"),
+    (lambda v: functional.swav(v[0]), TypeError, "scores"),
+    (lambda v: functional.swav([v[0], v[1][:3]]), ValueError, "scores"),
+    (lambda v: functional.swav([v[0], v[1].double()]), TypeError, "scores"),
+    (lambda v: functional.swav(v, n_assign_crops=4), ValueError, "n_assign_crops"),
+    (lambda v: functional.swav(v, n_assign_crops=0), ValueError, "n_assign_crops"),
+    (lambda v: functional.swav(v, temperature=0.0), ValueError, "temperature"),
+    (lambda v: functional.swav(v, epsilon=-1.0), ValueError, "epsilon"),
+    (lambda v: functional.swav(v, sinkhorn_iterations=0), ValueError, "sinkhorn_iterations"),
+    (lambda v: functional.swav(v, queue_scores=[torch.randn(4, 10)]), ValueError, "queue_scores"),
+    (lambda v: functional.swav(v, queue_scores=[torch.randn(4, 9)] * 2), ValueError, "queue_scores"),
+    (lambda v: functional.swav(v, queue_scores=torch.randn(4, 10)), TypeError, "queue_scores"),
     (lambda v: SwAVLoss(temperature=-1), ValueError, "temperature"),
     (lambda v: SwAVLoss(queue_length=-1), ValueError, "queue_length"),
     (lambda v: SwAVLoss(n_assign_crops=3)(v[:2]), ValueError, "n_assign_crops"),

@@ -7,28 +7,37 @@ import torch.nn.functional as F
 from conftest import backend_params
 
 import fastssl
-from fastssl import functional as FF
+from fastssl import functional
 from fastssl.ops import contrastive as ops
 from fastssl.testing import assert_close, assert_lowp_rule
 
-LOSSES = ["nt_xent", "info_nce", "info_nce_sym", "dcl", "sce", "sce_keys", "sce_keys_noqueue"]
+LOSSES = ["nt_xent", "info_nce", "info_nce_sym", "dcl", "dclw", "dclw_sigma", "sce", "sce_keys", "sce_keys_noqueue"]
 
 
 def _loss_fn(name, queue=None, temperature=0.2):
     if name == "nt_xent":
-        return lambda a, b: FF.nt_xent(a, b, temperature)
+        return lambda a, b: functional.nt_xent(a, b, temperature)
     if name == "info_nce":
-        return lambda a, b: FF.info_nce(a, b, temperature)
+        return lambda a, b: functional.info_nce(a, b, temperature)
     if name == "info_nce_sym":
-        return lambda a, b: FF.info_nce(a, b, temperature, symmetric=True)
+        return lambda a, b: functional.info_nce(a, b, temperature, symmetric=True)
     if name == "dcl":
-        return lambda a, b: FF.dcl(a, b, temperature)
+        return lambda a, b: functional.dcl(a, b, temperature)
+    if name == "dclw":
+        return lambda a, b: functional.dclw(a, b, temperature)
+    if name == "dclw_sigma":
+        return lambda a, b: functional.dclw(a, b, temperature, sigma=0.2)
+    if name == "dcl_weighted":
+        # DCLW's weights are constants of the gradient (detached): gradcheck the weighted
+        # positive term with fixed weights (one per anchor row, both directions).
+        w = torch.linspace(0.5, 1.5, 4, dtype=torch.float64)
+        return lambda a, b: functional.dcl(a, b, temperature, weight_fn=lambda o0, o1: w.to(o0.dtype))
     if name == "sce":
-        return lambda a, b: FF.sce(a, b, queue, coeff=0.4, temperature=temperature)
+        return lambda a, b: functional.sce(a, b, queue, coeff=0.4, temperature=temperature)
     if name == "sce_keys":
-        return lambda a, b: FF.sce(a, b, queue, coeff=0.4, temperature=temperature, use_keys=True)
+        return lambda a, b: functional.sce(a, b, queue, coeff=0.4, temperature=temperature, use_keys=True)
     if name == "sce_keys_noqueue":
-        return lambda a, b: FF.sce(a, b, None, temperature=temperature, use_keys=True)
+        return lambda a, b: functional.sce(a, b, None, temperature=temperature, use_keys=True)
     raise KeyError(name)
 
 
@@ -81,7 +90,7 @@ def test_torch_path_float64_many_chunks(name, monkeypatch):
 
 @pytest.mark.parametrize("backend,device", backend_params("torch", "triton"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["nt_xent", "info_nce_sym", "dcl", "sce_keys"])
+@pytest.mark.parametrize("name", ["nt_xent", "info_nce_sym", "dcl", "dclw", "sce_keys"])
 def test_low_precision_rule(backend, device, dtype, name):
     a, b, queue = _inputs(9, 24, dtype, seed=3)
     grad_b = not name.startswith("sce")
@@ -107,7 +116,7 @@ def _sogclr_steps(backend, dtype, steps=3, gamma=0.8, d=3):
     for step in range(steps):
         a = torch.randn(5, d, generator=g).to(dtype)
         b = torch.randn(5, d, generator=g).to(dtype)
-        fn = lambda x, y: FF.sogclr(x, y, batches[step], u, gamma=gamma, temperature=0.2)  # noqa: E731
+        fn = lambda x, y: functional.sogclr(x, y, batches[step], u, gamma=gamma, temperature=0.2)  # noqa: E731
         out.append(_run(fn, backend, a, b))
     return out, u
 
@@ -143,7 +152,7 @@ def test_sogclr_low_precision(backend, device, dtype):
 
     def run(backend_name, x, y):
         u = torch.zeros(13)
-        fn = lambda p, q: FF.sogclr(p, q, index, u, gamma=0.8, temperature=0.2)  # noqa: E731
+        fn = lambda p, q: functional.sogclr(p, q, index, u, gamma=0.8, temperature=0.2)  # noqa: E731
         return _run(fn, backend_name, x, y) + (u,)
 
     fast = run(backend, a, b)
@@ -154,8 +163,8 @@ def test_sogclr_low_precision(backend, device, dtype):
         assert_lowp_rule(f.float(), rl.float(), rh.float(), msg=f"sogclr {backend} {dtype}")
 
 
-@pytest.mark.parametrize("name", ["nt_xent", "info_nce", "info_nce_sym", "dcl", "sce",
-                                  "sce_keys"])
+@pytest.mark.parametrize("name", ["nt_xent", "info_nce", "info_nce_sym", "dcl", "dcl_weighted",
+                                  "sce", "sce_keys"])
 def test_torch_path_gradcheck(name):
     a, b, queue = _inputs(4, 3, torch.float64, kq=5)
     fn = _loss_fn(name, queue.double(), temperature=0.5)
@@ -205,7 +214,7 @@ def test_no_nan_for_extreme_logits_fp16(backend, device, name):
     b = a.clone()
     if name == "sogclr":
         u = torch.zeros(6)
-        fn = lambda x, y: FF.sogclr(x, y, torch.arange(6), u, temperature=0.01)  # noqa: E731
+        fn = lambda x, y: functional.sogclr(x, y, torch.arange(6), u, temperature=0.01)  # noqa: E731
     else:
         fn = _loss_fn(name, queue.half(), temperature=0.01)
     out = _run(fn, backend, a, b, not name.startswith("sce"))
@@ -220,7 +229,7 @@ def test_triton_backend_refuses_float64_clearly():
     if not can_serve("triton", a.device)[0]:
         pytest.skip("triton cannot run here")
     with fastssl.use_backend("triton"), pytest.raises(RuntimeError, match="float64"):
-        FF.nt_xent(a, a.clone())
+        functional.nt_xent(a, a.clone())
 
 
 def test_auto_on_cpu_is_torch():
@@ -247,7 +256,7 @@ def test_opcheck_registered_ops():
 
 def test_compile_fullgraph_nt_xent_cpu():
     def step(z1, z2):
-        return FF.nt_xent(z1, z2, 0.1)
+        return functional.nt_xent(z1, z2, 0.1)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     z1 = torch.randn(6, 4, requires_grad=True)
     z2 = torch.randn(6, 4, requires_grad=True)

@@ -6,7 +6,7 @@ from conftest import backend_params
 import fastssl
 from fastssl import reference
 from fastssl.functional import groco
-from fastssl.ops.sortnet import _reference_rows, groco_rows
+from fastssl.ops.sortnet import _groco_rows_reference, groco_rows
 
 ALL = backend_params("reference", "torch", "cpp", "triton", "cuda")
 KERNELS = backend_params("torch", "cpp", "triton", "cuda")
@@ -101,7 +101,7 @@ def test_rows_all_distributions(backend, device):
             n = 5 if small else 13
             s = (torch.rand(5, n, generator=g, dtype=torch.float64) * 2 - 1).to(device)
             s = s.requires_grad_(True)
-            ref = _reference_rows(s, n - 2, network, dist, 2.0)
+            ref = _groco_rows_reference(s, n - 2, network, dist, 2.0)
             (g_ref,) = torch.autograd.grad(ref.sum(), s)
             with fastssl.use_backend(backend):
                 out = groco_rows(s, n - 2, network, dist, 2.0)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from conftest import backend_params
 
 import fastssl
-from fastssl import functional as Fn
+from fastssl import functional
 from fastssl import reference as R
 from fastssl.testing import assert_close
 
@@ -22,7 +22,7 @@ def _cosine_scores(B, K, D=8, seed=0, dtype=torch.float32, device="cpu"):
 
 def _run(backend, scores, **kw):
     with fastssl.use_backend(backend):
-        return Fn.sinkhorn(scores, **kw)
+        return functional.sinkhorn(scores, **kw)
 
 
 @pytest.mark.parametrize("backend,device", ALL)
@@ -110,34 +110,34 @@ def test_cpp_kernel_exp_accuracy():
 
 def test_forced_backend_that_cannot_serve_raises():
     with fastssl.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda"):
-        Fn.sinkhorn(torch.randn(3, 4))
+        functional.sinkhorn(torch.randn(3, 4))
 
 
 def test_no_gradient_and_library_registration():
     s = torch.randn(5, 6, requires_grad=True)
-    codes = Fn.sinkhorn(s)
+    codes = functional.sinkhorn(s)
     assert not codes.requires_grad
     assert hasattr(torch.ops.fastssl, "sinkhorn")
-    torch.library.opcheck(torch.ops.fastssl.sinkhorn.default, (torch.randn(5, 6), 0.05, 3, False),
+    torch.library.opcheck(torch.ops.fastssl.sinkhorn.default, (torch.randn(5, 6), 0.05, 3, False, "cpp"),
                           test_utils=("test_schema", "test_faketensor"))
 
 
 def test_traces_under_torch_compile_fullgraph():
-    f = torch.compile(lambda s: Fn.sinkhorn(s, epsilon=0.05, iterations=3), fullgraph=True,
+    f = torch.compile(lambda s: functional.sinkhorn(s, epsilon=0.05, iterations=3), fullgraph=True,
                       backend="eager")
     s = _cosine_scores(6, 9)
     assert_close(f(s), R.sinkhorn(s))
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda: Fn.sinkhorn(torch.randn(4)), ValueError, "scores"),
-    (lambda: Fn.sinkhorn(torch.ones(3, 4, dtype=torch.int64)), TypeError, "scores"),
-    (lambda: Fn.sinkhorn([[1.0, 2.0]]), TypeError, "scores"),
-    (lambda: Fn.sinkhorn(torch.randn(0, 4)), ValueError, "scores"),
-    (lambda: Fn.sinkhorn(torch.randn(3, 4), epsilon=0), ValueError, "epsilon"),
-    (lambda: Fn.sinkhorn(torch.randn(3, 4), epsilon=-0.1), ValueError, "epsilon"),
-    (lambda: Fn.sinkhorn(torch.randn(3, 4), iterations=0), ValueError, "iterations"),
-    (lambda: Fn.sinkhorn(torch.randn(3, 4), iterations=2.0), TypeError, "iterations"),
+    (lambda: functional.sinkhorn(torch.randn(4)), ValueError, "scores"),
+    (lambda: functional.sinkhorn(torch.ones(3, 4, dtype=torch.int64)), TypeError, "scores"),
+    (lambda: functional.sinkhorn([[1.0, 2.0]]), TypeError, "scores"),
+    (lambda: functional.sinkhorn(torch.randn(0, 4)), ValueError, "scores"),
+    (lambda: functional.sinkhorn(torch.randn(3, 4), epsilon=0), ValueError, "epsilon"),
+    (lambda: functional.sinkhorn(torch.randn(3, 4), epsilon=-0.1), ValueError, "epsilon"),
+    (lambda: functional.sinkhorn(torch.randn(3, 4), iterations=0), ValueError, "iterations"),
+    (lambda: functional.sinkhorn(torch.randn(3, 4), iterations=2.0), TypeError, "iterations"),
 ])
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -215,7 +215,7 @@ def test_cross_entropy_low_precision_gradient_in_input_dtype(dtype):
 def test_cross_entropy_library_registration_and_compile():
     from fastssl.ops.swav import swav_cross_entropy
     s, q = _ce_inputs(4, 6, torch.float32)
-    torch.library.opcheck(torch.ops.fastssl.swav_cross_entropy.default, (s, q, 0.1, True))
-    torch.library.opcheck(torch.ops.fastssl.swav_cross_entropy.default, (s, q, 0.1, False))
+    torch.library.opcheck(torch.ops.fastssl.swav_cross_entropy.default, (s, q, 0.1, True, "cpp"))
+    torch.library.opcheck(torch.ops.fastssl.swav_cross_entropy.default, (s, q, 0.1, False, "cpp"))
     f = torch.compile(lambda a, b: swav_cross_entropy(a, b, 0.1), fullgraph=True, backend="eager")
     assert_close(f(s, q), _ce_reference(s, q, 0.1))

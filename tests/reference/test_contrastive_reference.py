@@ -1,5 +1,6 @@
 """fastssl.reference contrastive losses against the closed forms and invariants of the specs
-(sce_sogclr_sfrik.md sections 1.6, 2.6, 3.2)."""
+of the upstream formulas (SimCLR, lightly DCLLoss/DCLWLoss, SogCLR builder.py,
+eztorch sce_loss.py)."""
 import math
 
 import pytest
@@ -52,10 +53,11 @@ def test_info_nce_equal_logits_and_symmetric_is_mean_of_directions():
 
 
 def test_dcl_equal_logits_closed_form():
-    # All cosines 1: -1/T + 2 * (1/T + log(N - 1)).
+    # All cosines 1: -1/T + log(2(N - 1) exp(1/T)) = log(2(N - 1)): ONE log-sum-exp over the
+    # 2N - 2 negatives of both views (lightly >= 1.5.21, Yeh et al. Eq. 6), not two.
     n = 5
     z = _same_rows(n)
-    expected = 1 / T + 2 * math.log(n - 1)
+    expected = math.log(2 * (n - 1))
     torch.testing.assert_close(R.dcl(z, z.clone(), temperature=T),
                                torch.tensor(expected, dtype=torch.float64))
 
@@ -74,11 +76,44 @@ def test_dcl_matches_manual_formula():
         same = [j for j in range(n) if j != i % n]
         offs = 0 if i < n else n
         other = n - offs
-        lse_same = torch.logsumexp(g[i, [offs + j for j in same]], 0)
-        lse_other = torch.logsumexp(g[i, [other + j for j in same]], 0)
-        manual.append(-g[i, pos] + lse_same + lse_other)
-        assert own != pos
+        negatives = [offs + j for j in same] + [other + j for j in same]
+        manual.append(-g[i, pos] + torch.logsumexp(g[i, negatives], 0))
+        assert own != pos and len(negatives) == 2 * n - 2
     torch.testing.assert_close(base, torch.stack(manual).mean())
+
+
+def test_dcl_two_rows_closed_form():
+    # N = 2, x = (e1, e2), y = (e1, e2): each anchor has positive cosine 1 and negatives of
+    # cosine 0 (other row, same view) and 0 (other row, other view): loss = -1/T + log 2.
+    x = torch.eye(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(R.dcl(x, x.clone(), temperature=T),
+                               torch.tensor(-1 / T + math.log(2), dtype=torch.float64))
+
+
+def test_dclw_matches_lightly_formula():
+    # lightly DCLWLoss: positive term times w_i = 2 - N softmax_i(<x_i, y_i> / sigma), same
+    # weights in both directions, mean over the 2N anchors; equal weights give back DCL.
+    n, d, sigma = 5, 4, 0.5
+    x, y = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    xn, yn = F.normalize(x, dim=1), F.normalize(y, dim=1)
+    w = 2 - n * torch.softmax((xn * yn).sum(1) / sigma, dim=0)
+    a = torch.cat([xn, yn])
+    g = a @ a.T / T
+    manual = []
+    for i in range(2 * n):
+        pos = (i + n) % (2 * n)
+        negatives = [j for j in range(2 * n) if j not in (i, pos)]
+        manual.append(-w[i % n] * g[i, pos] + torch.logsumexp(g[i, negatives], 0))
+    torch.testing.assert_close(R.dclw(x, y, temperature=T, sigma=sigma),
+                               torch.stack(manual).mean())
+    z = _same_rows(n)  # all similarities equal: w = 1, DCLW = DCL
+    torch.testing.assert_close(R.dclw(z, z.clone(), temperature=T), R.dcl(z, z.clone(), temperature=T))
+    # the weights carry no gradient (lightly detaches them)
+    xg = x.clone().requires_grad_(True)
+    (gw,) = torch.autograd.grad(R.dclw(xg, y, temperature=T), xg)
+    wd = w.detach()
+    (gm,) = torch.autograd.grad(R.dcl(xg, y, temperature=T, weight_fn=lambda o0, o1: wd), xg)
+    torch.testing.assert_close(gw, gm)
 
 
 def _sce_manual(q, k, queue, coeff, tq, tk):
@@ -186,7 +221,8 @@ def test_sogclr_u_invariants():
                                rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", ["nt_xent", "info_nce", "info_nce_sym", "dcl", "sce", "sce_keys"])
+@pytest.mark.parametrize("name", ["nt_xent", "info_nce", "info_nce_sym", "dcl", "dcl_weighted",
+                                  "sce", "sce_keys"])
 def test_reference_gradcheck(name):
     torch.manual_seed(1)
     a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
@@ -197,6 +233,10 @@ def test_reference_gradcheck(name):
         "info_nce": lambda x, y: R.info_nce(x, y, temperature=0.5),
         "info_nce_sym": lambda x, y: R.info_nce(x, y, temperature=0.5, symmetric=True),
         "dcl": lambda x, y: R.dcl(x, y, temperature=0.5),
+        # DCLW's weights carry no gradient: gradcheck the weighted term with fixed weights
+        "dcl_weighted": lambda x, y: R.dcl(x, y, temperature=0.5,
+                                           weight_fn=lambda o0, o1: torch.tensor(
+                                               [0.5, 1.0, 1.5], dtype=o0.dtype)),
         "sce": lambda x, y: R.sce(x, y.detach(), queue, temperature=0.5, temperature_m=0.3),
         "sce_keys": lambda x, y: R.sce(x, y.detach(), queue, use_keys=True),
     }

@@ -1,8 +1,9 @@
-"""fastssl.reference.sortnet against the closed-form vectors and invariants of groco_diffsort.md."""
+"""fastssl.reference.sortnet against the closed-form vectors and invariants of diffsort
+and the GroCo loss (learning_by_sorting/losses/groco.py)."""
 import pytest
 import torch
 
-from fastssl.ops.sortnet import _reference_rows
+from fastssl.ops.sortnet import _groco_rows_reference
 from fastssl.reference import groco, soft_sort
 
 DISTS = ["cauchy", "reciprocal", "logistic", "logistic_phi", "gaussian", "optimal"]
@@ -62,14 +63,14 @@ def test_tv_c_rows():
               -0.6: (0.219470979, 0.2121913, -0.030407174)}
     for pos, (loss, q10, g10) in expect.items():
         s = torch.cat([negs, torch.tensor([pos], dtype=torch.float64)])[None].requires_grad_(True)
-        row = _reference_rows(s, 10, "odd_even", "cauchy", 1.0)
+        row = _groco_rows_reference(s, 10, "odd_even", "cauchy", 1.0)
         (g,) = torch.autograd.grad(row.sum(), s)
         _, P = soft_sort(s.detach(), steepness=1.0)
         assert abs(row.item() - loss) < 2e-9
         assert abs(P[0, 10, 10:].sum().item() - q10) < 1e-7
         assert abs(g[0, 10].item() - g10) < 1e-8
     s = torch.cat([negs, torch.tensor([0.8], dtype=torch.float64)])[None].requires_grad_(True)
-    (g,) = torch.autograd.grad(_reference_rows(s, 10, "odd_even", "cauchy", 1.0).sum(), s)
+    (g,) = torch.autograd.grad(_groco_rows_reference(s, 10, "odd_even", "cauchy", 1.0).sum(), s)
     q = soft_sort(s.detach(), steepness=1.0)[1][0, :, 10:].sum(-1)
     torch.testing.assert_close(q, torch.tensor([0.0003301, 0.0003748, 0.0049457, 0.0054939, 0.0307931,
                                                 0.0333899, 0.1042637, 0.1101528, 0.2122539, 0.2182625,
@@ -83,7 +84,7 @@ def test_tv_c_rows():
 def test_tv_c_bounds():
     for negv, posv, loss in [(-1.0, 1.0, 0.1469718), (0.0, 0.0, 0.2019829), (1.0, -1.0, 0.2643331)]:
         s = torch.tensor([[negv] * 10 + [posv]], dtype=torch.float64)
-        assert abs(_reference_rows(s, 10, "odd_even", "cauchy", 1.0).item() - loss) < 1e-7
+        assert abs(_groco_rows_reference(s, 10, "odd_even", "cauchy", 1.0).item() - loss) < 1e-7
 
 
 def test_tv_e_two_views():

@@ -1,5 +1,6 @@
 """fastssl.reference.swav against the upstream algorithm written as explicit loops, and the
-closed-form facts of the spec (swav_dali_lars.md §1.3, §1.4, §1.10)."""
+closed-form facts of upstream's distributed_sinkhorn and swapped prediction
+(facebookresearch/swav main_swav.py)."""
 import math
 
 import numpy as np

@@ -1,0 +1,152 @@
+"""One pattern for every family (docs/design.md): the backend is chosen once, by the public
+function, and the op's backward runs the forward's backend, also when the backward runs on
+another thread (where the use_backend context is not visible) or under another setting.
+
+Each family's table entries are replaced by spies that record which entry's methods run."""
+import threading
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+import fastssl
+from fastssl import functional
+from fastssl._backend import can_serve
+from fastssl.ops import contrastive, sortnet, sphere, swav
+
+FAMILIES = {"contrastive": contrastive, "sphere": sphere, "sortnet": sortnet, "swav": swav}
+# methods that only a backward calls
+BACKWARD_METHODS = {
+    "contrastive": {"lse_backward", "sce_backward"},
+    "sphere": {"series_grad_hat", "gauss_grad_hat"},
+    "sortnet": {"soft_sort_backward", "groco_rows_backward", "groco_fused_backward"},
+    "swav": {"cross_entropy"},
+}
+
+
+class _Spy:
+    def __init__(self, name, entry, calls):
+        self._name, self._entry, self._calls = name, entry, calls
+
+    def __getattr__(self, attr):
+        target = getattr(self._entry, attr)  # AttributeError where the entry lacks it
+        if not callable(target):
+            return target
+        name, calls = self._name, self._calls
+
+        def spied(*args, **kwargs):
+            calls.append((name, attr))
+            return target(*args, **kwargs)
+        return spied
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    calls = []
+    for module in FAMILIES.values():
+        for name, entry in list(module.TABLE.items()):
+            monkeypatch.setitem(module.TABLE, name, _Spy(name, entry, calls))
+    return calls
+
+
+def _inputs(device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(6, 5, generator=g).to(device, dtype).requires_grad_(True)
+    z2 = torch.randn(6, 5, generator=g).to(device, dtype).requires_grad_(True)
+    return z1, z2
+
+
+LOSSES = {
+    # name: (family, loss of (z1, z2), backends with an explicit backward)
+    "nt_xent": ("contrastive", lambda a, b: functional.nt_xent(a, b), ("torch", "triton")),
+    "dcl": ("contrastive", lambda a, b: functional.dcl(a, b), ("torch", "triton")),
+    "sce": ("contrastive", lambda a, b: functional.sce(a, b.detach(), b.detach()[:3] * 0.5),
+            ("torch", "triton")),
+    "sfrik": ("sphere", lambda a, b: functional.sfrik(a, b), ("torch", "triton", "reference")),
+    "auh": ("sphere", lambda a, b: functional.auh(a, b), ("torch", "triton", "reference")),
+    "soft_sort": ("sortnet", lambda a, b: functional.soft_sort(a)[0].sum() + functional.soft_sort(b)[1].sum(),
+                  ("cpp", "triton", "cuda")),
+    "groco": ("sortnet", lambda a, b: functional.groco([a, b], topk_neg=3), ("cpp", "triton", "cuda")),
+    "swav": ("swav", lambda a, b: functional.swav([a, b]), ()),
+}
+BACKENDS = ("reference", "torch", "cpp", "triton", "cuda")
+
+
+def _cases():
+    out = []
+    for loss in LOSSES:
+        for backend in BACKENDS:
+            for dev in ("cpu", "cuda"):
+                marks = []
+                if dev == "cuda" and not HAS_CUDA:
+                    marks.append(pytest.mark.skip(reason="no CUDA device on this machine"))
+                elif not can_serve(backend, torch.device(dev))[0]:
+                    marks.append(pytest.mark.skip(reason=can_serve(backend, torch.device(dev))[1]))
+                out.append(pytest.param(loss, backend, dev, marks=marks,
+                                        id=f"{loss}-{backend}-{dev}"))
+    return out
+
+
+def _run_backward_elsewhere(loss, other):
+    """loss.backward() on a new thread, under another forced backend."""
+    errors = []
+
+    def work():
+        try:
+            with fastssl.use_backend(other):
+                loss.backward()
+        except BaseException as e:  # re-raised on the test's thread
+            errors.append(e)
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("loss,backend,device", _cases())
+def test_backward_runs_the_forward_backend(spies, loss, backend, device):
+    family, f, explicit = LOSSES[loss]
+    table = FAMILIES[family].TABLE
+    z1, z2 = _inputs(device)
+    with fastssl.use_backend(backend):
+        try:
+            out = f(z1, z2)
+        except RuntimeError as e:
+            if backend not in table or "no implementation" in str(e):
+                pytest.skip(f"{loss} has no {backend} backend: {e}")
+            raise
+    forward_calls = list(spies)
+    assert {name for name, _ in forward_calls} <= {backend}, forward_calls
+    spies.clear()
+    # The other setting: any backend that could serve this device, never the forward's.
+    other = "reference" if backend != "reference" else "torch"
+    _run_backward_elsewhere(out, other)
+    assert z1.grad is not None and torch.isfinite(z1.grad).all()
+    assert {name for name, _ in spies} <= {backend}, f"backward ran {spies} after a {backend} forward"
+    if backend in explicit:
+        ran = {attr for _, attr in spies}
+        assert ran & BACKWARD_METHODS[family], f"{backend}'s backward did not run: {spies}"
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_swav_cross_entropy_recomputed_gradient_uses_forward_backend(spies, backend):
+    # When the forward ran without the closed-form gradient (compute_grad=False), the backward
+    # computes it with the forward's backend, on the autograd thread.
+    scores = torch.randn(4, 6, requires_grad=True)
+    targets = torch.softmax(torch.randn(4, 6), dim=1)
+    loss, _ = torch.ops.fastssl.swav_cross_entropy(scores, targets, 0.1, False, backend)
+    spies.clear()
+    _run_backward_elsewhere(loss, "torch" if backend != "torch" else "reference")
+    assert spies == [(backend, "cross_entropy")]
+    expected = torch.autograd.grad(
+        -(targets * torch.log_softmax(scores / 0.1, dim=1)).sum(), scores)[0]
+    torch.testing.assert_close(scores.grad, expected)
+
+
+def test_every_family_has_one_table_shape():
+    for family, module in FAMILIES.items():
+        assert isinstance(module.TABLE, dict) and set(module.TABLE) <= set(BACKENDS), family
+        assert "reference" in module.TABLE and "torch" in module.TABLE, family
+        assert callable(module.backend_for), family
+        assert module.backend_for("x", torch.device("cpu")) in module.TABLE, family
