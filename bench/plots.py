@@ -9,7 +9,7 @@ from pathlib import Path
 
 MODE_ORDER = ("forward", "backward", "forward+backward", "step")
 ALL_PROVIDERS = ("fastssl", "fastssl:torch", "fastssl:cpp", "fastssl:triton", "fastssl:cuda",
-                 "reference", "reference:compile", "diffsort")
+                 "reference", "reference:compile", "diffsort", "eager", "eager:compile")
 
 
 def _fixed_params(rec: dict) -> tuple:
