@@ -300,8 +300,6 @@ def _spec(op: str):
 def _setup_device(dry_run: bool):
     import torch
     if not dry_run and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -440,7 +438,7 @@ def part_max_n(out, dry_run, hook):
     with _writer(out, device) as writer:
         def emit(provider, rec):
             full = {"op": "nt_xent", "family": spec.family, "provider": provider,
-                    "shape": {"B": rec["B"], "D": d}, "x": rec["B"], "x_key": "B",
+                    "shape": {"B": rec["B"], "D": d, "probe": "max_n"}, "x": rec["B"], "x_key": "B",
                     "dtype": summary["dtype"], "device": device.type, "mode": "forward+backward",
                     "gpu_run_part": "max_n", "probe": "max_n", "budget_mb": budget / 2**20}
             if rec["status"] == "ok":
@@ -536,7 +534,9 @@ def part_checkpoint(out, dry_run, hook):
         return 0
     from fastssl.models import backbone_state_dict, build_backbone
 
-    device = _setup_device(dry_run)
+    # On the CPU even on the GPU machine: a checkpoint's names and values need no GPU, and this
+    # spares the part a CUDA start.
+    device = torch.device("cpu")
     torch.manual_seed(0)
     backbone, _ = build_backbone("resnet50")
     path = out / "logs" / "resnet50_backbone.pt"

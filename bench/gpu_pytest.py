@@ -59,7 +59,9 @@ def pytest_collection_modifyitems(config, items):
 
 def _write(record: dict) -> None:
     path = os.environ.get("FASTSSL_TESTS_LOG")
-    if not path:
+    # Under pytest-xdist each report reaches this hook twice, in the worker and in the
+    # controller: only the controller writes.
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
         return
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -184,7 +184,7 @@ def write_reports(out: Path, parts: list[dict], log, *, update_readme: bool = Fa
     from bench import plots, summary
     records = _load_jsonl(out / "results.jsonl")
     try:
-        made = plots.make_plots([r for r in records if r.get("probe") != "max_n"], out) if records else []
+        made = plots.make_plots(records, out) if records else []
         log(f"wrote {len(made)} plot(s)")
     except Exception as exc:  # noqa: BLE001 - no matplotlib: the numbers still stand
         log(f"no plots: {type(exc).__name__}: {exc}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,21 +52,21 @@ MAX_N_BUDGET_DRY_MIB = 4.0                   # ... and of the dry run (CPU, tiny
 class Part:
     name: str
     cap_s: float       # GPU run
-    dry_cap_s: float   # dry run (CPU, tiny sizes, a loaded 2-core machine)
+    dry_cap_s: float   # dry run: a generous bound for tiny sizes on a loaded 2-core machine
     what: str
 
 
 PARTS = (
-    Part("build", 80, 30, "build fastssl._C with its CUDA part (FASTSSL_BUILD_CUDA=1), else CPU-only"),
+    Part("build", 80, 60, "build fastssl._C with its CUDA part (FASTSSL_BUILD_CUDA=1), else CPU-only"),
     Part("cuda_tests", 70, 60, "pytest tests/ops tests/losses: CUDA cases, every GPU backend vs reference"),
-    Part("roofline", 8, 20, "8192^3 bf16 matmul (device peak) and a device-to-device copy"),
-    Part("bench_contrastive", 60, 40, "nt_xent, symmetric info_nce 2x32768 D=128 bf16 fwd+bwd"),
-    Part("max_n", 25, 30, f"largest nt_xent N in {MAX_N_BUDGET_GIB:.0f} GiB: fastssl and eager"),
-    Part("bench_sce_sphere", 25, 30, "sce B=1024 K=65536; sfrik_mmd B=2048 D=8192"),
-    Part("bench_sortnet", 30, 30, "soft_sort B=1024 n=16/32/1024 (vs diffsort); groco B=4096"),
-    Part("bench_swav", 25, 30, "sinkhorn B=4096 K=3000; swav loss 2+6 crops"),
-    Part("trainer", 50, 40, "ResNet-50 B=256 bf16 channels-last step per method: images/s, loss share"),
-    Part("checkpoint", 7, 30, "fastssl ResNet-50 state dict loads into torchvision resnet50"),
+    Part("roofline", 10, 60, "8192^3 bf16 matmul (device peak) and a device-to-device copy"),
+    Part("bench_contrastive", 60, 60, "nt_xent, symmetric info_nce 2x32768 D=128 bf16 fwd+bwd"),
+    Part("max_n", 25, 60, f"largest nt_xent N in {MAX_N_BUDGET_GIB:.0f} GiB: fastssl and eager"),
+    Part("bench_sce_sphere", 25, 60, "sce B=1024 K=65536; sfrik_mmd B=2048 D=8192"),
+    Part("bench_sortnet", 30, 60, "soft_sort B=1024 n=16/32/1024 (vs diffsort); groco B=4096"),
+    Part("bench_swav", 25, 60, "sinkhorn B=4096 K=3000; swav loss 2+6 crops"),
+    Part("trainer", 45, 60, "ResNet-50 B=256 bf16 channels-last step per method: images/s, loss share"),
+    Part("checkpoint", 10, 60, "fastssl ResNet-50 state dict loads into torchvision resnet50"),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
 OPTIONAL_PARTS = ("static",)
@@ -211,6 +212,23 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def part_note(name: str, out: Path) -> str:
+    """What a part's own files say in one line (the build's fallback, the test counts)."""
+    try:
+        if name == "build":
+            info = json.loads((out / "build.json").read_text())
+            ext = info.get("extension", {})
+            return (f"{info.get('status')}: {info.get('note', '')}; _C cpp={ext.get('cpp')} "
+                    f"cuda={ext.get('cuda')}; {info.get('wheels', '')}")
+        if name == "cuda_tests":
+            from bench.gpu_report import tests_summary
+            t = tests_summary(out)
+            return f"{t['passed']} passed, {t['failed']} failed, {t['error']} errors, {t['skipped']} skipped"
+    except (OSError, ValueError):
+        return "no result file"
+    return ""
+
+
 def tail(path: Path, n: int = 8) -> list[str]:
     try:
         return path.read_text(errors="replace").splitlines()[-n:]
@@ -269,6 +287,7 @@ def run_all(args) -> int:
             env = {**child_env(args.dry_run, time.time() + cap), **extra_env}
             log(f"[{time.monotonic() - started:6.1f} s] {name}: start (cap {cap:.0f} s)")
             rec = run_part(name, cmd, env, cap, out / "logs" / f"{name}.log")
+            rec["note"] = "; ".join(x for x in (rec["note"], part_note(name, out)) if x)
             record(rec)
             log(f"[{time.monotonic() - started:6.1f} s] {name}: {rec['status']} in {rec['seconds']:.1f} s"
                 + (f" ({rec['note']})" if rec["note"] else ""))
@@ -315,7 +334,7 @@ def publish(out: Path, log, *, quiet: bool) -> None:
         for name in PUBLISHED:
             if (out / name).is_file():
                 shutil.copyfile(out / name, dest / name)
-        archive = dest / f"gpu_run_{out.name}.tar.gz"
+        archive = dest / ("gpu_run_" + re.sub(r"[^A-Za-z0-9._-]+", "-", out.name) + ".tar.gz")
         tmp = dest / (archive.name + ".part")
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(out, arcname=out.name)

@@ -30,7 +30,8 @@ def make_plots(records: list[dict], out_dir: Path) -> list[Path]:
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        if r.get("status") == "ok" and r.get("p50_ms") is not None and r.get("x") is not None:
+        if (r.get("status") == "ok" and r.get("p50_ms") is not None and r.get("x") is not None
+                and not r.get("probe")):
             groups[(r["op"], r["dtype"], _fixed_params(r))].append(r)
 
     written = []

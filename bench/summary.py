@@ -112,6 +112,10 @@ TARGETS = _cpu_targets() + _gpu_targets()
 
 
 def _matches(rec: dict, t: Target, provider: str) -> bool:
+    # A probe (the GPU run's largest-N search: one untimed-warm-up call per size) answers
+    # "does it fit", not "how fast".
+    if rec.get("probe") and t.check != "max_n":
+        return False
     shape = rec.get("shape") or {}
     return (rec.get("op") == t.op and rec.get("provider") == provider and rec.get("mode") == t.mode
             and (t.dtype is None or rec.get("dtype") == t.dtype)
@@ -359,7 +363,7 @@ def _headline_rows(records: list[dict]) -> list[dict]:
     rows = []
     ops = list(dict.fromkeys(r["op"] for r in latest))
     for op in ops:
-        recs = [r for r in latest if r["op"] == op and r.get("status") == "ok"]
+        recs = [r for r in latest if r["op"] == op and r.get("status") == "ok" and not r.get("probe")]
         if op == "train_step":
             rows += [{"op": op, "fast": r, "ref": None} for r in recs if r["provider"] == "fastssl"]
             continue
