@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -66,11 +67,18 @@ def _run_logged(cmd, env, log, timeout):
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     t0 = time.monotonic()
+    # Its own process group: on a timeout the compilers it started (ninja, nvcc) go too.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-        rc = proc.returncode
+        rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         rc = "timeout"
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        log.write(f"\n[cut off after {timeout:.0f} s]\n")
     return rc, time.monotonic() - t0
 
 
@@ -104,6 +112,7 @@ def install_carried_wheels(log) -> str:
 def part_build(out, dry_run, hook):
     info = {"dry_run": dry_run}
     log_path = out / "logs" / "build_ext.log"
+    cuda_log_end = None   # where the CUDA build's output ends: its error is what the tail shows
     with open(log_path, "w") as log:
         info["wheels"] = install_carried_wheels(log)
         env = dict(os.environ)
@@ -119,6 +128,8 @@ def part_build(out, dry_run, hook):
                 info.update(status="ok", note="built with the CUDA part")
             else:
                 # Without the CUDA part the Triton and torch backends still run on the GPU.
+                log.flush()
+                cuda_log_end = len(log_path.read_text(errors="replace").splitlines())
                 env["FASTSSL_BUILD_CUDA"] = "0"
                 rc2, secs2 = _run_logged([sys.executable, "setup.py", "build_ext", "--inplace"], env, log,
                                          timeout=max(5.0, time_left() - 5))
@@ -127,8 +138,10 @@ def part_build(out, dry_run, hook):
                                   "is not measured" if rc2 == 0 else
                                   "the CUDA and the CPU-only builds failed: triton/torch backends only"))
     info["extension"] = _extension_state(dict(os.environ))
-    lines = log_path.read_text(errors="replace").splitlines()
-    info["log_tail"] = [ln[:300] for ln in lines[-25:]] if info.get("status") != "ok" else []
+    lines = log_path.read_text(errors="replace").splitlines()[:cuda_log_end]
+    if info.get("status") not in ("ok", "skipped"):
+        errors = [ln for ln in lines if "error" in ln.lower()][-15:]
+        info["log_tail"] = [ln[:300] for ln in errors + ["..."] + lines[-10:]]
     write_json(out / "build.json", info)
     print(json.dumps({k: v for k, v in info.items() if k != "log_tail"}), flush=True)
     hook.after_result()
