@@ -27,6 +27,11 @@ FULL = ("forward+backward",)
 EAGER_PROVIDERS = ("eager", "eager:compile")
 
 
+def _autocast_float(logits):
+    # autocast runs cross_entropy in float32; float32 and float64 inputs stay as they are.
+    return logits.float() if logits.element_size() < 4 else logits
+
+
 def eager_nt_xent(z1, z2, temperature=0.1):
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
@@ -35,11 +40,11 @@ def eager_nt_xent(z1, z2, temperature=0.1):
     logits = logits.masked_fill(self_mask, float("-inf"))
     ar = torch.arange(b, device=z.device)
     targets = torch.cat([ar + b, ar])
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(_autocast_float(logits), targets)
 
 
 def eager_info_nce(q, k, temperature=0.1, symmetric=False):
-    logits = (F.normalize(q, dim=1) @ F.normalize(k, dim=1).T).float() / temperature
+    logits = _autocast_float(F.normalize(q, dim=1) @ F.normalize(k, dim=1).T) / temperature
     labels = torch.arange(q.shape[0], device=q.device)
     loss = F.cross_entropy(logits, labels)
     if symmetric:

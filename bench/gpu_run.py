@@ -157,9 +157,10 @@ def tests_command(out: Path, dry_run: bool) -> tuple[list[str], dict]:
     cmd = [sys.executable, "-m", "pytest", "-p", "bench.gpu_pytest", "-p", "no:cacheprovider", "-q", "-rfE",
            "--junitxml", str(out / "tests_junit.xml")]
     if dry_run:
-        # A small slice on CPU: the selection, the per-test log and the cap are what is tested.
+        # A small slice on CPU (Triton through its interpreter): the selection, the per-test log
+        # and the cap are what is tested.
         files = ["tests/ops/test_swav_ops.py"]
-        env = {"FASTSSL_TESTS_DEVICE": "cpu", "FASTSSL_TESTS_BACKENDS": "reference,torch"}
+        env = {"FASTSSL_TESTS_DEVICE": "cpu", "FASTSSL_TESTS_BACKENDS": "reference,torch,triton"}
     else:
         files = ["tests/ops", "tests/losses"]
         env = {"FASTSSL_TESTS_DEVICE": "cuda"}

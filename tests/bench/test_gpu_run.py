@@ -159,3 +159,26 @@ def test_largest_n_probes_are_not_timings():
     assert summary.evaluate_target(records, max_n)[0] == "met"
     rows = [r for r in summary._headline_rows(records) if r["op"] == "nt_xent"]
     assert len(rows) == 1 and rows[0]["fast"]["p50_ms"] == 10.0
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_eager_baselines_compute_the_reference_loss(symmetric):
+    """The eager providers are the same losses as fastssl.reference, written the short way."""
+    import torch
+
+    import fastssl.reference as ref
+    from bench.contrastive import eager_info_nce, eager_nt_xent
+    gen = torch.Generator().manual_seed(0)
+    z1 = torch.randn(12, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(12, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    pairs = [(lambda: eager_info_nce(z1, z2, 0.2, symmetric=symmetric),
+              lambda: ref.info_nce(z1, z2, 0.2, symmetric=symmetric))]
+    if not symmetric:
+        pairs.append((lambda: eager_nt_xent(z1, z2, 0.2), lambda: ref.nt_xent(z1, z2, 0.2)))
+    for eager, reference in pairs:
+        got, want = eager(), reference()
+        g_got = torch.autograd.grad(got, (z1, z2))
+        g_want = torch.autograd.grad(want, (z1, z2))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
