@@ -290,6 +290,9 @@ def headline_cases(part: str, dry: bool) -> list[Case]:
             add("soft_sort", shape, "float32", FULL, fast + ("reference", "diffsort"))
         groco = {"B": 16, "D": 8, "views": 2} if dry else {"B": 4096, "D": 2048, "views": 2}
         add("groco", groco, bf16, FULL, ("fastssl", "reference"))
+        if not dry:   # the shapes of the issue-4 targets in bench/summary.py
+            add("soft_sort", {"B": 4096, "n": 32, "network": "odd_even"}, "float32", FULL, ("fastssl", "diffsort"))
+            add("groco", {"B": 1024, "D": 2048, "views": 2}, bf16, FULL, ("fastssl", "reference"))
         big = {"B": 4, "n": 16, "network": "bitonic"} if dry else {"B": 1024, "n": 1024, "network": "bitonic"}
         add("soft_sort", big, "float32", FULL, ("fastssl", "diffsort"))
     elif part == "bench_swav":
@@ -298,6 +301,8 @@ def headline_cases(part: str, dry: bool) -> list[Case]:
         fast = ("fastssl", "fastssl:torch") if dry else ("fastssl", "fastssl:cuda", "fastssl:triton")
         add("sinkhorn", sk, "float32", ("forward",), fast + ("reference",))
         add("swav", sw, bf16, FULL, ("fastssl", "reference"))
+        if not dry:   # the other issue-5 target shape
+            add("sinkhorn", {"B": 1024, "K": 65536}, "float32", ("forward",), ("fastssl", "reference"))
         add("sinkhorn", sk, "float32", ("forward",), ("reference:compile",))
         add("swav", sw, bf16, FULL, ("reference:compile",))
     else:
