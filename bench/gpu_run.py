@@ -270,7 +270,12 @@ def run_all(args) -> int:
     for name, secs, what in budget_table(caps):
         total += secs
         log(f"  {name:<18} {secs:6.0f}  {what}")
-    log(f"  {'total':<18} {total:6.0f}  (limit {TOTAL_BUDGET_S:.0f})")
+    if args.dry_run:
+        gpu_total = sum(secs for _, secs, _ in budget_table(parse_caps(None, dry_run=False)))
+        log(f"  {'total':<18} {total:6.0f}  (dry-run caps; the GPU run's caps total {gpu_total:.0f}, "
+            f"limit {TOTAL_BUDGET_S:.0f})")
+    else:
+        log(f"  {'total':<18} {total:6.0f}  (limit {TOTAL_BUDGET_S:.0f})")
     if not args.dry_run and total > TOTAL_BUDGET_S:
         log(f"WARNING: the caps add up to {total:.0f} s, over the {TOTAL_BUDGET_S:.0f} s budget")
 
