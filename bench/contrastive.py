@@ -13,15 +13,61 @@ import torch.nn.functional as F
 
 import fastssl.functional as fast
 import fastssl.reference as ref
-from bench.harness import OpSpec, Prepared, Size, embeddings, resolve, scalar_backward
+from bench.harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, Skip, embeddings, resolve,
+                           scalar_backward)
 
 ALL_MODES = ("forward", "backward", "forward+backward")
 FULL = ("forward+backward",)
 
 
-def _pair_build(fast_fn, ref_fn, **kwargs):
+# "What a user writes": the loss from its formula in a few lines of eager PyTorch, the full
+# logits matrix in the input dtype and F.cross_entropy over it in float32 (as autocast runs it).
+# The reference (fastssl.reference) is the upstream code's step-by-step formula; these are the
+# shorter versions users copy, and "eager:compile" is torch.compile of them.
+EAGER_PROVIDERS = ("eager", "eager:compile")
+
+
+def _autocast_float(logits):
+    # autocast runs cross_entropy in float32; float32 and float64 inputs stay as they are.
+    return logits.float() if logits.element_size() < 4 else logits
+
+
+def eager_nt_xent(z1, z2, temperature=0.1):
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = (z @ z.T) / temperature
+    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    ar = torch.arange(b, device=z.device)
+    targets = torch.cat([ar + b, ar])
+    return F.cross_entropy(_autocast_float(logits), targets)
+
+
+def eager_info_nce(q, k, temperature=0.1, symmetric=False):
+    logits = _autocast_float(F.normalize(q, dim=1) @ F.normalize(k, dim=1).T) / temperature
+    labels = torch.arange(q.shape[0], device=q.device)
+    loss = F.cross_entropy(logits, labels)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
+    return loss
+
+
+def resolve_eager(provider, fast_fn, ref_fn, eager_fn, device):
+    """resolve() plus the eager providers (torch.compile of eager: GPU only, as reference:compile)."""
+    if provider == "eager":
+        return eager_fn
+    if provider == "eager:compile":
+        if device.type != "cuda":
+            raise Skip("torch.compile of the eager loss is measured on GPU only")
+        torch._dynamo.reset()
+        return torch.compile(eager_fn, dynamic=False)
+    return resolve(provider, fast_fn, ref_fn)
+
+
+def _pair_build(fast_fn, ref_fn, eager_fn=None, **kwargs):
     def build(provider, shape, dtype, device):
-        fn = resolve(provider, fast_fn, ref_fn)
+        fn = (resolve(provider, fast_fn, ref_fn) if eager_fn is None
+              else resolve_eager(provider, fast_fn, ref_fn, eager_fn, device))
         z1 = embeddings(shape["B"], shape["D"], dtype, device, seed=1)
         z2 = embeddings(shape["B"], shape["D"], dtype, device, seed=2)
         return Prepared(forward=lambda: fn(z1, z2, **kwargs), backward=scalar_backward, leaves=(z1, z2))
@@ -48,7 +94,7 @@ def _pair_sizes(cpu_bs, gpu_bs, *, cpu_d=128, gpu_d=128, gpu_probe=(), cpu_big=(
 
 
 def _info_nce_build(provider, shape, dtype, device):
-    fn = resolve(provider, fast.info_nce, ref.info_nce)
+    fn = resolve_eager(provider, fast.info_nce, ref.info_nce, eager_info_nce, device)
     q = embeddings(shape["B"], shape["D"], dtype, device, seed=1)
     k = embeddings(shape["B"], shape["D"], dtype, device, seed=2)
     sym = bool(shape.get("symmetric", False))
@@ -100,10 +146,12 @@ def _sce_sizes(dev, quick):
 
 
 SPECS = [
-    OpSpec("nt_xent", "contrastive", _pair_build(fast.nt_xent, ref.nt_xent),
+    OpSpec("nt_xent", "contrastive", _pair_build(fast.nt_xent, ref.nt_xent, eager_nt_xent),
            _pair_sizes((1024, 2048), (4096, 8192, 16384, 32768), cpu_big=(8192,),
-                       gpu_probe=(65536, 131072, 262144, 524288))),
-    OpSpec("info_nce", "contrastive", _info_nce_build, _info_nce_sizes),
+                       gpu_probe=(65536, 131072, 262144, 524288)),
+           providers=STANDARD_PROVIDERS + EAGER_PROVIDERS),
+    OpSpec("info_nce", "contrastive", _info_nce_build, _info_nce_sizes,
+           providers=STANDARD_PROVIDERS + EAGER_PROVIDERS),
     OpSpec("dcl", "contrastive", _pair_build(fast.dcl, ref.dcl),
            _pair_sizes((1024, 2048), (4096, 16384, 32768))),
     OpSpec("sogclr", "contrastive", _sogclr_build, _pair_sizes((1024, 2048), (4096, 16384, 32768))),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 MODE_ORDER = ("forward", "backward", "forward+backward", "step")
 ALL_PROVIDERS = ("fastssl", "fastssl:torch", "fastssl:cpp", "fastssl:triton", "fastssl:cuda",
-                 "reference", "reference:compile", "diffsort")
+                 "reference", "reference:compile", "diffsort", "eager", "eager:compile")
 
 
 def _fixed_params(rec: dict) -> tuple:
@@ -30,7 +30,8 @@ def make_plots(records: list[dict], out_dir: Path) -> list[Path]:
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        if r.get("status") == "ok" and r.get("p50_ms") is not None and r.get("x") is not None:
+        if (r.get("status") == "ok" and r.get("p50_ms") is not None and r.get("x") is not None
+                and not r.get("probe")):
             groups[(r["op"], r["dtype"], _fixed_params(r))].append(r)
 
     written = []

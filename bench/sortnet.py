@@ -32,9 +32,10 @@ def _soft_sort_build(provider, shape, dtype, device):
     network = shape.get("network", "odd_even")
     steepness, distribution = 10.0, "cauchy"
     x = embeddings(b, n, dtype, device, seed=1)
-    gen = torch.Generator(device="cpu").manual_seed(2)
-    g_sorted = torch.randn(b, n, generator=gen).to(device=device, dtype=dtype)
-    g_perm = torch.randn(b, n, n, generator=gen).to(device=device, dtype=dtype)
+    # Drawn on the device: the cotangent of P is B n^2 values (4 GiB at B = n = 1024).
+    gen = torch.Generator(device=device).manual_seed(2)
+    g_sorted = torch.randn(b, n, generator=gen, device=device).to(dtype)
+    g_perm = torch.randn(b, n, n, generator=gen, device=device).to(dtype)
     if provider == "diffsort":
         net = _diffsort_fn(network, n, steepness, distribution, device)
         forward = lambda: net(x)  # noqa: E731

@@ -1,0 +1,87 @@
+"""pytest plugin of the GPU run (``-p bench.gpu_pytest``): keeps the tests parametrised on one
+device and writes each test's outcome to a JSON-lines file as soon as it is known, so that a
+test session cut off by its time cap still leaves every result it reached.
+
+Configured by environment variables (so that pytest-xdist workers see the same selection):
+- FASTSSL_TESTS_DEVICE: "cuda" or "cpu"; a test is kept when a parameter named ``device`` (or
+  ``dev``) has that type, or, for "cuda", when it carries the ``gpu`` marker.
+- FASTSSL_TESTS_BACKENDS: optional comma-separated backends; a test with a ``backend``
+  parameter outside them is dropped (tests without one are kept).
+- FASTSSL_TESTS_LOG: the JSON-lines file (one object per test: nodeid, outcome, duration_s,
+  message); appended to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+
+def item_device(item) -> str | None:
+    params = getattr(getattr(item, "callspec", None), "params", {}) or {}
+    for key in ("device", "dev"):
+        if key in params:
+            value = params[key]
+            return getattr(value, "type", None) or str(value).split(":")[0]
+    if item.get_closest_marker("gpu") is not None:
+        return "cuda"
+    return None
+
+
+def item_backend(item) -> str | None:
+    params = getattr(getattr(item, "callspec", None), "params", {}) or {}
+    value = params.get("backend")
+    return None if value is None else str(value)
+
+
+def selected(item, device: str, backends: set[str] | None) -> bool:
+    if item_device(item) != device:
+        return False
+    backend = item_backend(item)
+    return backends is None or backend is None or backend in backends
+
+
+def pytest_collection_modifyitems(config, items):
+    device = os.environ.get("FASTSSL_TESTS_DEVICE")
+    if not device:
+        return
+    names = os.environ.get("FASTSSL_TESTS_BACKENDS", "").strip()
+    backends = {b.strip() for b in names.split(",") if b.strip()} or None
+    keep, drop = [], []
+    for item in items:
+        (keep if selected(item, device, backends) else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def _write(record: dict) -> None:
+    path = os.environ.get("FASTSSL_TESTS_LOG")
+    # Under pytest-xdist each report reaches this hook twice, in the worker and in the
+    # controller: only the controller writes.
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    # One record per test: the call phase, or setup/teardown when they fail or skip.
+    if report.when == "call" or (report.when in ("setup", "teardown") and not report.passed):
+        if report.when == "teardown" and report.skipped:
+            return
+        outcome = report.outcome
+        if report.when != "call" and report.failed:
+            outcome = "error"
+        message = ""
+        if report.skipped and isinstance(report.longrepr, tuple):
+            message = str(report.longrepr[2])
+        elif not report.passed:
+            message = (getattr(report, "longreprtext", "") or str(report.longrepr or "")).strip()
+            lines = [ln for ln in message.splitlines() if ln.startswith("E ")]
+            message = "\n".join(lines[-6:]) or message[-600:]
+        _write({"nodeid": report.nodeid, "outcome": outcome, "when": report.when,
+                "duration_s": round(report.duration, 4), "message": message[:1200], "time": time.time()})
