@@ -176,13 +176,14 @@ def _cases():
 ROW_VERSION = "2"
 
 
-def _sources_digest() -> str:
+def _sources_digest(family: str) -> str:
+    """Hash of what a family's compiled rows depend on: its kernel file, the launch module,
+    this check's row format and the triton version (so an edit recompiles only its family)."""
     import triton
     h = hashlib.sha256((triton.__version__ + ROW_VERSION).encode())
-    for name in sorted(os.listdir(os.path.join(ROOT, "kernels"))):
-        if name.endswith(".py"):
-            with open(os.path.join(ROOT, "kernels", name), "rb") as f:
-                h.update(name.encode() + f.read())
+    for name in (f"{family}.py", "_launch.py"):
+        with open(os.path.join(ROOT, "kernels", name), "rb") as f:
+            h.update(name.encode() + f.read())
     return h.hexdigest()[:16]
 
 
@@ -303,7 +304,6 @@ def _job_key(job: dict, digest: str) -> str:
 
 def triton_rows(workers: int = 2, use_cache: bool = True) -> list[dict]:
     _env_for_compile()
-    digest = _sources_digest()
     cache_dir = os.path.join(CACHE, "static")
     os.makedirs(cache_dir, exist_ok=True)
     jobs = []
@@ -315,7 +315,7 @@ def triton_rows(workers: int = 2, use_cache: bool = True) -> list[dict]:
     rows: list[dict | None] = [None] * len(jobs)
     todo = []
     for i, job in enumerate(jobs):
-        job["key"] = _job_key(job, digest)
+        job["key"] = _job_key(job, _sources_digest(job["family"]))
         path = os.path.join(cache_dir, job["key"] + ".json")
         if use_cache and os.path.exists(path):
             with open(path) as f:
@@ -618,8 +618,8 @@ def _glue_rows(download: bool) -> list[dict]:
     if inc is None or nvcc is None:
         return [dict(kind="glue", family="csrc", case="headers", compiled=False,
                      error="no CUDA torch include/ or no CUDA toolkit")]
-    homes = [os.environ.get("CUDA_HOME", ""), os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
-             "/usr/local/cuda"]
+    homes = [os.environ.get("CUDA_HOME", ""),
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
     cuda_inc = next((os.path.join(h, "include") for h in homes
                      if h and os.path.exists(os.path.join(h, "include", "cuda_runtime.h"))), None)
     if cuda_inc is None:

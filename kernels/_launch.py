@@ -99,7 +99,8 @@ def check_tensor(name: str, t, *, dim: int | None = None, dtypes=None, device=No
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name} must have {dim} dimension(s), got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
-        raise UnsupportedDtype(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+        raise UnsupportedDtype(f"{name} must have dtype in {[str(d) for d in dtypes]}, "
+                               f"got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device}, got {t.device}")
     if shape is not None:

@@ -502,14 +502,16 @@ def lse_backward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos:
     if need_da:
         cfg = config("lse_bwd_rows", a.dtype, d, cc)
         da = torch.empty_like(a)
-        launch(_lse_bwd_rows_kernel, (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"])),
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+        launch(_lse_bwd_rows_kernel, grid,
                a, b, self_col, pos_col, lse0, lse1, g0, g1, col_lse, g_col, da,
                m, c, d, a.stride(0), b.stride(0), da.stride(0), scale, split, **flags,
                **_pick(cfg, *names))
     if need_db:
         cfg = config("lse_bwd_cols", a.dtype, d, cc)
         db = torch.empty_like(b)
-        launch(_lse_bwd_cols_kernel, (triton.cdiv(c, cfg["BLOCK_N"]), triton.cdiv(d, cfg["BLOCK_DO"])),
+        grid = (triton.cdiv(c, cfg["BLOCK_N"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+        launch(_lse_bwd_cols_kernel, grid,
                a, b, self_col, pos_col, lse0, lse1, g0, g1, col_lse, g_col, db,
                m, c, d, a.stride(0), b.stride(0), db.stride(0), scale, split, **flags,
                **_pick(cfg, *names))

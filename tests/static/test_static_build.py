@@ -33,7 +33,8 @@ def rows(tmp_path_factory):
 
 
 def _triton(rows, **match):
-    return [r for r in rows if r["kind"] == "triton" and all(r.get(k) == v for k, v in match.items())]
+    return [r for r in rows
+            if r["kind"] == "triton" and all(r.get(k) == v for k, v in match.items())]
 
 
 def _where(r):
