@@ -262,9 +262,11 @@ def _compile_launch(job: dict) -> dict:
         src = ASTSource(kernel, signature, constexprs, attrs)
         compiled = triton.compile(src, target=tgt, options=options.__dict__)
     except Exception as e:  # the first line of the compiler's message is the finding
-        msg = (str(e).strip().splitlines() or [type(e).__name__])
-        first = next((ln for ln in msg if ln.strip()), type(e).__name__)
-        row.update(compiled=False, error=f"{type(e).__name__}: {first.strip()}"[:300])
+        # Triton's CompilationError reads "at L:C:", the source, then the cause: keep both ends.
+        msg = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [""]
+        cause = next((ln for ln in reversed(msg) if "Error" in ln), msg[-1])
+        where = f" ({msg[0]})" if msg[0] != cause else ""
+        row.update(compiled=False, error=f"{type(e).__name__}: {cause}{where}"[:300])
         return row
     ptx = compiled.asm["ptx"]
     arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
