@@ -373,7 +373,7 @@ def tensor_cores(row: dict) -> int:
 ACCEPTED_FP32_SPILLS = {
     ("_ss_bwd_perm_kernel", "soft_sort_bwd[", 80): (
         16, "8 bytes kept on the stack at 80 of 255 registers for the erf / pow distributions at "
-            "n = 32 on sm_80: not register pressure (2, 4 or 8 warps give the same); its cost "
+            "n = 32 on sm_80: not register pressure (2 and 4 warps give the same); its cost "
             "cannot be measured without a GPU"),
 }
 
