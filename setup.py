@@ -11,6 +11,7 @@ a different torch into the build environment:
 """
 import glob
 import os
+import runpy
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +22,8 @@ import torch
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDA_HOME, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The one list of compiler flags, shared with the static GPU build check (bench/static.py).
+FLAGS = runpy.run_path(os.path.join(ROOT, "csrc", "build_flags.py"))
 
 
 def _has_openmp() -> bool:
@@ -53,7 +56,7 @@ def _want_cuda() -> bool:
 def _extension():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*_cpu.cpp"))) + ["csrc/bindings.cpp"]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = list(FLAGS["CXX_FLAGS"])
     link_flags = []
     if _has_openmp():
         cxx_flags.append("-fopenmp")
@@ -61,9 +64,7 @@ def _extension():
     if _want_cuda():
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "*_cuda.cu")))
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "*_cuda_glue.cpp")))
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math",
-                      "-gencode=arch=compute_80,code=sm_80",
-                      "-gencode=arch=compute_90,code=sm_90"]
+        nvcc_flags = list(FLAGS["NVCC_FLAGS"])
         return CUDAExtension("fastssl._C", sources,
                              extra_compile_args={"cxx": cxx_flags + ["-DFASTSSL_WITH_CUDA"],
                                                  "nvcc": nvcc_flags},

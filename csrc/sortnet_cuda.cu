@@ -7,7 +7,7 @@
 // * values / value backward / GroCo rows: one thread per problem.
 // * P forward / P backward: one block per problem, one thread per row of P (rows are
 //   independent sweeps of e_r). The P backward recomputes each row's forward from checkpoints
-//   every K comparators and adds its dL/dalpha into a zeroed (B, C) buffer with atomicAdd.
+//   every K comparators and sums dL/dalpha over the rows in a fixed order (no atomics).
 // Per-thread state sits in global scratch laid out [slot][lane] so that accesses coalesce.
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -103,6 +103,10 @@ __global__ void perm_kernel(T* P, const T* d, const int32_t* net, int64_t C, int
 }
 
 // ws: per block `slots * n` values, slot-major: [S checkpoints x n wires | u (n) | g (n) | 2K pairs]
+// Deterministic: every row leaves its dL/dalpha contribution to comparator c in the slot of the
+// pair (ua, ub) it no longer needs; after each segment the block sums those slots over the rows
+// in row order (one thread per comparator) and stores the sum. No atomics: no contention on one
+// address per comparator, and the same bits on every run.
 template <typename T>
 __global__ void bwd_perm_kernel(const T* gP, const T* d, T* ga, T* ws_all, const int32_t* net,
                                 int64_t b0, int64_t C, int64_t n, int64_t K, int64_t S, Prm p) {
@@ -111,8 +115,8 @@ __global__ void bwd_perm_kernel(const T* gP, const T* d, T* ga, T* ws_all, const
   const int64_t slots = S * n + 2 * n + 2 * K;
   T* ws = ws_all + pid * slots * n;
   const int64_t U = S * n, G = S * n + n, PR = S * n + 2 * n;
-  for (int64_t r = threadIdx.x; r < n; r += blockDim.x) {
 #define SLOT(i) ws[(i) * n + r]
+  for (int64_t r = threadIdx.x; r < n; r += blockDim.x) {
     for (int64_t w = 0; w < n; ++w) SLOT(U + w) = w == r ? T(1) : T(0);
     for (int64_t sg = 0; sg < S; ++sg) {
       for (int64_t w = 0; w < n; ++w) SLOT(sg * n + w) = SLOT(U + w);
@@ -126,8 +130,10 @@ __global__ void bwd_perm_kernel(const T* gP, const T* d, T* ga, T* ws_all, const
       }
     }
     for (int64_t w = 0; w < n; ++w) SLOT(G + w) = gP[(b * n + r) * n + w];
-    for (int64_t sg = S - 1; sg >= 0; --sg) {
-      const int64_t c0 = sg * K, c1 = min(C, c0 + K);
+  }
+  for (int64_t sg = S - 1; sg >= 0; --sg) {
+    const int64_t c0 = sg * K, c1 = min(C, c0 + K);
+    for (int64_t r = threadIdx.x; r < n; r += blockDim.x) {
       for (int64_t w = 0; w < n; ++w) SLOT(U + w) = SLOT(sg * n + w);
       for (int64_t c = c0; c < c1; ++c) {
         T a, sl;
@@ -142,14 +148,22 @@ __global__ void bwd_perm_kernel(const T* gP, const T* d, T* ga, T* ws_all, const
         T a, sl;
         alpha_slope(d[b * C + c], p, a, sl);
         const T gmin = SLOT(G + net[2 * C + c]), gmax = SLOT(G + net[3 * C + c]);
-        const T contrib = (gmin - gmax) * (SLOT(PR + 2 * (c - c0)) - SLOT(PR + 2 * (c - c0) + 1));
-        if (contrib != T(0)) atomicAdd(ga + b * C + c, contrib);
+        // this row's contribution replaces ua, which nothing reads any more
+        SLOT(PR + 2 * (c - c0)) = (gmin - gmax) * (SLOT(PR + 2 * (c - c0)) - SLOT(PR + 2 * (c - c0) + 1));
         SLOT(G + net[c]) = a * gmin + (T(1) - a) * gmax;
         SLOT(G + net[C + c]) = (T(1) - a) * gmin + a * gmax;
       }
     }
-#undef SLOT
+    __syncthreads();  // every row's contributions of this segment are in place
+    for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+      const T* contrib = ws + (PR + 2 * (c - c0)) * n;
+      T acc = T(0);
+      for (int64_t r = 0; r < n; ++r) acc += contrib[r];
+      ga[b * C + c] = acc;
+    }
+    __syncthreads();  // the next segment reuses the pair slots
   }
+#undef SLOT
 }
 
 template <typename T>

@@ -81,32 +81,38 @@ __device__ A block_sum(A v, A* smem) {
   return v;
 }
 
-// grid (ceil(K / kThreads), n_row_blocks): one thread per prototype column, over `rows` rows.
+// grid (ceil(K / kThreads), min(n_parts, kMaxGridY)): one thread per prototype column; each
+// block walks the row blocks blockIdx.y, blockIdx.y + gridDim.y, ... (grid.y is at most 65,535:
+// ceil(B / 32) passes it at B > 2.1 million rows).
 template <typename T, typename A>
 __global__ void colstats_partial_kernel(const T* __restrict__ s, int64_t B, int64_t K, A eps,
-                                        int rows, A* __restrict__ m_part, A* __restrict__ l_part) {
+                                        int rows, int64_t n_parts, A* __restrict__ m_part,
+                                        A* __restrict__ l_part) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (k >= K) return;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows;
-  const int64_t r1 = r0 + rows < B ? r0 + rows : B;
-  A m = neg_inf<A>();
-  for (int64_t b = r0; b < r1; ++b) m = fmax(m, load_acc(s, b * K + k) / eps);
-  A l = 0;
-  for (int64_t b = r0; b < r1; ++b) l += exp_acc(load_acc(s, b * K + k) / eps - m);
-  m_part[blockIdx.y * K + k] = m;
-  l_part[blockIdx.y * K + k] = l;
+  for (int64_t part = blockIdx.y; part < n_parts; part += gridDim.y) {
+    const int64_t r0 = part * rows;
+    const int64_t r1 = r0 + rows < B ? r0 + rows : B;
+    A m = neg_inf<A>();
+    for (int64_t b = r0; b < r1; ++b) m = fmax(m, load_acc(s, b * K + k) / eps);
+    A l = 0;
+    for (int64_t b = r0; b < r1; ++b) l += exp_acc(load_acc(s, b * K + k) / eps - m);
+    m_part[part * K + k] = m;
+    l_part[part * K + k] = l;
+  }
 }
 
 // grid ceil(K / kThreads): merge the row-block partials of each column.
 template <typename A>
 __global__ void colstats_combine_kernel(const A* __restrict__ m_part, const A* __restrict__ l_part,
-                                        int n_parts, int64_t K, A* __restrict__ M, A* __restrict__ S) {
+                                        int64_t n_parts, int64_t K, A* __restrict__ M,
+                                        A* __restrict__ S) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (k >= K) return;
   A m = neg_inf<A>();
-  for (int p = 0; p < n_parts; ++p) m = fmax(m, m_part[p * K + k]);
+  for (int64_t p = 0; p < n_parts; ++p) m = fmax(m, m_part[p * K + k]);
   A l = 0;
-  for (int p = 0; p < n_parts; ++p) l += l_part[p * K + k] * exp_acc(m_part[p * K + k] - m);
+  for (int64_t p = 0; p < n_parts; ++p) l += l_part[p * K + k] * exp_acc(m_part[p * K + k] - m);
   M[k] = m;
   S[k] = l;
 }
@@ -162,16 +168,19 @@ __global__ void colsum_combine_kernel(const A* __restrict__ part, int n_parts, i
   colsum[k] = acc;
 }
 
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y
+
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 template <typename T>
 cudaError_t colstats_launch(const void* s, int64_t B, int64_t K, double eps, int rows, void* m_part,
                             void* l_part, void* M, void* S, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
-  const int n_parts = static_cast<int>((B + rows - 1) / rows);
-  colstats_partial_kernel<T, A><<<dim3(blocks_for(K), n_parts), kThreads, 0, stream>>>(
-      static_cast<const T*>(s), B, K, static_cast<A>(eps), rows, static_cast<A*>(m_part),
-      static_cast<A*>(l_part));
+  const int64_t n_parts = (B + rows - 1) / rows;
+  const unsigned grid_y = static_cast<unsigned>(n_parts < kMaxGridY ? n_parts : kMaxGridY);
+  colstats_partial_kernel<T, A><<<dim3(blocks_for(K), grid_y), kThreads, 0, stream>>>(
+      static_cast<const T*>(s), B, K, static_cast<A>(eps), rows, n_parts,
+      static_cast<A*>(m_part), static_cast<A*>(l_part));
   colstats_combine_kernel<A><<<blocks_for(K), kThreads, 0, stream>>>(
       static_cast<const A*>(m_part), static_cast<const A*>(l_part), n_parts, K,
       static_cast<A*>(M), static_cast<A*>(S));

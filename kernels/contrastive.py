@@ -28,7 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+from ._launch import UnsupportedDtype, check_range, check_tensor, launch, target
+
+# A constexpr global: @triton.jit may only read globals that are tl.constexpr (the real compiler
+# rejects a plain float global; the interpreter does not, which hid it).
+NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,58 +350,120 @@ def _sce_bwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, G_LSE, G_W, DQ,
 
 
 # ----------------------------------------------------------------------------------------------
+# Configuration: the one place that picks tiles, warps and stages (bench/static.py compiles
+# exactly what the launchers below launch, through this function)
+# ----------------------------------------------------------------------------------------------
+
+KERNELS = ("lse_fwd", "lse_bwd_rows", "lse_bwd_cols", "sce_fwd", "sce_bwd")
+
+
+def config(kernel: str, dtype: torch.dtype, d: int, cc: int | None) -> dict:
+    """Launch configuration of one kernel of this family: the tile constexprs plus num_warps and
+    num_stages, for compute capability ``cc`` (None: the CPU interpreter) and inputs of
+    ``dtype`` with feature dimension ``d``.
+
+    Precision: bfloat16 / float16 operands go to the tensor cores as they are; float32 operands
+    use them too, through tf32x3 (three TF32 products, the float32-level error of the
+    float32 reference). The backward keeps dX in float32 (g * softmax underflows float16 at large
+    N) and multiplies it by the operands upcast to float32: TF32 for bf16/fp16 inputs (their
+    values are exact in TF32), tf32x3 for float32.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    f32 = dtype == torch.float32
+    precision = "tf32x3" if f32 else "tf32"  # "tf32" is ignored by bf16/fp16 dots
+    grad_precision = "tf32x3" if f32 else "tf32"
+    if cc is None:
+        # The interpreter: every element is Python, so small tiles; the interpreter's bfloat16
+        # dot multiplies raw bits (triton 3.9), so bfloat16 operands are widened first there.
+        block_d = min(max(16, triton.next_power_of_2(d)), 64)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, BLOCK_DO=block_d,
+                    PRECISION=precision, GRAD_PRECISION=grad_precision,
+                    UPCAST=dtype == torch.bfloat16, num_warps=4, num_stages=1)
+    # GPU: feature chunks of 64 (32 for float32 with its three-product split), masks cover any d.
+    # float32 keeps two more register copies of each operand (tf32x3's high and low parts),
+    # so its tiles are narrower where ptxas would otherwise spill (bench/results/static).
+    block_d = 32 if f32 else 64
+    block_do = 32 if f32 else 64
+    hopper = cc >= 90
+    if kernel in ("lse_fwd", "sce_fwd"):
+        # Flash-style forward: 128 rows x 64 columns; Hopper's wgmma wants 128-row tiles on
+        # two warpgroups (8 warps). SCE streams two logit tiles (student and teacher).
+        bm, bn = 128, 64
+        if kernel == "sce_fwd" and f32 and not hopper:
+            bn = 32
+        warps = 8
+        stages = 3 if hopper else 2
+    else:
+        # Backward: the logit tile plus a (rows x BLOCK_DO) float32 accumulator per program.
+        bm, bn = (128, 64) if hopper else ((64, 32) if f32 else (64, 64))
+        warps = 8 if hopper else 4
+        stages = 2
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DO=block_do,
+                PRECISION=precision, GRAD_PRECISION=grad_precision, UPCAST=False,
+                num_warps=warps, num_stages=stages)
+
+
+def _pick(cfg: dict, *names: str) -> dict:
+    return {k: cfg[k] for k in names + ("num_warps", "num_stages")}
+
+
+# ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _config(x: torch.Tensor):
-    """Tile sizes: 64 on a GPU; 16 under the CPU interpreter, where every element is Python."""
-    d = x.shape[1]
-    interp = x.device.type == "cpu"
-    block = 16 if interp else 64
-    block_d = min(max(16, triton.next_power_of_2(d)), 64 if interp else 128)
-    block_do = block_d
-    # float32 operands: exact products (no TF32), as the float32 reference. The backward keeps
-    # dX in float32 (g * softmax underflows float16 at large N) and multiplies it with the
-    # operands upcast to float32: exact for float32 inputs, TF32 tensor cores for bf16/fp16.
-    precision = "ieee" if x.dtype == torch.float32 else None
-    grad_precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    upcast = interp and x.dtype == torch.bfloat16
-    return block, block, block_d, block_do, precision, upcast, grad_precision
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_IDX = (torch.int32, torch.int64)
 
 
-def _check_dtype(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise RuntimeError(f"fastssl triton contrastive kernels serve float32, bfloat16 and "
-                               f"float16 inputs, got {t.dtype} (use the torch backend for float64)")
-    if len({t.dtype for t in tensors}) != 1:
-        raise RuntimeError(f"fastssl triton contrastive kernels need one input dtype, got "
-                           f"{[t.dtype for t in tensors]}")
+def _check_operands(names, tensors) -> None:
+    """Row-major 2-D operands of one floating dtype, one device and one feature dimension."""
+    first = tensors[0]
+    for name, t in zip(names, tensors):
+        check_tensor(name, t, dim=2, dtypes=_DTYPES)  # float64: "use the torch backend"
+        if t.dtype != first.dtype:
+            raise UnsupportedDtype(f"{name} must have the dtype of {names[0]} ({first.dtype}), got "
+                            f"{t.dtype} (use the torch backend for float64)")
+        if t.device != first.device:
+            raise ValueError(f"{name} must be on {first.device}, got {t.device}")
+        if t.shape[1] != first.shape[1]:
+            raise ValueError(f"{name} must have {first.shape[1]} columns like {names[0]}, got "
+                             f"shape {tuple(t.shape)}")
+
+
+def _check_vec(name: str, t, length: int, device) -> None:
+    check_tensor(name, t, dim=1, device=device, shape=(length,),
+                 dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
 
 def lse_forward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos: bool,
                 weighted: bool, col_stats: bool):
     """Row statistics of X = scale * a @ b.T; see the module docstring. Returns
     (lse0, lse1, wmean, col_lse), float32, with the unused ones empty."""
-    _check_dtype(a, b)
-    a, b = a.contiguous(), b.contiguous()
+    _check_operands(("a", "b"), (a, b))
     m, c, d = a.shape[0], b.shape[0], a.shape[1]
-    bm, bn, bd, _, prec, upcast, _ = _config(a)
+    # self_col / pos_col are only compared with column numbers, never used as addresses.
+    check_tensor("self_col", self_col, dim=1, dtypes=_IDX, device=a.device, shape=(m,))
+    check_tensor("pos_col", pos_col, dim=1, dtypes=_IDX, device=a.device, shape=(m,))
+    check_range("split", split, 0, c)
+    a, b = a.contiguous(), b.contiguous()
+    self_col, pos_col = self_col.contiguous(), pos_col.contiguous()
+    cfg = config("lse_fwd", a.dtype, d, target(a.device))
     has_split = split < c
     f32 = dict(dtype=torch.float32, device=a.device)
     lse0 = torch.empty(m, **f32)
     lse1 = torch.empty(m if has_split else 0, **f32)
     wmean = torch.empty(m if weighted else 0, **f32)
-    n_col_tiles = triton.cdiv(c, bn)
-    col_m = torch.full((c if col_stats else 1,), NEG_INF, **f32)
+    n_col_tiles = triton.cdiv(c, cfg["BLOCK_N"])
+    col_m = torch.full((c if col_stats else 1,), float("-inf"), **f32)
     col_l = torch.zeros(c if col_stats else 1, **f32)
     lock = torch.zeros(n_col_tiles if col_stats else 1, dtype=torch.int32, device=a.device)
-    _lse_fwd_kernel[(triton.cdiv(m, bm),)](
-        a, b, self_col, pos_col, lse0, lse1 if has_split else lse0,
-        wmean if weighted else lse0, col_m, col_l, lock,
-        m, c, d, a.stride(0), b.stride(0), scale, split,
-        EXCLUDE_POS=exclude_pos, SPLIT=has_split, WEIGHTED=weighted, COL_STATS=col_stats,
-        PRECISION=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    launch(_lse_fwd_kernel, (triton.cdiv(m, cfg["BLOCK_M"]),),
+           a, b, self_col, pos_col, lse0, lse1 if has_split else lse0,
+           wmean if weighted else lse0, col_m, col_l, lock,
+           m, c, d, a.stride(0), b.stride(0), scale, split,
+           EXCLUDE_POS=exclude_pos, SPLIT=has_split, WEIGHTED=weighted, COL_STATS=col_stats,
+           **_pick(cfg, "PRECISION", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_D"))
     col_lse = (col_m + col_l.log()) if col_stats else torch.empty(0, **f32)
     return lse0, lse1, wmean, col_lse
 
@@ -406,58 +472,85 @@ def lse_backward(a, b, self_col, pos_col, scale: float, split: int, exclude_pos:
                  lse0, lse1, col_lse, g0, g1, g_col, need_da: bool = True, need_db: bool = True):
     """(da, db) of the statistics' incoming gradients (g0 for lse0, g1 for lse1, g_col for
     col_lse), recomputing the tiles; no M x C buffer."""
-    _check_dtype(a, b)
-    a, b = a.contiguous(), b.contiguous()
+    _check_operands(("a", "b"), (a, b))
     m, c, d = a.shape[0], b.shape[0], a.shape[1]
-    bm, bn, bd, bdo, prec, upcast, grad_prec = _config(a)
+    check_tensor("self_col", self_col, dim=1, dtypes=_IDX, device=a.device, shape=(m,))
+    check_tensor("pos_col", pos_col, dim=1, dtypes=_IDX, device=a.device, shape=(m,))
+    check_range("split", split, 0, c)
     has_split = split < c
     col_grad = col_lse.numel() > 0
+    _check_vec("lse0", lse0, m, a.device)
+    _check_vec("g0", g0, m, a.device)
+    if has_split:
+        _check_vec("lse1", lse1, m, a.device)
+        _check_vec("g1", g1, m, a.device)
+    if col_grad:
+        _check_vec("col_lse", col_lse, c, a.device)
+        _check_vec("g_col", g_col, c, a.device)
+    a, b = a.contiguous(), b.contiguous()
+    self_col, pos_col = self_col.contiguous(), pos_col.contiguous()
+    lse0 = lse0.contiguous().float()
     g0 = g0.contiguous().float()
     g1 = g1.contiguous().float() if has_split else g0
-    lse1 = lse1 if has_split else lse0
+    lse1 = lse1.contiguous().float() if has_split else lse0
     g_col = g_col.contiguous().float() if col_grad else g0
-    col_lse = col_lse if col_grad else lse0
-    flags = dict(EXCLUDE_POS=exclude_pos, SPLIT=has_split, COL_GRAD=col_grad, PRECISION=prec,
-                 UPCAST=upcast, GRAD_PRECISION=grad_prec,
-                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo)
+    col_lse = col_lse.contiguous().float() if col_grad else lse0
+    cc = target(a.device)
+    flags = dict(EXCLUDE_POS=exclude_pos, SPLIT=has_split, COL_GRAD=col_grad)
+    names = ("PRECISION", "UPCAST", "GRAD_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DO")
     da = db = None
     if need_da:
+        cfg = config("lse_bwd_rows", a.dtype, d, cc)
         da = torch.empty_like(a)
-        _lse_bwd_rows_kernel[(triton.cdiv(m, bm), triton.cdiv(d, bdo))](
-            a, b, self_col, pos_col, lse0, lse1, g0, g1, col_lse, g_col, da,
-            m, c, d, a.stride(0), b.stride(0), da.stride(0), scale, split, **flags)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+        launch(_lse_bwd_rows_kernel, grid,
+               a, b, self_col, pos_col, lse0, lse1, g0, g1, col_lse, g_col, da,
+               m, c, d, a.stride(0), b.stride(0), da.stride(0), scale, split, **flags,
+               **_pick(cfg, *names))
     if need_db:
+        cfg = config("lse_bwd_cols", a.dtype, d, cc)
         db = torch.empty_like(b)
-        _lse_bwd_cols_kernel[(triton.cdiv(c, bn), triton.cdiv(d, bdo))](
-            a, b, self_col, pos_col, lse0, lse1, g0, g1, col_lse, g_col, db,
-            m, c, d, a.stride(0), b.stride(0), db.stride(0), scale, split, **flags)
+        grid = (triton.cdiv(c, cfg["BLOCK_N"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+        launch(_lse_bwd_cols_kernel, grid,
+               a, b, self_col, pos_col, lse0, lse1, g0, g1, col_lse, g_col, db,
+               m, c, d, a.stride(0), b.stride(0), db.stride(0), scale, split, **flags,
+               **_pick(cfg, *names))
     return da, db
 
 
 def sce_forward(q, k, cols, self_col, scale_s: float, scale_t: float):
     """(lse_student, lse_teacher, teacher-weighted mean of the student logits), float32."""
-    _check_dtype(q, k, cols)
-    q, k, cols = q.contiguous(), k.contiguous(), cols.contiguous()
+    _check_operands(("q", "k", "cols"), (q, k, cols))
     m, c, d = q.shape[0], cols.shape[0], q.shape[1]
-    bm, bn, bd, _, prec, upcast, _ = _config(q)
+    if k.shape[0] != m:
+        raise ValueError(f"k must have the {m} rows of q, got shape {tuple(k.shape)}")
+    check_tensor("self_col", self_col, dim=1, dtypes=_IDX, device=q.device, shape=(m,))
+    q, k, cols, self_col = q.contiguous(), k.contiguous(), cols.contiguous(), self_col.contiguous()
+    cfg = config("sce_fwd", q.dtype, d, target(q.device))
     f32 = dict(dtype=torch.float32, device=q.device)
     lse_s, lse_t, wmean = (torch.empty(m, **f32) for _ in range(3))
-    _sce_fwd_kernel[(triton.cdiv(m, bm),)](
-        q, k, cols, self_col, lse_s, lse_t, wmean, m, c, d,
-        q.stride(0), k.stride(0), cols.stride(0), scale_s, scale_t,
-        PRECISION=prec, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    launch(_sce_fwd_kernel, (triton.cdiv(m, cfg["BLOCK_M"]),),
+           q, k, cols, self_col, lse_s, lse_t, wmean, m, c, d,
+           q.stride(0), k.stride(0), cols.stride(0), scale_s, scale_t,
+           **_pick(cfg, "PRECISION", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_D"))
     return lse_s, lse_t, wmean
 
 
 def sce_backward(q, k, cols, self_col, scale_s: float, scale_t: float, lse_s, lse_t, g_lse, g_w):
-    _check_dtype(q, k, cols)
-    q, k, cols = q.contiguous(), k.contiguous(), cols.contiguous()
+    _check_operands(("q", "k", "cols"), (q, k, cols))
     m, c, d = q.shape[0], cols.shape[0], q.shape[1]
-    bm, bn, bd, bdo, prec, upcast, grad_prec = _config(q)
+    if k.shape[0] != m:
+        raise ValueError(f"k must have the {m} rows of q, got shape {tuple(k.shape)}")
+    check_tensor("self_col", self_col, dim=1, dtypes=_IDX, device=q.device, shape=(m,))
+    for name, t in (("lse_s", lse_s), ("lse_t", lse_t), ("g_lse", g_lse), ("g_w", g_w)):
+        _check_vec(name, t, m, q.device)
+    q, k, cols, self_col = q.contiguous(), k.contiguous(), cols.contiguous(), self_col.contiguous()
+    cfg = config("sce_bwd", q.dtype, d, target(q.device))
     dq = torch.empty_like(q)
-    _sce_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(d, bdo))](
-        q, k, cols, self_col, lse_s, lse_t, g_lse.contiguous().float(), g_w.contiguous().float(),
-        dq, m, c, d, q.stride(0), k.stride(0), cols.stride(0), dq.stride(0), scale_s, scale_t,
-        PRECISION=prec, UPCAST=upcast, GRAD_PRECISION=grad_prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        BLOCK_DO=bdo)
+    launch(_sce_bwd_kernel, (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"])),
+           q, k, cols, self_col, lse_s.contiguous().float(), lse_t.contiguous().float(),
+           g_lse.contiguous().float(), g_w.contiguous().float(),
+           dq, m, c, d, q.stride(0), k.stride(0), cols.stride(0), dq.stride(0), scale_s, scale_t,
+           **_pick(cfg, "PRECISION", "UPCAST", "GRAD_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_D",
+                   "BLOCK_DO"))
     return dq

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_range, check_tensor, launch, target
+
 DIST_IDS = {"logistic": 0, "logistic_phi": 1, "gaussian": 2, "reciprocal": 3, "cauchy": 4,
             "optimal": 5}
 
@@ -111,6 +113,7 @@ def _ss_perm_kernel(p_ptr, d_ptr, net_ptr, prm_ptr, C, n, DIST: tl.constexpr,
     s = tl.load(prm_ptr)
     lam = tl.load(prm_ptr + 1)
     sb = tl.load(prm_ptr + 2)
+    n = tl.cast(n, tl.int64)  # b * n * n passes 2**31 at B = 2048 problems of n = 1024
     base = p_ptr + b * n * n + rows * n
     for w in range(0, n):
         tl.store(base + w, tl.where(rows == w, 1.0, 0.0).to(p_ptr.dtype.element_ty), mask=m)
@@ -136,6 +139,8 @@ def _ss_bwd_perm_kernel(gp_ptr, d_ptr, ga_ptr, ws_ptr, net_ptr, prm_ptr, b0, C, 
     s = tl.load(prm_ptr)
     lam = tl.load(prm_ptr + 1)
     sb = tl.load(prm_ptr + 2)
+    n = tl.cast(n, tl.int64)  # scratch and gradient offsets in 64 bits
+    K = tl.cast(K, tl.int64)
     slots = S * n + 2 * n + 2 * K
     ws = ws_ptr + pid * slots * BLOCK_R + rows
     U = S * n
@@ -247,76 +252,78 @@ def _groco_rows_kernel(s_ptr, loss_ptr, grow_ptr, gs_ptr, ws_ptr, net_ptr, prm_p
     PP = 3 * n + C
     GA = 3 * n + 5 * C
     ws = ws_ptr + lanes
+    # The scratch is (3n + 6C) x B values: its slot offsets pass 2**31 at large B x C.
+    Bw = tl.cast(B, tl.int64)
     for w in range(0, n):
-        tl.store(ws + (X + w) * B, tl.load(s_ptr + lanes * n + w, mask=m, other=0.0), mask=m)
+        tl.store(ws + (X + w) * Bw, tl.load(s_ptr + lanes * n + w, mask=m, other=0.0), mask=m)
     for c in range(0, C):
         ia = tl.load(net_ptr + c)
         ib = tl.load(net_ptr + C + c)
         dn = tl.load(net_ptr + 2 * C + c)
         dx = tl.load(net_ptr + 3 * C + c)
-        xa = tl.load(ws + (X + ia) * B, mask=m, other=0.0)
-        xb = tl.load(ws + (X + ib) * B, mask=m, other=0.0)
+        xa = tl.load(ws + (X + ia) * Bw, mask=m, other=0.0)
+        xb = tl.load(ws + (X + ib) * Bw, mask=m, other=0.0)
         d = xb - xa
         a, sl = _alpha_slope(d, s, lam, sb, DIST)
-        tl.store(ws + (X + dn) * B, a * xa + (1.0 - a) * xb, mask=m)
-        tl.store(ws + (X + dx) * B, (1.0 - a) * xa + a * xb, mask=m)
-        tl.store(ws + (DD + c) * B, d, mask=m)
+        tl.store(ws + (X + dn) * Bw, a * xa + (1.0 - a) * xb, mask=m)
+        tl.store(ws + (X + dx) * Bw, (1.0 - a) * xa + a * xb, mask=m)
+        tl.store(ws + (DD + c) * Bw, d, mask=m)
     for w in range(0, n):
         one = tl.where(m, 1.0, 0.0)
-        tl.store(ws + (WP + w) * B, one * tl.where(w >= k, 1.0, 0.0), mask=m)
-        tl.store(ws + (WN + w) * B, one * tl.where(w < k, 1.0, 0.0), mask=m)
+        tl.store(ws + (WP + w) * Bw, one * tl.where(w >= k, 1.0, 0.0), mask=m)
+        tl.store(ws + (WN + w) * Bw, one * tl.where(w < k, 1.0, 0.0), mask=m)
     for i in range(0, C):
         c = C - 1 - i
         ia = tl.load(net_ptr + c)
         ib = tl.load(net_ptr + C + c)
         dn = tl.load(net_ptr + 2 * C + c)
         dx = tl.load(net_ptr + 3 * C + c)
-        a, sl = _alpha_slope(tl.load(ws + (DD + c) * B, mask=m, other=0.0), s, lam, sb, DIST)
-        pmin = tl.load(ws + (WP + dn) * B, mask=m, other=0.0)
-        pmax = tl.load(ws + (WP + dx) * B, mask=m, other=0.0)
-        nmin = tl.load(ws + (WN + dn) * B, mask=m, other=0.0)
-        nmax = tl.load(ws + (WN + dx) * B, mask=m, other=0.0)
+        a, sl = _alpha_slope(tl.load(ws + (DD + c) * Bw, mask=m, other=0.0), s, lam, sb, DIST)
+        pmin = tl.load(ws + (WP + dn) * Bw, mask=m, other=0.0)
+        pmax = tl.load(ws + (WP + dx) * Bw, mask=m, other=0.0)
+        nmin = tl.load(ws + (WN + dn) * Bw, mask=m, other=0.0)
+        nmax = tl.load(ws + (WN + dx) * Bw, mask=m, other=0.0)
         if BACKWARD:
-            tl.store(ws + (PP + 4 * c) * B, pmin, mask=m)
-            tl.store(ws + (PP + 4 * c + 1) * B, pmax, mask=m)
-            tl.store(ws + (PP + 4 * c + 2) * B, nmin, mask=m)
-            tl.store(ws + (PP + 4 * c + 3) * B, nmax, mask=m)
-        tl.store(ws + (WP + ia) * B, a * pmin + (1.0 - a) * pmax, mask=m)
-        tl.store(ws + (WP + ib) * B, (1.0 - a) * pmin + a * pmax, mask=m)
-        tl.store(ws + (WN + ia) * B, a * nmin + (1.0 - a) * nmax, mask=m)
-        tl.store(ws + (WN + ib) * B, (1.0 - a) * nmin + a * nmax, mask=m)
+            tl.store(ws + (PP + 4 * c) * Bw, pmin, mask=m)
+            tl.store(ws + (PP + 4 * c + 1) * Bw, pmax, mask=m)
+            tl.store(ws + (PP + 4 * c + 2) * Bw, nmin, mask=m)
+            tl.store(ws + (PP + 4 * c + 3) * Bw, nmax, mask=m)
+        tl.store(ws + (WP + ia) * Bw, a * pmin + (1.0 - a) * pmax, mask=m)
+        tl.store(ws + (WP + ib) * Bw, (1.0 - a) * pmin + a * pmax, mask=m)
+        tl.store(ws + (WN + ia) * Bw, a * nmin + (1.0 - a) * nmax, mask=m)
+        tl.store(ws + (WN + ib) * Bw, (1.0 - a) * nmin + a * nmax, mask=m)
     if BACKWARD:
         scale = tl.load(grow_ptr + lanes, mask=m, other=0.0) / (2.0 * n)
         for w in range(0, n):
             t = tl.where(w >= k, 1.0, 0.0)
-            qp = tl.load(ws + (WP + w) * B, mask=m, other=0.5)
-            qn = tl.load(ws + (WN + w) * B, mask=m, other=0.5)
+            qp = tl.load(ws + (WP + w) * Bw, mask=m, other=0.5)
+            qn = tl.load(ws + (WN + w) * Bw, mask=m, other=0.5)
             # torch.clip passes the gradient where 0 <= q <= 1; BCE's backward has EPSILON 1e-12
             gp = tl.where((qp >= 0.0) & (qp <= 1.0),
                           scale * (qp - t) / tl.maximum((1.0 - qp) * qp, 1e-12), 0.0)
             gn = tl.where((qn >= 0.0) & (qn <= 1.0),
                           scale * (qn - (1.0 - t)) / tl.maximum((1.0 - qn) * qn, 1e-12), 0.0)
-            tl.store(ws + (WP + w) * B, gp, mask=m)
-            tl.store(ws + (WN + w) * B, gn, mask=m)
+            tl.store(ws + (WP + w) * Bw, gp, mask=m)
+            tl.store(ws + (WN + w) * Bw, gn, mask=m)
         for c in range(0, C):
             ia = tl.load(net_ptr + c)
             ib = tl.load(net_ptr + C + c)
             dn = tl.load(net_ptr + 2 * C + c)
             dx = tl.load(net_ptr + 3 * C + c)
-            a, sl = _alpha_slope(tl.load(ws + (DD + c) * B, mask=m, other=0.0), s, lam, sb, DIST)
-            pa = tl.load(ws + (WP + ia) * B, mask=m, other=0.0)
-            pb = tl.load(ws + (WP + ib) * B, mask=m, other=0.0)
-            na = tl.load(ws + (WN + ia) * B, mask=m, other=0.0)
-            nb = tl.load(ws + (WN + ib) * B, mask=m, other=0.0)
-            ga = (pa - pb) * (tl.load(ws + (PP + 4 * c) * B, mask=m, other=0.0)
-                              - tl.load(ws + (PP + 4 * c + 1) * B, mask=m, other=0.0)) \
-                + (na - nb) * (tl.load(ws + (PP + 4 * c + 2) * B, mask=m, other=0.0)
-                               - tl.load(ws + (PP + 4 * c + 3) * B, mask=m, other=0.0))
-            tl.store(ws + (GA + c) * B, ga, mask=m)
-            tl.store(ws + (WP + dn) * B, a * pa + (1.0 - a) * pb, mask=m)
-            tl.store(ws + (WP + dx) * B, (1.0 - a) * pa + a * pb, mask=m)
-            tl.store(ws + (WN + dn) * B, a * na + (1.0 - a) * nb, mask=m)
-            tl.store(ws + (WN + dx) * B, (1.0 - a) * na + a * nb, mask=m)
+            a, sl = _alpha_slope(tl.load(ws + (DD + c) * Bw, mask=m, other=0.0), s, lam, sb, DIST)
+            pa = tl.load(ws + (WP + ia) * Bw, mask=m, other=0.0)
+            pb = tl.load(ws + (WP + ib) * Bw, mask=m, other=0.0)
+            na = tl.load(ws + (WN + ia) * Bw, mask=m, other=0.0)
+            nb = tl.load(ws + (WN + ib) * Bw, mask=m, other=0.0)
+            ga = (pa - pb) * (tl.load(ws + (PP + 4 * c) * Bw, mask=m, other=0.0)
+                              - tl.load(ws + (PP + 4 * c + 1) * Bw, mask=m, other=0.0)) \
+                + (na - nb) * (tl.load(ws + (PP + 4 * c + 2) * Bw, mask=m, other=0.0)
+                               - tl.load(ws + (PP + 4 * c + 3) * Bw, mask=m, other=0.0))
+            tl.store(ws + (GA + c) * Bw, ga, mask=m)
+            tl.store(ws + (WP + dn) * Bw, a * pa + (1.0 - a) * pb, mask=m)
+            tl.store(ws + (WP + dx) * Bw, (1.0 - a) * pa + a * pb, mask=m)
+            tl.store(ws + (WN + dn) * Bw, a * na + (1.0 - a) * nb, mask=m)
+            tl.store(ws + (WN + dx) * Bw, (1.0 - a) * na + a * nb, mask=m)
         row = gs_ptr + lanes * n
         for w in range(0, n):
             tl.store(row + w, tl.zeros([BLOCK_B], dtype=gs_ptr.dtype.element_ty), mask=m)
@@ -326,33 +333,68 @@ def _groco_rows_kernel(s_ptr, loss_ptr, grow_ptr, gs_ptr, ws_ptr, net_ptr, prm_p
             ib = tl.load(net_ptr + C + c)
             dn = tl.load(net_ptr + 2 * C + c)
             dx = tl.load(net_ptr + 3 * C + c)
-            d = tl.load(ws + (DD + c) * B, mask=m, other=0.0)
+            d = tl.load(ws + (DD + c) * Bw, mask=m, other=0.0)
             a, sl = _alpha_slope(d, s, lam, sb, DIST)
             lmin = tl.load(row + dn, mask=m, other=0.0)
             lmax = tl.load(row + dx, mask=m, other=0.0)
-            gd = (tl.load(ws + (GA + c) * B, mask=m, other=0.0) - (lmin - lmax) * d) * sl
+            gd = (tl.load(ws + (GA + c) * Bw, mask=m, other=0.0) - (lmin - lmax) * d) * sl
             tl.store(row + ia, a * lmin + (1.0 - a) * lmax - gd, mask=m)
             tl.store(row + ib, (1.0 - a) * lmin + a * lmax + gd, mask=m)
     else:
         total = tl.zeros([BLOCK_B], dtype=ws_ptr.dtype.element_ty)
         for w in range(0, n):
             t = tl.where(w >= k, 1.0, 0.0)
-            qp = tl.minimum(tl.maximum(tl.load(ws + (WP + w) * B, mask=m, other=0.5), 0.0), 1.0)
-            qn = tl.minimum(tl.maximum(tl.load(ws + (WN + w) * B, mask=m, other=0.5), 0.0), 1.0)
+            qp = tl.minimum(tl.maximum(tl.load(ws + (WP + w) * Bw, mask=m, other=0.5), 0.0), 1.0)
+            qn = tl.minimum(tl.maximum(tl.load(ws + (WN + w) * Bw, mask=m, other=0.5), 0.0), 1.0)
             total += -(t * tl.maximum(tl.log(qp), -100.0) + (1.0 - t) * tl.maximum(tl.log(1.0 - qp), -100.0))
             total += -((1.0 - t) * tl.maximum(tl.log(qn), -100.0) + t * tl.maximum(tl.log(1.0 - qn), -100.0))
         tl.store(loss_ptr + lanes, total / (2.0 * n), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers (tensors already contiguous, float32 or float64, on one device)
+# configuration and launchers (tensors float32 or float64, on one device)
 
-_BLOCK_B = 64
-_WS_BUDGET = 1 << 28  # bytes of scratch per launch of the P backward; larger batches are chunked
+KERNELS = ("lanes", "rows")
+
+
+def config(kernel: str, n: int, cc: int | None) -> dict:
+    """Launch configuration of this family for compute capability ``cc`` (None: the CPU
+    interpreter). "lanes": one problem per lane (values, value backward, GroCo rows), BLOCK_B
+    problems per program; "rows": one problem per program, one lane per row of P
+    (P forward / backward), BLOCK_R = next power of two of n. Also the scratch budget of one
+    P-backward launch (larger batches are cut into launches of that size)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    gpu = cc is not None
+    if kernel == "lanes":
+        # 64 lanes on 2 warps: one lane per thread (4 warps would run every lane twice).
+        return dict(BLOCK_B=64, num_warps=2 if gpu else 4, num_stages=1)
+    block_r = triton.next_power_of_2(n)
+    # 2 warps at least: with one, ptxas spilled the P backward of n = 32 on sm_80.
+    warps = max(2, min(8, block_r // 128)) if gpu else 4
+    # A GPU has the memory for wider P-backward launches (fewer, fuller grids).
+    return dict(BLOCK_R=block_r, num_warps=warps, num_stages=1,
+                ws_budget=(1 << 30) if gpu else (1 << 28))
+
+
+_DTYPES = (torch.float32, torch.float64)
 
 
 def _params(x: torch.Tensor, steepness: float, art_lambda: float, sigma_bwd: float):
     return torch.tensor([steepness, art_lambda, sigma_bwd], dtype=x.dtype, device=x.device)
+
+
+def _check_net(net, n: int, device) -> int:
+    """The (4, C) int32 comparator table; its entries are wire numbers in [0, n) (built by the
+    ops from a network name; checked here on its shape, dtype and device)."""
+    check_tensor("net", net, dim=2, dtypes=(torch.int32,), device=device)
+    if net.shape[0] != 4:
+        raise ValueError(f"net must have shape (4, C), got {tuple(net.shape)}")
+    return net.shape[1]
+
+
+def _check_dist(dist: int) -> None:
+    check_range("dist", dist, 0, len(DIST_IDS) - 1)
 
 
 def checkpoint_spacing(C: int, n: int) -> tuple[int, int]:
@@ -362,45 +404,67 @@ def checkpoint_spacing(C: int, n: int) -> tuple[int, int]:
 
 
 def soft_sort_forward(x, net, dist, steepness, art_lambda, sigma_bwd, want_p):
+    check_tensor("x", x, dim=2, dtypes=_DTYPES)
+    _check_dist(dist)
+    x = x.contiguous()
     B, n = x.shape
-    C = net.shape[1]
+    C = _check_net(net, n, x.device)
+    net = net.contiguous()
+    cc = target(x.device)
     prm = _params(x, steepness, art_lambda, sigma_bwd)
     y = x.clone()
     d = torch.empty((B, C), dtype=x.dtype, device=x.device)
-    if C > 0:
-        _ss_values_kernel[(triton.cdiv(B, _BLOCK_B),)](y, d, net, prm, B, C, n, DIST=dist,
-                                                       BLOCK_B=_BLOCK_B)
+    if C > 0 and B > 0:
+        cfg = config("lanes", n, cc)
+        launch(_ss_values_kernel, (triton.cdiv(B, cfg["BLOCK_B"]),), y, d, net, prm, B, C, n,
+               DIST=dist, **cfg)
     if want_p:
         P = torch.empty((B, n, n), dtype=x.dtype, device=x.device)
-        _ss_perm_kernel[(B,)](P, d, net, prm, C, n, DIST=dist,
-                              BLOCK_R=triton.next_power_of_2(n))
+        if B > 0:
+            cfg = config("rows", n, cc)
+            cfg.pop("ws_budget")
+            launch(_ss_perm_kernel, (B,), P, d, net, prm, C, n, DIST=dist, **cfg)
     else:
         P = x.new_empty(0)
     return y, P, d
 
 
 def soft_sort_backward(gy, gP, d, net, dist, steepness, art_lambda, sigma_bwd, n):
+    check_tensor("d", d, dim=2, dtypes=_DTYPES)
+    _check_dist(dist)
     B, C = d.shape
+    if _check_net(net, n, d.device) != C:
+        raise ValueError(f"net must have the {C} comparators of d, got shape {tuple(net.shape)}")
+    if gy.numel():
+        check_tensor("gy", gy, dtypes=(d.dtype,), device=d.device, shape=(B, n))
+    if gP.numel():
+        check_tensor("gP", gP, dtypes=(d.dtype,), device=d.device, shape=(B, n, n))
+    d, net = d.contiguous(), net.contiguous()
+    gP = gP.contiguous()
+    cc = target(d.device)
     prm = _params(d, steepness, art_lambda, sigma_bwd)
-    gx = gy.clone() if gy.numel() else torch.zeros((B, n), dtype=d.dtype, device=d.device)
+    gx = gy.contiguous().clone() if gy.numel() else torch.zeros((B, n), dtype=d.dtype,
+                                                                device=d.device)
     has_ga = gP.numel() > 0
     ga = d.new_empty(0)
-    if has_ga and C > 0:
+    if has_ga and C > 0 and B > 0:
         ga = torch.empty((B, C), dtype=d.dtype, device=d.device)
         K, S = checkpoint_spacing(C, n)
-        BR = triton.next_power_of_2(n)
+        cfg = config("rows", n, cc)
+        budget = cfg.pop("ws_budget")
+        BR = cfg["BLOCK_R"]
         slots = S * n + 2 * n + 2 * K
         per_problem = slots * BR * d.element_size()
-        chunk = max(1, min(B, _WS_BUDGET // per_problem))
+        chunk = max(1, min(B, budget // per_problem))
         ws = torch.empty((chunk * slots * BR,), dtype=d.dtype, device=d.device)
         for b0 in range(0, B, chunk):
             nb = min(chunk, B - b0)
-            _ss_bwd_perm_kernel[(nb,)](gP, d, ga, ws, net, prm, b0, C, n, K, S, DIST=dist,
-                                       BLOCK_R=BR)
-    if C > 0:
-        _ss_bwd_values_kernel[(triton.cdiv(B, _BLOCK_B),)](gx, d, ga, net, prm, B, C, n,
-                                                           DIST=dist, HAS_GA=has_ga and C > 0,
-                                                           BLOCK_B=_BLOCK_B)
+            launch(_ss_bwd_perm_kernel, (nb,), gP, d, ga, ws, net, prm, b0, C, n, K, S,
+                   DIST=dist, **cfg)
+    if C > 0 and B > 0:
+        cfg = config("lanes", n, cc)
+        launch(_ss_bwd_values_kernel, (triton.cdiv(B, cfg["BLOCK_B"]),), gx, d, ga, net, prm,
+               B, C, n, DIST=dist, HAS_GA=has_ga and C > 0, **cfg)
     return gx
 
 
@@ -408,24 +472,40 @@ def _groco_ws(B, n, C, dtype, device):
     return torch.empty(((3 * n + 6 * C) * B,), dtype=dtype, device=device)
 
 
-def groco_rows_forward(sims, k, net, dist, steepness, art_lambda, sigma_bwd):
+def _check_groco(sims, k, net, dist):
+    check_tensor("sims", sims, dim=2, dtypes=_DTYPES)
+    _check_dist(dist)
     B, n = sims.shape
-    C = net.shape[1]
+    check_range("k", k, 0, n)
+    return _check_net(net, n, sims.device)
+
+
+def groco_rows_forward(sims, k, net, dist, steepness, art_lambda, sigma_bwd):
+    C = _check_groco(sims, k, net, dist)
+    sims, net = sims.contiguous(), net.contiguous()
+    B, n = sims.shape
     prm = _params(sims, steepness, art_lambda, sigma_bwd)
     loss = torch.empty((B,), dtype=sims.dtype, device=sims.device)
+    if B == 0:
+        return loss
     ws = _groco_ws(B, n, C, sims.dtype, sims.device)
-    _groco_rows_kernel[(triton.cdiv(B, _BLOCK_B),)](sims, loss, loss, loss, ws, net, prm, B, C, n,
-                                                    k, DIST=dist, BACKWARD=False,
-                                                    BLOCK_B=_BLOCK_B)
+    cfg = config("lanes", n, target(sims.device))
+    launch(_groco_rows_kernel, (triton.cdiv(B, cfg["BLOCK_B"]),), sims, loss, loss, loss, ws,
+           net, prm, B, C, n, k, DIST=dist, BACKWARD=False, **cfg)
     return loss
 
 
 def groco_rows_backward(grow, sims, k, net, dist, steepness, art_lambda, sigma_bwd):
+    C = _check_groco(sims, k, net, dist)
     B, n = sims.shape
-    C = net.shape[1]
+    check_tensor("grow", grow, dtypes=(sims.dtype,), device=sims.device, shape=(B,))
+    sims, net, grow = sims.contiguous(), net.contiguous(), grow.contiguous()
     prm = _params(sims, steepness, art_lambda, sigma_bwd)
     gs = torch.empty_like(sims)
+    if B == 0:
+        return gs
     ws = _groco_ws(B, n, C, sims.dtype, sims.device)
-    _groco_rows_kernel[(triton.cdiv(B, _BLOCK_B),)](sims, gs, grow, gs, ws, net, prm, B, C, n, k,
-                                                    DIST=dist, BACKWARD=True, BLOCK_B=_BLOCK_B)
+    cfg = config("lanes", n, target(sims.device))
+    launch(_groco_rows_kernel, (triton.cdiv(B, cfg["BLOCK_B"]),), sims, gs, grow, gs, ws, net,
+           prm, B, C, n, k, DIST=dist, BACKWARD=True, **cfg)
     return gs

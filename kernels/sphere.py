@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_range, check_tensor, launch, target
+
 
 @triton.jit
 def _series(t, coef_ptr, NUM_W: tl.constexpr):
@@ -72,10 +74,11 @@ def _gram_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D,
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + offs_d
         d_ok = dd < D
-        xt = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                     other=0.0)
-        yt = tl.load(y_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                     other=0.0)
+        # 64-bit row offsets: rows * D passes 2**31 at 65,536 rows of SFRIK's D = 32768.
+        xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :],
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        yt = tl.load(y_ptr + cols.to(tl.int64)[:, None] * D + dd[None, :],
+                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             # Exact bf16 -> fp32 widening: the products equal those of a bf16 MMA.
             xt = xt.to(tl.float32)
@@ -159,38 +162,82 @@ def _pair_backward_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, coef_ptr, lse_ptr, out_p
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             d_ok = dd < D
-            bt = tl.load(b_ptr + cols[:, None] * D + dd[None, :],
+            bt = tl.load(b_ptr + cols.to(tl.int64)[:, None] * D + dd[None, :],
                          mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             c_low = c.to(bt.dtype)
             if UPCAST:
                 c_low = c_low.to(tl.float32)
                 bt = bt.to(tl.float32)
             contrib = tl.dot(c_low, bt, input_precision=PRECISION, out_dtype=ACC)
-            o_ptrs = out_ptr + rows[:, None] * D + dd[None, :]
+            o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :]
             o_mask = row_ok[:, None] & d_ok[None, :]
             tl.store(o_ptrs, tl.load(o_ptrs, mask=o_mask, other=0.0) + contrib, mask=o_mask)
 
 
 _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+KERNELS = ("pair_fwd", "pair_bwd")
 
 
-def _config(x: torch.Tensor, symmetric: bool) -> dict:
-    if x.device.type == "cpu":
-        # The interpreter: small tiles keep the emulation fast and exercise several blocks.
-        bm = bn = bd = 16
-    else:
-        bm = bn = 64
-        bd = 64 if x.element_size() <= 4 else 32
-    if symmetric:
-        bn = bm  # the symmetric walk pairs row block i with column block i
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    # fp32 inputs keep full fp32 products (no TF32), fp16/bf16 use tensor cores.
-    precision = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+def config(kernel: str, dtype: torch.dtype, symmetric: bool, cc: int | None) -> dict:
+    """Launch configuration (tile constexprs, num_warps, num_stages) of one kernel of this family
+    for compute capability ``cc`` (None: the CPU interpreter) and inputs of ``dtype``.
+
+    Products: bfloat16 / float16 tiles go to the tensor cores as they are; float32 uses them
+    through tf32x3 (float32-level error); float64 keeps exact products (ieee).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    f32 = dtype == torch.float32
+    precision = {torch.float64: "ieee", torch.float32: "tf32x3"}.get(dtype, "tf32")
+    acc = _TL_ACC[torch.float64 if dtype == torch.float64 else torch.float32]
     # The interpreter's tl.dot misreads bf16 operands (it multiplies their raw bits), so on
     # CPU bf16 tiles are widened to fp32 first.
-    upcast = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ACC=_TL_ACC[acc], PRECISION=precision,
-                UPCAST=upcast), acc
+    upcast = cc is None and dtype == torch.bfloat16
+    if cc is None:
+        # The interpreter: small tiles keep the emulation fast and exercise several blocks.
+        bm = bn = bd = 16
+        warps, stages = 4, 1
+    else:
+        hopper = cc >= 90
+        bd = 32 if (f32 or dtype == torch.float64) else 64
+        if kernel == "pair_fwd":
+            # 128 x 128 tiles on two warpgroups on Hopper (the symmetric walk needs square tiles).
+            # On sm_80, 4 warps leave the Gegenbauer recurrence 128 registers and it spills.
+            bm = bn = 128 if hopper else 64
+            warps = 8
+            stages = 3 if hopper else 2
+        else:
+            # float32 on sm_80: tf32x3's operand splits of a 64-wide column tile spill.
+            bm, bn = (128, 64) if hopper else ((64, 32) if f32 else (64, 64))
+            warps = 8 if hopper else 4
+            stages = 2
+    if symmetric:
+        bn = bm  # the symmetric walk pairs row block i with column block i
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ACC=acc, PRECISION=precision, UPCAST=upcast,
+                num_warps=warps, num_stages=stages)
+
+
+def _check_rows(x_name, x, r_name, r, like=None):
+    check_tensor(x_name, x, dim=2, dtypes=_DTYPES, device=None if like is None else like.device)
+    if like is not None:
+        if x.dtype != like.dtype:
+            raise TypeError(f"{x_name} must have dtype {like.dtype}, got {x.dtype}")
+        if x.shape[1] != like.shape[1]:
+            raise ValueError(f"{x_name} must have {like.shape[1]} columns, got {tuple(x.shape)}")
+    check_tensor(r_name, r, dim=1, device=x.device, shape=(x.shape[0],), dtypes=_DTYPES)
+
+
+def _check_series(kind: int, coef, num_w: int, device, acc) -> None:
+    check_range("kind", kind, 0, 1)
+    check_range("num_w", num_w, 1)
+    if kind == 0:
+        # coef = [w_1..w_K, a_1..a_{K-1}, b_1..b_{K-1}]: 3K - 2 entries are read.
+        check_tensor("coef", coef, dim=1, device=device, dtypes=(acc,))
+        if coef.numel() < 3 * num_w - 2:
+            raise ValueError(f"coef must hold 3 * num_w - 2 = {3 * num_w - 2} entries, got "
+                             f"{coef.numel()}")
 
 
 def pair_forward(x: torch.Tensor, y: torch.Tensor | None, rx: torch.Tensor, ry: torch.Tensor | None,
@@ -200,21 +247,25 @@ def pair_forward(x: torch.Tensor, y: torch.Tensor | None, rx: torch.Tensor, ry: 
     mirrored tiles counted twice). KIND 0: (row sums of psi, None). KIND 1: (shifted row sums,
     row maxima), so that the log of the total is logsumexp(max + log sum)."""
     symmetric = y is None
+    _check_rows("x", x, "rx", rx)
     if symmetric:
         y, ry = x, rx
-    x, y = x.contiguous(), y.contiguous()
+    else:
+        _check_rows("y", y, "ry", ry, like=x)
+    x, y, rx, ry = x.contiguous(), y.contiguous(), rx.contiguous(), ry.contiguous()
     m, d = x.shape
     n = y.shape[0]
-    cfg, acc = _config(x, symmetric)
+    cfg = config("pair_fwd", x.dtype, symmetric, target(x.device))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    _check_series(kind, coef, num_w, x.device, acc)
     out_a = torch.empty(m, dtype=acc, device=x.device)
     out_b = torch.empty(m if kind == 1 else 1, dtype=acc, device=x.device)
     if coef is None:
         coef = torch.zeros(1, dtype=acc, device=x.device)
     lower_bound = -2.0 * two_scale * 1.01 - 1.0
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
-    _pair_forward_kernel[grid](x, y, rx, ry, coef, out_a, out_b, m, n, d, diag_offset,
-                               two_scale, lower_bound, KIND=kind, NUM_W=max(num_w, 1),
-                               SYM=symmetric, **cfg)
+    launch(_pair_forward_kernel, (triton.cdiv(m, cfg["BLOCK_M"]),),
+           x, y, rx, ry, coef, out_a, out_b, m, n, d, diag_offset, two_scale, lower_bound,
+           KIND=kind, NUM_W=max(num_w, 1), SYM=symmetric, **cfg)
     return out_a, (out_b if kind == 1 else None)
 
 
@@ -222,16 +273,23 @@ def pair_backward(a: torch.Tensor, b: torch.Tensor, ra: torch.Tensor, rb: torch.
                   kind: int, coef: torch.Tensor | None, num_w: int, diag_offset: int = 0,
                   two_scale: float = 0.0, lse: torch.Tensor | None = None) -> torch.Tensor:
     """(M, D) accumulation-dtype gradient of the pair reduction wrt the normalised rows of a."""
-    a, b = a.contiguous(), b.contiguous()
+    _check_rows("a", a, "ra", ra)
+    _check_rows("b", b, "rb", rb, like=a)
+    a, b, ra, rb = a.contiguous(), b.contiguous(), ra.contiguous(), rb.contiguous()
     m, d = a.shape
     n = b.shape[0]
-    cfg, acc = _config(a, False)
+    cfg = config("pair_bwd", a.dtype, False, target(a.device))
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    _check_series(kind, coef, num_w, a.device, acc)
     out = torch.zeros(m, d, dtype=acc, device=a.device)
     if coef is None:
         coef = torch.zeros(1, dtype=acc, device=a.device)
     if lse is None:
         lse = torch.zeros(1, dtype=acc, device=a.device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
-    _pair_backward_kernel[grid](a, b, ra, rb, coef, lse.to(acc).reshape(1), out, m, n, d,
-                                diag_offset, two_scale, KIND=kind, NUM_W=max(num_w, 1), **cfg)
+    check_tensor("lse", lse, device=a.device)
+    if lse.numel() != 1:
+        raise ValueError(f"lse must hold one value, got shape {tuple(lse.shape)}")
+    launch(_pair_backward_kernel, (triton.cdiv(m, cfg["BLOCK_M"]),),
+           a, b, ra, rb, coef, lse.to(acc).reshape(1), out, m, n, d, diag_offset, two_scale,
+           KIND=kind, NUM_W=max(num_w, 1), **cfg)
     return out

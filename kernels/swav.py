@@ -19,13 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_range, check_tensor, launch, target
+
 
 @triton.jit
 def _colstats_kernel(s_ptr, eps_ptr, m_ptr, l_ptr, B, K,
                      ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_r * ROWS + tl.arange(0, ROWS)
+    # Offsets in 64 bits: B * K passes 2**31 at 2**31 scores (e.g. B = 1M, K = 3000).
+    rows = (pid_r * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < B
     cmask = cols < K
@@ -38,15 +41,16 @@ def _colstats_kernel(s_ptr, eps_ptr, m_ptr, l_ptr, B, K,
     m_safe = tl.where(cmask, m, 0.0)
     e = tl.where(mask, tl.exp(x - m_safe[None, :]), 0.0)
     l = tl.sum(e, axis=0)
-    tl.store(m_ptr + pid_r * K + cols, m_safe, mask=cmask)
-    tl.store(l_ptr + pid_r * K + cols, l, mask=cmask)
+    part = pid_r.to(tl.int64) * K
+    tl.store(m_ptr + part + cols, m_safe, mask=cmask)
+    tl.store(l_ptr + part + cols, l, mask=cmask)
 
 
 @triton.jit
 def _rowpass_kernel(s_ptr, eps_ptr, a_ptr, out_ptr, B, K,
                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_CODES: tl.constexpr,
                     ACC: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
     eps = tl.load(eps_ptr).to(ACC)
@@ -81,7 +85,7 @@ def _rowpass_kernel(s_ptr, eps_ptr, a_ptr, out_ptr, B, K,
 def _swav_ce_kernel(s_ptr, q_ptr, t_ptr, loss_ptr, grad_ptr, B, K,
                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_GRAD: tl.constexpr,
                     ACC: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
     temp = tl.load(t_ptr).to(ACC)
@@ -121,13 +125,43 @@ def _acc(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def _rows_per_program(B: int) -> int:
-    # enough programs to fill a GPU at SwAV's small local batches, few partial rows at large B
-    return max(1, min(32, triton.next_power_of_2(triton.cdiv(B, 128))))
+KERNELS = ("colstats", "rowpass", "cross_entropy")
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _block_k(K: int) -> int:
-    return max(16, min(256, triton.next_power_of_2(K)))
+def config(kernel: str, dtype: torch.dtype, B: int, K: int, cc: int | None) -> dict:
+    """Launch configuration (ROWS, BLOCK_K, num_warps, num_stages) of one kernel of this family
+    for compute capability ``cc`` (None: the CPU interpreter), scores of ``dtype`` and shape
+    (B, K).
+
+    Rows per program: enough programs to fill a GPU at SwAV's small local batches, few partial
+    rows at large B. The (ROWS, BLOCK_K) tile is capped so that a thread holds at most 16 values
+    of each live tile (the cross-entropy keeps scores, targets and their exponentials: 32 x 256
+    tiles spilled 2 KB per thread on sm_80 and sm_90).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    block_k = max(16, min(256, triton.next_power_of_2(K)))
+    if kernel == "colstats":
+        rows = min(32, triton.next_power_of_2(B))
+        block_k = min(128, block_k)
+    else:
+        rows = max(1, min(32, triton.next_power_of_2(triton.cdiv(B, 128))))
+    if cc is None:
+        return dict(ROWS=rows, BLOCK_K=block_k, num_warps=4, num_stages=1)
+    tile_cap = 2048 if kernel == "cross_entropy" else 4096
+    if dtype == torch.float64:
+        tile_cap //= 2
+    while rows * block_k > tile_cap and block_k > 16:
+        block_k //= 2
+    warps = 8 if rows * block_k >= 2048 else 4
+    return dict(ROWS=rows, BLOCK_K=block_k, num_warps=warps, num_stages=2)
+
+
+def _check_scores(scores) -> None:
+    check_tensor("scores", scores, dim=2, dtypes=_DTYPES)
+    if scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(f"scores must be a non-empty (B, K) matrix, got {tuple(scores.shape)}")
 
 
 def _eps_tensor(eps: float, like: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -137,16 +171,17 @@ def _eps_tensor(eps: float, like: torch.Tensor, acc: torch.dtype) -> torch.Tenso
 
 def colstats(scores: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, S) with logsumexp_b scores[b, k] / eps = M[k] + log S[k]; M the column max."""
+    _check_scores(scores)
+    check_range("eps", eps, 0.0)
+    scores = scores.contiguous()
     B, K = scores.shape
     tl_acc, acc = _acc(scores.dtype)
-    rows = min(32, triton.next_power_of_2(B))
-    block_k = min(128, _block_k(K))
-    n_r = triton.cdiv(B, rows)
+    cfg = config("colstats", scores.dtype, B, K, target(scores.device))
+    n_r = triton.cdiv(B, cfg["ROWS"])
     m_part = torch.empty((n_r, K), dtype=acc, device=scores.device)
     l_part = torch.empty((n_r, K), dtype=acc, device=scores.device)
-    _colstats_kernel[(n_r, triton.cdiv(K, block_k))](
-        scores, _eps_tensor(eps, scores, acc), m_part, l_part, B, K,
-        ROWS=rows, BLOCK_K=block_k, ACC=tl_acc)
+    launch(_colstats_kernel, (n_r, triton.cdiv(K, cfg["BLOCK_K"])),
+           scores, _eps_tensor(eps, scores, acc), m_part, l_part, B, K, ACC=tl_acc, **cfg)
     M = m_part.amax(dim=0)
     S = (l_part * torch.exp(m_part - M)).sum(dim=0)
     return M, S
@@ -154,14 +189,18 @@ def colstats(scores: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tens
 
 def rowpass(scores: torch.Tensor, eps: float, a: torch.Tensor, write_codes: bool) -> torch.Tensor:
     """softmax_k(scores / eps + a) per row: the (B, K) codes, or their (K,) column sums."""
+    _check_scores(scores)
+    check_range("eps", eps, 0.0)
+    scores = scores.contiguous()
     B, K = scores.shape
     tl_acc, acc = _acc(scores.dtype)
-    rows = _rows_per_program(B)
-    n_r = triton.cdiv(B, rows)
+    check_tensor("a", a, dim=1, dtypes=_DTYPES, device=scores.device, shape=(K,))
+    a = a.contiguous()
+    cfg = config("rowpass", scores.dtype, B, K, target(scores.device))
+    n_r = triton.cdiv(B, cfg["ROWS"])
     out = torch.empty((B, K) if write_codes else (n_r, K), dtype=acc, device=scores.device)
-    _rowpass_kernel[(n_r,)](
-        scores, _eps_tensor(eps, scores, acc), a, out, B, K,
-        ROWS=rows, BLOCK_K=_block_k(K), WRITE_CODES=write_codes, ACC=tl_acc)
+    launch(_rowpass_kernel, (n_r,), scores, _eps_tensor(eps, scores, acc), a, out, B, K,
+           WRITE_CODES=write_codes, ACC=tl_acc, **cfg)
     return out if write_codes else out.sum(dim=0)
 
 
@@ -169,13 +208,16 @@ def swav_cross_entropy(scores: torch.Tensor, targets: torch.Tensor, temperature:
                        compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(-sum_b <targets[b], log_softmax(scores[b] / T)>, its gradient in scores or an empty
     tensor); targets in the accumulation dtype, both contiguous (B, K)."""
+    _check_scores(scores)
     B, K = scores.shape
     tl_acc, acc = _acc(scores.dtype)
-    rows = _rows_per_program(B)
-    n_r = triton.cdiv(B, rows)
+    check_tensor("targets", targets, dim=2, dtypes=_DTYPES, device=scores.device, shape=(B, K))
+    check_range("temperature", temperature, 0.0)
+    scores, targets = scores.contiguous(), targets.contiguous()
+    cfg = config("cross_entropy", scores.dtype, B, K, target(scores.device))
+    n_r = triton.cdiv(B, cfg["ROWS"])
     row_loss = torch.empty((B,), dtype=acc, device=scores.device)
     grad = torch.empty((B, K) if compute_grad else (0,), dtype=acc, device=scores.device)
-    _swav_ce_kernel[(n_r,)](
-        scores, targets, _eps_tensor(temperature, scores, acc), row_loss, grad, B, K,
-        ROWS=rows, BLOCK_K=_block_k(K), WRITE_GRAD=compute_grad, ACC=tl_acc)
+    launch(_swav_ce_kernel, (n_r,), scores, targets, _eps_tensor(temperature, scores, acc),
+           row_loss, grad, B, K, WRITE_GRAD=compute_grad, ACC=tl_acc, **cfg)
     return row_loss.sum(), grad

@@ -15,13 +15,14 @@ from fastssl.losses import SwAVLoss
 from fastssl.testing import assert_close, assert_lowp_rule
 
 
-def _crops(n_crops, B, K, dtype=torch.float32, seed=0, scale=1.0):
+def _crops(n_crops, B, K, dtype=torch.float32, seed=0, scale=1.0, device="cpu"):
+    # drawn on the CPU (same values on every device), then moved to the parametrised device
     g = torch.Generator().manual_seed(seed)
     protos = F.normalize(torch.randn(K, 8, generator=g, dtype=torch.float64), dim=1)
     out = []
     for _ in range(n_crops):
         z = F.normalize(torch.randn(B, 8, generator=g, dtype=torch.float64), dim=1)
-        out.append((scale * z @ protos.T).to(dtype).requires_grad_(True))
+        out.append((scale * z @ protos.T).to(dtype).to(device).requires_grad_(True))
     return out
 
 
@@ -36,7 +37,7 @@ def _value_and_grads(fn, views, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_crops,n_assign", [(2, 2), (4, 2), (3, 1)])
 def test_values_and_gradients_match_reference(backend, device, dtype, n_crops, n_assign):
-    views = _crops(n_crops, 6, 10, dtype=dtype)
+    views = _crops(n_crops, 6, 10, dtype=dtype, device=device)
     kw = dict(n_assign_crops=n_assign, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3)
     ref_v, ref_g = _value_and_grads(R.swav, views, **kw)
     with fastssl.use_backend(backend):

@@ -50,16 +50,17 @@ def _run(fn, backend, a, b, grad_b=True):
     return loss.detach(), a.grad, (b.grad if grad_b else None)
 
 
-def _inputs(n, d, dtype, seed=0, kq=7):
+def _inputs(n, d, dtype, seed=0, kq=7, device="cpu"):
+    # drawn on the CPU (same values on every device), then moved to the parametrised device
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n, d, generator=g).to(dtype)
     b = (a.float() + 0.5 * torch.randn(n, d, generator=g)).to(dtype)
     queue = F.normalize(torch.randn(kq, d, generator=g), dim=1)
-    return a, b, queue
+    return a.to(device), b.to(device), queue.to(device)
 
 
-def _check_against_reference(name, backend, n, d, dtype, kq=7):
-    a, b, queue = _inputs(n, d, dtype, kq=kq)
+def _check_against_reference(name, backend, n, d, dtype, kq=7, device="cpu"):
+    a, b, queue = _inputs(n, d, dtype, kq=kq, device=device)
     fn = _loss_fn(name, queue.to(dtype))
     grad_b = not name.startswith("sce")
     ref = _run(fn, "reference", a, b, grad_b)
@@ -78,7 +79,7 @@ def _check_against_reference(name, backend, n, d, dtype, kq=7):
 @pytest.mark.parametrize("d", [1, 3, 130])
 def test_matches_reference_fp32(backend, device, name, d):
     # n = 5 and K = 7: neither is a tile multiple; 130 exercises the D loop of the kernels.
-    _check_against_reference(name, backend, 5, d, torch.float32)
+    _check_against_reference(name, backend, 5, d, torch.float32, device=device)
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -92,7 +93,7 @@ def test_torch_path_float64_many_chunks(name, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["nt_xent", "info_nce_sym", "dcl", "dclw", "sce_keys"])
 def test_low_precision_rule(backend, device, dtype, name):
-    a, b, queue = _inputs(9, 24, dtype, seed=3)
+    a, b, queue = _inputs(9, 24, dtype, seed=3, device=device)
     grad_b = not name.startswith("sce")
     fn_low = _loss_fn(name, queue.to(dtype))
     fn_high = _loss_fn(name, queue.to(dtype).float())
@@ -107,15 +108,16 @@ def test_low_precision_rule(backend, device, dtype, name):
         assert_lowp_rule(f.float(), rl.float(), rh.float(), msg=f"{name} {backend} {dtype} {what}")
 
 
-def _sogclr_steps(backend, dtype, steps=3, gamma=0.8, d=3):
+def _sogclr_steps(backend, dtype, steps=3, gamma=0.8, d=3, device="cpu"):
     g = torch.Generator().manual_seed(5)
-    u = torch.zeros(13)
+    u = torch.zeros(13, device=device)
     out = []
-    batches = [torch.tensor([0, 3, 5, 7, 11]), torch.tensor([0, 3, 5, 7, 11]),
-               torch.tensor([1, 3, 6, 7, 12])]
+    batches = [torch.tensor([0, 3, 5, 7, 11], device=device),
+               torch.tensor([0, 3, 5, 7, 11], device=device),
+               torch.tensor([1, 3, 6, 7, 12], device=device)]
     for step in range(steps):
-        a = torch.randn(5, d, generator=g).to(dtype)
-        b = torch.randn(5, d, generator=g).to(dtype)
+        a = torch.randn(5, d, generator=g).to(dtype).to(device)
+        b = torch.randn(5, d, generator=g).to(dtype).to(device)
         fn = lambda x, y: functional.sogclr(x, y, batches[step], u, gamma=gamma, temperature=0.2)  # noqa: E731
         out.append(_run(fn, backend, a, b))
     return out, u
@@ -124,8 +126,8 @@ def _sogclr_steps(backend, dtype, steps=3, gamma=0.8, d=3):
 @pytest.mark.parametrize("backend,device", backend_params("torch", "triton"))
 @pytest.mark.parametrize("d", [1, 3, 130])
 def test_sogclr_matches_reference_and_state(backend, device, d):
-    ref, u_ref = _sogclr_steps("reference", torch.float32, d=d)
-    out, u_out = _sogclr_steps(backend, torch.float32, d=d)
+    ref, u_ref = _sogclr_steps("reference", torch.float32, d=d, device=device)
+    out, u_out = _sogclr_steps(backend, torch.float32, d=d, device=device)
     for r, o in zip(ref, out):
         for x, y in zip(o, r):
             assert_close(x, y)
@@ -146,12 +148,12 @@ def test_sogclr_float64_torch_path():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sogclr_low_precision(backend, device, dtype):
     g = torch.Generator().manual_seed(5)
-    a = torch.randn(7, 16, generator=g).to(dtype)
-    b = torch.randn(7, 16, generator=g).to(dtype)
-    index = torch.tensor([0, 3, 5, 7, 11, 12, 2])
+    a = torch.randn(7, 16, generator=g).to(dtype).to(device)
+    b = torch.randn(7, 16, generator=g).to(dtype).to(device)
+    index = torch.tensor([0, 3, 5, 7, 11, 12, 2], device=device)
 
     def run(backend_name, x, y):
-        u = torch.zeros(13)
+        u = torch.zeros(13, device=device)
         fn = lambda p, q: functional.sogclr(p, q, index, u, gamma=0.8, temperature=0.2)  # noqa: E731
         return _run(fn, backend_name, x, y) + (u,)
 
@@ -210,11 +212,12 @@ def test_op_gradcheck_symmetric():
 @pytest.mark.parametrize("name", LOSSES + ["sogclr"])
 def test_no_nan_for_extreme_logits_fp16(backend, device, name):
     # T = 0.01 puts logits at +-100: exp overflows fp16 (and the positive's exp is ~e100).
-    a, b, queue = _inputs(6, 8, torch.float16, seed=4)
+    a, b, queue = _inputs(6, 8, torch.float16, seed=4, device=device)
     b = a.clone()
     if name == "sogclr":
-        u = torch.zeros(6)
-        fn = lambda x, y: functional.sogclr(x, y, torch.arange(6), u, temperature=0.01)  # noqa: E731
+        u = torch.zeros(6, device=device)
+        idx = torch.arange(6, device=device)
+        fn = lambda x, y: functional.sogclr(x, y, idx, u, temperature=0.01)  # noqa: E731
     else:
         fn = _loss_fn(name, queue.half(), temperature=0.01)
     out = _run(fn, backend, a, b, not name.startswith("sce"))

@@ -40,7 +40,7 @@ def test_equals_reference(backend, device, dtype, shape, iters, eps):
 @pytest.mark.parametrize("backend,device", [p for p in FAST if p.values[0] != "triton"])
 def test_larger_batch_than_threads(backend, device):
     # several row blocks / threads, unaligned sizes
-    s = _cosine_scores(301, 53, dtype=torch.float64)
+    s = _cosine_scores(301, 53, device=device, dtype=torch.float64)
     assert_close(_run(backend, s), R.sinkhorn(s))
 
 
