@@ -1,4 +1,4 @@
-"""python -m bench: measure every op and loss of api.md and the training step.
+"""python -m bench: measure every op and loss of docs/api.md and the training step.
 
     python -m bench                          # full suite on the default device (CUDA if present)
     python -m bench --op nt_xent --op groco  # selected ops (or families: contrastive, sphere, ...)

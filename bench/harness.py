@@ -1,7 +1,7 @@
 """Timing and memory measurement shared by every benchmark module.
 
 Vocabulary:
-- An *op spec* (`OpSpec`) describes one api.md op: the sizes worth measuring on each device, the
+- An *op spec* (`OpSpec`) describes one docs/api.md op: the sizes worth measuring on each device, the
   providers that can compute it, and how to build inputs and the callable for one provider.
 - A *provider* is who computes the op: ``fastssl`` (backend "auto"), ``fastssl:<backend>`` (a
   forced backend: torch, cpp, triton, cuda), ``reference`` (fastssl.reference, eager),

@@ -1,6 +1,6 @@
 """The distributed layer: all-gather with an exact backward, and the loss scaling for DDP.
 
-The promises of api.md for ``gather_distributed=True`` with world size W:
+The promises of docs/api.md for ``gather_distributed=True`` with world size W:
 
 1. The returned loss equals, on every rank, the single-process loss over the global batch.
 2. Each rank's input gradient divided by W equals the single-process gradient of its rows, so
@@ -114,7 +114,7 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_loss(local_share: torch.Tensor) -> torch.Tensor:
-    """Turn this rank's share of the global loss into the value and gradient api.md promises.
+    """Turn this rank's share of the global loss into the value and gradient docs/api.md promises.
 
     `local_share` is the sum of this rank's terms of the global mean (so the shares of all
     ranks add up to the single-process loss). The result's value is that sum on every rank;

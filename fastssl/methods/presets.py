@@ -1,8 +1,8 @@
 """Presets: each seed's ImageNet recipe as a training config, plus small "demo" presets.
 
 Every preset is a complete override of :class:`fastssl.train.config.TrainConfig`'s defaults;
-command-line flags override the preset. Values and their sources are in the specs
-(groco_diffsort.md 1.8, sce_sogclr_sfrik.md 1.3 / 2.3 / 3.4, swav_dali_lars.md 1.8).
+command-line flags override the preset. Values follow each method's published ImageNet recipe
+(the papers and the upstream repositories' READMEs and launch scripts).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _byol_pair(size=224, scale=(0.08, 1.0)):
     return [crop(size, scale, blur_p=1.0), crop(size, scale, blur_p=0.1, solarize_p=0.2)]
 
 
-# --- GroCo (groco_diffsort.md 1.8): SGD, lr = base*bs/32 ("linear32") or base*sqrt(bs) ------------
+# --- GroCo (upstream recipe): SGD, lr = base*bs/32 ("linear32") or base*sqrt(bs) ------------
 def _groco(epochs, base_lr, scaling, warmup, wd, views):
     if views == "multicrop":
         crops = _byol_pair(224, (0.14, 1.0)) + [crop(96, (0.05, 0.14), 6, blur_p=0.5)]
@@ -47,7 +47,7 @@ PRESETS: dict[str, dict] = {
     "groco_multicrop_800ep": _groco(800, 0.1875, "sqrt", 10, 2e-6, "multicrop"),
 }
 
-# --- SCE (sce_sogclr_sfrik.md 1.3): LARS, 0.3*bs/256 = 4.8 at 4096, 10 warmup, cosine to 0 ---------
+# --- SCE (upstream recipe): LARS, 0.3*bs/256 = 4.8 at 4096, 10 warmup, cosine to 0 ---------
 _SCE = {"method": "sce", "arch": "resnet50", "batch_size": 4096, "epochs": 200, "optimizer": "lars",
         "base_lr": 0.3, "lr_scaling": "linear", "warmup_epochs": 10, "final_lr_ratio": 0.0,
         "weight_decay": 1e-6, "momentum": 0.9, "crops": _byol_pair(224, (0.2, 1.0)),
@@ -89,7 +89,7 @@ PRESETS["auh_200ep"] = {**_SFRIK_BASE, "method": "auh", "epochs": 200, "base_lr"
                         "heads": {"projector": [8192, 8192, 8192]},
                         "method_args": {"sim_coeff": 3000.0, "unif_coeff": 1.0, "scale": 2.5}}
 
-# --- SwAV (swav_dali_lars.md 1.8): LARC(0.001, clip=False) on all parameters, lr 4.8 -> 0.0048 ---
+# --- SwAV (upstream recipe): LARC(0.001, clip=False) on all parameters, lr 4.8 -> 0.0048 ---
 _SWAV_COLOR = {"jitter": [0.8, 0.8, 0.8, 0.2], "jitter_p": 0.8, "gray_p": 0.2, "blur_p": 0.5}
 _SWAV = {"method": "swav", "arch": "resnet50", "batch_size": 4096, "epochs": 800, "optimizer": "larc",
          "exclude_1d": False, "base_lr": 4.8, "lr_scaling": "none", "warmup_epochs": 10,

@@ -56,7 +56,7 @@ class SwAV(Method):
 
     def compute_loss(self, model, views, index, ctx):
         out = model(views)
-        # Sinkhorn's exp(s / eps) needs float32 scores (swav_dali_lars.md 1.3): loss outside autocast.
+        # Sinkhorn's exp(s / eps) needs float32 scores: loss outside autocast.
         scores = [s.float() for s in out["scores"]]
         use_queue = self.queue_length() > 0 and ctx.epoch >= self.args["epoch_queue_starts"]
         with torch.autocast(scores[0].device.type, enabled=False):

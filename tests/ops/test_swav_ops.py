@@ -49,9 +49,9 @@ def test_marginals(backend, device):
     B, K = 24, 10
     s = _cosine_scores(B, K, device=device, dtype=torch.float64)
     codes = _run(backend, s, epsilon=0.3, iterations=60)
-    assert_close(codes.sum(1), torch.ones(B, dtype=torch.float64))
+    assert_close(codes.sum(1), torch.ones(B, dtype=torch.float64, device=device))
     # many iterations: prototype masses converge to B/K (the fixed point of the reference)
-    assert_close(codes.sum(0), torch.full((K,), B / K, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert_close(codes.sum(0), torch.full((K,), B / K, dtype=torch.float64, device=device), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend,device", FAST)

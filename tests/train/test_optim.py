@@ -9,7 +9,7 @@ from fastssl.train.schedules import cosine_momentum, scale_lr, warmup_cosine
 
 
 def reference_step(params, grads, bufs, *, lr, wd, eta, momentum, exclude_1d, mode, eps=1e-8):
-    """Straightforward per-parameter update rule (swav_dali_lars.md section 4), in float64."""
+    """Straightforward per-parameter update rule (LARS, You et al. 2017, with SwAV's LARC trust ratio), in float64."""
     for p, g, buf in zip(params, grads, bufs):
         if exclude_1d and p.ndim == 1:
             d = g.clone()
