@@ -412,11 +412,13 @@ class EvalLoader:
 
     With world_size > 1 rank r reads the r-th of world_size contiguous chunks of the split
     (``indices``); every sample is read by exactly one rank and the last batch may be short.
+    ``subset`` (sorted sample indices of the split) restricts the loader to those samples: only
+    they are read and decoded (the online k-NN monitor's bank and queries).
     """
 
     def __init__(self, folder: ImageFolderIndex, batch_size: int, *, size: int, device, rank: int,
                  world_size: int, num_threads: int, channels_last: bool = False, prefetch: int = 2,
-                 read_ahead: int = 4):
+                 read_ahead: int = 4, subset=None):
         self.folder = folder
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.size = _check_int("size", size, 1)
@@ -426,10 +428,15 @@ class EvalLoader:
             raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
         self.device = _resolve_device(device)
         self.channels_last = bool(channels_last)
-        self.num_samples = len(folder)
+        self.split_size = len(folder)
+        chosen = np.arange(len(folder)) if subset is None else np.asarray(subset, dtype=np.int64)
+        if chosen.ndim != 1 or (chosen.size and (chosen.min() < 0 or chosen.max() >= len(folder))):
+            raise ValueError(f"subset: expected a 1-D array of sample indices in "
+                             f"[0, {len(folder)}), got {chosen.shape} values")
+        self.num_samples = int(chosen.size)    # what the loader yields, over all ranks
         self.num_classes = len(folder.classes)
         self.classes = folder.classes
-        self.indices = np.array_split(np.arange(len(folder)), world_size)[rank]
+        self.indices = np.array_split(chosen, world_size)[rank]
         self.labels = torch.from_numpy(folder.labels[self.indices])
         self._num_threads = _check_int("num_threads", num_threads, 1)
         self._prefetch = prefetch
@@ -484,14 +491,29 @@ class EvalLoader:
         raise RuntimeError("loader: DALI produced more batches than the split holds")
 
 
+def spread_subset(n: int, count: int) -> np.ndarray:
+    """`count` distinct indices of range(n) spread evenly (every class of a class-sorted split
+    gets its share); all of range(n) when count >= n."""
+    if count >= n:
+        return np.arange(n)
+    return np.arange(count, dtype=np.int64) * n // count
+
+
 def build_eval_loader(data, split: str, batch_size: int, *, size: int = 224, device=None,
                       rank: int = 0, world_size: int = 1, num_threads: int = 2,
-                      channels_last: bool = False) -> EvalLoader:
-    """Fixed-order loader of ``data/split`` ("train" or "val"; "demo" for the demo dataset)."""
+                      channels_last: bool = False, max_samples: int | None = None) -> EvalLoader:
+    """Fixed-order loader of ``data/split`` ("train" or "val"; "demo" for the demo dataset).
+
+    max_samples: read only that many samples, spread evenly over the split (the others are
+    neither read nor decoded)."""
     if split not in ("train", "val"):
         raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    if max_samples is not None:
+        _check_int("max_samples", max_samples, 1)
     if not dali_available():
         raise RuntimeError("DALI is not installed (pip install nvidia-dali-cuda130)")
     folder = scan_image_folder(_resolve_data(data, split))
+    subset = None if max_samples is None else spread_subset(len(folder), max_samples)
     return EvalLoader(folder, batch_size, size=size, device=device, rank=rank,
-                      world_size=world_size, num_threads=num_threads, channels_last=channels_last)
+                      world_size=world_size, num_threads=num_threads, channels_last=channels_last,
+                      subset=subset)

@@ -536,9 +536,11 @@ def finish_epoch(run: Run, epoch: int, outcome: EpochOutcome, bad: torch.Tensor)
               "lr": lr_at(max(run.step - 1, 0), cfg, run.total_steps, run.steps_per_epoch)}
     if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
         if run.monitor is None:
-            run.monitor = make_monitor(cfg, run.device)
+            run.monitor = make_monitor(cfg, run.device, run.steps_per_epoch * cfg.batch_size)
         run.knn_results = run_knn(run.method.model.backbone, run.monitor)
         record["knn"] = run.knn_results
+        # images decoded by the monitor / images decoded for training since its last run
+        record["knn_decoded_share"] = run.monitor.decoded_share()
     run.logger.log(**record)
     knn_s = ("".join(f" {k} {v:.2f}" for k, v in run.knn_results.items())
              if "knn" in record else "")
@@ -597,10 +599,13 @@ def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
                        device=run.device)
 
 
-def make_monitor(cfg: TrainConfig, device: torch.device):
+def make_monitor(cfg: TrainConfig, device: torch.device, train_images_per_epoch: int | None = None):
+    """The k-NN monitor; given the images trained per epoch, it decodes at most 2% of the
+    images trained between two of its runs (fastssl/train/monitor.py)."""
     from fastssl.train.monitor import KNNMonitor
     return KNNMonitor(cfg.data, k=cfg.knn_k, device=device, size=cfg.eval_size,
-                      max_train_samples=cfg.knn_train_samples, num_threads=cfg.num_threads)
+                      max_train_samples=cfg.knn_train_samples or None, num_threads=cfg.num_threads,
+                      train_images_per_epoch=train_images_per_epoch, every=cfg.knn_every or 1)
 
 
 def run_knn(backbone: nn.Module, monitor) -> dict:
