@@ -374,8 +374,25 @@ class SyntheticTrainLoader(TrainLoader):
             yield Batch(list(self._fixed_views), labels, index)
 
 
+def cores_per_process(local_world_size: int | None = None) -> int:
+    """CPU cores this process may use (its affinity) shared among the processes of its node
+    (LOCAL_WORLD_SIZE under torchrun: one per GPU)."""
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, local))
+
+
+def default_num_threads(device, local_world_size: int | None = None) -> int:
+    """DALI threads per process: on GPU the host only reads files and draws parameters (about
+    50 us of CPU per image, bench/input.py), so a few threads keep up; on CPU DALI decodes and
+    augments on the host, so it gets every core of the process's share."""
+    share = cores_per_process(local_world_size)
+    return min(share, 4) if _resolve_device(device).type == "cuda" else share
+
+
 def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", device=None,
-                       rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2,
+                       rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int | None = None,
                        channels_last: bool = False, dtype: torch.dtype = torch.float32,
                        return_index: bool = True, dataset_size: int | None = None,
                        skip_corrupt: bool = False, log=None) -> TrainLoader:
@@ -383,6 +400,8 @@ def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", d
 
     backend: "dali", "synthetic" (``data`` is then ignored; ``dataset_size`` samples, ImageNet's
     1,281,167 by default) or "auto" (DALI; an error if it is not installed).
+    num_threads: DALI threads; None derives them from the cores per process
+    (:func:`default_num_threads`).
     DALI: each file is decode-checked once per loader; an unreadable one raises CorruptImageError
     naming it, or with skip_corrupt is replaced by the next readable file and reported once
     through ``log`` (default: a warning on stderr).
@@ -397,6 +416,8 @@ def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", d
                                     dataset_size=dataset_size)
     if dataset_size is not None:
         raise ValueError("dataset_size: only meaningful for backend='synthetic'")
+    if num_threads is None:
+        num_threads = default_num_threads(device)
     if not dali_available():
         raise RuntimeError("backend: DALI is not installed (pip install nvidia-dali-cuda130); "
                            "use backend='synthetic' for throughput runs without data")
