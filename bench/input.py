@@ -11,7 +11,8 @@ JPEGs, about 110 KB and 400 x 350 on average):
   runs: read each file, parse its JPEG header (width, height) and draw the batch's augmentation
   parameters (fastssl.data.crops.sample_view_params), for the SimCLR 2 x 224 recipe and the SwAV
   2 x 224 + 6 x 96 recipe. Threads: batches prepared concurrently (the loader's read-ahead pool).
-* ``verify``: the one-off PIL decode check of every file in a run's first epoch.
+* ``verify``: read+params plus the one-off PIL decode check (draft mode) that the loader
+  makes of every file in a run's first epoch.
 * ``dali-cpu``: CPU DALI decode + crop/resize/colour/flip/normalise of the recipe's views
   (``num_threads`` DALI threads), fed from memory.
 

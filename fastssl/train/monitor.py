@@ -5,7 +5,8 @@ only their subsets (evenly spread over the class-sorted splits).
 Cost rule: the images the monitor decodes (bank + queries) are at most ``max_share`` (2%) of
 the training images decoded between two monitor runs (``every`` epochs), with a floor of
 ``min_images`` so that a small dataset (the demo) is monitored whole. On ImageNet (1,281,167
-training images, knn_every=1) that is 25,623 images: 12,811 val queries and 12,812 bank rows.
+training images, about 1,281,000 trained per epoch in full batches, knn_every=1) that is about
+25,600 images: about 12,800 val queries and 12,800 bank rows.
 """
 from __future__ import annotations
 
