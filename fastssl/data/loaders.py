@@ -10,6 +10,7 @@ bit for bit, that the original would have yielded next.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -377,7 +378,6 @@ class SyntheticTrainLoader(TrainLoader):
 def cores_per_process(local_world_size: int | None = None) -> int:
     """CPU cores this process may use (its affinity) shared among the processes of its node
     (LOCAL_WORLD_SIZE under torchrun: one per GPU)."""
-    import os
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, cores // max(1, local))
