@@ -1,6 +1,8 @@
 """No host synchronisation in a training step after warm-up, for every method with
 gather_distributed=True (2 gloo ranks, DDP), and every loss compiles with fullgraph=True under
-the process group. One torchrun launch runs both checks (torchrun start-up dominates).
+the process group. One torchrun launch runs all checks (torchrun start-up dominates); it also
+checks which loss states differ per rank after the steps (only SwAV's queue), which is what
+the checkpoint saves per rank.
 
 A "synchronising call" is one that waits for the device on CUDA: a host read of a tensor
 (item, tolist, bool/int/float, cpu, numpy) or the equal-batch exchange (all-gather + tolist).
@@ -100,7 +102,8 @@ def _step_syncs(name):
         with _SyncCounter() as counter:
             runner(views, index, ctx)
         per_step.append(counter.calls)
-    return per_step
+    state = {k: v.detach().clone() for k, v in method.criterion.state_dict().items()}
+    return per_step, state
 
 
 def _compiled_losses():
@@ -169,8 +172,15 @@ def worker():
 
 def test_no_host_sync_after_warm_up_and_fullgraph_compile_two_ranks():
     results = run_torchrun(f"{__file__}:worker", 2, timeout=600)
+    # the checkpoint keeps one copy of a loss state that is equal on every rank (SCE's queue,
+    # SogCLR's u) and every rank's copy where it differs (SwAV's queue): the methods say which
+    from fastssl.methods import METHODS
+    for name in TINY:
+        states = [res["steps"][name][1] for res in results]
+        same = all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in states[0])
+        assert same != METHODS[name].loss_state_per_rank, (name, sorted(states[0]))
     for rank, res in enumerate(results):
-        for name, per_step in res["steps"].items():
+        for name, (per_step, _) in res["steps"].items():
             # warm-up: the equal-batch check runs (once per gathered shape)
             assert any(c[0] == "check_equal_batch exchange" for c in per_step[0]), (name, per_step[0])
             for step, calls in enumerate(per_step[1:], start=1):

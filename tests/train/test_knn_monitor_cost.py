@@ -78,3 +78,19 @@ def test_trainer_logs_the_monitor_share(tmp_path):
     # the demo is below the floor: monitored whole (bank = train split, queries = val split)
     expected = (n_train + len(DEMO_CLASSES) * DEMO_VAL_PER_CLASS) / trained
     assert epoch["knn_decoded_share"] == pytest.approx(expected) and "knn" in epoch
+
+
+def test_eval_loader_subset_arguments_are_checked():
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed")
+    from fastssl.data import build_eval_loader
+    from fastssl.data.folder import scan_image_folder
+    from fastssl.data.loaders import EvalLoader, _resolve_data, spread_subset
+    with pytest.raises(ValueError, match="max_samples"):
+        build_eval_loader("demo", "val", 8, size=16, device="cpu", max_samples=0)
+    folder = scan_image_folder(_resolve_data("demo", "val"))
+    with pytest.raises(ValueError, match="subset"):
+        EvalLoader(folder, 8, size=16, device="cpu", rank=0, world_size=1, num_threads=1,
+                   subset=[0, len(folder)])
+    loader = build_eval_loader("demo", "val", 8, size=16, device="cpu", max_samples=12)
+    assert loader.num_samples == 12 and len(loader) == 2
+    assert list(spread_subset(10, 4)) == [0, 2, 5, 7] and list(spread_subset(3, 5)) == [0, 1, 2]
