@@ -2,6 +2,7 @@
 
     python -m bench                          # full suite on the default device (CUDA if present)
     python -m bench --op nt_xent --op groco  # selected ops (or families: contrastive, sphere, ...)
+    python -m bench --op input               # the host input path on JPEG files (bench/input.py)
     python -m bench --device cpu --quick     # tiny sizes, few calls (what the test suite runs)
     python -m bench --report-only --out DIR  # redo plots / summary from DIR/results.jsonl
     python -m bench --update-readme          # also rewrite README.md's benchmark block
@@ -222,8 +223,18 @@ def run_isolated(specs, args, device, emit):
                           "status": "error", "note": failure or "the worker did not report this case"})
 
 
+# Benchmarks outside the op harness, run by --op NAME with their own options after it:
+# python -m bench --op input [--threads 1,2 --out DIR ...] is python -m bench.input [...].
+STANDALONE = {"input": "bench.input"}
+
+
 def main(argv=None) -> int:
     import gc
+    import importlib
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) >= 2 and args[0] == "--op" and args[1] in STANDALONE:
+        return importlib.import_module(STANDALONE[args[1]]).main(args[2:])
 
     # Everything alive now (torch, triton, fastssl) is long-lived: freezing it keeps the
     # gc.collect() before each memory measurement from rescanning it (550 ms per call measured).

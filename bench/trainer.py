@@ -6,9 +6,18 @@ optimiser) and times `fastssl.train.loop.StepRunner` on fixed synthetic views (r
 already on the device, so the loader is not measured), with the hooks the trainer calls
 (momentum update, prototype normalisation, queue).
 
-- GPU: the seeds' ImageNet presets on ResNet-50, 2 x 224 views (each view counts as an image
-  for images/s), batch 256, bf16 autocast, channels-last: the issue-7 setting.
-- CPU: the demo presets (ResNet-18, 2 x 32 views, small heads), batch 32.
+Images are images: images_per_s is the batch (samples) per second, whatever the number of
+views per image (views_per_s is also recorded). Each method runs its preset's crop recipe:
+SwAV 2 x 224 + 6 x 96, and GroCo also in its multi-crop recipe (``groco_multicrop``).
+
+- GPU: the ImageNet presets on ResNet-50 at their real crop sizes, batch 256, bf16 autocast,
+  channels-last.
+- CPU: ResNet-18, batch 32, the same recipes scaled down by 224 -> 32 (96 -> 14), small heads
+  (the demo presets'), on synthetic views.
+
+``python -m bench.trainer --ddp`` is the DDP variant: ``fastssl.train`` itself under torchrun
+(2 gloo ranks on CPU, NCCL on every GPU where present), SyncBatchNorm on GPU, the real input
+pipeline (DALI on the demo data), images/s of the whole run after the first steps.
 
 Providers: ``fastssl`` (losses on the automatic backend) and ``reference`` (the same step with
 every fastssl op forced to the "reference" backend, i.e. fastssl.reference computes the loss).
@@ -19,21 +28,49 @@ loss_share = loss_ms / step time.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import torch
 
 from bench.harness import (BenchConfig, OpSpec, Prepared, Size, Skip, backend_forced, percentile_summary,
                            time_cpu, time_cuda_events)
 
-METHODS = ("simclr", "groco", "sce", "sogclr", "sfrik", "swav", "auh")
-# The ImageNet preset each method's GPU benchmark takes its heads and hyperparameters from.
-GPU_PRESET = {"simclr": "simclr_200ep", "groco": "groco_2views_100ep", "sce": "sce_200ep",
+METHODS = ("simclr", "groco", "groco_multicrop", "sce", "sogclr", "sfrik", "swav", "auh")
+# The ImageNet preset each case takes its crop recipe (and on GPU its heads and
+# hyperparameters) from.
+GPU_PRESET = {"simclr": "simclr_200ep", "groco": "groco_2views_100ep",
+              "groco_multicrop": "groco_multicrop_100ep", "sce": "sce_200ep",
               "sogclr": "sogclr_800ep", "sfrik": "sfrik_200ep", "swav": "swav_200ep_bs256", "auh": "auh_200ep"}
+CPU_SCALE = 32 / 224
 
 
-def _preset(method: str, device_type: str) -> dict:
+def _method_name(case: str) -> str:
+    return case.split("_")[0]
+
+
+def _preset(case: str, device_type: str) -> dict:
     from fastssl.methods.presets import get_preset
-    return get_preset(GPU_PRESET[method] if device_type == "cuda" else f"demo_{method}")
+    return get_preset(GPU_PRESET[case] if device_type == "cuda" else f"demo_{_method_name(case)}")
+
+
+def crop_sizes(case: str, scale: float = 1.0) -> list[int]:
+    """The view sizes of the case's ImageNet recipe, in view order, scaled (CPU runs)."""
+    from fastssl.methods.presets import get_preset
+    sizes = []
+    for crop in get_preset(GPU_PRESET[case])["crops"]:
+        sizes += [max(8, round(crop["size"] * scale))] * int(crop.get("count", 1))
+    return sizes
+
+
+def recipe_label(sizes: list[int]) -> str:
+    parts, i = [], 0
+    while i < len(sizes):
+        j = i
+        while j < len(sizes) and sizes[j] == sizes[i]:
+            j += 1
+        parts.append(f"{j - i}x{sizes[i]}")
+        i = j
+    return "+".join(parts)
 
 
 def _clone_inputs(obj):
@@ -70,8 +107,11 @@ def _build(provider, shape, dtype, device):
     except ImportError as e:
         raise NotImplementedError(f"the trainer is not available: {e}") from None
 
-    method_name, b, res, n_views = shape["method"], shape["B"], shape["res"], shape["views"]
-    preset = _preset(method_name, device.type)
+    case, b = shape["method"], shape["B"]
+    sizes = [int(x) for x in shape["sizes"].split(",")]
+    n_views = len(sizes)
+    method_name = _method_name(case)
+    preset = _preset(case, device.type)
     backbone, feat_dim = build_backbone(shape["arch"])
     method = build_method(method_name, backbone, feat_dim, args=preset.get("method_args"),
                           heads=preset.get("heads"), num_samples=4 * b, batch_size=b)
@@ -91,7 +131,7 @@ def _build(provider, shape, dtype, device):
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     views = []
-    for _ in range(n_views):
+    for res in sizes:
         v = torch.randn(b, 3, res, res, generator=gen).to(device)
         views.append(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
     index = torch.arange(b, device=device)
@@ -152,7 +192,9 @@ def _build(provider, shape, dtype, device):
         return percentile_summary(times)["p50_ms"]
 
     def extras(rec: dict, cfg: BenchConfig) -> dict:
-        out = {"images_per_s": b * n_views / (rec["p50_ms"] / 1e3)}
+        # images, not views: a SwAV sample of 8 crops is one image
+        out = {"images_per_s": b / (rec["p50_ms"] / 1e3),
+               "views_per_s": b * n_views / (rec["p50_ms"] / 1e3), "recipe": recipe_label(sizes)}
         if "args" in captured:
             loss_ms = loss_only_ms(cfg)
             out.update(loss_ms=loss_ms, loss_share=loss_ms / rec["p50_ms"])
@@ -161,14 +203,20 @@ def _build(provider, shape, dtype, device):
     return Prepared(forward=step, backward=None, leaves=(), extras=extras, modes=("step",))
 
 
+def _case(case: str, arch: str, b: int, scale: float, providers=None) -> Size:
+    sizes = crop_sizes(case, scale)
+    shape = {"method": case, "arch": arch, "B": b, "res": sizes[0], "views": len(sizes),
+             "sizes": ",".join(map(str, sizes))}
+    return Size(shape, providers=providers) if providers else Size(shape)
+
+
 def _sizes(dev, quick):
     if quick:
         # The quick run checks that each method's step runs with the fastssl losses.
-        return [Size({"method": m, "arch": "resnet18", "B": 16, "res": 16, "views": 2}, providers=("fastssl",))
-                for m in METHODS]
+        return [_case(m, "resnet18", 16, 16 / 224, providers=("fastssl",)) for m in METHODS]
     if dev == "cpu":
-        return [Size({"method": m, "arch": "resnet18", "B": 32, "res": 32, "views": 2}) for m in METHODS]
-    return [Size({"method": m, "arch": "resnet50", "B": 256, "res": 224, "views": 2}) for m in METHODS]
+        return [_case(m, "resnet18", 32, CPU_SCALE) for m in METHODS]
+    return [_case(m, "resnet50", 256, 1.0) for m in METHODS]
 
 
 SPECS = [
@@ -176,3 +224,117 @@ SPECS = [
            dtypes=lambda dev, quick: (torch.float32,) if dev == "cpu" else (torch.bfloat16,),
            modes=("step",), x_key="B", x_label="batch size"),
 ]
+
+
+# --- DDP variant: the trainer itself under torchrun ----------------------------------------------
+def ddp_config(case: str, device_type: str, batch_per_rank: int, world: int, epochs: int, out: str):
+    """fastssl.train's config for the DDP benchmark: the case's ImageNet recipe (scaled down on
+    CPU), DALI on the demo data, SyncBatchNorm (the trainer converts on GPU), no k-NN monitor."""
+    from fastssl.methods.presets import get_preset
+    from fastssl.train.config import make_config
+    gpu = device_type == "cuda"
+    preset = get_preset(GPU_PRESET[case] if gpu else f"demo_{_method_name(case)}")
+    scale = 1.0 if gpu else CPU_SCALE
+    crops = []
+    for crop in get_preset(GPU_PRESET[case])["crops"]:
+        crops.append({**crop, "size": max(8, round(crop["size"] * scale))})
+    values = dict(data="demo", backend="dali", batch_size=batch_per_rank * world, epochs=epochs,
+                  knn_every=0, crops=crops, sync_bn=True, out=out, log_every=10**6,
+                  compare_random_init=False)
+    if not gpu:
+        values.update(arch="resnet18", amp="off")
+    return make_config(preset, values)
+
+
+def ddp_worker(case: str, batch_per_rank: int, epochs: int, warmup: int, result: str) -> None:
+    import os
+    import time
+    import torch.distributed as dist
+    from fastssl.train.loop import train
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = ddp_config(case, device_type, batch_per_rank, world, epochs, os.path.dirname(result) + f"/run_{case}")
+    stamps = []
+
+    def step_end(step, loss):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    cpu0 = time.process_time()
+    train(cfg, hooks={"step_end": step_end}, stream=open(os.devnull, "w"))
+    cpu = time.process_time() - cpu0
+    timed = len(stamps) - warmup
+    if dist.get_rank() == 0 and timed > 0:
+        seconds = stamps[-1] - stamps[warmup - 1] if warmup else stamps[-1] - stamps[0]
+        images = timed * cfg.batch_size
+        n_views = sum(int(c.get("count", 1)) for c in cfg.crops)
+        rec = {"op": "train_step_ddp", "method": case, "world": world, "device": device_type,
+               "backend": "nccl" if device_type == "cuda" else "gloo", "sync_bn": device_type == "cuda",
+               "input": "dali demo", "arch": cfg.arch, "batch_per_rank": batch_per_rank,
+               "recipe": recipe_label([c["size"] for c in cfg.crops for _ in range(int(c.get("count", 1)))]),
+               "steps_timed": timed, "seconds": seconds, "images_per_s": images / seconds,
+               "views_per_s": images * n_views / seconds, "rank0_cpu_s": cpu,
+               "load1": os.getloadavg()[0]}
+        with open(result, "w") as f:
+            json.dump(rec, f)
+
+
+def ddp_main(cases, world: int | None, batch_per_rank: int, epochs: int, warmup: int, out) -> list[dict]:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from fastssl.testing import free_port
+    if world is None:
+        world = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    records = []
+    for case in cases:
+        with tempfile.TemporaryDirectory(prefix="fastssl_ddp_bench_") as tmp:
+            result = os.path.join(tmp, "result.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                   "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                   "-m", "bench.trainer", "--ddp-worker", case, str(batch_per_rank), str(epochs),
+                   str(warmup), result]
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0 or not os.path.exists(result):
+                rec = {"op": "train_step_ddp", "method": case, "status": "error",
+                       "error": (proc.stdout + proc.stderr)[-3000:]}
+            else:
+                rec = json.load(open(result))
+            records.append(rec)
+            print(json.dumps({k: v for k, v in rec.items() if k != "error"})
+                  if "error" not in rec else f"{case}: error\n{rec['error']}", flush=True)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results_ddp.jsonl"), "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+    return records
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--ddp-worker":
+        case, b, epochs, warmup, result = argv[1:6]
+        ddp_worker(case, int(b), int(epochs), int(warmup), result)
+        return 0
+    p = argparse.ArgumentParser(prog="python -m bench.trainer",
+                                description="the trainer's DDP benchmark (see the module doc)")
+    p.add_argument("--ddp", action="store_true", required=True)
+    p.add_argument("--method", action="append", help=f"cases (default all: {', '.join(METHODS)})")
+    p.add_argument("--world", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
+    p.add_argument("--batch-per-rank", type=int, default=None, help="default 32 on CPU, 128 on GPU")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="steps not timed")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    b = args.batch_per_rank or (128 if torch.cuda.is_available() else 32)
+    ddp_main(args.method or list(METHODS), args.world, b, args.epochs, args.warmup, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,6 +18,10 @@ import torch
 import torch.distributed as dist
 
 _check_batch_sizes = True
+# (local shape checked, process group) pairs already found equal on every rank: the check is an
+# all-gather plus a host read (a device sync on NCCL), so it runs at the first call with a shape,
+# not at every gather of every step.
+_checked_shapes: set = set()
 
 
 def is_distributed() -> bool:
@@ -33,23 +37,52 @@ def rank() -> int:
 
 
 def set_check_batch_sizes(enabled: bool) -> None:
-    """Check that every rank passes the same local batch size (one tiny all-gather per call)."""
+    """Check that every rank passes the same local batch size (one tiny all-gather the first
+    time each local shape is seen; see :func:`check_equal_batch`)."""
     global _check_batch_sizes
     _check_batch_sizes = bool(enabled)
 
 
-def check_equal_batch(name: str, x: torch.Tensor) -> None:
-    """Raise ValueError on every rank when the local batch sizes differ (instead of a hang)."""
+def reset_batch_checks() -> None:
+    """Forget the shapes already checked (the next gather of each shape checks again)."""
+    _checked_shapes.clear()
+
+
+def _shape_key(x: torch.Tensor, group) -> tuple:
+    # the group object is hashable and unique per group; None is the default (WORLD) group
+    return (tuple(x.shape[:2]), x.device.type, group, id(dist.GroupMember.WORLD))
+
+
+def check_equal_batch(name: str, x: torch.Tensor, group=None) -> None:
+    """Raise ValueError on every rank when the local (batch, dim) differ (instead of a hang).
+
+    The exchange (an all-gather of two integers and a host read) runs once per local shape and
+    process group: the first step, and again only when the shape changes. Every rank changes
+    shape at the same step in a training loop (same batch size, drop_last), so the ranks agree
+    on when to exchange. Under torch.compile the check is not traced (it would be a
+    data-dependent graph break); the eager warm-up step, or any earlier eager gather of that
+    shape, has made it.
+    """
     if not (_check_batch_sizes and is_distributed()):
         return
-    w = world_size()
-    mine = torch.tensor([x.shape[0]] + list(x.shape[1:2]), device=x.device, dtype=torch.int64)
-    sizes = [torch.empty_like(mine) for _ in range(w)]
-    dist.all_gather(sizes, mine)
-    sizes = [tuple(s.tolist()) for s in sizes]
+    if torch.compiler.is_compiling():
+        return
+    key = _shape_key(x, group)
+    if key in _checked_shapes:
+        return
+    sizes = _exchange_shapes(x, group)
     if len(set(sizes)) != 1:
         raise ValueError(f"{name}: gather_distributed needs the same local shape on every rank, "
                          f"got (batch, dim) per rank {sizes}")
+    _checked_shapes.add(key)
+
+
+def _exchange_shapes(x: torch.Tensor, group=None) -> list[tuple]:
+    w = dist.get_world_size(group)
+    mine = torch.tensor([x.shape[0]] + list(x.shape[1:2]), device=x.device, dtype=torch.int64)
+    sizes = [torch.empty_like(mine) for _ in range(w)]
+    dist.all_gather(sizes, mine, group=group)
+    return [tuple(s.tolist()) for s in sizes]
 
 
 def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ bit for bit, that the original would have yielded next.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -374,8 +375,24 @@ class SyntheticTrainLoader(TrainLoader):
             yield Batch(list(self._fixed_views), labels, index)
 
 
+def cores_per_process(local_world_size: int | None = None) -> int:
+    """CPU cores this process may use (its affinity) shared among the processes of its node
+    (LOCAL_WORLD_SIZE under torchrun: one per GPU)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, local))
+
+
+def default_num_threads(device, local_world_size: int | None = None) -> int:
+    """DALI threads per process: on GPU the host only reads files and draws parameters (about
+    50 us of CPU per image, bench/input.py), so a few threads keep up; on CPU DALI decodes and
+    augments on the host, so it gets every core of the process's share."""
+    share = cores_per_process(local_world_size)
+    return min(share, 4) if _resolve_device(device).type == "cuda" else share
+
+
 def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", device=None,
-                       rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2,
+                       rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int | None = None,
                        channels_last: bool = False, dtype: torch.dtype = torch.float32,
                        return_index: bool = True, dataset_size: int | None = None,
                        skip_corrupt: bool = False, log=None) -> TrainLoader:
@@ -383,6 +400,8 @@ def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", d
 
     backend: "dali", "synthetic" (``data`` is then ignored; ``dataset_size`` samples, ImageNet's
     1,281,167 by default) or "auto" (DALI; an error if it is not installed).
+    num_threads: DALI threads; None derives them from the cores per process
+    (:func:`default_num_threads`).
     DALI: each file is decode-checked once per loader; an unreadable one raises CorruptImageError
     naming it, or with skip_corrupt is replaced by the next readable file and reported once
     through ``log`` (default: a warning on stderr).
@@ -397,6 +416,8 @@ def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", d
                                     dataset_size=dataset_size)
     if dataset_size is not None:
         raise ValueError("dataset_size: only meaningful for backend='synthetic'")
+    if num_threads is None:
+        num_threads = default_num_threads(device)
     if not dali_available():
         raise RuntimeError("backend: DALI is not installed (pip install nvidia-dali-cuda130); "
                            "use backend='synthetic' for throughput runs without data")
@@ -412,11 +433,13 @@ class EvalLoader:
 
     With world_size > 1 rank r reads the r-th of world_size contiguous chunks of the split
     (``indices``); every sample is read by exactly one rank and the last batch may be short.
+    ``subset`` (sorted sample indices of the split) restricts the loader to those samples: only
+    they are read and decoded (the online k-NN monitor's bank and queries).
     """
 
     def __init__(self, folder: ImageFolderIndex, batch_size: int, *, size: int, device, rank: int,
                  world_size: int, num_threads: int, channels_last: bool = False, prefetch: int = 2,
-                 read_ahead: int = 4):
+                 read_ahead: int = 4, subset=None):
         self.folder = folder
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.size = _check_int("size", size, 1)
@@ -426,10 +449,15 @@ class EvalLoader:
             raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
         self.device = _resolve_device(device)
         self.channels_last = bool(channels_last)
-        self.num_samples = len(folder)
+        self.split_size = len(folder)
+        chosen = np.arange(len(folder)) if subset is None else np.asarray(subset, dtype=np.int64)
+        if chosen.ndim != 1 or (chosen.size and (chosen.min() < 0 or chosen.max() >= len(folder))):
+            raise ValueError(f"subset: expected a 1-D array of sample indices in "
+                             f"[0, {len(folder)}), got {chosen.shape} values")
+        self.num_samples = int(chosen.size)    # what the loader yields, over all ranks
         self.num_classes = len(folder.classes)
         self.classes = folder.classes
-        self.indices = np.array_split(np.arange(len(folder)), world_size)[rank]
+        self.indices = np.array_split(chosen, world_size)[rank]
         self.labels = torch.from_numpy(folder.labels[self.indices])
         self._num_threads = _check_int("num_threads", num_threads, 1)
         self._prefetch = prefetch
@@ -484,14 +512,29 @@ class EvalLoader:
         raise RuntimeError("loader: DALI produced more batches than the split holds")
 
 
+def spread_subset(n: int, count: int) -> np.ndarray:
+    """`count` distinct indices of range(n) spread evenly (every class of a class-sorted split
+    gets its share); all of range(n) when count >= n."""
+    if count >= n:
+        return np.arange(n)
+    return np.arange(count, dtype=np.int64) * n // count
+
+
 def build_eval_loader(data, split: str, batch_size: int, *, size: int = 224, device=None,
                       rank: int = 0, world_size: int = 1, num_threads: int = 2,
-                      channels_last: bool = False) -> EvalLoader:
-    """Fixed-order loader of ``data/split`` ("train" or "val"; "demo" for the demo dataset)."""
+                      channels_last: bool = False, max_samples: int | None = None) -> EvalLoader:
+    """Fixed-order loader of ``data/split`` ("train" or "val"; "demo" for the demo dataset).
+
+    max_samples: read only that many samples, spread evenly over the split (the others are
+    neither read nor decoded)."""
     if split not in ("train", "val"):
         raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+    if max_samples is not None:
+        _check_int("max_samples", max_samples, 1)
     if not dali_available():
         raise RuntimeError("DALI is not installed (pip install nvidia-dali-cuda130)")
     folder = scan_image_folder(_resolve_data(data, split))
+    subset = None if max_samples is None else spread_subset(len(folder), max_samples)
     return EvalLoader(folder, batch_size, size=size, device=device, rank=rank,
-                      world_size=world_size, num_threads=num_threads, channels_last=channels_last)
+                      world_size=world_size, num_threads=num_threads, channels_last=channels_last,
+                      subset=subset)

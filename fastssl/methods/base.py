@@ -86,6 +86,11 @@ class Method:
     default_heads: dict = {"projector": [2048, 128], "bn": True}
     min_views = 2
     max_views: int | None = 2
+    # Whether the loss module's state differs per rank under DDP (SwAV's queue holds each rank's
+    # own embeddings); then every rank's state is checkpointed and restored to its own rank.
+    # The other states are identical on every rank (SCE's queue and SogCLR's u are updated
+    # with the gathered batch), so rank 0's copy is enough.
+    loss_state_per_rank = False
 
     def __init__(self, backbone: nn.Module, feat_dim: int, *, args: dict | None = None,
                  heads: dict | None = None, num_samples: int = 0, batch_size: int = 0,

@@ -22,6 +22,7 @@ class SwAV(Method):
                 "freeze_prototypes_iters": 313}
     default_heads = {"projector": [2048, 128], "bn": True}
     max_views = None
+    loss_state_per_rank = True    # the queue is per rank, as upstream
 
     def build_model(self, backbone, feat_dim):
         h = self.heads

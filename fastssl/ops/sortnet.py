@@ -17,6 +17,7 @@ through :func:`backend_for`, the name passed down to forward and backward; docs/
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -90,8 +91,9 @@ def network_layers(network: str, n: int, device: torch.device):
 
 
 def sigma_bwd(steepness: float) -> float:
-    # diffsort's NormalCDF saves sigma = 1/steepness as a float32 tensor for its backward
-    return float(torch.tensor(1.0 / steepness, dtype=torch.float32))
+    # diffsort's NormalCDF saves sigma = 1/steepness as a float32 tensor for its backward: the
+    # same float32 rounding, on the host without a tensor (no tensor read in the step)
+    return struct.unpack("f", struct.pack("f", 1.0 / steepness))[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -326,7 +326,7 @@ def resume_run(run: Run) -> None:
         raise ValueError(f"--resume {resume_path}: the checkpoint's model does not fit this run's "
                          f"({str(e).strip().splitlines()[0]})") from None
     method.load_momentum_state(state["momentum"])
-    method.criterion.load_state_dict(state["loss_state"])
+    load_loss_state(run, state, resume_path)
     run.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
@@ -374,6 +374,7 @@ def save_checkpoint(run: Run, epoch_done: int, step_done: int, may_defer: bool =
     checkpoint with epochs still to run) warns and leaves the retry to the next checkpoint, so
     the epoch's work is not lost with the process."""
     error = None
+    per_rank = loss_states_per_rank(run)
     if run.is_main:
         from fastssl.models import backbone_state_dict
         cfg, method = run.cfg, run.method
@@ -384,6 +385,8 @@ def save_checkpoint(run: Run, epoch_done: int, step_done: int, may_defer: bool =
                  "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
                  "loss_state": method.criterion.state_dict(), "epoch": epoch_done,
                  "step": step_done, "loader": run.loader.state_dict(), "rng": ckpt_io.rng_state()}
+        if per_rank is not None:
+            state["loss_state_per_rank"] = per_rank
         if run.epoch_loss is not None and step_done > epoch_done * run.steps_per_epoch:
             # mid-epoch: the resumed run's epoch loss then covers the whole epoch
             state["epoch_loss"] = {"sum": float(run.epoch_loss.loss_sum),
@@ -400,6 +403,40 @@ def save_checkpoint(run: Run, epoch_done: int, step_done: int, may_defer: bool =
         run.say(f"warning: {error}; the previous checkpoint is kept, training goes on and the "
                 "next checkpoint retries")
         run.logger.log(event="checkpoint_failed", step=step_done, error=str(error))
+
+
+def loss_states_per_rank(run: Run) -> list | None:
+    """Every rank's loss state (on rank 0; None elsewhere) when it differs per rank (SwAV's
+    queue); None when rank 0's copy is every rank's. A collective: every rank calls it."""
+    if run.world == 1 or not run.method.loss_state_per_rank:
+        return None
+    mine = {k: v.detach().cpu() for k, v in run.method.criterion.state_dict().items()}
+    gathered = [None] * run.world if run.is_main else None
+    dist.gather_object(mine, gathered, dst=0)
+    return gathered
+
+
+def load_loss_state(run: Run, state: dict, path: str) -> None:
+    """Rank 0's loss state, or this rank's own where it is kept per rank."""
+    per_rank = state.get("loss_state_per_rank")
+    criterion = run.method.criterion
+    if per_rank is None or not run.method.loss_state_per_rank:
+        criterion.load_state_dict(state["loss_state"])
+        if run.world > 1 and run.method.loss_state_per_rank and hasattr(criterion, "reset_queue"):
+            # a single-process checkpoint has one queue: every rank holding it would count
+            # its rows W times in the distributed Sinkhorn; start the queues afresh instead
+            criterion.reset_queue()
+            run.say(f"--resume {path}: the checkpoint holds one rank's loss state; the "
+                    f"{run.world} ranks' queues start empty")
+        return
+    if len(per_rank) == run.world:
+        criterion.load_state_dict(per_rank[run.rank])
+        return
+    criterion.load_state_dict(state["loss_state"])
+    if hasattr(criterion, "reset_queue"):
+        criterion.reset_queue()
+    run.say(f"--resume {path}: the checkpoint holds the loss states of {len(per_rank)} ranks, "
+            f"this run has {run.world}; the queues start empty")
 
 
 def _announce(run: Run) -> None:
@@ -499,9 +536,11 @@ def finish_epoch(run: Run, epoch: int, outcome: EpochOutcome, bad: torch.Tensor)
               "lr": lr_at(max(run.step - 1, 0), cfg, run.total_steps, run.steps_per_epoch)}
     if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
         if run.monitor is None:
-            run.monitor = make_monitor(cfg, run.device)
+            run.monitor = make_monitor(cfg, run.device, run.steps_per_epoch * cfg.batch_size)
         run.knn_results = run_knn(run.method.model.backbone, run.monitor)
         record["knn"] = run.knn_results
+        # images decoded by the monitor / images decoded for training since its last run
+        record["knn_decoded_share"] = run.monitor.decoded_share()
     run.logger.log(**record)
     knn_s = ("".join(f" {k} {v:.2f}" for k, v in run.knn_results.items())
              if "knn" in record else "")
@@ -560,10 +599,13 @@ def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
                        device=run.device)
 
 
-def make_monitor(cfg: TrainConfig, device: torch.device):
+def make_monitor(cfg: TrainConfig, device: torch.device, train_images_per_epoch: int | None = None):
+    """The k-NN monitor; given the images trained per epoch, it decodes at most 2% of the
+    images trained between two of its runs (fastssl/train/monitor.py)."""
     from fastssl.train.monitor import KNNMonitor
     return KNNMonitor(cfg.data, k=cfg.knn_k, device=device, size=cfg.eval_size,
-                      max_train_samples=cfg.knn_train_samples, num_threads=cfg.num_threads)
+                      max_train_samples=cfg.knn_train_samples or None, num_threads=cfg.num_threads,
+                      train_images_per_epoch=train_images_per_epoch, every=cfg.knn_every or 1)
 
 
 def run_knn(backbone: nn.Module, monitor) -> dict:

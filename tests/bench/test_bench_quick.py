@@ -74,7 +74,7 @@ def test_records_are_complete(quick_run):
     assert tri and all(r["status"] == "skipped" and "interpreter" in r["note"] for r in tri)
     steps = [r for r in ok if r["op"] == "train_step"]
     assert {r["shape"]["method"] for r in steps if r["provider"] == "fastssl"} == {
-        "simclr", "groco", "sce", "sogclr", "sfrik", "swav", "auh"}
+        "simclr", "groco", "groco_multicrop", "sce", "sogclr", "sfrik", "swav", "auh"}
     for r in steps:
         assert r["images_per_s"] > 0 and 0 < r["loss_share"]
 
