@@ -211,7 +211,7 @@ class Run:
 
     def summary(self, status: str, epoch: int, **extra) -> dict:
         return {"status": status, "epoch": epoch, "step": self.step, "checkpoint": self.last_path,
-                "out": self.out_dir, "knn": self.knn_results, **extra}
+                "backbone": os.path.join(self.out_dir, ckpt_io.BACKBONE_NAME), "out": self.out_dir, "knn": self.knn_results, **extra}
 
 
 @dataclass
@@ -300,8 +300,9 @@ def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
                                 trust_coefficient=cfg.trust_coefficient, exclude_1d=cfg.exclude_1d)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     last_path = os.path.join(out_dir, ckpt_io.LAST_NAME)
-    if rank == 0:
-        ckpt_io.sweep_stale_temps(last_path)    # what a kill during an earlier write left
+    if rank == 0:                               # what a kill during an earlier write left
+        ckpt_io.sweep_stale_temps(last_path)
+        ckpt_io.sweep_stale_temps(os.path.join(out_dir, ckpt_io.BACKBONE_NAME))
     return Run(cfg=cfg, stream=stream, hooks=hooks, rank=rank, world=world, device=device,
                amp_dtype=amp_dtype, out_dir=out_dir, last_path=last_path,
                logger=JsonlLogger(os.path.join(out_dir, "log.jsonl"), enabled=rank == 0),
@@ -368,6 +369,10 @@ def wrap_model(run: Run) -> None:
                             run.device.type)
 
 
+def backbone_path(run: Run) -> str:
+    return os.path.join(run.out_dir, ckpt_io.BACKBONE_NAME)
+
+
 def save_checkpoint(run: Run, epoch_done: int, step_done: int, may_defer: bool = False) -> None:
     """Rank 0 writes the resumable state (atomically); every rank waits for it. A write that
     fails (full disk) raises CheckpointWriteError naming the path, or with may_defer (an epoch
@@ -390,6 +395,9 @@ def save_checkpoint(run: Run, epoch_done: int, step_done: int, may_defer: bool =
                                    "steps": run.epoch_loss.n_steps}
         try:
             ckpt_io.save_atomic(state, run.last_path)
+            # the weights alone, for torchvision and weights_only loaders (after the resumable
+            # state: a kill between the two leaves a backbone one save older, never a newer one)
+            ckpt_io.save_backbone_atomic(state["backbone"], backbone_path(run))
         except ckpt_io.CheckpointWriteError as e:
             error = e
     if run.world > 1:
@@ -409,7 +417,7 @@ def _announce(run: Run) -> None:
     os.makedirs(run.out_dir, exist_ok=True)
     with open(os.path.join(run.out_dir, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
-    run.say(f"{cfg.method} {cfg.arch} on {cfg.data} ({cfg.backend}): {run.world} process(es) on "
+    run.say(f"{cfg.method} {cfg.arch} on {cfg.data} (loader {cfg.backend}): {run.world} process(es) on "
             f"{run.device}, batch {cfg.batch_size}, {n_views(cfg.crops)} views, {cfg.epochs} epochs "
             f"x {run.steps_per_epoch} steps, peak lr {peak_lr(cfg):.4g}, amp {cfg.amp}, "
             f"out {run.out_dir}")

@@ -140,7 +140,7 @@ def test_full_disk_names_the_path_keeps_training_and_retries(tmp_path, monkeypat
     last = str(tmp_path / ckpt_io.LAST_NAME)
     assert f"cannot write checkpoint {last}: [Errno 28] No space left on device" in stream.getvalue()
     assert torch.load(last, weights_only=False)["epoch"] == 2     # the retry holds both epochs
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pth", "config.json", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["backbone.pth", "checkpoint_last.pth", "config.json", "log.jsonl"]
 
 
 def test_full_disk_at_the_last_checkpoint_is_an_error_naming_the_path(tmp_path, monkeypatch, capsys):
@@ -179,7 +179,7 @@ def test_stale_temporary_files_are_swept_and_each_target_has_one_temp_name(tmp_p
     assert ckpt_io.temp_path(str(tmp_path / ckpt_io.LAST_NAME)) == str(stale[1])
     train(small("simclr", tmp_path, epochs=1, resume="auto"), stream=DEVNULL)
     assert not any(p.exists() for p in stale)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pth", "config.json", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["backbone.pth", "checkpoint_last.pth", "config.json", "log.jsonl"]
 
 
 # --- --resume -----------------------------------------------------------------------------------------
