@@ -122,8 +122,8 @@ def read_checkpoint(path: str):
     if not os.path.isfile(path):
         raise EvalError(f"checkpoint is not a file: {path}")
     try:
-        # fastssl checkpoints hold RNG and loader state beside the weights, which the
-        # weights-only unpickler rejects; checkpoints are the user's own files.
+        # fastssl checkpoints written before RNG states were stored as tensors hold numpy
+        # objects, which the weights-only unpickler rejects; checkpoints are the user's files.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # corrupt, truncated, not a torch file
         raise EvalError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from e

@@ -11,7 +11,7 @@ class TrainConfig:
     preset: str | None = None
     arch: str = "resnet18"
     data: str = "demo"
-    backend: str = "auto"                 # loader backend: dali | synthetic | auto
+    backend: str = "auto"                 # the data loader (CLI --loader): dali | synthetic | auto
     dataset_size: int | None = None       # synthetic backend only
     epochs: int = 10
     batch_size: int = 64                  # global batch (split over ranks)

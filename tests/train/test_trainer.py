@@ -62,7 +62,8 @@ def test_list_presets_and_print_config(capsys):
     for name in ("groco_2views_100ep", "groco_multicrop_100ep", "sce_200ep", "sogclr_800ep",
                  "sfrik_200ep", "swav_800ep_bs4096", "simclr_r18_100ep", "auh_r18_100ep", "demo"):
         assert name in out
-    assert main(["--preset", "swav_800ep_bs4096", "--epochs", "5", "--print-config"]) == 0
+    assert main(["--preset", "swav_800ep_bs4096", "--data", "/imagenet", "--epochs", "5",
+                 "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["method"] == "swav" and cfg["epochs"] == 5 and cfg["batch_size"] == 4096
     assert main(["--print-config"]) == 0
