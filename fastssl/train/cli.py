@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-train-samples", type=_positive_int, help="labelled subset for the k-NN monitor")
     p.add_argument("--eval-size", type=_positive_int, help="image size of the k-NN monitor")
     p.add_argument("--log-every", type=_positive_int, help="steps between progress/log lines")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log step loss, lr, images/s, epoch mean loss and k-NN to "
+                        "OUT/tensorboard (needs the tensorboard package)")
     p.add_argument("--max-steps", type=_positive_int, help="stop with a checkpoint after this many steps")
     p.add_argument("--deterministic", action="store_true", default=None)
     p.add_argument("--skip-corrupt", action="store_true", default=None,
@@ -113,7 +116,7 @@ FLAG_FIELDS = ["data", "method", "epochs", "batch_size", "lr", "base_lr", "lr_sc
                "weight_decay", "optimizer", "arch", "amp", "channels_last", "compile", "sync_bn", "out",
                "resume", "seed", "device", "dataset_size", "num_threads", "knn_every", "knn_k",
                "knn_train_samples", "eval_size", "log_every", "max_steps", "deterministic",
-               "skip_corrupt"]
+               "skip_corrupt", "tensorboard"]
 
 
 def _loader(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
@@ -180,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if cfg.tensorboard:
+        from fastssl.train.log import tensorboard_writer_class
+        try:
+            tensorboard_writer_class()       # missing: say so before any work
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     from fastssl.train.checkpoint import CheckpointWriteError
     from fastssl.train.loop import CorruptDataError, NonFiniteLossError, random_init_backbone, run_knn, train

@@ -47,6 +47,7 @@ class TrainConfig:
     max_steps: int | None = None          # stop (with a checkpoint) after this many steps in total
     deterministic: bool = False
     skip_corrupt: bool = False            # DALI: skip (and report) unreadable images, else stop
+    tensorboard: bool = False             # also log scalars to OUT/tensorboard (needs tensorboard)
     compare_random_init: bool = False     # demo: also print the k-NN of a random-init network
 
     def to_dict(self) -> dict:

@@ -104,7 +104,7 @@ def test_sigkill_during_checkpoint_writes_then_resume(tmp_path):
 
     _finish(_start(out, slow=False))
     assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint_last.pth", "config.json",
-                                       "log.jsonl"]
+                                       "curves.png", "log.jsonl"]
     _assert_bitwise_equal(_state(reference / ckpt_io.LAST_NAME), _state(last))
 
 

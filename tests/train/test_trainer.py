@@ -179,7 +179,7 @@ def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", os.path.join(ROOT, "train_imagenet.py"),
-           "--method", "simclr", "--backend", "synthetic", "--dataset-size", "32", "--batch-size", "8",
+           "--method", "simclr", "--loader", "synthetic", "--dataset-size", "32", "--batch-size", "8",
            "--epochs", "2", "--knn-every", "0", "--out", str(out), "--head", "projector=[32,16]",
            "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
