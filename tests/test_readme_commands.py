@@ -127,7 +127,7 @@ def scratch(tmp_path_factory):
     return str(tmp_path_factory.mktemp("readme")), demo_dataset()
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", COMMANDS, ids=[re.sub(r"[^\w.=-]+", "_", c)[:70] for c in COMMANDS])
 def test_readme_command(command, scratch):
     """In README order: the evaluation commands read what the torchrun command wrote."""
     cwd, demo_root = scratch

@@ -185,6 +185,7 @@ def plot_curves(log_path: str, png_path: str) -> str:
     import matplotlib
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure   # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
     records = read_log(log_path)
     steps = _last_per_step(records, "step")
@@ -209,13 +210,18 @@ def plot_curves(log_path: str, png_path: str) -> str:
     else:
         ax_knn.text(0.5, 0.5, "no k-NN monitor in this run (--knn-every)", ha="center",
                     va="center", transform=ax_knn.transAxes, color="gray")
+        ax_knn.set_yticks([])
     ax_knn.set_ylabel("k-NN accuracy (%)")
     ax_knn.set_xlabel("step")
+    ax_knn.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (ax_loss, ax_lr, ax_knn):
         ax.grid(alpha=0.3)
     config = next((r for r in records if r.get("event") == "start"), None)
-    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(log_path))) if config is None
-                 else f"{config.get('method')} {config.get('arch')} ({config.get('preset')})")
+    title = os.path.basename(os.path.dirname(os.path.abspath(log_path)))
+    if config is not None:
+        title = " ".join(str(config[k]) for k in ("method", "arch") if config.get(k)) + \
+            (f" ({config['preset']})" if config.get("preset") else "") + f": {title}"
+    fig.suptitle(title)
     tmp = png_path + ".tmp"
     fig.savefig(tmp, format="png", dpi=100)
     os.replace(tmp, png_path)

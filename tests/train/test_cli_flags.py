@@ -1,5 +1,6 @@
 """train_imagenet.py flags: ImageNet presets need --data (at once, also with --print-config);
---loader names the data loader (--backend is its deprecated alias)."""
+--loader names the data loader (--backend is its deprecated alias). The eval CLIs name the
+checkpoint files the trainer writes when --checkpoint is missing."""
 import json
 import time
 
@@ -53,3 +54,21 @@ def test_help_names_loader_not_backend(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "--loader" in out and "--backend" not in out
+
+
+def test_eval_missing_checkpoint_names_what_the_trainer_writes(tmp_path, capsys):
+    from fastssl.eval.knn import main as knn_main
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "checkpoint_last.pth").write_bytes(b"")
+    (run / "backbone.pth").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        knn_main(["--checkpoint", str(run / "checkpoint.pt"), "--data", "demo"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint not found: {run / 'checkpoint.pt'} ({run} holds backbone.pth, " \
+           f"checkpoint_last.pth; a training run writes OUT/checkpoint_last.pth and " \
+           f"OUT/backbone.pth)" in err
+    with pytest.raises(SystemExit):
+        knn_main(["--checkpoint", str(tmp_path / "nowhere" / "c.pt"), "--data", "demo"])
+    assert "(a training run writes OUT/checkpoint_last.pth" in capsys.readouterr().err
