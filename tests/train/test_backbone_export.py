@@ -95,3 +95,19 @@ def test_rng_state_round_trip(tmp_path, legacy):
            random.gauss(0, 1))
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
     assert got[2:] == expected[2:]
+
+
+
+# the states beyond simclr's: SGD (groco), momentum encoder + queue (sce), u buffer (sogclr),
+# LARC + queue (swav)
+@pytest.mark.parametrize("method", ["groco", "sce", "sogclr", "swav"])
+def test_each_methods_checkpoint_loads_weights_only(method, tmp_path):
+    from test_methods import tiny_config
+    result = train(tiny_config(method, tmp_path, dataset_size=8), stream=DEVNULL)   # 1 step
+    state = torch.load(result["checkpoint"])                                # weights_only=True
+    assert state["method"] == method and state["step"] == 1
+    torch.load(result["backbone"], weights_only=True)
+    if method == "sce":                       # and fastssl's resume reads the same file
+        resumed = train(tiny_config(method, tmp_path, dataset_size=8, epochs=2, resume="auto"),
+                        stream=DEVNULL)
+        assert resumed["status"] == "completed" and resumed["step"] == 2
