@@ -118,15 +118,30 @@ def teardown() -> None:
 def read_checkpoint(path: str):
     """The object stored in `path`, with an EvalError naming the file when that fails."""
     if not os.path.exists(path):
-        raise EvalError(f"checkpoint not found: {path}")
+        raise EvalError(f"checkpoint not found: {path}{_checkpoint_hint(path)}")
     if not os.path.isfile(path):
         raise EvalError(f"checkpoint is not a file: {path}")
     try:
-        # fastssl checkpoints hold RNG and loader state beside the weights, which the
-        # weights-only unpickler rejects; checkpoints are the user's own files.
+        # fastssl checkpoints written before RNG states were stored as tensors hold numpy
+        # objects, which the weights-only unpickler rejects; checkpoints are the user's files.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # corrupt, truncated, not a torch file
         raise EvalError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _checkpoint_hint(path: str) -> str:
+    """What the user may have meant: the checkpoints beside the missing path, and the names the
+    trainer writes."""
+    from fastssl.train.checkpoint import BACKBONE_NAME, LAST_NAME
+    names = f"a training run writes OUT/{LAST_NAME} and OUT/{BACKBONE_NAME}"
+    directory = os.path.dirname(path) or "."
+    try:
+        found = sorted(n for n in os.listdir(directory) if n.endswith((".pth", ".pt")))
+    except OSError:
+        found = []
+    if found:
+        return f" ({directory} holds {', '.join(found[:6])}; {names})"
+    return f" ({names})"
 
 
 def checkpoint_arch(obj, arch: str | None, path: str) -> str:

@@ -1,5 +1,10 @@
 """Checkpoints: atomic save (one fixed temp name per target, fsync, os.replace), RNG state capture
-and restore, and a load that names the file when it is not a readable checkpoint."""
+and restore, and a load that names the file when it is not a readable checkpoint.
+
+Everything a checkpoint holds is a tensor or a plain Python value (dict, list, tuple, int, float,
+str, None), so plain ``torch.load(path)`` (``weights_only=True``) reads it. Beside it, every save
+writes ``backbone.pth``: the backbone's tensors under torchvision's names (no ``fc``), on the CPU.
+"""
 from __future__ import annotations
 
 import glob
@@ -13,6 +18,7 @@ import torch
 
 CHECKPOINT_VERSION = 1
 LAST_NAME = "checkpoint_last.pth"
+BACKBONE_NAME = "backbone.pth"
 # Test hook (fault injection): seconds to sleep after each chunk written, so that a kill lands
 # inside a write.
 _SLOW_WRITE_ENV = "FASTSSL_CHECKPOINT_WRITE_DELAY"
@@ -25,16 +31,34 @@ class CheckpointWriteError(OSError):
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG the run draws from, as tensors and plain values (weights_only-loadable: numpy's
+    state tuple holds an ndarray, which the weights-only unpickler refuses)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, mt_state, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": int(version), "state": torch.tensor(mt_state, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s dict (also the numpy/python tuples of older checkpoints)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        np_state = (np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                    np_state["has_gauss"], np_state["cached_gaussian"])
+    np.random.set_state(np_state)
+    py_state = state["python"]
+    if isinstance(py_state, dict):
+        py_state = (py_state["version"], tuple(int(x) for x in py_state["state"].tolist()),
+                    py_state["gauss_next"])
+    random.setstate(py_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -100,6 +124,14 @@ def save_atomic(obj: dict, path: str) -> None:
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def save_backbone_atomic(state: dict, path: str) -> None:
+    """``backbone.pth``: the given backbone state dict (torchvision names) as detached CPU
+    tensors, written like a checkpoint (:func:`save_atomic`). Loads with
+    ``torch.load(path, weights_only=True)`` and into ``torchvision.models.resnet50()`` with
+    ``load_state_dict(sd, strict=False)`` reporting only ``fc`` missing."""
+    save_atomic({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, path)
 
 
 def _remove_quietly(path: str) -> None:

@@ -45,6 +45,9 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+LOADERS = ["auto", "dali", "synthetic"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_imagenet.py",
@@ -80,14 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint path, or 'auto' for OUT/checkpoint_last.pth if present")
     p.add_argument("--seed", type=_nonneg_int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", choices=["auto", "dali", "synthetic"], help="train loader backend")
-    p.add_argument("--dataset-size", type=_positive_int, help="synthetic backend: number of samples")
+    p.add_argument("--loader", choices=LOADERS, default=None,
+                   help="training data loader: dali (default; auto = dali) or synthetic (random "
+                        "images on the device, no --data needed: throughput runs)")
+    # the data loader's flag was --backend, which everywhere else in fastssl means the kernel
+    # backend (fastssl.use_backend); kept as a deprecated alias
+    p.add_argument("--backend", choices=LOADERS, default=None, dest="loader_deprecated",
+                   help=argparse.SUPPRESS)
+    p.add_argument("--dataset-size", type=_positive_int, help="--loader synthetic: number of samples")
     p.add_argument("--num-threads", type=_positive_int, help="loader threads")
     p.add_argument("--knn-every", type=_nonneg_int, help="epochs between online k-NN monitors (0: off)")
     p.add_argument("--knn-k", type=_positive_int)
     p.add_argument("--knn-train-samples", type=_positive_int, help="labelled subset for the k-NN monitor")
     p.add_argument("--eval-size", type=_positive_int, help="image size of the k-NN monitor")
     p.add_argument("--log-every", type=_positive_int, help="steps between progress/log lines")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log step loss, lr, images/s, epoch mean loss and k-NN to "
+                        "OUT/tensorboard (needs the tensorboard package)")
     p.add_argument("--max-steps", type=_positive_int, help="stop with a checkpoint after this many steps")
     p.add_argument("--deterministic", action="store_true", default=None)
     p.add_argument("--skip-corrupt", action="store_true", default=None,
@@ -102,13 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 FLAG_FIELDS = ["data", "method", "epochs", "batch_size", "lr", "base_lr", "lr_scaling", "warmup_epochs",
                "weight_decay", "optimizer", "arch", "amp", "channels_last", "compile", "sync_bn", "out",
-               "resume", "seed", "device", "backend", "dataset_size", "num_threads", "knn_every", "knn_k",
+               "resume", "seed", "device", "dataset_size", "num_threads", "knn_every", "knn_k",
                "knn_train_samples", "eval_size", "log_every", "max_steps", "deterministic",
-               "skip_corrupt"]
+               "skip_corrupt", "tensorboard"]
+
+
+def _loader(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """--loader, or the deprecated --backend (a warning on stderr)."""
+    if args.loader_deprecated is None:
+        return args.loader
+    if args.loader is not None and args.loader != args.loader_deprecated:
+        parser.error(f"argument --backend: deprecated alias of --loader, and they disagree "
+                     f"(--loader {args.loader}, --backend {args.loader_deprecated})")
+    print(f"warning: --backend {args.loader_deprecated} is deprecated for the data loader; use "
+          f"--loader {args.loader_deprecated} (--backend means the kernel backend elsewhere in "
+          f"fastssl)", file=sys.stderr)
+    return args.loader_deprecated
 
 
 def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     data = args.data or "demo"
+    loader = _loader(args, parser)
     if args.preset is not None:
         if args.preset not in PRESETS:
             parser.error(f"argument --preset: unknown preset {args.preset!r} (see --list-presets)")
@@ -121,8 +147,14 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.method is not None and args.method != preset["method"]:
         parser.error(f"argument --method: {args.method!r} does not match preset {name!r} "
                      f"(method {preset['method']!r})")
+    if args.data is None and "data" not in preset and loader != "synthetic":
+        # an ImageNet recipe must not silently resolve against the demo data
+        parser.error(f"argument --data: preset {name!r} is an ImageNet recipe; pass --data DIR "
+                     f"(an ImageFolder root: DIR/train/<class>/*.JPEG, DIR/val/...), or "
+                     f"--loader synthetic for a run on random images")
     overrides = {f: getattr(args, f) for f in FLAG_FIELDS}
     overrides["data"] = data
+    overrides["backend"] = loader           # TrainConfig.backend is the data loader
     overrides["preset"] = name
     if args.method_arg:
         preset["method_args"] = {**preset.get("method_args", {}), **dict(args.method_arg)}
@@ -151,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if cfg.tensorboard:
+        from fastssl.train.log import tensorboard_writer_class
+        try:
+            tensorboard_writer_class()       # missing: say so before any work
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     from fastssl.train.checkpoint import CheckpointWriteError
     from fastssl.train.loop import CorruptDataError, NonFiniteLossError, random_init_backbone, run_knn, train

@@ -11,7 +11,7 @@ class TrainConfig:
     preset: str | None = None
     arch: str = "resnet18"
     data: str = "demo"
-    backend: str = "auto"                 # loader backend: dali | synthetic | auto
+    backend: str = "auto"                 # the data loader (CLI --loader): dali | synthetic | auto
     dataset_size: int | None = None       # synthetic backend only
     epochs: int = 10
     batch_size: int = 64                  # global batch (split over ranks)
@@ -47,6 +47,7 @@ class TrainConfig:
     max_steps: int | None = None          # stop (with a checkpoint) after this many steps in total
     deterministic: bool = False
     skip_corrupt: bool = False            # DALI: skip (and report) unreadable images, else stop
+    tensorboard: bool = False             # also log scalars to OUT/tensorboard (needs tensorboard)
     compare_random_init: bool = False     # demo: also print the k-NN of a random-init network
 
     def to_dict(self) -> dict:

@@ -23,7 +23,8 @@ from fastssl import distributed as D
 from fastssl.methods import Method, StepContext, build_method
 from fastssl.train import checkpoint as ckpt_io
 from fastssl.train.config import TrainConfig
-from fastssl.train.log import JsonlLogger, Progress
+from fastssl.train.log import CURVES_NAME, TENSORBOARD_DIR, JsonlLogger, Progress, RunClock, \
+    format_duration, plot_curves
 from fastssl.train.optim import build_optimizer, set_lr
 from fastssl.train.schedules import scale_lr, warmup_cosine
 
@@ -196,6 +197,7 @@ class Run:
     epoch: int = 0
     knn_results: dict = None
     monitor: object = None
+    clock: RunClock | None = None           # the run's ETA (steps run by this process)
     # running sums of the epoch in progress as of the resumed checkpoint (loss sum, steps)
     resumed_loss: tuple = (0.0, 0)
     # the epoch in progress, kept current for a mid-epoch checkpoint
@@ -211,7 +213,7 @@ class Run:
 
     def summary(self, status: str, epoch: int, **extra) -> dict:
         return {"status": status, "epoch": epoch, "step": self.step, "checkpoint": self.last_path,
-                "out": self.out_dir, "knn": self.knn_results, **extra}
+                "backbone": os.path.join(self.out_dir, ckpt_io.BACKBONE_NAME), "out": self.out_dir, "knn": self.knn_results, **extra}
 
 
 @dataclass
@@ -300,14 +302,17 @@ def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
                                 trust_coefficient=cfg.trust_coefficient, exclude_1d=cfg.exclude_1d)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     last_path = os.path.join(out_dir, ckpt_io.LAST_NAME)
-    if rank == 0:
-        ckpt_io.sweep_stale_temps(last_path)    # what a kill during an earlier write left
+    if rank == 0:                               # what a kill during an earlier write left
+        ckpt_io.sweep_stale_temps(last_path)
+        ckpt_io.sweep_stale_temps(os.path.join(out_dir, ckpt_io.BACKBONE_NAME))
     return Run(cfg=cfg, stream=stream, hooks=hooks, rank=rank, world=world, device=device,
                amp_dtype=amp_dtype, out_dir=out_dir, last_path=last_path,
-               logger=JsonlLogger(os.path.join(out_dir, "log.jsonl"), enabled=rank == 0),
+               logger=JsonlLogger(os.path.join(out_dir, "log.jsonl"), enabled=rank == 0,
+                                  tensorboard_dir=(os.path.join(out_dir, TENSORBOARD_DIR)
+                                                   if cfg.tensorboard else None)),
                loader=loader, steps_per_epoch=steps_per_epoch,
                total_steps=cfg.epochs * steps_per_epoch, method=method, optimizer=optimizer,
-               scaler=scaler, images_per_step=local_batch * n_views(cfg.crops) * world,
+               scaler=scaler, images_per_step=local_batch * world,  # images, not views
                knn_results={})
 
 
@@ -336,7 +341,8 @@ def resume_run(run: Run) -> None:
     if run.resumed_mid_epoch and "epoch_loss" in state:
         run.resumed_loss = (float(state["epoch_loss"]["sum"]), int(state["epoch_loss"]["steps"]))
     ckpt_io.set_rng_state(state["rng"])
-    run.say(f"resumed from {resume_path}: epoch {run.start_epoch}, step {run.step}")
+    run.say(f"resumed from {resume_path}: {run.start_epoch} epoch(s) done, continuing in epoch "
+            f"{run.start_epoch + 1} at step {run.step}")
 
 
 # what a resumed run must share with its checkpoint: other values build another model
@@ -368,6 +374,10 @@ def wrap_model(run: Run) -> None:
                             run.device.type)
 
 
+def backbone_path(run: Run) -> str:
+    return os.path.join(run.out_dir, ckpt_io.BACKBONE_NAME)
+
+
 def save_checkpoint(run: Run, epoch_done: int, step_done: int, may_defer: bool = False) -> None:
     """Rank 0 writes the resumable state (atomically); every rank waits for it. A write that
     fails (full disk) raises CheckpointWriteError naming the path, or with may_defer (an epoch
@@ -393,6 +403,9 @@ def save_checkpoint(run: Run, epoch_done: int, step_done: int, may_defer: bool =
                                    "steps": run.epoch_loss.n_steps}
         try:
             ckpt_io.save_atomic(state, run.last_path)
+            # the weights alone, for torchvision and weights_only loaders (after the resumable
+            # state: a kill between the two leaves a backbone one save older, never a newer one)
+            ckpt_io.save_backbone_atomic(state["backbone"], backbone_path(run))
         except ckpt_io.CheckpointWriteError as e:
             error = e
     if run.world > 1:
@@ -446,10 +459,13 @@ def _announce(run: Run) -> None:
     os.makedirs(run.out_dir, exist_ok=True)
     with open(os.path.join(run.out_dir, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
-    run.say(f"{cfg.method} {cfg.arch} on {cfg.data} ({cfg.backend}): {run.world} process(es) on "
+    run.say(f"{cfg.method} {cfg.arch} on {cfg.data} (loader {cfg.backend}): {run.world} process(es) on "
             f"{run.device}, batch {cfg.batch_size}, {n_views(cfg.crops)} views, {cfg.epochs} epochs "
             f"x {run.steps_per_epoch} steps, peak lr {peak_lr(cfg):.4g}, amp {cfg.amp}, "
             f"out {run.out_dir}")
+    run.logger.log(event="start", method=cfg.method, arch=cfg.arch, preset=cfg.preset,
+                   epochs=cfg.epochs, steps_per_epoch=run.steps_per_epoch, step=run.step,
+                   world=run.world, batch_size=cfg.batch_size)
 
 
 def check_finite(run: Run, bad: torch.Tensor, at_step: int, loss_value: float | None = None) -> None:
@@ -459,7 +475,7 @@ def check_finite(run: Run, bad: torch.Tensor, at_step: int, loss_value: float | 
                f"{at_step} (epoch {run.epoch + 1}); stopping. "
                + (f"The last good checkpoint is kept at {run.last_path}."
                   if os.path.isfile(run.last_path) else "No checkpoint had been written yet."))
-        run.logger.log(event="nonfinite", step=at_step, epoch=run.epoch)
+        run.logger.log(event="nonfinite", step=at_step, epoch=run.epoch + 1)
         raise NonFiniteLossError(msg)
 
 
@@ -484,7 +500,9 @@ def run_epoch(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -> EpochO
     run.method.model.train()
     if run.method.momentum_model is not None:
         run.method.momentum_model.train()
-    progress = Progress(spe, epoch=epoch, epochs=cfg.epochs, enabled=run.is_main)
+    progress = Progress(spe, epoch=epoch, epochs=cfg.epochs, enabled=run.is_main,
+                        start_step=run.step - epoch * spe, clock=run.clock,
+                        steps_before=epoch * spe)
     outcome = EpochOutcome(torch.zeros((), dtype=torch.float64, device=run.device), 0)
     if run.resumed_mid_epoch and epoch == run.start_epoch:
         outcome.loss_sum += run.resumed_loss[0]
@@ -507,7 +525,8 @@ def run_epoch(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -> EpochO
             value = float(loss)
             check_finite(run, bad, run.step, value)
             progress.update(in_epoch, run.images_per_step, value, lr)
-            run.logger.log(event="step", epoch=epoch, step=run.step, loss=value, lr=lr)
+            run.logger.log(event="step", epoch=epoch + 1, step=run.step, loss=value, lr=lr,
+                           images_per_s=progress.rate)
         else:
             progress.images += run.images_per_step
         max_reached = cfg.max_steps is not None and run.step >= cfg.max_steps
@@ -544,7 +563,9 @@ def finish_epoch(run: Run, epoch: int, outcome: EpochOutcome, bad: torch.Tensor)
     run.logger.log(**record)
     knn_s = ("".join(f" {k} {v:.2f}" for k, v in run.knn_results.items())
              if "knn" in record else "")
-    run.say(f"epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f}, {outcome.rate:,.0f} img/s{knn_s}")
+    eta = run.clock.eta(run.step) if run.clock else float("nan")
+    run.say(f"epoch {epoch + 1}/{cfg.epochs}: epoch mean loss {mean_loss:.4f}, "
+            f"{outcome.rate:,.0f} img/s{knn_s}, run ETA {format_duration(eta)}")
     if "epoch_end" in run.hooks:
         run.hooks["epoch_end"](epoch + 1, run.step)
 
@@ -577,9 +598,17 @@ def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
     """Run (or resume) a pretraining run. Returns a summary dict: status ("completed",
     "interrupted" or "stopped"), epoch, step, the checkpoint path, k-NN results."""
     run = setup_run(cfg, hooks or {}, stream or sys.stdout)
+    try:
+        return _train(run, cfg)
+    finally:
+        end_of_run(run)
+
+
+def _train(run: Run, cfg: TrainConfig) -> dict:
     resume_run(run)
     wrap_model(run)
     _announce(run)
+    run.clock = RunClock(run.total_steps, run.step)
     bad = torch.zeros((), dtype=torch.bool, device=run.device)
     with StopFlag() as stop:
         for epoch in range(run.start_epoch, cfg.epochs):
@@ -587,7 +616,7 @@ def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
             outcome = run_epoch_or_save(run, epoch, stop, bad)
             if outcome.stopped_mid_epoch:
                 result = _stopped(run, stop, epoch, "at epoch")
-                run.logger.log(event=result["status"], epoch=epoch, step=run.step)
+                run.logger.log(event=result["status"], epoch=epoch + 1, step=run.step)
                 return result
             finish_epoch(run, epoch, outcome, bad)
             if outcome.stop_after and epoch + 1 < cfg.epochs:
@@ -597,6 +626,21 @@ def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
                 return result
     return run.summary("completed", cfg.epochs, model=run.method.model, monitor=run.monitor,
                        device=run.device)
+
+
+def end_of_run(run: Run) -> None:
+    """However the run ended: close TensorBoard, draw the curves of log.jsonl next to it (rank 0;
+    a failure here is reported, never raised over the run's own outcome)."""
+    run.logger.close()
+    log_path = run.logger.path
+    if not (run.is_main and log_path and os.path.isfile(log_path)):
+        return
+    try:
+        plot_curves(log_path, os.path.join(run.out_dir, CURVES_NAME))
+    except ImportError:
+        run.say(f"note: {CURVES_NAME} not drawn: matplotlib is not installed")
+    except Exception as e:  # noqa: BLE001 - the curves are a convenience; the run's result stands
+        run.say(f"warning: {CURVES_NAME} not drawn ({type(e).__name__}: {e})")
 
 
 def make_monitor(cfg: TrainConfig, device: torch.device, train_images_per_epoch: int | None = None):

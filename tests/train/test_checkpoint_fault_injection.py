@@ -103,7 +103,8 @@ def test_sigkill_during_checkpoint_writes_then_resume(tmp_path):
     assert kills_in_write >= 1, "no kill landed inside a write"
 
     _finish(_start(out, slow=False))
-    assert sorted(os.listdir(out)) == ["checkpoint_last.pth", "config.json", "log.jsonl"]
+    assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint_last.pth", "config.json",
+                                       "curves.png", "log.jsonl"]
     _assert_bitwise_equal(_state(reference / ckpt_io.LAST_NAME), _state(last))
 
 

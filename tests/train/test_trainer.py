@@ -62,7 +62,8 @@ def test_list_presets_and_print_config(capsys):
     for name in ("groco_2views_100ep", "groco_multicrop_100ep", "sce_200ep", "sogclr_800ep",
                  "sfrik_200ep", "swav_800ep_bs4096", "simclr_r18_100ep", "auh_r18_100ep", "demo"):
         assert name in out
-    assert main(["--preset", "swav_800ep_bs4096", "--epochs", "5", "--print-config"]) == 0
+    assert main(["--preset", "swav_800ep_bs4096", "--data", "/imagenet", "--epochs", "5",
+                 "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["method"] == "swav" and cfg["epochs"] == 5 and cfg["batch_size"] == 4096
     assert main(["--print-config"]) == 0
@@ -178,7 +179,7 @@ def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", os.path.join(ROOT, "train_imagenet.py"),
-           "--method", "simclr", "--backend", "synthetic", "--dataset-size", "32", "--batch-size", "8",
+           "--method", "simclr", "--loader", "synthetic", "--dataset-size", "32", "--batch-size", "8",
            "--epochs", "2", "--knn-every", "0", "--out", str(out), "--head", "projector=[32,16]",
            "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -35,7 +35,7 @@ def small(method="simclr", tmp=None, **over):
 
 
 def _cli_args(out, *extra):
-    return ["--method", "simclr", "--backend", "synthetic", "--dataset-size", "16", "--batch-size", "8",
+    return ["--method", "simclr", "--loader", "synthetic", "--dataset-size", "16", "--batch-size", "8",
             "--epochs", "2", "--knn-every", "0", "--out", str(out), "--head", "projector=[32,16]",
             "--log-every", "1", *extra]
 
@@ -97,7 +97,7 @@ def test_corrupt_image_stops_with_a_resumable_checkpoint_naming_the_file(tmp_pat
     result = train(cfg, stream=stream)
     assert result["status"] == "completed" and result["step"] == 2
     # the command line: `error: <file>: <reason>`, exit 2
-    argv = ["--preset", "demo_simclr", "--data", str(tmp_path / "data"), "--backend", "dali",
+    argv = ["--preset", "demo_simclr", "--data", str(tmp_path / "data"), "--loader", "dali",
             "--batch-size", "4", "--epochs", "1", "--knn-every", "0", "--out", str(tmp_path / "cli"),
             "--head", "projector=[32,16]"]
     assert main(argv) == 2
@@ -140,7 +140,8 @@ def test_full_disk_names_the_path_keeps_training_and_retries(tmp_path, monkeypat
     last = str(tmp_path / ckpt_io.LAST_NAME)
     assert f"cannot write checkpoint {last}: [Errno 28] No space left on device" in stream.getvalue()
     assert torch.load(last, weights_only=False)["epoch"] == 2     # the retry holds both epochs
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pth", "config.json", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["backbone.pth", "checkpoint_last.pth", "config.json",
+                                            "curves.png", "log.jsonl"]
 
 
 def test_full_disk_at_the_last_checkpoint_is_an_error_naming_the_path(tmp_path, monkeypatch, capsys):
@@ -179,7 +180,8 @@ def test_stale_temporary_files_are_swept_and_each_target_has_one_temp_name(tmp_p
     assert ckpt_io.temp_path(str(tmp_path / ckpt_io.LAST_NAME)) == str(stale[1])
     train(small("simclr", tmp_path, epochs=1, resume="auto"), stream=DEVNULL)
     assert not any(p.exists() for p in stale)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint_last.pth", "config.json", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["backbone.pth", "checkpoint_last.pth", "config.json",
+                                            "curves.png", "log.jsonl"]
 
 
 # --- --resume -----------------------------------------------------------------------------------------
