@@ -38,7 +38,7 @@ class TrainConfig:
     device: str = "auto"
     out: str | None = None
     resume: str | None = None
-    num_threads: int = 2                  # loader threads
+    num_threads: int | None = None        # loader threads; None: derived from the cores per process
     log_every: int = 10
     knn_every: int = 1                    # epochs between k-NN monitor runs (0 = off)
     knn_k: int = 20

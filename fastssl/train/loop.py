@@ -285,6 +285,9 @@ def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
     if rank == 0:
         prepare_out_dir(out_dir)
     from fastssl.data import build_train_loader
+    from fastssl.data.loaders import default_num_threads
+    if cfg.num_threads is None:                 # the cores of this process's share (bench/input.py)
+        cfg.num_threads = default_num_threads(device)
     loader = build_train_loader(cfg.data, crop_specs(cfg.crops), local_batch, backend=cfg.backend,
                                 device=device, rank=rank, world_size=world, seed=cfg.seed,
                                 num_threads=cfg.num_threads, channels_last=channels_last,
