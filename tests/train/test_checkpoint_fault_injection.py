@@ -19,6 +19,9 @@ import torch
 
 from fastssl.train import checkpoint as ckpt_io
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_trainer import _assert_bitwise_equal  # noqa: E402
+
 WRITE_DELAY_S = 0.008     # per MiB; a checkpoint of the tiny ResNet-18 run is ~135 MiB
 KILLS = 4
 
@@ -56,19 +59,6 @@ def _state(path):
     return s["model"], s["momentum"], s["loss_state"], s["optimizer"]["state"], s["step"], s["epoch"]
 
 
-def _assert_bitwise_equal(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_bitwise_equal(a[k], b[k])
-    elif isinstance(a, (tuple, list)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_bitwise_equal(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
 
 
 @pytest.mark.slow

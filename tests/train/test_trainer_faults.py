@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import stat
+import sys
 
 import numpy as np
 import pytest
@@ -15,23 +16,9 @@ from fastssl.train import checkpoint as ckpt_io
 from fastssl.train.cli import main
 from fastssl.train.loop import CorruptDataError, train
 
-from fastssl.methods.presets import get_preset
-from fastssl.train.config import make_config
 
-DEVNULL = open(os.devnull, "w")
-
-
-def small(method="simclr", tmp=None, **over):
-    """The tiny synthetic run of test_trainer.py (4 steps per epoch)."""
-    preset = get_preset(f"demo_{method}")
-    values = dict(backend="synthetic", dataset_size=32, batch_size=8, epochs=2, knn_every=0,
-                  crops=[{"size": 16, "scale": [0.3, 1.0], "count": 2}], log_every=1,
-                  heads={"projector": [32, 32, 16], "predictor": [32, 16]} if method == "sce"
-                  else {"projector": [32, 16]}, out=str(tmp))
-    if method == "sce":
-        values["method_args"] = {**preset["method_args"], "queue_size": 64}
-    values.update(over)
-    return make_config(preset, values)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_trainer import DEVNULL, small  # noqa: E402  (the tiny synthetic run)
 
 
 def _cli_args(out, *extra):
