@@ -219,8 +219,10 @@ TARGETS = {
     "GroCoLoss": (lambda a: L.GroCoLoss(a["topk_neg"], a["steepness"], network=a["network"])(a["views"]),
                   {"views": ("views", [_t(1), _t(2)]), "topk_neg": ("int", 3),
                    "steepness": ("pos", 2.0), "network": ("choice", "bitonic")}),
-    "SoftSortNet": (lambda a: L.SoftSortNet(a["network"], a["size"], a["steepness"])(a["x"]),
-                    {"x": ("tensor", _t(1)), "network": ("choice", "odd_even"), "size": ("int", D),
+    "SoftSortNet": (lambda a: L.SoftSortNet(a["sorting_network_type"], a["size"],
+                                            steepness=a["steepness"])(a["x"]),
+                    {"x": ("tensor", _t(1)), "sorting_network_type": ("choice", "odd_even"),
+                     "size": ("int", D),
                      "steepness": ("pos", 5.0)}),
     "SwAVLoss": (lambda a: L.SwAVLoss(a["temperature"], a["epsilon"], a["sinkhorn_iterations"],
                                       a["n_assign_crops"], a["queue_length"])(
