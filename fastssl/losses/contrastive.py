@@ -6,14 +6,24 @@ import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
 from fastssl import functional
+from fastssl._checks import check_temperature
 from fastssl._validation import check_flag, check_int, check_positive, check_range
+
+
+def _init_temperature(temperature):
+    """A float > 0 (kept as a float) or a 0-dim tensor (kept as it is: an ``nn.Parameter``
+    becomes the module's parameter, a learnable temperature)."""
+    check_temperature(temperature)
+    return temperature if isinstance(temperature, torch.Tensor) else float(temperature)
 
 
 class NTXentLoss(torch.nn.Module):
     """SimCLR NT-Xent as a module; see :func:`fastssl.functional.nt_xent`.
 
     Args:
-        temperature: float > 0.
+        temperature: float > 0 or a 0-dim tensor (an ``nn.Parameter`` becomes the
+            module's parameter); ``forward(..., temperature=t)`` overrides it per call
+            (open_clip's ``1 / logit_scale.exp()``).
         gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
 
     ``forward(z1, z2)``: (B, D) raw embeddings of the two views (normalised inside; float32,
@@ -26,11 +36,12 @@ class NTXentLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = _init_temperature(temperature)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return functional.nt_xent(z1, z2, self.temperature, gather_distributed=self.gather_distributed)
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, temperature=None) -> torch.Tensor:
+        t = self.temperature if temperature is None else temperature
+        return functional.nt_xent(z1, z2, t, gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
@@ -40,7 +51,9 @@ class InfoNCELoss(torch.nn.Module):
     """InfoNCE (MoCo v3 / CLIP) as a module; see :func:`fastssl.functional.info_nce`.
 
     Args:
-        temperature: float > 0. symmetric: bool, average both directions.
+        temperature: float > 0 or a 0-dim tensor (an ``nn.Parameter`` becomes the
+            module's parameter); ``forward(..., temperature=t)`` overrides it per call
+            (open_clip's ``1 / logit_scale.exp()``). symmetric: bool, average both directions.
         gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
 
     ``forward(q, k)``: (B, D) raw query and key embeddings, positives on the diagonal.
@@ -54,13 +67,14 @@ class InfoNCELoss(torch.nn.Module):
     def __init__(self, temperature: float = 0.1, symmetric: bool = False,
                  gather_distributed: bool = False):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = _init_temperature(temperature)
         self.symmetric = check_flag("symmetric", symmetric)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return functional.info_nce(q, k, self.temperature, symmetric=self.symmetric,
-                           gather_distributed=self.gather_distributed)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, temperature=None) -> torch.Tensor:
+        t = self.temperature if temperature is None else temperature
+        return functional.info_nce(q, k, t, symmetric=self.symmetric,
+                                   gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
@@ -73,7 +87,9 @@ class DCLLoss(torch.nn.Module):
     ``forward(z1, z2)`` on (B, D) raw embeddings; see :func:`fastssl.functional.dcl`.
 
     Args:
-        temperature: float > 0.
+        temperature: float > 0 or a 0-dim tensor (an ``nn.Parameter`` becomes the
+            module's parameter); ``forward(..., temperature=t)`` overrides it per call
+            (open_clip's ``1 / logit_scale.exp()``).
         weight_fn: optional callable ``(out0, out1) -> (B,)`` weights of the positive term
             (lightly's interface); None means weight 1.
         gather_distributed: bool, as in the functional loss (gather across ranks,
@@ -89,15 +105,16 @@ class DCLLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = _init_temperature(temperature)
         if weight_fn is not None and not callable(weight_fn):
             raise TypeError(f"weight_fn: expected a callable or None, got {type(weight_fn).__name__}")
         self.weight_fn = weight_fn
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return functional.dcl(z1, z2, self.temperature, weight_fn=self.weight_fn,
-                      gather_distributed=self.gather_distributed)
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, temperature=None) -> torch.Tensor:
+        t = self.temperature if temperature is None else temperature
+        return functional.dcl(z1, z2, t, weight_fn=self.weight_fn,
+                              gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, weight_fn={self.weight_fn!r}, "
@@ -110,7 +127,9 @@ class DCLWLoss(torch.nn.Module):
     :func:`fastssl.functional.dclw`.
 
     Args:
-        temperature: float > 0. sigma: float > 0 (lightly's default 0.5).
+        temperature: float > 0 or a 0-dim tensor (an ``nn.Parameter`` becomes the
+            module's parameter); ``forward(..., temperature=t)`` overrides it per call
+            (open_clip's ``1 / logit_scale.exp()``). sigma: float > 0 (lightly's default 0.5).
         gather_distributed: bool, as in the functional loss (the softmax of the weights runs
             over the global batch).
 
@@ -124,13 +143,14 @@ class DCLWLoss(torch.nn.Module):
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5,
                  gather_distributed: bool = False):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = _init_temperature(temperature)
         self.sigma = check_positive("sigma", sigma)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return functional.dclw(z1, z2, self.temperature, sigma=self.sigma,
-                       gather_distributed=self.gather_distributed)
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, temperature=None) -> torch.Tensor:
+        t = self.temperature if temperature is None else temperature
+        return functional.dclw(z1, z2, t, sigma=self.sigma,
+                               gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, sigma={self.sigma}, "
