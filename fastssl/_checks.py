@@ -53,11 +53,17 @@ def check_temperature(temperature, like: torch.Tensor | None = None) -> float:
     return check_positive("temperature", temperature)
 
 
-def check_nt_xent(z1, z2, temperature, gather_distributed) -> float:
+def check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank=None) -> float:
     """Returns the temperature's value as a float."""
     check_pair("z1", z1, "z2", z2)
     t = check_temperature(temperature, z1)
     check_flag("gather_distributed", gather_distributed)
+    if memory_bank is not None:
+        check_embeddings("memory_bank", memory_bank)
+        if memory_bank.shape[1] != z1.shape[1]:
+            raise ValueError(f"memory_bank: expected shape (K, {z1.shape[1]}) (the feature "
+                             f"dimension of z1), got {tuple(memory_bank.shape)}")
+        check_same_device([("z1", z1), ("memory_bank", memory_bank)])
     return t
 
 

@@ -191,7 +191,8 @@ TARGETS = {
               "sinkhorn_iterations": ("int", 3), "queue_scores": ("queue_scores", None),
               "gather_distributed": ("flag", False)}),
     # modules: constructor and forward arguments in one namespace
-    "NTXentLoss": (lambda a: L.NTXentLoss(a["temperature"], a["gather_distributed"])(a["z1"], a["z2"]),
+    "NTXentLoss": (lambda a: L.NTXentLoss(a["temperature"],
+                                                   gather_distributed=a["gather_distributed"])(a["z1"], a["z2"]),
                    {"z1": ("tensor", _t(1)), "z2": ("tensor", _t(2)), "temperature": ("pos", 0.2),
                     "gather_distributed": ("flag", False)}),
     "InfoNCELoss": (lambda a: L.InfoNCELoss(a["temperature"], a["symmetric"])(a["q"], a["k"]),

@@ -111,7 +111,7 @@ def _logit_scale(temperature, value: float):
 # Losses
 # ----------------------------------------------------------------------------------------------
 
-def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
+def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=False):
     """SimCLR's NT-Xent (normalised temperature-scaled cross-entropy).
 
     The 2N anchors are the rows of z1 and z2 (L2-normalised inside); anchor i of z1 has one
@@ -126,6 +126,11 @@ def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
         temperature: float > 0, or a 0-dim floating tensor (a learnable temperature,
             e.g. ``1 / logit_scale.exp()``: its gradient comes from the op's own backward,
             no N x N matrix; one host read of its value per call).
+        memory_bank: optional (K, D) tensor of normalised keys (lightly's memory-bank form,
+            ``NTXentLoss(memory_bank_size=K)`` keeps it): then the anchors are z1's rows
+            only, anchor i's positive is row i of z2 and its negatives are the K bank rows
+            (not the batch); loss = mean_i -s(i, pos) + log(exp s(i, pos) + sum_k exp s(i, k)).
+            The bank carries no gradient; streamed as extra columns (no B x K matrix).
         gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
             each rank's rows meet the gathered rows of every rank (N = B * W): the value on
             every rank is the single-process loss on the global batch, and each rank's
@@ -139,11 +144,13 @@ def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
         >>> z1, z2 = torch.randn(256, 128), torch.randn(256, 128)
         >>> loss = fastssl.functional.nt_xent(z1, z2, temperature=0.1)
     """
-    t = check_nt_xent(z1, z2, temperature, gather_distributed)
+    t = check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank)
     backend = ops.backend_for("nt_xent", z1.device)
     if backend == "reference":
-        return ops.TABLE["reference"].nt_xent(z1, z2, temperature,
+        return ops.TABLE["reference"].nt_xent(z1, z2, temperature, memory_bank=memory_bank,
                                               gather_distributed=gather_distributed)
+    if memory_bank is not None:
+        return _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend)
     rows, cols, self_col, pos_col, positives, n = _two_view_layout(z1, z2, gather_distributed)
     scale, scale_mul, tap = _logit_scale(temperature, t)
     if cols is rows:
@@ -154,6 +161,20 @@ def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
                                            cols.shape[0], False, False, False, backend)
     pos = _rowdot(rows, positives) * scale_mul
     return dist_utils.reduce_loss((lse - pos).sum() / (2 * n))
+
+
+def _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend):
+    """lightly's memory-bank NT-Xent: z1's rows against [z2_i | bank], the bank as the op's
+    columns (as SCE's queue), the per-row positive merged in by logaddexp."""
+    _, n, _ = _gather_layout(z1, gather_distributed)
+    h1, h2 = _normalize(z1), _normalize(z2)
+    bank = memory_bank.detach().to(h1.dtype)
+    scale, scale_mul, tap = _logit_scale(temperature, t)
+    no_mask = torch.full((h1.shape[0],), -1, dtype=torch.long, device=h1.device)
+    lse_bank, _, _, _ = ops.contrastive_lse(tap(h1), bank, no_mask, no_mask, scale,
+                                            bank.shape[0], False, False, False, backend)
+    pos = _rowdot(h1, h2) * scale_mul
+    return dist_utils.reduce_loss((torch.logaddexp(lse_bank, pos) - pos).sum() / n)
 
 
 def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False):

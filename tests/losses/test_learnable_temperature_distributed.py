@@ -8,6 +8,7 @@ import torch
 import fastssl
 from fastssl import distributed as D
 from fastssl import functional
+from fastssl import losses as L
 from fastssl.testing import run_torchrun
 
 pytestmark = pytest.mark.distributed
@@ -35,6 +36,17 @@ def _run(world, rank, gather):
                 loss = fn(a_all[rows], b_all[rows], 1 / logit_scale.exp(), gather)
             loss.backward()
             out[backend, name] = (loss.detach(), logit_scale.grad.clone())
+        # NTXentLoss with a memory bank: value, scale gradient and the bank after 3 steps
+        torch.manual_seed(0)
+        module = L.NTXentLoss(0.3, memory_bank_size=(8, DIM), gather_distributed=gather).double()
+        for step in range(3):
+            logit_scale = torch.tensor(1.2, dtype=torch.float64, requires_grad=True)
+            a = a_all[rows].clone().requires_grad_(True)
+            with fastssl.use_backend(backend):
+                loss = module(a, b_all[rows] + step, temperature=1 / logit_scale.exp())
+            loss.backward()
+            out[backend, "bank", step] = (loss.detach(), logit_scale.grad.clone())
+        out[backend, "bank_state"] = (module.memory_bank.clone(), module.memory_bank_ptr.clone())
     return out
 
 
@@ -46,6 +58,12 @@ def test_scale_gradient_is_each_ranks_share_for_ddp():
     world = 2
     results = run_torchrun(f"{__file__}:worker", world)
     single = _run(world, 0, False)
+    bank, ptr = single.pop(("torch", "bank_state"))
+    for res in results:
+        for backend in ("torch", "reference"):
+            torch.testing.assert_close(res[backend, "bank_state"][0], bank)
+            assert int(res[backend, "bank_state"][1]) == int(ptr) == 6  # 6 rows, then 2 of 6 (end), then 6
+    single.pop(("reference", "bank_state"))
     for key, (loss, grad) in single.items():
         for res in results:
             torch.testing.assert_close(res[key][0], loss, msg=str(key))
