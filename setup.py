@@ -8,6 +8,7 @@ FASTSSL_BUILD_CUDA=1 forces the CUDA part on (and fails loudly if it cannot buil
 Install with the pinned torch already present and without build isolation, so pip does not pull
 a different torch into the build environment:
     pip install torch==2.13.0 && pip install --no-build-isolation -e ".[dev]"
+The package's metadata is in pyproject.toml; this file holds the build.
 """
 import glob
 import os
@@ -73,31 +74,44 @@ def _extension():
                         extra_link_args=link_flags)
 
 
-def _version() -> str:
-    with open(os.path.join(ROOT, "fastssl", "version.py")) as f:
-        scope = {}
-        exec(f.read(), scope)
-    return scope["__version__"]
+def _torch_requirement() -> str:
+    """The wheel's torch: the release series it is built against (fastssl._C links to that
+    torch's C++ ABI; `import fastssl` warns if another torch is loaded)."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch=={major}.{minor}.*"
 
 
+class _BuildExtWithInfo(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
+    """build_ext that also writes fastssl/_build_info.py: the torch (and CUDA) the extension
+    was compiled against, read by `import fastssl` to warn about a different torch."""
+
+    def run(self):
+        super().run()
+        text = ('"""Written by setup.py when fastssl._C was built: the torch it was built '
+                'against."""\n'
+                f"TORCH_VERSION = {torch.__version__!r}\n"
+                f"TORCH_CUDA = {torch.version.cuda!r}\n"
+                f"WITH_CUDA = {_want_cuda()!r}\n")
+        targets = [os.path.join(ROOT, "fastssl")]
+        if not self.inplace:
+            targets.append(os.path.join(self.build_lib, "fastssl"))
+        for folder in targets:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "_build_info.py"), "w") as f:
+                f.write(text)
+
+
+# Name, version, description, license, URLs, extras and entry points: pyproject.toml.
 setup(
-    name="fastssl",
-    version=_version(),
-    description="Fused kernels for self-supervised pretraining losses, and a fast ResNet-50 stack",
-    python_requires=">=3.10",
-    # The Triton kernels live in the top-level kernels/ folder but install as fastssl.kernels:
-    # no top-level `kernels` module lands in site-packages.
+    # The Triton kernels live in the top-level kernels/ folder and the benchmarks in bench/, but
+    # install as fastssl.kernels and fastssl.bench: no top-level `kernels` or `bench` module
+    # lands in site-packages.
     packages=["fastssl", "fastssl.kernels", "fastssl.ops", "fastssl.functional",
               "fastssl.losses", "fastssl.reference", "fastssl.models", "fastssl.data",
-              "fastssl.methods", "fastssl.train", "fastssl.eval"],
-    package_dir={"fastssl": "fastssl", "fastssl.kernels": "kernels"},
+              "fastssl.methods", "fastssl.train", "fastssl.eval", "fastssl.bench"],
+    package_dir={"fastssl": "fastssl", "fastssl.kernels": "kernels", "fastssl.bench": "bench"},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "diffsort==0.2.0", "numpy", "matplotlib", "pillow",
-                "triton>=3.0; platform_system == 'Linux'"],
-        "dali": ["nvidia-dali-cuda130"],
-    },
+    cmdclass={"build_ext": _BuildExtWithInfo},
+    install_requires=[_torch_requirement(), "numpy"],
     zip_safe=False,
 )

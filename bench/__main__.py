@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -36,6 +37,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 RECORD_PREFIX = "BENCH-RECORD "
+# The module the isolated workers run: `bench` in a checkout; the installed `fastssl-bench`
+# (fastssl/bench_cli.py, where this folder is fastssl.bench) sets its own.
+WORKER_MODULE = os.environ.get("FASTSSL_BENCH_MODULE", "bench")
+
+
+def _results_root() -> Path:
+    """bench/results/ in a checkout (the committed results); ./fastssl-bench-results when
+    installed (never inside site-packages)."""
+    here = Path(__file__).resolve().parent
+    if (here.parent / "setup.py").exists():
+        return here / "results"
+    return Path.cwd() / "fastssl-bench-results"
 FAMILY_MODULES = ("contrastive", "sphere", "sortnet", "swav", "trainer")
 
 
@@ -137,7 +150,9 @@ def _progress(rec: dict) -> None:
         if rec.get("images_per_s"):
             line += f"  {rec['images_per_s']:.0f} img/s"
     else:
-        line += f" [{rec.get('status')}] {rec.get('note', '')[:100]}"
+        # shortened at a word boundary, never mid-word
+        line += f" [{rec.get('status')}] " + textwrap.shorten(str(rec.get("note", "")), 100,
+                                                             placeholder=" ...")
     print(line, file=sys.stderr, flush=True)
 
 
@@ -174,7 +189,7 @@ def run_isolated(specs, args, device, emit):
                 for m in modes:
                     key = _case_key(spec.name, prov, size.shape, str(dt).replace("torch.", ""), m)
                     expected[key] = (size, dt, m)
-            cmd = [sys.executable, "-m", "bench", "--worker", "--no-isolate", "--op", spec.name,
+            cmd = [sys.executable, "-m", WORKER_MODULE, "--worker", "--no-isolate", "--op", spec.name,
                    "--provider", provider, "--device", device.type]
             if args.quick:
                 cmd.append("--quick")
@@ -271,7 +286,7 @@ def _main(argv=None) -> int:
         if args.quick:
             args.out = Path(tempfile.gettempdir()) / "fastssl-bench-quick" / results.device_dir_name(device)
         else:
-            args.out = Path(__file__).resolve().parent / "results" / results.device_dir_name(device)
+            args.out = _results_root() / results.device_dir_name(device)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
 

@@ -81,9 +81,11 @@ BIG_CPU = ("fastssl", "fastssl:cpp", "reference")
 
 
 def _pair_sizes(cpu_bs, gpu_bs, *, cpu_d=128, gpu_d=128, gpu_probe=(), cpu_big=()):
+    """cpu_bs: the CPU batch sizes, the first measured in every mode, the others (at least two
+    more, so that forward+backward is a curve) in forward+backward."""
     def sizes(dev, quick):
-        if quick:
-            return [Size({"B": 16, "D": 8})]
+        if quick:  # two sizes: every plot shows a line, not a lone point
+            return [Size({"B": 16, "D": 8}), Size({"B": 32, "D": 8}, modes=FULL)]
         if dev == "cpu":
             out = [Size({"B": b, "D": cpu_d}, modes=ALL_MODES if i == 0 else FULL) for i, b in enumerate(cpu_bs)]
             return out + [Size({"B": b, "D": cpu_d}, modes=FULL, providers=BIG_CPU) for b in cpu_big]
@@ -103,9 +105,12 @@ def _info_nce_build(provider, shape, dtype, device):
 
 def _info_nce_sizes(dev, quick):
     if quick:
-        return [Size({"B": 16, "D": 8, "symmetric": True})]
-    if dev == "cpu":
+        return [Size({"B": 16, "D": 8, "symmetric": True}),
+                Size({"B": 32, "D": 8, "symmetric": True}, modes=FULL)]
+    if dev == "cpu":  # each series at least three sizes in forward+backward
         return ([Size({"B": 1024, "D": 128, "symmetric": s}) for s in (False, True)]
+                + [Size({"B": b, "D": 128, "symmetric": s}, modes=FULL)
+                   for s in (False, True) for b in (512, 2048)]
                 + [Size({"B": 4096, "D": 128, "symmetric": True}, modes=FULL, providers=BIG_CPU)])
     return [Size({"B": b, "D": 256, "symmetric": s}) for s in (False, True)
             for b in (8192, 32768, 65536)]
@@ -137,23 +142,23 @@ def _sce_build(provider, shape, dtype, device):
 
 def _sce_sizes(dev, quick):
     if quick:
-        return [Size({"B": 16, "D": 8, "K": 40})]
-    if dev == "cpu":
-        return [Size({"B": 256, "D": 128, "K": 4096}, modes=ALL_MODES),
-                Size({"B": 256, "D": 128, "K": 16384}, modes=FULL),
-                Size({"B": 1024, "D": 128, "K": 16384}, modes=FULL)]
+        return [Size({"B": 16, "D": 8, "K": 40}), Size({"B": 32, "D": 8, "K": 40}, modes=FULL)]
+    if dev == "cpu":  # each queue size at three batch sizes
+        return ([Size({"B": 256, "D": 128, "K": 4096}, modes=ALL_MODES)]
+                + [Size({"B": b, "D": 128, "K": 4096}, modes=FULL) for b in (512, 1024)]
+                + [Size({"B": b, "D": 128, "K": 16384}, modes=FULL) for b in (256, 512, 1024)])
     return [Size({"B": b, "D": 256, "K": k}) for k in (16384, 65536) for b in (256, 1024, 4096)]
 
 
 SPECS = [
     OpSpec("nt_xent", "contrastive", _pair_build(fast.nt_xent, ref.nt_xent, eager_nt_xent),
-           _pair_sizes((1024, 2048), (4096, 8192, 16384, 32768), cpu_big=(8192,),
+           _pair_sizes((1024, 512, 2048), (4096, 8192, 16384, 32768), cpu_big=(8192,),
                        gpu_probe=(65536, 131072, 262144, 524288)),
            providers=STANDARD_PROVIDERS + EAGER_PROVIDERS),
     OpSpec("info_nce", "contrastive", _info_nce_build, _info_nce_sizes,
            providers=STANDARD_PROVIDERS + EAGER_PROVIDERS),
     OpSpec("dcl", "contrastive", _pair_build(fast.dcl, ref.dcl),
-           _pair_sizes((1024, 2048), (4096, 16384, 32768))),
-    OpSpec("sogclr", "contrastive", _sogclr_build, _pair_sizes((1024, 2048), (4096, 16384, 32768))),
+           _pair_sizes((1024, 512, 2048), (4096, 16384, 32768))),
+    OpSpec("sogclr", "contrastive", _sogclr_build, _pair_sizes((1024, 512, 2048), (4096, 16384, 32768))),
     OpSpec("sce", "contrastive", _sce_build, _sce_sizes),
 ]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import textwrap
 import math
 import os
 import time
@@ -381,7 +382,7 @@ def classify_failure(exc: BaseException) -> str:
 
 def failure_note(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}"[:300]
+    return textwrap.shorten(f"{type(exc).__name__}: {first}", 300, placeholder=" ...")
 
 
 def _free_device_memory(device: torch.device) -> None:

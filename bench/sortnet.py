@@ -51,12 +51,13 @@ def _soft_sort_build(provider, shape, dtype, device):
 
 
 def _soft_sort_sizes(dev, quick):
-    if quick:
-        return [Size({"B": 8, "n": 5, "network": "odd_even"})]
+    if quick:  # two sizes: every plot shows a line, not a lone point
+        return [Size({"B": 8, "n": 5, "network": "odd_even"}),
+                Size({"B": 16, "n": 5, "network": "odd_even"}, modes=FULL)]
     if dev == "cpu":
         return ([Size({"B": b, "n": 16, "network": "odd_even"}) for b in (256, 1024, 4096)]
-                + [Size({"B": 1024, "n": 32, "network": "odd_even"}, modes=FULL),
-                   Size({"B": 1024, "n": 16, "network": "bitonic"}, modes=FULL)])
+                + [Size({"B": b, "n": 32, "network": "odd_even"}, modes=FULL) for b in (256, 1024, 4096)]
+                + [Size({"B": b, "n": 16, "network": "bitonic"}, modes=FULL) for b in (256, 1024, 4096)])
     return ([Size({"B": b, "n": 32, "network": "odd_even"}) for b in (1024, 4096, 16384)]
             + [Size({"B": 4096, "n": 32, "network": "bitonic"}, modes=FULL),
                Size({"B": 256, "n": 1024, "network": "bitonic"}, modes=FULL)])
@@ -69,8 +70,8 @@ def _groco_build(provider, shape, dtype, device):
 
 
 def _groco_sizes(dev, quick):
-    if quick:
-        return [Size({"B": 16, "D": 8, "views": 2})]
+    if quick:  # two sizes: every plot shows a line, not a lone point
+        return [Size({"B": 16, "D": 8, "views": 2}), Size({"B": 32, "D": 8, "views": 2}, modes=FULL)]
     if dev == "cpu":
         return ([Size({"B": b, "D": 256, "views": 2}, modes=ALL_MODES if b <= 128 else FULL)
                  for b in (128, 256, 512)])

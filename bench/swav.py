@@ -29,10 +29,11 @@ def _sinkhorn_build(provider, shape, dtype, device):
 
 
 def _sinkhorn_sizes(dev, quick):
-    if quick:
-        return [Size({"B": 16, "K": 12})]
+    if quick:  # two sizes: every plot shows a line, not a lone point
+        return [Size({"B": 16, "K": 12}), Size({"B": 32, "K": 12})]
     if dev == "cpu":
-        return [Size({"B": b, "K": 3000}) for b in (1024, 4096)] + [Size({"B": 1024, "K": 16384})]
+        return ([Size({"B": b, "K": 3000}) for b in (1024, 2048, 4096)]
+                + [Size({"B": b, "K": 16384}) for b in (256, 512, 1024)])
     return [Size({"B": b, "K": 3000}) for b in (1024, 4096, 16384)] + [Size({"B": 1024, "K": 65536})]
 
 
@@ -44,11 +45,11 @@ def _swav_build(provider, shape, dtype, device):
 
 def _swav_sizes(dev, quick):
     if quick:
-        return [Size({"B": 16, "K": 12, "crops": 2})]
-    if dev == "cpu":
-        return [Size({"B": 256, "K": 3000, "crops": 2}, modes=ALL_MODES),
-                Size({"B": 1024, "K": 3000, "crops": 2}, modes=FULL),
-                Size({"B": 256, "K": 3000, "crops": 8}, modes=FULL)]
+        return [Size({"B": 16, "K": 12, "crops": 2}), Size({"B": 32, "K": 12, "crops": 2}, modes=FULL)]
+    if dev == "cpu":  # each crop count at three batch sizes
+        return ([Size({"B": 256, "K": 3000, "crops": 2}, modes=ALL_MODES)]
+                + [Size({"B": b, "K": 3000, "crops": 2}, modes=FULL) for b in (512, 1024)]
+                + [Size({"B": b, "K": 3000, "crops": 8}, modes=FULL) for b in (128, 256, 512)])
     return ([Size({"B": b, "K": 3000, "crops": 2}) for b in (1024, 4096)]
             + [Size({"B": 4096, "K": 3000, "crops": 8}, modes=FULL)])
 

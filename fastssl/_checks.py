@@ -7,6 +7,7 @@ Every message names the argument (docs/api.md, "Bad input").
 """
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -33,32 +34,65 @@ def _check_min_global(loss: str, name: str, x: torch.Tensor, gather_distributed:
                          f"({why}), got shape {tuple(x.shape)}")
 
 
-def check_nt_xent(z1, z2, temperature, gather_distributed) -> None:
+def check_temperature(temperature, like: torch.Tensor | None = None) -> float:
+    """A temperature: a finite number > 0, or a 0-dim floating tensor holding one (a learnable
+    temperature, e.g. ``1 / logit_scale.exp()``). Returns its value as a float (for a tensor,
+    one host read). A tensor must sit on the inputs' device (or the CPU)."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0 or not temperature.is_floating_point():
+            raise TypeError(f"temperature: expected a number or a 0-dim floating tensor, got a "
+                            f"{temperature.dtype} tensor of shape {tuple(temperature.shape)}")
+        if (like is not None and temperature.device != like.device
+                and temperature.device.type != "cpu"):
+            raise ValueError(f"temperature: expected a tensor on {like.device} or the CPU, got "
+                             f"{temperature.device}")
+        value = float(temperature.detach())
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"temperature: expected a finite value > 0, got {value}")
+        return value
+    return check_positive("temperature", temperature)
+
+
+def check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank=None) -> float:
+    """Returns the temperature's value as a float."""
     check_pair("z1", z1, "z2", z2)
-    check_positive("temperature", temperature)
+    t = check_temperature(temperature, z1)
     check_flag("gather_distributed", gather_distributed)
+    if memory_bank is not None:
+        check_embeddings("memory_bank", memory_bank)
+        if memory_bank.shape[1] != z1.shape[1]:
+            raise ValueError(f"memory_bank: expected shape (K, {z1.shape[1]}) (the feature "
+                             f"dimension of z1), got {tuple(memory_bank.shape)}")
+        check_same_device([("z1", z1), ("memory_bank", memory_bank)])
+    return t
 
 
-def check_info_nce(q, k, temperature, symmetric, gather_distributed) -> None:
+def check_info_nce(q, k, temperature, symmetric, gather_distributed) -> float:
+    """Returns the temperature's value as a float."""
     check_pair("q", q, "k", k)
-    check_positive("temperature", temperature)
+    t = check_temperature(temperature, q)
     check_flag("symmetric", symmetric)
     check_flag("gather_distributed", gather_distributed)
+    return t
 
 
-def check_dcl(z1, z2, temperature, weight_fn, gather_distributed) -> None:
+def check_dcl(z1, z2, temperature, weight_fn, gather_distributed) -> float:
+    """Returns the temperature's value as a float."""
     check_pair("z1", z1, "z2", z2)
-    check_positive("temperature", temperature)
+    t = check_temperature(temperature, z1)
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn: expected a callable (out0, out1) -> (B,) weights or None, "
                         f"got {type(weight_fn).__name__}")
     check_flag("gather_distributed", gather_distributed)
     _check_min_global("dcl", "z1", z1, gather_distributed, 2, "each anchor needs a negative")
+    return t
 
 
-def check_dclw(z1, z2, temperature, sigma, gather_distributed) -> None:
-    check_dcl(z1, z2, temperature, None, gather_distributed)
+def check_dclw(z1, z2, temperature, sigma, gather_distributed) -> float:
+    """Returns the temperature's value as a float."""
+    t = check_dcl(z1, z2, temperature, None, gather_distributed)
     check_positive("sigma", sigma)
+    return t
 
 
 def check_positive_weights(w, rows: int, ref: torch.Tensor) -> torch.Tensor:

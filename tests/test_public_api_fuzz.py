@@ -191,7 +191,8 @@ TARGETS = {
               "sinkhorn_iterations": ("int", 3), "queue_scores": ("queue_scores", None),
               "gather_distributed": ("flag", False)}),
     # modules: constructor and forward arguments in one namespace
-    "NTXentLoss": (lambda a: L.NTXentLoss(a["temperature"], a["gather_distributed"])(a["z1"], a["z2"]),
+    "NTXentLoss": (lambda a: L.NTXentLoss(a["temperature"],
+                                                   gather_distributed=a["gather_distributed"])(a["z1"], a["z2"]),
                    {"z1": ("tensor", _t(1)), "z2": ("tensor", _t(2)), "temperature": ("pos", 0.2),
                     "gather_distributed": ("flag", False)}),
     "InfoNCELoss": (lambda a: L.InfoNCELoss(a["temperature"], a["symmetric"])(a["q"], a["k"]),
@@ -219,8 +220,10 @@ TARGETS = {
     "GroCoLoss": (lambda a: L.GroCoLoss(a["topk_neg"], a["steepness"], network=a["network"])(a["views"]),
                   {"views": ("views", [_t(1), _t(2)]), "topk_neg": ("int", 3),
                    "steepness": ("pos", 2.0), "network": ("choice", "bitonic")}),
-    "SoftSortNet": (lambda a: L.SoftSortNet(a["network"], a["size"], a["steepness"])(a["x"]),
-                    {"x": ("tensor", _t(1)), "network": ("choice", "odd_even"), "size": ("int", D),
+    "SoftSortNet": (lambda a: L.SoftSortNet(a["sorting_network_type"], a["size"],
+                                            steepness=a["steepness"])(a["x"]),
+                    {"x": ("tensor", _t(1)), "sorting_network_type": ("choice", "odd_even"),
+                     "size": ("int", D),
                      "steepness": ("pos", 5.0)}),
     "SwAVLoss": (lambda a: L.SwAVLoss(a["temperature"], a["epsilon"], a["sinkhorn_iterations"],
                                       a["n_assign_crops"], a["queue_length"])(

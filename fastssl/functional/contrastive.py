@@ -66,11 +66,52 @@ def _two_view_layout(z1, z2, gather_distributed):
     return rows, cols, self_col, pos_col, positives, n
 
 
+class _ScaleTap(torch.autograd.Function):
+    """Identity on the operand `a` of a streaming op run at the float `scale`; its backward
+    also returns the gradient of the op's logit scale, from the operand gradient the op's own
+    backward already produced: with X = scale * a @ b.T, dL/da = scale * G @ b, so
+    dL/dscale = sum(G * S) = <a, dL/da> / scale (O(B D), no N x N matrix; for the symmetric op,
+    whose dz holds the row and the column term, half of that). On a rank of a gathered loss
+    this is the rank's share (its rows' G)."""
+
+    @staticmethod
+    def forward(ctx, a, scale_t, scale, terms):
+        ctx.save_for_backward(a)
+        ctx.scale, ctx.terms = scale, terms
+        ctx.scale_meta = (scale_t.dtype, scale_t.device)
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, da):
+        (a,) = ctx.saved_tensors
+        acc = accumulation_dtype(a)
+        g = (a.to(acc) * da.to(acc)).sum() / (ctx.scale * ctx.terms)
+        dtype, device = ctx.scale_meta
+        return da, g.to(dtype=dtype, device=device), None, None
+
+
+def _logit_scale(temperature, value: float):
+    """(scale as a float for the ops, multiplier for the O(N) terms, tap for the op's operand).
+
+    A float temperature: plain floats. A tensor temperature with gradient (a learnable
+    temperature): the ops still run at the float value (their kernels take a float), the
+    positive terms multiply by the tensor 1 / temperature, and the operand goes through
+    `_ScaleTap`, which routes the op's share of d loss / d scale back to the tensor."""
+    scale = 1.0 / value
+    if isinstance(temperature, torch.Tensor) and temperature.requires_grad:
+        scale_t = 1.0 / temperature
+
+        def tap(a, terms=1):
+            return _ScaleTap.apply(a, scale_t, scale, terms)
+        return scale, scale_t, tap
+    return scale, scale, (lambda a, terms=1: a)
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
 
-def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
+def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=False):
     """SimCLR's NT-Xent (normalised temperature-scaled cross-entropy).
 
     The 2N anchors are the rows of z1 and z2 (L2-normalised inside); anchor i of z1 has one
@@ -82,7 +123,14 @@ def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
     Args:
         z1, z2: (B, D) raw embeddings of the two views (float32, bfloat16, float16 or float64;
             same shape, dtype and device).
-        temperature: float > 0.
+        temperature: float > 0, or a 0-dim floating tensor (a learnable temperature,
+            e.g. ``1 / logit_scale.exp()``: its gradient comes from the op's own backward,
+            no N x N matrix; one host read of its value per call).
+        memory_bank: optional (K, D) tensor of normalised keys (lightly's memory-bank form,
+            ``NTXentLoss(memory_bank_size=K)`` keeps it): then the anchors are z1's rows
+            only, anchor i's positive is row i of z2 and its negatives are the K bank rows
+            (not the batch); loss = mean_i -s(i, pos) + log(exp s(i, pos) + sum_k exp s(i, k)).
+            The bank carries no gradient; streamed as extra columns (no B x K matrix).
         gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
             each rank's rows meet the gathered rows of every rank (N = B * W): the value on
             every rank is the single-process loss on the global batch, and each rank's
@@ -96,20 +144,37 @@ def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
         >>> z1, z2 = torch.randn(256, 128), torch.randn(256, 128)
         >>> loss = fastssl.functional.nt_xent(z1, z2, temperature=0.1)
     """
-    check_nt_xent(z1, z2, temperature, gather_distributed)
+    t = check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank)
     backend = ops.backend_for("nt_xent", z1.device)
     if backend == "reference":
-        return ops.TABLE["reference"].nt_xent(z1, z2, temperature,
+        return ops.TABLE["reference"].nt_xent(z1, z2, temperature, memory_bank=memory_bank,
                                               gather_distributed=gather_distributed)
+    if memory_bank is not None:
+        return _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend)
     rows, cols, self_col, pos_col, positives, n = _two_view_layout(z1, z2, gather_distributed)
-    scale = 1.0 / temperature
+    scale, scale_mul, tap = _logit_scale(temperature, t)
     if cols is rows:
-        lse, _ = ops.contrastive_lse_sym(rows, self_col, pos_col, scale, False, False, backend)
+        lse, _ = ops.contrastive_lse_sym(tap(rows, 2), self_col, pos_col, scale, False, False,
+                                         backend)
     else:
-        lse, _, _, _ = ops.contrastive_lse(rows, cols, self_col, pos_col, scale, cols.shape[0],
-                                           False, False, False, backend)
-    pos = _rowdot(rows, positives) * scale
+        lse, _, _, _ = ops.contrastive_lse(tap(rows), cols, self_col, pos_col, scale,
+                                           cols.shape[0], False, False, False, backend)
+    pos = _rowdot(rows, positives) * scale_mul
     return dist_utils.reduce_loss((lse - pos).sum() / (2 * n))
+
+
+def _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend):
+    """lightly's memory-bank NT-Xent: z1's rows against [z2_i | bank], the bank as the op's
+    columns (as SCE's queue), the per-row positive merged in by logaddexp."""
+    _, n, _ = _gather_layout(z1, gather_distributed)
+    h1, h2 = _normalize(z1), _normalize(z2)
+    bank = memory_bank.detach().to(h1.dtype)
+    scale, scale_mul, tap = _logit_scale(temperature, t)
+    no_mask = torch.full((h1.shape[0],), -1, dtype=torch.long, device=h1.device)
+    lse_bank, _, _, _ = ops.contrastive_lse(tap(h1), bank, no_mask, no_mask, scale,
+                                            bank.shape[0], False, False, False, backend)
+    pos = _rowdot(h1, h2) * scale_mul
+    return dist_utils.reduce_loss((torch.logaddexp(lse_bank, pos) - pos).sum() / n)
 
 
 def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False):
@@ -122,7 +187,9 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
     Args:
         q, k: (B, D) raw query and key embeddings (float32, bfloat16, float16 or float64; same
             shape, dtype and device). Both receive gradients.
-        temperature: float > 0.
+        temperature: float > 0, or a 0-dim floating tensor (a learnable temperature,
+            e.g. ``1 / logit_scale.exp()``: its gradient comes from the op's own backward,
+            no N x N matrix; one host read of its value per call).
         symmetric: bool, average the q -> k and k -> q losses.
         gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
             each rank's rows meet the gathered rows of every rank (N = B * W): the value on
@@ -136,7 +203,7 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
 
         >>> loss = fastssl.functional.info_nce(q, k, temperature=0.2, symmetric=True)
     """
-    check_info_nce(q, k, temperature, symmetric, gather_distributed)
+    t = check_info_nce(q, k, temperature, symmetric, gather_distributed)
     backend = ops.backend_for("info_nce", q.device)
     if backend == "reference":
         return ops.TABLE["reference"].info_nce(q, k, temperature, symmetric=symmetric,
@@ -147,10 +214,10 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
     k_all = dist_utils.gather(kn, name="k") if dist_on else kn
     labels = torch.arange(b, device=q.device) + off
     no_self = torch.full_like(labels, -1)
-    scale = 1.0 / temperature
-    lse_row, _, _, col_lse = ops.contrastive_lse(qn, k_all, no_self, labels, scale, n, False,
-                                                 False, symmetric, backend)
-    pos = _rowdot(qn, kn) * scale
+    scale, scale_mul, tap = _logit_scale(temperature, t)
+    lse_row, _, _, col_lse = ops.contrastive_lse(tap(qn), k_all, no_self, labels, scale, n,
+                                                 False, False, symmetric, backend)
+    pos = _rowdot(qn, kn) * scale_mul
     share = (lse_row - pos).sum() / n
     if not symmetric:
         return dist_utils.reduce_loss(share)
@@ -178,14 +245,15 @@ def _weighted_positives(pos, rows, b, weight_fn):
     return pos * w.to(pos.dtype)
 
 
-def _dcl_fused(z1, z2, temperature, weight_fn, gather_distributed, backend):
+def _dcl_fused(z1, z2, temperature, t, weight_fn, gather_distributed, backend):
     rows, cols, self_col, pos_col, positives, n = _two_view_layout(z1, z2, gather_distributed)
-    scale = 1.0 / temperature
+    scale, scale_mul, tap = _logit_scale(temperature, t)
     # Columns [Z1 | Z2] split at N: one log-sum-exp per view (each without its masked column),
     # merged by logaddexp into the log-sum-exp over all 2N-2 negatives (no extra pass).
-    lse_z1, lse_z2, _, _ = ops.contrastive_lse(rows, cols, self_col, pos_col, scale, n, True,
-                                               False, False, backend)
-    pos = _weighted_positives(_rowdot(rows, positives) * scale, rows, z1.shape[0], weight_fn)
+    lse_z1, lse_z2, _, _ = ops.contrastive_lse(tap(rows), cols, self_col, pos_col, scale, n,
+                                               True, False, False, backend)
+    pos = _weighted_positives(_rowdot(rows, positives) * scale_mul, rows, z1.shape[0],
+                              weight_fn)
     return dist_utils.reduce_loss((torch.logaddexp(lse_z1, lse_z2) - pos).sum() / (2 * n))
 
 
@@ -205,7 +273,9 @@ def dcl(z1, z2, temperature=0.1, *, weight_fn=None, gather_distributed=False):
     Args:
         z1, z2: (B, D) raw embeddings of the two views, float32/bfloat16/float16/float64, same
             shape, dtype and device. Normalised inside (callers never normalise).
-        temperature: float > 0.
+        temperature: float > 0, or a 0-dim floating tensor (a learnable temperature,
+            e.g. ``1 / logit_scale.exp()``: its gradient comes from the op's own backward,
+            no N x N matrix; one host read of its value per call).
         weight_fn: optional callable ``(out0, out1) -> (B,)`` weights of the positive term,
             called on the normalised local rows once per direction (lightly's interface);
             None means weight 1. See :func:`dclw` for the von Mises-Fisher weighting.
@@ -224,12 +294,12 @@ def dcl(z1, z2, temperature=0.1, *, weight_fn=None, gather_distributed=False):
         >>> z1, z2 = torch.randn(256, 128), torch.randn(256, 128)
         >>> loss = fastssl.functional.dcl(z1, z2, temperature=0.1)
     """
-    check_dcl(z1, z2, temperature, weight_fn, gather_distributed)
+    t = check_dcl(z1, z2, temperature, weight_fn, gather_distributed)
     backend = ops.backend_for("dcl", z1.device)
     if backend == "reference":
         return ops.TABLE["reference"].dcl(z1, z2, temperature, weight_fn=weight_fn,
                                           gather_distributed=gather_distributed)
-    return _dcl_fused(z1, z2, temperature, weight_fn, gather_distributed, backend)
+    return _dcl_fused(z1, z2, temperature, t, weight_fn, gather_distributed, backend)
 
 
 def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False):
@@ -243,7 +313,9 @@ def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False):
 
     Args:
         z1, z2: (B, D) raw embeddings of the two views (see :func:`dcl`).
-        temperature: float > 0.
+        temperature: float > 0, or a 0-dim floating tensor (a learnable temperature,
+            e.g. ``1 / logit_scale.exp()``: its gradient comes from the op's own backward,
+            no N x N matrix; one host read of its value per call).
         sigma: float > 0, the vMF concentration's inverse (lightly's default 0.5).
         gather_distributed: bool (see :func:`dcl`). The softmax runs over the global batch,
             so the value equals the single-process value on the global batch (lightly's
@@ -256,7 +328,7 @@ def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False):
 
         >>> loss = fastssl.functional.dclw(z1, z2, temperature=0.1, sigma=0.5)
     """
-    check_dclw(z1, z2, temperature, sigma, gather_distributed)
+    t = check_dclw(z1, z2, temperature, sigma, gather_distributed)
     backend = ops.backend_for("dclw", z1.device)
     if backend == "reference":
         return ops.TABLE["reference"].dclw(z1, z2, temperature, sigma=sigma,
@@ -265,7 +337,7 @@ def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False):
     def weight_fn(out0, out1):
         return _reference.vmf_weights(out0, out1, sigma, gather_distributed=gather_distributed)
 
-    return _dcl_fused(z1, z2, temperature, weight_fn, gather_distributed, backend)
+    return _dcl_fused(z1, z2, temperature, t, weight_fn, gather_distributed, backend)
 
 
 def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=False):

@@ -6,14 +6,33 @@ import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
 from fastssl import functional
+from fastssl._checks import check_nt_xent, check_temperature
 from fastssl._validation import check_flag, check_int, check_positive, check_range
 
 
+def _init_temperature(temperature):
+    """A float > 0 (kept as a float) or a 0-dim tensor (kept as it is: an ``nn.Parameter``
+    becomes the module's parameter, a learnable temperature)."""
+    check_temperature(temperature)
+    return temperature if isinstance(temperature, torch.Tensor) else float(temperature)
+
+
 class NTXentLoss(torch.nn.Module):
-    """SimCLR NT-Xent as a module; see :func:`fastssl.functional.nt_xent`.
+    """SimCLR NT-Xent as a module, optionally with lightly's memory bank; see
+    :func:`fastssl.functional.nt_xent`. Arguments in lightly's ``NTXentLoss`` order.
 
     Args:
         temperature: float > 0.
+        memory_bank_size: 0 (no bank: the 2N anchors of SimCLR), an int K, or a (K, D) tuple
+            as in lightly. With K > 0 the module keeps a FIFO bank of past normalised z2 rows
+            (buffers ``memory_bank`` (K, D), random normalised keys at the start, created at
+            the first call when only K is given, and ``memory_bank_ptr``). Each call uses the
+            bank as it was before the call (z1's rows are the anchors, z2's their positives,
+            the bank's rows the negatives) and then, when z1 requires grad (training, as
+            lightly; not under no_grad), writes the call's normalised z2 (gathered from every rank under
+            gather_distributed, so the bank is the same everywhere) at the pointer; a batch
+            that runs past the end fills the bank to its end, the rest is dropped and the
+            pointer returns to 0 (lightly's MemoryBankModule).
         gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
 
     ``forward(z1, z2)``: (B, D) raw embeddings of the two views (normalised inside; float32,
@@ -22,25 +41,82 @@ class NTXentLoss(torch.nn.Module):
     Example::
 
         >>> loss = fastssl.losses.NTXentLoss(temperature=0.1)(z1, z2)
+        >>> moco_style = fastssl.losses.NTXentLoss(0.1, memory_bank_size=4096)
     """
 
-    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False):
+    def __init__(self, temperature: float = 0.1, memory_bank_size=0,
+                 gather_distributed: bool = False):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = _init_temperature(temperature)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        if isinstance(memory_bank_size, (tuple, list)):
+            if len(memory_bank_size) != 2:
+                raise ValueError(f"memory_bank_size: expected an int or a (size, dim) tuple, "
+                                 f"got {memory_bank_size!r}")
+            size = check_int("memory_bank_size", memory_bank_size[0], minimum=0)
+            dim = check_int("memory_bank_size", memory_bank_size[1], minimum=1)
+        else:
+            size, dim = check_int("memory_bank_size", memory_bank_size, minimum=0), None
+        self.memory_bank_size = size
+        if size > 0:  # (no bank, no state: the module stays stateless)
+            bank = (F.normalize(torch.randn(size, dim), dim=1) if dim is not None
+                    else torch.empty(0, 0))
+            self.register_buffer("memory_bank", bank)
+            self.register_buffer("memory_bank_ptr", torch.zeros((), dtype=torch.long))
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return functional.nt_xent(z1, z2, self.temperature, gather_distributed=self.gather_distributed)
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, temperature=None) -> torch.Tensor:
+        t = self.temperature if temperature is None else temperature
+        if self.memory_bank_size == 0:
+            return functional.nt_xent(z1, z2, t, gather_distributed=self.gather_distributed)
+        check_nt_xent(z1, z2, t, self.gather_distributed)
+        if self.memory_bank.numel() == 0:  # K given alone: random normalised keys, z1's width
+            self.memory_bank = F.normalize(
+                torch.randn(self.memory_bank_size, z1.shape[1], device=z1.device), dim=1)
+        elif self.memory_bank.shape[1] != z1.shape[1]:
+            raise ValueError(f"z1: expected feature dimension {self.memory_bank.shape[1]} (the "
+                             f"memory bank's), got shape {tuple(z1.shape)}")
+        # The loss keeps the bank for its backward: give it a snapshot, then update in place.
+        loss = functional.nt_xent(z1, z2, t, memory_bank=self.memory_bank.clone(),
+                                  gather_distributed=self.gather_distributed)
+        if z1.requires_grad and torch.is_grad_enabled():  # training only, as lightly
+            self._enqueue(z2)
+        return loss
+
+    @torch.no_grad()
+    def _enqueue(self, z2: torch.Tensor) -> None:
+        keys = F.normalize(z2.detach().to(self.memory_bank.dtype), dim=1)
+        if self.gather_distributed and dist_utils.is_distributed():
+            keys = dist_utils.gather_no_grad(keys.contiguous(), name="memory_bank")
+        size, n = self.memory_bank.shape[0], keys.shape[0]
+        slots = self.memory_bank_ptr + torch.arange(n, device=keys.device)
+        # Rows past the end go to a scratch row `size` (dropped): no host sync on the pointer.
+        extended = torch.cat([self.memory_bank, self.memory_bank[:1]], 0)
+        extended.index_copy_(0, slots.clamp(max=size), keys)
+        self.memory_bank.copy_(extended[:size])
+        end = self.memory_bank_ptr + n
+        self.memory_bank_ptr.copy_(torch.where(end >= size, torch.zeros_like(end), end))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "memory_bank"
+        if self.memory_bank_size > 0 and key in state_dict and tuple(state_dict[key].shape) != tuple(self.memory_bank.shape):
+            if self.memory_bank.numel() == 0 and state_dict[key].shape[0] == self.memory_bank_size:
+                # a bank created at the first call: take its shape from the checkpoint
+                self.memory_bank = torch.empty_like(state_dict[key],
+                                                    device=self.memory_bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
+        return (f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
+                f"gather_distributed={self.gather_distributed}")
 
 
 class InfoNCELoss(torch.nn.Module):
     """InfoNCE (MoCo v3 / CLIP) as a module; see :func:`fastssl.functional.info_nce`.
 
     Args:
-        temperature: float > 0. symmetric: bool, average both directions.
+        temperature: float > 0 or a 0-dim tensor (an ``nn.Parameter`` becomes the
+            module's parameter); ``forward(..., temperature=t)`` overrides it per call
+            (open_clip's ``1 / logit_scale.exp()``). symmetric: bool, average both directions.
         gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
 
     ``forward(q, k)``: (B, D) raw query and key embeddings, positives on the diagonal.
@@ -54,13 +130,14 @@ class InfoNCELoss(torch.nn.Module):
     def __init__(self, temperature: float = 0.1, symmetric: bool = False,
                  gather_distributed: bool = False):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = _init_temperature(temperature)
         self.symmetric = check_flag("symmetric", symmetric)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return functional.info_nce(q, k, self.temperature, symmetric=self.symmetric,
-                           gather_distributed=self.gather_distributed)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, temperature=None) -> torch.Tensor:
+        t = self.temperature if temperature is None else temperature
+        return functional.info_nce(q, k, t, symmetric=self.symmetric,
+                                   gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
@@ -73,7 +150,9 @@ class DCLLoss(torch.nn.Module):
     ``forward(z1, z2)`` on (B, D) raw embeddings; see :func:`fastssl.functional.dcl`.
 
     Args:
-        temperature: float > 0.
+        temperature: float > 0 or a 0-dim tensor (an ``nn.Parameter`` becomes the
+            module's parameter); ``forward(..., temperature=t)`` overrides it per call
+            (open_clip's ``1 / logit_scale.exp()``).
         weight_fn: optional callable ``(out0, out1) -> (B,)`` weights of the positive term
             (lightly's interface); None means weight 1.
         gather_distributed: bool, as in the functional loss (gather across ranks,
@@ -89,15 +168,16 @@ class DCLLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = _init_temperature(temperature)
         if weight_fn is not None and not callable(weight_fn):
             raise TypeError(f"weight_fn: expected a callable or None, got {type(weight_fn).__name__}")
         self.weight_fn = weight_fn
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return functional.dcl(z1, z2, self.temperature, weight_fn=self.weight_fn,
-                      gather_distributed=self.gather_distributed)
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, temperature=None) -> torch.Tensor:
+        t = self.temperature if temperature is None else temperature
+        return functional.dcl(z1, z2, t, weight_fn=self.weight_fn,
+                              gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, weight_fn={self.weight_fn!r}, "
@@ -110,7 +190,9 @@ class DCLWLoss(torch.nn.Module):
     :func:`fastssl.functional.dclw`.
 
     Args:
-        temperature: float > 0. sigma: float > 0 (lightly's default 0.5).
+        temperature: float > 0 or a 0-dim tensor (an ``nn.Parameter`` becomes the
+            module's parameter); ``forward(..., temperature=t)`` overrides it per call
+            (open_clip's ``1 / logit_scale.exp()``). sigma: float > 0 (lightly's default 0.5).
         gather_distributed: bool, as in the functional loss (the softmax of the weights runs
             over the global batch).
 
@@ -124,13 +206,14 @@ class DCLWLoss(torch.nn.Module):
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5,
                  gather_distributed: bool = False):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = _init_temperature(temperature)
         self.sigma = check_positive("sigma", sigma)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return functional.dclw(z1, z2, self.temperature, sigma=self.sigma,
-                       gather_distributed=self.gather_distributed)
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, temperature=None) -> torch.Tensor:
+        t = self.temperature if temperature is None else temperature
+        return functional.dclw(z1, z2, t, sigma=self.sigma,
+                               gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, sigma={self.sigma}, "

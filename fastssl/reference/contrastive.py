@@ -31,14 +31,23 @@ def _layout(x: torch.Tensor, gather_distributed: bool):
     return False, x.shape[0], 0
 
 
-def nt_xent(z1, z2, temperature=0.1, *, gather_distributed=False):
-    """SimCLR NT-Xent: the 2N x 2N self-masked similarity matrix, mean over the 2N anchors."""
-    check_nt_xent(z1, z2, temperature, gather_distributed)
+def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=False):
+    """SimCLR NT-Xent: the 2N x 2N self-masked similarity matrix, mean over the 2N anchors.
+    With a memory bank (lightly's form): the N anchors are z1's rows, each with the logits
+    [z1_i . z2_i | z1_i . bank] / temperature and the positive first; cross-entropy, mean."""
+    check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank)
     acc = accumulation_dtype(z1)
     dist_on, n, off = _layout(z1, gather_distributed)
     b = z1.shape[0]
     z1 = F.normalize(z1, dim=1)
     z2 = F.normalize(z2, dim=1)
+    if memory_bank is not None:
+        bank = memory_bank.detach().to(z1.dtype)
+        logits = torch.cat([(z1 * z2).sum(1, keepdim=True), z1 @ bank.T], 1).to(acc)
+        logits = logits / temperature
+        zeros = torch.zeros(b, dtype=torch.long, device=z1.device)
+        per_anchor = F.cross_entropy(logits, zeros, reduction="none")
+        return dist_utils.reduce_loss(per_anchor.sum() / n)
     rows = torch.cat([z1, z2], 0)                                          # (2B, D) anchors
     if dist_on:
         cols = torch.cat([dist_utils.gather(z1, name="z1"), dist_utils.gather(z2, name="z2")], 0)
