@@ -512,11 +512,12 @@ def part_trainer(out, dry_run, hook):
     device = _setup_device(dry_run)
     spec = trainer.SPECS[0]
     cfg = BenchConfig.for_run(quick=dry_run)
+    # each method's own crop recipe (SwAV and multi-crop GroCo with their small crops)
     if dry_run:
-        shapes = [{"method": "simclr", "arch": "resnet18", "B": 4, "res": 16, "views": 2}]
+        shapes = [trainer._case("simclr", "resnet18", 4, 16 / 224).shape]
         dtype = torch.float32
     else:
-        shapes = [{"method": m, "arch": "resnet50", "B": 256, "res": 224, "views": 2} for m in trainer.METHODS]
+        shapes = [trainer._case(m, "resnet50", 256, 1.0).shape for m in trainer.METHODS]
         dtype = torch.bfloat16
         torch.backends.cudnn.benchmark = True
     with _writer(out, device) as writer:

@@ -60,6 +60,9 @@ def test_import_warns_when_another_torch_is_loaded(monkeypatch):
     fake = type(sys)("fastssl._build_info")
     fake.TORCH_VERSION = "2.4.0+cu121"
     monkeypatch.setitem(sys.modules, "fastssl._build_info", fake)
+    # a built checkout has imported the real one already: `from fastssl import _build_info`
+    # reads the package attribute first
+    monkeypatch.setattr(fastssl, "_build_info", fake, raising=False)
     with pytest.warns(RuntimeWarning, match=r"built against torch 2\.4\.0\+cu121"):
         fastssl._warn_if_other_torch()
     fake.TORCH_VERSION = torch.__version__
