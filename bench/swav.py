@@ -27,7 +27,9 @@ def _sinkhorn_build(provider, shape, dtype, device):
     fn = resolve_op(provider, "sinkhorn", fast.sinkhorn, ref.sinkhorn, device)
     eps = shape.get("eps", 0.05)
     scores = _scores(shape["B"], shape["K"], dtype, device, 1, False)
-    return Prepared(forward=lambda: fn(scores, epsilon=eps))
+    # Whether the codes are finite (the peers overflow at small eps and in float16).
+    return Prepared(forward=lambda: fn(scores, epsilon=eps),
+                    extras=lambda rec, cfg: {"finite": bool(torch.isfinite(fn(scores, epsilon=eps)).all())})
 
 
 def _sinkhorn_sizes(dev, quick):
