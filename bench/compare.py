@@ -36,22 +36,24 @@ def is_peer(provider: str) -> bool:
 
 
 def model_flop(op: str, shape: dict, mode: str) -> float | None:
-    """The fewest matmul FLOPs the loss needs (forward: one product per similarity matrix;
-    forward+backward: three), whatever an implementation recomputes."""
+    """The fewest matmul FLOPs the loss needs, whatever an implementation recomputes: forward
+    one product per similarity matrix; forward+backward three for A B^T (dA and dB), two for
+    a Gram Z Z^T (dZ = (dS + dS^T) Z is one product)."""
     b, d = shape.get("B"), shape.get("D")
     mult = 3 if mode == "forward+backward" else 1 if mode == "forward" else 2
+    gram = 2 if mode == "forward+backward" else 1
     if op in ("nt_xent", "dcl", "sogclr"):
         n = 2 * b
-        return mult * 2 * n * n * d
+        return gram * 2 * n * n * d
     if op == "info_nce":
         return mult * 2 * b * b * d
     if op == "sce":
         # q @ queue.T (with a gradient) and k @ queue.T (without one).
         return (mult + 1) * 2 * b * shape["K"] * d
     if op in ("sfrik", "auh"):
-        return mult * 2 * 2 * b * b * d
+        return gram * 2 * 2 * b * b * d
     if op == "sfrik_mmd":
-        return mult * 2 * b * b * d
+        return gram * 2 * b * b * d
     return None
 
 
@@ -155,7 +157,9 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
                   f"**{roofline['gflops']:.1f} GFLOP/s** (best {roofline['best_gflops']:.1f}) with "
                   f"{roofline['threads']} threads, load {roofline['loadavg_1m']:.1f}. "
                   "Achieved GFLOP/s count the fewest matmul FLOPs the loss needs (forward 1 product, "
-                  "forward+backward 3, per similarity matrix).", ""]
+                  "forward+backward 3 for A B^T, 2 for a Gram Z Z^T). The GEMM was measured once, under the "
+                  "same shared load: figures above 100% mean the load was lower when the op ran, or "
+                  "that its products were larger (D = 1024) and ran closer to peak.", ""]
     lines += ["Ratio = the baseline's median time / fastssl's (>= 1.00x: fastssl no slower). "
               "`eager` = the loss from its formula in plain PyTorch, full matrices (bench/baselines.py); "
               "peers: `peer:lightly` (lightly's own loss code), `diffsort`. Memory = fastssl's peak "
@@ -203,6 +207,31 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
     return "\n".join(lines)
 
 
+def headline_markdown(records: list[dict], link: str) -> str:
+    """The README's lines for a results directory: per op, fastssl's ratio against eager and
+    the best peer at the largest measured size (the worst ratio over its sizes in brackets)."""
+    rows = [r for r in compare_rows(records) if r["mode"] in ("forward+backward", "forward")]
+    lines = ["| op | largest shape | fastssl | vs eager (worst over sizes) | vs best peer (worst) | "
+             "memory / eager | verdict at the largest |", "|---|---|---|---|---|---|---|"]
+    by_op = defaultdict(list)
+    for r in rows:
+        by_op[(r["op"], r["dtype"])].append(r)
+    for (op, dtype), op_rows in by_op.items():
+        if dtype != "float32" and op != "sinkhorn":
+            continue
+        full = [r for r in op_rows if r["mode"] == "forward+backward"] or op_rows
+        big = max(full, key=lambda r: (r["shape"].get("B", 0), r["shape"].get("K", 0), r["shape"].get("n", 0)))
+        worst_e = min((r["vs_eager"] for r in full if r["vs_eager"] is not None), default=None)
+        worst_p = min((r["vs_peer"] for r in full if r["vs_peer"] is not None), default=None)
+        shape = ", ".join(f"{k}={v}" for k, v in big["shape"].items())
+        peer = "-" if big["vs_peer"] is None else f"{_x(big['vs_peer'])} {big['peer']['provider']} ({_x(worst_p)})"
+        mem = "-" if big["mem_vs_eager"] is None else f"{big['mem_vs_eager']:.3f}"
+        lines.append(f"| {op} ({dtype}) | {shape} | {fmt_ms(big['fast']['p50_ms'])} | "
+                     f"{_x(big['vs_eager'])} ({_x(worst_e)}) | {peer} | {mem} | {_verdict(big)} |")
+    lines += ["", f"Every size, dtype and the largest N within a memory budget: [{link}]({link})."]
+    return "\n".join(lines)
+
+
 def max_n_search(budget_mb: float, start_b: int, bound_b: int, providers=("fastssl", "eager", "peer:lightly"),
                  d: int = 128) -> dict:
     """Bounded doubling search for nt_xent forward+backward: the largest B whose peak growth
@@ -239,6 +268,34 @@ def max_n_search(budget_mb: float, start_b: int, bound_b: int, providers=("fasts
     return out
 
 
+def update_readme(readme_path: Path) -> bool:
+    """The README's benchmark block: bench.summary's tables (against the reference) and, for
+    every results directory with a roofline/compare run, the verdict against eager and the
+    peers. (bench.summary.readme_block does not know these yet; until it does, regenerate the
+    block with `python -m bench.compare --update-readme`.)"""
+    from bench import summary
+    from bench.results import load
+
+    text = readme_path.read_text()
+    start, end = text.find(summary.BEGIN), text.find(summary.END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme_path}: no benchmark markers")
+    block = summary.readme_block().replace("python -m bench --update-readme", "python -m bench.compare --update-readme")
+    extra = []
+    for path in sorted(summary.RESULTS_ROOT.glob("*/compare.md")):
+        records = load(path.parent / "results.jsonl")
+        rel = path.relative_to(summary.RESULTS_ROOT.parent.parent)
+        extra += ["", f"**Against eager PyTorch and the peers** ({path.parent.name}, same run; ratio = their "
+                  "time / fastssl's, worst over the measured sizes in brackets):", "",
+                  headline_markdown(records, str(rel))]
+    new = text[:start + len(summary.BEGIN)] + "\n" + block + "\n" + "\n".join(extra).strip("\n") + "\n" + text[end:]
+    if "\n".join(extra):
+        new = text[:start + len(summary.BEGIN)] + "\n" + block + "\n" + "\n".join(extra) + "\n" + text[end:]
+    changed = new != text
+    readme_path.write_text(new)
+    return changed
+
+
 def main(argv=None) -> int:
     from bench.results import load
 
@@ -249,6 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-n-bound", type=int, default=8192)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--note", action="append", default=[])
+    p.add_argument("--update-readme", action="store_true", help="rewrite README.md's benchmark block")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,6 +320,8 @@ def main(argv=None) -> int:
     records = load(args.out / "results.jsonl")
     (args.out / "compare.md").write_text(compare_markdown(records, roofline, max_n, args.note))
     print(f"wrote {args.out / 'compare.md'}")
+    if args.update_readme:
+        update_readme(Path(__file__).resolve().parent.parent / "README.md")
     return 0
 
 

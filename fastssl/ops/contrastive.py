@@ -31,15 +31,16 @@ from fastssl._backend import choose
 from fastssl._validation import accumulation_dtype
 from fastssl.reference import contrastive as _reference
 
-# Rows per chunk of the torch path. Few, large chunks: every chunk costs a dozen ATen calls,
+# Rows per chunk of the torch path. A bounded number of large chunks: every chunk costs a dozen ATen calls,
 # each a parallel region whose barrier is what collapses when other processes share the cores
 # (issue 18 measured the old fixed 4M-element chunks at 0.4-0.6x of eager under load). A chunk
-# is about 1/CHUNKS_PER_MATRIX of the M x C logits (so the working set stays a small fraction
-# of eager's, which holds several full matrices), at least MIN_CHUNK_ELEMENTS (small problems:
+# is about 1/CHUNKS_PER_MATRIX of the M x C logits (so the working set stays under 1/8 of
+# eager's, which holds several full matrices: measured 0.11 at nt_xent N = 4096 with 32, 0.15
+# with 16), at least MIN_CHUNK_ELEMENTS (small problems:
 # one or a few chunks) and at most CHUNK_ELEMENTS.
 CHUNK_ELEMENTS = 1 << 24
-MIN_CHUNK_ELEMENTS = 1 << 20
-CHUNKS_PER_MATRIX = 16
+MIN_CHUNK_ELEMENTS = 1 << 19
+CHUNKS_PER_MATRIX = 32
 MAX_CHUNK_ROWS = 8192
 
 
