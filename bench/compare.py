@@ -288,9 +288,7 @@ def update_readme(readme_path: Path) -> bool:
         extra += ["", f"**Against eager PyTorch and the peers** ({path.parent.name}, same run; ratio = their "
                   "time / fastssl's, worst over the measured sizes in brackets):", "",
                   headline_markdown(records, str(rel))]
-    new = text[:start + len(summary.BEGIN)] + "\n" + block + "\n" + "\n".join(extra).strip("\n") + "\n" + text[end:]
-    if "\n".join(extra):
-        new = text[:start + len(summary.BEGIN)] + "\n" + block + "\n" + "\n".join(extra) + "\n" + text[end:]
+    new = text[:start + len(summary.BEGIN)] + "\n" + block + "\n" + "\n".join(extra) + "\n" + text[end:]
     changed = new != text
     readme_path.write_text(new)
     return changed
