@@ -215,9 +215,12 @@ def headline_markdown(records: list[dict], link: str) -> str:
              "memory / eager | verdict at the largest |", "|---|---|---|---|---|---|---|"]
     by_op = defaultdict(list)
     for r in rows:
-        by_op[(r["op"], r["dtype"])].append(r)
-    for (op, dtype), op_rows in by_op.items():
-        if dtype != "float32" and op != "sinkhorn":
+        # one line per op, dtype and variant (info_nce symmetric or not, sinkhorn's eps)
+        variant = ", ".join(f"{k}={v}" for k, v in r["shape"].items()
+                            if k in ("symmetric", "eps", "network") and not (k == "network" and v == "odd_even"))
+        by_op[(r["op"], r["dtype"], variant)].append(r)
+    for (op, dtype, variant), op_rows in by_op.items():
+        if (dtype != "float32" and op != "sinkhorn") or "bitonic" in variant:
             continue
         full = [r for r in op_rows if r["mode"] == "forward+backward"] or op_rows
         big = max(full, key=lambda r: (r["shape"].get("B", 0), r["shape"].get("K", 0), r["shape"].get("n", 0)))
@@ -226,7 +229,9 @@ def headline_markdown(records: list[dict], link: str) -> str:
         shape = ", ".join(f"{k}={v}" for k, v in big["shape"].items())
         peer = "-" if big["vs_peer"] is None else f"{_x(big['vs_peer'])} {big['peer']['provider']} ({_x(worst_p)})"
         mem = "-" if big["mem_vs_eager"] is None else f"{big['mem_vs_eager']:.3f}"
-        lines.append(f"| {op} ({dtype}) | {shape} | {fmt_ms(big['fast']['p50_ms'])} | "
+        if big["nan"]:
+            peer = f"{peer} ({', '.join(big['nan'])}: NaN codes)"
+        lines.append(f"| {op} ({dtype}{', ' + variant if variant else ''}) | {shape} | {fmt_ms(big['fast']['p50_ms'])} | "
                      f"{_x(big['vs_eager'])} ({_x(worst_e)}) | {peer} | {mem} | {_verdict(big)} |")
     lines += ["", f"Every size, dtype and the largest N within a memory budget: [{link}]({link})."]
     return "\n".join(lines)
