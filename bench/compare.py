@@ -290,8 +290,8 @@ def update_readme(readme_path: Path) -> bool:
     for path in sorted(summary.RESULTS_ROOT.glob("*/compare.md")):
         records = load(path.parent / "results.jsonl")
         rel = path.relative_to(summary.RESULTS_ROOT.parent.parent)
-        extra += ["", f"**Against eager PyTorch and the peers** ({path.parent.name}, same run; ratio = their "
-                  "time / fastssl's, worst over the measured sizes in brackets):", "",
+        extra += ["", f"**Against eager PyTorch and the peers** ({path.parent.name}: every provider measured in the same pass; ratio = their "
+                  "time / fastssl's, worst over the measured sizes in brackets; the machine was shared, loads in compare.md):", "",
                   headline_markdown(records, str(rel))]
     new = text[:start + len(summary.BEGIN)] + "\n" + block + "\n" + "\n".join(extra) + "\n" + text[end:]
     changed = new != text
