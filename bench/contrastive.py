@@ -13,61 +13,26 @@ import torch.nn.functional as F
 
 import fastssl.functional as fast
 import fastssl.reference as ref
-from bench.harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, Skip, embeddings, resolve,
-                           scalar_backward)
+from bench import baselines
+from bench.harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, baseline_providers, embeddings,
+                           resolve_op, scalar_backward)
 
 ALL_MODES = ("forward", "backward", "forward+backward")
 FULL = ("forward+backward",)
 
 
-# "What a user writes": the loss from its formula in a few lines of eager PyTorch, the full
-# logits matrix in the input dtype and F.cross_entropy over it in float32 (as autocast runs it).
-# The reference (fastssl.reference) is the upstream code's step-by-step formula; these are the
-# shorter versions users copy, and "eager:compile" is torch.compile of them.
-EAGER_PROVIDERS = ("eager", "eager:compile")
+# "What a user writes" (bench/baselines.py): eager_nt_xent and eager_info_nce stay importable
+# from here (bench/gpu_parts.py uses them).
+eager_nt_xent, eager_info_nce = baselines.eager_nt_xent, baselines.eager_info_nce
 
 
-def _autocast_float(logits):
-    # autocast runs cross_entropy in float32; float32 and float64 inputs stay as they are.
-    return logits.float() if logits.element_size() < 4 else logits
+def _providers(op):
+    return STANDARD_PROVIDERS + baseline_providers(op)
 
 
-def eager_nt_xent(z1, z2, temperature=0.1):
-    b = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = (z @ z.T) / temperature
-    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    ar = torch.arange(b, device=z.device)
-    targets = torch.cat([ar + b, ar])
-    return F.cross_entropy(_autocast_float(logits), targets)
-
-
-def eager_info_nce(q, k, temperature=0.1, symmetric=False):
-    logits = _autocast_float(F.normalize(q, dim=1) @ F.normalize(k, dim=1).T) / temperature
-    labels = torch.arange(q.shape[0], device=q.device)
-    loss = F.cross_entropy(logits, labels)
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
-    return loss
-
-
-def resolve_eager(provider, fast_fn, ref_fn, eager_fn, device):
-    """resolve() plus the eager providers (torch.compile of eager: GPU only, as reference:compile)."""
-    if provider == "eager":
-        return eager_fn
-    if provider == "eager:compile":
-        if device.type != "cuda":
-            raise Skip("torch.compile of the eager loss is measured on GPU only")
-        torch._dynamo.reset()
-        return torch.compile(eager_fn, dynamic=False)
-    return resolve(provider, fast_fn, ref_fn)
-
-
-def _pair_build(fast_fn, ref_fn, eager_fn=None, **kwargs):
+def _pair_build(op, fast_fn, ref_fn, **kwargs):
     def build(provider, shape, dtype, device):
-        fn = (resolve(provider, fast_fn, ref_fn) if eager_fn is None
-              else resolve_eager(provider, fast_fn, ref_fn, eager_fn, device))
+        fn = resolve_op(provider, op, fast_fn, ref_fn, device)
         z1 = embeddings(shape["B"], shape["D"], dtype, device, seed=1)
         z2 = embeddings(shape["B"], shape["D"], dtype, device, seed=2)
         return Prepared(forward=lambda: fn(z1, z2, **kwargs), backward=scalar_backward, leaves=(z1, z2))
@@ -75,9 +40,9 @@ def _pair_build(fast_fn, ref_fn, eager_fn=None, **kwargs):
 
 
 # At the largest CPU sizes a reference call takes tens of seconds on 2 cores: they are measured
-# forward+backward for the automatic backend (and the C++ one) against the reference only; the
-# smaller sizes cover every mode and every forced backend.
-BIG_CPU = ("fastssl", "fastssl:cpp", "reference")
+# forward+backward for the automatic backend against eager and the peers (the reference, the
+# correctness anchor, at the smaller sizes); the smallest size covers every mode and backend.
+BIG_CPU = ("fastssl", "eager", "peer:lightly")
 
 
 def _pair_sizes(cpu_bs, gpu_bs, *, cpu_d=128, gpu_d=128, gpu_probe=(), cpu_big=()):
@@ -96,7 +61,7 @@ def _pair_sizes(cpu_bs, gpu_bs, *, cpu_d=128, gpu_d=128, gpu_probe=(), cpu_big=(
 
 
 def _info_nce_build(provider, shape, dtype, device):
-    fn = resolve_eager(provider, fast.info_nce, ref.info_nce, eager_info_nce, device)
+    fn = resolve_op(provider, "info_nce", fast.info_nce, ref.info_nce, device)
     q = embeddings(shape["B"], shape["D"], dtype, device, seed=1)
     k = embeddings(shape["B"], shape["D"], dtype, device, seed=2)
     sym = bool(shape.get("symmetric", False))
@@ -109,15 +74,15 @@ def _info_nce_sizes(dev, quick):
                 Size({"B": 32, "D": 8, "symmetric": True}, modes=FULL)]
     if dev == "cpu":  # each series at least three sizes in forward+backward
         return ([Size({"B": 1024, "D": 128, "symmetric": s}) for s in (False, True)]
-                + [Size({"B": b, "D": 128, "symmetric": s}, modes=FULL)
-                   for s in (False, True) for b in (512, 2048)]
-                + [Size({"B": 4096, "D": 128, "symmetric": True}, modes=FULL, providers=BIG_CPU)])
+                + [Size({"B": 2048, "D": 128, "symmetric": s}, modes=FULL) for s in (False, True)]
+                + [Size({"B": b, "D": 128, "symmetric": s}, modes=FULL, providers=BIG_CPU)
+                   for s in (False, True) for b in (4096, 8192)])
     return [Size({"B": b, "D": 256, "symmetric": s}) for s in (False, True)
             for b in (8192, 32768, 65536)]
 
 
 def _sogclr_build(provider, shape, dtype, device):
-    fn = resolve(provider, fast.sogclr, ref.sogclr)
+    fn = resolve_op(provider, "sogclr", fast.sogclr, ref.sogclr, device)
     b, d = shape["B"], shape["D"]
     num_samples = 4 * b
     z1 = embeddings(b, d, dtype, device, seed=1)
@@ -131,7 +96,7 @@ def _sogclr_build(provider, shape, dtype, device):
 
 
 def _sce_build(provider, shape, dtype, device):
-    fn = resolve(provider, fast.sce, ref.sce)
+    fn = resolve_op(provider, "sce", fast.sce, ref.sce, device)
     b, d, k_size = shape["B"], shape["D"], shape["K"]
     q = embeddings(b, d, dtype, device, seed=1)
     k = embeddings(b, d, dtype, device, seed=2, requires_grad=False)
@@ -143,22 +108,25 @@ def _sce_build(provider, shape, dtype, device):
 def _sce_sizes(dev, quick):
     if quick:
         return [Size({"B": 16, "D": 8, "K": 40}), Size({"B": 32, "D": 8, "K": 40}, modes=FULL)]
-    if dev == "cpu":  # each queue size at three batch sizes
-        return ([Size({"B": 256, "D": 128, "K": 4096}, modes=ALL_MODES)]
-                + [Size({"B": b, "D": 128, "K": 4096}, modes=FULL) for b in (512, 1024)]
-                + [Size({"B": b, "D": 128, "K": 16384}, modes=FULL) for b in (256, 512, 1024)])
+    if dev == "cpu":
+        return [Size({"B": 256, "D": 128, "K": 4096}, modes=ALL_MODES),
+                Size({"B": 256, "D": 128, "K": 16384}, modes=FULL),
+                Size({"B": 1024, "D": 128, "K": 16384}, modes=FULL),
+                Size({"B": 2048, "D": 128, "K": 16384}, modes=FULL, providers=BIG_CPU),
+                Size({"B": 4096, "D": 128, "K": 16384}, modes=FULL, providers=BIG_CPU)]
     return [Size({"B": b, "D": 256, "K": k}) for k in (16384, 65536) for b in (256, 1024, 4096)]
 
 
 SPECS = [
-    OpSpec("nt_xent", "contrastive", _pair_build(fast.nt_xent, ref.nt_xent, eager_nt_xent),
-           _pair_sizes((1024, 512, 2048), (4096, 8192, 16384, 32768), cpu_big=(8192,),
+    OpSpec("nt_xent", "contrastive", _pair_build("nt_xent", fast.nt_xent, ref.nt_xent),
+           _pair_sizes((1024, 2048), (4096, 8192, 16384, 32768), cpu_big=(4096, 8192),
                        gpu_probe=(65536, 131072, 262144, 524288)),
-           providers=STANDARD_PROVIDERS + EAGER_PROVIDERS),
-    OpSpec("info_nce", "contrastive", _info_nce_build, _info_nce_sizes,
-           providers=STANDARD_PROVIDERS + EAGER_PROVIDERS),
-    OpSpec("dcl", "contrastive", _pair_build(fast.dcl, ref.dcl),
-           _pair_sizes((1024, 512, 2048), (4096, 16384, 32768))),
-    OpSpec("sogclr", "contrastive", _sogclr_build, _pair_sizes((1024, 512, 2048), (4096, 16384, 32768))),
-    OpSpec("sce", "contrastive", _sce_build, _sce_sizes),
+           providers=_providers("nt_xent")),
+    OpSpec("info_nce", "contrastive", _info_nce_build, _info_nce_sizes, providers=_providers("info_nce")),
+    OpSpec("dcl", "contrastive", _pair_build("dcl", fast.dcl, ref.dcl),
+           _pair_sizes((1024, 2048), (4096, 16384, 32768), cpu_big=(4096,)), providers=_providers("dcl")),
+    OpSpec("sogclr", "contrastive", _sogclr_build,
+           _pair_sizes((1024, 2048), (4096, 16384, 32768), cpu_big=(4096,)),
+           providers=_providers("sogclr")),
+    OpSpec("sce", "contrastive", _sce_build, _sce_sizes, providers=_providers("sce")),
 ]

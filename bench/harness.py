@@ -131,8 +131,8 @@ def static_skip(provider: str, device_type: str) -> str | None:
         return "the CUDA backend serves CUDA tensors only"
     if provider == "fastssl:cpp" and device_type != "cpu":
         return "the C++ backend serves CPU tensors only"
-    if provider == "reference:compile" and device_type != "cuda":
-        return "torch.compile of the reference is measured on GPU only"
+    if provider in ("reference:compile", "eager:compile") and device_type != "cuda":
+        return "torch.compile is measured on GPU only"
     return None
 
 
@@ -170,6 +170,39 @@ def resolve(provider: str, fastssl_fn: Callable, reference_fn: Callable) -> Call
         torch._dynamo.reset()
         return torch.compile(reference_fn, dynamic=False)
     raise Skip(f"provider {provider!r} does not apply to this op")
+
+
+EAGER_PROVIDERS = ("eager", "eager:compile")
+
+
+def baseline_providers(op: str) -> tuple[str, ...]:
+    """The eager providers and the op's peers (bench/baselines.py) offered to an op spec."""
+    from bench import baselines
+    eager = EAGER_PROVIDERS if op in baselines.EAGER else ()
+    return eager + tuple(f"peer:{p}" for p in baselines.PEERS.get(op, ()) if p != "diffsort")
+
+
+def resolve_op(provider: str, op: str, fastssl_fn: Callable, reference_fn: Callable,
+               device: torch.device) -> Callable:
+    """resolve() plus the baselines users would otherwise run: ``eager`` (bench/baselines.py),
+    ``eager:compile`` (torch.compile of it, GPU only) and ``peer:<library>``."""
+    from bench import baselines
+    if provider in EAGER_PROVIDERS:
+        if op not in baselines.EAGER:
+            raise Skip(f"no eager baseline for {op}")
+        fn = baselines.EAGER[op]
+        if provider == "eager":
+            return fn
+        if device.type != "cuda":
+            raise Skip("torch.compile of the eager loss is measured on GPU only")
+        torch._dynamo.reset()
+        return torch.compile(fn, dynamic=False)
+    if provider.startswith("peer:"):
+        try:
+            return baselines.peer(op, provider.split(":", 1)[1])
+        except baselines.PeerMissing as e:
+            raise Skip(str(e)) from None
+    return resolve(provider, fastssl_fn, reference_fn)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -204,7 +204,6 @@ def _device_type(records: list[dict]) -> str:
 def _load_note(records: list[dict]) -> str | None:
     loads = [r["loadavg_1m"] for r in records if r.get("loadavg_1m") is not None]
     cores = next((r.get("cpu_count") for r in records if r.get("cpu_count")), None)
-    threads = next((r.get("num_threads") for r in records if r.get("num_threads")), None)
     if not loads or not cores:
         return None
     hi = max(loads)

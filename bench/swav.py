@@ -10,7 +10,8 @@ import torch
 
 import fastssl.functional as fast
 import fastssl.reference as ref
-from bench.harness import OpSpec, Prepared, Size, embeddings, resolve, scalar_backward
+from bench.harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, baseline_providers, embeddings,
+                           resolve_op, scalar_backward)
 
 ALL_MODES = ("forward", "backward", "forward+backward")
 FULL = ("forward+backward",)
@@ -23,22 +24,26 @@ def _scores(b, k, dtype, device, seed, requires_grad):
 
 
 def _sinkhorn_build(provider, shape, dtype, device):
-    fn = resolve(provider, fast.sinkhorn, ref.sinkhorn)
+    fn = resolve_op(provider, "sinkhorn", fast.sinkhorn, ref.sinkhorn, device)
+    eps = shape.get("eps", 0.05)
     scores = _scores(shape["B"], shape["K"], dtype, device, 1, False)
-    return Prepared(forward=lambda: fn(scores))
+    # Whether the codes are finite (the peers overflow at small eps and in float16).
+    return Prepared(forward=lambda: fn(scores, epsilon=eps),
+                    extras=lambda rec, cfg: {"finite": bool(torch.isfinite(fn(scores, epsilon=eps)).all())})
 
 
 def _sinkhorn_sizes(dev, quick):
     if quick:  # two sizes: every plot shows a line, not a lone point
         return [Size({"B": 16, "K": 12}), Size({"B": 32, "K": 12})]
     if dev == "cpu":
-        return ([Size({"B": b, "K": 3000}) for b in (1024, 2048, 4096)]
-                + [Size({"B": b, "K": 16384}) for b in (256, 512, 1024)])
+        # The cases: B = 4096, K = 3000 at eps 0.05 and 0.01, in every dtype.
+        return ([Size({"B": b, "K": 3000}) for b in (1024, 2048, 4096)] + [Size({"B": 1024, "K": 16384})]
+                + [Size({"B": 4096, "K": 3000, "eps": 0.01})])
     return [Size({"B": b, "K": 3000}) for b in (1024, 4096, 16384)] + [Size({"B": 1024, "K": 65536})]
 
 
 def _swav_build(provider, shape, dtype, device):
-    fn = resolve(provider, fast.swav, ref.swav)
+    fn = resolve_op(provider, "swav", fast.swav, ref.swav, device)
     crops = [_scores(shape["B"], shape["K"], dtype, device, 1 + c, True) for c in range(shape["crops"])]
     return Prepared(forward=lambda: fn(crops, n_assign_crops=2), backward=scalar_backward, leaves=tuple(crops))
 
@@ -55,6 +60,8 @@ def _swav_sizes(dev, quick):
 
 
 SPECS = [
-    OpSpec("sinkhorn", "swav", _sinkhorn_build, _sinkhorn_sizes, modes=("forward",)),
-    OpSpec("swav", "swav", _swav_build, _swav_sizes),
+    OpSpec("sinkhorn", "swav", _sinkhorn_build, _sinkhorn_sizes, modes=("forward",),
+           providers=STANDARD_PROVIDERS + baseline_providers("sinkhorn"),
+           dtypes=lambda dev, quick: (torch.float32,) if quick else (torch.float32, torch.bfloat16, torch.float16)),
+    OpSpec("swav", "swav", _swav_build, _swav_sizes, providers=STANDARD_PROVIDERS + baseline_providers("swav")),
 ]

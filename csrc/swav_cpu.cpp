@@ -312,6 +312,166 @@ std::vector<torch::Tensor> swav_cross_entropy_cpu(const torch::Tensor& s, const 
   return {loss, grad};
 }
 
+// ---- one-call Sinkhorn with the exponentials cached in the codes buffer ----------------------
+//
+// The passes above take one exp per score per pass (iterations + 1 of them). Here the codes
+// output (B x K, needed anyway) first holds E[b, k] = exp(x[b, k] - M[k]) (M the column max, so
+// every column of E has an entry 1 and its sum is >= 1): one exp per score in all. With the
+// prototype weights w[k] = exp(a[k] + M[k] - max) in (0, 1] (any common factor cancels in the
+// row softmax), p[b, k] = E[b, k] w[k] / sum_k E[b, k] w[k], so each iteration is a
+// multiply-add pass over the float cache, without exp, and the last one turns E into the codes
+// in place. The weights are kept as logs (la), so a weight far below the largest is exact.
+// A row whose largest E w is below 2^-60 of the largest weight (its entries sit ~40 below
+// every column max: possible at small eps) could lose mass to float underflow: it is
+// recomputed from the scores in the log domain, exactly as the passes above do.
+// Scores are read in their own dtype (float16/bfloat16 converted per element): no float copy.
+// Extra memory: O(K) per thread, plus the B x K codes in the accumulation dtype.
+template <typename In, typename T>
+void sinkhorn_cached_impl(const In* s, int64_t B, int64_t K, T eps, int64_t iterations, T* codes) {
+  const int nt = num_threads(B * K);
+  const T inv_eps = T(1) / eps;
+  std::vector<T> part(static_cast<size_t>(nt) * K);
+  std::vector<T> M(K), la(K), w(K);
+  const T tiny = std::ldexp(T(1), -60);
+  T* Mp = M.data();
+  T* lap = la.data();
+  T* wp = w.data();
+  // p row of row b into out (out may alias codes + b K); returns via out; colsum optional.
+  auto exact_row = [&](int64_t b, T* buf, T* out) {
+    const In* row = s + b * K;
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t k = 0; k < K; ++k) {
+      const T v = static_cast<T>(row[k]) * inv_eps - Mp[k] + lap[k];
+      buf[k] = v;
+      m = std::max(m, v);
+    }
+    for (int64_t k = 0; k < K; ++k) buf[k] -= m;
+    const T inv = T(1) / exp_inplace_sum(buf, K);
+    for (int64_t k = 0; k < K; ++k) out[k] = buf[k] * inv;
+  };
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id();
+    T* mine = part.data() + static_cast<size_t>(tid) * K;
+    std::vector<T> buf(K);
+    T* eb = buf.data();
+    std::fill(mine, mine + K, -std::numeric_limits<T>::infinity());
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const In* row = s + b * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        const T v = static_cast<T>(row[k]), cur = mine[k];
+        mine[k] = v > cur ? v : cur;
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; ++k) {
+      T m = -std::numeric_limits<T>::infinity();
+      for (int t = 0; t < nt; ++t) m = std::max(m, part[static_cast<size_t>(t) * K + k]);
+      Mp[k] = m * inv_eps;
+    }
+    std::fill(mine, mine + K, T(0));
+    // E = exp(x - M) into the codes buffer, column sums S.
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const In* row = s + b * K;
+      T* e = codes + b * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) e[k] = static_cast<T>(row[k]) * inv_eps - Mp[k];
+      exp_inplace_sum(e, K);
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) mine[k] += e[k];
+    }
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; ++k) {
+      T acc = 0;
+      for (int t = 0; t < nt; ++t) acc += part[static_cast<size_t>(t) * K + k];
+      lap[k] = -std::log(acc);  // a + M = -log S
+    }
+    for (int64_t it = 0; it < iterations; ++it) {
+      const bool last = it + 1 == iterations;
+#pragma omp single
+      {
+        T mx = -std::numeric_limits<T>::infinity();
+        for (int64_t k = 0; k < K; ++k) mx = std::max(mx, lap[k]);
+        for (int64_t k = 0; k < K; ++k) {
+          lap[k] -= mx;
+          wp[k] = std::exp(lap[k]);
+        }
+      }  // implicit barrier
+      if (!last) std::fill(mine, mine + K, T(0));
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        T* e = codes + b * K;
+        T dot = 0, top = 0;
+#pragma omp simd reduction(+ : dot) reduction(max : top)
+        for (int64_t k = 0; k < K; ++k) {
+          const T v = e[k] * wp[k];
+          dot += v;
+          top = top > v ? top : v;
+        }
+        const bool exact = !(top >= tiny);
+        if (last) {
+          if (exact) {
+            exact_row(b, eb, e);
+          } else {
+            const T inv = T(1) / dot;
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) e[k] = e[k] * wp[k] * inv;
+          }
+        } else if (exact) {
+          exact_row(b, eb, eb);
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k) mine[k] += eb[k];
+        } else {
+          const T inv = T(1) / dot;
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k) mine[k] += e[k] * wp[k] * inv;
+        }
+      }
+      if (!last) {
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < K; ++k) {
+          T acc = 0;
+          for (int t = 0; t < nt; ++t) acc += part[static_cast<size_t>(t) * K + k];
+          lap[k] -= std::log(acc);
+        }
+      }
+    }
+  }
+}
+
+torch::Tensor sinkhorn_cached_cpu(const torch::Tensor& s, double eps, int64_t iterations) {
+  TORCH_CHECK(s.device().is_cpu(), "sinkhorn_cached_cpu: scores must be a CPU tensor, got ", s.device());
+  TORCH_CHECK(s.dim() == 2 && s.size(0) > 0 && s.size(1) > 0,
+              "sinkhorn_cached_cpu: scores must be non-empty 2-D (B, K), got ", s.sizes());
+  TORCH_CHECK(s.is_contiguous(), "sinkhorn_cached_cpu: scores must be contiguous");
+  TORCH_CHECK(eps > 0, "sinkhorn_cached_cpu: eps must be > 0, got ", eps);
+  TORCH_CHECK(iterations >= 1, "sinkhorn_cached_cpu: iterations must be >= 1, got ", iterations);
+  const int64_t B = s.size(0), K = s.size(1);
+  const auto st = s.scalar_type();
+  const bool dbl = st == torch::kFloat64;
+  auto codes = torch::empty({B, K}, s.options().dtype(dbl ? torch::kFloat64 : torch::kFloat32));
+  if (dbl) {
+    sinkhorn_cached_impl<double, double>(s.data_ptr<double>(), B, K, eps, iterations,
+                                         codes.data_ptr<double>());
+  } else if (st == torch::kFloat32) {
+    sinkhorn_cached_impl<float, float>(s.data_ptr<float>(), B, K, static_cast<float>(eps),
+                                       iterations, codes.data_ptr<float>());
+  } else if (st == torch::kFloat16) {
+    sinkhorn_cached_impl<c10::Half, float>(s.data_ptr<c10::Half>(), B, K, static_cast<float>(eps),
+                                           iterations, codes.data_ptr<float>());
+  } else if (st == torch::kBFloat16) {
+    sinkhorn_cached_impl<c10::BFloat16, float>(s.data_ptr<c10::BFloat16>(), B, K,
+                                               static_cast<float>(eps), iterations,
+                                               codes.data_ptr<float>());
+  } else {
+    TORCH_CHECK(false, "sinkhorn_cached_cpu: scores must be float16, bfloat16, float32 or float64, got ", st);
+  }
+  return codes;
+}
+
 }  // namespace
 
 void init_swav_cpu(pybind11::module_& m) {
@@ -321,6 +481,9 @@ void init_swav_cpu(pybind11::module_& m) {
   m.def("sinkhorn_rowpass_cpu", &sinkhorn_rowpass_cpu, pybind11::arg("scores"),
         pybind11::arg("eps"), pybind11::arg("a"), pybind11::arg("write_codes"),
         "Row softmax of scores/eps + a: the codes, or their column sums");
+  m.def("sinkhorn_cached_cpu", &sinkhorn_cached_cpu, pybind11::arg("scores"), pybind11::arg("eps"),
+        pybind11::arg("iterations"),
+        "Sinkhorn codes in one call: scores read in their dtype, exponentials cached in the codes");
   m.def("swav_cross_entropy_cpu", &swav_cross_entropy_cpu, pybind11::arg("scores"),
         pybind11::arg("targets"), pybind11::arg("temperature"), pybind11::arg("compute_grad"),
         "Sum over rows of -<targets, log_softmax(scores / T)>, and its gradient in scores");

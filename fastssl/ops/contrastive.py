@@ -31,13 +31,34 @@ from fastssl._backend import choose
 from fastssl._validation import accumulation_dtype
 from fastssl.reference import contrastive as _reference
 
-# Rows per chunk of the torch path: at most this many logits in flight per chunk.
-CHUNK_ELEMENTS = 1 << 22
-MAX_CHUNK_ROWS = 1024
+# Rows per chunk of the torch path. A bounded number of large chunks: every chunk costs a dozen ATen calls,
+# each a parallel region whose barrier is what collapses when other processes share the cores
+# (issue 18 measured the old fixed 4M-element chunks at 0.4-0.6x of eager under load). A chunk
+# is about 1/CHUNKS_PER_MATRIX of the M x C logits (so the working set stays under 1/8 of
+# eager's, which holds several full matrices: measured 0.11 at nt_xent N = 4096 with 32, 0.15
+# with 16), at least MIN_CHUNK_ELEMENTS (small problems:
+# one or a few chunks) and at most CHUNK_ELEMENTS.
+CHUNK_ELEMENTS = 1 << 24
+MIN_CHUNK_ELEMENTS = 1 << 19
+CHUNKS_PER_MATRIX = 32
+MAX_CHUNK_ROWS = 8192
 
 
-def _chunk_rows(cols: int) -> int:
-    return max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // max(cols, 1)))
+def _chunk_rows(cols: int, rows: int | None = None) -> int:
+    cols = max(cols, 1)
+    target = CHUNK_ELEMENTS
+    if rows is not None:
+        target = min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, rows * cols // CHUNKS_PER_MATRIX))
+    return max(1, min(MAX_CHUNK_ROWS, target // cols))
+
+
+def _row_lse_(x):
+    """Row log-sum-exp of x, destroying x (x becomes exp(x - row max)): one chunk buffer,
+    where torch.logsumexp allocates two more. Rows of only -inf give -inf."""
+    m = x.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    x.sub_(m).exp_()
+    return x.sum(dim=1).log_().add_(m.squeeze(1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,11 +85,14 @@ def torch_lse_forward(a, b, self_col, pos_col, scale, split, exclude_pos, weight
     lse1 = a.new_empty(m if has_split else 0, dtype=acc)
     wmean = a.new_empty(m if weighted else 0, dtype=acc)
     col_lse = a.new_full((c,) if col_stats else (0,), float("-inf"), dtype=acc)
-    step = _chunk_rows(c)
+    step = _chunk_rows(c, m)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
         x = torch.mm(a[r0:r1].to(acc) * scale, bt)
         _fill_masked(x, r0, r1, self_col, pos_col, exclude_pos, float("-inf"))
+        if not (has_split or weighted or col_stats):
+            lse0[r0:r1] = _row_lse_(x)   # the common case (NT-Xent, InfoNCE, DCL): in place
+            continue
         x0 = x[:, :split] if has_split else x
         lse0[r0:r1] = torch.logsumexp(x0, dim=1)
         if has_split:
@@ -91,7 +115,7 @@ def torch_lse_backward(a, b, self_col, pos_col, scale, split, exclude_pos, lse0,
     b_acc = b.to(acc)
     da = torch.empty(a.shape, dtype=acc, device=a.device) if need_da else None
     db = torch.zeros(b.shape, dtype=acc, device=b.device) if need_db else None
-    step = _chunk_rows(c)
+    step = _chunk_rows(c, m)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
         a_scaled = a[r0:r1].to(acc) * scale
@@ -129,7 +153,7 @@ def torch_sce_forward(q, k, cols, self_col, scale_s, scale_t):
     m, c = q.shape[0], cols.shape[0]
     ct = cols.to(acc).T
     lse_s, lse_t, wmean = (q.new_empty(m, dtype=acc) for _ in range(3))
-    step = _chunk_rows(c)
+    step = _chunk_rows(c, m)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
         x = torch.mm(q[r0:r1].to(acc) * scale_s, ct)
@@ -146,7 +170,7 @@ def torch_sce_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t, g_l
     m, c = q.shape[0], cols.shape[0]
     c_acc = cols.to(acc)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
-    step = _chunk_rows(c)
+    step = _chunk_rows(c, m)
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
         x = torch.mm(q[r0:r1].to(acc) * scale_s, c_acc.T)

@@ -208,7 +208,6 @@ def _soft_sort_setup(ctx, inputs, output):
 
 def _soft_sort_backward(ctx, gy, gP, gd):
     (d,) = ctx.saved_tensors
-    n = ctx.args[0]
     gy = gy if gy is not None else d.new_empty(0)
     gP = gP if gP is not None and gP.numel() else d.new_empty(0)
     gx = soft_sort_backward(gy, gP, d, *ctx.args)

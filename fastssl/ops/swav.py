@@ -14,7 +14,9 @@ cancel in the softmax). The recursion for a, with n = iterations:
 
 Each pass streams the (B, K) scores once (the row pass revisits each row while it is in
 cache) and keeps only K-vectors; nothing B x K is written before the codes. The C++ path
-upcasts float16/bfloat16 scores to float32 first (one copy). Every exponent is shifted by a max (pass 0: the column max; the others:
+(one process) instead caches exp(x - column max) in the codes buffer, so each score costs one
+exp and the iterations are multiply-add passes, reading float16/bfloat16 scores as they are
+(csrc/swav_cpu.cpp, sinkhorn_cached_cpu; rows at risk of underflow are redone in the log domain). Every exponent is shifted by a max (pass 0: the column max; the others:
 the row max), so there is no overflow at any epsilon or in float16/bfloat16 (computed in
 float32; float64 end to end for float64). Once a is set, each prototype's column of
 softmax probabilities has mass >= 1/(B K), so log S cannot underflow either.
@@ -91,6 +93,10 @@ def _cpp_input(scores):
 
 def _sinkhorn_cpp(scores, epsilon, iterations, distributed):
     from fastssl import _C
+    if not distributed:
+        # One call: scores read in their own dtype (no float32 copy of float16/bfloat16), the
+        # exponentials computed once and cached in the codes (csrc/swav_cpu.cpp).
+        return _C.sinkhorn_cached_cpu(scores.contiguous(), float(epsilon), int(iterations))
     s = _cpp_input(scores)
     return _log_domain_sinkhorn(lambda x, e: _C.sinkhorn_colstats_cpu(x, e),
                                 lambda x, e, a, w: _C.sinkhorn_rowpass_cpu(x, e, a.contiguous(), w),

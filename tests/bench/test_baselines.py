@@ -1,0 +1,82 @@
+"""The benchmark's eager baselines (bench/baselines.py) compute the same loss as
+fastssl.reference, in value and in gradient (float64, small sizes), so that a speedup against
+them compares like with like."""
+import pytest
+import torch
+
+import fastssl.reference as ref
+from bench import baselines as bl
+
+B, D = 6, 5
+
+
+def _x(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+
+def _same(eager_fn, ref_fn, inputs):
+    out_e = eager_fn(*inputs)
+    grads_e = torch.autograd.grad(out_e, [x for x in inputs if x.requires_grad])
+    out_r = ref_fn(*inputs)
+    grads_r = torch.autograd.grad(out_r, [x for x in inputs if x.requires_grad])
+    torch.testing.assert_close(out_e, out_r.to(out_e.dtype), rtol=1e-10, atol=1e-12)
+    for ge, gr in zip(grads_e, grads_r):
+        torch.testing.assert_close(ge, gr, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("op", ["nt_xent", "dcl", "sfrik", "auh"])
+def test_pair_losses(op):
+    _same(bl.EAGER[op], getattr(ref, op), [_x(B, D, seed=1), _x(B, D, seed=2)])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce(symmetric):
+    _same(lambda q, k: bl.eager_info_nce(q, k, symmetric=symmetric),
+          lambda q, k: ref.info_nce(q, k, symmetric=symmetric), [_x(B, D, seed=1), _x(B, D, seed=2)])
+
+
+def test_sfrik_mmd():
+    _same(bl.eager_sfrik_mmd, ref.sfrik_mmd, [_x(B, D, seed=3)])
+
+
+def test_sce():
+    k = _x(B, D, seed=2).detach()
+    queue = torch.nn.functional.normalize(_x(11, D, seed=3).detach(), dim=1)
+    _same(lambda q: bl.eager_sce(q, k, queue), lambda q: ref.sce(q, k, queue), [_x(B, D, seed=1)])
+
+
+@pytest.mark.parametrize("visited", [False, True])
+def test_sogclr_value_gradient_and_state(visited):
+    z1, z2 = _x(B, D, seed=1), _x(B, D, seed=2)
+    index = torch.tensor([7, 0, 3, 9, 4, 1])
+    u0 = torch.rand(12) if visited else torch.zeros(12)
+    u_e, u_r = u0.clone(), u0.clone()
+    _same(lambda a, b: bl.eager_sogclr(a, b, index, u_e.clone()),
+          lambda a, b: ref.sogclr(a, b, index, u_r.clone()), [z1, z2])
+    bl.eager_sogclr(z1, z2, index, u_e)
+    ref.sogclr(z1, z2, index, u_r)
+    torch.testing.assert_close(u_e, u_r)
+    assert not torch.equal(u_e, u0)
+
+
+@pytest.mark.parametrize("fn", [bl.swav_sinkhorn, bl.lightly_sinkhorn])
+def test_sinkhorn_peers_match_reference(fn):
+    scores = torch.tanh(_x(9, 7, seed=4).detach())
+    torch.testing.assert_close(fn(scores), ref.sinkhorn(scores), rtol=1e-12, atol=1e-14)
+
+
+def test_swav():
+    crops = [torch.tanh(_x(B, 7, seed=5 + c)).detach().requires_grad_() for c in range(3)]
+    _same(lambda *c: bl.eager_swav(list(c)), lambda *c: ref.swav(list(c), n_assign_crops=2), crops)
+
+
+def test_lightly_peer_matches_reference_where_importable():
+    try:
+        nt = bl.peer("nt_xent", "lightly")
+        dcl = bl.peer("dcl", "lightly")
+    except bl.PeerMissing as e:
+        pytest.skip(str(e))
+    z1, z2 = _x(B, D, seed=1), _x(B, D, seed=2)
+    torch.testing.assert_close(nt(z1, z2), ref.nt_xent(z1, z2))
+    torch.testing.assert_close(dcl(z1, z2), ref.dcl(z1, z2))
