@@ -24,7 +24,6 @@ average (1 min) is recorded with each figure.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
