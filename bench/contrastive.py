@@ -110,6 +110,8 @@ def _sce_sizes(dev, quick):
         return [Size({"B": 16, "D": 8, "K": 40}), Size({"B": 32, "D": 8, "K": 40}, modes=FULL)]
     if dev == "cpu":
         return [Size({"B": 256, "D": 128, "K": 4096}, modes=ALL_MODES),
+                Size({"B": 512, "D": 128, "K": 4096}, modes=FULL),
+                Size({"B": 1024, "D": 128, "K": 4096}, modes=FULL),
                 Size({"B": 256, "D": 128, "K": 16384}, modes=FULL),
                 Size({"B": 1024, "D": 128, "K": 16384}, modes=FULL),
                 Size({"B": 2048, "D": 128, "K": 16384}, modes=FULL, providers=BIG_CPU),

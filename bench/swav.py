@@ -37,8 +37,9 @@ def _sinkhorn_sizes(dev, quick):
         return [Size({"B": 16, "K": 12}), Size({"B": 32, "K": 12})]
     if dev == "cpu":
         # The cases: B = 4096, K = 3000 at eps 0.05 and 0.01, in every dtype.
-        return ([Size({"B": b, "K": 3000}) for b in (1024, 2048, 4096)] + [Size({"B": 1024, "K": 16384})]
-                + [Size({"B": 4096, "K": 3000, "eps": 0.01})])
+        return ([Size({"B": b, "K": 3000}) for b in (1024, 2048, 4096)]
+                + [Size({"B": b, "K": 16384}) for b in (256, 512, 1024)]
+                + [Size({"B": b, "K": 3000, "eps": 0.01}) for b in (1024, 2048, 4096)])
     return [Size({"B": b, "K": 3000}) for b in (1024, 4096, 16384)] + [Size({"B": 1024, "K": 65536})]
 
 
