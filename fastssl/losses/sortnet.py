@@ -1,13 +1,12 @@
 """sortnet family modules: GroCoLoss and SoftSortNet (a drop-in for diffsort.DiffSortNet)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastssl import functional
 from fastssl._checks import DISTRIBUTIONS, NETWORKS, check_sort_args
 from fastssl._validation import check_choice, check_flag, check_int
+from fastssl.ops.sortnet import comparator_layers
 
 
 class GroCoLoss(torch.nn.Module):
@@ -67,34 +66,9 @@ def _dense_network(network: str, n: int, device) -> list[list[torch.Tensor]]:
             comb_max[dmax, c] = w
         return [t.to(device) for t in (split_a, split_b, comb_min, comb_max)]
 
-    if network == "odd_even":
-        for layer in range(n):
-            shifted = layer % 2 == 1
-            slots = [(i, i + 1, i, i + 1, 1.0) for i in range(int(shifted), n - 1, 2)]
-            if n % 2 == 0 and shifted:
-                slots += [(0, 0, 0, 0, 0.5), (n - 1, n - 1, n - 1, n - 1, 0.5)]
-            elif n % 2 == 1:
-                w = 0 if shifted else n - 1
-                slots.append((w, w, w, w, 0.5))
-            layers.append(layer_of(slots))
-    else:  # bitonic on the next power of two; the lowest `pad` wires are dropped
-        blocks = max(1, math.ceil(math.log2(n)))
-        width = 2 ** blocks
-        pad = width - n
-        for block in range(blocks):
-            for step in range(block + 1):
-                m = 2 ** (block - step)
-                slots = []
-                for i in range(0, width, 2 * m):
-                    for j in range(m):
-                        a, b = i + j, i + j + m
-                        if a >= pad:  # (then b >= pad too)
-                            desc = ((i + j) // 2 ** (block + 1)) % 2 == 1
-                            dmin, dmax = (b, a) if desc else (a, b)
-                            slots.append((a - pad, b - pad, dmin - pad, dmax - pad, 1.0))
-                        elif b >= pad:  # comparator against a dropped wire: identity on b
-                            slots.append((b - pad, b - pad, b - pad, b - pad, 0.5))
-                layers.append(layer_of(slots))
+    for comps in comparator_layers(network, n, identity_slots=True):
+        layers.append(layer_of([(a, b, dmin, dmax, 0.5 if a == b else 1.0)
+                                for a, b, dmin, dmax in comps]))
     return layers
 
 

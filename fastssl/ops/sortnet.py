@@ -34,12 +34,22 @@ DIST_IDS = {"logistic": 0, "logistic_phi": 1, "gaussian": 2, "reciprocal": 3, "c
 # networks
 
 
-def comparator_layers(network: str, n: int) -> list[list[tuple[int, int, int, int]]]:
-    """diffsort's network as layers of comparators (a, b, dmin, dmax); identity slots dropped."""
+def comparator_layers(network: str, n: int, identity_slots: bool = False
+                      ) -> list[list[tuple[int, int, int, int]]]:
+    """diffsort's network as layers of comparators (a, b, dmin, dmax). With identity_slots,
+    also diffsort's identity slots (a == b == dmin == dmax: a wire the layer leaves alone,
+    split to both sides and recombined), at diffsort's positions, for its dense matrices."""
     layers = []
     if network == "odd_even":
         for layer in range(n):
-            layers.append([(i, i + 1, i, i + 1) for i in range(layer % 2, n - 1, 2)])
+            shifted = layer % 2 == 1
+            comps = [(i, i + 1, i, i + 1) for i in range(int(shifted), n - 1, 2)]
+            if identity_slots and n % 2 == 0 and shifted:
+                comps += [(0, 0, 0, 0), (n - 1, n - 1, n - 1, n - 1)]
+            elif identity_slots and n % 2 == 1:
+                w = 0 if shifted else n - 1
+                comps.append((w, w, w, w))
+            layers.append(comps)
     elif network == "bitonic":
         blocks = max(1, math.ceil(math.log2(n)))
         width = 2 ** blocks
@@ -51,8 +61,10 @@ def comparator_layers(network: str, n: int) -> list[list[tuple[int, int, int, in
                 for i in range(0, width, 2 * m):
                     for j in range(m):
                         a, b = i + j, i + j + m
-                        if a < pad or b < pad:
-                            continue  # both padded: skipped; one padded: identity slot
+                        if a < pad:  # both padded: skipped; against a dropped wire: identity on b
+                            if identity_slots and b >= pad:
+                                comps.append((b - pad,) * 4)
+                            continue
                         desc = (a // 2 ** (block + 1)) % 2 == 1
                         dmin, dmax = (b, a) if desc else (a, b)
                         comps.append((a - pad, b - pad, dmin - pad, dmax - pad))
