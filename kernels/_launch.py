@@ -109,16 +109,6 @@ def check_tensor(name: str, t, *, dim: int | None = None, dtypes=None, device=No
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
 
 
-def check_index(name: str, idx: torch.Tensor, length: int, upper: int, device) -> None:
-    """An integer index vector of ``length`` entries, each in [-1, upper) (-1: none)."""
-    check_tensor(name, idx, dim=1, dtypes=(torch.int32, torch.int64), device=device,
-                 shape=(length,))
-    if idx.device.type != "meta" and idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < -1 or hi >= upper:
-            raise ValueError(f"{name} entries must lie in [-1, {upper}), got [{lo}, {hi}]")
-
-
 def check_range(name: str, value, lo, hi=None) -> None:
     if value < lo or (hi is not None and value > hi):
         bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
