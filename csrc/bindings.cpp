@@ -1,6 +1,7 @@
 // fastssl._C: one pybind11 module; each kernel family registers its functions from its own file.
 #include <torch/extension.h>
 
+void init_contrastive_cpu(pybind11::module_& m);
 void init_sortnet_cpu(pybind11::module_& m);
 void init_swav_cpu(pybind11::module_& m);
 #ifdef FASTSSL_WITH_CUDA
@@ -28,6 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "whether the CPU kernels were built with OpenMP");
+  init_contrastive_cpu(m);
   init_sortnet_cpu(m);
   init_swav_cpu(m);
 #ifdef FASTSSL_WITH_CUDA

@@ -153,14 +153,28 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=Fal
         return _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend)
     rows, cols, self_col, pos_col, positives, n = _two_view_layout(z1, z2, gather_distributed)
     scale, scale_mul, tap = _logit_scale(temperature, t)
+    pos = _rowdot(rows, positives) * scale_mul
+    if ops.has_same_pass(backend):
+        a = tap(rows, 2) if cols is rows else tap(rows)
+        lse_sum = _lse_sum(a, a if cols is rows else cols, self_col, pos_col, scale, backend)
+        return dist_utils.reduce_loss((lse_sum - pos.sum()) / (2 * n))
     if cols is rows:
         lse, _ = ops.contrastive_lse_sym(tap(rows, 2), self_col, pos_col, scale, False, False,
                                          backend)
     else:
         lse, _, _, _ = ops.contrastive_lse(tap(rows), cols, self_col, pos_col, scale,
                                            cols.shape[0], False, False, False, backend)
-    pos = _rowdot(rows, positives) * scale_mul
     return dist_utils.reduce_loss((lse - pos).sum() / (2 * n))
+
+
+def _lse_sum(a, b, self_col, pos_col, scale, backend):
+    """sum_i log-sum-exp of row i of scale * a @ b.T (self_col masked) with its gradient from
+    the same pass (ops.contrastive_lse_sum); a is b for the symmetric Z Z^T."""
+    grad = torch.is_grad_enabled()
+    total, _, _, _ = ops.contrastive_lse_sum(a, b, self_col, pos_col, scale, False,
+                                             grad and a.requires_grad, grad and b.requires_grad,
+                                             backend)
+    return total
 
 
 def _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend):
@@ -215,9 +229,14 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
     labels = torch.arange(b, device=q.device) + off
     no_self = torch.full_like(labels, -1)
     scale, scale_mul, tap = _logit_scale(temperature, t)
+    pos = _rowdot(qn, kn) * scale_mul
+    if not symmetric and ops.has_same_pass(backend):
+        lse_sum = _lse_sum(tap(qn), k_all, no_self, labels, scale, backend)
+        return dist_utils.reduce_loss((lse_sum - pos.sum()) / n)
+    # symmetric: one pass for the row and column statistics, one for both gradients (4
+    # products; two same-pass calls would take 6)
     lse_row, _, _, col_lse = ops.contrastive_lse(tap(qn), k_all, no_self, labels, scale, n,
                                                  False, False, symmetric, backend)
-    pos = _rowdot(qn, kn) * scale_mul
     share = (lse_row - pos).sum() / n
     if not symmetric:
         return dist_utils.reduce_loss(share)
@@ -458,7 +477,9 @@ def sce(q, k, queue, *, coeff=0.5, temperature=0.1, temperature_m=0.07, use_keys
     else:
         cols = queue_cols
         self_col = torch.full((b,), -1, dtype=torch.long, device=q.device)
-    lse_s, lse_t, wmean = ops.sce_stats(qn, kn, cols, self_col, scale_s, scale_t, backend)
+    same_pass = torch.is_grad_enabled() and qn.requires_grad and ops.has_same_pass(backend)
+    lse_s, lse_t, wmean, _, _ = ops.sce_stats(qn, kn, cols, self_col, scale_s, scale_t, same_pass,
+                                              backend)
     if not use_keys:
         # Column 0 is per-row: student logit q.k/T, teacher logit 0 (unmasked, as upstream).
         zero = torch.zeros_like(lse_t)

@@ -20,8 +20,14 @@ Three ops (the losses in ``fastssl.functional.contrastive`` compose them with O(
 
 Backends: "triton" (``fastssl.kernels.contrastive``, CUDA or the CPU interpreter), "torch" (a
 chunked PyTorch path: blocks of rows against all columns, never the full M x C matrix; serves
-float64), "reference" (the losses of ``fastssl.reference``, full matrices). On CPU, auto picks
-"torch" (there is no C++ entry: torch's matmul is the fast CPU path).
+float64), "cpp" (the torch entry with its same-pass ops in C++, csrc/contrastive_cpu.cpp),
+"reference" (the losses of ``fastssl.reference``, full matrices). On CPU, auto picks "cpp"
+when fastssl._C is built, else "torch".
+
+Same pass (issue 18). Where a loss is a plain sum of row log-sum-exps (NT-Xent, InfoNCE) or
+weights SCE's per-row statistics, the "cpp" and "torch" entries make the gradient in the
+forward: ``fastssl::contrastive_lse_sum`` and ``sce_stats(..., same_pass=True)``, three (SCE:
+four) products like eager autograd, where the recompute ops take four (five).
 """
 from __future__ import annotations
 
@@ -148,6 +154,64 @@ def torch_lse_backward(a, b, self_col, pos_col, scale, split, exclude_pos, lse0,
     return (da.to(a.dtype) if need_da else None), (db.to(b.dtype) if need_db else None)
 
 
+def _unmasked_col(self_col, pos_col, exclude_pos, c):
+    """Per row, one column that is not masked (the smallest of 0, 1, 2 outside the row's
+    masked columns), or -1 when the row has none (C <= its masked columns)."""
+    masked = [self_col, pos_col] if exclude_pos else [self_col]
+    col = torch.full_like(self_col, -1)
+    for j in reversed(range(min(c, len(masked) + 1))):
+        free = torch.ones_like(self_col, dtype=torch.bool)
+        for mcol in masked:
+            free &= mcol != j
+        col = torch.where(free, torch.full_like(col, j), col)
+    return col
+
+
+@torch.no_grad()  # the gradient is computed here, not recorded (the out= calls require it)
+def torch_lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, need_da, need_db):
+    """sum_i lse_i (lse as in torch_lse_forward, over all columns) and, from the same pass,
+    its gradients dA = scale P B and dB = scale P^T A, P = softmax of the masked X rows.
+
+    A loss is a scalar, so its gradient can be produced with its value (Liger-Kernel's fused
+    linear cross-entropy): a row block's softmax is final as soon as its row of X is formed.
+    Three products per block, as eager autograd, none recomputed at backward; the backward
+    only scales dA and dB by the incoming gradient. Per block: one fused log_softmax, one exp;
+    lse is read back at one unmasked column (lse_i = X_ij - log P_ij), no extra pass."""
+    acc = accumulation_dtype(a)
+    m, c = a.shape[0], b.shape[0]
+    b_acc = b.to(acc)
+    lse = a.new_empty(m, dtype=acc)
+    da = a.new_empty((m, a.shape[1]) if need_da else (0,), dtype=acc)
+    db = a.new_zeros((c, b.shape[1]) if need_db else (0,), dtype=acc)
+    probe = _unmasked_col(self_col, pos_col, exclude_pos, c)
+    has_probe = probe >= 0
+    probe = probe.clamp(min=0)[:, None]
+    step = _chunk_rows(c, m)
+    # two chunk buffers, reused by every block (no allocation in the loop)
+    rows0 = min(step, m)
+    x_buf = a.new_empty((rows0, c), dtype=acc)
+    y_buf = a.new_empty((rows0, c), dtype=acc)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        a_r = a[r0:r1].to(acc) * scale
+        x = torch.mm(a_r, b_acc.T, out=x_buf[:r1 - r0])
+        _fill_masked(x, r0, r1, self_col, pos_col, exclude_pos, float("-inf"))
+        y = torch._log_softmax(x, 1, False, out=y_buf[:r1 - r0])
+        at = probe[r0:r1]
+        lse[r0:r1] = torch.where(has_probe[r0:r1], (x.gather(1, at) - y.gather(1, at)).squeeze(1),
+                                 float("-inf"))
+        if not (need_da or need_db):
+            continue
+        p = _fill_masked(y.exp_(), r0, r1, self_col, pos_col, exclude_pos, 0.0)  # all-masked rows: NaN -> 0
+        if need_da:
+            torch.mm(p, b_acc, out=da[r0:r1])
+        if need_db:
+            db.addmm_(p.T, a_r)
+    if need_da:
+        da.mul_(scale)
+    return lse.sum(), lse, da, db
+
+
 def torch_sce_forward(q, k, cols, self_col, scale_s, scale_t):
     acc = accumulation_dtype(q)
     m, c = q.shape[0], cols.shape[0]
@@ -163,6 +227,45 @@ def torch_sce_forward(q, k, cols, self_col, scale_s, scale_t):
         lse_t[r0:r1] = torch.logsumexp(y, dim=1)
         wmean[r0:r1] = (y.sub_(lse_t[r0:r1, None]).exp_() * x).sum(1)
     return lse_s, lse_t, wmean
+
+
+@torch.no_grad()
+def torch_sce_grad_forward(q, k, cols, self_col, scale_s, scale_t):
+    """torch_sce_forward's (lse_s, lse_t, wmean) and, from the same pass, their gradients in q
+    per row: u_s[i] = d lse_s[i] / d q_i = scale_s P_s[i] @ cols and u_t[i] = d wmean[i] / d q_i
+    = scale_s P_t[i] @ cols (only q carries a gradient, so each row's gradient is the row's
+    incoming gradients times these: any weighting of the rows, no recompute at backward).
+    Four products against the recompute path's five; lse read back from log_softmax at one
+    column (lse_i = X_i0 - log P_i0; the teacher's at an unmasked column)."""
+    acc = accumulation_dtype(q)
+    m, c = q.shape[0], cols.shape[0]
+    c_acc = cols.to(acc)
+    lse_s, lse_t, wmean = (q.new_empty(m, dtype=acc) for _ in range(3))
+    u_s = q.new_empty(q.shape, dtype=acc)
+    u_t = q.new_empty(q.shape, dtype=acc)
+    probe = _unmasked_col(self_col, self_col, False, c)
+    has_probe = probe >= 0
+    probe = probe.clamp(min=0)[:, None]
+    step = _chunk_rows(c, m)
+    rows0 = min(step, m)
+    x_buf, y_buf, lx_buf, ly_buf = (q.new_empty((rows0, c), dtype=acc) for _ in range(4))
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        n = r1 - r0
+        x = torch.mm(q[r0:r1].to(acc) * scale_s, c_acc.T, out=x_buf[:n])
+        y = torch.mm(k[r0:r1].to(acc) * scale_t, c_acc.T, out=y_buf[:n])
+        _fill_masked(y, r0, r1, self_col, None, False, float("-inf"))
+        lx = torch._log_softmax(x, 1, False, out=lx_buf[:n])
+        ly = torch._log_softmax(y, 1, False, out=ly_buf[:n])
+        lse_s[r0:r1] = x[:, 0] - lx[:, 0]
+        at = probe[r0:r1]
+        lse_t[r0:r1] = torch.where(has_probe[r0:r1], (y.gather(1, at) - ly.gather(1, at)).squeeze(1),
+                                   float("-inf"))
+        p_t = _fill_masked(ly.exp_(), r0, r1, self_col, None, False, 0.0)  # all-masked rows: NaN -> 0
+        wmean[r0:r1] = torch.linalg.vecdot(p_t, x)
+        torch.mm(lx.exp_(), c_acc, out=u_s[r0:r1])
+        torch.mm(p_t, c_acc, out=u_t[r0:r1])
+    return lse_s, lse_t, wmean, u_s.mul_(scale_s), u_t.mul_(scale_s)
 
 
 def torch_sce_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t, g_lse, g_w):
@@ -188,9 +291,30 @@ def torch_sce_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t, g_l
 
 class _TorchKernels:
     lse_forward = staticmethod(torch_lse_forward)
+    lse_sum_forward = staticmethod(torch_lse_sum_forward)
     lse_backward = staticmethod(torch_lse_backward)
     sce_forward = staticmethod(torch_sce_forward)
+    sce_grad_forward = staticmethod(torch_sce_grad_forward)
     sce_backward = staticmethod(torch_sce_backward)
+
+
+class _CppKernels(_TorchKernels):
+    """The torch entry with the same-pass ops in C++ (csrc/contrastive_cpu.cpp): the same
+    arithmetic, its row blocks spread over the threads in one parallel region instead of a
+    Python loop of parallel ATen calls (whose barriers stall when other processes share the
+    cores). The recompute ops are the torch entry's."""
+
+    @staticmethod
+    def lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, need_da, need_db):
+        from fastssl import _C
+        lse, da, db = _C.contrastive_lse_sum_cpu(a, b, self_col, pos_col, float(scale),
+                                                 bool(exclude_pos), bool(need_da), bool(need_db))
+        return lse.sum(), lse, da, db
+
+    @staticmethod
+    def sce_grad_forward(q, k, cols, self_col, scale_s, scale_t):
+        from fastssl import _C
+        return tuple(_C.sce_grad_cpu(q, k, cols, self_col, float(scale_s), float(scale_t)))
 
 
 class _TritonKernels:
@@ -210,7 +334,8 @@ class _ReferenceLosses:
     sce = staticmethod(_reference.sce)
 
 
-TABLE = {"triton": _TritonKernels(), "torch": _TorchKernels, "reference": _ReferenceLosses}
+TABLE = {"triton": _TritonKernels(), "cpp": _CppKernels, "torch": _TorchKernels,
+         "reference": _ReferenceLosses}
 
 
 def backend_for(op: str, device: torch.device) -> str:
@@ -219,9 +344,9 @@ def backend_for(op: str, device: torch.device) -> str:
 
 
 def _kernels(backend: str):
-    if backend not in ("triton", "torch"):
+    if backend not in ("triton", "cpp", "torch"):
         raise RuntimeError(f"fastssl contrastive ops: backend {backend!r} has no kernels "
-                           f"(expected 'triton' or 'torch')")
+                           f"(expected 'triton', 'cpp' or 'torch')")
     return TABLE[backend]
 
 
@@ -295,6 +420,66 @@ def _lse_backward(ctx, g0, g1, _g_wmean, g_col):
 contrastive_lse.register_autograd(_lse_backward, setup_context=_lse_setup_context)
 
 
+# Backends whose table entry has `lse_sum_forward` (the same-pass gradient). The Triton kernels
+# stream the backward instead (a second pass; dB from every row block would need atomics).
+SAME_PASS_BACKENDS = ("cpp", "torch")
+
+
+def has_same_pass(backend: str) -> bool:
+    """Whether `backend` serves contrastive_lse_sum (the losses then use it instead of
+    contrastive_lse / contrastive_lse_sym for a plain sum of row log-sum-exps)."""
+    return backend in SAME_PASS_BACKENDS
+
+
+@torch.library.custom_op("fastssl::contrastive_lse_sum", mutates_args=())
+def contrastive_lse_sum(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor,
+                        pos_col: torch.Tensor, scale: float, exclude_pos: bool, need_da: bool,
+                        need_db: bool, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, lse, da, db): total = sum_i lse_i with lse as contrastive_lse's lse0 over all
+    columns, and the gradients of total in a and b computed in the same pass (empty when
+    need_da / need_db is False). Only total carries a gradient: its backward scales da and db
+    by the incoming gradient (no recompute). Passing the same tensor as a and b gives the
+    symmetric case (NT-Xent): autograd adds the two gradients."""
+    if not has_same_pass(backend):
+        raise RuntimeError(f"fastssl::contrastive_lse_sum: backend {backend!r} has no same-pass "
+                           f"kernels (expected one of {SAME_PASS_BACKENDS})")
+    total, lse, da, db = TABLE[backend].lse_sum_forward(a, b, self_col, pos_col, scale,
+                                                        exclude_pos, need_da, need_db)
+    dt = _stats_dtype(a)
+    return total.to(dt), lse.to(dt).contiguous(), da.to(dt).contiguous(), db.to(dt).contiguous()
+
+
+@contrastive_lse_sum.register_fake
+def _(a, b, self_col, pos_col, scale, exclude_pos, need_da, need_db, backend):
+    dt = _stats_dtype(a)
+    return (a.new_empty((), dtype=dt), a.new_empty(a.shape[0], dtype=dt),
+            a.new_empty((a.shape[0], a.shape[1]) if need_da else (0,), dtype=dt),
+            a.new_empty((b.shape[0], b.shape[1]) if need_db else (0,), dtype=dt))
+
+
+def _lse_sum_setup_context(ctx, inputs, output):
+    a, b, _self_col, _pos_col, _scale, _exclude_pos, need_da, need_db, _backend = inputs
+    _total, lse, da, db = output
+    ctx.mark_non_differentiable(lse, da, db)
+    ctx.save_for_backward(da, db)
+    ctx.args = (need_da, need_db, a.dtype, b.dtype)
+
+
+def _lse_sum_backward(ctx, g_total, _g_lse, _g_da, _g_db):
+    da, db = ctx.saved_tensors
+    need_da, need_db, a_dtype, b_dtype = ctx.args
+    if (ctx.needs_input_grad[0] and not need_da) or (ctx.needs_input_grad[1] and not need_db):
+        raise RuntimeError("fastssl::contrastive_lse_sum: a gradient was asked for an input "
+                           "whose need_da / need_db was False in the forward")
+    ga = (da * g_total).to(a_dtype) if need_da else None
+    gb = (db * g_total).to(b_dtype) if need_db else None
+    return ga, gb, None, None, None, None, None, None, None
+
+
+contrastive_lse_sum.register_autograd(_lse_sum_backward, setup_context=_lse_sum_setup_context)
+
+
 @torch.library.custom_op("fastssl::contrastive_lse_sym", mutates_args=())
 def contrastive_lse_sym(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.Tensor,
                         scale: float, exclude_pos: bool, weighted: bool, backend: str
@@ -353,18 +538,30 @@ contrastive_lse_sym.register_autograd(_lse_sym_backward, setup_context=_lse_sym_
 
 @torch.library.custom_op("fastssl::sce_stats", mutates_args=())
 def sce_stats(q: torch.Tensor, k: torch.Tensor, cols: torch.Tensor, self_col: torch.Tensor,
-              scale_s: float, scale_t: float, backend: str
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    outs = _kernels(backend).sce_forward(q, k, cols, self_col, scale_s, scale_t)
+              scale_s: float, scale_t: float, same_pass: bool, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse_s, lse_t, wmean, u_s, u_t). With same_pass (backends in SAME_PASS_BACKENDS), u_s and
+    u_t are the per-row gradients in q of lse_s and wmean, made in this pass (the backward
+    only weights them); otherwise they are empty and the backward recomputes."""
     dt = _stats_dtype(q)
+    if same_pass:
+        if not has_same_pass(backend):
+            raise RuntimeError(f"fastssl::sce_stats: same_pass=True, but backend {backend!r} has "
+                               f"no same-pass kernels (expected one of {SAME_PASS_BACKENDS})")
+        outs = TABLE[backend].sce_grad_forward(q, k, cols, self_col, scale_s, scale_t)
+    else:
+        outs = (*_kernels(backend).sce_forward(q, k, cols, self_col, scale_s, scale_t),
+                q.new_empty(0, dtype=dt), q.new_empty(0, dtype=dt))  # two tensors: no aliasing
     return tuple(o.to(dt).contiguous() for o in outs)
 
 
 @sce_stats.register_fake
-def _(q, k, cols, self_col, scale_s, scale_t, backend):
+def _(q, k, cols, self_col, scale_s, scale_t, same_pass, backend):
     dt = _stats_dtype(q)
     m = q.shape[0]
-    return q.new_empty(m, dtype=dt), q.new_empty(m, dtype=dt), q.new_empty(m, dtype=dt)
+    unit = (m, q.shape[1]) if same_pass else (0,)
+    return (q.new_empty(m, dtype=dt), q.new_empty(m, dtype=dt), q.new_empty(m, dtype=dt),
+            q.new_empty(unit, dtype=dt), q.new_empty(unit, dtype=dt))
 
 
 @torch.library.custom_op("fastssl::sce_stats_backward", mutates_args=())
@@ -383,19 +580,29 @@ def _(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t, g_lse, g_w, backend)
 
 
 def _sce_setup_context(ctx, inputs, output):
-    q, k, cols, self_col, scale_s, scale_t, backend = inputs
-    lse_s, lse_t, _ = output
-    ctx.save_for_backward(q, k, cols, self_col, lse_s, lse_t)
-    ctx.args = (scale_s, scale_t, backend)
+    q, k, cols, self_col, scale_s, scale_t, same_pass, backend = inputs
+    lse_s, lse_t, _, u_s, u_t = output
+    ctx.mark_non_differentiable(u_s, u_t)
+    if same_pass:
+        ctx.save_for_backward(u_s, u_t)
+    else:
+        ctx.save_for_backward(q, k, cols, self_col, lse_s, lse_t)
+    ctx.args = (scale_s, scale_t, same_pass, backend, q.dtype)
 
 
-def _sce_backward(ctx, g_lse, _g_lse_t, g_w):
+def _sce_backward(ctx, g_lse, _g_lse_t, g_w, _g_u_s, _g_u_t):
     # The teacher's log-sum-exp depends only on k and the columns, which carry no gradient.
+    scale_s, scale_t, same_pass, backend, q_dtype = ctx.args
+    if same_pass:
+        u_s, u_t = ctx.saved_tensors
+        dq = u_s * _zeros_if_none(g_lse, u_s[:, 0])[:, None]
+        if g_w is not None:
+            dq = dq.addcmul_(u_t, g_w[:, None])
+        return dq.to(q_dtype), None, None, None, None, None, None, None
     q, k, cols, self_col, lse_s, lse_t = ctx.saved_tensors
-    scale_s, scale_t, backend = ctx.args
     dq = sce_stats_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t,
                             _zeros_if_none(g_lse, lse_s), _zeros_if_none(g_w, lse_s), backend)
-    return dq, None, None, None, None, None, None
+    return dq, None, None, None, None, None, None, None
 
 
 sce_stats.register_autograd(_sce_backward, setup_context=_sce_setup_context)

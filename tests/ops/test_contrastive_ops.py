@@ -74,7 +74,7 @@ def _check_against_reference(name, backend, n, d, dtype, kq=7, device="cpu"):
         assert_close(x, y, msg=f"{name} {backend} {what}")
 
 
-@pytest.mark.parametrize("backend,device", backend_params("torch", "triton"))
+@pytest.mark.parametrize("backend,device", backend_params("cpp", "torch", "triton"))
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("d", [1, 3, 130])
 def test_matches_reference_fp32(backend, device, name, d):
@@ -89,7 +89,7 @@ def test_torch_path_float64_many_chunks(name, monkeypatch):
     _check_against_reference(name, "torch", 19, 6, torch.float64, kq=21)
 
 
-@pytest.mark.parametrize("backend,device", backend_params("torch", "triton"))
+@pytest.mark.parametrize("backend,device", backend_params("cpp", "torch", "triton"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["nt_xent", "info_nce_sym", "dcl", "dclw", "sce_keys"])
 def test_low_precision_rule(backend, device, dtype, name):
@@ -123,7 +123,7 @@ def _sogclr_steps(backend, dtype, steps=3, gamma=0.8, d=3, device="cpu"):
     return out, u
 
 
-@pytest.mark.parametrize("backend,device", backend_params("torch", "triton"))
+@pytest.mark.parametrize("backend,device", backend_params("cpp", "torch", "triton"))
 @pytest.mark.parametrize("d", [1, 3, 130])
 def test_sogclr_matches_reference_and_state(backend, device, d):
     ref, u_ref = _sogclr_steps("reference", torch.float32, d=d, device=device)
@@ -144,7 +144,7 @@ def test_sogclr_float64_torch_path():
     torch.testing.assert_close(u_out, u_ref)
 
 
-@pytest.mark.parametrize("backend,device", backend_params("torch", "triton"))
+@pytest.mark.parametrize("backend,device", backend_params("cpp", "torch", "triton"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sogclr_low_precision(backend, device, dtype):
     g = torch.Generator().manual_seed(5)
@@ -208,7 +208,7 @@ def test_op_gradcheck_symmetric():
         assert torch.autograd.gradcheck(f, (z,))
 
 
-@pytest.mark.parametrize("backend,device", backend_params("torch", "triton"))
+@pytest.mark.parametrize("backend,device", backend_params("cpp", "torch", "triton"))
 @pytest.mark.parametrize("name", LOSSES + ["sogclr"])
 def test_no_nan_for_extreme_logits_fp16(backend, device, name):
     # T = 0.01 puts logits at +-100: exp overflows fp16 (and the positive's exp is ~e100).
@@ -235,7 +235,10 @@ def test_triton_backend_refuses_float64_clearly():
         functional.nt_xent(a, a.clone())
 
 
-def test_auto_on_cpu_is_torch():
+def test_auto_on_cpu_is_cpp_when_built(monkeypatch):
+    from fastssl import _backend
+    assert ops.backend_for("nt_xent", torch.device("cpu")) == ("cpp" if _backend.cpp_available() else "torch")
+    monkeypatch.setattr(_backend, "cpp_available", lambda: False)
     assert ops.backend_for("nt_xent", torch.device("cpu")) == "torch"
 
 
@@ -254,7 +257,14 @@ def test_opcheck_registered_ops():
     k = torch.randn(4, 3, generator=g)
     cols = torch.randn(6, 3, generator=g)
     torch.library.opcheck(torch.ops.fastssl.sce_stats.default,
-                          (q, k, cols, torch.tensor([0, 1, -1, 3]), 2.0, 5.0, "torch"))
+                          (q, k, cols, torch.tensor([0, 1, -1, 3]), 2.0, 5.0, False, "torch"))
+    torch.library.opcheck(torch.ops.fastssl.sce_stats.default,
+                          (q, k, cols, torch.tensor([0, 1, -1, 3]), 2.0, 5.0, True, "torch"))
+    for need_da, need_db in ((True, True), (True, False), (False, True)):
+        # an input whose gradient is not made (need_* False) is a constant of the loss
+        a_in, b_in = (a if need_da else a.detach()), (b if need_db else b.detach())
+        torch.library.opcheck(torch.ops.fastssl.contrastive_lse_sum.default,
+                              (a_in, b_in, self_col, pos_col, 2.0, True, need_da, need_db, "torch"))
 
 
 def test_compile_fullgraph_nt_xent_cpu():

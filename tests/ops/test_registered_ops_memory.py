@@ -125,6 +125,9 @@ def _known_bases():
     net_f = network_tensor("odd_even", k + P, torch.device("cpu"))
     dist = (DIST_IDS["cauchy"], 10.0, 0.25, sigma_bwd(10.0))
     sort_kw = dict(network="odd_even", distribution="cauchy", steepness=10.0, art_lambda=0.25)
+    # contrastive: 5 rows against 6 columns, masks with -1 (nothing masked) entries
+    ca, cb = torch.randn(5, 3, generator=g), torch.randn(6, 3, generator=g)
+    c_self, c_pos = torch.tensor([0, 1, -1, 3, 5]), torch.tensor([1, -1, 2, 4, 0])
     ops = {
         "soft_sort": [("", dict(x=x, want_p=True, **sort_kw))],
         "soft_sort_backward": [("", dict(gy=torch.randn_like(y), gP=torch.randn_like(Pm), d=saved,
@@ -145,6 +148,10 @@ def _known_bases():
                                gather_distributed=False))],
         "swav_cross_entropy": [("", dict(scores=scores, targets=torch.softmax(scores, 1),
                                          temperature=0.1, compute_grad=True))],
+        "contrastive_lse_sum": [("", dict(a=ca, b=cb, self_col=c_self, pos_col=c_pos, scale=2.0,
+                                          exclude_pos=True, need_da=True, need_db=True))],
+        "sce_stats": [("", dict(q=ca, k=ca * 0.5, cols=cb, self_col=c_self, scale_s=2.0,
+                                scale_t=3.0, same_pass=True))],
     }
     c_funcs = {
         "soft_sort_forward": [x, net_n, *dist, True],
@@ -157,6 +164,8 @@ def _known_bases():
         "sinkhorn_colstats_cpu": [scores, 0.05],
         "sinkhorn_rowpass_cpu": [scores, 0.05, torch.zeros(7), True],
         "swav_cross_entropy_cpu": [scores, torch.softmax(scores, 1), 0.1, True],
+        "contrastive_lse_sum_cpu": [ca, cb, c_self, c_pos, 2.0, True, True, True],
+        "sce_grad_cpu": [ca, ca * 0.5, cb, c_self, 2.0, 3.0],
     }
     # calls that once corrupted memory or returned garbage: each must raise
     i32 = torch.int32

@@ -1,0 +1,228 @@
+// Contrastive same-pass ops, CPU: the loss value and its gradient from one pass over row blocks
+// of the logits (fastssl/ops/contrastive.py, the "cpp" entry of the family's table).
+//
+// The torch backend runs the same arithmetic as a Python loop of ATen calls over row blocks:
+// every call is a parallel region whose barrier stalls for a scheduler time slice when other
+// processes share the cores (issue 18). Here the row blocks are spread over the threads once
+// (one parallel region per call); inside it every ATen call runs on its own thread (nested
+// parallelism is off), on a block sized to stay in the core's cache. dB, summed over all row
+// blocks, is accumulated per thread and the partial sums added at the end in thread order.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// About 1 MiB of float32 logits per block buffer (each thread holds 2 to 4 of them), and at
+// least a few blocks per thread so that the static split of the blocks stays balanced.
+constexpr int64_t kBlockElements = int64_t(1) << 18;
+constexpr int64_t kBlocksPerThread = 4;
+
+int64_t block_rows(int64_t m, int64_t c) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_cache = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(c, 1));
+  const int64_t by_balance = std::max<int64_t>(1, (m + threads * kBlocksPerThread - 1) / (threads * kBlocksPerThread));
+  return std::max<int64_t>(1, std::min(by_cache, by_balance));
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_matrix(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, ": expected a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, name, ": expected a 2-D tensor, got ", x.dim(), " dimensions");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, ": expected a floating dtype, got ",
+              x.scalar_type());
+}
+
+// A column index per row: int64, CPU, (rows,), every value in [-1, cols) (-1: nothing masked).
+void check_columns(const at::Tensor& col, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(col.device().is_cpu(), name, ": expected a CPU tensor, got ", col.device());
+  TORCH_CHECK(col.scalar_type() == at::kLong, name, ": expected int64, got ", col.scalar_type());
+  TORCH_CHECK(col.dim() == 1 && col.size(0) == rows, name, ": expected shape (", rows,
+              "), got ", col.sizes());
+  if (rows > 0) {
+    const auto c = col.contiguous();
+    const int64_t* p = c.data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(p, p + rows);
+    TORCH_CHECK(*lo >= -1 && *hi < cols, name, ": values must lie in [-1, ", cols, "), got [",
+                *lo, ", ", *hi, "]");
+  }
+}
+
+// Masked entries of the block's rows [r0, r0 + n): x[i, col[r0 + i]] = value for each column.
+template <typename T>
+void fill_masked(T* x, int64_t n, int64_t c, int64_t r0, const std::vector<const int64_t*>& cols,
+                 T value) {
+  for (const int64_t* col : cols)
+    for (int64_t i = 0; i < n; ++i)
+      if (col[r0 + i] >= 0) x[i * c + col[r0 + i]] = value;
+}
+
+// One column per row that no mask touches (the smallest of 0, 1, 2 outside the row's masked
+// columns), or -1: log-sum-exp is read back there from log_softmax, lse = x - log_softmax(x).
+int64_t probe_column(int64_t row, int64_t c, const std::vector<const int64_t*>& cols) {
+  for (int64_t j = 0; j < std::min<int64_t>(c, 3); ++j) {
+    bool free = true;
+    for (const int64_t* col : cols) free = free && col[row] != j;
+    if (free) return j;
+  }
+  return -1;
+}
+
+template <typename T>
+void read_lse(const T* x, const T* y, int64_t n, int64_t c, int64_t r0,
+              const std::vector<const int64_t*>& cols, T* lse) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = probe_column(r0 + i, c, cols);
+    lse[r0 + i] = j < 0 ? -std::numeric_limits<T>::infinity() : x[i * c + j] - y[i * c + j];
+  }
+}
+
+// (lse, da, db): lse[i] = log-sum-exp of row i of X = scale * a @ b.T with the masked entries
+// removed, da = d(sum lse)/da = scale * P b and db = scale * P^T a (P = softmax of the rows),
+// each empty when not asked for. Statistics in float32 (float64 for float64 inputs).
+std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
+                                    const at::Tensor& self_col, const at::Tensor& pos_col,
+                                    double scale, bool exclude_pos, bool need_da, bool need_db) {
+  at::NoGradGuard no_grad;  // the gradient is computed here, not recorded (out= calls need this;
+                            // the worker threads set their own, and the inputs are detached)
+  check_matrix(a, "a");
+  check_matrix(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(1), "a, b: expected the same number of columns, got ",
+              a.size(1), " and ", b.size(1));
+  const int64_t m = a.size(0), c = b.size(0), d = a.size(1);
+  check_columns(self_col, "self_col", m, c);
+  check_columns(pos_col, "pos_col", m, c);
+  const auto acc = acc_type(a);
+  const auto opts = a.options().dtype(acc);
+  const at::Tensor A = a.detach().to(acc).contiguous(), B = b.detach().to(acc).contiguous();
+  const at::Tensor sc = self_col.contiguous(), pc = pos_col.contiguous();
+  std::vector<const int64_t*> masks{sc.data_ptr<int64_t>()};
+  if (exclude_pos) masks.push_back(pc.data_ptr<int64_t>());
+
+  at::Tensor lse = at::empty({m}, opts);
+  at::Tensor da = need_da ? at::empty({m, d}, opts) : at::empty({0}, opts);
+  const int64_t rows = block_rows(m, c);
+  const int64_t blocks = (m + rows - 1) / rows;
+  std::vector<at::Tensor> db_part(std::max(1, at::get_num_threads()));
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad_here;  // grad mode is per thread
+    const at::Tensor x_buf = at::empty({rows, c}, opts), y_buf = at::empty({rows, c}, opts);
+    at::Tensor& db_t = db_part.at(at::get_thread_num());
+    if (need_db && !db_t.defined()) db_t = at::zeros({c, d}, opts);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows, n = std::min(rows, m - r0);
+      const at::Tensor a_r = A.narrow(0, r0, n) * scale;
+      at::Tensor x = x_buf.narrow(0, 0, n), y = y_buf.narrow(0, 0, n);
+      at::mm_out(x, a_r, B.t());
+      AT_DISPATCH_FLOATING_TYPES(acc, "lse_sum_cpu", [&] {
+        fill_masked<scalar_t>(x.data_ptr<scalar_t>(), n, c, r0, masks,
+                              -std::numeric_limits<scalar_t>::infinity());
+      });
+      at::_log_softmax_out(y, x, 1, false);
+      AT_DISPATCH_FLOATING_TYPES(acc, "lse_sum_cpu", [&] {
+        read_lse<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), n, c, r0, masks,
+                           lse.data_ptr<scalar_t>());
+      });
+      if (!(need_da || need_db)) continue;
+      y.exp_();
+      // rows with every column masked are NaN after the softmax: their masked entries are all
+      AT_DISPATCH_FLOATING_TYPES(acc, "lse_sum_cpu", [&] {
+        fill_masked<scalar_t>(y.data_ptr<scalar_t>(), n, c, r0, masks, scalar_t(0));
+      });
+      if (need_da) {
+        at::Tensor da_r = da.narrow(0, r0, n);
+        at::mm_out(da_r, y, B);
+      }
+      if (need_db) db_t.addmm_(y.t(), a_r);
+    }
+  });
+  if (need_da) da.mul_(scale);
+  at::Tensor db = at::empty({0}, opts);
+  if (need_db) {
+    db = at::zeros({c, d}, opts);
+    for (const auto& part : db_part)  // thread order: the same sum at every call
+      if (part.defined()) db.add_(part);
+  }
+  return {lse, da, db};
+}
+
+// SCE's statistics and their per-row gradients in q (fastssl.ops.contrastive.sce_stats,
+// same_pass=True): X = scale_s q cols^T, Y = scale_t k cols^T with (i, self_col[i]) masked in Y;
+// lse_s, lse_t their row log-sum-exps, wmean[i] = sum_j softmax(Y)_ij X_ij,
+// u_s = scale_s softmax(X) cols, u_t = scale_s softmax(Y) cols.
+std::vector<at::Tensor> sce_grad_cpu(const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& cols, const at::Tensor& self_col,
+                                     double scale_s, double scale_t) {
+  at::NoGradGuard no_grad;
+  check_matrix(q, "q");
+  check_matrix(k, "k");
+  check_matrix(cols, "cols");
+  TORCH_CHECK(k.sizes() == q.sizes(), "k: expected the shape of q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(cols.size(1) == q.size(1), "cols: expected ", q.size(1), " columns, got ", cols.size(1));
+  const int64_t m = q.size(0), c = cols.size(0), d = q.size(1);
+  check_columns(self_col, "self_col", m, c);
+  const auto acc = acc_type(q);
+  const auto opts = q.options().dtype(acc);
+  const at::Tensor Q = q.detach().to(acc).contiguous(), K = k.detach().to(acc).contiguous();
+  const at::Tensor Cm = cols.detach().to(acc).contiguous(), sc = self_col.contiguous();
+  const std::vector<const int64_t*> masks{sc.data_ptr<int64_t>()};
+  const std::vector<const int64_t*> none{};
+
+  at::Tensor lse_s = at::empty({m}, opts), lse_t = at::empty({m}, opts), wmean = at::empty({m}, opts);
+  at::Tensor u_s = at::empty({m, d}, opts), u_t = at::empty({m, d}, opts);
+  const int64_t rows = block_rows(m, c);
+  const int64_t blocks = (m + rows - 1) / rows;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad_here;  // grad mode is per thread
+    const at::Tensor x_buf = at::empty({rows, c}, opts), y_buf = at::empty({rows, c}, opts);
+    const at::Tensor lx_buf = at::empty({rows, c}, opts), ly_buf = at::empty({rows, c}, opts);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows, n = std::min(rows, m - r0);
+      at::Tensor x = x_buf.narrow(0, 0, n), y = y_buf.narrow(0, 0, n);
+      at::Tensor lx = lx_buf.narrow(0, 0, n), ly = ly_buf.narrow(0, 0, n);
+      at::mm_out(x, Q.narrow(0, r0, n) * scale_s, Cm.t());
+      at::mm_out(y, K.narrow(0, r0, n) * scale_t, Cm.t());
+      AT_DISPATCH_FLOATING_TYPES(acc, "sce_grad_cpu", [&] {
+        fill_masked<scalar_t>(y.data_ptr<scalar_t>(), n, c, r0, masks,
+                              -std::numeric_limits<scalar_t>::infinity());
+      });
+      at::_log_softmax_out(lx, x, 1, false);
+      at::_log_softmax_out(ly, y, 1, false);
+      AT_DISPATCH_FLOATING_TYPES(acc, "sce_grad_cpu", [&] {
+        read_lse<scalar_t>(x.data_ptr<scalar_t>(), lx.data_ptr<scalar_t>(), n, c, r0, none,
+                           lse_s.data_ptr<scalar_t>());
+        read_lse<scalar_t>(y.data_ptr<scalar_t>(), ly.data_ptr<scalar_t>(), n, c, r0, masks,
+                           lse_t.data_ptr<scalar_t>());
+      });
+      ly.exp_();
+      AT_DISPATCH_FLOATING_TYPES(acc, "sce_grad_cpu", [&] {
+        // a teacher row with every column masked: no softmax, weighted mean 0
+        fill_masked<scalar_t>(ly.data_ptr<scalar_t>(), n, c, r0, masks, scalar_t(0));
+      });
+      wmean.narrow(0, r0, n).copy_((ly * x).sum(1));
+      at::Tensor us_r = u_s.narrow(0, r0, n), ut_r = u_t.narrow(0, r0, n);
+      at::mm_out(us_r, lx.exp_(), Cm);
+      at::mm_out(ut_r, ly, Cm);
+    }
+  });
+  u_s.mul_(scale_s);
+  u_t.mul_(scale_s);
+  return {lse_s, lse_t, wmean, u_s, u_t};
+}
+
+}  // namespace
+
+void init_contrastive_cpu(pybind11::module_& m) {
+  m.def("contrastive_lse_sum_cpu", &lse_sum_cpu,
+        "(lse, da, db) of sum_i logsumexp_j (scale a b^T)_ij, masked, from one pass (CPU)");
+  m.def("sce_grad_cpu", &sce_grad_cpu,
+        "(lse_s, lse_t, wmean, u_s, u_t): SCE's statistics and their per-row q gradients (CPU)");
+}
