@@ -39,6 +39,12 @@ counterpart in fastssl's steepness, so only speed is compared, against fastssl's
 (return_permutation=False, the backward from the values' cotangent alone), at torchsort's
 default regularization_strength (1.0, l2). The peer is optional: absent, its cases are
 recorded as skipped with the import error.
+
+Measured here (2 threads, load 3.5, interleaved, medians of 9, forward+backward, odd_even):
+torchsort is faster on values alone, 0.53 vs 0.20 ms (n = 16, B = 256) to 34.8 vs 5.6 ms
+(n = 32, B = 4096): fastssl at 0.16-0.38x of it. The network runs O(n log^2 n) relaxed
+comparators per row against one O(n log n) isotonic regression; what the network adds is P,
+which torchsort does not compute.
 """
 from __future__ import annotations
 

@@ -48,7 +48,12 @@ PEER_NOTES = {
         "permutahedron (isotonic regression, O(n log n) per row, regularization_strength 1.0, l2) that "
         "returns the soft-sorted values only, no permutation matrix; fastssl's sorting network is "
         "timed on its values path (return_permutation=False, backward from the values alone). The "
-        "values differ between the two, so the row compares time, not the same loss."),
+        "values differ between the two, so the row compares time, not the same loss. Why fastssl is "
+        "slower there: the sorting network runs O(n log^2 n) sigmoid-relaxed comparators per row "
+        "(forward and backward) where torchsort runs one O(n log n) isotonic regression; the network's "
+        "reason to exist is P, which GroCo and diffsort users differentiate through and torchsort does "
+        "not produce, so a values-only miss against torchsort is that difference in algorithm, not "
+        "overhead."),
     "peer:lightly": "lightly: its own loss modules (NTXentLoss, DCLLoss, SwaVLoss, sinkhorn), imported "
                     "without lightly's package inits (bench/baselines.py).",
     "diffsort": "diffsort: DiffSortNet, the same relaxation as fastssl.soft_sort (values and P).",
