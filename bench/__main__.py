@@ -5,7 +5,8 @@
     python -m bench --op input               # the host input path on JPEG files (bench/input.py)
     python -m bench --device cpu --quick     # tiny sizes, few calls (what the test suite runs)
     python -m bench --report-only --out DIR  # redo plots / summary from DIR/results.jsonl
-    python -m bench --update-readme          # also rewrite README.md's benchmark block
+    python -m bench --update-readme          # also rewrite README.md's benchmark block (the
+                                             # same block as python -m bench.compare --update-readme)
 
 Outputs under --out (default bench/results/<device name>/; quick runs default to a temporary
 directory so that they never overwrite committed results): results.jsonl, one PNG per op and

@@ -3,8 +3,11 @@ achieved GFLOP/s against the machine's measured GEMM throughput, and the largest
 that fits a memory budget, from a results directory of `python -m bench`.
 
     python -m bench.compare --out bench/results/<dir> [--roofline] [--max-n BUDGET_MIB]
+                            [--competing-load [--competing-tiny]] [--update-readme]
 
-writes <dir>/compare.md (and roofline.json / max_n.json when asked to measure them). The
+writes <dir>/compare.md (and roofline.json / max_n.json / competing_load.json when asked to
+measure them; --competing-load times fastssl and eager interleaved while a second process runs
+float32 GEMMs on 2 threads, see `competing_load`). The
 summary.md that `python -m bench` writes lists every provider; this file is the verdict:
 for every op and size, fastssl's time ratio against eager and against the fastest peer
 (ratio = their time / fastssl's, >= 1.0 means fastssl is no slower) and its peak memory as a
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -29,10 +34,79 @@ PEER_NAMES = ("diffsort",)
 # (x is the per-view batch B; sce's rows are B against a K = 16384 queue).
 MEMORY_TARGET_OPS = ("nt_xent", "info_nce", "dcl", "sogclr", "sce")
 MEMORY_FRACTION = 1 / 8
+# The smallest N of that target range, N counted in anchors (rows of the similarity matrix):
+# 2B for nt_xent, dcl and sogclr (both views are anchors), B for info_nce and sce (the queries).
+# Smaller sizes of these ops are shown, but a miss there is "below the target range", not a
+# missed target. Other ops have no range: every measured size counts.
+TARGET_MIN_N = 2048
+TWO_VIEW_OPS = ("nt_xent", "dcl", "sogclr")
+
+# What compare.md says about a peer whenever its records are in the run.
+PEER_NOTES = {
+    "peer:torchsort": (
+        "torchsort (soft_sort, `output=values` rows) is a different relaxation: a projection onto the "
+        "permutahedron (isotonic regression, O(n log n) per row, regularization_strength 1.0, l2) that "
+        "returns the soft-sorted values only, no permutation matrix; fastssl's sorting network is "
+        "timed on its values path (return_permutation=False, backward from the values alone). The "
+        "values differ between the two, so the row compares time, not the same loss. Why fastssl is "
+        "slower there: the sorting network runs O(n log^2 n) sigmoid-relaxed comparators per row "
+        "(forward and backward) where torchsort runs one O(n log n) isotonic regression; the network's "
+        "reason to exist is P, which GroCo and diffsort users differentiate through and torchsort does "
+        "not produce, so a values-only miss against torchsort is that difference in algorithm, not "
+        "overhead."),
+    "peer:lightly": "lightly: its own loss modules (NTXentLoss, DCLLoss, SwaVLoss, sinkhorn), imported "
+                    "without lightly's package inits (bench/baselines.py).",
+    "diffsort": "diffsort: DiffSortNet, the same relaxation as fastssl.soft_sort (values and P).",
+}
 
 
 def is_peer(provider: str) -> bool:
     return provider.startswith(PEER_PREFIX) or provider in PEER_NAMES
+
+
+def anchors(op: str, shape: dict) -> int:
+    """N, the anchors of a contrastive case: 2B for the two-view ops, B for the others."""
+    return (2 if op in TWO_VIEW_OPS else 1) * shape.get("B", 0)
+
+
+def in_target_range(row: dict) -> bool:
+    """Whether a row's size is inside its op's target range (always, for ops without one)."""
+    return row["op"] not in MEMORY_TARGET_OPS or anchors(row["op"], row["shape"]) >= TARGET_MIN_N
+
+
+def _below_range(op: str) -> str:
+    b = TARGET_MIN_N // (2 if op in TWO_VIEW_OPS else 1)
+    return f"below the target range (B < {b}, N < {TARGET_MIN_N})"
+
+
+def load_note(records: list[dict]) -> str | None:
+    """The machine's load while the records were measured, in words, from their loadavg_1m,
+    cpu_count and timestamp fields (None when the records carry no load)."""
+    loads = sorted(r["loadavg_1m"] for r in records if r.get("loadavg_1m") is not None)
+    if not loads:
+        return None
+    cores = next((r.get("cpu_count") for r in records if r.get("cpu_count")), None)
+    threads = next((r.get("num_threads") for r in records if r.get("num_threads")), None)
+    med = loads[len(loads) // 2]
+    runs = sorted({str(r["timestamp"])[:16] for r in records if r.get("timestamp")})
+    text = (f"1-minute load average while measuring: median {med:.1f}, range {loads[0]:.1f}-{loads[-1]:.1f}"
+            + (f", on {cores} cores" if cores else "")
+            + (f" ({threads} benchmark threads)" if threads else ""))
+    if len(runs) > 1:
+        text += f", records from {len(runs)} runs ({', '.join(runs)} UTC; the latest record of a case counts)"
+    if cores:
+        # The benchmark's own threads account for up to `threads` of the load; what exceeds the
+        # core count is other processes competing for the CPU.
+        if med > cores:
+            text += (". The machine was loaded: other processes competed for the cores for most of "
+                     "the run, so absolute times are inflated and noisy; providers of one case ran one "
+                     "after another, so ratios carry that noise too")
+        elif loads[-1] > cores:
+            text += (". Partly loaded: the load exceeded the core count during part of the run "
+                     "(other processes competing), so some cases carry that noise")
+        else:
+            text += ". The load stayed within the core count: no sustained competition for the cores"
+    return text + "."
 
 
 def model_flop(op: str, shape: dict, mode: str) -> float | None:
@@ -126,32 +200,63 @@ def compare_rows(records: list[dict]) -> list[dict]:
 
 
 def _x(v):
-    return "-" if v is None else f"{v:.2f}x"
+    # Three decimals just below 1.0, so that a miss never prints as "1.00x".
+    return "-" if v is None else f"{v:.3f}x" if 0.995 <= v < 1.0 else f"{v:.2f}x"
 
 
-def _verdict(row: dict) -> str:
+def _shortfalls(row: dict) -> list[str]:
     bad = []
     if row["vs_eager"] is not None and row["vs_eager"] < 1.0:
         bad.append("slower than eager")
     if row["vs_peer"] is not None and row["vs_peer"] < 1.0:
         bad.append("slower than the peer")
     if (row["op"] in MEMORY_TARGET_OPS and row["mem_vs_eager"] is not None
-            and (row["shape"].get("B", 0) >= 2048) and row["mem_vs_eager"] > MEMORY_FRACTION):
+            and in_target_range(row) and row["mem_vs_eager"] > MEMORY_FRACTION):
         bad.append("memory > 1/8 of eager")
-    return "met" if not bad else "NOT met: " + ", ".join(bad)
+    return bad
+
+
+def _verdict(row: dict) -> str:
+    """One row's verdict: "met", "NOT met: ..." inside the target range, "below the target
+    range (N < 2048, ...): ..." for the smaller sizes of the contrastive ops."""
+    bad = _shortfalls(row)
+    if not bad:
+        return "met"
+    if not in_target_range(row):
+        return f"{_below_range(row['op'])}: " + ", ".join(bad)
+    return "NOT met: " + ", ".join(bad)
+
+
+def _size(shape: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in shape.items() if k in ("B", "K", "n", "crops"))
+
+
+def op_verdict(rows: list[dict]) -> str:
+    """The verdict over every size of one op line: NOT met names the in-range sizes that miss
+    (with the ratio), sizes below the target range are listed as such, not as misses."""
+    def where(r):
+        parts = [f"{_x(r['vs_eager'])} vs eager" if r["vs_eager"] is not None and r["vs_eager"] < 1.0 else None,
+                 f"{_x(r['vs_peer'])} vs {r['peer']['provider']}" if r["vs_peer"] is not None and r["vs_peer"] < 1.0 else None,
+                 f"memory {r['mem_vs_eager']:.3f} of eager" if "memory > 1/8 of eager" in _shortfalls(r) else None]
+        return f"{_size(r['shape'])}: " + ", ".join(p for p in parts if p)
+    missed = [where(r) for r in rows if _shortfalls(r) and in_target_range(r)]
+    below = [where(r) for r in rows if _shortfalls(r) and not in_target_range(r)]
+    out = ("NOT met at " + "; ".join(missed)) if missed else "met"
+    if below:
+        out += f"; {_below_range(rows[0]['op'])}: " + "; ".join(below)
+    return out
+
+
+def _providers_in(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["provider"] for r in records if r.get("provider")))
 
 
 def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: dict | None = None,
-                     notes: list[str] | None = None) -> str:
+                     notes: list[str] | None = None, competing: dict | None = None) -> str:
     lines = ["# fastssl against eager PyTorch and the peers", ""]
-    loads = sorted(r["loadavg_1m"] for r in records if r.get("loadavg_1m") is not None)
-    cores = next((r.get("cpu_count") for r in records if r.get("cpu_count")), None)
-    if loads:
-        lines += [f"Machine load while measuring (1-minute load average): median "
-                  f"{loads[len(loads) // 2]:.1f}, range {loads[0]:.1f}-{loads[-1]:.1f}, on {cores} cores. "
-                  "The machine was shared with other processes during the whole run: absolute times are "
-                  "inflated and noisy; the providers of one case ran one after another, minutes apart at "
-                  "most, so ratios carry that noise too (see the p20-p80 ranges in summary.md).", ""]
+    load = load_note(records)
+    if load:
+        lines += [f"Machine load: {load} (p20-p80 ranges per case in summary.md.)", ""]
     if roofline:
         lines += [f"Roofline: float32 GEMM {roofline['matmul_n']}^2 measured in the same run at "
                   f"**{roofline['gflops']:.1f} GFLOP/s** (best {roofline['best_gflops']:.1f}) with "
@@ -160,10 +265,13 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
                   "forward+backward 3 for A B^T, 2 for a Gram Z Z^T). The GEMM was measured once, under the "
                   "same shared load: figures above 100% mean the load was lower when the op ran, or "
                   "that its products were larger (D = 1024) and ran closer to peak.", ""]
+    peers = [p for p in _providers_in(records) if is_peer(p)]
     lines += ["Ratio = the baseline's median time / fastssl's (>= 1.00x: fastssl no slower). "
               "`eager` = the loss from its formula in plain PyTorch, full matrices (bench/baselines.py); "
-              "peers: `peer:lightly` (lightly's own loss code), `diffsort`. Memory = fastssl's peak "
-              "growth / eager's.", ""]
+              f"peers in this run: {', '.join(f'`{p}`' for p in peers) or 'none'}. Memory = fastssl's peak "
+              f"growth / eager's. Target range of {', '.join(MEMORY_TARGET_OPS)}: N >= {TARGET_MIN_N} anchors "
+              f"(N = 2B for {', '.join(TWO_VIEW_OPS)}, N = B for the others); smaller sizes are shown, marked "
+              "below the target range.", ""]
     rows = compare_rows(records)
     by_op = defaultdict(list)
     for r in rows:
@@ -202,39 +310,108 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
             lines.append(f"| {prov} | {res['max_B'] or '-'} | {res['first_fail_B'] or '- (bound reached)'} | "
                          f"{fmt_mb(res.get('peak_mb'))} |")
         lines.append("")
-    if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if competing:
+        lines += competing_markdown(competing) + [""]
+    seen = set(_providers_in(records))
+    auto = [text for prov, text in PEER_NOTES.items() if prov in seen]
+    if notes or auto:
+        lines += ["## Notes", ""] + [f"- {n}" for n in auto + list(notes or [])] + [""]
     return "\n".join(lines)
 
 
-def headline_markdown(records: list[dict], link: str) -> str:
-    """The README's lines for a results directory: per op, fastssl's ratio against eager and
-    the best peer at the largest measured size (the worst ratio over its sizes in brackets)."""
-    rows = [r for r in compare_rows(records) if r["mode"] in ("forward+backward", "forward")]
-    lines = ["| op | largest shape | fastssl | vs eager (worst over sizes) | vs best peer (worst) | "
-             "memory / eager | verdict at the largest |", "|---|---|---|---|---|---|---|"]
+VARIANT_KEYS = ("symmetric", "eps", "network", "crops", "output")
+
+
+def _headline_dtype(op: str, dtype: str, device: str) -> bool:
+    # One dtype per op: float32 on CPU, bfloat16 on GPU; sinkhorn in every dtype (the peers
+    # overflow in the half types, which is the point of those rows).
+    return op == "sinkhorn" or dtype == "float32" or (device == "cuda" and dtype == "bfloat16")
+
+
+def headline_groups(records: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
+    """(op, dtype, variant, rows) for the README: one line per op, dtype and variant (info_nce
+    symmetric or not, sinkhorn's eps, swav's crops, soft_sort's values-only cases), the rows in
+    forward+backward (forward where that is all there is). Only rows compared with users' code:
+    one with neither eager nor a peer (the reference alone) is no speedup claim."""
+    rows = [r for r in compare_rows(records) if r["mode"] in ("forward+backward", "forward")
+            and (r["eager"] is not None or r["peer"] is not None or r["nan"])]
     by_op = defaultdict(list)
     for r in rows:
-        # one line per op, dtype and variant (info_nce symmetric or not, sinkhorn's eps)
-        variant = ", ".join(f"{k}={v}" for k, v in r["shape"].items()
-                            if k in ("symmetric", "eps", "network") and not (k == "network" and v == "odd_even"))
+        variant = ", ".join(f"{k}={v}" for k, v in r["shape"].items() if k in VARIANT_KEYS
+                            and not (k == "network" and v == "odd_even") and not (k == "crops" and v == 2))
         by_op[(r["op"], r["dtype"], variant)].append(r)
+    out = []
     for (op, dtype, variant), op_rows in by_op.items():
-        if (dtype != "float32" and op != "sinkhorn") or "bitonic" in variant:
+        device = op_rows[0]["fast"].get("device", "cpu")
+        if not _headline_dtype(op, dtype, device) or "bitonic" in variant:
             continue
-        full = [r for r in op_rows if r["mode"] == "forward+backward"] or op_rows
+        out.append((op, dtype, variant, [r for r in op_rows if r["mode"] == "forward+backward"] or op_rows))
+    return out
+
+
+def headline_markdown(records: list[dict], link: str, roofline: dict | None = None) -> str:
+    """The README's table for a results directory: per op and variant, fastssl's ratio against
+    eager and the best peer at the largest measured size, the worst ratio over the sizes inside
+    the target range in brackets, and the verdict over every size (sizes below the target range
+    are named as such, not as misses)."""
+    head = ("| op | largest shape | fastssl | vs eager (worst in range) | vs best peer (worst in range) | "
+            "memory / eager |" + (" fastssl GFLOP/s (% of GEMM) |" if roofline else "") + " verdict over the sizes |")
+    lines = [head, "|" + "---|" * (7 + bool(roofline))]
+    for op, dtype, variant, full in headline_groups(records):
         big = max(full, key=lambda r: (r["shape"].get("B", 0), r["shape"].get("K", 0), r["shape"].get("n", 0)))
-        worst_e = min((r["vs_eager"] for r in full if r["vs_eager"] is not None), default=None)
-        worst_p = min((r["vs_peer"] for r in full if r["vs_peer"] is not None), default=None)
+        ranged = [r for r in full if in_target_range(r)]
+        worst_e = min((r["vs_eager"] for r in ranged if r["vs_eager"] is not None), default=None)
+        worst_p = min((r["vs_peer"] for r in ranged if r["vs_peer"] is not None), default=None)
         shape = ", ".join(f"{k}={v}" for k, v in big["shape"].items())
         peer = "-" if big["vs_peer"] is None else f"{_x(big['vs_peer'])} {big['peer']['provider']} ({_x(worst_p)})"
         mem = "-" if big["mem_vs_eager"] is None else f"{big['mem_vs_eager']:.3f}"
         if big["nan"]:
             peer = f"{peer} ({', '.join(big['nan'])}: NaN codes)"
+        gf = ""
+        if roofline:
+            g = (big.get("gflops") or {}).get("fastssl")
+            gf = " - |" if g is None else f" {g:.1f} ({100 * g / roofline['gflops']:.0f}%) |"
         lines.append(f"| {op} ({dtype}{', ' + variant if variant else ''}) | {shape} | {fmt_ms(big['fast']['p50_ms'])} | "
-                     f"{_x(big['vs_eager'])} ({_x(worst_e)}) | {peer} | {mem} | {_verdict(big)} |")
+                     f"{_x(big['vs_eager'])} ({_x(worst_e)}) | {peer} | {mem} |{gf} {op_verdict(full)} |")
     lines += ["", f"Every size, dtype and the largest N within a memory budget: [{link}]({link})."]
     return "\n".join(lines)
+
+
+def roofline_line(roofline: dict) -> str:
+    return (f"GEMM roofline measured in the same run: float32 {roofline['matmul_n']}^2 at "
+            f"{roofline['gflops']:.1f} GFLOP/s (best {roofline['best_gflops']:.1f}), {roofline['threads']} "
+            f"threads, load {roofline['loadavg_1m']:.1f}; fastssl's GFLOP/s count the fewest matmul FLOPs "
+            "the loss needs.")
+
+
+def max_n_line(max_n: dict) -> str:
+    parts = []
+    for prov, res in max_n["providers"].items():
+        if res.get("max_B") is None:
+            parts.append(f"{prov} {'none' if res.get('first_fail_B') else 'not measured'}")
+        else:
+            parts.append(f"{prov} B = {res['max_B']}" + ("" if res.get("first_fail_B") else " (the bound)"))
+    return (f"Largest nt_xent batch within {max_n['budget_mb']:.0f} MiB of peak growth (D = {max_n['D']}, "
+            f"float32, forward+backward, B doubled up to {max_n['bound_B']}): " + ", ".join(parts) + ".")
+
+
+def competing_line(competing: dict) -> str:
+    cases = competing["cases"]
+    ratios = [c["ratio"] for c in cases]
+    low = [c for c in cases if c["ratio"] < 1.0]
+    loads = [c["loadavg_1m"] for c in cases]
+    text = (f"Under a competing load ({competing['load']['what']}; load average {min(loads):.1f}-{max(loads):.1f} "
+            f"on {competing['cpu_count']} cores), fastssl and eager timed interleaved: eager/fastssl "
+            f"{min(ratios):.2f}x-{max(ratios):.2f}x over {len(cases)} cases")
+    if low:
+        text += "; below 1.0: " + ", ".join(f"{c['op']} {_shape_short(c['shape'])} {c['ratio']:.2f}x" for c in low)
+    else:
+        text += ", every case >= 1.0"
+    return text + "."
+
+
+def _shape_short(shape: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in shape.items() if k != "D")
 
 
 def max_n_search(budget_mb: float, start_b: int, bound_b: int, providers=("fastssl", "eager", "peer:lightly"),
@@ -273,30 +450,151 @@ def max_n_search(budget_mb: float, start_b: int, bound_b: int, providers=("fasts
     return out
 
 
-def update_readme(readme_path: Path) -> bool:
-    """The README's benchmark block: bench.summary's tables (against the reference) and, for
-    every results directory with a roofline/compare run, the verdict against eager and the
-    peers. (bench.summary.readme_block does not know these yet; until it does, regenerate the
-    block with `python -m bench.compare --update-readme`.)"""
-    from bench import summary
-    from bench.results import load
+# ----------------------------------------------------------------------------------------------
+# competing load
 
-    text = readme_path.read_text()
-    start, end = text.find(summary.BEGIN), text.find(summary.END)
-    if start < 0 or end < start:
-        raise ValueError(f"{readme_path}: no benchmark markers")
-    block = summary.readme_block().replace("python -m bench --update-readme", "python -m bench.compare --update-readme")
-    extra = []
-    for path in sorted(summary.RESULTS_ROOT.glob("*/compare.md")):
-        records = load(path.parent / "results.jsonl")
-        rel = path.relative_to(summary.RESULTS_ROOT.parent.parent)
-        extra += ["", f"**Against eager PyTorch and the peers** ({path.parent.name}: every provider measured in the same pass; ratio = their "
-                  "time / fastssl's, worst over the measured sizes in brackets; the machine was shared, loads in compare.md):", "",
-                  headline_markdown(records, str(rel))]
-    new = text[:start + len(summary.BEGIN)] + "\n" + block + "\n" + "\n".join(extra) + "\n" + text[end:]
-    changed = new != text
-    readme_path.write_text(new)
-    return changed
+# (op, shape) timed under the competing load: sizes inside the CPU target range (N >= 2048
+# anchors: B = 1024 already for nt_xent, dcl and sogclr), the cheapest ones first.
+COMPETING_CASES = (
+    ("nt_xent", {"B": 1024, "D": 128}), ("nt_xent", {"B": 2048, "D": 128}),
+    ("info_nce", {"B": 2048, "D": 128, "symmetric": False}), ("info_nce", {"B": 4096, "D": 128, "symmetric": False}),
+    ("info_nce", {"B": 2048, "D": 128, "symmetric": True}), ("info_nce", {"B": 4096, "D": 128, "symmetric": True}),
+    ("dcl", {"B": 1024, "D": 128}), ("sogclr", {"B": 1024, "D": 128}),
+    ("sce", {"B": 2048, "D": 128, "K": 16384}),
+)
+# The same cases at toy sizes: the code path in seconds (tests, smoke runs), not a measurement.
+COMPETING_TINY = tuple({(op, json.dumps(shape, sort_keys=True)): (op, shape) for op, shape in (
+    (op, {**shape, "B": 32, "D": 16, **({"K": 128} if "K" in shape else {})}) for op, shape in COMPETING_CASES)}.values())
+
+# The competing process: float32 GEMMs on its own threads until killed. It also exits when its
+# parent is gone (reparented), so a benchmark killed hard leaves no load behind.
+_GEMM_LOOP = """
+import os, sys, torch
+n, threads = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(threads)
+parent = os.getppid()
+a, b = torch.randn(n, n), torch.randn(n, n)
+a @ b
+print("ready", flush=True)
+while os.getppid() == parent:
+    a @ b
+"""
+
+
+class CompetingLoad:
+    """A background process running float32 GEMMs (n x n) on `threads` threads, for the span
+    of a with-block; killed on exit, errors and KeyboardInterrupt included."""
+
+    def __init__(self, threads: int = 2, n: int = 1024):
+        self.threads, self.n, self.proc = threads, n, None
+
+    def __enter__(self) -> "CompetingLoad":
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        self.proc = subprocess.Popen([sys.executable, "-c", _GEMM_LOOP, str(self.n), str(self.threads)],
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            line = self.proc.stdout.readline()   # its first GEMM is done: the load is running
+            if line.strip() != "ready":
+                raise RuntimeError(f"the competing GEMM process did not start (exit {self.proc.poll()})")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+            self.proc.stdout.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def what(self) -> str:
+        return f"a second process running float32 GEMMs {self.n}^2 on {self.threads} threads"
+
+
+def _prepared(op: str, provider: str, shape: dict):
+    from bench import contrastive
+    spec = next(s for s in contrastive.SPECS if s.name == op)
+    return spec.build(provider, shape, torch.float32, torch.device("cpu"))
+
+
+def _call(prep) -> float:
+    for t in prep.leaves:
+        t.grad = None
+    t0 = time.perf_counter()
+    prep.backward(prep.forward())
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(op: str, shape: dict, reps: int = 5) -> dict:
+    """fastssl (automatic backend) and eager forward+backward, called alternately (the order
+    swapped every round, so that a change of load falls on both), after one warm-up each:
+    medians of `reps` calls each."""
+    import fastssl
+
+    if reps < 5:
+        raise ValueError(f"reps: at least 5 calls per provider, got {reps}")
+    with fastssl.use_backend("auto"):
+        preps = {p: _prepared(op, p, shape) for p in ("fastssl", "eager")}
+        times = {p: [] for p in preps}
+        load0 = os.getloadavg()[0]
+        for p in preps:
+            _call(preps[p])
+        for i in range(reps):
+            for p in (("fastssl", "eager") if i % 2 == 0 else ("eager", "fastssl")):
+                times[p].append(_call(preps[p]))
+    med = {p: sorted(t)[len(t) // 2] for p, t in times.items()}
+    return {"op": op, "shape": dict(shape), "dtype": "float32", "mode": "forward+backward", "reps": reps,
+            "fastssl_ms": med["fastssl"], "eager_ms": med["eager"], "ratio": med["eager"] / med["fastssl"],
+            "times_ms": times, "loadavg_1m": os.getloadavg()[0], "loadavg_1m_start": load0}
+
+
+def competing_load(cases=COMPETING_CASES, reps: int = 5, load_threads: int = 2, load_n: int = 1024,
+                   progress=None) -> dict:
+    """Every case timed by `time_interleaved` while a `CompetingLoad` runs; the load process is
+    gone when this returns or raises."""
+    from bench.results import git_commit
+
+    out = {"load": {}, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+           "git_commit": git_commit(), "cases": []}
+    with CompetingLoad(load_threads, load_n) as load:
+        out["load"] = {"what": load.what, "threads": load_threads, "matmul_n": load_n}
+        for op, shape in cases:
+            res = time_interleaved(op, shape, reps)
+            out["cases"].append(res)
+            if progress:
+                progress(res)
+    out["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    return out
+
+
+def competing_markdown(competing: dict) -> list[str]:
+    lines = ["## Under a competing load: ratio eager/fastssl", "",
+             f"Load: {competing['load']['what']}, while fastssl (automatic backend) and eager ran forward+backward "
+             f"on {competing['threads']} threads ({competing['cpu_count']} cores), called alternately, medians of "
+             f"{competing['cases'][0]['reps'] if competing['cases'] else '-'} calls each "
+             f"(bench/compare.py `competing_load`, {competing.get('timestamp', '?')} UTC, commit "
+             f"`{competing.get('git_commit')}`). Target: ratio >= 1.0.", "",
+             "| op | shape | fastssl | eager | ratio eager/fastssl | load average | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for c in competing["cases"]:
+        verdict = "met" if c["ratio"] >= 1.0 else "NOT met: slower than eager"
+        if c["ratio"] < 1.0 and not in_target_range(c):
+            verdict = f"{_below_range(c['op'])}: slower than eager"
+        lines.append(f"| {c['op']} | {_shape_short(c['shape'])} | {fmt_ms(c['fastssl_ms'])} | "
+                     f"{fmt_ms(c['eager_ms'])} | {c['ratio']:.2f}x | {c['loadavg_1m_start']:.1f}-"
+                     f"{c['loadavg_1m']:.1f} | {verdict} |")
+    return lines
+
+
+def update_readme(readme_path: Path, results_root: Path | None = None) -> bool:
+    """README.md's benchmark block, from the one generator (bench.summary.update_readme)."""
+    from bench import summary
+    return summary.update_readme(readme_path, results_root)
 
 
 def main(argv=None) -> int:
@@ -309,22 +607,42 @@ def main(argv=None) -> int:
     p.add_argument("--max-n-bound", type=int, default=8192)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--note", action="append", default=[])
-    p.add_argument("--update-readme", action="store_true", help="rewrite README.md's benchmark block")
+    p.add_argument("--competing-load", action="store_true",
+                   help="time fastssl and eager interleaved under a 2-thread GEMM load (competing_load.json)")
+    p.add_argument("--competing-tiny", action="store_true",
+                   help="the competing-load cases at toy sizes (a smoke test of the code path)")
+    p.add_argument("--competing-reps", type=int, default=5)
+    p.add_argument("--update-readme", nargs="?", const=str(Path(__file__).resolve().parent.parent / "README.md"),
+                   default=None, metavar="README",
+                   help="rewrite the benchmark block of README.md (the same block as python -m bench --update-readme)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
     roof_path, max_path = args.out / "roofline.json", args.out / "max_n.json"
+    comp_path = args.out / "competing_load.json"
     if args.roofline:
         roof_path.write_text(json.dumps(measure_gemm(), indent=1) + "\n")
     if args.max_n is not None:
         max_path.write_text(json.dumps(max_n_search(args.max_n, 1024, args.max_n_bound), indent=1) + "\n")
+    if args.competing_load:
+        def show(c):
+            print(f"{c['op']:<9} {_shape_short(c['shape']):<28} fastssl {fmt_ms(c['fastssl_ms']):>9}  eager "
+                  f"{fmt_ms(c['eager_ms']):>9}  ratio {c['ratio']:.2f}x  load {c['loadavg_1m']:.1f}",
+                  file=sys.stderr, flush=True)
+        res = competing_load(COMPETING_TINY if args.competing_tiny else COMPETING_CASES,
+                             reps=args.competing_reps, progress=show)
+        comp_path.write_text(json.dumps(res, indent=1) + "\n")
     roofline = json.loads(roof_path.read_text()) if roof_path.exists() else None
     max_n = json.loads(max_path.read_text()) if max_path.exists() else None
-    records = load(args.out / "results.jsonl")
-    (args.out / "compare.md").write_text(compare_markdown(records, roofline, max_n, args.note))
+    competing = json.loads(comp_path.read_text()) if comp_path.exists() else None
+    results_path = args.out / "results.jsonl"
+    records = load(results_path) if results_path.exists() else []
+    (args.out / "compare.md").write_text(compare_markdown(records, roofline, max_n, args.note, competing))
     print(f"wrote {args.out / 'compare.md'}")
     if args.update_readme:
-        update_readme(Path(__file__).resolve().parent.parent / "README.md")
+        changed = update_readme(Path(args.update_readme))
+        print(f"README benchmark block {'updated' if changed else 'unchanged'}: {args.update_readme}")
     return 0
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 MODE_ORDER = ("forward", "backward", "forward+backward", "step")
 ALL_PROVIDERS = ("fastssl", "fastssl:torch", "fastssl:cpp", "fastssl:triton", "fastssl:cuda",
-                 "reference", "reference:compile", "diffsort", "eager", "eager:compile")
+                 "reference", "reference:compile", "diffsort", "eager", "eager:compile",
+                 "peer:lightly", "peer:torchsort")
 LOG_SPAN = 20.0
 
 
@@ -59,7 +60,9 @@ def _scale(ax, which: str, values) -> None:
 
 
 def _colors(plt, providers):
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # The default cycle has 10 colours; the peers (providers 11 and 12) get two of their own
+    # rather than wrapping onto fastssl's.
+    palette = list(plt.rcParams["axes.prop_cycle"].by_key()["color"]) + ["#000000", "#b8860b"]
     # One colour per provider across all panels and figures.
     return {p: palette[ALL_PROVIDERS.index(p) % len(palette)] if p in ALL_PROVIDERS
             else palette[(len(ALL_PROVIDERS) + i) % len(palette)] for i, p in enumerate(providers)}

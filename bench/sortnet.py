@@ -1,7 +1,10 @@
 """Sorting-network family: soft_sort (against diffsort, the library it replaces) and groco.
 
 soft_sort: B problems of size n; the backward runs from random cotangents on both outputs
-(sorted values and P), since GroCo and diffsort users differentiate through both.
+(sorted values and P), since GroCo and diffsort users differentiate through both. The sizes
+with ``output="values"`` measure fastssl's values path (return_permutation=False, backward from
+the values' cotangent alone) against torchsort (``peer:torchsort``), which returns values only
+and relaxes the sort differently (bench/baselines.py): a timing comparison, not the same loss.
 groco: B = global batch, D = projector width, `views` views of (B, D), default
 hyperparameters (topk_neg = 10, so each sorted group has n_pos + 10 entries).
 """
@@ -11,6 +14,7 @@ import torch
 
 import fastssl.functional as fast
 import fastssl.reference as ref
+from bench import baselines
 from bench.harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, Skip, cotangent_backward,
                            embeddings, resolve, scalar_backward)
 
@@ -35,6 +39,8 @@ def _soft_sort_build(provider, shape, dtype, device):
     # Drawn on the device: the cotangent of P is B n^2 values (4 GiB at B = n = 1024).
     gen = torch.Generator(device=device).manual_seed(2)
     g_sorted = torch.randn(b, n, generator=gen, device=device).to(dtype)
+    if shape.get("output") == "values":
+        return _soft_sort_values(provider, x, g_sorted, network, steepness, distribution)
     g_perm = torch.randn(b, n, n, generator=gen, device=device).to(dtype)
     if provider == "diffsort":
         net = _diffsort_fn(network, n, steepness, distribution, device)
@@ -50,17 +56,44 @@ def _soft_sort_build(provider, shape, dtype, device):
     return Prepared(forward=forward, backward=backward, leaves=(x,))
 
 
+def _soft_sort_values(provider, x, g_sorted, network, steepness, distribution):
+    if provider == "peer:torchsort":
+        try:
+            fn = baselines.peer("soft_sort", "torchsort")
+        except baselines.PeerMissing as e:
+            raise Skip(str(e)) from None
+        forward = lambda: fn(x)  # noqa: E731
+    elif provider.startswith("fastssl"):
+        forward = lambda: fast.soft_sort(x, network=network, steepness=steepness,  # noqa: E731
+                                         distribution=distribution, return_permutation=False)[0]
+    else:
+        raise Skip(f"the values-only soft_sort cases compare fastssl with torchsort, not {provider}")
+    return Prepared(forward=forward, backward=lambda y: y.backward(g_sorted.to(y.dtype)), leaves=(x,))
+
+
+# Who measures what: the full output (values and P) against diffsort and the reference, the
+# values alone against torchsort.
+FULL_PROVIDERS = STANDARD_PROVIDERS + ("diffsort",)
+VALUES_PROVIDERS = ("fastssl", "peer:torchsort")
+
+
 def _soft_sort_sizes(dev, quick):
     if quick:  # two sizes: every plot shows a line, not a lone point
-        return [Size({"B": 8, "n": 5, "network": "odd_even"}),
-                Size({"B": 16, "n": 5, "network": "odd_even"}, modes=FULL)]
+        return ([Size({"B": 8, "n": 5, "network": "odd_even"}, providers=FULL_PROVIDERS),
+                 Size({"B": 16, "n": 5, "network": "odd_even"}, modes=FULL, providers=FULL_PROVIDERS)]
+                + [Size({"B": b, "n": 5, "network": "odd_even", "output": "values"}, modes=FULL,
+                        providers=VALUES_PROVIDERS) for b in (8, 16)])
     if dev == "cpu":
-        return ([Size({"B": b, "n": 16, "network": "odd_even"}) for b in (256, 1024, 4096)]
-                + [Size({"B": b, "n": 32, "network": "odd_even"}, modes=FULL) for b in (256, 1024, 4096)]
-                + [Size({"B": b, "n": 16, "network": "bitonic"}, modes=FULL) for b in (256, 1024, 4096)])
-    return ([Size({"B": b, "n": 32, "network": "odd_even"}) for b in (1024, 4096, 16384)]
-            + [Size({"B": 4096, "n": 32, "network": "bitonic"}, modes=FULL),
-               Size({"B": 256, "n": 1024, "network": "bitonic"}, modes=FULL)])
+        return ([Size({"B": b, "n": 16, "network": "odd_even"}, providers=FULL_PROVIDERS) for b in (256, 1024, 4096)]
+                + [Size({"B": b, "n": 32, "network": "odd_even"}, modes=FULL, providers=FULL_PROVIDERS)
+                   for b in (256, 1024, 4096)]
+                + [Size({"B": b, "n": 16, "network": "bitonic"}, modes=FULL, providers=FULL_PROVIDERS)
+                   for b in (256, 1024, 4096)]
+                + [Size({"B": b, "n": n, "network": "odd_even", "output": "values"}, modes=FULL,
+                        providers=VALUES_PROVIDERS) for n in (16, 32) for b in (256, 1024, 4096)])
+    return ([Size({"B": b, "n": 32, "network": "odd_even"}, providers=FULL_PROVIDERS) for b in (1024, 4096, 16384)]
+            + [Size({"B": 4096, "n": 32, "network": "bitonic"}, modes=FULL, providers=FULL_PROVIDERS),
+               Size({"B": 256, "n": 1024, "network": "bitonic"}, modes=FULL, providers=FULL_PROVIDERS)])
 
 
 def _groco_build(provider, shape, dtype, device):
@@ -81,7 +114,7 @@ def _groco_sizes(dev, quick):
 
 SPECS = [
     OpSpec("soft_sort", "sortnet", _soft_sort_build, _soft_sort_sizes,
-           providers=STANDARD_PROVIDERS + ("diffsort",), x_label="number of problems B",
+           providers=FULL_PROVIDERS + ("peer:torchsort",), x_label="number of problems B",
            # Sort keys are float32 in GroCo (it sorts float similarities) and in diffsort's use.
            dtypes=lambda dev, quick: (torch.float32,)),
     OpSpec("groco", "sortnet", _groco_build, _groco_sizes, x_label="global batch B"),

@@ -1,8 +1,13 @@
-"""Markdown summary of a results file (speedups and memory ratios against the reference and the
-other baselines, verdicts on the issue targets) and the README's benchmark block.
+"""Markdown summary of a results file (speedups against eager and the best peer first, then the
+other baselines and the reference; memory ratios; verdicts on the issue targets) and the
+README's benchmark block.
 
 The README block lies between the markers `<!-- bench:begin -->` and `<!-- bench:end -->`;
-`update_readme` regenerates it from every device directory under bench/results/.
+`update_readme` regenerates it from every device directory under bench/results/ (the one
+generator: `python -m bench --update-readme` and `python -m bench.compare --update-readme` both
+call it). Its speedups are against eager PyTorch and the best peer only (issue 18): a results
+directory measured against the reference alone (the correctness anchor, not what users would
+otherwise run) is listed by name, not shown as speedups.
 """
 from __future__ import annotations
 
@@ -12,12 +17,20 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import compare
 from bench.harness import fmt_mb, fmt_ms
 
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
-BASELINES = ("eager", "eager:compile", "reference", "reference:compile", "diffsort")
+# What fastssl is compared against, in column order: eager, the peers (any "peer:<library>"
+# provider and diffsort; the known ones named here), then the reference, the correctness anchor.
+BASELINES = ("eager", "eager:compile", "peer:lightly", "peer:torchsort", "diffsort", "reference",
+             "reference:compile")
+
+
+def is_baseline(provider: str) -> bool:
+    return provider in BASELINES or compare.is_peer(provider)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +266,9 @@ def build_summary(records: list[dict]) -> str:
         "`reference` = fastssl.reference eager, `reference:compile` = torch.compile of it (GPU), "
         "`eager` = the loss as a user writes it (F.cross_entropy over the full logits), "
         "`eager:compile` = torch.compile of that (GPU), "
-        "`diffsort` = diffsort.DiffSortNet.",
+        "`peer:<library>` = that library's own implementation (bench/baselines.py), "
+        "`diffsort` = diffsort.DiffSortNet. Speedup columns: vs eager and vs the fastest peer of "
+        "the case first, then the other baselines.",
         "",
     ]
 
@@ -339,22 +354,38 @@ def same_code_note(recs: list[dict]) -> str | None:
             f"use the automatic backend, the one users get.")
 
 
+def _best_peer(provs: dict[str, dict]) -> dict | None:
+    # A peer whose output is not finite (Sinkhorn overflow) is not a competitor.
+    peers = [r for p, r in provs.items() if compare.is_peer(p) and r.get("finite", True)]
+    return min(peers, key=lambda r: r["p50_ms"]) if peers else None
+
+
 def _op_table(recs: list[dict]) -> list[str]:
     ok = [r for r in recs if r.get("status") == "ok"]
     if not ok:
         return ["No successful measurement."]
-    baselines = [b for b in BASELINES if any(r["provider"] == b for r in ok)]
+    present = {r["provider"] for r in ok}
+    peers = sorted(p for p in present if compare.is_peer(p))
+    # vs eager and vs the best peer first; a single peer's own column would repeat the best one.
+    rest = [b for b in sorted({p for p in present if is_baseline(p)}, key=_provider_order)
+            if b != "eager" and not (compare.is_peer(b) and len(peers) == 1)]
+    columns = (["eager"] if "eager" in present else []) + (["best peer"] if peers else []) + rest
     head = "| shape | dtype | mode | provider | time p50 (p20-p80) | " + " | ".join(
-        f"speedup vs {b}" for b in baselines) + " | peak memory | memory / reference |"
-    out = [head, "|" + "---|" * (7 + len(baselines))]
+        f"speedup vs {b}" for b in columns) + " | peak memory | memory / reference |"
+    out = [head, "|" + "---|" * (7 + len(columns))]
     cases: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in ok:
         cases[_key(r)][r["provider"]] = r
     for (shape_json, dtype, mode), provs in sorted(cases.items(), key=lambda kv: _case_order(kv[0])):
         ref = provs.get("reference")
+        best = _best_peer(provs)
         for prov, r in sorted(provs.items(), key=lambda kv: _provider_order(kv[0])):
             speed = []
-            for b in baselines:
+            for b in columns:
+                if b == "best peer":
+                    speed.append("-" if best is None or best["provider"] == prov or compare.is_peer(prov)
+                                 else f"{_speedup(best['p50_ms'] / r['p50_ms'])} ({best['provider']})")
+                    continue
                 base = provs.get(b)
                 speed.append("-" if base is None or b == prov else _speedup(base["p50_ms"] / r["p50_ms"]))
             mem = r.get("peak_mem_mb")
@@ -393,8 +424,9 @@ def _case_order(key: tuple):
 
 def _provider_order(p: str):
     order = ["fastssl", "fastssl:cuda", "fastssl:triton", "fastssl:cpp", "fastssl:torch",
-             "eager", "eager:compile", "reference", "reference:compile", "diffsort"]
-    return order.index(p) if p in order else len(order)
+             "eager", "eager:compile", "peer:lightly", "peer:torchsort", "diffsort", "reference",
+             "reference:compile"]
+    return (order.index(p), p) if p in order else (len(order) - 2 if compare.is_peer(p) else len(order), p)
 
 
 def write_summary(records: list[dict], path: Path) -> Path:
@@ -482,22 +514,77 @@ def readme_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def readme_block(results_root: Path = RESULTS_ROOT) -> str:
+def _against_users_code(records: list[dict]) -> bool:
+    """Whether a run measured fastssl against what users would otherwise run (eager or a peer)."""
+    return any(r.get("status") == "ok" and (r.get("provider") == "eager" or compare.is_peer(r.get("provider", "")))
+               for r in records)
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def readme_section(records: list[dict], directory: Path, rel: Path) -> str:
+    """One results directory's part of the README block: fastssl against eager and the best
+    peer (bench.compare.headline_markdown), the machine's load from the records, and the
+    roofline, competing-load and largest-N measurements saved next to them."""
+    latest = list(_latest_by_case(records).values())
+    env = latest[-1]
+    dev = _device_type(latest)
+    roofline = _json(directory / "roofline.json")
+    competing = _json(directory / "competing_load.json")
+    max_n = _json(directory / "max_n.json")
+    details = rel / ("compare.md" if (directory / "compare.md").exists() else "summary.md")
+    lines = [f"**{env.get('device_name', dev)}** ({dev}, {env.get('num_threads')} threads), commit "
+             f"`{env.get('git_commit')}`, {str(env.get('timestamp', ''))[:10]}: fastssl against eager PyTorch "
+             "and the fastest peer, every provider measured in the same run; ratio = their median time / "
+             f"fastssl's (>= 1.00x: fastssl no slower); target range of the contrastive ops: N >= "
+             f"{compare.TARGET_MIN_N} anchors.", ""]
+    load = compare.load_note(latest)
+    if load:
+        lines += [f"Machine load: {load}", ""]
+    lines.append(compare.headline_markdown(latest, str(details), roofline))
+    extra = []
+    if roofline:
+        extra.append(compare.roofline_line(roofline))
+    if competing and competing.get("cases"):
+        extra.append(compare.competing_line(competing))
+    if max_n:
+        extra.append(compare.max_n_line(max_n))
+    if extra:
+        lines += [""] + [f"- {e}" for e in extra]
+    if details.name != "summary.md":
+        lines += ["", f"Every provider, mode and the reference (the correctness anchor): "
+                      f"[{rel}/summary.md]({rel}/summary.md)."]
+    return "\n".join(lines)
+
+
+def readme_block(results_root: Path | None = None) -> str:
+    """The README's benchmark block (the one generator; see the module docstring)."""
     from bench.results import load
-    parts = ["<!-- generated by `python -m bench --update-readme`; edit bench/summary.py, not this block -->", ""]
-    for path in sorted(Path(results_root).glob("*/results.jsonl")):
-        records = load(path)
+    root = Path(RESULTS_ROOT if results_root is None else results_root)
+    parts = ["<!-- generated by `python -m bench --update-readme` (or `python -m bench.compare "
+             "--update-readme`); edit bench/summary.py, not this block -->", ""]
+    shown, anchor_only = 0, []
+    for path in sorted(root.glob("*/results.jsonl")):
+        records = [r for r in load(path) if r.get("op")]
         if not records:
             continue
-        rel = path.parent.relative_to(Path(results_root).parent.parent) if path.is_relative_to(
-            Path(results_root).parent.parent) else path.parent
-        parts += [readme_table(records), "", f"Full summary and plots: [{rel}/summary.md]({rel}/summary.md)", ""]
-    if len(parts) == 2:
+        rel = path.parent.relative_to(root.parent.parent) if path.is_relative_to(root.parent.parent) else path.parent
+        if _against_users_code(records) and compare.headline_groups(list(_latest_by_case(records).values())):
+            parts += [readme_section(records, path.parent, rel), ""]
+            shown += 1
+        else:
+            anchor_only.append(f"[{rel.name}]({rel}/summary.md)")
+    if anchor_only:
+        parts += ["Not shown as speedups (no eager or peer baseline in the run; measured against the "
+                  "reference, the correctness anchor, or without a baseline): " + ", ".join(anchor_only) + ".", ""]
+    if not shown and not anchor_only:
         parts.append("No benchmark results yet: run `python -m bench`.")
     return "\n".join(parts).rstrip()
 
 
-def update_readme(readme_path: Path, results_root: Path = RESULTS_ROOT) -> bool:
+def update_readme(readme_path: Path, results_root: Path | None = None) -> bool:
     """Rewrite the block between the bench markers of `readme_path` from the results under
     `results_root`; returns whether the file changed. Raises ValueError if the markers are
     missing or out of order (they are placed by hand, once)."""
@@ -506,7 +593,8 @@ def update_readme(readme_path: Path, results_root: Path = RESULTS_ROOT) -> bool:
     start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < 0 or end < start:
         raise ValueError(f"{readme_path}: expected the markers {BEGIN!r} and {END!r}, in that order")
-    new = text[:start + len(BEGIN)] + "\n" + readme_block(results_root) + "\n" + text[end:]
+    block = readme_block(RESULTS_ROOT if results_root is None else results_root)
+    new = text[:start + len(BEGIN)] + "\n" + block + "\n" + text[end:]
     if new == text:
         return False
     readme_path.write_text(new)

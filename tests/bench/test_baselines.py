@@ -80,3 +80,57 @@ def test_lightly_peer_matches_reference_where_importable():
     z1, z2 = _x(B, D, seed=1), _x(B, D, seed=2)
     torch.testing.assert_close(nt(z1, z2), ref.nt_xent(z1, z2))
     torch.testing.assert_close(dcl(z1, z2), ref.dcl(z1, z2))
+
+
+def test_torchsort_peer_sorts_or_says_why_it_is_missing(monkeypatch):
+    """torchsort is optional: where it imports, its soft_sort returns ascending values of the
+    same sum (a point of the permutahedron), exactly sorted for well-separated inputs at this
+    scale; where it does not, PeerMissing names it, and the benchmark records the case as
+    skipped with that note."""
+    import sys
+
+    from bench import harness, sortnet
+    try:
+        fn = bl.peer("soft_sort", "torchsort")
+    except bl.PeerMissing as e:
+        assert "torchsort" in str(e)
+    else:
+        torch.testing.assert_close(fn(torch.tensor([[0.3, 0.1, 0.2, 0.0]])), torch.tensor([[0.0, 0.1, 0.2, 0.3]]))
+        y = fn(_x(5, 16, seed=7).detach().float() * 10)
+        assert (y.diff(dim=1) >= 0).all()
+        torch.testing.assert_close(y.sum(1), (_x(5, 16, seed=7).detach().float() * 10).sum(1), rtol=1e-4, atol=1e-4)
+    monkeypatch.setitem(sys.modules, "torchsort", None)   # import torchsort -> ImportError
+    with pytest.raises(bl.PeerMissing, match="torchsort is not importable"):
+        bl.peer("soft_sort", "torchsort")
+    spec = next(s for s in sortnet.SPECS if s.name == "soft_sort")
+    size = harness.Size({"B": 4, "n": 5, "network": "odd_even", "output": "values"}, modes=("forward+backward",))
+    (rec,) = harness.run_case(spec, "peer:torchsort", size, torch.float32, torch.device("cpu"),
+                              harness.BenchConfig.for_run(True))
+    assert rec["status"] == "skipped" and "torchsort" in rec["note"]
+
+
+def test_soft_sort_values_case_runs_fastssl_values_path():
+    """The values-only cases time fastssl.soft_sort(return_permutation=False): the values it
+    returns are the full path's, and its gradient is the full path's with P's cotangent 0."""
+    import fastssl.functional as fast
+    from bench import harness, sortnet
+    spec = next(s for s in sortnet.SPECS if s.name == "soft_sort")
+    prep = spec.build("fastssl", {"B": 3, "n": 6, "network": "odd_even", "output": "values"}, torch.float64,
+                      torch.device("cpu"))
+    y = prep.forward()
+    x = prep.leaves[0]
+    ref_y, _ = ref.soft_sort(x.detach(), network="odd_even", steepness=10.0, distribution="cauchy")
+    torch.testing.assert_close(y, ref_y)
+    prep.backward(y)
+    g_fast = x.grad.clone()
+    x.grad = None
+    xr = x.detach().clone().requires_grad_()
+    yr, _ = ref.soft_sort(xr, network="odd_even", steepness=10.0, distribution="cauchy")
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    g = torch.randn(3, 6, generator=gen).to(torch.float64)
+    yr.backward(g)
+    torch.testing.assert_close(g_fast, xr.grad)
+    with pytest.raises(harness.Skip, match="torchsort"):
+        spec.build("reference", {"B": 3, "n": 6, "network": "odd_even", "output": "values"}, torch.float32,
+                   torch.device("cpu"))
+    assert fast.soft_sort(x.detach(), return_permutation=False)[1] is None

@@ -31,3 +31,19 @@ def test_nan_peers_are_not_ranked():
 def test_model_flop():
     assert compare.model_flop("nt_xent", {"B": 4, "D": 2}, "forward+backward") == 2 * 2 * 8 * 8 * 2
     assert compare.model_flop("info_nce", {"B": 4, "D": 2}, "forward+backward") == 3 * 2 * 4 * 4 * 2
+
+
+def test_target_range_counts_anchors():
+    """N = 2B anchors for the two-view losses, B for info_nce and sce; ops without a range
+    count every size."""
+    assert compare.in_target_range({"op": "nt_xent", "shape": {"B": 1024}})
+    assert not compare.in_target_range({"op": "info_nce", "shape": {"B": 1024}})
+    assert compare.in_target_range({"op": "sce", "shape": {"B": 2048, "K": 16384}})
+    assert compare.in_target_range({"op": "swav", "shape": {"B": 256}})
+
+
+def test_torchsort_note_appears_with_its_records():
+    recs = [_rec("soft_sort", p, ms, 1.0) for p, ms in (("fastssl", 1.0), ("peer:torchsort", 2.0))]
+    md = compare.compare_markdown(recs)
+    assert "## Notes" in md and "permutahedron" in md and "no permutation matrix" in md
+    assert "permutahedron" not in compare.compare_markdown(recs[:1])
