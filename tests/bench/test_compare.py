@@ -33,13 +33,16 @@ def test_model_flop():
     assert compare.model_flop("info_nce", {"B": 4, "D": 2}, "forward+backward") == 3 * 2 * 4 * 4 * 2
 
 
-def test_target_range_counts_anchors():
-    """N = 2B anchors for the two-view losses, B for info_nce and sce; ops without a range
-    count every size."""
-    assert compare.in_target_range({"op": "nt_xent", "shape": {"B": 1024}})
+def test_target_range_counts_the_batch_per_view(monkeypatch):
+    """N = B per view for every op with a range (issue 18's "N per view"); ops without a range
+    count every size; TWO_VIEW_OPS switches an op to 2B anchors."""
+    assert not compare.in_target_range({"op": "nt_xent", "shape": {"B": 1024}})
+    assert compare.in_target_range({"op": "nt_xent", "shape": {"B": 2048}})
     assert not compare.in_target_range({"op": "info_nce", "shape": {"B": 1024}})
     assert compare.in_target_range({"op": "sce", "shape": {"B": 2048, "K": 16384}})
     assert compare.in_target_range({"op": "swav", "shape": {"B": 256}})
+    monkeypatch.setattr(compare, "TWO_VIEW_OPS", ("nt_xent",))
+    assert compare.in_target_range({"op": "nt_xent", "shape": {"B": 1024}})
 
 
 def test_torchsort_note_appears_with_its_records():
