@@ -18,9 +18,9 @@
 
 namespace {
 
-// About 1 MiB of float32 logits per block buffer (each thread holds 2 to 4 of them), and at
+// About 512 KiB of float32 logits per block buffer (each thread holds one or two), and at
 // least a few blocks per thread so that the static split of the blocks stays balanced.
-constexpr int64_t kBlockElements = int64_t(1) << 18;
+constexpr int64_t kBlockElements = int64_t(1) << 17;
 constexpr int64_t kBlocksPerThread = 4;
 
 int64_t block_rows(int64_t m, int64_t c) {
@@ -76,21 +76,37 @@ int64_t probe_column(int64_t row, int64_t c, const std::vector<const int64_t*>& 
   return -1;
 }
 
+// log-sum-exp is read back from log_softmax at one unmasked column j of each row:
+// lse = x_j - log_softmax(x)_j. The block's log_softmax is taken in place (one buffer per
+// thread), so x_j is saved first (save_probe) and lse formed after (read_lse).
 template <typename T>
-void read_lse(const T* x, const T* y, int64_t n, int64_t c, int64_t r0,
-              const std::vector<const int64_t*>& cols, T* lse) {
+void save_probe(const T* x, int64_t n, int64_t c, int64_t r0,
+                const std::vector<const int64_t*>& cols, std::vector<T>& probe) {
+  probe.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t j = probe_column(r0 + i, c, cols);
-    lse[r0 + i] = j < 0 ? -std::numeric_limits<T>::infinity() : x[i * c + j] - y[i * c + j];
+    probe[i] = j < 0 ? T(0) : x[i * c + j];
   }
 }
 
-// (lse, da, db): lse[i] = log-sum-exp of row i of X = scale * a @ b.T with the masked entries
-// removed, da = d(sum lse)/da = scale * P b and db = scale * P^T a (P = softmax of the rows),
-// each empty when not asked for. Statistics in float32 (float64 for float64 inputs).
+template <typename T>
+void read_lse(const std::vector<T>& probe, const T* y, int64_t n, int64_t c, int64_t r0,
+              const std::vector<const int64_t*>& cols, T* lse) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = probe_column(r0 + i, c, cols);
+    lse[r0 + i] = j < 0 ? -std::numeric_limits<T>::infinity() : probe[i] - y[i * c + j];
+  }
+}
+
+// (lse, pos, da, db): lse[i] = log-sum-exp of row i of X = scale * a @ b.T with the masked
+// entries removed, pos[i] = X[i, pos_col[i]] (0 where pos_col is -1); da and db the gradients of
+// L = sum_i lse_i (minus sum_i pos_i when subtract_pos: the cross-entropy of each row against
+// its positive column, G = P - onehot(pos)): da = scale * G b, db = scale * G^T a, P = softmax of
+// the rows; each empty when not asked for. Float32 statistics (float64 for float64 inputs).
 std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
                                     const at::Tensor& self_col, const at::Tensor& pos_col,
-                                    double scale, bool exclude_pos, bool need_da, bool need_db) {
+                                    double scale, bool exclude_pos, bool subtract_pos,
+                                    bool need_da, bool need_db) {
   at::NoGradGuard no_grad;  // the gradient is computed here, not recorded (out= calls need this;
                             // the worker threads set their own, and the inputs are detached)
   check_matrix(a, "a");
@@ -107,51 +123,55 @@ std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
   std::vector<const int64_t*> masks{sc.data_ptr<int64_t>()};
   if (exclude_pos) masks.push_back(pc.data_ptr<int64_t>());
 
-  at::Tensor lse = at::empty({m}, opts);
+  at::Tensor lse = at::empty({m}, opts), pos = at::zeros({m}, opts);
+  const int64_t* pos_p = pc.data_ptr<int64_t>();
   at::Tensor da = need_da ? at::empty({m, d}, opts) : at::empty({0}, opts);
   const int64_t rows = block_rows(m, c);
   const int64_t blocks = (m + rows - 1) / rows;
+  // dB: thread 0 accumulates into db itself, every other thread into its own partial sum,
+  // added in thread order after the region (the same sum at every call).
+  at::Tensor db = need_db ? at::zeros({c, d}, opts) : at::empty({0}, opts);
   std::vector<at::Tensor> db_part(std::max(1, at::get_num_threads()));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::NoGradGuard no_grad_here;  // grad mode is per thread
-    const at::Tensor x_buf = at::empty({rows, c}, opts), y_buf = at::empty({rows, c}, opts);
-    at::Tensor& db_t = db_part.at(at::get_thread_num());
-    if (need_db && !db_t.defined()) db_t = at::zeros({c, d}, opts);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * rows, n = std::min(rows, m - r0);
-      const at::Tensor a_r = A.narrow(0, r0, n) * scale;
-      at::Tensor x = x_buf.narrow(0, 0, n), y = y_buf.narrow(0, 0, n);
-      at::mm_out(x, a_r, B.t());
-      AT_DISPATCH_FLOATING_TYPES(acc, "lse_sum_cpu", [&] {
-        fill_masked<scalar_t>(x.data_ptr<scalar_t>(), n, c, r0, masks,
-                              -std::numeric_limits<scalar_t>::infinity());
-      });
-      at::_log_softmax_out(y, x, 1, false);
-      AT_DISPATCH_FLOATING_TYPES(acc, "lse_sum_cpu", [&] {
-        read_lse<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), n, c, r0, masks,
-                           lse.data_ptr<scalar_t>());
-      });
-      if (!(need_da || need_db)) continue;
-      y.exp_();
-      // rows with every column masked are NaN after the softmax: their masked entries are all
-      AT_DISPATCH_FLOATING_TYPES(acc, "lse_sum_cpu", [&] {
-        fill_masked<scalar_t>(y.data_ptr<scalar_t>(), n, c, r0, masks, scalar_t(0));
-      });
-      if (need_da) {
-        at::Tensor da_r = da.narrow(0, r0, n);
-        at::mm_out(da_r, y, B);
+    const at::Tensor x_buf = at::empty({rows, c}, opts);
+    const int tid = at::get_thread_num();
+    at::Tensor& db_t = db_part.at(tid);
+    if (need_db && !db_t.defined()) db_t = tid == 0 ? db : at::zeros({c, d}, opts);
+    AT_DISPATCH_FLOATING_TYPES(acc, "lse_sum_cpu", [&] {
+      std::vector<scalar_t> probe;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * rows, n = std::min(rows, m - r0);
+        const at::Tensor a_r = A.narrow(0, r0, n) * scale;
+        at::Tensor x = x_buf.narrow(0, 0, n);
+        at::mm_out(x, a_r, B.t());
+        scalar_t* xp = x.data_ptr<scalar_t>();
+        scalar_t* posp = pos.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < n; ++i)  // the positive's logit, before any mask
+          if (pos_p[r0 + i] >= 0) posp[r0 + i] = xp[i * c + pos_p[r0 + i]];
+        fill_masked<scalar_t>(xp, n, c, r0, masks, -std::numeric_limits<scalar_t>::infinity());
+        save_probe<scalar_t>(xp, n, c, r0, masks, probe);
+        at::_log_softmax_out(x, x, 1, false);  // row by row: in place is exact
+        read_lse<scalar_t>(probe, xp, n, c, r0, masks, lse.data_ptr<scalar_t>());
+        if (!(need_da || need_db)) continue;
+        x.exp_();  // P
+        // rows with every column masked are NaN after the softmax: their masked entries are all
+        fill_masked<scalar_t>(xp, n, c, r0, masks, scalar_t(0));
+        if (subtract_pos)  // G = P - onehot(pos)
+          for (int64_t i = 0; i < n; ++i)
+            if (pos_p[r0 + i] >= 0) xp[i * c + pos_p[r0 + i]] -= scalar_t(1);
+        if (need_da) {
+          at::Tensor da_r = da.narrow(0, r0, n);
+          at::mm_out(da_r, x, B);
+        }
+        if (need_db) db_t.addmm_(x.t(), a_r);
       }
-      if (need_db) db_t.addmm_(y.t(), a_r);
-    }
+    });
   });
   if (need_da) da.mul_(scale);
-  at::Tensor db = at::empty({0}, opts);
-  if (need_db) {
-    db = at::zeros({c, d}, opts);
-    for (const auto& part : db_part)  // thread order: the same sum at every call
-      if (part.defined()) db.add_(part);
-  }
-  return {lse, da, db};
+  for (size_t t = 1; t < db_part.size(); ++t)
+    if (db_part[t].defined()) db.add_(db_part[t]);
+  return {lse, pos, da, db};
 }
 
 // SCE's statistics and their per-row gradients in q (fastssl.ops.contrastive.sce_stats,
@@ -182,36 +202,34 @@ std::vector<at::Tensor> sce_grad_cpu(const at::Tensor& q, const at::Tensor& k,
   const int64_t blocks = (m + rows - 1) / rows;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::NoGradGuard no_grad_here;  // grad mode is per thread
+    // x: the student logits, then their softmax; y: the teacher's, then log_softmax in place
     const at::Tensor x_buf = at::empty({rows, c}, opts), y_buf = at::empty({rows, c}, opts);
-    const at::Tensor lx_buf = at::empty({rows, c}, opts), ly_buf = at::empty({rows, c}, opts);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * rows, n = std::min(rows, m - r0);
-      at::Tensor x = x_buf.narrow(0, 0, n), y = y_buf.narrow(0, 0, n);
-      at::Tensor lx = lx_buf.narrow(0, 0, n), ly = ly_buf.narrow(0, 0, n);
-      at::mm_out(x, Q.narrow(0, r0, n) * scale_s, Cm.t());
-      at::mm_out(y, K.narrow(0, r0, n) * scale_t, Cm.t());
-      AT_DISPATCH_FLOATING_TYPES(acc, "sce_grad_cpu", [&] {
-        fill_masked<scalar_t>(y.data_ptr<scalar_t>(), n, c, r0, masks,
-                              -std::numeric_limits<scalar_t>::infinity());
-      });
-      at::_log_softmax_out(lx, x, 1, false);
-      at::_log_softmax_out(ly, y, 1, false);
-      AT_DISPATCH_FLOATING_TYPES(acc, "sce_grad_cpu", [&] {
-        read_lse<scalar_t>(x.data_ptr<scalar_t>(), lx.data_ptr<scalar_t>(), n, c, r0, none,
-                           lse_s.data_ptr<scalar_t>());
-        read_lse<scalar_t>(y.data_ptr<scalar_t>(), ly.data_ptr<scalar_t>(), n, c, r0, masks,
-                           lse_t.data_ptr<scalar_t>());
-      });
-      ly.exp_();
-      AT_DISPATCH_FLOATING_TYPES(acc, "sce_grad_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(acc, "sce_grad_cpu", [&] {
+      std::vector<scalar_t> probe_s, probe_t;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * rows, n = std::min(rows, m - r0);
+        at::Tensor x = x_buf.narrow(0, 0, n), y = y_buf.narrow(0, 0, n);
+        at::mm_out(x, Q.narrow(0, r0, n) * scale_s, Cm.t());
+        at::mm_out(y, K.narrow(0, r0, n) * scale_t, Cm.t());
+        scalar_t* xp = x.data_ptr<scalar_t>();
+        scalar_t* yp = y.data_ptr<scalar_t>();
+        fill_masked<scalar_t>(yp, n, c, r0, masks, -std::numeric_limits<scalar_t>::infinity());
+        save_probe<scalar_t>(yp, n, c, r0, masks, probe_t);
+        at::_log_softmax_out(y, y, 1, false);
+        read_lse<scalar_t>(probe_t, yp, n, c, r0, masks, lse_t.data_ptr<scalar_t>());
+        y.exp_();  // P_t
         // a teacher row with every column masked: no softmax, weighted mean 0
-        fill_masked<scalar_t>(ly.data_ptr<scalar_t>(), n, c, r0, masks, scalar_t(0));
-      });
-      wmean.narrow(0, r0, n).copy_((ly * x).sum(1));
-      at::Tensor us_r = u_s.narrow(0, r0, n), ut_r = u_t.narrow(0, r0, n);
-      at::mm_out(us_r, lx.exp_(), Cm);
-      at::mm_out(ut_r, ly, Cm);
-    }
+        fill_masked<scalar_t>(yp, n, c, r0, masks, scalar_t(0));
+        // wmean needs the raw student logits: before x is turned into its softmax
+        wmean.narrow(0, r0, n).copy_((y * x).sum(1));
+        save_probe<scalar_t>(xp, n, c, r0, none, probe_s);
+        at::_log_softmax_out(x, x, 1, false);
+        read_lse<scalar_t>(probe_s, xp, n, c, r0, none, lse_s.data_ptr<scalar_t>());
+        at::Tensor us_r = u_s.narrow(0, r0, n), ut_r = u_t.narrow(0, r0, n);
+        at::mm_out(us_r, x.exp_(), Cm);
+        at::mm_out(ut_r, y, Cm);
+      }
+    });
   });
   u_s.mul_(scale_s);
   u_t.mul_(scale_s);
@@ -222,7 +240,8 @@ std::vector<at::Tensor> sce_grad_cpu(const at::Tensor& q, const at::Tensor& k,
 
 void init_contrastive_cpu(pybind11::module_& m) {
   m.def("contrastive_lse_sum_cpu", &lse_sum_cpu,
-        "(lse, da, db) of sum_i logsumexp_j (scale a b^T)_ij, masked, from one pass (CPU)");
+        "(lse, pos, da, db): row log-sum-exps of scale a b^T (masked), the positives' logits and "
+        "the gradients of sum(lse) [- sum(pos)], from one pass (CPU)");
   m.def("sce_grad_cpu", &sce_grad_cpu,
         "(lse_s, lse_t, wmean, u_s, u_t): SCE's statistics and their per-row q gradients (CPU)");
 }

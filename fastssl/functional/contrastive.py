@@ -31,9 +31,35 @@ from fastssl.reference import contrastive as _reference
 # ----------------------------------------------------------------------------------------------
 
 
+_NORM_EPS = 1e-12  # F.normalize's
+
+
+class _NormalizeRows(torch.autograd.Function):
+    """F.normalize(x, dim=1) (norms clamped at eps = 1e-12, as F.normalize) that keeps only its
+    output and the row norms for backward: dx = (dy - y <y, dy>) / |x| on rows whose norm is
+    above eps, dy / eps on the others. F.normalize's autograd keeps x and builds its gradient
+    from a division's and a norm's backward, several B x D temporaries more; at B = 2048,
+    D = 128 they were most of the fused losses' peak memory (issue 18)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_NORM_EPS)
+        y = x / norm
+        ctx.save_for_backward(y, norm)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, norm = ctx.saved_tensors
+        # <y_i, dy_i> as a batched 1 x D @ D x 1 product (no B x D temporary), 0 where clamped
+        proj = torch.bmm(y.unsqueeze(1), dy.unsqueeze(2)).squeeze(2)
+        proj = proj.masked_fill_(norm <= _NORM_EPS, 0.0)
+        return dy.addcmul(y, proj, value=-1.0).div_(norm)
+
+
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise in the accumulation dtype, back to the input dtype (the kernels' operand)."""
-    return F.normalize(x.to(accumulation_dtype(x)), dim=1).to(x.dtype)
+    return _NormalizeRows.apply(x.to(accumulation_dtype(x))).to(x.dtype)
 
 
 def _gather_layout(x: torch.Tensor, gather_distributed: bool):
@@ -153,11 +179,14 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=Fal
         return _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend)
     rows, cols, self_col, pos_col, positives, n = _two_view_layout(z1, z2, gather_distributed)
     scale, scale_mul, tap = _logit_scale(temperature, t)
-    pos = _rowdot(rows, positives) * scale_mul
     if ops.has_same_pass(backend):
+        # the positive is column pos_col[i] of the logits: the op's cross-entropy sum (its
+        # gradient P - onehot made in the same pass; a learnable temperature's through the tap)
         a = tap(rows, 2) if cols is rows else tap(rows)
-        lse_sum = _lse_sum(a, a if cols is rows else cols, self_col, pos_col, scale, backend)
-        return dist_utils.reduce_loss((lse_sum - pos.sum()) / (2 * n))
+        ce_sum = _cross_entropy_sum(a, a if cols is rows else cols, self_col, pos_col, scale,
+                                    backend)
+        return dist_utils.reduce_loss(ce_sum / (2 * n))
+    pos = _rowdot(rows, positives) * scale_mul
     if cols is rows:
         lse, _ = ops.contrastive_lse_sym(tap(rows, 2), self_col, pos_col, scale, False, False,
                                          backend)
@@ -167,11 +196,12 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=Fal
     return dist_utils.reduce_loss((lse - pos).sum() / (2 * n))
 
 
-def _lse_sum(a, b, self_col, pos_col, scale, backend):
-    """sum_i log-sum-exp of row i of scale * a @ b.T (self_col masked) with its gradient from
-    the same pass (ops.contrastive_lse_sum); a is b for the symmetric Z Z^T."""
+def _cross_entropy_sum(a, b, self_col, pos_col, scale, backend):
+    """sum_i of the cross-entropy of row i of scale * a @ b.T (self_col masked) against its
+    positive column pos_col[i], with its gradient from the same pass (ops.contrastive_lse_sum);
+    a is b for the symmetric Z Z^T."""
     grad = torch.is_grad_enabled()
-    total, _, _, _ = ops.contrastive_lse_sum(a, b, self_col, pos_col, scale, False,
+    total, _, _, _ = ops.contrastive_lse_sum(a, b, self_col, pos_col, scale, False, True,
                                              grad and a.requires_grad, grad and b.requires_grad,
                                              backend)
     return total
@@ -229,10 +259,11 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
     labels = torch.arange(b, device=q.device) + off
     no_self = torch.full_like(labels, -1)
     scale, scale_mul, tap = _logit_scale(temperature, t)
-    pos = _rowdot(qn, kn) * scale_mul
     if not symmetric and ops.has_same_pass(backend):
-        lse_sum = _lse_sum(tap(qn), k_all, no_self, labels, scale, backend)
-        return dist_utils.reduce_loss((lse_sum - pos.sum()) / n)
+        # row i's positive is column labels[i] of the (gathered) keys
+        ce_sum = _cross_entropy_sum(tap(qn), k_all, no_self, labels, scale, backend)
+        return dist_utils.reduce_loss(ce_sum / n)
+    pos = _rowdot(qn, kn) * scale_mul
     # symmetric: one pass for the row and column statistics, one for both gradients (4
     # products; two same-pass calls would take 6)
     lse_row, _, _, col_lse = ops.contrastive_lse(tap(qn), k_all, no_self, labels, scale, n,

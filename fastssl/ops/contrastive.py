@@ -168,48 +168,55 @@ def _unmasked_col(self_col, pos_col, exclude_pos, c):
 
 
 @torch.no_grad()  # the gradient is computed here, not recorded (the out= calls require it)
-def torch_lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, need_da, need_db):
-    """sum_i lse_i (lse as in torch_lse_forward, over all columns) and, from the same pass,
-    its gradients dA = scale P B and dB = scale P^T A, P = softmax of the masked X rows.
+def torch_lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_pos, need_da,
+                          need_db):
+    """(lse, pos, da, db): lse as torch_lse_forward's lse0 (over all columns), pos[i] =
+    X[i, pos_col[i]] (0 where pos_col is -1), and, from the same pass, the gradients in a and b
+    of L = sum_i lse_i, minus sum_i pos_i when subtract_pos (then each row's cross-entropy
+    against its positive column: G = P - onehot(pos)): dA = scale G B, dB = scale G^T A.
 
     A loss is a scalar, so its gradient can be produced with its value (Liger-Kernel's fused
     linear cross-entropy): a row block's softmax is final as soon as its row of X is formed.
     Three products per block, as eager autograd, none recomputed at backward; the backward
-    only scales dA and dB by the incoming gradient. Per block: one fused log_softmax, one exp;
-    lse is read back at one unmasked column (lse_i = X_ij - log P_ij), no extra pass."""
+    only scales dA and dB by the incoming gradient. Per block: one log_softmax in place, one
+    exp; lse is read back at one unmasked column (lse_i = X_ij - log P_ij), no extra pass."""
     acc = accumulation_dtype(a)
     m, c = a.shape[0], b.shape[0]
     b_acc = b.to(acc)
     lse = a.new_empty(m, dtype=acc)
+    pos = a.new_zeros(m, dtype=acc)
     da = a.new_empty((m, a.shape[1]) if need_da else (0,), dtype=acc)
     db = a.new_zeros((c, b.shape[1]) if need_db else (0,), dtype=acc)
     probe = _unmasked_col(self_col, pos_col, exclude_pos, c)
     has_probe = probe >= 0
     probe = probe.clamp(min=0)[:, None]
+    has_pos = pos_col >= 0
+    pos_at = pos_col.clamp(min=0)[:, None]
     step = _chunk_rows(c, m)
-    # two chunk buffers, reused by every block (no allocation in the loop)
-    rows0 = min(step, m)
-    x_buf = a.new_empty((rows0, c), dtype=acc)
-    y_buf = a.new_empty((rows0, c), dtype=acc)
+    x_buf = a.new_empty((min(step, m), c), dtype=acc)  # one block buffer, reused
     for r0 in range(0, m, step):
         r1 = min(m, r0 + step)
         a_r = a[r0:r1].to(acc) * scale
         x = torch.mm(a_r, b_acc.T, out=x_buf[:r1 - r0])
+        pos[r0:r1] = torch.where(has_pos[r0:r1], x.gather(1, pos_at[r0:r1]).squeeze(1), 0.0)
         _fill_masked(x, r0, r1, self_col, pos_col, exclude_pos, float("-inf"))
-        y = torch._log_softmax(x, 1, False, out=y_buf[:r1 - r0])
         at = probe[r0:r1]
-        lse[r0:r1] = torch.where(has_probe[r0:r1], (x.gather(1, at) - y.gather(1, at)).squeeze(1),
+        x_probe = x.gather(1, at).squeeze(1)
+        y = torch._log_softmax(x, 1, False, out=x)  # row by row: in place is exact
+        lse[r0:r1] = torch.where(has_probe[r0:r1], x_probe - y.gather(1, at).squeeze(1),
                                  float("-inf"))
         if not (need_da or need_db):
             continue
-        p = _fill_masked(y.exp_(), r0, r1, self_col, pos_col, exclude_pos, 0.0)  # all-masked rows: NaN -> 0
+        g = _fill_masked(y.exp_(), r0, r1, self_col, pos_col, exclude_pos, 0.0)  # all-masked rows: NaN -> 0
+        if subtract_pos:
+            g.scatter_add_(1, pos_at[r0:r1], -has_pos[r0:r1, None].to(acc))
         if need_da:
-            torch.mm(p, b_acc, out=da[r0:r1])
+            torch.mm(g, b_acc, out=da[r0:r1])
         if need_db:
-            db.addmm_(p.T, a_r)
+            db.addmm_(g.T, a_r)
     if need_da:
         da.mul_(scale)
-    return lse.sum(), lse, da, db
+    return lse, pos, da, db
 
 
 def torch_sce_forward(q, k, cols, self_col, scale_s, scale_t):
@@ -305,11 +312,12 @@ class _CppKernels(_TorchKernels):
     cores). The recompute ops are the torch entry's."""
 
     @staticmethod
-    def lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, need_da, need_db):
+    def lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_pos, need_da,
+                        need_db):
         from fastssl import _C
-        lse, da, db = _C.contrastive_lse_sum_cpu(a, b, self_col, pos_col, float(scale),
-                                                 bool(exclude_pos), bool(need_da), bool(need_db))
-        return lse.sum(), lse, da, db
+        return tuple(_C.contrastive_lse_sum_cpu(a, b, self_col, pos_col, float(scale),
+                                                bool(exclude_pos), bool(subtract_pos),
+                                                bool(need_da), bool(need_db)))
 
     @staticmethod
     def sce_grad_forward(q, k, cols, self_col, scale_s, scale_t):
@@ -433,25 +441,29 @@ def has_same_pass(backend: str) -> bool:
 
 @torch.library.custom_op("fastssl::contrastive_lse_sum", mutates_args=())
 def contrastive_lse_sum(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor,
-                        pos_col: torch.Tensor, scale: float, exclude_pos: bool, need_da: bool,
-                        need_db: bool, backend: str
+                        pos_col: torch.Tensor, scale: float, exclude_pos: bool,
+                        subtract_pos: bool, need_da: bool, need_db: bool, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, lse, da, db): total = sum_i lse_i with lse as contrastive_lse's lse0 over all
-    columns, and the gradients of total in a and b computed in the same pass (empty when
-    need_da / need_db is False). Only total carries a gradient: its backward scales da and db
-    by the incoming gradient (no recompute). Passing the same tensor as a and b gives the
-    symmetric case (NT-Xent): autograd adds the two gradients."""
+    """(total, lse, da, db): total = sum_i lse_i, with lse as contrastive_lse's lse0 over all
+    columns, minus sum_i X[i, pos_col[i]] when subtract_pos (the summed cross-entropy of each
+    row against its positive column; rows with pos_col -1 have no positive term), and the
+    gradients of total in a and b computed in the same pass (empty when need_da / need_db is
+    False). Only total carries a gradient: its backward scales da and db by the incoming
+    gradient (no recompute). Passing the same tensor as a and b gives the symmetric case
+    (NT-Xent): autograd adds the two gradients."""
     if not has_same_pass(backend):
         raise RuntimeError(f"fastssl::contrastive_lse_sum: backend {backend!r} has no same-pass "
                            f"kernels (expected one of {SAME_PASS_BACKENDS})")
-    total, lse, da, db = TABLE[backend].lse_sum_forward(a, b, self_col, pos_col, scale,
-                                                        exclude_pos, need_da, need_db)
+    lse, pos, da, db = TABLE[backend].lse_sum_forward(a, b, self_col, pos_col, scale,
+                                                      exclude_pos, subtract_pos, need_da,
+                                                      need_db)
+    total = lse.sum() - pos.sum() if subtract_pos else lse.sum()
     dt = _stats_dtype(a)
     return total.to(dt), lse.to(dt).contiguous(), da.to(dt).contiguous(), db.to(dt).contiguous()
 
 
 @contrastive_lse_sum.register_fake
-def _(a, b, self_col, pos_col, scale, exclude_pos, need_da, need_db, backend):
+def _(a, b, self_col, pos_col, scale, exclude_pos, subtract_pos, need_da, need_db, backend):
     dt = _stats_dtype(a)
     return (a.new_empty((), dtype=dt), a.new_empty(a.shape[0], dtype=dt),
             a.new_empty((a.shape[0], a.shape[1]) if need_da else (0,), dtype=dt),
@@ -459,7 +471,7 @@ def _(a, b, self_col, pos_col, scale, exclude_pos, need_da, need_db, backend):
 
 
 def _lse_sum_setup_context(ctx, inputs, output):
-    a, b, _self_col, _pos_col, _scale, _exclude_pos, need_da, need_db, _backend = inputs
+    a, b, _self_col, _pos_col, _scale, _exclude_pos, _sub, need_da, need_db, _backend = inputs
     _total, lse, da, db = output
     ctx.mark_non_differentiable(lse, da, db)
     ctx.save_for_backward(da, db)
@@ -474,7 +486,7 @@ def _lse_sum_backward(ctx, g_total, _g_lse, _g_da, _g_db):
                            "whose need_da / need_db was False in the forward")
     ga = (da * g_total).to(a_dtype) if need_da else None
     gb = (db * g_total).to(b_dtype) if need_db else None
-    return ga, gb, None, None, None, None, None, None, None
+    return ga, gb, None, None, None, None, None, None, None, None
 
 
 contrastive_lse_sum.register_autograd(_lse_sum_backward, setup_context=_lse_sum_setup_context)

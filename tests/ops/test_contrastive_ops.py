@@ -264,7 +264,8 @@ def test_opcheck_registered_ops():
         # an input whose gradient is not made (need_* False) is a constant of the loss
         a_in, b_in = (a if need_da else a.detach()), (b if need_db else b.detach())
         torch.library.opcheck(torch.ops.fastssl.contrastive_lse_sum.default,
-                              (a_in, b_in, self_col, pos_col, 2.0, True, need_da, need_db, "torch"))
+                              (a_in, b_in, self_col, pos_col, 2.0, True, True, need_da, need_db,
+                               "torch"))
 
 
 def test_compile_fullgraph_nt_xent_cpu():

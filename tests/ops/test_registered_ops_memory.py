@@ -149,7 +149,8 @@ def _known_bases():
         "swav_cross_entropy": [("", dict(scores=scores, targets=torch.softmax(scores, 1),
                                          temperature=0.1, compute_grad=True))],
         "contrastive_lse_sum": [("", dict(a=ca, b=cb, self_col=c_self, pos_col=c_pos, scale=2.0,
-                                          exclude_pos=True, need_da=True, need_db=True))],
+                                          exclude_pos=True, subtract_pos=True, need_da=True,
+                                          need_db=True))],
         "sce_stats": [("", dict(q=ca, k=ca * 0.5, cols=cb, self_col=c_self, scale_s=2.0,
                                 scale_t=3.0, same_pass=True))],
     }
@@ -164,7 +165,7 @@ def _known_bases():
         "sinkhorn_colstats_cpu": [scores, 0.05],
         "sinkhorn_rowpass_cpu": [scores, 0.05, torch.zeros(7), True],
         "swav_cross_entropy_cpu": [scores, torch.softmax(scores, 1), 0.1, True],
-        "contrastive_lse_sum_cpu": [ca, cb, c_self, c_pos, 2.0, True, True, True],
+        "contrastive_lse_sum_cpu": [ca, cb, c_self, c_pos, 2.0, True, True, True, True],
         "sce_grad_cpu": [ca, ca * 0.5, cb, c_self, 2.0, 3.0],
     }
     # calls that once corrupted memory or returned garbage: each must raise

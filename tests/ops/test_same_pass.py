@@ -29,38 +29,48 @@ def _masks(m, c, seed):
 
 
 def _lse_sum_and_grads(a, b, self_col, pos_col, scale, exclude_pos, same_tensor=False,
-                       backend="torch"):
+                       backend="torch", subtract_pos=False):
     a = a.detach().clone().requires_grad_(True)
     b = a if same_tensor else b.detach().clone().requires_grad_(True)
     total, lse, da, db = ops.contrastive_lse_sum(a, b, self_col, pos_col, scale, exclude_pos,
-                                                 True, True, backend)
+                                                 subtract_pos, True, True, backend)
     (3.0 * total).backward()
     return total.detach(), lse, a.grad, (None if same_tensor else b.grad)
 
 
-def _recompute_and_grads(a, b, self_col, pos_col, scale, exclude_pos, same_tensor=False):
+def _recompute_and_grads(a, b, self_col, pos_col, scale, exclude_pos, same_tensor=False,
+                         subtract_pos=False):
+    """The recompute op's lse, and the positive term from the dense logits (autograd)."""
     a = a.detach().clone().requires_grad_(True)
     b = a if same_tensor else b.detach().clone().requires_grad_(True)
     lse, _, _, _ = ops.contrastive_lse(a, b, self_col, pos_col, scale, b.shape[0], exclude_pos,
                                        False, False, "torch")
     finite = torch.isfinite(lse)
-    (3.0 * lse[finite].sum()).backward()
-    return lse.detach(), a.grad, (None if same_tensor else b.grad)
+    total = lse[finite].sum()
+    if subtract_pos:
+        x = scale * a @ b.T
+        has = pos_col >= 0
+        total = total - x[torch.arange(a.shape[0])[has], pos_col[has]].sum()
+    (3.0 * total).backward()
+    return lse.detach(), a.grad, (None if same_tensor else b.grad), total.detach()
 
 
+@pytest.mark.parametrize("subtract_pos", [False, True])
 @pytest.mark.parametrize("exclude_pos", [False, True])
 @pytest.mark.parametrize("m,c,d", [(7, 9, 5), (1, 1, 3), (5, 2, 4), (12, 30, 1)])
 @SAME_PASS
-def test_lse_sum_matches_recompute_op(m, c, d, exclude_pos, backend, device):
+def test_lse_sum_matches_recompute_op(m, c, d, exclude_pos, subtract_pos, backend, device):
     a, b = _rand(m, d, seed=1), _rand(c, d, seed=2)
     self_col, pos_col = _masks(m, c, seed=m * 100 + c)
-    total, lse, ga, gb = _lse_sum_and_grads(a, b, self_col, pos_col, 1.7, exclude_pos, backend=backend)
-    ref_lse, ref_ga, ref_gb = _recompute_and_grads(a, b, self_col, pos_col, 1.7, exclude_pos)
+    total, lse, ga, gb = _lse_sum_and_grads(a, b, self_col, pos_col, 1.7, exclude_pos,
+                                            backend=backend, subtract_pos=subtract_pos)
+    ref_lse, ref_ga, ref_gb, ref_total = _recompute_and_grads(a, b, self_col, pos_col, 1.7,
+                                                              exclude_pos, subtract_pos=subtract_pos)
     torch.testing.assert_close(lse, ref_lse)
     finite = torch.isfinite(ref_lse)
     # rows with every column masked have lse = -inf; the total is over the rows that have one
     if bool(finite.all()):
-        torch.testing.assert_close(total, ref_lse.sum())
+        torch.testing.assert_close(total, ref_total)
     torch.testing.assert_close(ga, ref_ga)
     torch.testing.assert_close(gb, ref_gb)
     assert torch.isfinite(ga).all() and torch.isfinite(gb).all()
@@ -83,7 +93,8 @@ def test_lse_sum_same_tensor_is_the_symmetric_gram(backend, device):
     pos_col = (torch.arange(10) + 5) % 10
     total, lse, gz, _ = _lse_sum_and_grads(z, z, self_col, pos_col, 3.0, False, same_tensor=True,
                                            backend=backend)
-    ref_lse, ref_gz, _ = _recompute_and_grads(z, z, self_col, pos_col, 3.0, False, same_tensor=True)
+    ref_lse, ref_gz, _, _ = _recompute_and_grads(z, z, self_col, pos_col, 3.0, False,
+                                                 same_tensor=True)
     torch.testing.assert_close(lse, ref_lse)
     torch.testing.assert_close(total, ref_lse.sum())
     torch.testing.assert_close(gz, ref_gz)
@@ -95,9 +106,10 @@ def test_lse_sum_many_row_blocks(monkeypatch, backend, device):
     monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 16)
     a, b = _rand(23, 5, seed=6), _rand(19, 5, seed=7)
     self_col, pos_col = _masks(23, 19, seed=8)
-    got = _lse_sum_and_grads(a, b, self_col, pos_col, 2.5, True, backend=backend)
+    got = _lse_sum_and_grads(a, b, self_col, pos_col, 2.5, True, backend=backend,
+                             subtract_pos=True)
     monkeypatch.undo()
-    ref = _recompute_and_grads(a, b, self_col, pos_col, 2.5, True)
+    ref = _recompute_and_grads(a, b, self_col, pos_col, 2.5, True, subtract_pos=True)
     torch.testing.assert_close(got[1], ref[0])
     torch.testing.assert_close(got[2], ref[1])
     torch.testing.assert_close(got[3], ref[2])
@@ -110,7 +122,8 @@ def test_lse_sum_gradcheck_float64(backend, device):
     self_col, pos_col = torch.tensor([0, 1, -1, 3, 4, 5]), torch.tensor([2, 3, 4, -1, 6, 7])
 
     def f(a, b):
-        return ops.contrastive_lse_sum(a, b, self_col, pos_col, 1.3, True, True, True, backend)[0]
+        return ops.contrastive_lse_sum(a, b, self_col, pos_col, 1.3, True, True, True, True,
+                                       backend)[0]
     assert torch.autograd.gradcheck(f, (a, b))
 
 
@@ -133,7 +146,7 @@ def test_lse_sum_refuses_a_backend_without_same_pass_kernels():
     a, b = _rand(3, 2, seed=14), _rand(3, 2, seed=15)
     cols = torch.full((3,), -1)
     with pytest.raises(RuntimeError, match="no same-pass kernels"):
-        ops.contrastive_lse_sum(a, b, cols, cols, 1.0, False, False, False, "triton")
+        ops.contrastive_lse_sum(a, b, cols, cols, 1.0, False, False, False, False, "triton")
 
 
 @SAME_PASS
@@ -141,7 +154,7 @@ def test_lse_sum_refuses_a_gradient_it_did_not_make(backend, device):
     a = _rand(3, 2, seed=16).requires_grad_(True)
     b = _rand(4, 2, seed=17).requires_grad_(True)
     cols = torch.full((3,), -1)
-    total = ops.contrastive_lse_sum(a, b, cols, cols, 1.0, False, True, False, backend)[0]
+    total = ops.contrastive_lse_sum(a, b, cols, cols, 1.0, False, False, True, False, backend)[0]
     with pytest.raises(RuntimeError, match="need_da / need_db"):
         total.backward()
 
@@ -193,3 +206,23 @@ def test_sce_same_pass_refuses_a_backend_without_it():
     q = _rand(2, 2, seed=40)
     with pytest.raises(RuntimeError, match="no same-pass kernels"):
         ops.sce_stats(q, q, q, torch.tensor([-1, -1]), 1.0, 1.0, True, "triton")
+
+
+def test_normalize_rows_matches_f_normalize():
+    # the fused losses' lean L2 normalisation (keeps y and the norms): values and gradients as
+    # F.normalize, a zero row (norm clamped at eps) included; float64 gradcheck
+    from fastssl.functional.contrastive import _normalize
+    x = _rand(9, 6, seed=50).requires_grad_(True)
+    with torch.no_grad():
+        x[3] = 0.0
+    g = _rand(9, 6, seed=51)
+    y = _normalize(x)
+    ref = torch.nn.functional.normalize(x, dim=1)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    assert torch.autograd.gradcheck(_normalize, (_rand(5, 4, seed=52).requires_grad_(True),))
+    xb = _rand(4, 8, seed=53, dtype=torch.bfloat16).requires_grad_(True)
+    yb = _normalize(xb)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), torch.nn.functional.normalize(xb.float(), dim=1),
+                               atol=1e-2, rtol=1e-2)
