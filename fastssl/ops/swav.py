@@ -28,10 +28,13 @@ upstream's under autocast, where exp runs in float32.
 
 swav_cross_entropy(scores, targets, T) = -sum_b <targets[b], log_softmax(scores[b] / T)>, the
 sum over rows of one crop's prediction loss. Its gradient in the scores has the closed form
-(softmax(s / T) * sum_k targets - targets) / T; the forward writes it while the row's
+(softmax(s / T) * sum_k targets - targets) / T, so no log_softmax, product or softmax backward
+is materialised. The Triton and torch backends write it in the forward, while the row's
 exponentials are at hand (the one B x K tensor autograd keeps, as log_softmax keeps its
-output), and the backward only scales it, so no log_softmax, product or softmax backward is
-materialised.
+output), and the backward only scales it. The C++ backend keeps nothing: its backward
+recomputes the gradient in one pass over the scores and targets (its rows run on vector
+kernels compiled for the CPU's widest ISA, csrc/swav_cpu.cpp), which on CPU costs less than
+writing and keeping a gradient per crop.
 """
 from __future__ import annotations
 
@@ -84,7 +87,8 @@ def _sinkhorn_torch(scores, epsilon, iterations, distributed):
                                 distributed)
 
 
-# ---- cpp: fastssl._C (OpenMP, float32/float64; float16/bfloat16 are upcast first) ------------
+# ---- cpp: fastssl._C (OpenMP and vector kernels; sinkhorn reads float16/bfloat16 as they are,
+# swav_cross_entropy upcasts them first) -------------------------------------------------------
 
 def _cpp_input(scores):
     # float32/float64 contiguous scores go in as they are (to/contiguous return them, no copy)
@@ -253,9 +257,13 @@ def _swav_ce_backward(ctx, grad_loss, _grad_of_grad):
     if ctx.needs_input_grad[0]:
         if saved_grad.dim() != 2:  # forward ran without compute_grad
             # the forward's backend (never a new selection on the autograd thread)
-            _, saved_grad = _swav_ce_op(scores.detach(), targets.detach(), ctx.temperature, True,
-                                        ctx.backend)
-        g_scores = (grad_loss * saved_grad).to(ctx.score_dtype)
+            _, grad = _swav_ce_op(scores.detach(), targets.detach(), ctx.temperature, True,
+                                  ctx.backend)
+            # a fresh tensor: scaled in place unless this backward is itself recorded
+            g_scores = (grad.mul_(grad_loss) if not torch.is_grad_enabled()
+                        else grad_loss * grad).to(ctx.score_dtype)
+        else:
+            g_scores = (grad_loss * saved_grad).to(ctx.score_dtype)
     if ctx.needs_input_grad[1]:
         acc = accumulation_dtype(scores)
         log_p = torch.log_softmax(scores.to(acc) / ctx.temperature, dim=1)
@@ -266,6 +274,13 @@ def _swav_ce_backward(ctx, grad_loss, _grad_of_grad):
 _swav_ce_op.register_autograd(_swav_ce_backward, setup_context=_swav_ce_setup_context)
 
 
+# Backends whose forward keeps no gradient: the backward recomputes it from the scores and
+# targets (one more pass with exp over each row). On CPU, with the vector exp, that pass costs
+# less than writing and keeping a B x K gradient per crop, which would hold more memory than
+# eager's one log_softmax output per crop (SwAV's 8 crops share one summed target).
+_GRAD_IN_BACKWARD = {"cpp"}
+
+
 def swav_cross_entropy(scores: torch.Tensor, targets: torch.Tensor,
                        temperature: float, backend: str | None = None) -> torch.Tensor:
     """-sum_b <targets[b], log_softmax(scores[b] / temperature)> (a scalar in the accumulation
@@ -273,6 +288,7 @@ def swav_cross_entropy(scores: torch.Tensor, targets: torch.Tensor,
     chosen by :func:`backend_for` (None: choose now)."""
     if backend is None:
         backend = backend_for("swav_cross_entropy", scores.device)
+    compute_grad = bool(scores.requires_grad) and backend not in _GRAD_IN_BACKWARD
     loss, _ = torch.ops.fastssl.swav_cross_entropy(scores, targets, float(temperature),
-                                                   bool(scores.requires_grad), backend)
+                                                   compute_grad, backend)
     return loss
