@@ -223,9 +223,10 @@ void rowpass_impl(const T* s, int64_t B, int64_t K, T eps, const T* a, T* codes,
 // Swapped-prediction cross-entropy, summed over rows: with z = s / T and L = log_softmax(z),
 // returns -sum_b <q[b], L[b]> = sum_b (sum_k q[b, k]) * log l_b - sum_k q[b, k] (z - m_b)[k]
 // (m_b the row max, l_b = sum_k exp(z - m_b)), and, when grad is given, its gradient in s:
-// grad[b, k] = (softmax(z[b])[k] * sum_k q[b, k] - q[b, k]) / T. One read of s and q.
+// grad[b, k] = (softmax(z[b])[k] * sum_k q[b, k] - q[b, k]) / T, times grad_scale (the
+// backward's incoming gradient, folded in). One read of s and q.
 template <typename T>
-T swav_ce_impl(const T* s, const T* q, int64_t B, int64_t K, T temp, T* grad) {
+T swav_ce_impl(const T* s, const T* q, int64_t B, int64_t K, T temp, T* grad, T grad_scale) {
   const int nt = num_threads(B * K);
   double total = 0;
 #pragma omp parallel num_threads(nt) reduction(+ : total)
@@ -259,7 +260,7 @@ T swav_ce_impl(const T* s, const T* q, int64_t B, int64_t K, T temp, T* grad) {
         const T scale = static_cast<T>(qs / static_cast<double>(l));
         T* g = grad + b * K;
 #pragma omp simd
-        for (int64_t k = 0; k < K; ++k) g[k] = (eb[k] * scale - qrow[k]) / temp;
+        for (int64_t k = 0; k < K; ++k) g[k] = (eb[k] * scale - qrow[k]) / temp * grad_scale;
       }
     }
   }
@@ -267,7 +268,8 @@ T swav_ce_impl(const T* s, const T* q, int64_t B, int64_t K, T temp, T* grad) {
 }
 
 // float32 cross-entropy rows through the vector kernels (defined with them below)
-float swav_ce_float(const float* s, const float* q, int64_t B, int64_t K, float temp, float* grad);
+float swav_ce_float(const float* s, const float* q, int64_t B, int64_t K, float temp, float* grad,
+                    float grad_scale);
 
 std::vector<torch::Tensor> sinkhorn_colstats_cpu(const torch::Tensor& s, double eps) {
   check_scores(s, "sinkhorn_colstats_cpu");
@@ -302,7 +304,8 @@ torch::Tensor sinkhorn_rowpass_cpu(const torch::Tensor& s, double eps, const tor
 }
 
 std::vector<torch::Tensor> swav_cross_entropy_cpu(const torch::Tensor& s, const torch::Tensor& q,
-                                                  double temperature, bool compute_grad) {
+                                                  double temperature, bool compute_grad,
+                                                  double grad_scale) {
   check_scores(s, "swav_cross_entropy_cpu");
   TORCH_CHECK(temperature > 0, "swav_cross_entropy_cpu: temperature must be > 0, got ", temperature);
   TORCH_CHECK(q.device().is_cpu() && q.sizes() == s.sizes() && q.is_contiguous() &&
@@ -315,10 +318,11 @@ std::vector<torch::Tensor> swav_cross_entropy_cpu(const torch::Tensor& s, const 
   if (s.scalar_type() == torch::kFloat32) {
     loss.fill_(swav_ce_float(s.data_ptr<float>(), q.data_ptr<float>(), B, K,
                              static_cast<float>(temperature),
-                             compute_grad ? grad.data_ptr<float>() : nullptr));
+                             compute_grad ? grad.data_ptr<float>() : nullptr,
+                             static_cast<float>(grad_scale)));
   } else {
     loss.fill_(swav_ce_impl<double>(s.data_ptr<double>(), q.data_ptr<double>(), B, K, temperature,
-                                    compute_grad ? grad.data_ptr<double>() : nullptr));
+                                    compute_grad ? grad.data_ptr<double>() : nullptr, grad_scale));
   }
   return {loss, grad};
 }
@@ -505,11 +509,12 @@ FASTSSL_INLINE void k_scale_acc(float* acc, const float* e, const float* w, floa
 }
 
 // One row of the swapped-prediction cross-entropy (see swav_ce_impl): returns
-// (sum_k q) log l - sum_k q (z - m), z = s / T; with grad, writes (softmax(z) sum_k q - q) / T.
+// (sum_k q) log l - sum_k q (z - m), z = s / T; with grad, writes (softmax(z) sum_k q - q) gmul,
+// gmul = grad_scale / T (the backward's incoming gradient folded in: no pass to scale it).
 // The target sums run in double (float sums of K terms would cost ~1e-5 of log K).
 template <int W>
 FASTSSL_INLINE double k_ce_row(const float* s, const float* q, int64_t K, float inv_t,
-                               float* grad) {
+                               float gmul, float* grad) {
   using F = typename Vec<W>::f;
   using D = typename Vec<W>::d;
   F mv = F{} - std::numeric_limits<float>::infinity();
@@ -553,8 +558,8 @@ FASTSSL_INLINE double k_ce_row(const float* s, const float* q, int64_t K, float 
   if (grad) {
     const float scale = static_cast<float>(qss / static_cast<double>(l));
     for (k = 0; k + W <= K; k += W)
-      vstore<W>(grad + k, (vload<W>(grad + k) * scale - vload<W>(q + k)) * inv_t);
-    for (; k < K; ++k) grad[k] = (grad[k] * scale - q[k]) * inv_t;
+      vstore<W>(grad + k, (vload<W>(grad + k) * scale - vload<W>(q + k)) * gmul);
+    for (; k < K; ++k) grad[k] = (grad[k] * scale - q[k]) * gmul;
   }
   return qss * std::log(static_cast<double>(l)) - qzs;
 }
@@ -570,7 +575,7 @@ struct RowKernels {
   void (*dot_top)(const float*, const float*, int64_t, float*, float*);
   void (*scale_store)(float*, const float*, float, int64_t);
   void (*scale_acc)(float*, const float*, const float*, float, int64_t);
-  double (*ce_row)(const float*, const float*, int64_t, float, float*);
+  double (*ce_row)(const float*, const float*, int64_t, float, float, float*);
 };
 
 #define FASTSSL_ROW_KERNELS(NS, W, TARGET)                                                        \
@@ -598,8 +603,8 @@ struct RowKernels {
   TARGET void scale_acc(float* a, const float* e, const float* w, float inv, int64_t K) {       \
     k_scale_acc<W>(a, e, w, inv, K);                                                            \
   }                                                                                             \
-  TARGET double ce_row(const float* s, const float* q, int64_t K, float it, float* g) {         \
-    return k_ce_row<W>(s, q, K, it, g);                                                         \
+  TARGET double ce_row(const float* s, const float* q, int64_t K, float it, float gm, float* g) { \
+    return k_ce_row<W>(s, q, K, it, gm, g);                                                     \
   }                                                                                             \
   const RowKernels table = {#NS,     colmax_f, colmax_h,    colmax_b,  expsum_f, expsum_h,       \
                             expsum_b, dot_top,  scale_store, scale_acc, ce_row};                 \
@@ -681,13 +686,14 @@ inline void row_scale_acc(double* a, const double* e, const double* w, double in
 }
 
 // float32 rows of swav_cross_entropy_cpu through the chosen kernels
-float swav_ce_float(const float* s, const float* q, int64_t B, int64_t K, float temp, float* grad) {
+float swav_ce_float(const float* s, const float* q, int64_t B, int64_t K, float temp, float* grad,
+                    float grad_scale) {
   const int nt = num_threads(B * K);
-  const float inv_t = 1.0f / temp;
+  const float inv_t = 1.0f / temp, gmul = inv_t * grad_scale;
   double total = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
   for (int64_t b = 0; b < B; ++b)
-    total += g_rows->ce_row(s + b * K, q + b * K, K, inv_t, grad ? grad + b * K : nullptr);
+    total += g_rows->ce_row(s + b * K, q + b * K, K, inv_t, gmul, grad ? grad + b * K : nullptr);
   return static_cast<float>(total);
 }
 
@@ -886,5 +892,7 @@ void init_swav_cpu(pybind11::module_& m) {
         "Sinkhorn codes in one call: scores read in their dtype, exponentials cached in the codes");
   m.def("swav_cross_entropy_cpu", &swav_cross_entropy_cpu, pybind11::arg("scores"),
         pybind11::arg("targets"), pybind11::arg("temperature"), pybind11::arg("compute_grad"),
-        "Sum over rows of -<targets, log_softmax(scores / T)>, and its gradient in scores");
+        pybind11::arg("grad_scale") = 1.0,
+        "Sum over rows of -<targets, log_softmax(scores / T)>, and its gradient in scores times "
+        "grad_scale");
 }

@@ -115,18 +115,27 @@ def test_half_loads_are_exact(isa, dtype, eps):
 
 
 @pytest.mark.parametrize("shape", [(13, 37), (3, 16), (2, 1), (4, 3000)])
-@pytest.mark.parametrize("compute_grad", [True, False])
-def test_cross_entropy_rows_against_float64(isa, shape, compute_grad):
+@pytest.mark.parametrize("compute_grad,grad_scale", [(True, 1.0), (True, -2.5), (False, 1.0)])
+def test_cross_entropy_rows_against_float64(isa, shape, compute_grad, grad_scale):
     g = torch.Generator().manual_seed(1)
     s = torch.tanh(torch.randn(*shape, generator=g, dtype=torch.float64))
     q = 2 * torch.softmax(torch.randn(*shape, generator=g, dtype=torch.float64), dim=1)
     s64 = s.clone().requires_grad_(True)
     want = -(q * torch.log_softmax(s64 / 0.1, dim=1)).sum()
     (want_g,) = torch.autograd.grad(want, s64)
-    loss, grad = _C.swav_cross_entropy_cpu(s.float(), q.float(), 0.1, compute_grad)
+    loss, grad = _C.swav_cross_entropy_cpu(s.float(), q.float(), 0.1, compute_grad, grad_scale)
     # inputs rounded to float32 move the loss by ~K 1e-7 relative; the sums run in double
     torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-6, atol=1e-5)
     if compute_grad:
-        torch.testing.assert_close(grad.double(), want_g, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), grad_scale * want_g, rtol=1e-5, atol=1e-5)
     else:
         assert grad.numel() == 0
+
+
+def test_cross_entropy_float64_grad_scale():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(6, 11, generator=g, dtype=torch.float64)
+    q = torch.softmax(torch.randn(6, 11, generator=g, dtype=torch.float64), dim=1)
+    _, g1 = _C.swav_cross_entropy_cpu(s, q, 0.2, True)
+    _, g3 = _C.swav_cross_entropy_cpu(s, q, 0.2, True, 3.0)
+    torch.testing.assert_close(g3, 3.0 * g1, rtol=1e-14, atol=1e-14)
