@@ -8,12 +8,21 @@
 // and every exponent is max-shifted (no overflow for any epsilon or input range).
 #include <torch/extension.h>
 
+// The vector kernels pass 32/64-byte vectors only between always-inline functions; the note
+// that their ABI differs without AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -109,6 +118,25 @@ inline double exp_inplace_sum(double* buf, int64_t K) {
     total += e;
   }
   return total;
+}
+
+// A new B x K output is often fresh memory from mmap, whose first write takes a page fault per
+// 4 KiB page: for 49 MB (B = 4096, K = 3000) about 20 ms, more than the Sinkhorn itself, and
+// no faster on two threads. Transparent huge pages cut that to a fault per 2 MiB; the kernel
+// only gives them to a range marked MADV_HUGEPAGE when THP is in its usual "madvise" mode.
+// The mark is advice on memory this op just allocated (what torch's THP_MEM_ALLOC_ENABLE does
+// for every large allocation); only whole 2 MiB pages inside the buffer are marked.
+void advise_huge_pages(const torch::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t n = t.nbytes();
+  if (n < 2 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + n) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
+#else
+  (void)t;
+#endif
 }
 
 void check_scores(const torch::Tensor& s, const char* fn) {
@@ -218,9 +246,10 @@ void rowpass_impl(const T* s, int64_t B, int64_t K, T eps, const T* a, T* codes,
 // Swapped-prediction cross-entropy, summed over rows: with z = s / T and L = log_softmax(z),
 // returns -sum_b <q[b], L[b]> = sum_b (sum_k q[b, k]) * log l_b - sum_k q[b, k] (z - m_b)[k]
 // (m_b the row max, l_b = sum_k exp(z - m_b)), and, when grad is given, its gradient in s:
-// grad[b, k] = (softmax(z[b])[k] * sum_k q[b, k] - q[b, k]) / T. One read of s and q.
+// grad[b, k] = (softmax(z[b])[k] * sum_k q[b, k] - q[b, k]) / T, times grad_scale (the
+// backward's incoming gradient, folded in). One read of s and q.
 template <typename T>
-T swav_ce_impl(const T* s, const T* q, int64_t B, int64_t K, T temp, T* grad) {
+T swav_ce_impl(const T* s, const T* q, int64_t B, int64_t K, T temp, T* grad, T grad_scale) {
   const int nt = num_threads(B * K);
   double total = 0;
 #pragma omp parallel num_threads(nt) reduction(+ : total)
@@ -254,12 +283,16 @@ T swav_ce_impl(const T* s, const T* q, int64_t B, int64_t K, T temp, T* grad) {
         const T scale = static_cast<T>(qs / static_cast<double>(l));
         T* g = grad + b * K;
 #pragma omp simd
-        for (int64_t k = 0; k < K; ++k) g[k] = (eb[k] * scale - qrow[k]) / temp;
+        for (int64_t k = 0; k < K; ++k) g[k] = (eb[k] * scale - qrow[k]) / temp * grad_scale;
       }
     }
   }
   return static_cast<T>(total);
 }
+
+// float32 cross-entropy rows through the vector kernels (defined with them below)
+float swav_ce_float(const float* s, const float* q, int64_t B, int64_t K, float temp, float* grad,
+                    float grad_scale);
 
 std::vector<torch::Tensor> sinkhorn_colstats_cpu(const torch::Tensor& s, double eps) {
   check_scores(s, "sinkhorn_colstats_cpu");
@@ -284,6 +317,7 @@ torch::Tensor sinkhorn_rowpass_cpu(const torch::Tensor& s, double eps, const tor
               "sinkhorn_rowpass_cpu: a must be a contiguous CPU vector of K=", K, " ",
               s.scalar_type(), ", got ", a.sizes(), " ", a.scalar_type());
   auto out = write_codes ? torch::empty({B, K}, s.options()) : torch::empty({K}, s.options());
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "sinkhorn_rowpass_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     rowpass_impl<scalar_t>(s.data_ptr<scalar_t>(), B, K, static_cast<scalar_t>(eps),
@@ -294,7 +328,8 @@ torch::Tensor sinkhorn_rowpass_cpu(const torch::Tensor& s, double eps, const tor
 }
 
 std::vector<torch::Tensor> swav_cross_entropy_cpu(const torch::Tensor& s, const torch::Tensor& q,
-                                                  double temperature, bool compute_grad) {
+                                                  double temperature, bool compute_grad,
+                                                  double grad_scale) {
   check_scores(s, "swav_cross_entropy_cpu");
   TORCH_CHECK(temperature > 0, "swav_cross_entropy_cpu: temperature must be > 0, got ", temperature);
   TORCH_CHECK(q.device().is_cpu() && q.sizes() == s.sizes() && q.is_contiguous() &&
@@ -304,12 +339,387 @@ std::vector<torch::Tensor> swav_cross_entropy_cpu(const torch::Tensor& s, const 
   const int64_t B = s.size(0), K = s.size(1);
   auto loss = torch::empty({}, s.options());
   auto grad = compute_grad ? torch::empty({B, K}, s.options()) : torch::empty({0}, s.options());
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "swav_cross_entropy_cpu", [&] {
-    loss.fill_(swav_ce_impl<scalar_t>(s.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), B, K,
-                                      static_cast<scalar_t>(temperature),
-                                      compute_grad ? grad.data_ptr<scalar_t>() : nullptr));
-  });
+  advise_huge_pages(grad);
+  if (s.scalar_type() == torch::kFloat32) {
+    loss.fill_(swav_ce_float(s.data_ptr<float>(), q.data_ptr<float>(), B, K,
+                             static_cast<float>(temperature),
+                             compute_grad ? grad.data_ptr<float>() : nullptr,
+                             static_cast<float>(grad_scale)));
+  } else {
+    loss.fill_(swav_ce_impl<double>(s.data_ptr<double>(), q.data_ptr<double>(), B, K, temperature,
+                                    compute_grad ? grad.data_ptr<double>() : nullptr, grad_scale));
+  }
   return {loss, grad};
+}
+
+// ---- vector row kernels, one build per x86 ISA level, chosen at run time ------------------
+//
+// The wheel is built for the baseline ISA (SSE2 on x86-64), where the kernels above run 4 floats
+// at a time. The hot row loops of the one-call Sinkhorn and of the cross-entropy are also
+// compiled for AVX2+FMA (8 floats) and AVX-512 (16 floats) through function target attributes,
+// and the widest the CPU (and OS) supports is picked once at load, as torch's own CPU kernels
+// do, so no -march flag is needed. The arithmetic is the same at every width (the exp
+// polynomial above); only the order of the row sums differs.
+template <int W>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef int32_t i __attribute__((vector_size(4 * W)));
+  typedef uint32_t u __attribute__((vector_size(4 * W)));
+  typedef uint16_t h __attribute__((vector_size(2 * W)));
+  typedef double d __attribute__((vector_size(8 * W)));
+};
+
+#define FASTSSL_INLINE __attribute__((always_inline)) inline
+
+template <int W>
+FASTSSL_INLINE typename Vec<W>::f vexp(typename Vec<W>::f x) {
+  using F = typename Vec<W>::f;
+  using I = typename Vec<W>::i;
+  const F lo = F{} - 87.0f;
+  const F xc = x < lo ? lo : x;
+  const F n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  F r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const F z = r * r;
+  F p = F{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const F er = p * z + r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  const F y = er * (F)bits;
+  return x < lo ? F{} : y;
+}
+
+template <int W>
+FASTSSL_INLINE typename Vec<W>::f vload(const float* p) {
+  typename Vec<W>::f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// bfloat16 is the top half of a float: widen and shift the bits (exact).
+template <int W>
+FASTSSL_INLINE typename Vec<W>::f vload(const c10::BFloat16* p) {
+  typename Vec<W>::h raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const typename Vec<W>::u bits = __builtin_convertvector(raw, typename Vec<W>::u) << 16;
+  return (typename Vec<W>::f)bits;
+}
+
+// IEEE half to float from the bit fields (exact, subnormals, inf and nan included): the
+// exponent is rebased from 15 to 127; subnormal halves are renormalised by one float
+// subtraction; inf/nan get the float's all-ones exponent.
+template <int W>
+FASTSSL_INLINE typename Vec<W>::f vload(const c10::Half* p) {
+  using U = typename Vec<W>::u;
+  using F = typename Vec<W>::f;
+  typename Vec<W>::h raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const U h = __builtin_convertvector(raw, U);
+  U o = (h & 0x7fffu) << 13;
+  const U e = o & (0x7c00u << 13);
+  o += (127u - 15u) << 23;
+  o = e == (0x7c00u << 13) ? o + ((128u - 16u) << 23) : o;
+  const F sub = (F)(o + (1u << 23)) - 6.103515625e-05f;  // 2^-14, the float of exponent 113
+  o = e == 0u ? (U)sub : o;
+  return (F)(o | ((h & 0x8000u) << 16));
+}
+
+template <int W>
+FASTSSL_INLINE void vstore(float* p, typename Vec<W>::f v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <int W>
+FASTSSL_INLINE float hsum(typename Vec<W>::f v) {
+  float t = 0;
+  for (int j = 0; j < W; ++j) t += v[j];
+  return t;
+}
+
+template <int W>
+FASTSSL_INLINE double hsum(typename Vec<W>::d v) {
+  double t = 0;
+  for (int j = 0; j < W; ++j) t += v[j];
+  return t;
+}
+
+template <int W>
+FASTSSL_INLINE float hmax(typename Vec<W>::f v) {
+  float t = v[0];
+  for (int j = 1; j < W; ++j) t = v[j] > t ? v[j] : t;
+  return t;
+}
+
+// mine[k] = max(mine[k], row[k]) (NaN-free inputs; the comparison order of the scalar loop)
+template <int W, typename In>
+FASTSSL_INLINE void k_colmax(const In* row, float* mine, int64_t K) {
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    const auto v = vload<W>(row + k), m = vload<W>(mine + k);
+    vstore<W>(mine + k, v > m ? v : m);
+  }
+  for (; k < K; ++k) {
+    const float v = static_cast<float>(row[k]);
+    mine[k] = v > mine[k] ? v : mine[k];
+  }
+}
+
+// e[k] = exp(row[k] * inv_eps - M[k]); acc[k] += e[k]
+template <int W, typename In>
+FASTSSL_INLINE void k_expsum(const In* row, float inv_eps, const float* M, float* e, float* acc,
+                             int64_t K) {
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    const auto v = vexp<W>(vload<W>(row + k) * inv_eps - vload<W>(M + k));
+    vstore<W>(e + k, v);
+    vstore<W>(acc + k, vload<W>(acc + k) + v);
+  }
+  if (k < K) {  // the tail as one padded vector (padding: exp(-inf) = 0)
+    float x[W];
+    for (int j = 0; j < W; ++j)
+      x[j] = k + j < K ? static_cast<float>(row[k + j]) * inv_eps - M[k + j]
+                       : -std::numeric_limits<float>::infinity();
+    const auto v = vexp<W>(vload<W>(x));
+    for (int64_t j = 0; k + j < K; ++j) {
+      e[k + j] = v[j];
+      acc[k + j] += v[j];
+    }
+  }
+}
+
+// dot = sum_k e[k] w[k], top = max_k e[k] w[k]. The sum runs in double: the codes are the
+// products over dot, so each row then sums to 1 within about one float rounding.
+template <int W>
+FASTSSL_INLINE void k_dot_top(const float* e, const float* w, int64_t K, float* dot, float* top) {
+  using F = typename Vec<W>::f;
+  using D = typename Vec<W>::d;
+  D d = D{};
+  F t = F{};
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    const F v = vload<W>(e + k) * vload<W>(w + k);
+    d += __builtin_convertvector(v, D);
+    t = v > t ? v : t;
+  }
+  double ds = hsum<W>(d);
+  float ts = hmax<W>(t);
+  for (; k < K; ++k) {
+    const float v = e[k] * w[k];
+    ds += static_cast<double>(v);
+    ts = v > ts ? v : ts;
+  }
+  *dot = static_cast<float>(ds);
+  *top = ts;
+}
+
+// e[k] = e[k] w[k] inv
+template <int W>
+FASTSSL_INLINE void k_scale_store(float* e, const float* w, float inv, int64_t K) {
+  int64_t k = 0;
+  for (; k + W <= K; k += W) vstore<W>(e + k, vload<W>(e + k) * vload<W>(w + k) * inv);
+  for (; k < K; ++k) e[k] = e[k] * w[k] * inv;
+}
+
+// acc[k] += e[k] w[k] inv
+template <int W>
+FASTSSL_INLINE void k_scale_acc(float* acc, const float* e, const float* w, float inv, int64_t K) {
+  int64_t k = 0;
+  for (; k + W <= K; k += W)
+    vstore<W>(acc + k, vload<W>(acc + k) + vload<W>(e + k) * vload<W>(w + k) * inv);
+  for (; k < K; ++k) acc[k] += e[k] * w[k] * inv;
+}
+
+// One row of the swapped-prediction cross-entropy (see swav_ce_impl): returns
+// (sum_k q) log l - sum_k q (z - m), z = s / T; with grad, writes (softmax(z) sum_k q - q) gmul,
+// gmul = grad_scale / T (the backward's incoming gradient folded in: no pass to scale it).
+// The target sums run in double (float sums of K terms would cost ~1e-5 of log K).
+template <int W>
+FASTSSL_INLINE double k_ce_row(const float* s, const float* q, int64_t K, float inv_t,
+                               float gmul, float* grad) {
+  using F = typename Vec<W>::f;
+  using D = typename Vec<W>::d;
+  F mv = F{} - std::numeric_limits<float>::infinity();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    const F v = vload<W>(s + k);
+    mv = v > mv ? v : mv;
+  }
+  float m = hmax<W>(mv);
+  for (; k < K; ++k) m = s[k] > m ? s[k] : m;
+  // z - m = s / T - m / T; m / T is the max of s / T (division by T > 0 keeps the order)
+  const float mz = m * inv_t;
+  F lv = F{};
+  D qs = D{}, qz = D{};
+  for (k = 0; k + W <= K; k += W) {
+    const F d = vload<W>(s + k) * inv_t - mz;
+    const F e = vexp<W>(d);
+    const F qv = vload<W>(q + k);
+    lv += e;
+    qs += __builtin_convertvector(qv, D);
+    qz += __builtin_convertvector(qv, D) * __builtin_convertvector(d, D);
+    if (grad) vstore<W>(grad + k, e);
+  }
+  float l = hsum<W>(lv);
+  double qss = hsum<W>(qs), qzs = hsum<W>(qz);
+  if (k < K) {  // the tail as one padded vector: padded d = -inf gives e = 0, padded q = 0
+    float d[W], qt[W];
+    for (int j = 0; j < W; ++j) {
+      const bool in = k + j < K;
+      d[j] = in ? s[k + j] * inv_t - mz : -std::numeric_limits<float>::infinity();
+      qt[j] = in ? q[k + j] : 0.0f;
+    }
+    const F e = vexp<W>(vload<W>(d));
+    for (int64_t j = 0; k + j < K; ++j) {
+      l += e[j];
+      qss += static_cast<double>(qt[j]);
+      qzs += static_cast<double>(qt[j]) * static_cast<double>(d[j]);
+      if (grad) grad[k + j] = e[j];
+    }
+  }
+  if (grad) {
+    const float scale = static_cast<float>(qss / static_cast<double>(l));
+    for (k = 0; k + W <= K; k += W)
+      vstore<W>(grad + k, (vload<W>(grad + k) * scale - vload<W>(q + k)) * gmul);
+    for (; k < K; ++k) grad[k] = (grad[k] * scale - q[k]) * gmul;
+  }
+  return qss * std::log(static_cast<double>(l)) - qzs;
+}
+
+struct RowKernels {
+  const char* name;
+  void (*colmax_f)(const float*, float*, int64_t);
+  void (*colmax_h)(const c10::Half*, float*, int64_t);
+  void (*colmax_b)(const c10::BFloat16*, float*, int64_t);
+  void (*expsum_f)(const float*, float, const float*, float*, float*, int64_t);
+  void (*expsum_h)(const c10::Half*, float, const float*, float*, float*, int64_t);
+  void (*expsum_b)(const c10::BFloat16*, float, const float*, float*, float*, int64_t);
+  void (*dot_top)(const float*, const float*, int64_t, float*, float*);
+  void (*scale_store)(float*, const float*, float, int64_t);
+  void (*scale_acc)(float*, const float*, const float*, float, int64_t);
+  double (*ce_row)(const float*, const float*, int64_t, float, float, float*);
+};
+
+#define FASTSSL_ROW_KERNELS(NS, W, TARGET)                                                        \
+  namespace NS {                                                                                \
+  TARGET void colmax_f(const float* r, float* m, int64_t K) { k_colmax<W>(r, m, K); }          \
+  TARGET void colmax_h(const c10::Half* r, float* m, int64_t K) { k_colmax<W>(r, m, K); }      \
+  TARGET void colmax_b(const c10::BFloat16* r, float* m, int64_t K) { k_colmax<W>(r, m, K); }  \
+  TARGET void expsum_f(const float* r, float ie, const float* M, float* e, float* a, int64_t K) { \
+    k_expsum<W>(r, ie, M, e, a, K);                                                             \
+  }                                                                                             \
+  TARGET void expsum_h(const c10::Half* r, float ie, const float* M, float* e, float* a,        \
+                       int64_t K) {                                                             \
+    k_expsum<W>(r, ie, M, e, a, K);                                                             \
+  }                                                                                             \
+  TARGET void expsum_b(const c10::BFloat16* r, float ie, const float* M, float* e, float* a,    \
+                       int64_t K) {                                                             \
+    k_expsum<W>(r, ie, M, e, a, K);                                                             \
+  }                                                                                             \
+  TARGET void dot_top(const float* e, const float* w, int64_t K, float* d, float* t) {          \
+    k_dot_top<W>(e, w, K, d, t);                                                                \
+  }                                                                                             \
+  TARGET void scale_store(float* e, const float* w, float inv, int64_t K) {                     \
+    k_scale_store<W>(e, w, inv, K);                                                             \
+  }                                                                                             \
+  TARGET void scale_acc(float* a, const float* e, const float* w, float inv, int64_t K) {       \
+    k_scale_acc<W>(a, e, w, inv, K);                                                            \
+  }                                                                                             \
+  TARGET double ce_row(const float* s, const float* q, int64_t K, float it, float gm, float* g) { \
+    return k_ce_row<W>(s, q, K, it, gm, g);                                                     \
+  }                                                                                             \
+  const RowKernels table = {#NS,     colmax_f, colmax_h,    colmax_b,  expsum_f, expsum_h,       \
+                            expsum_b, dot_top,  scale_store, scale_acc, ce_row};                 \
+  }
+
+FASTSSL_ROW_KERNELS(baseline, 4, )
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTSSL_X86_DISPATCH 1
+FASTSSL_ROW_KERNELS(avx2, 8, __attribute__((target("avx2,fma"))))
+FASTSSL_ROW_KERNELS(avx512, 16, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))))
+#endif
+
+std::vector<const RowKernels*> available_kernels() {
+  std::vector<const RowKernels*> out{&baseline::table};
+#ifdef FASTSSL_X86_DISPATCH
+  __builtin_cpu_init();
+  // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back(&avx2::table);
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    out.push_back(&avx512::table);
+#endif
+  return out;
+}
+
+// The widest available; swav_cpu_isa() can pick another (the tests run each).
+const RowKernels* g_rows = available_kernels().back();
+
+// Row operations of the one-call Sinkhorn: float rows through the chosen kernels, double rows
+// as plain loops (float64 keeps std::exp).
+inline void row_colmax(const float* r, float* m, int64_t K) { g_rows->colmax_f(r, m, K); }
+inline void row_colmax(const c10::Half* r, float* m, int64_t K) { g_rows->colmax_h(r, m, K); }
+inline void row_colmax(const c10::BFloat16* r, float* m, int64_t K) { g_rows->colmax_b(r, m, K); }
+inline void row_colmax(const double* r, double* m, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) m[k] = r[k] > m[k] ? r[k] : m[k];
+}
+inline void row_expsum(const float* r, float ie, const float* M, float* e, float* a, int64_t K) {
+  g_rows->expsum_f(r, ie, M, e, a, K);
+}
+inline void row_expsum(const c10::Half* r, float ie, const float* M, float* e, float* a,
+                       int64_t K) {
+  g_rows->expsum_h(r, ie, M, e, a, K);
+}
+inline void row_expsum(const c10::BFloat16* r, float ie, const float* M, float* e, float* a,
+                       int64_t K) {
+  g_rows->expsum_b(r, ie, M, e, a, K);
+}
+inline void row_expsum(const double* r, double ie, const double* M, double* e, double* a,
+                       int64_t K) {
+  for (int64_t k = 0; k < K; ++k) e[k] = r[k] * ie - M[k];
+  exp_inplace_sum(e, K);
+  for (int64_t k = 0; k < K; ++k) a[k] += e[k];
+}
+inline void row_dot_top(const float* e, const float* w, int64_t K, float* d, float* t) {
+  g_rows->dot_top(e, w, K, d, t);
+}
+inline void row_dot_top(const double* e, const double* w, int64_t K, double* d, double* t) {
+  double dot = 0, top = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double v = e[k] * w[k];
+    dot += v;
+    top = top > v ? top : v;
+  }
+  *d = dot;
+  *t = top;
+}
+inline void row_scale_store(float* e, const float* w, float inv, int64_t K) {
+  g_rows->scale_store(e, w, inv, K);
+}
+inline void row_scale_store(double* e, const double* w, double inv, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) e[k] = e[k] * w[k] * inv;
+}
+inline void row_scale_acc(float* a, const float* e, const float* w, float inv, int64_t K) {
+  g_rows->scale_acc(a, e, w, inv, K);
+}
+inline void row_scale_acc(double* a, const double* e, const double* w, double inv, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) a[k] += e[k] * w[k] * inv;
+}
+
+// float32 rows of swav_cross_entropy_cpu through the chosen kernels
+float swav_ce_float(const float* s, const float* q, int64_t B, int64_t K, float temp, float* grad,
+                    float grad_scale) {
+  const int nt = num_threads(B * K);
+  const float inv_t = 1.0f / temp, gmul = inv_t * grad_scale;
+  double total = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
+  for (int64_t b = 0; b < B; ++b)
+    total += g_rows->ce_row(s + b * K, q + b * K, K, inv_t, gmul, grad ? grad + b * K : nullptr);
+  return static_cast<float>(total);
 }
 
 // ---- one-call Sinkhorn with the exponentials cached in the codes buffer ----------------------
@@ -325,6 +735,7 @@ std::vector<torch::Tensor> swav_cross_entropy_cpu(const torch::Tensor& s, const 
 // every column max: possible at small eps) could lose mass to float underflow: it is
 // recomputed from the scores in the log domain, exactly as the passes above do.
 // Scores are read in their own dtype (float16/bfloat16 converted per element): no float copy.
+// The row loops are the vector kernels above (float) or plain loops (double).
 // Extra memory: O(K) per thread, plus the B x K codes in the accumulation dtype.
 template <typename In, typename T>
 void sinkhorn_cached_impl(const In* s, int64_t B, int64_t K, T eps, int64_t iterations, T* codes) {
@@ -336,7 +747,7 @@ void sinkhorn_cached_impl(const In* s, int64_t B, int64_t K, T eps, int64_t iter
   T* Mp = M.data();
   T* lap = la.data();
   T* wp = w.data();
-  // p row of row b into out (out may alias codes + b K); returns via out; colsum optional.
+  // p row of row b into out (out may alias codes + b K), in the log domain from the scores
   auto exact_row = [&](int64_t b, T* buf, T* out) {
     const In* row = s + b * K;
     T m = -std::numeric_limits<T>::infinity();
@@ -357,14 +768,7 @@ void sinkhorn_cached_impl(const In* s, int64_t B, int64_t K, T eps, int64_t iter
     T* eb = buf.data();
     std::fill(mine, mine + K, -std::numeric_limits<T>::infinity());
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      const In* row = s + b * K;
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) {
-        const T v = static_cast<T>(row[k]), cur = mine[k];
-        mine[k] = v > cur ? v : cur;
-      }
-    }
+    for (int64_t b = 0; b < B; ++b) row_colmax(s + b * K, mine, K);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < K; ++k) {
       T m = -std::numeric_limits<T>::infinity();
@@ -374,15 +778,7 @@ void sinkhorn_cached_impl(const In* s, int64_t B, int64_t K, T eps, int64_t iter
     std::fill(mine, mine + K, T(0));
     // E = exp(x - M) into the codes buffer, column sums S.
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      const In* row = s + b * K;
-      T* e = codes + b * K;
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) e[k] = static_cast<T>(row[k]) * inv_eps - Mp[k];
-      exp_inplace_sum(e, K);
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) mine[k] += e[k];
-    }
+    for (int64_t b = 0; b < B; ++b) row_expsum(s + b * K, inv_eps, Mp, codes + b * K, mine, K);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < K; ++k) {
       T acc = 0;
@@ -404,30 +800,21 @@ void sinkhorn_cached_impl(const In* s, int64_t B, int64_t K, T eps, int64_t iter
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) {
         T* e = codes + b * K;
-        T dot = 0, top = 0;
-#pragma omp simd reduction(+ : dot) reduction(max : top)
-        for (int64_t k = 0; k < K; ++k) {
-          const T v = e[k] * wp[k];
-          dot += v;
-          top = top > v ? top : v;
-        }
+        T dot, top;
+        row_dot_top(e, wp, K, &dot, &top);
         const bool exact = !(top >= tiny);
         if (last) {
           if (exact) {
             exact_row(b, eb, e);
           } else {
-            const T inv = T(1) / dot;
-#pragma omp simd
-            for (int64_t k = 0; k < K; ++k) e[k] = e[k] * wp[k] * inv;
+            row_scale_store(e, wp, T(1) / dot, K);
           }
         } else if (exact) {
           exact_row(b, eb, eb);
 #pragma omp simd
           for (int64_t k = 0; k < K; ++k) mine[k] += eb[k];
         } else {
-          const T inv = T(1) / dot;
-#pragma omp simd
-          for (int64_t k = 0; k < K; ++k) mine[k] += e[k] * wp[k] * inv;
+          row_scale_acc(mine, e, wp, T(1) / dot, K);
         }
       }
       if (!last) {
@@ -453,6 +840,7 @@ torch::Tensor sinkhorn_cached_cpu(const torch::Tensor& s, double eps, int64_t it
   const auto st = s.scalar_type();
   const bool dbl = st == torch::kFloat64;
   auto codes = torch::empty({B, K}, s.options().dtype(dbl ? torch::kFloat64 : torch::kFloat32));
+  advise_huge_pages(codes);
   if (dbl) {
     sinkhorn_cached_impl<double, double>(s.data_ptr<double>(), B, K, eps, iterations,
                                          codes.data_ptr<double>());
@@ -472,9 +860,53 @@ torch::Tensor sinkhorn_cached_cpu(const torch::Tensor& s, double eps, int64_t it
   return codes;
 }
 
+// The kernel set in use ("baseline", "avx2", "avx512"); a non-empty name selects that set if
+// this CPU has it (the tests run every set).
+std::string swav_cpu_isa(const std::string& name) {
+  if (!name.empty()) {
+    const RowKernels* pick = nullptr;
+    std::string have;
+    for (const RowKernels* k : available_kernels()) {
+      if (name == k->name) pick = k;
+      have += std::string(have.empty() ? "" : ", ") + k->name;
+    }
+    TORCH_CHECK(pick != nullptr, "swav_cpu_isa: name must be one of this CPU's kernel sets (",
+                have, "), got '", name, "'");
+    g_rows = pick;
+  }
+  return g_rows->name;
+}
+
+std::vector<std::string> swav_cpu_isas() {
+  std::vector<std::string> out;
+  for (const RowKernels* k : available_kernels()) out.push_back(k->name);
+  return out;
+}
+
+// exp of every element of a float32 tensor with the chosen kernels' exp (for its accuracy test)
+torch::Tensor swav_cpu_exp(const torch::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.scalar_type() == torch::kFloat32 &&
+                  x.is_contiguous(),
+              "swav_cpu_exp: x must be a contiguous 1-D float32 CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type());
+  const int64_t n = x.numel();
+  auto out = torch::empty({n}, x.options());
+  std::vector<float> zeros(static_cast<size_t>(n), 0.0f);
+  // e = exp(x * 1 - 0); the column-sum side output is discarded
+  std::vector<float> acc(static_cast<size_t>(n), 0.0f);
+  if (n > 0) g_rows->expsum_f(x.data_ptr<float>(), 1.0f, zeros.data(), out.data_ptr<float>(),
+                              acc.data(), n);
+  return out;
+}
+
 }  // namespace
 
 void init_swav_cpu(pybind11::module_& m) {
+  m.def("swav_cpu_isa", &swav_cpu_isa, pybind11::arg("name") = std::string(),
+        "Vector kernel set of the CPU SwAV ops; a name selects another available set");
+  m.def("swav_cpu_isas", &swav_cpu_isas, "Vector kernel sets this CPU can run");
+  m.def("swav_cpu_exp", &swav_cpu_exp, pybind11::arg("x"),
+        "exp of a float32 vector with the SwAV kernels' polynomial (for its accuracy test)");
   m.def("sinkhorn_colstats_cpu", &sinkhorn_colstats_cpu, pybind11::arg("scores"),
         pybind11::arg("eps"),
         "Column max M and sum S of exp(scores/eps - M) over rows: logsumexp = M + log S");
@@ -486,5 +918,7 @@ void init_swav_cpu(pybind11::module_& m) {
         "Sinkhorn codes in one call: scores read in their dtype, exponentials cached in the codes");
   m.def("swav_cross_entropy_cpu", &swav_cross_entropy_cpu, pybind11::arg("scores"),
         pybind11::arg("targets"), pybind11::arg("temperature"), pybind11::arg("compute_grad"),
-        "Sum over rows of -<targets, log_softmax(scores / T)>, and its gradient in scores");
+        pybind11::arg("grad_scale") = 1.0,
+        "Sum over rows of -<targets, log_softmax(scores / T)>, and its gradient in scores times "
+        "grad_scale");
 }

@@ -5,7 +5,8 @@ The loss needs one log_softmax per crop: with L_v = log_softmax(scores[v] / T), 
 sum over (assigned crop i, other crop v) of -mean_b <q_i, L_v> equals the sum over crops v of
 -mean_b <sum_{i assigned, i != v} q_i, L_v>, so each crop's log_softmax is computed once
 instead of once per assigned crop, inside the fused op ``torch.ops.fastssl.swav_cross_entropy``
-(value and closed-form gradient in one pass; the backward only scales the gradient).
+(value and closed-form gradient in one pass over the row). The crops past the assigned ones all
+predict the same summed codes, computed once and shared.
 
 Also the two per-step helpers the SwAV trainer needs: :func:`normalize_prototypes_` and
 :func:`freeze_prototypes_grad`.
@@ -102,12 +103,18 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
                                        sinkhorn_backend)[-bs:])
 
     loss = None
+    summed = None  # the target of every crop past the assigned ones, summed once and shared
     for v in range(n_crops):
         # target of crop v: the codes of every assigned crop other than v
-        others = [codes[i] for i in range(n_assign_crops) if i != v]
-        if not others:
-            continue
-        target = others[0] if len(others) == 1 else torch.stack(others).sum(dim=0)
+        if v < n_assign_crops:
+            others = [codes[i] for i in range(n_assign_crops) if i != v]
+            if not others:
+                continue
+            target = _sum(others)
+        else:
+            if summed is None:
+                summed = _sum(codes)
+            target = summed
         # sum over rows of -<target, log_softmax(scores / T)>, one fused op (closed-form backward)
         term = _ops.swav_cross_entropy(views[v], target, temperature, ce_backend)
         loss = term if loss is None else loss + term
@@ -115,6 +122,16 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
     if use_dist:
         loss = dist_utils.reduce_loss(loss / dist_utils.world_size())
     return loss
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The elementwise sum, one new tensor at most (the single tensor itself when alone)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    out = tensors[0] + tensors[1]
+    for t in tensors[2:]:
+        out.add_(t)
+    return out
 
 
 @torch.no_grad()

@@ -28,14 +28,17 @@ upstream's under autocast, where exp runs in float32.
 
 swav_cross_entropy(scores, targets, T) = -sum_b <targets[b], log_softmax(scores[b] / T)>, the
 sum over rows of one crop's prediction loss. Its gradient in the scores has the closed form
-(softmax(s / T) * sum_k targets - targets) / T; the forward writes it while the row's
+(softmax(s / T) * sum_k targets - targets) / T, so no log_softmax, product or softmax backward
+is materialised. The Triton and torch backends write it in the forward, while the row's
 exponentials are at hand (the one B x K tensor autograd keeps, as log_softmax keeps its
-output), and the backward only scales it, so no log_softmax, product or softmax backward is
-materialised.
+output), and the backward only scales it. The C++ backend keeps nothing: its backward
+recomputes the gradient in one pass over the scores and targets (its rows run on vector
+kernels compiled for the CPU's widest ISA, csrc/swav_cpu.cpp), which on CPU costs less than
+writing and keeping a gradient per crop.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -84,7 +87,8 @@ def _sinkhorn_torch(scores, epsilon, iterations, distributed):
                                 distributed)
 
 
-# ---- cpp: fastssl._C (OpenMP, float32/float64; float16/bfloat16 are upcast first) ------------
+# ---- cpp: fastssl._C (OpenMP and vector kernels; sinkhorn reads float16/bfloat16 as they are,
+# swav_cross_entropy upcasts them first) -------------------------------------------------------
 
 def _cpp_input(scores):
     # float32/float64 contiguous scores go in as they are (to/contiguous return them, no copy)
@@ -154,7 +158,14 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int,
 
 # ---- swav_cross_entropy: -sum_b <q_b, log_softmax(s_b / T)> and its gradient in s -------------
 
-def _ce_torch(scores, targets, temperature, compute_grad):
+# Each backend's cross_entropy(scores, targets, temperature, compute_grad, grad_scale=None): the
+# gradient comes back multiplied by grad_scale (a one-element tensor) where one is given.
+
+def _scaled(grad, grad_scale):
+    return grad if grad_scale is None else grad * grad_scale.to(grad.dtype)
+
+
+def _ce_torch(scores, targets, temperature, compute_grad, grad_scale=None):
     acc = accumulation_dtype(scores)
     log_p = torch.log_softmax(scores.to(acc) / temperature, dim=1)
     q = targets.to(acc)
@@ -162,25 +173,28 @@ def _ce_torch(scores, targets, temperature, compute_grad):
     if not compute_grad:
         return loss, log_p.new_empty((0,))
     grad = (torch.exp(log_p) * q.sum(dim=1, keepdim=True) - q) / temperature
-    return loss, grad
+    return loss, _scaled(grad, grad_scale)
 
 
-def _ce_cpp(scores, targets, temperature, compute_grad):
+def _ce_cpp(scores, targets, temperature, compute_grad, grad_scale=None):
     from fastssl import _C
     acc = accumulation_dtype(scores)
+    # the scale is folded into the kernel's gradient pass (CPU tensors: no device sync)
+    scale = 1.0 if grad_scale is None else float(grad_scale)
     loss, grad = _C.swav_cross_entropy_cpu(_cpp_input(scores), targets.to(acc).contiguous(),
-                                           temperature, compute_grad)
+                                           temperature, compute_grad, scale)
     return loss, grad
 
 
-def _ce_triton(scores, targets, temperature, compute_grad):
+def _ce_triton(scores, targets, temperature, compute_grad, grad_scale=None):
     from fastssl.kernels import swav as K
     acc = accumulation_dtype(scores)
-    return K.swav_cross_entropy(scores.contiguous(), targets.to(acc).contiguous(), temperature,
-                                compute_grad)
+    loss, grad = K.swav_cross_entropy(scores.contiguous(), targets.to(acc).contiguous(),
+                                      temperature, compute_grad)
+    return loss, _scaled(grad, grad_scale) if compute_grad else grad
 
 
-def _ce_reference(scores, targets, temperature, compute_grad):
+def _ce_reference(scores, targets, temperature, compute_grad, grad_scale=None):
     # upstream's arithmetic (fastssl.reference.swav's loss term) in the input dtype; the
     # gradient is the closed form of log_softmax's (op bodies run below autograd)
     acc = accumulation_dtype(scores)
@@ -189,7 +203,7 @@ def _ce_reference(scores, targets, temperature, compute_grad):
     if not compute_grad:
         return loss, scores.new_empty((0,), dtype=acc)
     grad = (torch.softmax(x, dim=1) * targets.sum(dim=1, keepdim=True) - targets) / temperature
-    return loss, grad.to(acc)
+    return loss, _scaled(grad.to(acc), grad_scale)
 
 
 class _Backend:
@@ -227,19 +241,29 @@ def backend_name(device: torch.device) -> str:
 
 @torch.library.custom_op("fastssl::swav_cross_entropy", mutates_args=())
 def _swav_ce_op(scores: torch.Tensor, targets: torch.Tensor, temperature: float,
-                compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return TABLE[backend].cross_entropy(scores, targets, float(temperature), bool(compute_grad))
+                compute_grad: bool, backend: str,
+                grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # grad_scale: the gradient comes back multiplied by it (the backward passes its incoming
+    # gradient, so the C++ kernel scales while it writes, without another pass)
+    if grad_scale is None:
+        return TABLE[backend].cross_entropy(scores, targets, float(temperature), bool(compute_grad))
+    if grad_scale.numel() != 1 or grad_scale.device != scores.device:
+        raise ValueError("grad_scale: expected a one-element tensor on the scores' device "
+                         f"({scores.device}), got shape {tuple(grad_scale.shape)} on "
+                         f"{grad_scale.device}")
+    return TABLE[backend].cross_entropy(scores, targets, float(temperature), bool(compute_grad),
+                                        grad_scale)
 
 
 @_swav_ce_op.register_fake
-def _swav_ce_fake(scores, targets, temperature, compute_grad, backend):
+def _swav_ce_fake(scores, targets, temperature, compute_grad, backend, grad_scale=None):
     acc = accumulation_dtype(scores)
     grad_shape = scores.shape if compute_grad else (0,)
     return scores.new_empty((), dtype=acc), scores.new_empty(grad_shape, dtype=acc)
 
 
 def _swav_ce_setup_context(ctx, inputs, output):
-    scores, targets, temperature, _, backend = inputs
+    scores, targets, temperature, _, backend, _ = inputs
     ctx.temperature = temperature
     ctx.backend = backend
     ctx.score_dtype = scores.dtype
@@ -253,17 +277,30 @@ def _swav_ce_backward(ctx, grad_loss, _grad_of_grad):
     if ctx.needs_input_grad[0]:
         if saved_grad.dim() != 2:  # forward ran without compute_grad
             # the forward's backend (never a new selection on the autograd thread)
-            _, saved_grad = _swav_ce_op(scores.detach(), targets.detach(), ctx.temperature, True,
-                                        ctx.backend)
-        g_scores = (grad_loss * saved_grad).to(ctx.score_dtype)
+            s, q = scores.detach(), targets.detach()
+            if torch.is_grad_enabled():  # a recorded backward: grad_loss stays differentiable
+                _, grad = _swav_ce_op(s, q, ctx.temperature, True, ctx.backend)
+                g_scores = (grad_loss * grad).to(ctx.score_dtype)
+            else:  # grad_loss folded into the gradient as it is written
+                _, grad = _swav_ce_op(s, q, ctx.temperature, True, ctx.backend, grad_loss.detach())
+                g_scores = grad.to(ctx.score_dtype)
+        else:
+            g_scores = (grad_loss * saved_grad).to(ctx.score_dtype)
     if ctx.needs_input_grad[1]:
         acc = accumulation_dtype(scores)
         log_p = torch.log_softmax(scores.to(acc) / ctx.temperature, dim=1)
         g_targets = (-grad_loss * log_p).to(ctx.target_dtype)
-    return g_scores, g_targets, None, None, None
+    return g_scores, g_targets, None, None, None, None
 
 
 _swav_ce_op.register_autograd(_swav_ce_backward, setup_context=_swav_ce_setup_context)
+
+
+# Backends whose forward keeps no gradient: the backward recomputes it from the scores and
+# targets (one more pass with exp over each row). On CPU, with the vector exp, that pass costs
+# less than writing and keeping a B x K gradient per crop, which would hold more memory than
+# eager's one log_softmax output per crop (SwAV's 8 crops share one summed target).
+_GRAD_IN_BACKWARD = {"cpp"}
 
 
 def swav_cross_entropy(scores: torch.Tensor, targets: torch.Tensor,
@@ -273,6 +310,7 @@ def swav_cross_entropy(scores: torch.Tensor, targets: torch.Tensor,
     chosen by :func:`backend_for` (None: choose now)."""
     if backend is None:
         backend = backend_for("swav_cross_entropy", scores.device)
+    compute_grad = bool(scores.requires_grad) and backend not in _GRAD_IN_BACKWARD
     loss, _ = torch.ops.fastssl.swav_cross_entropy(scores, targets, float(temperature),
-                                                   bool(scores.requires_grad), backend)
+                                                   compute_grad, backend)
     return loss

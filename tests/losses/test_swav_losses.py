@@ -35,7 +35,7 @@ def _value_and_grads(fn, views, **kw):
 
 @pytest.mark.parametrize("backend,device", backend_params("reference", "torch", "cpp", "triton"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n_crops,n_assign", [(2, 2), (4, 2), (3, 1)])
+@pytest.mark.parametrize("n_crops,n_assign", [(2, 2), (4, 2), (3, 1), (5, 3)])
 def test_values_and_gradients_match_reference(backend, device, dtype, n_crops, n_assign):
     views = _crops(n_crops, 6, 10, dtype=dtype, device=device)
     kw = dict(n_assign_crops=n_assign, temperature=0.1, epsilon=0.05, sinkhorn_iterations=3)
@@ -69,6 +69,31 @@ def test_gradcheck_float64(backend):
     with fastssl.use_backend(backend):
         assert torch.autograd.gradcheck(
             lambda a, b: functional.swav([views[0].detach(), a, b], n_assign_crops=1), tuple(views[1:]))
+
+
+def test_cpp_forward_keeps_one_target_and_no_gradient_per_crop():
+    # the forward saves for backward only the crops' scores, the codes and one summed target
+    # (shared by the crops past the assigned ones); the gradient is recomputed in backward
+    views = _crops(8, 16, 40)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with fastssl.use_backend("cpp"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = functional.swav(views, n_assign_crops=2)
+    big = {t.untyped_storage().data_ptr() for t in saved if t.numel() == 16 * 40}
+    inputs = {v.untyped_storage().data_ptr() for v in views}
+    assert len(big - inputs) <= 3, len(big - inputs)  # 2 codes + 1 summed target
+    ref_v, ref_g = _value_and_grads(R.swav, views, n_assign_crops=2)
+    # retain_graph: the in-place scaling of the recomputed gradient leaves the graph intact
+    g1 = torch.autograd.grad(loss, views, retain_graph=True)
+    g2 = torch.autograd.grad(loss, views)
+    assert_close(loss.detach(), ref_v)
+    for a, b, c in zip(g1, g2, ref_g):
+        assert torch.equal(a, b)
+        assert_close(a, c)
 
 
 def test_uniform_scores_give_log_k():

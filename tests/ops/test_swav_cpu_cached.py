@@ -1,6 +1,8 @@
 """The one-call C++ Sinkhorn (csrc/swav_cpu.cpp, sinkhorn_cached_cpu): exponentials cached in
 the codes, float16/bfloat16 scores read as they are (no float32 copy), rows at risk of
-underflow redone in the log domain."""
+underflow redone in the log domain. Also the vector row kernels it and swav_cross_entropy_cpu
+run on, in every kernel set this CPU has (baseline SSE2/NEON width, AVX2, AVX-512): the exp
+polynomial against float64, the exact float16/bfloat16 loads, the cross-entropy rows."""
 import pytest
 import torch
 
@@ -9,6 +11,15 @@ import fastssl.reference as ref
 from bench.harness import cpu_peak_growth
 
 _C = pytest.importorskip("fastssl._C")
+ISAS = _C.swav_cpu_isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = _C.swav_cpu_isa()
+    _C.swav_cpu_isa(request.param)
+    yield request.param
+    _C.swav_cpu_isa(before)
 
 
 def _scores(b, k, seed):
@@ -19,7 +30,7 @@ def _scores(b, k, seed):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("eps", [0.05, 0.01])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_equals_float64_reference_on_the_same_values(dtype, eps, iterations):
+def test_equals_float64_reference_on_the_same_values(isa, dtype, eps, iterations):
     s = _scores(67, 45, 0)
     # A row far below every column's max (x - M ~ -150 at eps 0.01): its cached exponentials
     # underflow, so it must take the exact log-domain path.
@@ -63,3 +74,68 @@ def test_bad_inputs():
         _C.sinkhorn_cached_cpu(torch.rand(3, 4), 0.05, 0)
     with pytest.raises(RuntimeError, match="float16, bfloat16"):
         _C.sinkhorn_cached_cpu(torch.ones(3, 4, dtype=torch.int32), 0.05, 3)
+
+
+def test_kernel_sets():
+    assert ISAS[0] == "baseline" and _C.swav_cpu_isa() == ISAS[-1]  # the widest by default
+    with pytest.raises(RuntimeError, match="name must be one of"):
+        _C.swav_cpu_isa("bogus")
+    with pytest.raises(RuntimeError, match="x must be"):
+        _C.swav_cpu_exp(torch.zeros(3, dtype=torch.float64))
+
+
+def test_exp_polynomial_against_float64(isa):
+    # the whole argument range the kernels use (x <= 0), sizes with every vector tail length
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linspace(-87.0, 0.0, 100001), -87.0 * torch.rand(100000, generator=g),
+                   torch.tensor([0.0, -0.0, -1e-30, -1e-7, -0.5, -87.0])])
+    for n in list(range(1, 40)) + [x.numel()]:
+        got = _C.swav_cpu_exp(x[:n].contiguous()).double()
+        want = torch.exp(x[:n].double())
+        rel = ((got - want) / want).abs().max().item()
+        assert rel < 2.5e-7, (isa, n, rel)  # about 2 float ulp (measured ~1.4)
+    # below -87 the result is 0: e^x < 1.7e-38, at the end of the float normal range
+    low = torch.cat([torch.linspace(-200.0, -87.001, 1001), torch.tensor([-float("inf")])])
+    assert (_C.swav_cpu_exp(low) == 0).all()
+
+
+@pytest.mark.parametrize("dtype,eps", [(torch.float16, 1e4), (torch.bfloat16, 1e30)])
+def test_half_loads_are_exact(isa, dtype, eps):
+    # every finite float16/bfloat16 value: the vector loads must give the exact float, so the
+    # codes equal those of the same scores upcast to float32 beforehand, bit for bit
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    vals = bits.view(dtype)
+    vals = vals[torch.isfinite(vals)]
+    k = 248  # not a multiple of any vector width: the rows end in a tail
+    vals = vals[: vals.numel() // k * k].reshape(-1, k).contiguous()
+    got = _C.sinkhorn_cached_cpu(vals, eps, 2)
+    want = _C.sinkhorn_cached_cpu(vals.float(), eps, 2)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(13, 37), (3, 16), (2, 1), (4, 3000)])
+@pytest.mark.parametrize("compute_grad,grad_scale", [(True, 1.0), (True, -2.5), (False, 1.0)])
+def test_cross_entropy_rows_against_float64(isa, shape, compute_grad, grad_scale):
+    g = torch.Generator().manual_seed(1)
+    s = torch.tanh(torch.randn(*shape, generator=g, dtype=torch.float64))
+    q = 2 * torch.softmax(torch.randn(*shape, generator=g, dtype=torch.float64), dim=1)
+    s64 = s.clone().requires_grad_(True)
+    want = -(q * torch.log_softmax(s64 / 0.1, dim=1)).sum()
+    (want_g,) = torch.autograd.grad(want, s64)
+    loss, grad = _C.swav_cross_entropy_cpu(s.float(), q.float(), 0.1, compute_grad, grad_scale)
+    # inputs rounded to float32 move the loss by ~K 1e-7 relative; the sums run in double
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-6, atol=1e-5)
+    if compute_grad:
+        torch.testing.assert_close(grad.double(), grad_scale * want_g, rtol=1e-5, atol=1e-5)
+    else:
+        assert grad.numel() == 0
+
+
+def test_cross_entropy_float64_grad_scale():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(6, 11, generator=g, dtype=torch.float64)
+    q = torch.softmax(torch.randn(6, 11, generator=g, dtype=torch.float64), dim=1)
+    _, g1 = _C.swav_cross_entropy_cpu(s, q, 0.2, True)
+    _, g3 = _C.swav_cross_entropy_cpu(s, q, 0.2, True, 3.0)
+    torch.testing.assert_close(g3, 3.0 * g1, rtol=1e-14, atol=1e-14)

@@ -219,3 +219,36 @@ def test_cross_entropy_library_registration_and_compile():
     torch.library.opcheck(torch.ops.fastssl.swav_cross_entropy.default, (s, q, 0.1, False, "cpp"))
     f = torch.compile(lambda a, b: swav_cross_entropy(a, b, 0.1), fullgraph=True, backend="eager")
     assert_close(f(s, q), _ce_reference(s, q, 0.1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_cross_entropy_grad_scale(backend):
+    # the backward's incoming gradient can be folded into the op's gradient (the C++ kernel
+    # scales while it writes)
+    s, q = _ce_inputs(5, 19, torch.float32)
+    s = s.detach()
+    loss, g = torch.ops.fastssl.swav_cross_entropy(s, q, 0.1, True, backend)
+    loss2, g2 = torch.ops.fastssl.swav_cross_entropy(s, q, 0.1, True, backend, torch.tensor(-0.75))
+    assert_close(loss2, loss)
+    assert_close(g2, -0.75 * g)
+    with pytest.raises(ValueError, match="grad_scale"):
+        torch.ops.fastssl.swav_cross_entropy(s, q, 0.1, True, backend, torch.ones(2))
+    torch.library.opcheck(torch.ops.fastssl.swav_cross_entropy.default,
+                          (s, q, 0.1, True, backend, torch.tensor(2.0)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_cross_entropy_recorded_backward(backend):
+    # create_graph: the backward keeps grad_loss differentiable (no folded scale); first-order
+    # gradients unchanged
+    from fastssl.ops.swav import swav_cross_entropy
+    s, q = _ce_inputs(6, 9, torch.float64)
+    w = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    with fastssl.use_backend(backend):
+        got = swav_cross_entropy(s, q, 0.1) * w
+    (gs,) = torch.autograd.grad(got, s, create_graph=True)
+    (ref_gs,) = torch.autograd.grad(_ce_reference(s, q, 0.1) * w, s, create_graph=True)
+    assert_close(gs, ref_gs)
+    # d/dw of <gs, 1> = <d gs / d w, 1> = <gs / w, 1>
+    (gw,) = torch.autograd.grad(gs.sum(), w)
+    assert_close(gw, (ref_gs / w).sum().detach())
