@@ -352,6 +352,18 @@ std::vector<torch::Tensor> swav_cross_entropy_cpu(const torch::Tensor& s, const 
   return {loss, grad};
 }
 
+// The same with the scale as a one-element CPU tensor (the backward's incoming gradient), read
+// here: a CPU value read costs no device sync, and the Python side makes no host read.
+std::vector<torch::Tensor> swav_cross_entropy_scaled_cpu(const torch::Tensor& s, const torch::Tensor& q,
+                                                         double temperature, bool compute_grad,
+                                                         const torch::Tensor& grad_scale) {
+  TORCH_CHECK(grad_scale.device().is_cpu() && grad_scale.numel() == 1 &&
+                  at::isFloatingType(grad_scale.scalar_type()),
+              "swav_cross_entropy_scaled_cpu: grad_scale must be a one-element floating CPU tensor, got ",
+              grad_scale.sizes(), " ", grad_scale.scalar_type(), " on ", grad_scale.device());
+  return swav_cross_entropy_cpu(s, q, temperature, compute_grad, grad_scale.item<double>());
+}
+
 // ---- vector row kernels, one build per x86 ISA level, chosen at run time ------------------
 //
 // The wheel is built for the baseline ISA (SSE2 on x86-64), where the kernels above run 4 floats
@@ -921,4 +933,8 @@ void init_swav_cpu(pybind11::module_& m) {
         pybind11::arg("grad_scale") = 1.0,
         "Sum over rows of -<targets, log_softmax(scores / T)>, and its gradient in scores times "
         "grad_scale");
+  m.def("swav_cross_entropy_scaled_cpu", &swav_cross_entropy_scaled_cpu, pybind11::arg("scores"),
+        pybind11::arg("targets"), pybind11::arg("temperature"), pybind11::arg("compute_grad"),
+        pybind11::arg("grad_scale"),
+        "swav_cross_entropy_cpu with grad_scale a one-element CPU tensor (read in C++)");
 }

@@ -179,11 +179,14 @@ def _ce_torch(scores, targets, temperature, compute_grad, grad_scale=None):
 def _ce_cpp(scores, targets, temperature, compute_grad, grad_scale=None):
     from fastssl import _C
     acc = accumulation_dtype(scores)
-    # the scale is folded into the kernel's gradient pass (CPU tensors: no device sync)
-    scale = 1.0 if grad_scale is None else float(grad_scale)
-    loss, grad = _C.swav_cross_entropy_cpu(_cpp_input(scores), targets.to(acc).contiguous(),
-                                           temperature, compute_grad, scale)
-    return loss, grad
+    # the scale is folded into the kernel's gradient pass, its value read in C++ (a CPU
+    # tensor: no device sync, and no host read in the traced Python)
+    if grad_scale is None:
+        return tuple(_C.swav_cross_entropy_cpu(_cpp_input(scores), targets.to(acc).contiguous(),
+                                               temperature, compute_grad))
+    return tuple(_C.swav_cross_entropy_scaled_cpu(_cpp_input(scores), targets.to(acc).contiguous(),
+                                                  temperature, compute_grad,
+                                                  grad_scale.detach().reshape(1)))
 
 
 def _ce_triton(scores, targets, temperature, compute_grad, grad_scale=None):

@@ -165,6 +165,8 @@ def _known_bases():
         "sinkhorn_colstats_cpu": [scores, 0.05],
         "sinkhorn_rowpass_cpu": [scores, 0.05, torch.zeros(7), True],
         "swav_cross_entropy_cpu": [scores, torch.softmax(scores, 1), 0.1, True],
+        "swav_cross_entropy_scaled_cpu": [scores, torch.softmax(scores, 1), 0.1, True,
+                                          torch.tensor([2.0])],
         "contrastive_lse_sum_cpu": [ca, cb, c_self, c_pos, 2.0, True, True, True, True],
         "sce_grad_cpu": [ca, ca * 0.5, cb, c_self, 2.0, 3.0],
     }
