@@ -234,6 +234,81 @@ def _torch_gauss_grad_hat(a, b, scale, diag_offset, lse):
     return out, ra
 
 
+# Same pass (torch entry): the scalar and its gradients in x̂ (and ŷ) from one pass over the
+# blocks, as the contrastive family does (issue 18): two products per block instead of the
+# forward's one plus the backward's recompute and product (three). The backward projects and
+# scales the saved gradients (no recompute).
+
+def _torch_series_forward_grad(x, y, weights, dim):
+    """(total, gx_hat, gy_hat): series_forward's total and d total / d x̂ (d total / d ŷ, empty
+    when y is None) from the same blocks."""
+    xh = _normalize_by(x, _inv_norm(x))
+    total = xh.new_zeros(())
+    gx = torch.zeros_like(xh)
+    if y is None:
+        n = xh.shape[0]
+        for s, e in _row_blocks(n, n):
+            g = xh[s:e] @ xh[s:].T
+            psi = _series_and_derivative(g, weights, dim, False)
+            total = total + psi[:, : e - s].sum() + 2 * psi[:, e - s:].sum()
+            c = _series_and_derivative(g, weights, dim, True)
+            gx[s:e] += c @ xh[s:]
+            gx[e:] += c[:, e - s:].T @ xh[s:e]
+        return total, gx.mul_(2), xh.new_empty(0)
+    yh = _normalize_by(y, _inv_norm(y))
+    gy = torch.zeros_like(yh)
+    for s, e in _row_blocks(xh.shape[0], yh.shape[0]):
+        g = xh[s:e] @ yh.T
+        total = total + _series_and_derivative(g, weights, dim, False).sum()
+        c = _series_and_derivative(g, weights, dim, True)
+        gx[s:e] = c @ yh
+        gy.addmm_(c.T, xh[s:e])
+    return total, gx, gy
+
+
+def _torch_gauss_forward_grad(x, y, scale, diag_offset):
+    """(lse, gx_hat, gy_hat): gauss_forward's lse and its gradients in x̂ (and ŷ) from the same
+    blocks. The log-sum-exp is over all blocks, so the exponentials are taken against a running
+    maximum m and the sums and gradients rescaled by exp(m_old - m_new) when it grows (as
+    flash-attention's online softmax; tensor ops only, no host read)."""
+    xh = _normalize_by(x, _inv_norm(x))
+    acc = xh.dtype
+    floor = torch.finfo(acc).min / 4  # a running max that never meets -inf (no inf - inf)
+    m = torch.full((), floor, dtype=acc, device=x.device)
+    total = xh.new_zeros(())
+    gx = torch.zeros_like(xh)
+    sym = y is None
+    yh = xh if sym else _normalize_by(y, _inv_norm(y))
+    gy = xh.new_empty(0) if sym else torch.zeros_like(yh)
+    n_rows, n_cols = xh.shape[0], yh.shape[0]
+    for s, e in _row_blocks(n_rows, n_cols):
+        col0 = s if sym else 0
+        logit = 2 * scale * (xh[s:e] @ yh[col0:].T - 1)
+        logit.masked_fill_(_diag_mask(s, e, col0, n_cols - col0, 0 if sym else diag_offset,
+                                      x.device), float("-inf"))
+        m_new = torch.maximum(m, logit.max())
+        shrink = torch.exp(m - m_new)
+        total, m = total * shrink, m_new
+        gx.mul_(shrink)
+        if not sym:
+            gy.mul_(shrink)
+        c = logit.sub_(m).exp_()
+        if sym:
+            # mirrored pairs (columns >= e) count twice in the sum
+            total = total + c[:, : e - s].sum() + 2 * c[:, e - s:].sum()
+            gx[s:e] += c @ yh[s:]
+            gx[e:] += c[:, e - s:].T @ xh[s:e]
+        else:
+            total = total + c.sum()
+            gx[s:e] = c @ yh
+            gy.addmm_(c.T, xh[s:e])
+    lse = m + torch.log(total)
+    # d lse / d x̂_i = 2 scale sum_j exp(logit_ij - lse) ŷ_j; the symmetric sum counts each
+    # pair from both ends (the factor 2, as _torch_gauss_grad_hat)
+    unit = (2 * scale) * torch.exp(m - lse) * (2 if sym else 1)
+    return lse, gx.mul_(unit), (gy if sym else gy.mul_(unit))
+
+
 # ---------------------------------------------------------------------------------------------
 # reference backend: full matrices (fastssl.reference's polynomials, autograd for psi')
 
@@ -336,6 +411,8 @@ class _TritonSphere:
 
 class _TorchSphere:
     series_forward = staticmethod(_torch_series_forward)
+    series_forward_grad = staticmethod(_torch_series_forward_grad)
+    gauss_forward_grad = staticmethod(_torch_gauss_forward_grad)
     series_grad_hat = staticmethod(_torch_series_grad_hat)
     gauss_forward = staticmethod(_torch_gauss_forward)
     gauss_grad_hat = staticmethod(_torch_gauss_grad_hat)
@@ -452,6 +529,77 @@ def _gauss_backward(ctx, grad):
 _gauss_lse_op.register_autograd(_gauss_backward, setup_context=_gauss_setup)
 
 
+# Same-pass ops (the entries with `series_forward_grad` / `gauss_forward_grad`): the forward
+# returns the unprojected gradients in x̂ and ŷ as extra outputs; the backward only projects
+# them through the normalisation and scales them.
+SAME_PASS_BACKENDS = ("torch",)
+
+
+@torch.library.custom_op("fastssl::sphere_series_sum_grad", mutates_args=())
+def _series_sum_grad_op(x: torch.Tensor, y: Optional[torch.Tensor], weights: list[float],
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, gx_hat, gy_hat): sphere_series_sum with its gradients in x̂ (and ŷ; empty when y
+    is None) from the same pass."""
+    if backend not in SAME_PASS_BACKENDS:
+        raise RuntimeError(f"fastssl::sphere_series_sum_grad: backend {backend!r} has no "
+                           f"same-pass kernels (expected one of {SAME_PASS_BACKENDS})")
+    total, gx, gy = TABLE[backend].series_forward_grad(x, y, list(weights), x.shape[1])
+    return total, gx.contiguous(), gy.contiguous()
+
+
+@_series_sum_grad_op.register_fake
+def _(x, y, weights, backend):
+    acc = accumulation_dtype(x)
+    return (_scalar_like(x), x.new_empty(x.shape, dtype=acc),
+            x.new_empty(y.shape if y is not None else (0,), dtype=acc))
+
+
+@torch.library.custom_op("fastssl::sphere_gauss_lse_grad", mutates_args=())
+def _gauss_lse_grad_op(x: torch.Tensor, y: Optional[torch.Tensor], scale: float,
+                       diag_offset: int, backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, gx_hat, gy_hat): sphere_gauss_lse with its gradients in x̂ (and ŷ) from the same
+    pass."""
+    if backend not in SAME_PASS_BACKENDS:
+        raise RuntimeError(f"fastssl::sphere_gauss_lse_grad: backend {backend!r} has no "
+                           f"same-pass kernels (expected one of {SAME_PASS_BACKENDS})")
+    lse, gx, gy = TABLE[backend].gauss_forward_grad(x, y, scale, diag_offset)
+    return lse, gx.contiguous(), gy.contiguous()
+
+
+@_gauss_lse_grad_op.register_fake
+def _(x, y, scale, diag_offset, backend):
+    acc = accumulation_dtype(x)
+    return (_scalar_like(x), x.new_empty(x.shape, dtype=acc),
+            x.new_empty(y.shape if y is not None else (0,), dtype=acc))
+
+
+def _same_pass_setup(ctx, inputs, output):
+    x, y = inputs[0], inputs[1]
+    _value, gx, gy = output
+    ctx.mark_non_differentiable(gx, gy)
+    ctx.save_for_backward(x, y, gx, gy)
+
+
+def _same_pass_backward(ctx, grad, _g_gx, _g_gy):
+    x, y, gx, gy = ctx.saved_tensors
+    # _project updates its first argument in place: a copy keeps the saved gradient intact
+    # (a second backward with retain_graph sees the same values)
+    dx = _project(gx.clone(), x, _inv_norm(x), grad) if ctx.needs_input_grad[0] else None
+    dy = (_project(gy.clone(), y, _inv_norm(y), grad)
+          if y is not None and ctx.needs_input_grad[1] else None)
+    return (dx, dy) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+_series_sum_grad_op.register_autograd(_same_pass_backward, setup_context=_same_pass_setup)
+_gauss_lse_grad_op.register_autograd(_same_pass_backward, setup_context=_same_pass_setup)
+
+
+def _wants_same_pass(backend: str, x: torch.Tensor, y: torch.Tensor | None) -> bool:
+    needs_grad = x.requires_grad or (y is not None and y.requires_grad)
+    return backend in SAME_PASS_BACKENDS and torch.is_grad_enabled() and needs_grad
+
+
 # ---------------------------------------------------------------------------------------------
 # public entry points
 
@@ -462,6 +610,8 @@ def series_sum(x: torch.Tensor, y: torch.Tensor | None = None, *,
     `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
     if backend is None:
         backend = backend_for("sphere_series_sum", x.device)
+    if _wants_same_pass(backend, x, y):
+        return _series_sum_grad_op(x, y, [float(w) for w in weights], backend)[0]
     return _series_sum_op(x, y, [float(w) for w in weights], backend)
 
 
@@ -472,4 +622,6 @@ def gauss_lse(x: torch.Tensor, y: torch.Tensor | None = None, *, scale: float,
     `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
     if backend is None:
         backend = backend_for("sphere_gauss_lse", x.device)
+    if _wants_same_pass(backend, x, y):
+        return _gauss_lse_grad_op(x, y, float(scale), int(diag_offset), backend)[0]
     return _gauss_lse_op(x, y, float(scale), int(diag_offset), backend)

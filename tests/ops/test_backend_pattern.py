@@ -23,7 +23,8 @@ BACKWARD_METHODS = {
     "swav": {"cross_entropy"},
 }
 # forward methods that also produce the gradient (the same-pass ops: their backward only scales it)
-SAME_PASS_METHODS = {"contrastive": {"lse_sum_forward", "sce_grad_forward"}}
+SAME_PASS_METHODS = {"contrastive": {"lse_sum_forward", "sce_grad_forward"},
+                     "sphere": {"series_forward_grad", "gauss_forward_grad"}}
 
 
 class _Spy:
