@@ -236,9 +236,171 @@ std::vector<at::Tensor> sce_grad_cpu(const at::Tensor& q, const at::Tensor& k,
   return {lse_s, lse_t, wmean, u_s, u_t};
 }
 
+// The two-pass ops of the family (fastssl.ops.contrastive.torch_lse_forward / _backward, the
+// same arithmetic block for block) in one parallel region each: symmetric InfoNCE, DCL,
+// SogCLR and the memory bank use them. Forward: (lse0, lse1, wmean, col_lse), lse0 over the
+// columns < split, lse1 over the others (empty when split >= C), wmean the softmax-weighted
+// mean logit of the lse0 columns (empty unless weighted), col_lse the column log-sum-exps
+// (empty unless col_stats; per-thread partials merged by logaddexp in thread order).
+std::vector<at::Tensor> lse_forward_cpu(const at::Tensor& a, const at::Tensor& b,
+                                        const at::Tensor& self_col, const at::Tensor& pos_col,
+                                        double scale, int64_t split, bool exclude_pos,
+                                        bool weighted, bool col_stats) {
+  at::NoGradGuard no_grad;
+  check_matrix(a, "a");
+  check_matrix(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(1), "a, b: expected the same number of columns, got ",
+              a.size(1), " and ", b.size(1));
+  const int64_t m = a.size(0), c = b.size(0);
+  TORCH_CHECK(split >= 0, "split: expected >= 0, got ", split);
+  check_columns(self_col, "self_col", m, c);
+  check_columns(pos_col, "pos_col", m, c);
+  const bool has_split = split < c;
+  const auto acc = acc_type(a);
+  const auto opts = a.options().dtype(acc);
+  const at::Tensor A = a.detach().to(acc).contiguous(), B = b.detach().to(acc).contiguous();
+  const at::Tensor sc = self_col.contiguous(), pc = pos_col.contiguous();
+  std::vector<const int64_t*> masks{sc.data_ptr<int64_t>()};
+  if (exclude_pos) masks.push_back(pc.data_ptr<int64_t>());
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor lse0 = at::empty({m}, opts);
+  at::Tensor lse1 = at::empty({has_split ? m : 0}, opts);
+  at::Tensor wmean = at::empty({weighted ? m : 0}, opts);
+  const int64_t rows = block_rows(m, c);
+  const int64_t blocks = (m + rows - 1) / rows;
+  std::vector<at::Tensor> col_part(std::max(1, at::get_num_threads()));
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad_here;  // grad mode is per thread
+    const at::Tensor x_buf = at::empty({rows, c}, opts);
+    at::Tensor& col_t = col_part.at(at::get_thread_num());
+    if (col_stats && !col_t.defined()) col_t = at::full({c}, -inf, opts);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows, n = std::min(rows, m - r0);
+      at::Tensor x = x_buf.narrow(0, 0, n);
+      at::mm_out(x, A.narrow(0, r0, n) * scale, B.t());
+      AT_DISPATCH_FLOATING_TYPES(acc, "lse_forward_cpu", [&] {
+        fill_masked<scalar_t>(x.data_ptr<scalar_t>(), n, c, r0, masks,
+                              -std::numeric_limits<scalar_t>::infinity());
+      });
+      if (col_stats) col_t = at::logaddexp(col_t, at::logsumexp(x, {0}));
+      const at::Tensor x0 = has_split ? x.narrow(1, 0, split) : x;
+      at::Tensor l0 = lse0.narrow(0, r0, n);
+      l0.copy_(at::logsumexp(x0, {1}));
+      if (has_split) lse1.narrow(0, r0, n).copy_(at::logsumexp(x.narrow(1, split, c - split), {1}));
+      if (weighted) {
+        // softmax * logit, with 0 * -inf (masked entries) read as 0
+        const at::Tensor p = at::exp(x0 - l0.unsqueeze(1));
+        wmean.narrow(0, r0, n).copy_(at::nan_to_num(p * x0, 0.0).sum(1));
+      }
+    }
+  });
+  at::Tensor col_lse = at::full({col_stats ? c : 0}, -inf, opts);
+  for (const auto& part : col_part)  // thread order: the same merge at every call
+    if (part.defined()) col_lse = at::logaddexp(col_lse, part);
+  return {lse0, lse1, wmean, col_lse};
+}
+
+// (da, db) of sum_i g0_i lse0_i + g1_i lse1_i + sum_j g_col_j col_lse_j: the block's logits
+// recomputed, G = g * softmax (rows) + g_col * column softmax, da = scale G b, db = scale G^T a.
+std::vector<at::Tensor> lse_backward_cpu(const at::Tensor& a, const at::Tensor& b,
+                                         const at::Tensor& self_col, const at::Tensor& pos_col,
+                                         double scale, int64_t split, bool exclude_pos,
+                                         const at::Tensor& lse0, const at::Tensor& lse1,
+                                         const at::Tensor& col_lse, const at::Tensor& g0,
+                                         const at::Tensor& g1, const at::Tensor& g_col,
+                                         bool need_da, bool need_db) {
+  at::NoGradGuard no_grad;
+  check_matrix(a, "a");
+  check_matrix(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(1), "a, b: expected the same number of columns, got ",
+              a.size(1), " and ", b.size(1));
+  const int64_t m = a.size(0), c = b.size(0), d = a.size(1);
+  TORCH_CHECK(split >= 0, "split: expected >= 0, got ", split);
+  check_columns(self_col, "self_col", m, c);
+  check_columns(pos_col, "pos_col", m, c);
+  const bool has_split = split < c, col_grad = col_lse.numel() > 0;
+  auto vec = [](const at::Tensor& t, const char* name, int64_t len) {
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == len &&
+                    at::isFloatingType(t.scalar_type()),
+                name, ": expected a floating CPU vector of length ", len, ", got ", t.sizes(), " ",
+                t.scalar_type());
+  };
+  vec(lse0, "lse0", m);
+  vec(g0, "g0", m);
+  if (has_split) { vec(lse1, "lse1", m); vec(g1, "g1", m); }
+  if (col_grad) { vec(col_lse, "col_lse", c); vec(g_col, "g_col", c); }
+  const auto acc = acc_type(a);
+  const auto opts = a.options().dtype(acc);
+  const at::Tensor A = a.detach().to(acc).contiguous(), B = b.detach().to(acc).contiguous();
+  const at::Tensor sc = self_col.contiguous(), pc = pos_col.contiguous();
+  std::vector<const int64_t*> masks{sc.data_ptr<int64_t>()};
+  if (exclude_pos) masks.push_back(pc.data_ptr<int64_t>());
+  const at::Tensor L0 = lse0.to(acc), G0 = g0.to(acc);
+  const at::Tensor L1 = has_split ? lse1.to(acc) : lse1, G1 = has_split ? g1.to(acc) : g1;
+  const at::Tensor CL = col_grad ? col_lse.to(acc) : col_lse, GC = col_grad ? g_col.to(acc) : g_col;
+  at::Tensor da = need_da ? at::empty({m, d}, opts) : at::empty({0}, opts);
+  at::Tensor db = need_db ? at::zeros({c, d}, opts) : at::empty({0}, opts);
+  const int64_t rows = block_rows(m, c);
+  const int64_t blocks = (m + rows - 1) / rows;
+  std::vector<at::Tensor> db_part(std::max(1, at::get_num_threads()));
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad_here;
+    const at::Tensor x_buf = at::empty({rows, c}, opts);
+    const int tid = at::get_thread_num();
+    at::Tensor& db_t = db_part.at(tid);
+    if (need_db && !db_t.defined()) db_t = tid == 0 ? db : at::zeros({c, d}, opts);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows, n = std::min(rows, m - r0);
+      const at::Tensor a_r = A.narrow(0, r0, n) * scale;
+      at::Tensor x = x_buf.narrow(0, 0, n);
+      at::mm_out(x, a_r, B.t());
+      at::Tensor col_part;
+      if (col_grad) {
+        col_part = at::exp(x - CL.unsqueeze(0));
+        AT_DISPATCH_FLOATING_TYPES(acc, "lse_backward_cpu", [&] {
+          fill_masked<scalar_t>(col_part.data_ptr<scalar_t>(), n, c, r0, masks, scalar_t(0));
+        });
+        col_part.mul_(GC.unsqueeze(0));
+      }
+      // g * softmax in place; masked entries zeroed after the exp, before the multiply, so
+      // an overflowing masked exp never meets a zero gradient (no inf * 0)
+      if (has_split) {
+        x.narrow(1, 0, split).sub_(L0.narrow(0, r0, n).unsqueeze(1));
+        x.narrow(1, split, c - split).sub_(L1.narrow(0, r0, n).unsqueeze(1));
+      } else {
+        x.sub_(L0.narrow(0, r0, n).unsqueeze(1));
+      }
+      x.exp_();
+      AT_DISPATCH_FLOATING_TYPES(acc, "lse_backward_cpu", [&] {
+        fill_masked<scalar_t>(x.data_ptr<scalar_t>(), n, c, r0, masks, scalar_t(0));
+      });
+      if (has_split) {
+        x.narrow(1, 0, split).mul_(G0.narrow(0, r0, n).unsqueeze(1));
+        x.narrow(1, split, c - split).mul_(G1.narrow(0, r0, n).unsqueeze(1));
+      } else {
+        x.mul_(G0.narrow(0, r0, n).unsqueeze(1));
+      }
+      if (col_grad) x.add_(col_part);
+      if (need_da) {
+        at::Tensor da_r = da.narrow(0, r0, n);
+        at::mm_out(da_r, x, B);
+      }
+      if (need_db) db_t.addmm_(x.t(), a_r);
+    }
+  });
+  if (need_da) da.mul_(scale);
+  for (size_t t = 1; t < db_part.size(); ++t)
+    if (db_part[t].defined()) db.add_(db_part[t]);
+  return {da, db};
+}
+
 }  // namespace
 
 void init_contrastive_cpu(pybind11::module_& m) {
+  m.def("contrastive_lse_forward_cpu", &lse_forward_cpu,
+        "(lse0, lse1, wmean, col_lse) of scale a b^T, masked, split at `split` (CPU)");
+  m.def("contrastive_lse_backward_cpu", &lse_backward_cpu,
+        "(da, db) of the weighted row and column log-sum-exps, logits recomputed (CPU)");
   m.def("contrastive_lse_sum_cpu", &lse_sum_cpu,
         "(lse, pos, da, db): row log-sum-exps of scale a b^T (masked), the positives' logits and "
         "the gradients of sum(lse) [- sum(pos)], from one pass (CPU)");

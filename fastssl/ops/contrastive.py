@@ -306,10 +306,27 @@ class _TorchKernels:
 
 
 class _CppKernels(_TorchKernels):
-    """The torch entry with the same-pass ops in C++ (csrc/contrastive_cpu.cpp): the same
-    arithmetic, its row blocks spread over the threads in one parallel region instead of a
-    Python loop of parallel ATen calls (whose barriers stall when other processes share the
-    cores). The recompute ops are the torch entry's."""
+    """The torch entry's arithmetic in C++ (csrc/contrastive_cpu.cpp): the row blocks spread
+    over the threads in one parallel region per call instead of a Python loop of parallel ATen
+    calls (whose barriers stall when other processes share the cores). SCE's recompute pair
+    (sce_forward / sce_backward, used only without a gradient) stays the torch entry's."""
+
+    @staticmethod
+    def lse_forward(a, b, self_col, pos_col, scale, split, exclude_pos, weighted, col_stats):
+        from fastssl import _C
+        return tuple(_C.contrastive_lse_forward_cpu(a, b, self_col, pos_col, float(scale),
+                                                    int(split), bool(exclude_pos),
+                                                    bool(weighted), bool(col_stats)))
+
+    @staticmethod
+    def lse_backward(a, b, self_col, pos_col, scale, split, exclude_pos, lse0, lse1, col_lse,
+                     g0, g1, g_col, need_da=True, need_db=True):
+        from fastssl import _C
+        da, db = _C.contrastive_lse_backward_cpu(a, b, self_col, pos_col, float(scale),
+                                                 int(split), bool(exclude_pos), lse0, lse1,
+                                                 col_lse, g0, g1, g_col, bool(need_da),
+                                                 bool(need_db))
+        return (da.to(a.dtype) if need_da else None), (db.to(b.dtype) if need_db else None)
 
     @staticmethod
     def lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_pos, need_da,

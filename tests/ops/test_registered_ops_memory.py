@@ -168,6 +168,10 @@ def _known_bases():
         "swav_cross_entropy_scaled_cpu": [scores, torch.softmax(scores, 1), 0.1, True,
                                           torch.tensor([2.0])],
         "contrastive_lse_sum_cpu": [ca, cb, c_self, c_pos, 2.0, True, True, True, True],
+        "contrastive_lse_forward_cpu": [ca, cb, c_self, c_pos, 2.0, 3, True, True, True],
+        "contrastive_lse_backward_cpu": [ca, cb, c_self, c_pos, 2.0, 3, True, torch.zeros(5),
+                                         torch.zeros(5), torch.zeros(6), torch.ones(5),
+                                         torch.ones(5), torch.ones(6), True, True],
         "sce_grad_cpu": [ca, ca * 0.5, cb, c_self, 2.0, 3.0],
     }
     # calls that once corrupted memory or returned garbage: each must raise
