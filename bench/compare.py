@@ -61,6 +61,15 @@ PEER_NOTES = {
 }
 
 
+MODES_NOTE = (
+    "Modes: `forward` is the loss evaluated under torch.no_grad() (validation, monitoring); "
+    "`backward` the backward of a recorded forward; `forward+backward` a training step, the row "
+    "that compares training cost. fastssl's NT-Xent, InfoNCE, SCE, SFRIK and AUH make their "
+    "gradient during the recorded forward (same pass: three products like eager autograd, none "
+    "recomputed), so their backward rows are short and only the step compares with eager's "
+    "forward-plus-backward.")
+
+
 def is_peer(provider: str) -> bool:
     return provider.startswith(PEER_PREFIX) or provider in PEER_NAMES
 
@@ -278,7 +287,7 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
               f"peers in this run: {', '.join(f'`{p}`' for p in peers) or 'none'}. Memory = fastssl's peak "
               f"growth / eager's. Target range of {', '.join(MEMORY_TARGET_OPS)}: N >= {TARGET_MIN_N} anchors "
               f"({_n_definition()}); smaller sizes are shown, marked "
-              "below the target range.", ""]
+              "below the target range.", "", MODES_NOTE, ""]
     rows = compare_rows(records)
     by_op = defaultdict(list)
     for r in rows:

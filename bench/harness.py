@@ -244,10 +244,21 @@ def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
 def _mode_steps(prep: Prepared, mode: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
     """(setup, run) for a mode: setup is untimed and returns the state run needs."""
     leaves = prep.leaves
-    if mode in ("forward", "step"):
+    if mode == "step":
         def setup():
             _reset_grads(leaves)
         return setup, lambda _: prep.forward()
+    if mode == "forward":
+        # The loss evaluated, not trained on: no autograd graph (for every provider alike). In
+        # training only forward+backward compares: fastssl's same-pass ops make the gradient
+        # during a recorded forward (bench/compare.py, MODES_NOTE).
+        def setup_fwd():
+            _reset_grads(leaves)
+
+        def run_fwd(_):
+            with torch.no_grad():
+                return prep.forward()
+        return setup_fwd, run_fwd
     if prep.backward is None:
         raise Skip(f"mode {mode!r}: the op has no gradient")
     if mode == "backward":

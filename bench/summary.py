@@ -262,6 +262,10 @@ def build_summary(records: list[dict]) -> str:
         "it is the growth of the process's peak RSS (VmHWM reset per measurement), on GPU "
         "torch.cuda.max_memory_allocated. Memory ratio = provider / reference (smaller is better).",
         "",
+        "Modes: `forward` runs under torch.no_grad() (the loss evaluated, not trained on), "
+        "`backward` is the backward of a recorded forward, `forward+backward` a training step "
+        "(fastssl's same-pass ops make their gradient during the recorded forward: compare the step).",
+        "",
         "Providers: `fastssl` = automatic backend, `fastssl:<backend>` = backend forced, "
         "`reference` = fastssl.reference eager, `reference:compile` = torch.compile of it (GPU), "
         "`eager` = the loss as a user writes it (F.cross_entropy over the full logits), "
