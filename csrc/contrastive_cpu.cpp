@@ -98,6 +98,59 @@ void read_lse(const std::vector<T>& probe, const T* y, int64_t n, int64_t c, int
   }
 }
 
+// The checked operands of a call over X = scale * a @ b.T: a and b in the accumulation dtype
+// (float32, float64 for float64), contiguous, detached; the masked columns of each row.
+struct Operands {
+  int64_t m, c, d;
+  at::ScalarType acc;
+  at::TensorOptions opts;
+  at::Tensor A, B, sc, pc;
+  std::vector<const int64_t*> masks;
+};
+
+Operands prepare(const at::Tensor& a, const at::Tensor& b, const at::Tensor& self_col,
+                 const at::Tensor& pos_col, bool exclude_pos) {
+  check_matrix(a, "a");
+  check_matrix(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(1), "a, b: expected the same number of columns, got ",
+              a.size(1), " and ", b.size(1));
+  Operands o;
+  o.m = a.size(0);
+  o.c = b.size(0);
+  o.d = a.size(1);
+  check_columns(self_col, "self_col", o.m, o.c);
+  check_columns(pos_col, "pos_col", o.m, o.c);
+  o.acc = acc_type(a);
+  o.opts = a.options().dtype(o.acc);
+  o.A = a.detach().to(o.acc).contiguous();
+  o.B = b.detach().to(o.acc).contiguous();
+  o.sc = self_col.contiguous();
+  o.pc = pos_col.contiguous();
+  o.masks = {o.sc.data_ptr<int64_t>()};
+  if (exclude_pos) o.masks.push_back(o.pc.data_ptr<int64_t>());
+  return o;
+}
+
+// A block's share of the gradients from its G (rows r0..r0+n): da rows = G b (scaled at the end),
+// db += G^T (scale a) into the thread's accumulator.
+void block_grads(const at::Tensor& g, const at::Tensor& a_r, const at::Tensor& B, at::Tensor& da,
+                 at::Tensor& db_t, int64_t r0, int64_t n, bool need_da, bool need_db) {
+  if (need_da) {
+    at::Tensor da_r = da.narrow(0, r0, n);
+    at::mm_out(da_r, g, B);
+  }
+  if (need_db) db_t.addmm_(g.t(), a_r);
+}
+
+// After the parallel region: da's scale, and the other threads' dB partial sums added into
+// thread 0's (db itself), in thread order (the same sum at every call).
+void finish_grads(at::Tensor& da, at::Tensor& db, const std::vector<at::Tensor>& db_part,
+                  double scale, bool need_da) {
+  if (need_da) da.mul_(scale);
+  for (size_t t = 1; t < db_part.size(); ++t)
+    if (db_part[t].defined()) db.add_(db_part[t]);
+}
+
 // (lse, pos, da, db): lse[i] = log-sum-exp of row i of X = scale * a @ b.T with the masked
 // entries removed, pos[i] = X[i, pos_col[i]] (0 where pos_col is -1); da and db the gradients of
 // L = sum_i lse_i (minus sum_i pos_i when subtract_pos: the cross-entropy of each row against
@@ -109,19 +162,12 @@ std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
                                     bool need_da, bool need_db) {
   at::NoGradGuard no_grad;  // the gradient is computed here, not recorded (out= calls need this;
                             // the worker threads set their own, and the inputs are detached)
-  check_matrix(a, "a");
-  check_matrix(b, "b");
-  TORCH_CHECK(a.size(1) == b.size(1), "a, b: expected the same number of columns, got ",
-              a.size(1), " and ", b.size(1));
-  const int64_t m = a.size(0), c = b.size(0), d = a.size(1);
-  check_columns(self_col, "self_col", m, c);
-  check_columns(pos_col, "pos_col", m, c);
-  const auto acc = acc_type(a);
-  const auto opts = a.options().dtype(acc);
-  const at::Tensor A = a.detach().to(acc).contiguous(), B = b.detach().to(acc).contiguous();
-  const at::Tensor sc = self_col.contiguous(), pc = pos_col.contiguous();
-  std::vector<const int64_t*> masks{sc.data_ptr<int64_t>()};
-  if (exclude_pos) masks.push_back(pc.data_ptr<int64_t>());
+  const Operands o = prepare(a, b, self_col, pos_col, exclude_pos);
+  const int64_t m = o.m, c = o.c, d = o.d;
+  const auto acc = o.acc;
+  const auto& opts = o.opts;
+  const at::Tensor &A = o.A, &B = o.B, &pc = o.pc;
+  const auto& masks = o.masks;
 
   at::Tensor lse = at::empty({m}, opts), pos = at::zeros({m}, opts);
   const int64_t* pos_p = pc.data_ptr<int64_t>();
@@ -160,17 +206,11 @@ std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
         if (subtract_pos)  // G = P - onehot(pos)
           for (int64_t i = 0; i < n; ++i)
             if (pos_p[r0 + i] >= 0) xp[i * c + pos_p[r0 + i]] -= scalar_t(1);
-        if (need_da) {
-          at::Tensor da_r = da.narrow(0, r0, n);
-          at::mm_out(da_r, x, B);
-        }
-        if (need_db) db_t.addmm_(x.t(), a_r);
+        block_grads(x, a_r, B, da, db_t, r0, n, need_da, need_db);
       }
     });
   });
-  if (need_da) da.mul_(scale);
-  for (size_t t = 1; t < db_part.size(); ++t)
-    if (db_part[t].defined()) db.add_(db_part[t]);
+  finish_grads(da, db, db_part, scale, need_da);
   return {lse, pos, da, db};
 }
 
@@ -247,21 +287,14 @@ std::vector<at::Tensor> lse_forward_cpu(const at::Tensor& a, const at::Tensor& b
                                         double scale, int64_t split, bool exclude_pos,
                                         bool weighted, bool col_stats) {
   at::NoGradGuard no_grad;
-  check_matrix(a, "a");
-  check_matrix(b, "b");
-  TORCH_CHECK(a.size(1) == b.size(1), "a, b: expected the same number of columns, got ",
-              a.size(1), " and ", b.size(1));
-  const int64_t m = a.size(0), c = b.size(0);
   TORCH_CHECK(split >= 0, "split: expected >= 0, got ", split);
-  check_columns(self_col, "self_col", m, c);
-  check_columns(pos_col, "pos_col", m, c);
+  const Operands o = prepare(a, b, self_col, pos_col, exclude_pos);
+  const int64_t m = o.m, c = o.c;
   const bool has_split = split < c;
-  const auto acc = acc_type(a);
-  const auto opts = a.options().dtype(acc);
-  const at::Tensor A = a.detach().to(acc).contiguous(), B = b.detach().to(acc).contiguous();
-  const at::Tensor sc = self_col.contiguous(), pc = pos_col.contiguous();
-  std::vector<const int64_t*> masks{sc.data_ptr<int64_t>()};
-  if (exclude_pos) masks.push_back(pc.data_ptr<int64_t>());
+  const auto acc = o.acc;
+  const auto& opts = o.opts;
+  const at::Tensor &A = o.A, &B = o.B;
+  const auto& masks = o.masks;
   const double inf = std::numeric_limits<double>::infinity();
   at::Tensor lse0 = at::empty({m}, opts);
   at::Tensor lse1 = at::empty({has_split ? m : 0}, opts);
@@ -310,14 +343,9 @@ std::vector<at::Tensor> lse_backward_cpu(const at::Tensor& a, const at::Tensor& 
                                          const at::Tensor& g1, const at::Tensor& g_col,
                                          bool need_da, bool need_db) {
   at::NoGradGuard no_grad;
-  check_matrix(a, "a");
-  check_matrix(b, "b");
-  TORCH_CHECK(a.size(1) == b.size(1), "a, b: expected the same number of columns, got ",
-              a.size(1), " and ", b.size(1));
-  const int64_t m = a.size(0), c = b.size(0), d = a.size(1);
   TORCH_CHECK(split >= 0, "split: expected >= 0, got ", split);
-  check_columns(self_col, "self_col", m, c);
-  check_columns(pos_col, "pos_col", m, c);
+  const Operands o = prepare(a, b, self_col, pos_col, exclude_pos);
+  const int64_t m = o.m, c = o.c, d = o.d;
   const bool has_split = split < c, col_grad = col_lse.numel() > 0;
   auto vec = [](const at::Tensor& t, const char* name, int64_t len) {
     TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == len &&
@@ -329,12 +357,10 @@ std::vector<at::Tensor> lse_backward_cpu(const at::Tensor& a, const at::Tensor& 
   vec(g0, "g0", m);
   if (has_split) { vec(lse1, "lse1", m); vec(g1, "g1", m); }
   if (col_grad) { vec(col_lse, "col_lse", c); vec(g_col, "g_col", c); }
-  const auto acc = acc_type(a);
-  const auto opts = a.options().dtype(acc);
-  const at::Tensor A = a.detach().to(acc).contiguous(), B = b.detach().to(acc).contiguous();
-  const at::Tensor sc = self_col.contiguous(), pc = pos_col.contiguous();
-  std::vector<const int64_t*> masks{sc.data_ptr<int64_t>()};
-  if (exclude_pos) masks.push_back(pc.data_ptr<int64_t>());
+  const auto acc = o.acc;
+  const auto& opts = o.opts;
+  const at::Tensor &A = o.A, &B = o.B;
+  const auto& masks = o.masks;
   const at::Tensor L0 = lse0.to(acc), G0 = g0.to(acc);
   const at::Tensor L1 = has_split ? lse1.to(acc) : lse1, G1 = has_split ? g1.to(acc) : g1;
   const at::Tensor CL = col_grad ? col_lse.to(acc) : col_lse, GC = col_grad ? g_col.to(acc) : g_col;
@@ -381,16 +407,10 @@ std::vector<at::Tensor> lse_backward_cpu(const at::Tensor& a, const at::Tensor& 
         x.mul_(G0.narrow(0, r0, n).unsqueeze(1));
       }
       if (col_grad) x.add_(col_part);
-      if (need_da) {
-        at::Tensor da_r = da.narrow(0, r0, n);
-        at::mm_out(da_r, x, B);
-      }
-      if (need_db) db_t.addmm_(x.t(), a_r);
+      block_grads(x, a_r, B, da, db_t, r0, n, need_da, need_db);
     }
   });
-  if (need_da) da.mul_(scale);
-  for (size_t t = 1; t < db_part.size(); ++t)
-    if (db_part[t].defined()) db.add_(db_part[t]);
+  finish_grads(da, db, db_part, scale, need_da);
   return {da, db};
 }
 

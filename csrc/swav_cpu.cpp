@@ -388,18 +388,9 @@ FASTSSL_INLINE typename Vec<W>::f vexp(typename Vec<W>::f x) {
   using F = typename Vec<W>::f;
   using I = typename Vec<W>::i;
   const F lo = F{} - 87.0f;
+  const F er = exp_poly(x);  // e^r, the one polynomial of this file (exp_vec's, at width W)
   const F xc = x < lo ? lo : x;
   const F n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  F r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const F z = r * r;
-  F p = F{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const F er = p * z + r + 1.0f;
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
   const F y = er * (F)bits;
   return x < lo ? F{} : y;

@@ -183,10 +183,16 @@ def _torch_series_grad_hat(a, b, weights, dim):
     return out, ra
 
 
-def _diag_mask(s, e, col_start, cols, diag_offset, device):
-    """True where column (col_start + c) == row + diag_offset, rows s..e-1."""
-    rows = torch.arange(s, e, device=device)[:, None] + diag_offset
-    return rows == torch.arange(col_start, col_start + cols, device=device)[None, :]
+def _fill_diag_(x, s, col_start, diag_offset, value):
+    """In place: x[r, c] = value where column (col_start + c) == row (s + r) + diag_offset: one
+    diagonal of the block, O(rows) (no rows x cols mask)."""
+    x.diagonal(s + diag_offset - col_start).fill_(value)
+    return x
+
+
+def _gauss_logits(a, b, scale):
+    """2 scale (a @ b.T - 1) in place on the product (no second block-sized temporary)."""
+    return (a @ b.T).sub_(1.0).mul_(2 * scale)
 
 
 def _torch_gauss_forward(x, y, scale, diag_offset):
@@ -196,17 +202,14 @@ def _torch_gauss_forward(x, y, scale, diag_offset):
     if y is None:
         n = xh.shape[0]
         for s, e in _row_blocks(n, n):
-            logit = 2 * scale * (xh[s:e] @ xh[s:].T - 1)
-            logit = logit.masked_fill(_diag_mask(s, e, s, n - s, 0, x.device), float("-inf"))
+            logit = _fill_diag_(_gauss_logits(xh[s:e], xh[s:], scale), s, s, 0, float("-inf"))
             # Mirrored pairs (columns >= e) count twice.
             logit[:, e - s:] += math.log(2.0)
             parts.append(torch.logsumexp(logit.reshape(-1), dim=0))
         return torch.logsumexp(torch.stack(parts), dim=0)
     yh = _normalize_by(y, _inv_norm(y))
     for s, e in _row_blocks(xh.shape[0], yh.shape[0]):
-        logit = 2 * scale * (xh[s:e] @ yh.T - 1)
-        logit = logit.masked_fill(_diag_mask(s, e, 0, yh.shape[0], diag_offset, x.device),
-                                  float("-inf"))
+        logit = _fill_diag_(_gauss_logits(xh[s:e], yh, scale), s, 0, diag_offset, float("-inf"))
         parts.append(torch.logsumexp(logit.reshape(-1), dim=0))
     return torch.logsumexp(torch.stack(parts), dim=0)
 
@@ -221,7 +224,7 @@ def _torch_gauss_grad_hat(a, b, scale, diag_offset, lse):
         for s, e in _row_blocks(n, n):
             logit = 2 * scale * (ah[s:e] @ ah[s:].T - 1)
             c = (2 * scale) * torch.exp(logit - lse)
-            c = c.masked_fill(_diag_mask(s, e, s, n - s, 0, a.device), 0.0)
+            c = _fill_diag_(c, s, s, 0, 0.0)
             out[s:e] += c @ ah[s:]
             out[e:] += c[:, e - s:].T @ ah[s:e]
         return out.mul_(2), ra
@@ -229,7 +232,7 @@ def _torch_gauss_grad_hat(a, b, scale, diag_offset, lse):
     out = torch.empty_like(ah)
     for s, e in _row_blocks(ah.shape[0], bh.shape[0]):
         c = (2 * scale) * torch.exp(2 * scale * (ah[s:e] @ bh.T - 1) - lse)
-        c = c.masked_fill(_diag_mask(s, e, 0, bh.shape[0], diag_offset, a.device), 0.0)
+        c = _fill_diag_(c, s, 0, diag_offset, 0.0)
         out[s:e] = c @ bh
     return out, ra
 
@@ -283,9 +286,8 @@ def _torch_gauss_forward_grad(x, y, scale, diag_offset):
     n_rows, n_cols = xh.shape[0], yh.shape[0]
     for s, e in _row_blocks(n_rows, n_cols):
         col0 = s if sym else 0
-        logit = 2 * scale * (xh[s:e] @ yh[col0:].T - 1)
-        logit.masked_fill_(_diag_mask(s, e, col0, n_cols - col0, 0 if sym else diag_offset,
-                                      x.device), float("-inf"))
+        logit = _fill_diag_(_gauss_logits(xh[s:e], yh[col0:], scale), s, col0,
+                            0 if sym else diag_offset, float("-inf"))
         m_new = torch.maximum(m, logit.max())
         shrink = torch.exp(m - m_new)
         total, m = total * shrink, m_new
