@@ -20,6 +20,11 @@ def main() -> None:
         result = getattr(module, func)(**kwargs)
         with open(os.path.join(tmp, f"rank{dist.get_rank()}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        # every rank done with its collectives before any tears the group down: a rank that
+        # destroys it while another is still mid-collective can abort that rank's gloo thread
+        # ("terminate called without an active exception"). Only on success: a rank that
+        # raised goes straight to the teardown, so the others fail fast instead of waiting here.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
