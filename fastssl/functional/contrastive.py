@@ -87,9 +87,15 @@ def _two_view_layout(z1, z2, gather_distributed):
     ar = torch.arange(b, device=z1.device)
     self_col = torch.cat([off + ar, n + off + ar])
     pos_col = torch.cat([n + off + ar, off + ar])
-    # The positive's embedding is the other view of the same local sample.
-    positives = torch.cat([h2, h1], 0)
-    return rows, cols, self_col, pos_col, positives, n
+    return rows, cols, self_col, pos_col, n
+
+
+def _positive_logits(rows):
+    """<row i, its positive> for the anchors [h1; h2]: the positive is the other view of the
+    same local sample, so both halves are one row-wise product of h1 and h2 (no [h2; h1] copy)."""
+    b = rows.shape[0] // 2
+    half = _rowdot(rows[:b], rows[b:])
+    return torch.cat([half, half])
 
 
 class _ScaleTap(torch.autograd.Function):
@@ -177,7 +183,7 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=Fal
                                               gather_distributed=gather_distributed)
     if memory_bank is not None:
         return _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend)
-    rows, cols, self_col, pos_col, positives, n = _two_view_layout(z1, z2, gather_distributed)
+    rows, cols, self_col, pos_col, n = _two_view_layout(z1, z2, gather_distributed)
     scale, scale_mul, tap = _logit_scale(temperature, t)
     if ops.has_same_pass(backend):
         # the positive is column pos_col[i] of the logits: the op's cross-entropy sum (its
@@ -186,7 +192,7 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=Fal
         ce_sum = _cross_entropy_sum(a, a if cols is rows else cols, self_col, pos_col, scale,
                                     backend)
         return dist_utils.reduce_loss(ce_sum / (2 * n))
-    pos = _rowdot(rows, positives) * scale_mul
+    pos = _positive_logits(rows) * scale_mul
     if cols is rows:
         lse, _ = ops.contrastive_lse_sym(tap(rows, 2), self_col, pos_col, scale, False, False,
                                          backend)
@@ -296,13 +302,13 @@ def _weighted_positives(pos, rows, b, weight_fn):
 
 
 def _dcl_fused(z1, z2, temperature, t, weight_fn, gather_distributed, backend):
-    rows, cols, self_col, pos_col, positives, n = _two_view_layout(z1, z2, gather_distributed)
+    rows, cols, self_col, pos_col, n = _two_view_layout(z1, z2, gather_distributed)
     scale, scale_mul, tap = _logit_scale(temperature, t)
     # Columns [Z1 | Z2] split at N: one log-sum-exp per view (each without its masked column),
     # merged by logaddexp into the log-sum-exp over all 2N-2 negatives (no extra pass).
     lse_z1, lse_z2, _, _ = ops.contrastive_lse(tap(rows), cols, self_col, pos_col, scale, n,
                                                True, False, False, backend)
-    pos = _weighted_positives(_rowdot(rows, positives) * scale_mul, rows, z1.shape[0],
+    pos = _weighted_positives(_positive_logits(rows) * scale_mul, rows, z1.shape[0],
                               weight_fn)
     return dist_utils.reduce_loss((torch.logaddexp(lse_z1, lse_z2) - pos).sum() / (2 * n))
 
@@ -429,7 +435,7 @@ def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=F
                                              temperature=temperature,
                                              gather_distributed=gather_distributed)
     dist_on = gather_distributed and dist_utils.is_distributed()
-    rows, cols, self_col, pos_col, positives, n = _two_view_layout(z1, z2, gather_distributed)
+    rows, cols, self_col, pos_col, n = _two_view_layout(z1, z2, gather_distributed)
     b = z1.shape[0]
     acc = accumulation_dtype(z1)
     t = temperature
@@ -456,7 +462,7 @@ def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=F
     # Surrogate: sum_j p_ij s_ij / 2(N-1) with p_ij = exp(s_ij/T) / u_i detached equals
     # T * ratio_i * wmean_i in value; its gradient T * ratio_i * softmax_ij is that of lse_i.
     neg_term = t * ratio * (wmean.detach() + lse - lse.detach())
-    pos = _rowdot(rows, positives)
+    pos = _positive_logits(rows)
     return dist_utils.reduce_loss((neg_term - pos).sum() / n)
 
 

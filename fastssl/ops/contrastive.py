@@ -624,9 +624,8 @@ def _sce_backward(ctx, g_lse, _g_lse_t, g_w, _g_u_s, _g_u_t):
     scale_s, scale_t, same_pass, backend, q_dtype = ctx.args
     if same_pass:
         u_s, u_t = ctx.saved_tensors
-        dq = u_s * _zeros_if_none(g_lse, u_s[:, 0])[:, None]
-        if g_w is not None:
-            dq = dq.addcmul_(u_t, g_w[:, None])
+        parts = [u * g[:, None] for u, g in ((u_s, g_lse), (u_t, g_w)) if g is not None]
+        dq = sum(parts[1:], parts[0]) if parts else torch.zeros_like(u_s)
         return dq.to(q_dtype), None, None, None, None, None, None, None
     q, k, cols, self_col, lse_s, lse_t = ctx.saved_tensors
     dq = sce_stats_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t,
