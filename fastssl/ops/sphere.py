@@ -22,8 +22,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from fastssl._backend import choose
+from fastssl._backend import check_backend_name, choose
 from fastssl._validation import accumulation_dtype
+from fastssl.ops._entry import entry
 from fastssl.reference.sphere import kernel_series
 
 _NORM_EPS = 1e-12
@@ -438,6 +439,42 @@ def backend_for(op: str, device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# the entry check of each registered op (fastssl/ops/_entry.py): devices, ranks, backend, and
+# the feature dimension (the Gegenbauer recurrence divides by D - 1)
+
+_BACKENDS = ("triton", "torch", "reference")
+
+
+def _pair_limits(first: str, second: str, gegenbauer: bool):
+    def limits(args):
+        a, b = args[first], args[second]
+        if b is not None and b.shape[1] != a.shape[1]:
+            raise ValueError(f"{second}: expected {a.shape[1]} columns (the feature dimension "
+                             f"of {first}), got shape {tuple(b.shape)}")
+        if gegenbauer:
+            if a.shape[1] < 2:
+                raise ValueError(f"{first}: the Gegenbauer kernel needs an embedding dimension "
+                                 f"D >= 2, got shape {tuple(a.shape)}")
+            w = args["weights"]
+            if len(w) == 0 or not all(math.isfinite(v) for v in w):
+                raise ValueError(f"weights: expected at least one finite weight, got {list(w)}")
+    return limits
+
+
+_SERIES_SPEC = dict(ranks={"x": 2, "y": 2}, backends=_BACKENDS,
+                    limits=_pair_limits("x", "y", True))
+_SERIES_BWD_SPEC = dict(ranks={"grad": 0, "a": 2, "b": 2}, backends=_BACKENDS,
+                        limits=_pair_limits("a", "b", True))
+_GAUSS_SPEC = dict(ranks={"x": 2, "y": 2}, backends=_BACKENDS, limits=_pair_limits("x", "y", False))
+_GAUSS_BWD_SPEC = dict(ranks={"grad": 0, "a": 2, "b": 2, "lse": 0}, backends=_BACKENDS,
+                       limits=_pair_limits("a", "b", False))
+_SERIES_GRAD_SPEC = dict(ranks={"x": 2, "y": 2}, backends=("torch",),
+                         limits=_pair_limits("x", "y", True))
+_GAUSS_GRAD_SPEC = dict(ranks={"x": 2, "y": 2}, backends=("torch",),
+                        limits=_pair_limits("x", "y", False))
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.library ops
 
 def _scalar_like(x: torch.Tensor) -> torch.Tensor:
@@ -445,17 +482,20 @@ def _scalar_like(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("fastssl::sphere_series_sum", mutates_args=())
+@entry("sphere_series_sum", **_SERIES_SPEC)
 def _series_sum_op(x: torch.Tensor, y: Optional[torch.Tensor], weights: list[float],
                    backend: str) -> torch.Tensor:
     return TABLE[backend].series_forward(x, y, list(weights), x.shape[1])
 
 
 @_series_sum_op.register_fake
+@entry("sphere_series_sum", **_SERIES_SPEC)
 def _(x, y, weights, backend):
     return _scalar_like(x)
 
 
 @torch.library.custom_op("fastssl::sphere_series_backward", mutates_args=())
+@entry("sphere_series_backward", **_SERIES_BWD_SPEC)
 def _series_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor],
                     weights: list[float], backend: str) -> torch.Tensor:
     grad_hat, ra = TABLE[backend].series_grad_hat(a, b, list(weights), a.shape[1])
@@ -463,6 +503,7 @@ def _series_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tenso
 
 
 @_series_grad_op.register_fake
+@entry("sphere_series_backward", **_SERIES_BWD_SPEC)
 def _(grad, a, b, weights, backend):
     return torch.empty_like(a)
 
@@ -489,17 +530,20 @@ _series_sum_op.register_autograd(_series_backward, setup_context=_series_setup)
 
 
 @torch.library.custom_op("fastssl::sphere_gauss_lse", mutates_args=())
+@entry("sphere_gauss_lse", **_GAUSS_SPEC)
 def _gauss_lse_op(x: torch.Tensor, y: Optional[torch.Tensor], scale: float,
                   diag_offset: int, backend: str) -> torch.Tensor:
     return TABLE[backend].gauss_forward(x, y, scale, diag_offset)
 
 
 @_gauss_lse_op.register_fake
+@entry("sphere_gauss_lse", **_GAUSS_SPEC)
 def _(x, y, scale, diag_offset, backend):
     return _scalar_like(x)
 
 
 @torch.library.custom_op("fastssl::sphere_gauss_backward", mutates_args=())
+@entry("sphere_gauss_backward", **_GAUSS_BWD_SPEC)
 def _gauss_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], scale: float,
                    diag_offset: int, lse: torch.Tensor, backend: str) -> torch.Tensor:
     grad_hat, ra = TABLE[backend].gauss_grad_hat(a, b, scale, diag_offset, lse)
@@ -507,6 +551,7 @@ def _gauss_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor
 
 
 @_gauss_grad_op.register_fake
+@entry("sphere_gauss_backward", **_GAUSS_BWD_SPEC)
 def _(grad, a, b, scale, diag_offset, lse, backend):
     return torch.empty_like(a)
 
@@ -538,6 +583,7 @@ SAME_PASS_BACKENDS = ("torch",)
 
 
 @torch.library.custom_op("fastssl::sphere_series_sum_grad", mutates_args=())
+@entry("sphere_series_sum_grad", **_SERIES_GRAD_SPEC)
 def _series_sum_grad_op(x: torch.Tensor, y: Optional[torch.Tensor], weights: list[float],
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, gx_hat, gy_hat): sphere_series_sum with its gradients in x̂ (and ŷ; empty when y
@@ -550,6 +596,7 @@ def _series_sum_grad_op(x: torch.Tensor, y: Optional[torch.Tensor], weights: lis
 
 
 @_series_sum_grad_op.register_fake
+@entry("sphere_series_sum_grad", **_SERIES_GRAD_SPEC)
 def _(x, y, weights, backend):
     acc = accumulation_dtype(x)
     return (_scalar_like(x), x.new_empty(x.shape, dtype=acc),
@@ -557,6 +604,7 @@ def _(x, y, weights, backend):
 
 
 @torch.library.custom_op("fastssl::sphere_gauss_lse_grad", mutates_args=())
+@entry("sphere_gauss_lse_grad", **_GAUSS_GRAD_SPEC)
 def _gauss_lse_grad_op(x: torch.Tensor, y: Optional[torch.Tensor], scale: float,
                        diag_offset: int, backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -570,6 +618,7 @@ def _gauss_lse_grad_op(x: torch.Tensor, y: Optional[torch.Tensor], scale: float,
 
 
 @_gauss_lse_grad_op.register_fake
+@entry("sphere_gauss_lse_grad", **_GAUSS_GRAD_SPEC)
 def _(x, y, scale, diag_offset, backend):
     acc = accumulation_dtype(x)
     return (_scalar_like(x), x.new_empty(x.shape, dtype=acc),
@@ -612,6 +661,7 @@ def series_sum(x: torch.Tensor, y: torch.Tensor | None = None, *,
     `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
     if backend is None:
         backend = backend_for("sphere_series_sum", x.device)
+    check_backend_name("fastssl.ops.sphere.series_sum", backend, TABLE)
     if _wants_same_pass(backend, x, y):
         return _series_sum_grad_op(x, y, [float(w) for w in weights], backend)[0]
     return _series_sum_op(x, y, [float(w) for w in weights], backend)
@@ -624,6 +674,7 @@ def gauss_lse(x: torch.Tensor, y: torch.Tensor | None = None, *, scale: float,
     `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
     if backend is None:
         backend = backend_for("sphere_gauss_lse", x.device)
+    check_backend_name("fastssl.ops.sphere.gauss_lse", backend, TABLE)
     if _wants_same_pass(backend, x, y):
         return _gauss_lse_grad_op(x, y, float(scale), int(diag_offset), backend)[0]
     return _gauss_lse_op(x, y, float(scale), int(diag_offset), backend)
