@@ -825,7 +825,10 @@ void sinkhorn_cached_impl(const In* s, int64_t B, int64_t K, T eps, int64_t iter
         for (int64_t k = 0; k < K; ++k) {
           T acc = 0;
           for (int t = 0; t < nt; ++t) acc += part[static_cast<size_t>(t) * K + k];
-          lap[k] -= std::log(acc);
+          // A column's mass is >= 1/(B K) in exact arithmetic, but at |scores / eps| ~ 1e9
+          // float32 rounds x + a by hundreds: a column can sum to 0 (log 0 = -inf would turn
+          // every weight into NaN). The smallest normal keeps it a finite, tiny weight.
+          lap[k] -= std::log(std::max(acc, std::numeric_limits<T>::min()));
         }
       }
     }

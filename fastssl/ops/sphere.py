@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from fastssl._backend import check_backend_name, choose
-from fastssl._validation import accumulation_dtype
+from fastssl._validation import accumulation_dtype, row_norms
 from fastssl.ops._entry import entry
 from fastssl.reference.sphere import kernel_series
 
@@ -38,7 +38,8 @@ _TORCH_BLOCK_ELEMENTS = 1 << 22
 
 def _inv_norm(z: torch.Tensor) -> torch.Tensor:
     acc = accumulation_dtype(z)
-    return torch.linalg.vector_norm(z, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()
+    # scaled before squaring (row_norms): no overflow at |z| ~ 1e20 in float32
+    return row_norms(z, acc).squeeze(1).clamp_min(_NORM_EPS).reciprocal()
 
 
 def _normalize_by(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

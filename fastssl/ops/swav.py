@@ -66,7 +66,9 @@ def _log_domain_sinkhorn(colstats: Callable, rowpass: Callable, scores: torch.Te
         S = rowpass(scores, epsilon, a, False)
         if distributed:
             D.all_reduce_sum(S)
-        a = a - torch.log(S)
+        # a column sums to >= 1/(B K) in exact arithmetic; at |scores / epsilon| ~ 1e9 rounding
+        # can make it 0, and log 0 would turn every code into NaN (the smallest normal instead)
+        a = a - torch.log(S.clamp_min(torch.finfo(S.dtype).tiny))
     return rowpass(scores, epsilon, a, True)
 
 
