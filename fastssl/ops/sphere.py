@@ -363,46 +363,62 @@ def _ref_gauss_grad_hat(a, b, scale, diag_offset, lse):
 # ---------------------------------------------------------------------------------------------
 # triton backend
 
+def _kernel_rows(z):
+    """(inverse norm, inverse norm of the scaled row, scale): the kernels scale each row by a
+    power of two that brings its largest magnitude into [0.5, 1) as they load it (exact), so
+    their float32 dot products cannot overflow at |z| ~ 1e20; r / s is the scaled row's
+    inverse norm (s a power of two: exact)."""
+    r = _inv_norm(z)
+    m = torch.linalg.vector_norm(z.detach(), ord=float("inf"), dim=1, dtype=r.dtype)
+    ok = torch.isfinite(m) & (m > 0)
+    s = torch.where(ok, torch.ldexp(torch.ones_like(m), -torch.frexp(m).exponent),
+                    torch.ones_like(m))
+    return r, r / s, s
+
+
 def _triton_series_forward(x, y, weights, dim):
     from fastssl.kernels import sphere as K
-    rx = _inv_norm(x)
-    ry = None if y is None else _inv_norm(y)
+    _, rx, sx = _kernel_rows(x)
+    ry, sy = (None, None) if y is None else _kernel_rows(y)[1:]
     coef = _coef_tensor(weights, dim, rx.dtype, x.device)
-    rows, _ = K.pair_forward(x, y, rx, ry, kind=0, coef=coef, num_w=len(weights))
+    rows, _ = K.pair_forward(x, y, rx, ry, kind=0, coef=coef, num_w=len(weights), sx=sx, sy=sy)
     return rows.sum()
 
 
 def _triton_series_grad_hat(a, b, weights, dim):
     from fastssl.kernels import sphere as K
-    ra = _inv_norm(a)
+    ra, ra_s, sa = _kernel_rows(a)
     coef = _coef_tensor(weights, dim, ra.dtype, a.device)
     if b is None:
         # psi'(G) is symmetric: the column term equals the row term.
-        out = K.pair_backward(a, a, ra, ra, kind=0, coef=coef, num_w=len(weights))
+        out = K.pair_backward(a, a, ra_s, ra_s, kind=0, coef=coef, num_w=len(weights),
+                              sa=sa, sb=sa)
         return out.mul_(2), ra
-    out = K.pair_backward(a, b, ra, _inv_norm(b), kind=0, coef=coef, num_w=len(weights))
+    _, rb_s, sb = _kernel_rows(b)
+    out = K.pair_backward(a, b, ra_s, rb_s, kind=0, coef=coef, num_w=len(weights), sa=sa, sb=sb)
     return out, ra
 
 
 def _triton_gauss_forward(x, y, scale, diag_offset):
     from fastssl.kernels import sphere as K
-    rx = _inv_norm(x)
-    ry = None if y is None else _inv_norm(y)
+    _, rx, sx = _kernel_rows(x)
+    ry, sy = (None, None) if y is None else _kernel_rows(y)[1:]
     sums, maxima = K.pair_forward(x, y, rx, ry, kind=1, coef=None, num_w=1,
                                   diag_offset=0 if y is None else diag_offset,
-                                  two_scale=2.0 * scale)
+                                  two_scale=2.0 * scale, sx=sx, sy=sy)
     return torch.logsumexp(maxima + torch.log(sums), dim=0)
 
 
 def _triton_gauss_grad_hat(a, b, scale, diag_offset, lse):
     from fastssl.kernels import sphere as K
-    ra = _inv_norm(a)
+    ra, ra_s, sa = _kernel_rows(a)
     if b is None:
-        out = K.pair_backward(a, a, ra, ra, kind=1, coef=None, num_w=1, diag_offset=0,
-                              two_scale=2.0 * scale, lse=lse)
+        out = K.pair_backward(a, a, ra_s, ra_s, kind=1, coef=None, num_w=1, diag_offset=0,
+                              two_scale=2.0 * scale, lse=lse, sa=sa, sb=sa)
         return out.mul_(2), ra
-    out = K.pair_backward(a, b, ra, _inv_norm(b), kind=1, coef=None, num_w=1,
-                          diag_offset=diag_offset, two_scale=2.0 * scale, lse=lse)
+    _, rb_s, sb = _kernel_rows(b)
+    out = K.pair_backward(a, b, ra_s, rb_s, kind=1, coef=None, num_w=1,
+                          diag_offset=diag_offset, two_scale=2.0 * scale, lse=lse, sa=sa, sb=sb)
     return out, ra
 
 
