@@ -312,16 +312,13 @@ def _soft_sort_limits(args):
 
 def _soft_sort_backward_limits(args):
     op = "soft_sort_backward"
-    n, d, gy = args["n"], args["d"], args["gy"]
+    n, d = args["n"], args["d"]
     check_count(op, "n", n, minimum=0, maximum=MAX_SORT_N, why=" (the sorted rows' length)")
     c = comparator_count(args["network"], n)
     if d.shape[1] not in (c, 3 * c):
         raise ValueError(f"d: expected the forward's saved (B, {c}) or (B, {3 * c}) tensor "
                          f"for n={n} ({c} comparators), got shape {tuple(d.shape)} "
                          f"(fastssl::{op})")
-    if gy.numel() and (gy.dim() != 2 or tuple(gy.shape) != (d.shape[0], n)):
-        raise ValueError(f"gy: expected shape {(d.shape[0], n)} (d's rows, n), got "
-                         f"{tuple(gy.shape)} (fastssl::{op})")
 
 
 def _rows_limits(op):
