@@ -132,11 +132,17 @@ struct Net {
   int64_t C;
 };
 
+// The longest row a sorting network sorts: odd-even's n (n - 1) / 2 comparators stay below
+// 2^31 (int32 wire tables, int64 counts without overflow), and fastssl/ops/sortnet.py's
+// MAX_SORT_N says the same.
+constexpr int64_t kMaxSortWidth = 65536;
 constexpr int64_t kAnyWidth = -1;  // net_of's n when no row length is known (nothing to sort)
 
 // The network's wire numbers index the rows: a wire outside [0, n), or a comparator whose
 // destinations are not its own two wires, would read and write outside the buffers.
 Net net_of(const torch::Tensor& net, int64_t n, const char* fn, const char* n_from) {
+  TORCH_CHECK(n == kAnyWidth || n <= kMaxSortWidth, fn, ": rows of at most ", kMaxSortWidth,
+              " entries can be sorted, got n=", n, " (", n_from, ")");
   TORCH_CHECK(net.device().is_cpu() && net.dim() == 2 && net.size(0) == 4 &&
                   net.scalar_type() == torch::kInt32 && net.is_contiguous(),
               fn, ": network must be a contiguous CPU (4, C) int32 tensor, got ", net.sizes(), " ",
@@ -557,6 +563,8 @@ void groco_row_backward(const Net& net, int64_t n, int64_t k, T gl, RowWork<T>& 
 void check_rows_split(int64_t k, int64_t n, const char* fn) {
   TORCH_CHECK(k >= 1 && k < n, fn, ": k must be in [1, n - 1] with n=", n, " (row length), got ",
               k);
+  TORCH_CHECK(n <= kMaxSortWidth, fn, ": rows of at most ", kMaxSortWidth,
+              " entries can be sorted, got n=", n);
 }
 
 torch::Tensor groco_rows_forward(torch::Tensor sims, int64_t k, torch::Tensor net_t, int64_t dist,
@@ -656,10 +664,15 @@ std::vector<torch::Tensor> groco_fused_forward(torch::Tensor anchor, torch::Tens
   TORCH_CHECK(P >= 1, fn, ": positives must hold at least one view, got shape ",
               positives.sizes());
   TORCH_CHECK(k >= 1, fn, ": k must be >= 1, got ", k);
-  TORCH_CHECK(N >= k + 1, fn, ": negatives must have at least k + 1 = ", k + 1,
-              " rows (one is the anchor's own), got ", N);
+  // every bound written as a difference of sizes (N, B >= 0): `k + 1` or `self_offset + B`
+  // would overflow int64 for arguments near 2^63 and let them through
+  TORCH_CHECK(k <= N - 1, fn, ": k must be at most N - 1 = ", N - 1,
+              " (the negatives' rows, one is the anchor's own), got ", k);
+  TORCH_CHECK(k <= kMaxSortWidth - P, fn, ": k + the positive views must be at most ",
+              kMaxSortWidth, " (the longest sorted row), got k=", k, " with ", P, " views");
   // row bi's own column self_offset + bi is skipped and must be a real negatives row
-  TORCH_CHECK(self_offset >= 0 && self_offset + B <= N, fn, ": self_offset must be in [0, N - B]",
+  TORCH_CHECK(B <= N && self_offset >= 0 && self_offset <= N - B, fn,
+              ": self_offset must be in [0, N - B]",
               " = [0, ", N - B, "] so that every anchor's own row is among the N=", N,
               " negatives, got ", self_offset);
   const int64_t n = k + P;
@@ -749,7 +762,7 @@ torch::Tensor groco_fused_backward(torch::Tensor grow, torch::Tensor sims, torch
   TORCH_CHECK(positives.size(1) == B && positives.size(2) == D, fn,
               ": positives must be (P, B, D) with B=", B, ", D=", D, ", got shape ",
               positives.sizes());
-  TORCH_CHECK(k >= 1 && k + P == n, fn, ": k must be >= 1 and k + P = n (sims' row length ", n,
+  TORCH_CHECK(k >= 1 && k == n - P, fn, ": k must be >= 1 and k + P = n (sims' row length ", n,
               ", P=", P, " positive views), got k=", k);
   grow = grow.contiguous();
   sims = sims.contiguous();

@@ -471,20 +471,24 @@ FASTSSL_INLINE void k_colmax(const In* row, float* mine, int64_t K) {
   }
 }
 
-// e[k] = exp(row[k] * inv_eps - M[k]); acc[k] += e[k]
+// e[k] = exp((row[k] - M[k]) * inv_eps), M the raw column max; acc[k] += e[k]
 template <int W, typename In>
 FASTSSL_INLINE void k_expsum(const In* row, float inv_eps, const float* M, float* e, float* acc,
                              int64_t K) {
+  // The difference is taken before the scaling: the column max's own entry is exactly 0 and
+  // its exp exactly 1, so every column sums to >= 1. As row * inv_eps - M * inv_eps, a fused
+  // multiply-add (rounded once, where M * inv_eps was rounded before) left it anywhere within
+  // half an ulp of |x|: at |scores / eps| ~ 1e9, exp(+-100), i.e. inf or 0, and NaN codes.
   int64_t k = 0;
   for (; k + W <= K; k += W) {
-    const auto v = vexp<W>(vload<W>(row + k) * inv_eps - vload<W>(M + k));
+    const auto v = vexp<W>((vload<W>(row + k) - vload<W>(M + k)) * inv_eps);
     vstore<W>(e + k, v);
     vstore<W>(acc + k, vload<W>(acc + k) + v);
   }
   if (k < K) {  // the tail as one padded vector (padding: exp(-inf) = 0)
     float x[W];
     for (int j = 0; j < W; ++j)
-      x[j] = k + j < K ? static_cast<float>(row[k + j]) * inv_eps - M[k + j]
+      x[j] = k + j < K ? (static_cast<float>(row[k + j]) - M[k + j]) * inv_eps
                        : -std::numeric_limits<float>::infinity();
     const auto v = vexp<W>(vload<W>(x));
     for (int64_t j = 0; k + j < K; ++j) {
@@ -683,7 +687,7 @@ inline void row_expsum(const c10::BFloat16* r, float ie, const float* M, float* 
 }
 inline void row_expsum(const double* r, double ie, const double* M, double* e, double* a,
                        int64_t K) {
-  for (int64_t k = 0; k < K; ++k) e[k] = r[k] * ie - M[k];
+  for (int64_t k = 0; k < K; ++k) e[k] = (r[k] - M[k]) * ie;  // M raw, as k_expsum
   exp_inplace_sum(e, K);
   for (int64_t k = 0; k < K; ++k) a[k] += e[k];
 }
@@ -745,7 +749,7 @@ void sinkhorn_cached_impl(const In* s, int64_t B, int64_t K, T eps, int64_t iter
   const int nt = num_threads(B * K);
   const T inv_eps = T(1) / eps;
   std::vector<T> part(static_cast<size_t>(nt) * K);
-  std::vector<T> M(K), la(K), w(K);
+  std::vector<T> M(K), Mraw(K), la(K), w(K);
   const T tiny = std::ldexp(T(1), -60);
   T* Mp = M.data();
   T* lap = la.data();
@@ -776,12 +780,14 @@ void sinkhorn_cached_impl(const In* s, int64_t B, int64_t K, T eps, int64_t iter
     for (int64_t k = 0; k < K; ++k) {
       T m = -std::numeric_limits<T>::infinity();
       for (int t = 0; t < nt; ++t) m = std::max(m, part[static_cast<size_t>(t) * K + k]);
+      Mraw[k] = m;
       Mp[k] = m * inv_eps;
     }
     std::fill(mine, mine + K, T(0));
     // E = exp(x - M) into the codes buffer, column sums S.
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) row_expsum(s + b * K, inv_eps, Mp, codes + b * K, mine, K);
+    for (int64_t b = 0; b < B; ++b)
+      row_expsum(s + b * K, inv_eps, Mraw.data(), codes + b * K, mine, K);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < K; ++k) {
       T acc = 0;
@@ -825,7 +831,10 @@ void sinkhorn_cached_impl(const In* s, int64_t B, int64_t K, T eps, int64_t iter
         for (int64_t k = 0; k < K; ++k) {
           T acc = 0;
           for (int t = 0; t < nt; ++t) acc += part[static_cast<size_t>(t) * K + k];
-          lap[k] -= std::log(acc);
+          // A column's mass is >= 1/(B K) in exact arithmetic, but at |scores / eps| ~ 1e9
+          // float32 rounds x + a by hundreds: a column can sum to 0 (log 0 = -inf would turn
+          // every weight into NaN). The smallest normal keeps it a finite, tiny weight.
+          lap[k] -= std::log(std::max(acc, std::numeric_limits<T>::min()));
         }
       }
     }

@@ -33,6 +33,15 @@ def _check_name(name: str) -> str:
     return name
 
 
+def check_backend_name(op: str, name, names) -> str:
+    """A backend name passed to an op or an ops-layer function: one of `names` (the backends
+    that serve it), else a ValueError naming the argument (never a raw KeyError)."""
+    names = tuple(names)
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"backend: expected one of {names} for {op}, got {name!r}")
+    return name
+
+
 def current_backend() -> str:
     """The backend in force: a `use_backend` context, else $FASTSSL_BACKEND, else "auto"."""
     forced = _forced.get()

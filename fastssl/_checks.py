@@ -12,9 +12,10 @@ import math
 import torch
 
 from fastssl import distributed as dist_utils
-from fastssl._validation import (check_choice, check_embeddings, check_finite_enabled, check_flag,
-                                 check_int, check_nonnegative, check_pair, check_positive,
-                                 check_range, check_same_device, check_views, check_weights)
+from fastssl._validation import (accumulation_dtype, check_choice, check_embeddings,
+                                 check_finite_enabled, check_flag, check_int, check_nonnegative,
+                                 check_pair, check_positive, check_range, check_reciprocal,
+                                 check_same_device, check_views, check_weights)
 
 # ---------------------------------------------------------------------------------------------
 # contrastive family
@@ -49,8 +50,11 @@ def check_temperature(temperature, like: torch.Tensor | None = None) -> float:
         value = float(temperature.detach())
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"temperature: expected a finite value > 0, got {value}")
-        return value
-    return check_positive("temperature", temperature)
+    else:
+        value = check_positive("temperature", temperature)
+    if like is not None:  # 1 / temperature scales every logit
+        check_reciprocal("temperature", value, accumulation_dtype(like))
+    return value
 
 
 def check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank=None) -> float:
@@ -91,7 +95,7 @@ def check_dcl(z1, z2, temperature, weight_fn, gather_distributed) -> float:
 def check_dclw(z1, z2, temperature, sigma, gather_distributed) -> float:
     """Returns the temperature's value as a float."""
     t = check_dcl(z1, z2, temperature, None, gather_distributed)
-    check_positive("sigma", sigma)
+    check_reciprocal("sigma", check_positive("sigma", sigma), accumulation_dtype(z1))
     return t
 
 
@@ -106,6 +110,8 @@ def check_positive_weights(w, rows: int, ref: torch.Tensor) -> torch.Tensor:
                          f"anchor), got {tuple(w.shape)}")
     if w.device != ref.device:
         raise ValueError(f"weight_fn: expected a result on {ref.device}, got {w.device}")
+    if check_finite_enabled() and w.numel() and not bool(torch.isfinite(w).all()):
+        raise ValueError("weight_fn: returned non-finite weights (NaN or inf)")
     return w
 
 
@@ -139,7 +145,8 @@ def check_index(name: str, index, *, rows: int, size: int, device: torch.device)
     return index
 
 
-def check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed) -> None:
+def check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed) -> torch.Tensor:
+    """Returns the index as int64 (int8/int16 tensors cannot index u; a no-op for int64)."""
     check_pair("z1", z1, "z2", z2)
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
@@ -151,12 +158,17 @@ def check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed) -> No
         raise ValueError("u: expected a writable buffer, got an expanded (stride 0) tensor "
                          "whose rows share one element")
     check_same_device([("z1", z1), ("u", u)])
+    if check_finite_enabled() and not bool(torch.isfinite(u).all()):
+        raise ValueError("u: contains non-finite values (NaN or inf)")
     check_index("index", index, rows=z1.shape[0], size=u.shape[0], device=z1.device)
     check_range("gamma", gamma, 0.0, 1.0, lo_open=True)
-    check_positive("temperature", temperature)
+    # 1 / T scales the logits and T multiplies the surrogate: both must stay finite
+    check_reciprocal("temperature", check_positive("temperature", temperature),
+                     accumulation_dtype(z1), upper=True)
     check_flag("gather_distributed", gather_distributed)
     _check_min_global("sogclr", "z1", z1, gather_distributed, 2,
                       "the estimator averages over 2(N-1) negatives")
+    return index.long()
 
 
 def check_sce(q, k, queue, coeff, temperature, temperature_m, use_keys, gather_distributed):
@@ -171,8 +183,9 @@ def check_sce(q, k, queue, coeff, temperature, temperature_m, use_keys, gather_d
         if queue.shape[0] == 0:
             queue = None
     check_range("coeff", coeff, 0.0, 1.0)
-    check_positive("temperature", temperature)
-    check_positive("temperature_m", temperature_m)
+    acc = accumulation_dtype(q)
+    check_reciprocal("temperature", check_positive("temperature", temperature), acc)
+    check_reciprocal("temperature_m", check_positive("temperature_m", temperature_m), acc)
     check_flag("use_keys", use_keys)
     check_flag("gather_distributed", gather_distributed)
     if queue is None and not use_keys:
@@ -284,7 +297,7 @@ def check_groco_args(views, topk_neg, steepness, n_pos_views, network, distribut
 
 def check_sinkhorn(scores, epsilon, iterations, gather_distributed) -> None:
     check_embeddings("scores", scores)
-    check_positive("epsilon", epsilon)
+    check_reciprocal("epsilon", check_positive("epsilon", epsilon), accumulation_dtype(scores))
     check_int("iterations", iterations, minimum=1)
     check_flag("gather_distributed", gather_distributed)
 
@@ -315,8 +328,9 @@ def check_swav(scores, n_assign_crops, temperature, epsilon, sinkhorn_iterations
     """Returns (views, queue_scores)."""
     views = check_views("scores", scores, min_views=2)
     check_int("n_assign_crops", n_assign_crops, minimum=1, maximum=len(views))
-    check_positive("temperature", temperature)
-    check_positive("epsilon", epsilon)
+    acc = accumulation_dtype(views[0])
+    check_reciprocal("temperature", check_positive("temperature", temperature), acc)
+    check_reciprocal("epsilon", check_positive("epsilon", epsilon), acc)
     check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=1)
     check_flag("gather_distributed", gather_distributed)
     if queue_scores is not None:

@@ -173,3 +173,45 @@ def check_views(name: str, views, *, min_views: int = 2, min_rows: int = 1) -> l
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32 (docs/api.md)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics at the edges (issue 22)
+
+# Room left above a temperature's (or epsilon's) reciprocal in the accumulation dtype: logits
+# reach 1/T, and the losses sum and differentiate them over up to 2^24 rows without overflow.
+RECIPROCAL_HEADROOM = 2.0 ** 24
+
+
+def check_reciprocal(name: str, value: float, acc: torch.dtype, *, upper: bool = False) -> float:
+    """`value` (already a finite number > 0) whose reciprocal -- and, with `upper`, itself --
+    stays below the accumulation dtype's maximum by RECIPROCAL_HEADROOM: e.g. temperature
+    <= 1e-39 in float32 would make every logit inf and the loss NaN. A named ValueError."""
+    big = torch.finfo(acc).max / RECIPROCAL_HEADROOM
+    lo = 1.0 / big
+    if value < lo:
+        raise ValueError(f"{name}: expected a value >= {lo:.3g} (its reciprocal must stay "
+                         f"finite in {acc} with room for the sums), got {value}")
+    if upper and value > big:
+        raise ValueError(f"{name}: expected a value <= {big:.3g} (it must stay finite in {acc} "
+                         f"with room for the sums), got {value}")
+    return value
+
+
+def row_norms(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, 1) L2 norms of the rows of a (B, D) tensor, in `dtype` (default x's), exact for any
+    finite x: each row is scaled by its largest magnitude before squaring (torch's norm squares
+    as is, so |x| ~ 1e20 in float32 gives inf and |x| ~ 1e-30 gives 0). The scale is detached:
+    the norm does not depend on it, so autograd sees d|x| = x / |x| as before."""
+    out = x.dtype if dtype is None else dtype
+    if out in (torch.float16, torch.bfloat16):  # scaled in float32 (no rounding of x / s)
+        return row_norms(x, torch.float32).to(out)
+    xt = x if x.dtype == out else x.to(out)
+    m = torch.linalg.vector_norm(xt.detach(), ord=float("inf"), dim=1, keepdim=True)
+    s = torch.where(m > 0, m, torch.ones_like(m))  # a zero row keeps the norm 0
+    return torch.linalg.vector_norm(xt / s, dim=1, keepdim=True) * s
+
+
+def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """F.normalize(x, dim=1, eps=eps) in x's dtype, with the overflow-safe :func:`row_norms`."""
+    return x / row_norms(x).clamp_min(eps)

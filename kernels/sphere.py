@@ -66,7 +66,7 @@ def _series_derivative(t, coef_ptr, NUM_W: tl.constexpr):
 
 
 @triton.jit
-def _gram_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D,
+def _gram_tile(x_ptr, y_ptr, sx, sy, rows, cols, row_ok, col_ok, D,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     dot = tl.zeros((BLOCK_M, BLOCK_N), ACC)
@@ -83,12 +83,17 @@ def _gram_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D,
             # Exact bf16 -> fp32 widening: the products equal those of a bf16 MMA.
             xt = xt.to(tl.float32)
             yt = yt.to(tl.float32)
+        # Per-row powers of two (exact in any float dtype) that bring each row's largest
+        # magnitude near 1: rows near 1e20 would overflow the float32 dot (issue 22).
+        xt = (xt * sx[:, None]).to(xt.dtype)
+        yt = (yt * sy[:, None]).to(yt.dtype)
         dot = tl.dot(xt, tl.trans(yt), dot, input_precision=PRECISION, out_dtype=ACC)
     return dot
 
 
 @triton.jit
-def _pair_forward_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, coef_ptr, out_a_ptr, out_b_ptr,
+def _pair_forward_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, sx_ptr, sy_ptr, coef_ptr, out_a_ptr,
+                         out_b_ptr,
                          M, N, D, diag_offset, two_scale, lower_bound,
                          KIND: tl.constexpr, NUM_W: tl.constexpr, SYM: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -97,6 +102,7 @@ def _pair_forward_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, coef_ptr, out_a_ptr, out_
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
+    sx = tl.load(sx_ptr + rows, mask=row_ok, other=1.0)
     row_sum = tl.zeros((BLOCK_M,), ACC)
     # Every logit 2s(G - 1) is >= lower_bound, so starting the running max there never
     # shifts a real term into underflow; rows without any term keep row_sum = 0.
@@ -107,7 +113,8 @@ def _pair_forward_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, coef_ptr, out_a_ptr, out_
     for jb in range(start, tl.cdiv(N, BLOCK_N)):
         cols = jb * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        dot = _gram_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D,
+        sy = tl.load(sy_ptr + cols, mask=col_ok, other=1.0)
+        dot = _gram_tile(x_ptr, y_ptr, sx, sy, rows, cols, row_ok, col_ok, D,
                          BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION, UPCAST)
         ry = tl.load(ry_ptr + cols, mask=col_ok, other=0.0)
         g = dot * rx[:, None] * ry[None, :]
@@ -132,7 +139,8 @@ def _pair_forward_kernel(x_ptr, y_ptr, rx_ptr, ry_ptr, coef_ptr, out_a_ptr, out_
 
 
 @triton.jit
-def _pair_backward_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, coef_ptr, lse_ptr, out_ptr,
+def _pair_backward_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, sa_ptr, sb_ptr, coef_ptr, lse_ptr,
+                          out_ptr,
                           M, N, D, diag_offset, two_scale,
                           KIND: tl.constexpr, NUM_W: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -142,12 +150,14 @@ def _pair_backward_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, coef_ptr, lse_ptr, out_p
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ra = tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
+    sa = tl.load(sa_ptr + rows, mask=row_ok, other=1.0)
     offs_d = tl.arange(0, BLOCK_D)
     lse = tl.load(lse_ptr)
     for jb in range(0, tl.cdiv(N, BLOCK_N)):
         cols = jb * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        dot = _gram_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
+        sb = tl.load(sb_ptr + cols, mask=col_ok, other=1.0)
+        dot = _gram_tile(a_ptr, b_ptr, sa, sb, rows, cols, row_ok, col_ok, D,
                          BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION, UPCAST)
         rb = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
         g = dot * ra[:, None] * rb[None, :]
@@ -164,6 +174,7 @@ def _pair_backward_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, coef_ptr, lse_ptr, out_p
             d_ok = dd < D
             bt = tl.load(b_ptr + cols.to(tl.int64)[:, None] * D + dd[None, :],
                          mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            bt = (bt * sb[:, None]).to(bt.dtype)  # rb is the scaled row's inverse norm
             c_low = c.to(bt.dtype)
             if UPCAST:
                 c_low = c_low.to(tl.float32)
@@ -240,18 +251,33 @@ def _check_series(kind: int, coef, num_w: int, device, acc) -> None:
                              f"{coef.numel()}")
 
 
+def _scales(name, s, x, acc):
+    """Per-row scales of x (ones when None): one entry per row, in the accumulation dtype."""
+    if s is None:
+        return torch.ones(x.shape[0], dtype=acc, device=x.device)
+    check_tensor(name, s, dim=1, device=x.device, shape=(x.shape[0],), dtypes=(acc,))
+    return s.contiguous()
+
+
 def pair_forward(x: torch.Tensor, y: torch.Tensor | None, rx: torch.Tensor, ry: torch.Tensor | None,
                  *, kind: int, coef: torch.Tensor | None, num_w: int, diag_offset: int = 0,
-                 two_scale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 two_scale: float = 0.0, sx: torch.Tensor | None = None,
+                 sy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Row partials of the pair reduction of rows x against rows y (y None: x against itself,
     mirrored tiles counted twice). KIND 0: (row sums of psi, None). KIND 1: (shifted row sums,
-    row maxima), so that the log of the total is logsumexp(max + log sum)."""
+    row maxima), so that the log of the total is logsumexp(max + log sum).
+
+    sx, sy: optional per-row scales (powers of two) applied to the rows as they are loaded;
+    rx, ry are then the inverse norms of the scaled rows."""
     symmetric = y is None
     _check_rows("x", x, "rx", rx)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sx = _scales("sx", sx, x, acc)
     if symmetric:
-        y, ry = x, rx
+        y, ry, sy = x, rx, sx
     else:
         _check_rows("y", y, "ry", ry, like=x)
+        sy = _scales("sy", sy, y, acc)
     x, y, rx, ry = x.contiguous(), y.contiguous(), rx.contiguous(), ry.contiguous()
     m, d = x.shape
     n = y.shape[0]
@@ -264,17 +290,21 @@ def pair_forward(x: torch.Tensor, y: torch.Tensor | None, rx: torch.Tensor, ry: 
         coef = torch.zeros(1, dtype=acc, device=x.device)
     lower_bound = -2.0 * two_scale * 1.01 - 1.0
     launch(_pair_forward_kernel, (triton.cdiv(m, cfg["BLOCK_M"]),),
-           x, y, rx, ry, coef, out_a, out_b, m, n, d, diag_offset, two_scale, lower_bound,
+           x, y, rx, ry, sx, sy, coef, out_a, out_b, m, n, d, diag_offset, two_scale, lower_bound,
            KIND=kind, NUM_W=max(num_w, 1), SYM=symmetric, **cfg)
     return out_a, (out_b if kind == 1 else None)
 
 
 def pair_backward(a: torch.Tensor, b: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, *,
                   kind: int, coef: torch.Tensor | None, num_w: int, diag_offset: int = 0,
-                  two_scale: float = 0.0, lse: torch.Tensor | None = None) -> torch.Tensor:
-    """(M, D) accumulation-dtype gradient of the pair reduction wrt the normalised rows of a."""
+                  two_scale: float = 0.0, lse: torch.Tensor | None = None,
+                  sa: torch.Tensor | None = None, sb: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, D) accumulation-dtype gradient of the pair reduction wrt the normalised rows of a
+    (sa, sb: optional per-row scales, as pair_forward's sx, sy)."""
     _check_rows("a", a, "ra", ra)
     _check_rows("b", b, "rb", rb, like=a)
+    acc_s = torch.float64 if a.dtype == torch.float64 else torch.float32
+    sa, sb = _scales("sa", sa, a, acc_s), _scales("sb", sb, b, acc_s)
     a, b, ra, rb = a.contiguous(), b.contiguous(), ra.contiguous(), rb.contiguous()
     m, d = a.shape
     n = b.shape[0]
@@ -290,6 +320,6 @@ def pair_backward(a: torch.Tensor, b: torch.Tensor, ra: torch.Tensor, rb: torch.
     if lse.numel() != 1:
         raise ValueError(f"lse must hold one value, got shape {tuple(lse.shape)}")
     launch(_pair_backward_kernel, (triton.cdiv(m, cfg["BLOCK_M"]),),
-           a, b, ra, rb, coef, lse.to(acc).reshape(1), out, m, n, d, diag_offset, two_scale,
+           a, b, ra, rb, sa, sb, coef, lse.to(acc).reshape(1), out, m, n, d, diag_offset, two_scale,
            KIND=kind, NUM_W=max(num_w, 1), **cfg)
     return out

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fastssl import distributed as dist_utils
 from fastssl._checks import (check_dcl, check_dclw, check_info_nce, check_nt_xent,
                              check_positive_weights, check_sce, check_sogclr)
-from fastssl._validation import accumulation_dtype
+from fastssl._validation import accumulation_dtype, row_norms
 from fastssl.ops import contrastive as ops
 from fastssl.reference import contrastive as _reference
 
@@ -43,7 +43,7 @@ class _NormalizeRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_NORM_EPS)
+        norm = row_norms(x).clamp_min_(_NORM_EPS)  # scaled: no overflow at |x| ~ 1e20
         y = x / norm
         ctx.save_for_backward(y, norm)
         return y
@@ -428,7 +428,7 @@ def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=F
         >>> u = torch.zeros(len(dataset))
         >>> loss = fastssl.functional.sogclr(z1, z2, index, u, gamma=0.9, temperature=0.1)
     """
-    check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed)
+    index = check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed)
     backend = ops.backend_for("sogclr", z1.device)
     if backend == "reference":
         return ops.TABLE["reference"].sogclr(z1, z2, index, u, gamma=gamma,

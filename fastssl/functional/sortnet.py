@@ -5,13 +5,13 @@ import torch
 
 from fastssl import distributed as dist_utils
 from fastssl._checks import check_groco_args, check_soft_sort
-from fastssl._validation import accumulation_dtype
+from fastssl._validation import accumulation_dtype, normalize_rows
 from fastssl.ops import sortnet as ops
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     # upstream's cosine: a / max(||a||, 1e-8) (nn.CosineSimilarity and the all-to-all alike)
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return normalize_rows(x, 1e-8)
 
 
 def groco(views, *, topk_neg=10, steepness=1.0, n_pos_views=None, network="odd_even",

@@ -14,7 +14,7 @@ import torch
 
 from fastssl import distributed as dist_utils
 from fastssl._checks import check_auh, check_sfrik, check_sfrik_mmd
-from fastssl._validation import accumulation_dtype
+from fastssl._validation import accumulation_dtype, normalize_rows
 from fastssl.ops import sphere as ops
 
 
@@ -34,8 +34,8 @@ def _mmd_share(z: torch.Tensor, weights, world: int, name: str, backend: str) ->
 def _mse_share(z1: torch.Tensor, z2: torch.Tensor, world: int) -> torch.Tensor:
     """This rank's share of the global mse(x, y) over N*D elements, x, y the normalised rows."""
     acc = accumulation_dtype(z1)
-    x = torch.nn.functional.normalize(z1.to(acc), dim=1)
-    y = torch.nn.functional.normalize(z2.to(acc), dim=1)
+    x = normalize_rows(z1.to(acc))
+    y = normalize_rows(z2.to(acc))
     return (x - y).pow(2).sum() / (z1.numel() * world)
 
 

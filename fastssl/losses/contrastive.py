@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from fastssl import distributed as dist_utils
 from fastssl import functional
 from fastssl._checks import check_nt_xent, check_temperature
-from fastssl._validation import check_flag, check_int, check_positive, check_range
+from fastssl._validation import (check_flag, check_int, check_positive, check_range,
+                                 normalize_rows)
 
 
 def _init_temperature(temperature):
@@ -84,7 +85,7 @@ class NTXentLoss(torch.nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, z2: torch.Tensor) -> None:
-        keys = F.normalize(z2.detach().to(self.memory_bank.dtype), dim=1)
+        keys = normalize_rows(z2.detach().to(self.memory_bank.dtype))  # no overflow at 1e20
         if self.gather_distributed and dist_utils.is_distributed():
             keys = dist_utils.gather_no_grad(keys.contiguous(), name="memory_bank")
         size, n = self.memory_bank.shape[0], keys.shape[0]
@@ -308,7 +309,7 @@ class SCELoss(torch.nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, k: torch.Tensor) -> None:
-        keys = F.normalize(k.detach().float(), dim=1)
+        keys = normalize_rows(k.detach().float())  # no overflow at 1e20
         if self.gather_distributed and dist_utils.is_distributed():
             keys = dist_utils.gather_no_grad(keys, name="k")
         size, n = self.queue.shape[0], keys.shape[0]

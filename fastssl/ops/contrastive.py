@@ -35,6 +35,7 @@ import torch
 
 from fastssl._backend import choose
 from fastssl._validation import accumulation_dtype
+from fastssl.ops._entry import entry
 from fastssl.reference import contrastive as _reference
 
 # Rows per chunk of the torch path. A bounded number of large chunks: every chunk costs a dozen ATen calls,
@@ -379,11 +380,27 @@ def _kernels(backend: str):
 # torch.library registration
 # ----------------------------------------------------------------------------------------------
 
+# The entry check of each op (fastssl/ops/_entry.py): ranks of the tensor arguments and the
+# backends that serve it; devices are checked for every tensor argument.
+_KERNEL_BACKENDS = ("triton", "cpp", "torch")
+_MASKS = {"self_col": 1, "pos_col": 1}
+_LSE_SPEC = dict(ranks={"a": 2, "b": 2, **_MASKS}, backends=_KERNEL_BACKENDS)
+_LSE_BWD_SPEC = dict(ranks={"a": 2, "b": 2, **_MASKS, **{n: 1 for n in (
+    "lse0", "lse1", "col_lse", "g0", "g1", "g_col")}}, backends=_KERNEL_BACKENDS)
+_LSE_SUM_SPEC = dict(ranks={"a": 2, "b": 2, **_MASKS}, backends=("cpp", "torch"))
+_SYM_SPEC = dict(ranks={"z": 2, **_MASKS}, backends=_KERNEL_BACKENDS)
+_SYM_BWD_SPEC = dict(ranks={"z": 2, **_MASKS, "lse": 1, "g": 1}, backends=_KERNEL_BACKENDS)
+_SCE_SPEC = dict(ranks={"q": 2, "k": 2, "cols": 2, "self_col": 1}, backends=_KERNEL_BACKENDS)
+_SCE_BWD_SPEC = dict(ranks={"q": 2, "k": 2, "cols": 2, "self_col": 1, "lse_s": 1, "lse_t": 1,
+                            "g_lse": 1, "g_w": 1}, backends=_KERNEL_BACKENDS)
+
+
 def _stats_dtype(a: torch.Tensor) -> torch.dtype:
     return accumulation_dtype(a)
 
 
 @torch.library.custom_op("fastssl::contrastive_lse", mutates_args=())
+@entry("contrastive_lse", **_LSE_SPEC)
 def contrastive_lse(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor,
                     pos_col: torch.Tensor, scale: float, split: int, exclude_pos: bool,
                     weighted: bool, col_stats: bool, backend: str
@@ -395,6 +412,7 @@ def contrastive_lse(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor,
 
 
 @contrastive_lse.register_fake
+@entry("contrastive_lse", **_LSE_SPEC)
 def _(a, b, self_col, pos_col, scale, split, exclude_pos, weighted, col_stats, backend):
     m, c = a.shape[0], b.shape[0]
     dt = _stats_dtype(a)
@@ -404,6 +422,7 @@ def _(a, b, self_col, pos_col, scale, split, exclude_pos, weighted, col_stats, b
 
 
 @torch.library.custom_op("fastssl::contrastive_lse_backward", mutates_args=())
+@entry("contrastive_lse_backward", **_LSE_BWD_SPEC)
 def contrastive_lse_backward(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor,
                              pos_col: torch.Tensor, scale: float, split: int, exclude_pos: bool,
                              lse0: torch.Tensor, lse1: torch.Tensor, col_lse: torch.Tensor,
@@ -415,6 +434,7 @@ def contrastive_lse_backward(a: torch.Tensor, b: torch.Tensor, self_col: torch.T
 
 
 @contrastive_lse_backward.register_fake
+@entry("contrastive_lse_backward", **_LSE_BWD_SPEC)
 def _(a, b, self_col, pos_col, scale, split, exclude_pos, lse0, lse1, col_lse, g0, g1, g_col,
       backend):
     return torch.empty_like(a), torch.empty_like(b)
@@ -457,6 +477,7 @@ def has_same_pass(backend: str) -> bool:
 
 
 @torch.library.custom_op("fastssl::contrastive_lse_sum", mutates_args=())
+@entry("contrastive_lse_sum", **_LSE_SUM_SPEC)
 def contrastive_lse_sum(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor,
                         pos_col: torch.Tensor, scale: float, exclude_pos: bool,
                         subtract_pos: bool, need_da: bool, need_db: bool, backend: str
@@ -480,6 +501,7 @@ def contrastive_lse_sum(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor
 
 
 @contrastive_lse_sum.register_fake
+@entry("contrastive_lse_sum", **_LSE_SUM_SPEC)
 def _(a, b, self_col, pos_col, scale, exclude_pos, subtract_pos, need_da, need_db, backend):
     dt = _stats_dtype(a)
     return (a.new_empty((), dtype=dt), a.new_empty(a.shape[0], dtype=dt),
@@ -510,6 +532,7 @@ contrastive_lse_sum.register_autograd(_lse_sum_backward, setup_context=_lse_sum_
 
 
 @torch.library.custom_op("fastssl::contrastive_lse_sym", mutates_args=())
+@entry("contrastive_lse_sym", **_SYM_SPEC)
 def contrastive_lse_sym(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.Tensor,
                         scale: float, exclude_pos: bool, weighted: bool, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -527,12 +550,14 @@ def contrastive_lse_sym(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.
 
 
 @contrastive_lse_sym.register_fake
+@entry("contrastive_lse_sym", **_SYM_SPEC)
 def _(z, self_col, pos_col, scale, exclude_pos, weighted, backend):
     dt = _stats_dtype(z)
     return z.new_empty(z.shape[0], dtype=dt), z.new_empty(z.shape[0] if weighted else 0, dtype=dt)
 
 
 @torch.library.custom_op("fastssl::contrastive_lse_sym_backward", mutates_args=())
+@entry("contrastive_lse_sym_backward", **_SYM_BWD_SPEC)
 def contrastive_lse_sym_backward(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.Tensor,
                                  scale: float, exclude_pos: bool, lse: torch.Tensor,
                                  g: torch.Tensor, backend: str) -> torch.Tensor:
@@ -544,6 +569,7 @@ def contrastive_lse_sym_backward(z: torch.Tensor, self_col: torch.Tensor, pos_co
 
 
 @contrastive_lse_sym_backward.register_fake
+@entry("contrastive_lse_sym_backward", **_SYM_BWD_SPEC)
 def _(z, self_col, pos_col, scale, exclude_pos, lse, g, backend):
     return torch.empty_like(z)
 
@@ -566,6 +592,7 @@ contrastive_lse_sym.register_autograd(_lse_sym_backward, setup_context=_lse_sym_
 
 
 @torch.library.custom_op("fastssl::sce_stats", mutates_args=())
+@entry("sce_stats", **_SCE_SPEC)
 def sce_stats(q: torch.Tensor, k: torch.Tensor, cols: torch.Tensor, self_col: torch.Tensor,
               scale_s: float, scale_t: float, same_pass: bool, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -585,6 +612,7 @@ def sce_stats(q: torch.Tensor, k: torch.Tensor, cols: torch.Tensor, self_col: to
 
 
 @sce_stats.register_fake
+@entry("sce_stats", **_SCE_SPEC)
 def _(q, k, cols, self_col, scale_s, scale_t, same_pass, backend):
     dt = _stats_dtype(q)
     m = q.shape[0]
@@ -594,6 +622,7 @@ def _(q, k, cols, self_col, scale_s, scale_t, same_pass, backend):
 
 
 @torch.library.custom_op("fastssl::sce_stats_backward", mutates_args=())
+@entry("sce_stats_backward", **_SCE_BWD_SPEC)
 def sce_stats_backward(q: torch.Tensor, k: torch.Tensor, cols: torch.Tensor,
                        self_col: torch.Tensor, scale_s: float, scale_t: float,
                        lse_s: torch.Tensor, lse_t: torch.Tensor, g_lse: torch.Tensor,
@@ -604,6 +633,7 @@ def sce_stats_backward(q: torch.Tensor, k: torch.Tensor, cols: torch.Tensor,
 
 
 @sce_stats_backward.register_fake
+@entry("sce_stats_backward", **_SCE_BWD_SPEC)
 def _(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t, g_lse, g_w, backend):
     return torch.empty_like(q)
 

@@ -17,12 +17,14 @@ through :func:`backend_for`, the name passed down to forward and backward; docs/
 from __future__ import annotations
 
 import math
+import os
 import struct
 
 import torch
 
-from fastssl._backend import choose
+from fastssl._backend import check_backend_name, choose
 from fastssl._validation import accumulation_dtype
+from fastssl.ops._entry import check_count, entry
 from fastssl.reference import sortnet as _reference
 
 NETWORKS = ("odd_even", "bitonic")
@@ -74,6 +76,62 @@ def comparator_layers(network: str, n: int, identity_slots: bool = False
     return layers
 
 
+# The longest row a network sorts (csrc/sortnet_cpu.cpp's kMaxSortWidth): odd-even's
+# n (n - 1) / 2 comparators stay below 2^31, where the int32 wire tables and counts end.
+MAX_SORT_N = 65536
+
+
+def _layer_indices(network: str, n: int):
+    """diffsort's network, one (4, c) int64 tensor (a, b, dmin, dmax) per layer, built with
+    tensor arithmetic: O(layers) Python objects, never a list of O(n^2) comparator tuples
+    (a 16384-wide odd-even network has 134M comparators)."""
+    if network == "odd_even":
+        for layer in range(n):
+            a = torch.arange(layer % 2, n - 1, 2, dtype=torch.int64)
+            yield torch.stack([a, a + 1, a, a + 1])
+    elif network == "bitonic":
+        blocks = max(1, math.ceil(math.log2(n)))
+        width = 2 ** blocks
+        pad = width - n  # the lowest `pad` wires are padding and are dropped
+        wires = torch.arange(width, dtype=torch.int64)
+        for block in range(blocks):
+            for layer in range(block + 1):
+                m = 2 ** (block - layer)
+                a = wires[((wires & m) == 0) & (wires >= pad)]
+                b = a + m
+                desc = ((a >> (block + 1)) & 1) == 1
+                yield torch.stack([a, b, torch.where(desc, b, a), torch.where(desc, a, b)]) - pad
+    else:
+        raise ValueError(f"network: expected one of {NETWORKS}, got {network!r}")
+
+
+def _count_clear_bit(end: int, m: int) -> int:
+    """How many integers in [0, end) have bit m (a power of two) clear."""
+    return (end // (2 * m)) * m + min(end % (2 * m), m)
+
+
+def comparator_count(network: str, n: int) -> int:
+    """The number of comparators of the network sorting n wires, in closed form (the fake
+    kernels and the size checks need it without building the network)."""
+    if network == "odd_even":
+        return ((n + 1) // 2) * (n // 2) + (n // 2) * ((n - 1) // 2)
+    if network == "bitonic":
+        blocks = max(1, math.ceil(math.log2(max(n, 1))))
+        width = 2 ** blocks
+        pad = width - n
+        return sum(_count_clear_bit(width, 2 ** (block - layer))
+                   - _count_clear_bit(pad, 2 ** (block - layer))
+                   for block in range(blocks) for layer in range(block + 1))
+    raise ValueError(f"network: expected one of {NETWORKS}, got {network!r}")
+
+
+def _layer_count(network: str, n: int) -> int:
+    if network == "odd_even":
+        return n
+    blocks = max(1, math.ceil(math.log2(max(n, 1))))
+    return blocks * (blocks + 1) // 2
+
+
 _net_cache: dict = {}
 
 
@@ -82,8 +140,9 @@ def network_tensor(network: str, n: int, device: torch.device) -> torch.Tensor:
     key = (network, n, str(device), "flat")
     t = _net_cache.get(key)
     if t is None:
-        comps = [c for layer in comparator_layers(network, n) for c in layer]
-        t = torch.tensor(comps, dtype=torch.int32).reshape(-1, 4).T.contiguous().to(device)
+        layers = [idx.to(torch.int32) for idx in _layer_indices(network, n)]
+        t = (torch.cat(layers, dim=1) if layers else torch.zeros(4, 0, dtype=torch.int32))
+        t = t.contiguous().to(device)
         _net_cache[key] = t
     return t
 
@@ -93,13 +152,74 @@ def network_layers(network: str, n: int, device: torch.device):
     key = (network, n, str(device), "layers")
     t = _net_cache.get(key)
     if t is None:
-        t = []
-        for layer in comparator_layers(network, n):
-            if layer:
-                idx = torch.tensor(layer, dtype=torch.int64).T.contiguous().to(device)
-                t.append(tuple(idx))
+        t = [tuple(idx.to(device)) for idx in _layer_indices(network, n) if idx.shape[1]]
         _net_cache[key] = t
     return t
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Memory a new allocation on `device` can take: the free GPU memory, or on the CPU the
+    kernel's MemAvailable, capped by an address-space limit (RLIMIT_AS) where one is set."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "meta":
+        return 1 << 62
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:  # /proc, not the resource module: no import inside a function (test_import_graph)
+        with open("/proc/self/limits") as f:
+            soft = next((line.split()[3] for line in f
+                         if line.startswith("Max address space")), "unlimited")
+        if soft != "unlimited":
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            avail = min(avail, max(0, int(soft) - used))
+    except (OSError, ValueError, IndexError):
+        pass
+    return avail
+
+
+def soft_sort_bytes(network: str, n: int, rows: int, elem: int, backend: str,
+                    want_p: bool) -> int:
+    """Estimated peak bytes of one soft sort of (rows, n) with `backend` (elem: bytes per
+    value): the comparator table and the per-comparator saved values of the kernels; the
+    per-layer copies of the torch path's autograd; diffsort's dense layer matrices."""
+    c = comparator_count(network, n)
+    layers = _layer_count(network, n)
+    out = rows * n * elem + (rows * n * n * elem if want_p else 0)
+    if backend == "reference":  # diffsort: two dense n x n matrices per layer, X per layer
+        return out + layers * n * n * 4 * 2 + layers * rows * n * n * elem * (2 if want_p else 0)
+    if backend == "torch":  # autograd keeps each layer's mixed copies
+        per_layer = rows * n * elem * 6 + (rows * n * n * elem * 2 if want_p else 0)
+        return out + 8 * 4 * c + layers * per_layer
+    return out + 16 * c + rows * c * elem * (3 if backend == "cpp" else 1)
+
+
+def check_sort_size(op: str, name: str, network: str, n: int, rows: int, elem: int,
+                    backend: str, want_p: bool, device: torch.device) -> None:
+    """Rows of at most MAX_SORT_N entries, and a working set that fits the device's free
+    memory: refused before anything is built, the estimate in the message."""
+    if n > MAX_SORT_N:
+        raise ValueError(f"{name}: rows of at most {MAX_SORT_N} entries can be soft-sorted "
+                         f"(the {network} network of n has up to n(n-1)/2 comparators), got "
+                         f"n={n} ({op})")
+    need = soft_sort_bytes(network, n, rows, elem, backend, want_p)
+    have = _available_bytes(device)
+    if need > have:
+        raise ValueError(f"{name}: a soft sort of {rows} row(s) of n={n} with the {network} "
+                         f"network ({comparator_count(network, n)} comparators, backend "
+                         f"{backend!r}{', with P' if want_p else ''}) needs about "
+                         f"{need / 2**30:.2f} GiB, more than the {have / 2**30:.2f} GiB "
+                         f"available on {device} ({op})")
 
 
 def sigma_bwd(steepness: float) -> float:
@@ -177,7 +297,82 @@ def _triton():
     return K
 
 
+# ----------------------------------------------------------------------------------------------
+# the entry check of each registered op (fastssl/ops/_entry.py): devices, ranks, backend and
+# choice strings, and the sizes (k, n, self_offset) before a network or an output is built
+
+_KERNEL_BACKENDS = ("cpp", "triton", "cuda")
+_SORT_CHOICES = {"network": NETWORKS, "distribution": tuple(DIST_IDS)}
+
+
+def _soft_sort_limits(args):
+    x = args["x"]
+    check_sort_size("fastssl::soft_sort", "x", args["network"], x.shape[1], x.shape[0],
+                    x.element_size(), args["backend"], bool(args["want_p"]), x.device)
+
+
+def _soft_sort_backward_limits(args):
+    op = "soft_sort_backward"
+    n, d = args["n"], args["d"]
+    check_count(op, "n", n, minimum=0, maximum=MAX_SORT_N, why=" (the sorted rows' length)")
+    c = comparator_count(args["network"], n)
+    if d.shape[1] not in (c, 3 * c):
+        raise ValueError(f"d: expected the forward's saved (B, {c}) or (B, {3 * c}) tensor "
+                         f"for n={n} ({c} comparators), got shape {tuple(d.shape)} "
+                         f"(fastssl::{op})")
+
+
+def _rows_limits(op):
+    def limits(args):
+        n = args["sims"].shape[1]
+        if n > MAX_SORT_N:
+            raise ValueError(f"sims: rows of at most {MAX_SORT_N} entries can be soft-sorted, "
+                             f"got shape {tuple(args['sims'].shape)} (fastssl::{op})")
+        check_count(op, "k", args["k"], minimum=1, maximum=max(1, n - 1),
+                    why=f" (n - 1 with n={n}, sims' row length)")
+        if n < 2:
+            raise ValueError(f"sims: expected rows of at least 2 entries, got shape "
+                             f"{tuple(args['sims'].shape)} (fastssl::{op})")
+    return limits
+
+
+def _fused_limits(args):
+    op = "groco_fused"
+    b, n_neg, p = args["anchor"].shape[0], args["negatives"].shape[0], args["positives"].shape[0]
+    # bounds as differences of sizes: no sum of a huge argument and a size can overflow
+    check_count(op, "k", args["k"], minimum=1, maximum=min(n_neg - 1, MAX_SORT_N - p),
+                why=f" (N - 1 with N={n_neg} negatives, and k + {p} views <= {MAX_SORT_N})")
+    check_count(op, "self_offset", args["self_offset"], minimum=0, maximum=n_neg - b,
+                why=f" (N - B with N={n_neg} negatives, B={b} anchors)")
+
+
+def _fused_backward_limits(args):
+    op = "groco_fused_backward"
+    n, p = args["sims"].shape[1], args["positives"].shape[0]
+    if n > MAX_SORT_N:
+        raise ValueError(f"sims: rows of at most {MAX_SORT_N} entries can be soft-sorted, "
+                         f"got shape {tuple(args['sims'].shape)} (fastssl::{op})")
+    check_count(op, "k", args["k"], minimum=1, maximum=max(1, n - p),
+                why=f" (sims' row length {n} minus {p} positive views)")
+
+
+_SOFT_SORT_SPEC = dict(ranks={"x": 2}, backends=_KERNEL_BACKENDS, choices=_SORT_CHOICES,
+                       limits=_soft_sort_limits)
+_SOFT_SORT_BWD_SPEC = dict(ranks={"gy": (1, 2), "gP": (1, 3), "d": 2}, backends=_KERNEL_BACKENDS,
+                           choices=_SORT_CHOICES, limits=_soft_sort_backward_limits)
+_ROWS_SPEC = dict(ranks={"sims": 2}, backends=_KERNEL_BACKENDS, choices=_SORT_CHOICES,
+                  limits=_rows_limits("groco_rows"))
+_ROWS_BWD_SPEC = dict(ranks={"grow": 1, "sims": 2}, backends=_KERNEL_BACKENDS,
+                      choices=_SORT_CHOICES, limits=_rows_limits("groco_rows_backward"))
+_FUSED_SPEC = dict(ranks={"anchor": 2, "negatives": 2, "positives": 3}, choices=_SORT_CHOICES,
+                   limits=_fused_limits)
+_FUSED_BWD_SPEC = dict(ranks={"grow": 1, "sims": 2, "index": 2, "negatives": 2,
+                              "positives": 3}, choices=_SORT_CHOICES,
+                       limits=_fused_backward_limits)
+
+
 @torch.library.custom_op("fastssl::soft_sort", mutates_args=())
+@entry("soft_sort", **_SOFT_SORT_SPEC)
 def soft_sort_op(x: torch.Tensor, backend: str, network: str, distribution: str,
                   steepness: float, art_lambda: float, want_p: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,9 +383,10 @@ def soft_sort_op(x: torch.Tensor, backend: str, network: str, distribution: str,
 
 
 @soft_sort_op.register_fake
+@entry("soft_sort", **_SOFT_SORT_SPEC)
 def _(x, backend, network, distribution, steepness, art_lambda, want_p):
     B, n = x.shape
-    C = sum(len(layer) for layer in comparator_layers(network, n))
+    C = comparator_count(network, n)
     P = x.new_empty((B, n, n)) if want_p else x.new_empty(0)
     # the cpp forward saves (d | alpha | dalpha/dd) so its backward evaluates no f(d) again
     saved = 3 * C if backend == "cpp" else C
@@ -198,6 +394,7 @@ def _(x, backend, network, distribution, steepness, art_lambda, want_p):
 
 
 @torch.library.custom_op("fastssl::soft_sort_backward", mutates_args=())
+@entry("soft_sort_backward", **_SOFT_SORT_BWD_SPEC)
 def soft_sort_backward(gy: torch.Tensor, gP: torch.Tensor, d: torch.Tensor, n: int, backend: str,
                   network: str, distribution: str, steepness: float, art_lambda: float
                   ) -> torch.Tensor:
@@ -208,6 +405,7 @@ def soft_sort_backward(gy: torch.Tensor, gP: torch.Tensor, d: torch.Tensor, n: i
 
 
 @soft_sort_backward.register_fake
+@entry("soft_sort_backward", **_SOFT_SORT_BWD_SPEC)
 def _(gy, gP, d, n, backend, network, distribution, steepness, art_lambda):
     return d.new_empty((d.shape[0], n))
 
@@ -236,6 +434,10 @@ def soft_sort(x: torch.Tensor, *, network: str = "odd_even", steepness: float = 
     `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
     if backend is None:
         backend = backend_for("soft_sort", x.device)
+    check_backend_name("fastssl.ops.sortnet.soft_sort", backend, TABLE)
+    check_sort_size("soft_sort", "x", network, x.shape[1], x.shape[0],
+                    torch.empty((), dtype=accumulation_dtype(x)).element_size(), backend,
+                    bool(return_permutation), x.device)
     if backend == "reference":
         return TABLE[backend].soft_sort(x, network, steepness, distribution, art_lambda,
                                         return_permutation)
@@ -277,6 +479,7 @@ def groco_rows_torch(sims, k, network, distribution, steepness, art_lambda=0.25)
 
 
 @torch.library.custom_op("fastssl::groco_rows", mutates_args=())
+@entry("groco_rows", **_ROWS_SPEC)
 def groco_rows_op(sims: torch.Tensor, k: int, backend: str, network: str, distribution: str,
                   steepness: float) -> torch.Tensor:
     net = network_tensor(network, sims.shape[1], sims.device)
@@ -285,11 +488,13 @@ def groco_rows_op(sims: torch.Tensor, k: int, backend: str, network: str, distri
 
 
 @groco_rows_op.register_fake
+@entry("groco_rows", **_ROWS_SPEC)
 def _(sims, k, backend, network, distribution, steepness):
     return sims.new_empty((sims.shape[0],))
 
 
 @torch.library.custom_op("fastssl::groco_rows_backward", mutates_args=())
+@entry("groco_rows_backward", **_ROWS_BWD_SPEC)
 def groco_rows_backward(grow: torch.Tensor, sims: torch.Tensor, k: int, backend: str, network: str,
                    distribution: str, steepness: float) -> torch.Tensor:
     net = network_tensor(network, sims.shape[1], sims.device)
@@ -299,6 +504,7 @@ def groco_rows_backward(grow: torch.Tensor, sims: torch.Tensor, k: int, backend:
 
 
 @groco_rows_backward.register_fake
+@entry("groco_rows_backward", **_ROWS_BWD_SPEC)
 def _(grow, sims, k, backend, network, distribution, steepness):
     return torch.empty_like(sims)
 
@@ -320,6 +526,7 @@ groco_rows_op.register_autograd(_groco_rows_backward, setup_context=_groco_rows_
 # fused CPU op: anchor_hat (B, D) with grad; negatives_hat (N, D), positives_hat (P, B, D) detached
 
 @torch.library.custom_op("fastssl::groco_fused", mutates_args=())
+@entry("groco_fused", **_FUSED_SPEC)
 def groco_fused(anchor: torch.Tensor, negatives: torch.Tensor, positives: torch.Tensor,
                 self_offset: int, k: int, network: str, distribution: str, steepness: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -332,6 +539,7 @@ def groco_fused(anchor: torch.Tensor, negatives: torch.Tensor, positives: torch.
 
 
 @groco_fused.register_fake
+@entry("groco_fused", **_FUSED_SPEC)
 def _(anchor, negatives, positives, self_offset, k, network, distribution, steepness):
     B, n = anchor.shape[0], k + positives.shape[0]
     return (anchor.new_empty((B,)), anchor.new_empty((B, n)),
@@ -339,6 +547,7 @@ def _(anchor, negatives, positives, self_offset, k, network, distribution, steep
 
 
 @torch.library.custom_op("fastssl::groco_fused_backward", mutates_args=())
+@entry("groco_fused_backward", **_FUSED_BWD_SPEC)
 def groco_fused_backward(grow: torch.Tensor, sims: torch.Tensor, index: torch.Tensor,
                     negatives: torch.Tensor, positives: torch.Tensor, k: int, network: str,
                     distribution: str, steepness: float) -> torch.Tensor:
@@ -349,6 +558,7 @@ def groco_fused_backward(grow: torch.Tensor, sims: torch.Tensor, index: torch.Te
 
 
 @groco_fused_backward.register_fake
+@entry("groco_fused_backward", **_FUSED_BWD_SPEC)
 def _(grow, sims, index, negatives, positives, k, network, distribution, steepness):
     return negatives.new_empty((sims.shape[0], negatives.shape[1]))
 
@@ -530,6 +740,7 @@ def groco_view_rows(anchor_hat: torch.Tensor, negatives_hat: torch.Tensor,
     `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
     if backend is None:
         backend = backend_for("groco", anchor_hat.device)
+    check_backend_name("fastssl.ops.sortnet.groco_view_rows", backend, TABLE)
     return TABLE[backend].groco_view(anchor_hat, negatives_hat.detach(), positives_hat.detach(),
                                      self_offset, topk, network, distribution, steepness)
 
@@ -540,4 +751,5 @@ def groco_rows(sims: torch.Tensor, topk: int, network: str = "odd_even",
     """Row losses of pre-ordered rows [negs asc | pos asc] (tests, benchmarks)."""
     if backend is None:
         backend = backend_for("groco_rows", sims.device)
+    check_backend_name("fastssl.ops.sortnet.groco_rows", backend, TABLE)
     return TABLE[backend].groco_rows(sims, topk, network, distribution, steepness)

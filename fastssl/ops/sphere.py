@@ -22,8 +22,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from fastssl._backend import choose
-from fastssl._validation import accumulation_dtype
+from fastssl._backend import check_backend_name, choose
+from fastssl._validation import accumulation_dtype, row_norms
+from fastssl.ops._entry import entry
 from fastssl.reference.sphere import kernel_series
 
 _NORM_EPS = 1e-12
@@ -37,7 +38,8 @@ _TORCH_BLOCK_ELEMENTS = 1 << 22
 
 def _inv_norm(z: torch.Tensor) -> torch.Tensor:
     acc = accumulation_dtype(z)
-    return torch.linalg.vector_norm(z, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()
+    # scaled before squaring (row_norms): no overflow at |z| ~ 1e20 in float32
+    return row_norms(z, acc).squeeze(1).clamp_min(_NORM_EPS).reciprocal()
 
 
 def _normalize_by(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -361,46 +363,62 @@ def _ref_gauss_grad_hat(a, b, scale, diag_offset, lse):
 # ---------------------------------------------------------------------------------------------
 # triton backend
 
+def _kernel_rows(z):
+    """(inverse norm, inverse norm of the scaled row, scale): the kernels scale each row by a
+    power of two that brings its largest magnitude into [0.5, 1) as they load it (exact), so
+    their float32 dot products cannot overflow at |z| ~ 1e20; r / s is the scaled row's
+    inverse norm (s a power of two: exact)."""
+    r = _inv_norm(z)
+    m = torch.linalg.vector_norm(z.detach(), ord=float("inf"), dim=1, dtype=r.dtype)
+    ok = torch.isfinite(m) & (m > 0)
+    s = torch.where(ok, torch.ldexp(torch.ones_like(m), -torch.frexp(m).exponent),
+                    torch.ones_like(m))
+    return r, r / s, s
+
+
 def _triton_series_forward(x, y, weights, dim):
     from fastssl.kernels import sphere as K
-    rx = _inv_norm(x)
-    ry = None if y is None else _inv_norm(y)
+    _, rx, sx = _kernel_rows(x)
+    ry, sy = (None, None) if y is None else _kernel_rows(y)[1:]
     coef = _coef_tensor(weights, dim, rx.dtype, x.device)
-    rows, _ = K.pair_forward(x, y, rx, ry, kind=0, coef=coef, num_w=len(weights))
+    rows, _ = K.pair_forward(x, y, rx, ry, kind=0, coef=coef, num_w=len(weights), sx=sx, sy=sy)
     return rows.sum()
 
 
 def _triton_series_grad_hat(a, b, weights, dim):
     from fastssl.kernels import sphere as K
-    ra = _inv_norm(a)
+    ra, ra_s, sa = _kernel_rows(a)
     coef = _coef_tensor(weights, dim, ra.dtype, a.device)
     if b is None:
         # psi'(G) is symmetric: the column term equals the row term.
-        out = K.pair_backward(a, a, ra, ra, kind=0, coef=coef, num_w=len(weights))
+        out = K.pair_backward(a, a, ra_s, ra_s, kind=0, coef=coef, num_w=len(weights),
+                              sa=sa, sb=sa)
         return out.mul_(2), ra
-    out = K.pair_backward(a, b, ra, _inv_norm(b), kind=0, coef=coef, num_w=len(weights))
+    _, rb_s, sb = _kernel_rows(b)
+    out = K.pair_backward(a, b, ra_s, rb_s, kind=0, coef=coef, num_w=len(weights), sa=sa, sb=sb)
     return out, ra
 
 
 def _triton_gauss_forward(x, y, scale, diag_offset):
     from fastssl.kernels import sphere as K
-    rx = _inv_norm(x)
-    ry = None if y is None else _inv_norm(y)
+    _, rx, sx = _kernel_rows(x)
+    ry, sy = (None, None) if y is None else _kernel_rows(y)[1:]
     sums, maxima = K.pair_forward(x, y, rx, ry, kind=1, coef=None, num_w=1,
                                   diag_offset=0 if y is None else diag_offset,
-                                  two_scale=2.0 * scale)
+                                  two_scale=2.0 * scale, sx=sx, sy=sy)
     return torch.logsumexp(maxima + torch.log(sums), dim=0)
 
 
 def _triton_gauss_grad_hat(a, b, scale, diag_offset, lse):
     from fastssl.kernels import sphere as K
-    ra = _inv_norm(a)
+    ra, ra_s, sa = _kernel_rows(a)
     if b is None:
-        out = K.pair_backward(a, a, ra, ra, kind=1, coef=None, num_w=1, diag_offset=0,
-                              two_scale=2.0 * scale, lse=lse)
+        out = K.pair_backward(a, a, ra_s, ra_s, kind=1, coef=None, num_w=1, diag_offset=0,
+                              two_scale=2.0 * scale, lse=lse, sa=sa, sb=sa)
         return out.mul_(2), ra
-    out = K.pair_backward(a, b, ra, _inv_norm(b), kind=1, coef=None, num_w=1,
-                          diag_offset=diag_offset, two_scale=2.0 * scale, lse=lse)
+    _, rb_s, sb = _kernel_rows(b)
+    out = K.pair_backward(a, b, ra_s, rb_s, kind=1, coef=None, num_w=1,
+                          diag_offset=diag_offset, two_scale=2.0 * scale, lse=lse, sa=sa, sb=sb)
     return out, ra
 
 
@@ -438,6 +456,42 @@ def backend_for(op: str, device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# the entry check of each registered op (fastssl/ops/_entry.py): devices, ranks, backend, and
+# the feature dimension (the Gegenbauer recurrence divides by D - 1)
+
+_BACKENDS = ("triton", "torch", "reference")
+
+
+def _pair_limits(first: str, second: str, gegenbauer: bool):
+    def limits(args):
+        a, b = args[first], args[second]
+        if b is not None and b.shape[1] != a.shape[1]:
+            raise ValueError(f"{second}: expected {a.shape[1]} columns (the feature dimension "
+                             f"of {first}), got shape {tuple(b.shape)}")
+        if gegenbauer:
+            if a.shape[1] < 2:
+                raise ValueError(f"{first}: the Gegenbauer kernel needs an embedding dimension "
+                                 f"D >= 2, got shape {tuple(a.shape)}")
+            w = args["weights"]
+            if len(w) == 0 or not all(math.isfinite(v) for v in w):
+                raise ValueError(f"weights: expected at least one finite weight, got {list(w)}")
+    return limits
+
+
+_SERIES_SPEC = dict(ranks={"x": 2, "y": 2}, backends=_BACKENDS,
+                    limits=_pair_limits("x", "y", True))
+_SERIES_BWD_SPEC = dict(ranks={"grad": 0, "a": 2, "b": 2}, backends=_BACKENDS,
+                        limits=_pair_limits("a", "b", True))
+_GAUSS_SPEC = dict(ranks={"x": 2, "y": 2}, backends=_BACKENDS, limits=_pair_limits("x", "y", False))
+_GAUSS_BWD_SPEC = dict(ranks={"grad": 0, "a": 2, "b": 2, "lse": 0}, backends=_BACKENDS,
+                       limits=_pair_limits("a", "b", False))
+_SERIES_GRAD_SPEC = dict(ranks={"x": 2, "y": 2}, backends=("torch",),
+                         limits=_pair_limits("x", "y", True))
+_GAUSS_GRAD_SPEC = dict(ranks={"x": 2, "y": 2}, backends=("torch",),
+                        limits=_pair_limits("x", "y", False))
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.library ops
 
 def _scalar_like(x: torch.Tensor) -> torch.Tensor:
@@ -445,17 +499,20 @@ def _scalar_like(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("fastssl::sphere_series_sum", mutates_args=())
+@entry("sphere_series_sum", **_SERIES_SPEC)
 def _series_sum_op(x: torch.Tensor, y: Optional[torch.Tensor], weights: list[float],
                    backend: str) -> torch.Tensor:
     return TABLE[backend].series_forward(x, y, list(weights), x.shape[1])
 
 
 @_series_sum_op.register_fake
+@entry("sphere_series_sum", **_SERIES_SPEC)
 def _(x, y, weights, backend):
     return _scalar_like(x)
 
 
 @torch.library.custom_op("fastssl::sphere_series_backward", mutates_args=())
+@entry("sphere_series_backward", **_SERIES_BWD_SPEC)
 def _series_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor],
                     weights: list[float], backend: str) -> torch.Tensor:
     grad_hat, ra = TABLE[backend].series_grad_hat(a, b, list(weights), a.shape[1])
@@ -463,6 +520,7 @@ def _series_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tenso
 
 
 @_series_grad_op.register_fake
+@entry("sphere_series_backward", **_SERIES_BWD_SPEC)
 def _(grad, a, b, weights, backend):
     return torch.empty_like(a)
 
@@ -489,17 +547,20 @@ _series_sum_op.register_autograd(_series_backward, setup_context=_series_setup)
 
 
 @torch.library.custom_op("fastssl::sphere_gauss_lse", mutates_args=())
+@entry("sphere_gauss_lse", **_GAUSS_SPEC)
 def _gauss_lse_op(x: torch.Tensor, y: Optional[torch.Tensor], scale: float,
                   diag_offset: int, backend: str) -> torch.Tensor:
     return TABLE[backend].gauss_forward(x, y, scale, diag_offset)
 
 
 @_gauss_lse_op.register_fake
+@entry("sphere_gauss_lse", **_GAUSS_SPEC)
 def _(x, y, scale, diag_offset, backend):
     return _scalar_like(x)
 
 
 @torch.library.custom_op("fastssl::sphere_gauss_backward", mutates_args=())
+@entry("sphere_gauss_backward", **_GAUSS_BWD_SPEC)
 def _gauss_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor], scale: float,
                    diag_offset: int, lse: torch.Tensor, backend: str) -> torch.Tensor:
     grad_hat, ra = TABLE[backend].gauss_grad_hat(a, b, scale, diag_offset, lse)
@@ -507,6 +568,7 @@ def _gauss_grad_op(grad: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor
 
 
 @_gauss_grad_op.register_fake
+@entry("sphere_gauss_backward", **_GAUSS_BWD_SPEC)
 def _(grad, a, b, scale, diag_offset, lse, backend):
     return torch.empty_like(a)
 
@@ -538,6 +600,7 @@ SAME_PASS_BACKENDS = ("torch",)
 
 
 @torch.library.custom_op("fastssl::sphere_series_sum_grad", mutates_args=())
+@entry("sphere_series_sum_grad", **_SERIES_GRAD_SPEC)
 def _series_sum_grad_op(x: torch.Tensor, y: Optional[torch.Tensor], weights: list[float],
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, gx_hat, gy_hat): sphere_series_sum with its gradients in x̂ (and ŷ; empty when y
@@ -550,6 +613,7 @@ def _series_sum_grad_op(x: torch.Tensor, y: Optional[torch.Tensor], weights: lis
 
 
 @_series_sum_grad_op.register_fake
+@entry("sphere_series_sum_grad", **_SERIES_GRAD_SPEC)
 def _(x, y, weights, backend):
     acc = accumulation_dtype(x)
     return (_scalar_like(x), x.new_empty(x.shape, dtype=acc),
@@ -557,6 +621,7 @@ def _(x, y, weights, backend):
 
 
 @torch.library.custom_op("fastssl::sphere_gauss_lse_grad", mutates_args=())
+@entry("sphere_gauss_lse_grad", **_GAUSS_GRAD_SPEC)
 def _gauss_lse_grad_op(x: torch.Tensor, y: Optional[torch.Tensor], scale: float,
                        diag_offset: int, backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -570,6 +635,7 @@ def _gauss_lse_grad_op(x: torch.Tensor, y: Optional[torch.Tensor], scale: float,
 
 
 @_gauss_lse_grad_op.register_fake
+@entry("sphere_gauss_lse_grad", **_GAUSS_GRAD_SPEC)
 def _(x, y, scale, diag_offset, backend):
     acc = accumulation_dtype(x)
     return (_scalar_like(x), x.new_empty(x.shape, dtype=acc),
@@ -612,6 +678,7 @@ def series_sum(x: torch.Tensor, y: torch.Tensor | None = None, *,
     `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
     if backend is None:
         backend = backend_for("sphere_series_sum", x.device)
+    check_backend_name("fastssl.ops.sphere.series_sum", backend, TABLE)
     if _wants_same_pass(backend, x, y):
         return _series_sum_grad_op(x, y, [float(w) for w in weights], backend)[0]
     return _series_sum_op(x, y, [float(w) for w in weights], backend)
@@ -624,6 +691,7 @@ def gauss_lse(x: torch.Tensor, y: torch.Tensor | None = None, *, scale: float,
     `backend`: a name chosen by :func:`backend_for` (None: choose now)."""
     if backend is None:
         backend = backend_for("sphere_gauss_lse", x.device)
+    check_backend_name("fastssl.ops.sphere.gauss_lse", backend, TABLE)
     if _wants_same_pass(backend, x, y):
         return _gauss_lse_grad_op(x, y, float(scale), int(diag_offset), backend)[0]
     return _gauss_lse_op(x, y, float(scale), int(diag_offset), backend)

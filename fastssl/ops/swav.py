@@ -45,6 +45,7 @@ import torch
 from fastssl import distributed as D
 from fastssl._backend import choose
 from fastssl._validation import accumulation_dtype
+from fastssl.ops._entry import entry
 from fastssl.reference.swav import sinkhorn as _reference_sinkhorn
 
 
@@ -65,7 +66,9 @@ def _log_domain_sinkhorn(colstats: Callable, rowpass: Callable, scores: torch.Te
         S = rowpass(scores, epsilon, a, False)
         if distributed:
             D.all_reduce_sum(S)
-        a = a - torch.log(S)
+        # a column sums to >= 1/(B K) in exact arithmetic; at |scores / epsilon| ~ 1e9 rounding
+        # can make it 0, and log 0 would turn every code into NaN (the smallest normal instead)
+        a = a - torch.log(S.clamp_min(torch.finfo(S.dtype).tiny))
     return rowpass(scores, epsilon, a, True)
 
 
@@ -134,7 +137,13 @@ def _sinkhorn_reference(scores, epsilon, iterations, distributed):
     return codes.to(accumulation_dtype(scores))
 
 
+# The entry check of each registered op (fastssl/ops/_entry.py): devices, ranks, backend.
+_SINKHORN_SPEC = dict(ranks={"scores": 2}, backends=("reference", "torch", "cpp", "cuda", "triton"))
+_CE_SPEC = dict(ranks={"scores": 2, "targets": 2}, backends=("reference", "torch", "cpp", "triton"))
+
+
 @torch.library.custom_op("fastssl::sinkhorn", mutates_args=())
+@entry("sinkhorn", **_SINKHORN_SPEC)
 def _sinkhorn_op(scores: torch.Tensor, epsilon: float, iterations: int,
                  gather_distributed: bool, backend: str) -> torch.Tensor:
     distributed = bool(gather_distributed) and D.is_distributed()
@@ -142,6 +151,7 @@ def _sinkhorn_op(scores: torch.Tensor, epsilon: float, iterations: int,
 
 
 @_sinkhorn_op.register_fake
+@entry("sinkhorn", **_SINKHORN_SPEC)
 def _sinkhorn_fake(scores, epsilon, iterations, gather_distributed, backend):
     return scores.new_empty(scores.shape, dtype=accumulation_dtype(scores))
 
@@ -243,6 +253,7 @@ def backend_name(device: torch.device) -> str:
 
 
 @torch.library.custom_op("fastssl::swav_cross_entropy", mutates_args=())
+@entry("swav_cross_entropy", **_CE_SPEC)
 def _swav_ce_op(scores: torch.Tensor, targets: torch.Tensor, temperature: float,
                 compute_grad: bool, backend: str,
                 grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,6 +270,7 @@ def _swav_ce_op(scores: torch.Tensor, targets: torch.Tensor, temperature: float,
 
 
 @_swav_ce_op.register_fake
+@entry("swav_cross_entropy", **_CE_SPEC)
 def _swav_ce_fake(scores, targets, temperature, compute_grad, backend, grad_scale=None):
     acc = accumulation_dtype(scores)
     grad_shape = scores.shape if compute_grad else (0,)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fastssl import distributed as dist_utils
 from fastssl._checks import (check_dcl, check_dclw, check_info_nce, check_nt_xent,
                              check_positive_weights, check_sce, check_sogclr)
-from fastssl._validation import accumulation_dtype
+from fastssl._validation import accumulation_dtype, normalize_rows
 
 LARGE_NUM = 1e9
 
@@ -39,8 +39,8 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=Fal
     acc = accumulation_dtype(z1)
     dist_on, n, off = _layout(z1, gather_distributed)
     b = z1.shape[0]
-    z1 = F.normalize(z1, dim=1)
-    z2 = F.normalize(z2, dim=1)
+    z1 = normalize_rows(z1)
+    z2 = normalize_rows(z2)
     if memory_bank is not None:
         bank = memory_bank.detach().to(z1.dtype)
         logits = torch.cat([(z1 * z2).sum(1, keepdim=True), z1 @ bank.T], 1).to(acc)
@@ -69,8 +69,8 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
     acc = accumulation_dtype(q)
     dist_on, n, off = _layout(q, gather_distributed)
     b = q.shape[0]
-    q = F.normalize(q, dim=1)
-    k = F.normalize(k, dim=1)
+    q = normalize_rows(q)
+    k = normalize_rows(k)
     k_all = dist_utils.gather(k, name="k") if dist_on else k
     labels = torch.arange(b, device=q.device) + off
     logits_qk = (q @ k_all.T).to(acc) / temperature                       # (B, N)
@@ -110,8 +110,8 @@ def dcl(z1, z2, temperature=0.1, *, weight_fn=None, gather_distributed=False):
     acc = accumulation_dtype(z1)
     dist_on, n, off = _layout(z1, gather_distributed)
     b = z1.shape[0]
-    z1 = F.normalize(z1, dim=1)
-    z2 = F.normalize(z2, dim=1)
+    z1 = normalize_rows(z1)
+    z2 = normalize_rows(z2)
     if dist_on:
         z1_all, z2_all = dist_utils.gather(z1, name="z1"), dist_utils.gather(z2, name="z2")
     else:
@@ -143,13 +143,13 @@ def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False):
 
 def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=False):
     """SogCLR dynamic contrastive loss (``dynamic_contrastive_loss``), u updated in place."""
-    check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed)
+    index = check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed)
     acc = accumulation_dtype(z1)
     dist_on, n, off = _layout(z1, gather_distributed)
     b = z1.shape[0]
     t = temperature
-    hidden1 = F.normalize(z1, dim=1)
-    hidden2 = F.normalize(z2, dim=1)
+    hidden1 = normalize_rows(z1)
+    hidden2 = normalize_rows(z2)
     if dist_on:
         hidden1_large = dist_utils.gather(hidden1, name="z1")
         hidden2_large = dist_utils.gather(hidden2, name="z2")
@@ -205,8 +205,8 @@ def sce(q, k, queue, *, coeff=0.5, temperature=0.1, temperature_m=0.07, use_keys
     acc = accumulation_dtype(q)
     dist_on, n, off = _layout(q, gather_distributed)
     b = q.shape[0]
-    q = F.normalize(q, dim=1)
-    k = F.normalize(k, dim=1).detach()
+    q = normalize_rows(q)
+    k = normalize_rows(k).detach()
     k_global = dist_utils.gather_no_grad(k, name="k") if dist_on else k
     num_neg = 0 if queue is None else queue.shape[0]
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
 from fastssl._checks import DISTRIBUTIONS, NETWORKS, check_groco_args, check_soft_sort  # noqa: F401
-from fastssl._validation import accumulation_dtype
+from fastssl._validation import accumulation_dtype, normalize_rows
 
 _sorters: dict = {}
 
@@ -51,7 +51,7 @@ def soft_sort(x, *, network="odd_even", steepness=10.0, distribution="cauchy", a
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     # utils.py's all-to-all cosine: a / max(||a||, 1e-8) on each side, then mm.
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return normalize_rows(x, 1e-8)  # scaled before squaring: no overflow at |x| ~ 1e20
 
 
 def _bce(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
 from fastssl._checks import check_auh, check_sfrik, check_sfrik_mmd, check_sphere_dim  # noqa: F401
-from fastssl._validation import accumulation_dtype
+from fastssl._validation import accumulation_dtype, normalize_rows
 
 
 def gegenbauer(t: torch.Tensor, degree: int, dim: int) -> torch.Tensor:
@@ -61,7 +60,7 @@ def kernel_series(t: torch.Tensor, weights, dim: int) -> torch.Tensor:
 
 
 def _normalize(z: torch.Tensor) -> torch.Tensor:
-    return F.normalize(z.to(accumulation_dtype(z)), dim=1)
+    return normalize_rows(z.to(accumulation_dtype(z)))  # no overflow at |z| ~ 1e20
 
 
 def _gram(emb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -136,3 +136,48 @@ def test_soft_sort_art_lambda_range(impl, art_lambda):
 def test_soft_sort_art_lambda_zero_is_finite():
     y, P = functional.soft_sort(torch.randn(3, 4), distribution="logistic_phi", art_lambda=0.0)
     assert torch.isfinite(y).all() and torch.isfinite(P).all()
+
+
+# ---- issue 22, point 7: every index dtype docs/api.md lists works -----------------------------
+
+@pytest.mark.parametrize("impl", [functional.sogclr, R.sogclr])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+def test_sogclr_every_listed_index_dtype_matches_int64(impl, dtype):
+    """docs/api.md: index is int64/int32/int16/int8 (int8/int16 raised a raw IndexError)."""
+    z1, z2 = _pair()
+    index = torch.tensor([7, 2, 9, 0, 4, 5])
+    u_want, u_got = torch.rand(10), None
+    u_got = u_want.clone()
+    want = impl(z1, z2, index, u_want)
+    got = impl(z1, z2, index.to(dtype), u_got)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(u_got, u_want, rtol=0, atol=0)
+
+
+# ---- issue 22, point 10: set_check_finite covers what the loss computes from -------------------
+
+@pytest.mark.parametrize("impl", [functional.dcl, R.dcl])
+def test_check_finite_catches_a_nan_from_weight_fn(impl):
+    z1, z2 = _pair()
+    bad = lambda a, b: torch.full((a.shape[0],), math.nan, dtype=a.dtype)  # noqa: E731
+    fastssl.set_check_finite(True)
+    try:
+        with pytest.raises(ValueError, match=r"^weight_fn: returned non-finite"):
+            impl(z1, z2, weight_fn=bad)
+    finally:
+        fastssl.set_check_finite(False)
+    assert torch.isnan(impl(z1, z2, weight_fn=bad))  # off: no sync, the NaN comes through
+
+
+@pytest.mark.parametrize("impl", [functional.sogclr, R.sogclr])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_check_finite_catches_a_non_finite_u(impl, value):
+    z1, z2 = _pair()
+    u = torch.zeros(10)
+    u[3] = value
+    fastssl.set_check_finite(True)
+    try:
+        with pytest.raises(ValueError, match=r"^u: contains non-finite"):
+            impl(z1, z2, torch.arange(6), u)
+    finally:
+        fastssl.set_check_finite(False)

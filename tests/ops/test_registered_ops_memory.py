@@ -374,7 +374,9 @@ def test_known_dangerous_calls_name_the_argument():
               "grad_P of wrong size": "grad_P", "negatives of another D": "negatives",
               "too few positive rows": "positives", "self_offset past the negatives": "self_offset",
               "negative self_offset": "self_offset", "index out of range": "index",
-              "k = 0": "k must be", "k = n": "k must be", "k < 0": "k must be",
+              # groco_rows: the op's entry check names k before the C++ kernel's own check
+              "k = 0": "k: expected an int in [1, 5]", "k = n": "k: expected an int in [1, 5]",
+              "k < 0": "k: expected an int in [1, 5]",
               "wire out of range": "network", "comparator writing a foreign wire": "network",
               "network of a longer row": "network", "saved of wrong width": "saved"}
     from fastssl import _C
