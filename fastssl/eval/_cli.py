@@ -11,6 +11,7 @@ import sys
 import torch
 
 from fastssl import distributed as D
+from fastssl.models.backbone import UntrustedCheckpointError, load_checkpoint_file
 
 DEFAULT_ARCH = "resnet50"
 # Image size for the demo data (small generated images), as the demo pretraining presets'
@@ -83,6 +84,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-amp", action="store_true",
                    help="extract features in float32 on CUDA (default: bfloat16 autocast)")
     p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read --checkpoint with a full unpickle (torch.load(weights_only=False)), "
+                        "which RUNS ANY CODE INSIDE THE FILE: only for a file you trust that holds "
+                        "more than tensors and plain containers (e.g. from an older fastssl). "
+                        "Default: weights_only=True, and such a file is refused")
 
 
 def amp_flag(args, device: torch.device) -> bool:
@@ -115,16 +121,17 @@ def teardown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def read_checkpoint(path: str):
-    """The object stored in `path`, with an EvalError naming the file when that fails."""
+def read_checkpoint(path: str, trust_checkpoint: bool = False):
+    """The object stored in `path`, read with ``torch.load(weights_only=True)`` unless
+    trust_checkpoint; an EvalError naming the file when that fails or the file is refused."""
     if not os.path.exists(path):
         raise EvalError(f"checkpoint not found: {path}{_checkpoint_hint(path)}")
     if not os.path.isfile(path):
         raise EvalError(f"checkpoint is not a file: {path}")
     try:
-        # fastssl checkpoints written before RNG states were stored as tensors hold numpy
-        # objects, which the weights-only unpickler rejects; checkpoints are the user's files.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(path, trust_checkpoint=trust_checkpoint)
+    except UntrustedCheckpointError as e:
+        raise EvalError(str(e)) from None
     except Exception as e:  # corrupt, truncated, not a torch file
         raise EvalError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from e
 
@@ -152,10 +159,10 @@ def checkpoint_arch(obj, arch: str | None, path: str) -> str:
     return arch or stored or DEFAULT_ARCH
 
 
-def load_backbone_from(path: str, arch: str | None = None):
+def load_backbone_from(path: str, arch: str | None = None, trust_checkpoint: bool = False):
     """(backbone module, arch) from a fastssl or torchvision-format checkpoint file."""
     from fastssl.models import load_backbone
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path, trust_checkpoint)
     arch = checkpoint_arch(obj, arch, path)
     if not isinstance(obj, dict):
         raise EvalError(f"checkpoint {path}: expected a dict (a fastssl checkpoint or a state "
@@ -175,8 +182,9 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def load_frozen_backbone(path: str, arch: str | None, device: torch.device):
-    module, arch = load_backbone_from(path, arch)
+def load_frozen_backbone(path: str, arch: str | None, device: torch.device,
+                         trust_checkpoint: bool = False):
+    module, arch = load_backbone_from(path, arch, trust_checkpoint)
     module = freeze(module).to(device)
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)

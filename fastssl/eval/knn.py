@@ -376,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _cli.cli_errors():
         _cli.check_output(args.output)
         device = _cli.setup_device(args.device)
-        backbone, arch = _cli.load_frozen_backbone(args.checkpoint, args.arch, device)
+        backbone, arch = _cli.load_frozen_backbone(args.checkpoint, args.arch, device,
+                                                     args.trust_checkpoint)
         res = knn_accuracy(backbone, _cli.resolve_data(args.data), k=args.k,
                            temperature=args.temperature, batch_size=args.batch_size,
                            device=device, block_size=args.block_size,

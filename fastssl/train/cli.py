@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
+import signal
 import sys
 import time
 
@@ -45,6 +48,85 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _duration(text: str) -> float:
+    """--dist-timeout: seconds (``600``, ``600s``) or minutes (``10m``, ``10min``), > 0."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|sec|m|min)?\s*", text)
+    if not found:
+        raise argparse.ArgumentTypeError(f"expected seconds (600, 600s) or minutes (10m, 10min), "
+                                         f"got {text!r}")
+    value = float(found.group(1)) * (60.0 if (found.group(2) or "s").startswith("m") else 1.0)
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _expected_type(default) -> tuple[str, object]:
+    """(what a --method-arg value must be, its check), from the method's default value."""
+    if default is None:                     # GroCo's n_pos_views: a count, or null for all views
+        return "an integer or null", lambda v: v is None or _is_int(v)
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "an integer", _is_int
+    if isinstance(default, float):
+        return "a finite number", _is_number
+    if isinstance(default, (list, tuple)):
+        n = len(default)
+        return (f"a list of {n} finite numbers",
+                lambda v: isinstance(v, list) and len(v) == n and all(map(_is_number, v)))
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    return f"a value like {default!r}", lambda v: isinstance(v, type(default))
+
+
+def _shown(value) -> str:
+    kind = {str: "a string", list: "a list", dict: "an object", bool: "a boolean",
+            type(None): "null"}.get(type(value))
+    text = json.dumps(value) if value is None or isinstance(value, (str, list, dict, bool)) else repr(value)
+    return f"{kind} {text}" if kind and value is not None else text
+
+
+def check_method_args(method: str, args: dict) -> str | None:
+    """The first problem of the --method-arg values (unknown key, wrong type), or None.
+    Ranges (temperature > 0, ...) are the losses' own checks, raised as named ValueErrors."""
+    known = METHODS[method].defaults
+    unknown = set(args) - set(known)
+    if unknown:
+        return f"unknown key(s) {sorted(unknown)} for {method}; known: {sorted(known)}"
+    for key, value in args.items():
+        expected, ok = _expected_type(known[key])
+        if not ok(value):
+            return (f"{key}: expected {expected} for {method} (default {json.dumps(known[key])}), "
+                    f"got {_shown(value)}")
+    return None
+
+
+_HEAD_LISTS = ("projector", "predictor")
+
+
+def check_heads(heads: dict) -> str | None:
+    """The first problem of the --head values, or None."""
+    for key, value in heads.items():
+        if key in _HEAD_LISTS:
+            if not (isinstance(value, list) and value and all(_is_int(v) and v > 0 for v in value)):
+                return f"{key}: expected a non-empty list of positive integers, got {_shown(value)}"
+        elif key == "bn":
+            if not isinstance(value, bool):
+                return f"bn: expected true or false, got {_shown(value)}"
+        else:
+            return f"unknown key {key!r}; known: {sorted(_HEAD_LISTS + ('bn',))}"
+    return None
+
+
 LOADERS = ["auto", "dali", "synthetic"]
 
 
@@ -81,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SyncBatchNorm under DDP on GPU (default: on)")
     p.add_argument("--out", help="output directory (checkpoints, log.jsonl, config.json)")
     p.add_argument("--resume", help="checkpoint path, or 'auto' for OUT/checkpoint_last.pth if present")
+    p.add_argument("--trust-checkpoint", action="store_true", default=None,
+                   help="read --resume's checkpoint with a full unpickle (torch.load("
+                        "weights_only=False)), which RUNS ANY CODE INSIDE THE FILE: only for a file "
+                        "you trust that holds more than tensors and plain containers (e.g. from an "
+                        "older fastssl). Default: weights_only=True, and such a file is refused")
     p.add_argument("--seed", type=_nonneg_int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--loader", choices=LOADERS, default=None,
@@ -102,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/tensorboard (needs the tensorboard package)")
     p.add_argument("--max-steps", type=_positive_int, help="stop with a checkpoint after this many steps")
     p.add_argument("--deterministic", action="store_true", default=None)
+    p.add_argument("--dist-timeout", type=_duration, default=None, metavar="DURATION",
+                   help="under torchrun: how long a collective waits for the other ranks before "
+                        "the run ends with an error naming the timeout (a frozen or lost rank), "
+                        "in seconds (600, 600s) or minutes (10m); default 10m")
     p.add_argument("--skip-corrupt", action="store_true", default=None,
                    help="skip unreadable images (each decode-checked once, reported on stderr) instead "
                         "of stopping with a checkpoint and 'error: FILE: REASON'")
@@ -116,7 +207,7 @@ FLAG_FIELDS = ["data", "method", "epochs", "batch_size", "lr", "base_lr", "lr_sc
                "weight_decay", "optimizer", "arch", "amp", "channels_last", "compile", "sync_bn", "out",
                "resume", "seed", "device", "dataset_size", "num_threads", "knn_every", "knn_k",
                "knn_train_samples", "eval_size", "log_every", "max_steps", "deterministic",
-               "skip_corrupt", "tensorboard"]
+               "skip_corrupt", "tensorboard", "trust_checkpoint", "dist_timeout"]
 
 
 def _loader(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
@@ -157,13 +248,14 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     overrides["backend"] = loader           # TrainConfig.backend is the data loader
     overrides["preset"] = name
     if args.method_arg:
+        problem = check_method_args(preset["method"], dict(args.method_arg))
+        if problem:
+            parser.error(f"argument --method-arg: {problem}")
         preset["method_args"] = {**preset.get("method_args", {}), **dict(args.method_arg)}
-        known = METHODS[preset["method"]].defaults
-        unknown = set(dict(args.method_arg)) - set(known)
-        if unknown:
-            parser.error(f"argument --method-arg: unknown key(s) {sorted(unknown)} for {preset['method']}; "
-                         f"known: {sorted(known)}")
     if args.head:
+        problem = check_heads(dict(args.head))
+        if problem:
+            parser.error(f"argument --head: {problem}")
         preset["heads"] = {**preset.get("heads", {}), **dict(args.head)}
     cfg = make_config(preset, overrides)
     if cfg.data == "demo" and args.knn_every is None:
@@ -192,17 +284,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     from fastssl.train.checkpoint import CheckpointWriteError
-    from fastssl.train.loop import CorruptDataError, NonFiniteLossError, random_init_backbone, run_knn, train
+    from fastssl.train.loop import (CorruptDataError, DistTimeoutError, NonFiniteLossError,
+                                    random_init_backbone, run_knn, train)
     from fastssl import distributed as D
     start = time.perf_counter()
     try:
         result = train(cfg)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (NonFiniteLossError, DistTimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except (ValueError, FileNotFoundError, CorruptDataError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if result["status"] == "interrupted":
+        # stopped by SIGTERM/SIGINT after its checkpoint: not done, so the shell's 128 + signal
+        # (143, 130) tells a scheduler or retry loop to resume it
+        return 128 + int(result.get("signal") or signal.SIGTERM)
     if result["status"] != "completed":
         return 0
     if cfg.compare_random_init:

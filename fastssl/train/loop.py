@@ -7,6 +7,7 @@ never holds parameters that a non-finite loss has touched).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -38,20 +39,36 @@ class CorruptDataError(RuntimeError):
     steps before it has been written. The message is ``<file>: <reason>``."""
 
 
+class DistTimeoutError(RuntimeError):
+    """Under torchrun, a collective waited longer than --dist-timeout for the other ranks (one
+    is frozen, lost or far slower); the message names the timeout and the rank."""
+
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 # --- setup helpers ------------------------------------------------------------------------------
-def init_distributed(device_kind: str) -> tuple[int, int, int]:
-    """Initialise the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+def init_distributed(device_kind: str, timeout_s: float = 600.0) -> tuple[int, int, int]:
+    """Initialise the process group when launched by torchrun (NCCL on GPU, gloo on CPU), with
+    `timeout_s` (--dist-timeout) for its collectives: a rank that stops answering ends the
+    others' waits with an error instead of a hang."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return D.rank(), D.world_size(), local_rank
+
+
+def is_dist_timeout(error: BaseException) -> bool:
+    """Whether `error` is a collective or store wait that ran out of time (gloo: "Timed out
+    waiting ... for recv"; NCCL's watchdog and the store: "timeout" / "timed out")."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -145,10 +162,12 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum = 0                   # the signal received (the exit status is 128 + it)
         self._previous = {}
 
     def _handler(self, signum, frame):
         self.requested = True
+        self.signum = self.signum or int(signum)
 
     def __enter__(self):
         if _in_main_thread():
@@ -271,7 +290,7 @@ def prepare_out_dir(out_dir: str) -> None:
 def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
     """Process group, device, loader, model, optimiser; nothing is read from a checkpoint yet."""
     want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    rank, world, local_rank = init_distributed("cuda" if want_cuda else "cpu")
+    rank, world, local_rank = init_distributed("cuda" if want_cuda else "cpu", cfg.dist_timeout)
     device = resolve_device(cfg.device, local_rank)
     amp_dtype = resolve_amp(cfg.amp, device)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
@@ -325,7 +344,8 @@ def resume_run(run: Run) -> None:
     resume_path = ckpt_io.resolve_resume(cfg.resume, run.out_dir)
     if not resume_path:
         return
-    state = ckpt_io.load(resume_path, map_location="cpu")   # RNG states must stay on the CPU
+    # RNG states must stay on the CPU; weights_only unless --trust-checkpoint
+    state = ckpt_io.load(resume_path, map_location="cpu", trust_checkpoint=cfg.trust_checkpoint)
     check_compatible(state, cfg, resume_path)
     method = run.method
     try:
@@ -344,8 +364,28 @@ def resume_run(run: Run) -> None:
     if run.resumed_mid_epoch and "epoch_loss" in state:
         run.resumed_loss = (float(state["epoch_loss"]["sum"]), int(state["epoch_loss"]["steps"]))
     ckpt_io.set_rng_state(state["rng"])
+    if run.is_main and "backbone" in state:
+        sync_backbone_file(run, state["backbone"], state["epoch"], state["step"])
     run.say(f"resumed from {resume_path}: {run.start_epoch} epoch(s) done, continuing in epoch "
             f"{run.start_epoch + 1} at step {run.step}")
+
+
+def sync_backbone_file(run: Run, backbone: dict, epoch: int, step: int) -> None:
+    """Make OUT/backbone.pth hold the resumed checkpoint's backbone: a kill between the two
+    files of one save (or during backbone.pth's write) leaves it one save older, and the eval
+    CLIs would score those old weights. Rewritten (atomically) when missing, unreadable or
+    different; a write error is a warning (training goes on, the next save retries)."""
+    path = backbone_path(run)
+    if ckpt_io.backbone_file_matches(path, backbone):
+        return
+    try:
+        ckpt_io.save_backbone_atomic(backbone, path)
+    except ckpt_io.CheckpointWriteError as e:
+        run.say(f"warning: {path} is stale and could not be rewritten: {e}")
+        return
+    run.say(f"{path} did not hold the checkpoint's backbone (a save was interrupted); "
+            f"rewritten from the checkpoint (epoch {epoch}, step {step})")
+    run.logger.log(event="backbone_rewritten", epoch=epoch, step=step)
 
 
 # what a resumed run must share with its checkpoint: other values build another model
@@ -482,17 +522,22 @@ def check_finite(run: Run, bad: torch.Tensor, at_step: int, loss_value: float | 
         raise NonFiniteLossError(msg)
 
 
-def agreed_stop(run: Run, requested: bool, sync_now: bool, max_reached: bool) -> bool:
+def agreed_stop(run: Run, stop: StopFlag, sync_now: bool, max_reached: bool) -> bool:
     """Whether to stop after this step. Every rank must stop at the same step (a signal may reach
-    them at different times): under torchrun they agree at the sync points, which all share."""
-    stop_now = requested or max_reached
+    them at different times): under torchrun they agree at the sync points, which all share.
+    A signal that reached any rank marks every rank's stop as interrupted by it (one exit
+    status for the whole job)."""
+    stop_now = stop.requested or max_reached
     if run.world == 1:
         return stop_now
     if not (sync_now or max_reached):
         return False
-    flag = torch.tensor([int(stop_now)], device=run.device)
+    flag = torch.tensor([int(stop_now), stop.signum if stop.requested else 0], device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    signum = int(flag[1].item())
+    if signum and not stop.requested:
+        stop.requested, stop.signum = True, signum
+    return bool(flag[0].item())
 
 
 def run_epoch(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -> EpochOutcome:
@@ -533,7 +578,7 @@ def run_epoch(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -> EpochO
         else:
             progress.images += run.images_per_step
         max_reached = cfg.max_steps is not None and run.step >= cfg.max_steps
-        if not agreed_stop(run, stop.requested, sync_now, max_reached):
+        if not agreed_stop(run, stop, sync_now, max_reached):
             continue
         if in_epoch == spe:
             outcome.stop_after = True      # finish the epoch normally, then stop
@@ -591,20 +636,39 @@ def run_epoch_or_save(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -
 
 
 def _stopped(run: Run, stop: StopFlag, epoch: int, where: str) -> dict:
+    """The summary of a run stopped before its end: "interrupted" by a signal (its number under
+    "signal": the CLI exits with 128 + it, so a retry loop resumes) or "stopped" (--max-steps)."""
     status = "interrupted" if stop.requested else "stopped"
-    run.say(f"{status} {where} {epoch + 1}, step {run.step}: checkpoint {run.last_path} "
+    by = f" by signal {stop.signum}" if stop.requested else ""
+    run.say(f"{status}{by} {where} {epoch + 1}, step {run.step}: checkpoint {run.last_path} "
             f"(continue with --resume auto --out {run.out_dir})")
-    return run.summary(status, epoch)
+    return run.summary(status, epoch, signal=stop.signum if stop.requested else None)
 
 
 def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
     """Run (or resume) a pretraining run. Returns a summary dict: status ("completed",
     "interrupted" or "stopped"), epoch, step, the checkpoint path, k-NN results."""
-    run = setup_run(cfg, hooks or {}, stream or sys.stdout)
+    run = None
     try:
+        run = setup_run(cfg, hooks or {}, stream or sys.stdout)
         return _train(run, cfg)
+    except RuntimeError as e:
+        if is_dist_timeout(e):
+            raise _timeout_error(e, cfg, run) from e
+        raise
     finally:
-        end_of_run(run)
+        if run is not None:
+            end_of_run(run)
+
+
+def _timeout_error(error: BaseException, cfg: TrainConfig, run: Run | None) -> DistTimeoutError:
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    kept = (f"; the last checkpoint is kept at {run.last_path}"
+            if run is not None and os.path.isfile(run.last_path) else "")
+    return DistTimeoutError(
+        f"rank {D.rank()} of {D.world_size()}: a collective waited longer than --dist-timeout "
+        f"({cfg.dist_timeout:g} s) for the other ranks: a rank is frozen, lost or far slower"
+        f"{kept} ({type(error).__name__}: {first[:300]})")
 
 
 def _train(run: Run, cfg: TrainConfig) -> dict:
