@@ -95,9 +95,16 @@ def _shown(value) -> str:
     return f"{kind} {text}" if kind and value is not None else text
 
 
+# Ranges of the values the methods use themselves (the loss arguments' ranges, temperature > 0
+# and so on, are the losses' own checks, raised as named ValueErrors when the method is built).
+_RANGES = {"base_momentum": (0.0, 1.0), "n_prototypes": (1, None), "n_assign_crops": (1, None),
+           "n_pos_views": (1, None), "epoch_queue_starts": (0, None),
+           "freeze_prototypes_iters": (0, None)}
+
+
 def check_method_args(method: str, args: dict) -> str | None:
-    """The first problem of the --method-arg values (unknown key, wrong type), or None.
-    Ranges (temperature > 0, ...) are the losses' own checks, raised as named ValueErrors."""
+    """The first problem of the --method-arg values (unknown key, wrong type, out of range), or
+    None."""
     known = METHODS[method].defaults
     unknown = set(args) - set(known)
     if unknown:
@@ -107,6 +114,11 @@ def check_method_args(method: str, args: dict) -> str | None:
         if not ok(value):
             return (f"{key}: expected {expected} for {method} (default {json.dumps(known[key])}), "
                     f"got {_shown(value)}")
+        low, high = _RANGES.get(key, (None, None))
+        if value is not None and ((low is not None and value < low)
+                                  or (high is not None and value > high)):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            return f"{key}: expected a value {bounds} for {method}, got {_shown(value)}"
     return None
 
 
