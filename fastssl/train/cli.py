@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.compare_random_init:
         from fastssl.train.loop import make_monitor
         device = result["device"]
-        monitor = result["monitor"] or make_monitor(cfg, device)
+        monitor = result["monitor"] or make_monitor(cfg, device, skipped=result.get("skipped_files"))
         learned = result["knn"] or run_knn(result["model"].backbone, monitor)
         rand = run_knn(random_init_backbone(cfg).to(device), monitor)
         if D.rank() == 0:

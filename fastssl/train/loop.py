@@ -221,6 +221,7 @@ class Run:
     resumed_loss: tuple = (0.0, 0)
     # the epoch in progress, kept current for a mid-epoch checkpoint
     epoch_loss: "EpochOutcome | None" = None
+    skipped: object = None                  # --skip-corrupt: the run's SkippedFiles
 
     @property
     def is_main(self) -> bool:
@@ -232,7 +233,9 @@ class Run:
 
     def summary(self, status: str, epoch: int, **extra) -> dict:
         return {"status": status, "epoch": epoch, "step": self.step, "checkpoint": self.last_path,
-                "backbone": os.path.join(self.out_dir, ckpt_io.BACKBONE_NAME), "out": self.out_dir, "knn": self.knn_results, **extra}
+                "backbone": os.path.join(self.out_dir, ckpt_io.BACKBONE_NAME), "out": self.out_dir,
+                "knn": self.knn_results,
+                "skipped": dict(self.skipped.reasons) if self.skipped is not None else {}, **extra}
 
 
 @dataclass
@@ -304,15 +307,18 @@ def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
     if rank == 0:
         prepare_out_dir(out_dir)
     from fastssl.data import build_train_loader
+    from fastssl.data.folder import SkippedFiles
     from fastssl.data.loaders import default_num_threads
     if cfg.num_threads is None:                 # the cores of this process's share (bench/input.py)
         cfg.num_threads = default_num_threads(device)
+    # --skip-corrupt: one list of skipped files for every loader of the run (each logged once)
+    skipped = (SkippedFiles(lambda text: print(text, file=stream, flush=True))
+               if cfg.skip_corrupt else None)
     loader = build_train_loader(cfg.data, crop_specs(cfg.crops), local_batch, backend=cfg.backend,
                                 device=device, rank=rank, world_size=world, seed=cfg.seed,
                                 num_threads=cfg.num_threads, channels_last=channels_last,
                                 return_index=True, dataset_size=cfg.dataset_size,
-                                **({"skip_corrupt": True,
-                                    "log": lambda text: print(text, file=stream, flush=True)}
+                                **({"skip_corrupt": True, "skipped": skipped}
                                    if cfg.skip_corrupt else {}))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -335,7 +341,7 @@ def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
                loader=loader, steps_per_epoch=steps_per_epoch,
                total_steps=cfg.epochs * steps_per_epoch, method=method, optimizer=optimizer,
                scaler=scaler, images_per_step=local_batch * world,  # images, not views
-               knn_results={})
+               knn_results={}, skipped=skipped)
 
 
 def resume_run(run: Run) -> None:
@@ -603,8 +609,9 @@ def finish_epoch(run: Run, epoch: int, outcome: EpochOutcome, bad: torch.Tensor)
               "lr": lr_at(max(run.step - 1, 0), cfg, run.total_steps, run.steps_per_epoch)}
     if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
         if run.monitor is None:
-            run.monitor = make_monitor(cfg, run.device, run.steps_per_epoch * cfg.batch_size)
-        run.knn_results = run_knn(run.method.model.backbone, run.monitor)
+            run.monitor = make_monitor(cfg, run.device, run.steps_per_epoch * cfg.batch_size,
+                                       skipped=run.skipped)
+        run.knn_results = monitor_or_corrupt(run, run.monitor)
         record["knn"] = run.knn_results
         # images decoded by the monitor / images decoded for training since its last run
         record["knn_decoded_share"] = run.monitor.decoded_share()
@@ -692,7 +699,7 @@ def _train(run: Run, cfg: TrainConfig) -> dict:
                 run.logger.log(event=result["status"], epoch=epoch + 1, step=run.step)
                 return result
     return run.summary("completed", cfg.epochs, model=run.method.model, monitor=run.monitor,
-                       device=run.device)
+                       device=run.device, skipped_files=run.skipped)
 
 
 def end_of_run(run: Run) -> None:
@@ -710,13 +717,33 @@ def end_of_run(run: Run) -> None:
         run.say(f"warning: {CURVES_NAME} not drawn ({type(e).__name__}: {e})")
 
 
-def make_monitor(cfg: TrainConfig, device: torch.device, train_images_per_epoch: int | None = None):
+def monitor_or_corrupt(run: Run, monitor) -> dict:
+    """run_knn; an unreadable image in the monitor's subsets (without --skip-corrupt) ends the
+    run like one met in training: CorruptDataError naming it (the epoch's checkpoint is
+    already written)."""
+    from fastssl.data.folder import CorruptImageError
+    try:
+        return run_knn(run.method.model.backbone, monitor)
+    except CorruptImageError as e:
+        run.logger.log(event="corrupt_image", step=run.step, path=e.path, reason=e.reason)
+        raise CorruptDataError(f"{e.path}: {e.reason} (k-NN monitor; the epoch's checkpoint is "
+                               f"written: fix or remove the file, or pass --skip-corrupt, and "
+                               f"continue with --resume auto --out {run.out_dir})") from e
+
+
+def make_monitor(cfg: TrainConfig, device: torch.device, train_images_per_epoch: int | None = None,
+                 skipped=None):
     """The k-NN monitor; given the images trained per epoch, it decodes at most 2% of the
-    images trained between two of its runs (fastssl/train/monitor.py)."""
+    images trained between two of its runs (fastssl/train/monitor.py). With --skip-corrupt it
+    leaves unreadable images out, reported once in `skipped` (the run's list)."""
+    from fastssl.data.folder import SkippedFiles
     from fastssl.train.monitor import KNNMonitor
+    if cfg.skip_corrupt and skipped is None:
+        skipped = SkippedFiles()
     return KNNMonitor(cfg.data, k=cfg.knn_k, device=device, size=cfg.eval_size,
                       max_train_samples=cfg.knn_train_samples or None, num_threads=cfg.num_threads,
-                      train_images_per_epoch=train_images_per_epoch, every=cfg.knn_every or 1)
+                      train_images_per_epoch=train_images_per_epoch, every=cfg.knn_every or 1,
+                      skip_corrupt=cfg.skip_corrupt, skipped=skipped)
 
 
 def run_knn(backbone: nn.Module, monitor) -> dict:
