@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -63,6 +64,16 @@ def check_output(path: str | None) -> None:
         raise EvalError(f"--output {path}: not writable")
 
 
+_timeout_s = [D.DEFAULT_TIMEOUT_S]       # the process group's, for the error message
+
+
+def _timeout(text: str) -> float:
+    try:
+        return D.parse_timeout(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="fastssl checkpoint (dict with 'arch' and 'backbone') or a torchvision-"
@@ -84,6 +95,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-amp", action="store_true",
                    help="extract features in float32 on CUDA (default: bfloat16 autocast)")
     p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--dist-timeout", type=_timeout, default=D.DEFAULT_TIMEOUT_S,
+                   metavar="DURATION",
+                   help="under torchrun: how long a collective waits for the other ranks before "
+                        "the run ends with an error naming the timeout, in seconds (600, 600s) "
+                        "or minutes (10m); default 10m")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read --checkpoint with a full unpickle (torch.load(weights_only=False)), "
                         "which RUNS ANY CODE INSIDE THE FILE: only for a file you trust that holds "
@@ -95,17 +111,20 @@ def amp_flag(args, device: torch.device) -> bool:
     return device.type == "cuda" and not args.no_amp
 
 
-def setup_device(device: str | None) -> torch.device:
-    """The device of this process; initialises the process group when run under torchrun."""
+def setup_device(device: str | None, timeout_s: float = D.DEFAULT_TIMEOUT_S) -> torch.device:
+    """The device of this process; initialises the process group when run under torchrun, with
+    `timeout_s` (--dist-timeout) for its collectives."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        _timeout_s[0] = timeout_s
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
-            torch.distributed.init_process_group("nccl")
+            torch.distributed.init_process_group("nccl", timeout=timeout)
             return torch.device("cuda", local)
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("gloo", timeout=timeout)
         return torch.device("cpu")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,3 +249,11 @@ def cli_errors():
         # data folder or a batch larger than the data
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except RuntimeError as e:
+        if not D.is_timeout_error(e):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        print(f"error: rank {D.rank()} of {D.world_size()}: a collective waited longer than "
+              f"--dist-timeout ({_timeout_s[0]:g} s) for the other ranks: a rank is frozen, lost "
+              f"or far slower ({first[:300]})", file=sys.stderr, flush=True)
+        raise SystemExit(1)

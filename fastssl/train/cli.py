@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import signal
 import sys
 import time
@@ -49,15 +48,12 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def _duration(text: str) -> float:
-    """--dist-timeout: seconds (``600``, ``600s``) or minutes (``10m``, ``10min``), > 0."""
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|sec|m|min)?\s*", text)
-    if not found:
-        raise argparse.ArgumentTypeError(f"expected seconds (600, 600s) or minutes (10m, 10min), "
-                                         f"got {text!r}")
-    value = float(found.group(1)) * (60.0 if (found.group(2) or "s").startswith("m") else 1.0)
-    if not (0 < value < math.inf):
-        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
-    return value
+    """--dist-timeout (seconds or minutes), as an argparse type."""
+    from fastssl.distributed import parse_timeout
+    try:
+        return parse_timeout(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _is_int(value) -> bool:
@@ -148,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised pretraining (SimCLR, GroCo, SCE, SogCLR, SFRIK, SwAV, AUH) with fastssl's "
                     "fused losses. With no arguments: a short ResNet-18 run on the generated demo dataset, "
                     "then the k-NN accuracy of the learned features next to a random-init network.",
-        epilog="Distributed: torchrun --nproc_per_node=G train_imagenet.py ... (NCCL on GPU, gloo on CPU).")
+        epilog="Distributed: torchrun --nproc_per_node=G train_imagenet.py ... (NCCL on GPU, gloo on CPU). "
+               "Exit status: 0 finished or --max-steps reached, 1 non-finite loss or --dist-timeout "
+               "expired, 2 usage or data error, 128+N stopped by signal N after a resumable "
+               "checkpoint (resume with --resume auto).")
     p.add_argument("--data", default=None, help="ImageFolder root (DIR or DIR/train) or 'demo' (default: demo)")
     p.add_argument("--method", choices=sorted(METHODS), default=None, help="SSL method (default: the preset's)")
     p.add_argument("--preset", default=None,
@@ -174,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="SyncBatchNorm under DDP on GPU (default: on)")
     p.add_argument("--out", help="output directory (checkpoints, log.jsonl, config.json)")
-    p.add_argument("--resume", help="checkpoint path, or 'auto' for OUT/checkpoint_last.pth if present")
+    p.add_argument("--resume", help="checkpoint path, or 'auto' for OUT/checkpoint_last.pth if present "
+                                    "(read with torch.load(weights_only=True))")
     p.add_argument("--trust-checkpoint", action="store_true", default=None,
                    help="read --resume's checkpoint with a full unpickle (torch.load("
                         "weights_only=False)), which RUNS ANY CODE INSIDE THE FILE: only for a file "
@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the run ends with an error naming the timeout (a frozen or lost rank), "
                         "in seconds (600, 600s) or minutes (10m); default 10m")
     p.add_argument("--skip-corrupt", action="store_true", default=None,
-                   help="skip unreadable images (each decode-checked once, reported on stderr) instead "
-                        "of stopping with a checkpoint and 'error: FILE: REASON'")
+                   help="skip unreadable images, in training and in the k-NN monitor (each "
+                        "decode-checked once, reported once per run), instead of stopping with a "
+                        "checkpoint and 'error: FILE: REASON'")
     p.add_argument("--method-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyperparameter (JSON value), e.g. temperature=0.2")
     p.add_argument("--head", type=_key_value, action="append", default=[], metavar="KEY=VALUE",

@@ -62,15 +62,6 @@ def init_distributed(device_kind: str, timeout_s: float = 600.0) -> tuple[int, i
     return D.rank(), D.world_size(), local_rank
 
 
-def is_dist_timeout(error: BaseException) -> bool:
-    """Whether `error` is a collective or store wait that ran out of time (gloo: "Timed out
-    waiting ... for recv"; NCCL's watchdog and the store: "timeout" / "timed out")."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
-
-
 def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -660,7 +651,7 @@ def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
         run = setup_run(cfg, hooks or {}, stream or sys.stdout)
         return _train(run, cfg)
     except RuntimeError as e:
-        if is_dist_timeout(e):
+        if D.is_timeout_error(e):
             raise _timeout_error(e, cfg, run) from e
         raise
     finally:
