@@ -26,8 +26,8 @@ class UntrustedCheckpointError(ValueError):
     """A checkpoint file that ``torch.load(weights_only=True)`` refuses: it holds objects other
     than tensors and plain containers, and unpickling them could run code from the file."""
 
-    def __init__(self, path: str, needs: str | None, what: str = "checkpoint"):
-        needed = f" (it needs {needs})" if needs else ""
+    def __init__(self, path: str, needs: str, what: str = "checkpoint"):
+        needed = f" (it needs {needs})"
         super().__init__(
             f"{what} {path}: refused: the file holds objects other than tensors and plain containers"
             f"{needed}, and unpickling it could run code from the file. fastssl loads checkpoints "
@@ -51,9 +51,12 @@ def load_checkpoint_file(path, *, trust_checkpoint: bool = False, map_location="
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message names the refused global ("GLOBAL posix.system", "GLOBAL numpy....")
+        # torch's message names the refused global ("GLOBAL posix.system", "GLOBAL numpy....");
+        # without one the bytes are no pickle the safe loader understands (garbage): unreadable
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise UntrustedCheckpointError(path, found.group(1) if found else None, what) from None
+        if found is None:
+            raise
+        raise UntrustedCheckpointError(path, found.group(1), what) from None
 
 
 # Wrappers whose prefixes are stripped: DDP ("module."), torch.compile ("_orig_mod."), and the
