@@ -189,7 +189,10 @@ def parse_timeout(text: str) -> float:
 def is_timeout_error(error: BaseException) -> bool:
     """Whether `error` is a collective or store wait of an initialised multi-rank group that ran
     out of time (gloo: "Timed out waiting ... for recv"; NCCL's watchdog, the store: "timeout")."""
-    if not (isinstance(error, RuntimeError) and is_distributed()):
+    # torch's own errors only (gloo raises a plain RuntimeError, NCCL and the store DistError
+    # subclasses): a library error whose message merely names a file "timeout.jpg" is not one
+    torch_error = type(error) is RuntimeError or isinstance(error, getattr(dist, "DistError", ()))
+    if not (torch_error and is_distributed()):
         return False
     text = str(error).lower()
     return "timed out" in text or "timeout" in text

@@ -2,8 +2,11 @@
 and restore, and a load that names the file when it is not a readable checkpoint.
 
 Everything a checkpoint holds is a tensor or a plain Python value (dict, list, tuple, int, float,
-str, None), so plain ``torch.load(path)`` (``weights_only=True``) reads it. Beside it, every save
-writes ``backbone.pth``: the backbone's tensors under torchvision's names (no ``fc``), on the CPU.
+str, None), so plain ``torch.load(path)`` (``weights_only=True``) reads it, and :func:`load` reads
+it no other way (unless ``--trust-checkpoint``). Beside it, every save writes ``backbone.pth``
+(after the checkpoint): the backbone's tensors under torchvision's names (no ``fc``), on the CPU;
+a resume rewrites it when a kill between the two writes left it a save older
+(:func:`backbone_file_matches`).
 """
 from __future__ import annotations
 
