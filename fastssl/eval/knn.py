@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _cli.check_output(args.output)
         device = _cli.setup_device(args.device, args.dist_timeout)
         backbone, arch = _cli.load_frozen_backbone(args.checkpoint, args.arch, device,
-                                                     args.trust_checkpoint)
+                                                   args.trust_checkpoint)
         res = knn_accuracy(backbone, _cli.resolve_data(args.data), k=args.k,
                            temperature=args.temperature, batch_size=args.batch_size,
                            device=device, block_size=args.block_size,

@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _cli.check_output(args.output)
         device = _cli.setup_device(args.device, args.dist_timeout)
         backbone, arch = _cli.load_frozen_backbone(args.checkpoint, args.arch, device,
-                                                     args.trust_checkpoint)
+                                                   args.trust_checkpoint)
         res = linear_probe(backbone, _cli.resolve_data(args.data), preset=args.preset,
                            cached_features=args.cached_features, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,

@@ -48,7 +48,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 # --- setup helpers ------------------------------------------------------------------------------
-def init_distributed(device_kind: str, timeout_s: float = 600.0) -> tuple[int, int, int]:
+def init_distributed(device_kind: str, timeout_s: float = D.DEFAULT_TIMEOUT_S) -> tuple[int, int, int]:
     """Initialise the process group when launched by torchrun (NCCL on GPU, gloo on CPU), with
     `timeout_s` (--dist-timeout) for its collectives: a rank that stops answering ends the
     others' waits with an error instead of a hang."""
@@ -645,7 +645,9 @@ def _stopped(run: Run, stop: StopFlag, epoch: int, where: str) -> dict:
 
 def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
     """Run (or resume) a pretraining run. Returns a summary dict: status ("completed",
-    "interrupted" or "stopped"), epoch, step, the checkpoint path, k-NN results."""
+    "interrupted" by a signal, whose number is under "signal", or "stopped" by max_steps), epoch,
+    step, the checkpoint path, k-NN results, the files skipped under skip_corrupt. Under
+    torchrun, a collective that outlives cfg.dist_timeout raises DistTimeoutError."""
     run = None
     try:
         run = setup_run(cfg, hooks or {}, stream or sys.stdout)
