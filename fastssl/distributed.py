@@ -14,6 +14,9 @@ identity, and on gloo (CPU) and NCCL (GPU) alike.
 """
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 import torch.distributed as dist
 
@@ -165,3 +168,31 @@ def reduce_loss(local_share: torch.Tensor) -> torch.Tensor:
 def row_offset(local_rows: int) -> int:
     """Index of this rank's first row in the gathered (rank-ordered) batch."""
     return rank() * local_rows
+
+
+# --- the process group's timeout (the CLIs' --dist-timeout) ---------------------------------------
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def parse_timeout(text: str) -> float:
+    """``--dist-timeout``: seconds (``600``, ``600s``) or minutes (``10m``, ``10min``), > 0.
+    ValueError naming the accepted forms otherwise (argparse turns it into a usage error)."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(s|sec|m|min)?\s*", text)
+    if not found:
+        raise ValueError(f"expected seconds (600, 600s) or minutes (10m, 10min), got {text!r}")
+    value = float(found.group(1)) * (60.0 if (found.group(2) or "s").startswith("m") else 1.0)
+    if not (0 < value < math.inf):
+        raise ValueError(f"expected a duration > 0, got {text!r}")
+    return value
+
+
+def is_timeout_error(error: BaseException) -> bool:
+    """Whether `error` is a collective or store wait of an initialised multi-rank group that ran
+    out of time (gloo: "Timed out waiting ... for recv"; NCCL's watchdog, the store: "timeout")."""
+    # torch's own errors only (gloo raises a plain RuntimeError, NCCL and the store DistError
+    # subclasses): a library error whose message merely names a file "timeout.jpg" is not one
+    torch_error = type(error) is RuntimeError or isinstance(error, getattr(dist, "DistError", ()))
+    if not (torch_error and is_distributed()):
+        return False
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import io
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["IMG_EXTENSIONS", "ImageFolderIndex", "CorruptImageError", "scan_image_folder",
-           "resolve_root", "read_bytes", "image_size", "find_undecodable"]
+__all__ = ["IMG_EXTENSIONS", "ImageFolderIndex", "CorruptImageError", "SkippedFiles",
+           "scan_image_folder", "resolve_root", "read_bytes", "image_size", "find_undecodable"]
 
 # torchvision's IMG_EXTENSIONS; DALI decodes all of them.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -24,6 +26,31 @@ class CorruptImageError(RuntimeError):
         super().__init__(f"corrupt or unreadable image {path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class SkippedFiles:
+    """The unreadable images a run skips (``--skip-corrupt``): one list per run, shared by every
+    loader of the run (training, the k-NN monitor's bank and queries), so that each file is
+    reported once through `log` (default: stderr), whichever loader meets it first."""
+
+    def __init__(self, log=None):
+        self.reasons: dict[str, str] = {}
+        self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._lock = threading.Lock()
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.reasons
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+    def add(self, path: str, reason: str) -> None:
+        """Record `path` as skipped; the first time, report it."""
+        with self._lock:
+            first = path not in self.reasons
+            self.reasons.setdefault(path, reason)
+        if first:
+            self._log(f"warning: skipping corrupt image {path}: {reason}")
 
 
 @dataclass(frozen=True)

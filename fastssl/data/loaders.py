@@ -11,7 +11,6 @@ bit for bit, that the original would have yielded next.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -21,8 +20,8 @@ import torch
 
 from fastssl.data.crops import CropSpec, expand_views, sample_view_params
 from fastssl.data.dali import DaliRunner, build_eval_pipeline, build_train_pipeline, dali_available, to_torch
-from fastssl.data.folder import (CorruptImageError, ImageFolderIndex, find_undecodable,
-                                 image_size, read_bytes, resolve_root,
+from fastssl.data.folder import (CorruptImageError, ImageFolderIndex, SkippedFiles,
+                                 find_undecodable, image_size, read_bytes, resolve_root,
                                  scan_image_folder, verify_decodable)
 
 __all__ = ["Batch", "TrainLoader", "DaliTrainLoader", "SyntheticTrainLoader", "EvalLoader",
@@ -210,7 +209,7 @@ class DaliTrainLoader(TrainLoader):
     def __init__(self, folder: ImageFolderIndex, crops, batch_size: int, *, device, rank: int,
                  world_size: int, seed: int, num_threads: int, channels_last: bool,
                  dtype: torch.dtype, return_index: bool, prefetch: int = 2, read_ahead: int = 4,
-                 skip_corrupt: bool = False, log=None):
+                 skip_corrupt: bool = False, log=None, skipped: SkippedFiles | None = None):
         super().__init__(num_samples=len(folder), labels=folder.labels, crops=crops,
                          batch_size=batch_size, device=device, rank=rank, world_size=world_size,
                          seed=seed, channels_last=channels_last, dtype=dtype,
@@ -218,11 +217,11 @@ class DaliTrainLoader(TrainLoader):
         self.folder = folder
         self.classes = folder.classes
         # an unreadable image (bad header, or scan data PIL cannot decode) raises, or with
-        # skip_corrupt is reported once through `log` and replaced by the next readable file
+        # skip_corrupt is reported once (in `skipped`, the run's list shared with its other
+        # loaders, else through `log`) and replaced by the next readable file
         self.skip_corrupt = bool(skip_corrupt)
-        self.skipped: dict[str, str] = {}
+        self.skipped = skipped if skipped is not None else SkippedFiles(log)
         self._verified: set[int] = set()
-        self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self._lock = threading.Lock()
         self.num_threads = _check_int("num_threads", num_threads, 1)
         self._run_epoch = 0
@@ -261,11 +260,7 @@ class DaliTrainLoader(TrainLoader):
         except CorruptImageError as e:
             if not self.skip_corrupt:
                 raise
-            with self._lock:
-                first = path not in self.skipped
-                self.skipped[path] = e.reason
-            if first:
-                self._log(f"warning: skipping corrupt image {path}: {e.reason}")
+            self.skipped.add(path, e.reason)
             return None
 
     def _read_batch_checked(self, indices):
@@ -395,7 +390,8 @@ def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", d
                        rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int | None = None,
                        channels_last: bool = False, dtype: torch.dtype = torch.float32,
                        return_index: bool = True, dataset_size: int | None = None,
-                       skip_corrupt: bool = False, log=None) -> TrainLoader:
+                       skip_corrupt: bool = False, log=None,
+                       skipped: SkippedFiles | None = None) -> TrainLoader:
     """A TrainLoader over ``data`` (an ImageFolder root, "DIR/train" if present, or "demo").
 
     backend: "dali", "synthetic" (``data`` is then ignored; ``dataset_size`` samples, ImageNet's
@@ -404,7 +400,8 @@ def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", d
     (:func:`default_num_threads`).
     DALI: each file is decode-checked once per loader; an unreadable one raises CorruptImageError
     naming it, or with skip_corrupt is replaced by the next readable file and reported once
-    through ``log`` (default: a warning on stderr).
+    through ``log`` (default: a warning on stderr), or in ``skipped`` (a
+    :class:`~fastssl.data.folder.SkippedFiles` shared with the run's other loaders).
     """
     if backend not in ("auto", "dali", "synthetic"):
         raise ValueError(f"backend: expected 'auto', 'dali' or 'synthetic', got {backend!r}")
@@ -425,7 +422,7 @@ def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", d
     return DaliTrainLoader(folder, crops, batch_size, device=device, rank=rank,
                            world_size=world_size, seed=seed, num_threads=num_threads,
                            channels_last=channels_last, dtype=dtype, return_index=return_index,
-                           skip_corrupt=skip_corrupt, log=log)
+                           skip_corrupt=skip_corrupt, log=log, skipped=skipped)
 
 
 class EvalLoader:
@@ -435,11 +432,17 @@ class EvalLoader:
     (``indices``); every sample is read by exactly one rank and the last batch may be short.
     ``subset`` (sorted sample indices of the split) restricts the loader to those samples: only
     they are read and decoded (the online k-NN monitor's bank and queries).
+
+    skip_corrupt: an unreadable image (bad header, or data PIL cannot decode: checked once per
+    file and loader) is left out of its batch, image and label, and reported once in
+    ``skipped`` (the run's :class:`~fastssl.data.folder.SkippedFiles`; a new one through
+    ``log`` if None); without it, CorruptImageError names the file.
     """
 
     def __init__(self, folder: ImageFolderIndex, batch_size: int, *, size: int, device, rank: int,
                  world_size: int, num_threads: int, channels_last: bool = False, prefetch: int = 2,
-                 read_ahead: int = 4, subset=None):
+                 read_ahead: int = 4, subset=None, skip_corrupt: bool = False,
+                 skipped: SkippedFiles | None = None, log=None):
         self.folder = folder
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.size = _check_int("size", size, 1)
@@ -460,6 +463,10 @@ class EvalLoader:
         self.indices = np.array_split(chosen, world_size)[rank]
         self.labels = torch.from_numpy(folder.labels[self.indices])
         self._num_threads = _check_int("num_threads", num_threads, 1)
+        self.skip_corrupt = bool(skip_corrupt)
+        self.skipped = skipped if skipped is not None else SkippedFiles(log)
+        self._verified: set[int] = set()
+        self._kept: dict[int, np.ndarray] = {}    # batch -> its readable samples (skip_corrupt)
         self._prefetch = prefetch
         self._read_ahead = _ReadAhead(self._prepare, depth=max(read_ahead, prefetch + 1))
         self._runner = DaliRunner(lambda: build_eval_pipeline(
@@ -474,7 +481,41 @@ class EvalLoader:
         return self.indices[i * self.batch_size:(i + 1) * self.batch_size]
 
     def _prepare(self, i):
-        return _read_batch([self.folder.files[j] for j in self._batch(i)])[0]
+        if not self.skip_corrupt:
+            return _read_batch([self.folder.files[j] for j in self._batch(i)])[0]
+        encoded, kept = [], []
+        for j in self._batch(i):
+            got = self._readable(int(j))
+            if got is not None:
+                encoded.append(got)
+                kept.append(j)
+        if not kept:
+            first = self.folder.files[int(self._batch(i)[0])]
+            raise CorruptImageError(first, f"every image of its batch of {len(self._batch(i))} "
+                                           f"is unreadable")
+        self._kept[i] = np.asarray(kept, dtype=np.int64)
+        return encoded
+
+    def _readable(self, j: int):
+        """The encoded bytes of sample j, or None (recorded in `skipped`) when unreadable. The
+        decode check runs once per file and loader: the DALI decoder does not name the file."""
+        path = self.folder.files[j]
+        if path in self.skipped:
+            return None
+        try:
+            buf = read_bytes(path)
+            image_size(buf, path)
+            if j not in self._verified:
+                verify_decodable(buf, path)
+                self._verified.add(j)
+        except CorruptImageError as e:
+            self.skipped.add(path, e.reason)
+            return None
+        return np.frombuffer(buf, dtype=np.uint8)
+
+    def _labels(self, i):
+        rows = self._kept.pop(i) if self.skip_corrupt else self._batch(i)
+        return torch.from_numpy(self.folder.labels[rows])
 
     def _source(self, info):
         i = info.iteration
@@ -502,7 +543,7 @@ class EvalLoader:
                          for j in self._batch(k)]
                 raise _decode_error(e, files) from e
             images = to_torch(out, self.device, self.channels_last, torch.float32)
-            labels = torch.from_numpy(self.folder.labels[self._batch(i)]).to(self.device, non_blocking=True)
+            labels = self._labels(i).to(self.device, non_blocking=True)
             try:
                 yield images, labels
             except GeneratorExit:
@@ -522,11 +563,13 @@ def spread_subset(n: int, count: int) -> np.ndarray:
 
 def build_eval_loader(data, split: str, batch_size: int, *, size: int = 224, device=None,
                       rank: int = 0, world_size: int = 1, num_threads: int = 2,
-                      channels_last: bool = False, max_samples: int | None = None) -> EvalLoader:
+                      channels_last: bool = False, max_samples: int | None = None,
+                      skip_corrupt: bool = False, skipped: SkippedFiles | None = None,
+                      log=None) -> EvalLoader:
     """Fixed-order loader of ``data/split`` ("train" or "val"; "demo" for the demo dataset).
 
     max_samples: read only that many samples, spread evenly over the split (the others are
-    neither read nor decoded)."""
+    neither read nor decoded). skip_corrupt, skipped, log: see :class:`EvalLoader`."""
     if split not in ("train", "val"):
         raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
     if max_samples is not None:
@@ -537,4 +580,4 @@ def build_eval_loader(data, split: str, batch_size: int, *, size: int = 224, dev
     subset = None if max_samples is None else spread_subset(len(folder), max_samples)
     return EvalLoader(folder, batch_size, size=size, device=device, rank=rank,
                       world_size=world_size, num_threads=num_threads, channels_last=channels_last,
-                      subset=subset)
+                      subset=subset, skip_corrupt=skip_corrupt, skipped=skipped, log=log)

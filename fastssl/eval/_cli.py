@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import sys
 import torch
 
 from fastssl import distributed as D
+from fastssl.models.backbone import UntrustedCheckpointError, load_checkpoint_file
 
 DEFAULT_ARCH = "resnet50"
 # Image size for the demo data (small generated images), as the demo pretraining presets'
@@ -62,6 +64,16 @@ def check_output(path: str | None) -> None:
         raise EvalError(f"--output {path}: not writable")
 
 
+_timeout_s = [D.DEFAULT_TIMEOUT_S]       # the process group's, for the error message
+
+
+def _timeout(text: str) -> float:
+    try:
+        return D.parse_timeout(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="fastssl checkpoint (dict with 'arch' and 'backbone') or a torchvision-"
@@ -83,23 +95,36 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-amp", action="store_true",
                    help="extract features in float32 on CUDA (default: bfloat16 autocast)")
     p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--dist-timeout", type=_timeout, default=D.DEFAULT_TIMEOUT_S,
+                   metavar="DURATION",
+                   help="under torchrun: how long a collective waits for the other ranks before "
+                        "the run ends with an error naming the timeout, in seconds (600, 600s) "
+                        "or minutes (10m); default 10m")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read --checkpoint with a full unpickle (torch.load(weights_only=False)), "
+                        "which RUNS ANY CODE INSIDE THE FILE: only for a file you trust that holds "
+                        "more than tensors and plain containers (e.g. from an older fastssl). "
+                        "Default: weights_only=True, and such a file is refused")
 
 
 def amp_flag(args, device: torch.device) -> bool:
     return device.type == "cuda" and not args.no_amp
 
 
-def setup_device(device: str | None) -> torch.device:
-    """The device of this process; initialises the process group when run under torchrun."""
+def setup_device(device: str | None, timeout_s: float = D.DEFAULT_TIMEOUT_S) -> torch.device:
+    """The device of this process; initialises the process group when run under torchrun, with
+    `timeout_s` (--dist-timeout) for its collectives."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        _timeout_s[0] = timeout_s
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
-            torch.distributed.init_process_group("nccl")
+            torch.distributed.init_process_group("nccl", timeout=timeout)
             return torch.device("cuda", local)
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("gloo", timeout=timeout)
         return torch.device("cpu")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,16 +140,17 @@ def teardown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def read_checkpoint(path: str):
-    """The object stored in `path`, with an EvalError naming the file when that fails."""
+def read_checkpoint(path: str, trust_checkpoint: bool = False):
+    """The object stored in `path`, read with ``torch.load(weights_only=True)`` unless
+    trust_checkpoint; an EvalError naming the file when that fails or the file is refused."""
     if not os.path.exists(path):
         raise EvalError(f"checkpoint not found: {path}{_checkpoint_hint(path)}")
     if not os.path.isfile(path):
         raise EvalError(f"checkpoint is not a file: {path}")
     try:
-        # fastssl checkpoints written before RNG states were stored as tensors hold numpy
-        # objects, which the weights-only unpickler rejects; checkpoints are the user's files.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(path, trust_checkpoint=trust_checkpoint)
+    except UntrustedCheckpointError as e:
+        raise EvalError(str(e)) from None
     except Exception as e:  # corrupt, truncated, not a torch file
         raise EvalError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from e
 
@@ -152,10 +178,10 @@ def checkpoint_arch(obj, arch: str | None, path: str) -> str:
     return arch or stored or DEFAULT_ARCH
 
 
-def load_backbone_from(path: str, arch: str | None = None):
+def load_backbone_from(path: str, arch: str | None = None, trust_checkpoint: bool = False):
     """(backbone module, arch) from a fastssl or torchvision-format checkpoint file."""
     from fastssl.models import load_backbone
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path, trust_checkpoint)
     arch = checkpoint_arch(obj, arch, path)
     if not isinstance(obj, dict):
         raise EvalError(f"checkpoint {path}: expected a dict (a fastssl checkpoint or a state "
@@ -175,8 +201,9 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def load_frozen_backbone(path: str, arch: str | None, device: torch.device):
-    module, arch = load_backbone_from(path, arch)
+def load_frozen_backbone(path: str, arch: str | None, device: torch.device,
+                         trust_checkpoint: bool = False):
+    module, arch = load_backbone_from(path, arch, trust_checkpoint)
     module = freeze(module).to(device)
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
@@ -222,3 +249,11 @@ def cli_errors():
         # data folder or a batch larger than the data
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except RuntimeError as e:
+        if not D.is_timeout_error(e):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        print(f"error: rank {D.rank()} of {D.world_size()}: a collective waited longer than "
+              f"--dist-timeout ({_timeout_s[0]:g} s) for the other ranks: a rank is frozen, lost "
+              f"or far slower ({first[:300]})", file=sys.stderr, flush=True)
+        raise SystemExit(1)

@@ -375,8 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with _cli.cli_errors():
         _cli.check_output(args.output)
-        device = _cli.setup_device(args.device)
-        backbone, arch = _cli.load_frozen_backbone(args.checkpoint, args.arch, device)
+        device = _cli.setup_device(args.device, args.dist_timeout)
+        backbone, arch = _cli.load_frozen_backbone(args.checkpoint, args.arch, device,
+                                                   args.trust_checkpoint)
         res = knn_accuracy(backbone, _cli.resolve_data(args.data), k=args.k,
                            temperature=args.temperature, batch_size=args.batch_size,
                            device=device, block_size=args.block_size,

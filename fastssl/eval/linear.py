@@ -384,8 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with _cli.cli_errors():
         _cli.check_output(args.output)
-        device = _cli.setup_device(args.device)
-        backbone, arch = _cli.load_frozen_backbone(args.checkpoint, args.arch, device)
+        device = _cli.setup_device(args.device, args.dist_timeout)
+        backbone, arch = _cli.load_frozen_backbone(args.checkpoint, args.arch, device,
+                                                   args.trust_checkpoint)
         res = linear_probe(backbone, _cli.resolve_data(args.data), preset=args.preset,
                            cached_features=args.cached_features, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,

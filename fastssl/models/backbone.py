@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Mapping
 
 import torch
@@ -17,6 +18,46 @@ from torch import nn
 from fastssl.models.resnet import ARCHS
 
 __all__ = ["build_backbone", "backbone_state_dict", "load_backbone"]
+
+TRUST_FLAG = "--trust-checkpoint"
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint file that ``torch.load(weights_only=True)`` refuses: it holds objects other
+    than tensors and plain containers, and unpickling them could run code from the file."""
+
+    def __init__(self, path: str, needs: str, what: str = "checkpoint"):
+        needed = f" (it needs {needs})"
+        super().__init__(
+            f"{what} {path}: refused: the file holds objects other than tensors and plain containers"
+            f"{needed}, and unpickling it could run code from the file. fastssl loads checkpoints "
+            f"with torch.load(weights_only=True). If you wrote the file yourself or trust its "
+            f"source (e.g. a checkpoint of an older fastssl), pass {TRUST_FLAG} "
+            f"(trust_checkpoint=True), which unpickles it and runs any code inside it")
+        self.path = path
+        self.needs = needs
+
+
+def load_checkpoint_file(path, *, trust_checkpoint: bool = False, map_location="cpu",
+                         what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, so a file can
+    never run code while it is read. A file that needs more raises
+    :class:`UntrustedCheckpointError` naming it; there is no silent fallback. Only
+    ``trust_checkpoint=True`` (the CLIs' ``--trust-checkpoint``) unpickles it fully, running any
+    code inside it. Other read errors (truncated, not a torch file) propagate unchanged."""
+    path = os.fspath(path)
+    if trust_checkpoint:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message names the refused global ("GLOBAL posix.system", "GLOBAL numpy....");
+        # without one the bytes are no pickle the safe loader understands (garbage): unreadable
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise
+        raise UntrustedCheckpointError(path, found.group(1), what) from None
+
 
 # Wrappers whose prefixes are stripped: DDP ("module."), torch.compile ("_orig_mod."), and the
 # attribute names SSL models commonly keep their encoder under.
@@ -74,7 +115,7 @@ def backbone_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read(path_or_state, where: str):
+def _read(path_or_state, where: str, trust_checkpoint: bool = False):
     if isinstance(path_or_state, Mapping):
         return path_or_state
     if not isinstance(path_or_state, (str, os.PathLike)):
@@ -84,11 +125,9 @@ def _read(path_or_state, where: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Full training checkpoints may hold non-tensor Python state (numpy RNG states); the user
-        # named this file, so a full unpickle of it is what they asked for.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(path, trust_checkpoint=trust_checkpoint)
+    except UntrustedCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - report which file could not be read
         raise ValueError(f"{where}: cannot read checkpoint: {type(e).__name__}: {e}") from e
 
@@ -111,7 +150,7 @@ def _fmt_keys(keys) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > 8 else ''})"
 
 
-def load_backbone(path_or_state, arch: str) -> nn.Module:
+def load_backbone(path_or_state, arch: str, *, trust_checkpoint: bool = False) -> nn.Module:
     """A ``build_backbone(arch)`` module with the weights of a checkpoint or state dict.
 
     Accepts a fastssl checkpoint (a dict with "backbone" and "arch"), a dict with "state_dict",
@@ -119,11 +158,15 @@ def load_backbone(path_or_state, arch: str) -> nn.Module:
     "backbone." (other keys outside the chosen prefix, e.g. a projector, are ignored); ``fc.*`` is
     ignored. Raises FileNotFoundError for a missing file and ValueError naming the checkpoint and
     the missing / unexpected / mis-shaped keys otherwise.
+
+    A file is read with ``torch.load(weights_only=True)``: one that holds more than tensors and
+    plain containers raises :class:`UntrustedCheckpointError` (a ValueError) before anything in
+    it runs, unless ``trust_checkpoint=True`` (then it is unpickled, running any code inside it).
     """
     arch = _check_arch(arch)
     where = (os.fspath(path_or_state) if isinstance(path_or_state, (str, os.PathLike))
              else "state dict")
-    ckpt = _read(path_or_state, where)
+    ckpt = _read(path_or_state, where, trust_checkpoint)
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{where}: expected a dict checkpoint, got {type(ckpt).__name__}")
     state = _select_state(ckpt, arch, where)

@@ -2,8 +2,11 @@
 and restore, and a load that names the file when it is not a readable checkpoint.
 
 Everything a checkpoint holds is a tensor or a plain Python value (dict, list, tuple, int, float,
-str, None), so plain ``torch.load(path)`` (``weights_only=True``) reads it. Beside it, every save
-writes ``backbone.pth``: the backbone's tensors under torchvision's names (no ``fc``), on the CPU.
+str, None), so plain ``torch.load(path)`` (``weights_only=True``) reads it, and :func:`load` reads
+it no other way (unless ``--trust-checkpoint``). Beside it, every save writes ``backbone.pth``
+(after the checkpoint): the backbone's tensors under torchvision's names (no ``fc``), on the CPU;
+a resume rewrites it when a kill between the two writes left it a save older
+(:func:`backbone_file_matches`).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import time
 
 import numpy as np
 import torch
+
+from fastssl.models.backbone import UntrustedCheckpointError, load_checkpoint_file
 
 CHECKPOINT_VERSION = 1
 LAST_NAME = "checkpoint_last.pth"
@@ -134,6 +139,23 @@ def save_backbone_atomic(state: dict, path: str) -> None:
     save_atomic({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, path)
 
 
+def backbone_file_matches(path: str, backbone: dict) -> bool:
+    """Whether `path` (backbone.pth) holds exactly these tensors (a missing or unreadable file
+    does not)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, truncated, foreign: all mean "rewrite it"
+        return False
+    if not isinstance(saved, dict) or saved.keys() != backbone.keys():
+        return False
+    for key, value in backbone.items():
+        other = saved[key]
+        if (not isinstance(other, torch.Tensor) or other.dtype != value.dtype
+                or other.shape != value.shape or not torch.equal(other, value.detach().cpu())):
+            return False
+    return True
+
+
 def _remove_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -141,11 +163,17 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def load(path: str, map_location="cpu") -> dict:
+def load(path: str, map_location="cpu", *, trust_checkpoint: bool = False) -> dict:
+    """The checkpoint at `path`, read with ``torch.load(weights_only=True)`` (never code from the
+    file): UntrustedCheckpointError (a ValueError naming the file) for one that holds more than
+    tensors and plain containers, unless trust_checkpoint (``--trust-checkpoint``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path!r}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = load_checkpoint_file(path, trust_checkpoint=trust_checkpoint,
+                                    map_location=map_location, what="--resume")
+    except UntrustedCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - truncated zip, garbage pickle, ...: all mean unreadable
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"--resume: {path!r} is not a readable checkpoint (truncated or not a "

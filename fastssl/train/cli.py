@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
 import time
 
@@ -45,6 +47,94 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _duration(text: str) -> float:
+    """--dist-timeout (seconds or minutes), as an argparse type."""
+    from fastssl.distributed import parse_timeout
+    try:
+        return parse_timeout(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _expected_type(default) -> tuple[str, object]:
+    """(what a --method-arg value must be, its check), from the method's default value."""
+    if default is None:                     # GroCo's n_pos_views: a count, or null for all views
+        return "an integer or null", lambda v: v is None or _is_int(v)
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "an integer", _is_int
+    if isinstance(default, float):
+        return "a finite number", _is_number
+    if isinstance(default, (list, tuple)):
+        n = len(default)
+        return (f"a list of {n} finite numbers",
+                lambda v: isinstance(v, list) and len(v) == n and all(map(_is_number, v)))
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    return f"a value like {default!r}", lambda v: isinstance(v, type(default))
+
+
+def _shown(value) -> str:
+    kind = {str: "a string", list: "a list", dict: "an object", bool: "a boolean",
+            type(None): "null"}.get(type(value))
+    text = json.dumps(value) if value is None or isinstance(value, (str, list, dict, bool)) else repr(value)
+    return f"{kind} {text}" if kind and value is not None else text
+
+
+# Ranges of the values the methods use themselves (the loss arguments' ranges, temperature > 0
+# and so on, are the losses' own checks, raised as named ValueErrors when the method is built).
+_RANGES = {"base_momentum": (0.0, 1.0), "n_prototypes": (1, None), "n_assign_crops": (1, None),
+           "n_pos_views": (1, None), "epoch_queue_starts": (0, None),
+           "freeze_prototypes_iters": (0, None)}
+
+
+def check_method_args(method: str, args: dict) -> str | None:
+    """The first problem of the --method-arg values (unknown key, wrong type, out of range), or
+    None."""
+    known = METHODS[method].defaults
+    unknown = set(args) - set(known)
+    if unknown:
+        return f"unknown key(s) {sorted(unknown)} for {method}; known: {sorted(known)}"
+    for key, value in args.items():
+        expected, ok = _expected_type(known[key])
+        if not ok(value):
+            return (f"{key}: expected {expected} for {method} (default {json.dumps(known[key])}), "
+                    f"got {_shown(value)}")
+        low, high = _RANGES.get(key, (None, None))
+        if value is not None and ((low is not None and value < low)
+                                  or (high is not None and value > high)):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            return f"{key}: expected a value {bounds} for {method}, got {_shown(value)}"
+    return None
+
+
+_HEAD_LISTS = ("projector", "predictor")
+
+
+def check_heads(heads: dict) -> str | None:
+    """The first problem of the --head values, or None."""
+    for key, value in heads.items():
+        if key in _HEAD_LISTS:
+            if not (isinstance(value, list) and value and all(_is_int(v) and v > 0 for v in value)):
+                return f"{key}: expected a non-empty list of positive integers, got {_shown(value)}"
+        elif key == "bn":
+            if not isinstance(value, bool):
+                return f"bn: expected true or false, got {_shown(value)}"
+        else:
+            return f"unknown key {key!r}; known: {sorted(_HEAD_LISTS + ('bn',))}"
+    return None
+
+
 LOADERS = ["auto", "dali", "synthetic"]
 
 
@@ -54,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised pretraining (SimCLR, GroCo, SCE, SogCLR, SFRIK, SwAV, AUH) with fastssl's "
                     "fused losses. With no arguments: a short ResNet-18 run on the generated demo dataset, "
                     "then the k-NN accuracy of the learned features next to a random-init network.",
-        epilog="Distributed: torchrun --nproc_per_node=G train_imagenet.py ... (NCCL on GPU, gloo on CPU).")
+        epilog="Distributed: torchrun --nproc_per_node=G train_imagenet.py ... (NCCL on GPU, gloo on CPU). "
+               "Exit status: 0 finished or --max-steps reached, 1 non-finite loss or --dist-timeout "
+               "expired, 2 usage or data error, 128+N stopped by signal N after a resumable "
+               "checkpoint (resume with --resume auto).")
     p.add_argument("--data", default=None, help="ImageFolder root (DIR or DIR/train) or 'demo' (default: demo)")
     p.add_argument("--method", choices=sorted(METHODS), default=None, help="SSL method (default: the preset's)")
     p.add_argument("--preset", default=None,
@@ -80,7 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="SyncBatchNorm under DDP on GPU (default: on)")
     p.add_argument("--out", help="output directory (checkpoints, log.jsonl, config.json)")
-    p.add_argument("--resume", help="checkpoint path, or 'auto' for OUT/checkpoint_last.pth if present")
+    p.add_argument("--resume", help="checkpoint path, or 'auto' for OUT/checkpoint_last.pth if present "
+                                    "(read with torch.load(weights_only=True))")
+    p.add_argument("--trust-checkpoint", action="store_true", default=None,
+                   help="read --resume's checkpoint with a full unpickle (torch.load("
+                        "weights_only=False)), which RUNS ANY CODE INSIDE THE FILE: only for a file "
+                        "you trust that holds more than tensors and plain containers (e.g. from an "
+                        "older fastssl). Default: weights_only=True, and such a file is refused")
     p.add_argument("--seed", type=_nonneg_int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--loader", choices=LOADERS, default=None,
@@ -102,9 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/tensorboard (needs the tensorboard package)")
     p.add_argument("--max-steps", type=_positive_int, help="stop with a checkpoint after this many steps")
     p.add_argument("--deterministic", action="store_true", default=None)
+    p.add_argument("--dist-timeout", type=_duration, default=None, metavar="DURATION",
+                   help="under torchrun: how long a collective waits for the other ranks before "
+                        "the run ends with an error naming the timeout (a frozen or lost rank), "
+                        "in seconds (600, 600s) or minutes (10m); default 10m")
     p.add_argument("--skip-corrupt", action="store_true", default=None,
-                   help="skip unreadable images (each decode-checked once, reported on stderr) instead "
-                        "of stopping with a checkpoint and 'error: FILE: REASON'")
+                   help="skip unreadable images, in training and in the k-NN monitor (each "
+                        "decode-checked once, reported once per run), instead of stopping with a "
+                        "checkpoint and 'error: FILE: REASON'")
     p.add_argument("--method-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyperparameter (JSON value), e.g. temperature=0.2")
     p.add_argument("--head", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -116,7 +220,7 @@ FLAG_FIELDS = ["data", "method", "epochs", "batch_size", "lr", "base_lr", "lr_sc
                "weight_decay", "optimizer", "arch", "amp", "channels_last", "compile", "sync_bn", "out",
                "resume", "seed", "device", "dataset_size", "num_threads", "knn_every", "knn_k",
                "knn_train_samples", "eval_size", "log_every", "max_steps", "deterministic",
-               "skip_corrupt", "tensorboard"]
+               "skip_corrupt", "tensorboard", "trust_checkpoint", "dist_timeout"]
 
 
 def _loader(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
@@ -157,13 +261,14 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     overrides["backend"] = loader           # TrainConfig.backend is the data loader
     overrides["preset"] = name
     if args.method_arg:
+        problem = check_method_args(preset["method"], dict(args.method_arg))
+        if problem:
+            parser.error(f"argument --method-arg: {problem}")
         preset["method_args"] = {**preset.get("method_args", {}), **dict(args.method_arg)}
-        known = METHODS[preset["method"]].defaults
-        unknown = set(dict(args.method_arg)) - set(known)
-        if unknown:
-            parser.error(f"argument --method-arg: unknown key(s) {sorted(unknown)} for {preset['method']}; "
-                         f"known: {sorted(known)}")
     if args.head:
+        problem = check_heads(dict(args.head))
+        if problem:
+            parser.error(f"argument --head: {problem}")
         preset["heads"] = {**preset.get("heads", {}), **dict(args.head)}
     cfg = make_config(preset, overrides)
     if cfg.data == "demo" and args.knn_every is None:
@@ -192,23 +297,28 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     from fastssl.train.checkpoint import CheckpointWriteError
-    from fastssl.train.loop import CorruptDataError, NonFiniteLossError, random_init_backbone, run_knn, train
+    from fastssl.train.loop import (CorruptDataError, DistTimeoutError, NonFiniteLossError,
+                                    random_init_backbone, run_knn, train)
     from fastssl import distributed as D
     start = time.perf_counter()
     try:
         result = train(cfg)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (NonFiniteLossError, DistTimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except (ValueError, FileNotFoundError, CorruptDataError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if result["status"] == "interrupted":
+        # stopped by SIGTERM/SIGINT after its checkpoint: not done, so the shell's 128 + signal
+        # (143, 130) tells a scheduler or retry loop to resume it
+        return 128 + int(result.get("signal") or signal.SIGTERM)
     if result["status"] != "completed":
         return 0
     if cfg.compare_random_init:
         from fastssl.train.loop import make_monitor
         device = result["device"]
-        monitor = result["monitor"] or make_monitor(cfg, device)
+        monitor = result["monitor"] or make_monitor(cfg, device, skipped=result.get("skipped_files"))
         learned = result["knn"] or run_knn(result["model"].backbone, monitor)
         rand = run_knn(random_init_backbone(cfg).to(device), monitor)
         if D.rank() == 0:

@@ -38,6 +38,7 @@ class TrainConfig:
     device: str = "auto"
     out: str | None = None
     resume: str | None = None
+    trust_checkpoint: bool = False        # --resume with a full unpickle (runs code in the file)
     num_threads: int | None = None        # loader threads; None: derived from the cores per process
     log_every: int = 10
     knn_every: int = 1                    # epochs between k-NN monitor runs (0 = off)
@@ -48,6 +49,7 @@ class TrainConfig:
     deterministic: bool = False
     skip_corrupt: bool = False            # DALI: skip (and report) unreadable images, else stop
     tensorboard: bool = False             # also log scalars to OUT/tensorboard (needs tensorboard)
+    dist_timeout: float = 600.0           # seconds a collective may wait for the other ranks
     compare_random_init: bool = False     # demo: also print the k-NN of a random-init network
 
     def to_dict(self) -> dict:

@@ -7,6 +7,7 @@ never holds parameters that a non-finite loss has touched).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -38,19 +39,26 @@ class CorruptDataError(RuntimeError):
     steps before it has been written. The message is ``<file>: <reason>``."""
 
 
+class DistTimeoutError(RuntimeError):
+    """Under torchrun, a collective waited longer than --dist-timeout for the other ranks (one
+    is frozen, lost or far slower); the message names the timeout and the rank."""
+
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 # --- setup helpers ------------------------------------------------------------------------------
-def init_distributed(device_kind: str) -> tuple[int, int, int]:
-    """Initialise the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+def init_distributed(device_kind: str, timeout_s: float = D.DEFAULT_TIMEOUT_S) -> tuple[int, int, int]:
+    """Initialise the process group when launched by torchrun (NCCL on GPU, gloo on CPU), with
+    `timeout_s` (--dist-timeout) for its collectives: a rank that stops answering ends the
+    others' waits with an error instead of a hang."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return D.rank(), D.world_size(), local_rank
 
 
@@ -145,10 +153,12 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum = 0                   # the signal received (the exit status is 128 + it)
         self._previous = {}
 
     def _handler(self, signum, frame):
         self.requested = True
+        self.signum = self.signum or int(signum)
 
     def __enter__(self):
         if _in_main_thread():
@@ -202,6 +212,7 @@ class Run:
     resumed_loss: tuple = (0.0, 0)
     # the epoch in progress, kept current for a mid-epoch checkpoint
     epoch_loss: "EpochOutcome | None" = None
+    skipped: object = None                  # --skip-corrupt: the run's SkippedFiles
 
     @property
     def is_main(self) -> bool:
@@ -213,7 +224,9 @@ class Run:
 
     def summary(self, status: str, epoch: int, **extra) -> dict:
         return {"status": status, "epoch": epoch, "step": self.step, "checkpoint": self.last_path,
-                "backbone": os.path.join(self.out_dir, ckpt_io.BACKBONE_NAME), "out": self.out_dir, "knn": self.knn_results, **extra}
+                "backbone": os.path.join(self.out_dir, ckpt_io.BACKBONE_NAME), "out": self.out_dir,
+                "knn": self.knn_results,
+                "skipped": dict(self.skipped.reasons) if self.skipped is not None else {}, **extra}
 
 
 @dataclass
@@ -271,7 +284,7 @@ def prepare_out_dir(out_dir: str) -> None:
 def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
     """Process group, device, loader, model, optimiser; nothing is read from a checkpoint yet."""
     want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    rank, world, local_rank = init_distributed("cuda" if want_cuda else "cpu")
+    rank, world, local_rank = init_distributed("cuda" if want_cuda else "cpu", cfg.dist_timeout)
     device = resolve_device(cfg.device, local_rank)
     amp_dtype = resolve_amp(cfg.amp, device)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
@@ -285,15 +298,18 @@ def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
     if rank == 0:
         prepare_out_dir(out_dir)
     from fastssl.data import build_train_loader
+    from fastssl.data.folder import SkippedFiles
     from fastssl.data.loaders import default_num_threads
     if cfg.num_threads is None:                 # the cores of this process's share (bench/input.py)
         cfg.num_threads = default_num_threads(device)
+    # --skip-corrupt: one list of skipped files for every loader of the run (each logged once)
+    skipped = (SkippedFiles(lambda text: print(text, file=stream, flush=True))
+               if cfg.skip_corrupt else None)
     loader = build_train_loader(cfg.data, crop_specs(cfg.crops), local_batch, backend=cfg.backend,
                                 device=device, rank=rank, world_size=world, seed=cfg.seed,
                                 num_threads=cfg.num_threads, channels_last=channels_last,
                                 return_index=True, dataset_size=cfg.dataset_size,
-                                **({"skip_corrupt": True,
-                                    "log": lambda text: print(text, file=stream, flush=True)}
+                                **({"skip_corrupt": True, "skipped": skipped}
                                    if cfg.skip_corrupt else {}))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -316,7 +332,7 @@ def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
                loader=loader, steps_per_epoch=steps_per_epoch,
                total_steps=cfg.epochs * steps_per_epoch, method=method, optimizer=optimizer,
                scaler=scaler, images_per_step=local_batch * world,  # images, not views
-               knn_results={})
+               knn_results={}, skipped=skipped)
 
 
 def resume_run(run: Run) -> None:
@@ -325,7 +341,8 @@ def resume_run(run: Run) -> None:
     resume_path = ckpt_io.resolve_resume(cfg.resume, run.out_dir)
     if not resume_path:
         return
-    state = ckpt_io.load(resume_path, map_location="cpu")   # RNG states must stay on the CPU
+    # RNG states must stay on the CPU; weights_only unless --trust-checkpoint
+    state = ckpt_io.load(resume_path, map_location="cpu", trust_checkpoint=cfg.trust_checkpoint)
     check_compatible(state, cfg, resume_path)
     method = run.method
     try:
@@ -344,8 +361,28 @@ def resume_run(run: Run) -> None:
     if run.resumed_mid_epoch and "epoch_loss" in state:
         run.resumed_loss = (float(state["epoch_loss"]["sum"]), int(state["epoch_loss"]["steps"]))
     ckpt_io.set_rng_state(state["rng"])
+    if run.is_main and "backbone" in state:
+        sync_backbone_file(run, state["backbone"], state["epoch"], state["step"])
     run.say(f"resumed from {resume_path}: {run.start_epoch} epoch(s) done, continuing in epoch "
             f"{run.start_epoch + 1} at step {run.step}")
+
+
+def sync_backbone_file(run: Run, backbone: dict, epoch: int, step: int) -> None:
+    """Make OUT/backbone.pth hold the resumed checkpoint's backbone: a kill between the two
+    files of one save (or during backbone.pth's write) leaves it one save older, and the eval
+    CLIs would score those old weights. Rewritten (atomically) when missing, unreadable or
+    different; a write error is a warning (training goes on, the next save retries)."""
+    path = backbone_path(run)
+    if ckpt_io.backbone_file_matches(path, backbone):
+        return
+    try:
+        ckpt_io.save_backbone_atomic(backbone, path)
+    except ckpt_io.CheckpointWriteError as e:
+        run.say(f"warning: {path} is stale and could not be rewritten: {e}")
+        return
+    run.say(f"{path} did not hold the checkpoint's backbone (a save was interrupted); "
+            f"rewritten from the checkpoint (epoch {epoch}, step {step})")
+    run.logger.log(event="backbone_rewritten", epoch=epoch, step=step)
 
 
 # what a resumed run must share with its checkpoint: other values build another model
@@ -482,17 +519,22 @@ def check_finite(run: Run, bad: torch.Tensor, at_step: int, loss_value: float | 
         raise NonFiniteLossError(msg)
 
 
-def agreed_stop(run: Run, requested: bool, sync_now: bool, max_reached: bool) -> bool:
+def agreed_stop(run: Run, stop: StopFlag, sync_now: bool, max_reached: bool) -> bool:
     """Whether to stop after this step. Every rank must stop at the same step (a signal may reach
-    them at different times): under torchrun they agree at the sync points, which all share."""
-    stop_now = requested or max_reached
+    them at different times): under torchrun they agree at the sync points, which all share.
+    A signal that reached any rank marks every rank's stop as interrupted by it (one exit
+    status for the whole job)."""
+    stop_now = stop.requested or max_reached
     if run.world == 1:
         return stop_now
     if not (sync_now or max_reached):
         return False
-    flag = torch.tensor([int(stop_now)], device=run.device)
+    flag = torch.tensor([int(stop_now), stop.signum if stop.requested else 0], device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    signum = int(flag[1].item())
+    if signum and not stop.requested:
+        stop.requested, stop.signum = True, signum
+    return bool(flag[0].item())
 
 
 def run_epoch(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -> EpochOutcome:
@@ -533,7 +575,7 @@ def run_epoch(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -> EpochO
         else:
             progress.images += run.images_per_step
         max_reached = cfg.max_steps is not None and run.step >= cfg.max_steps
-        if not agreed_stop(run, stop.requested, sync_now, max_reached):
+        if not agreed_stop(run, stop, sync_now, max_reached):
             continue
         if in_epoch == spe:
             outcome.stop_after = True      # finish the epoch normally, then stop
@@ -558,8 +600,9 @@ def finish_epoch(run: Run, epoch: int, outcome: EpochOutcome, bad: torch.Tensor)
               "lr": lr_at(max(run.step - 1, 0), cfg, run.total_steps, run.steps_per_epoch)}
     if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
         if run.monitor is None:
-            run.monitor = make_monitor(cfg, run.device, run.steps_per_epoch * cfg.batch_size)
-        run.knn_results = run_knn(run.method.model.backbone, run.monitor)
+            run.monitor = make_monitor(cfg, run.device, run.steps_per_epoch * cfg.batch_size,
+                                       skipped=run.skipped)
+        run.knn_results = monitor_or_corrupt(run, run.monitor)
         record["knn"] = run.knn_results
         # images decoded by the monitor / images decoded for training since its last run
         record["knn_decoded_share"] = run.monitor.decoded_share()
@@ -591,20 +634,41 @@ def run_epoch_or_save(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -
 
 
 def _stopped(run: Run, stop: StopFlag, epoch: int, where: str) -> dict:
+    """The summary of a run stopped before its end: "interrupted" by a signal (its number under
+    "signal": the CLI exits with 128 + it, so a retry loop resumes) or "stopped" (--max-steps)."""
     status = "interrupted" if stop.requested else "stopped"
-    run.say(f"{status} {where} {epoch + 1}, step {run.step}: checkpoint {run.last_path} "
+    by = f" by signal {stop.signum}" if stop.requested else ""
+    run.say(f"{status}{by} {where} {epoch + 1}, step {run.step}: checkpoint {run.last_path} "
             f"(continue with --resume auto --out {run.out_dir})")
-    return run.summary(status, epoch)
+    return run.summary(status, epoch, signal=stop.signum if stop.requested else None)
 
 
 def train(cfg: TrainConfig, *, hooks: dict | None = None, stream=None) -> dict:
     """Run (or resume) a pretraining run. Returns a summary dict: status ("completed",
-    "interrupted" or "stopped"), epoch, step, the checkpoint path, k-NN results."""
-    run = setup_run(cfg, hooks or {}, stream or sys.stdout)
+    "interrupted" by a signal, whose number is under "signal", or "stopped" by max_steps), epoch,
+    step, the checkpoint path, k-NN results, the files skipped under skip_corrupt. Under
+    torchrun, a collective that outlives cfg.dist_timeout raises DistTimeoutError."""
+    run = None
     try:
+        run = setup_run(cfg, hooks or {}, stream or sys.stdout)
         return _train(run, cfg)
+    except RuntimeError as e:
+        if D.is_timeout_error(e):
+            raise _timeout_error(e, cfg, run) from e
+        raise
     finally:
-        end_of_run(run)
+        if run is not None:
+            end_of_run(run)
+
+
+def _timeout_error(error: BaseException, cfg: TrainConfig, run: Run | None) -> DistTimeoutError:
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    kept = (f"; the last checkpoint is kept at {run.last_path}"
+            if run is not None and os.path.isfile(run.last_path) else "")
+    return DistTimeoutError(
+        f"rank {D.rank()} of {D.world_size()}: a collective waited longer than --dist-timeout "
+        f"({cfg.dist_timeout:g} s) for the other ranks: a rank is frozen, lost or far slower"
+        f"{kept} ({type(error).__name__}: {first[:300]})")
 
 
 def _train(run: Run, cfg: TrainConfig) -> dict:
@@ -628,7 +692,7 @@ def _train(run: Run, cfg: TrainConfig) -> dict:
                 run.logger.log(event=result["status"], epoch=epoch + 1, step=run.step)
                 return result
     return run.summary("completed", cfg.epochs, model=run.method.model, monitor=run.monitor,
-                       device=run.device)
+                       device=run.device, skipped_files=run.skipped)
 
 
 def end_of_run(run: Run) -> None:
@@ -646,13 +710,33 @@ def end_of_run(run: Run) -> None:
         run.say(f"warning: {CURVES_NAME} not drawn ({type(e).__name__}: {e})")
 
 
-def make_monitor(cfg: TrainConfig, device: torch.device, train_images_per_epoch: int | None = None):
+def monitor_or_corrupt(run: Run, monitor) -> dict:
+    """run_knn; an unreadable image in the monitor's subsets (without --skip-corrupt) ends the
+    run like one met in training: CorruptDataError naming it (the epoch's checkpoint is
+    already written)."""
+    from fastssl.data.folder import CorruptImageError
+    try:
+        return run_knn(run.method.model.backbone, monitor)
+    except CorruptImageError as e:
+        run.logger.log(event="corrupt_image", step=run.step, path=e.path, reason=e.reason)
+        raise CorruptDataError(f"{e.path}: {e.reason} (k-NN monitor; the epoch's checkpoint is "
+                               f"written: fix or remove the file, or pass --skip-corrupt, and "
+                               f"continue with --resume auto --out {run.out_dir})") from e
+
+
+def make_monitor(cfg: TrainConfig, device: torch.device, train_images_per_epoch: int | None = None,
+                 skipped=None):
     """The k-NN monitor; given the images trained per epoch, it decodes at most 2% of the
-    images trained between two of its runs (fastssl/train/monitor.py)."""
+    images trained between two of its runs (fastssl/train/monitor.py). With --skip-corrupt it
+    leaves unreadable images out, reported once in `skipped` (the run's list)."""
+    from fastssl.data.folder import SkippedFiles
     from fastssl.train.monitor import KNNMonitor
+    if cfg.skip_corrupt and skipped is None:
+        skipped = SkippedFiles()
     return KNNMonitor(cfg.data, k=cfg.knn_k, device=device, size=cfg.eval_size,
                       max_train_samples=cfg.knn_train_samples or None, num_threads=cfg.num_threads,
-                      train_images_per_epoch=train_images_per_epoch, every=cfg.knn_every or 1)
+                      train_images_per_epoch=train_images_per_epoch, every=cfg.knn_every or 1,
+                      skip_corrupt=cfg.skip_corrupt, skipped=skipped)
 
 
 def run_knn(backbone: nn.Module, monitor) -> dict:

@@ -43,12 +43,16 @@ def monitor_subsets(n_train: int, n_val: int, train_images_per_epoch: int | None
 class KNNMonitor:
     def __init__(self, data: str, *, k: int, device: torch.device, size: int, max_train_samples: int | None,
                  batch_size: int = 128, num_threads: int = 2, train_images_per_epoch: int | None = None,
-                 every: int = 1, max_share: float = MAX_SHARE, min_images: int = MIN_IMAGES):
+                 every: int = 1, max_share: float = MAX_SHARE, min_images: int = MIN_IMAGES,
+                 skip_corrupt: bool = False, skipped=None):
+        """skip_corrupt: leave unreadable images out of the bank and the queries, reported once
+        in `skipped` (the run's SkippedFiles, shared with its training loader)."""
         from fastssl import distributed as D
         from fastssl.data.folder import scan_image_folder
         from fastssl.data.loaders import EvalLoader, _resolve_data, spread_subset
         self.k, self.device = k, device
-        kwargs = dict(size=size, device=device, rank=D.rank(), world_size=D.world_size(), num_threads=num_threads)
+        kwargs = dict(size=size, device=device, rank=D.rank(), world_size=D.world_size(), num_threads=num_threads,
+                      skip_corrupt=skip_corrupt, skipped=skipped)
         train = scan_image_folder(_resolve_data(data, "train"))
         val = scan_image_folder(_resolve_data(data, "val"))
         bank, queries = monitor_subsets(len(train), len(val), train_images_per_epoch, every,

@@ -40,6 +40,9 @@ def _linear():
     ("linear", ["--lr", "-1"], "argument --lr: expected a positive number, got -1"),
     ("linear", ["--lr", "nan"], "argument --lr: expected a positive number, got nan"),
     ("linear", ["--weight-decay", "-0.1"], "argument --weight-decay: expected a number >= 0"),
+    ("knn", ["--dist-timeout", "0"], "argument --dist-timeout: expected a duration > 0"),
+    ("linear", ["--dist-timeout", "ten"], "argument --dist-timeout: expected seconds (600, 600s) "
+                                          "or minutes (10m, 10min)"),
 ])
 def test_bad_numbers_are_argparse_errors(tool, flags, needle, checkpoint, capsys):
     main = _knn() if tool == "knn" else _linear()

@@ -103,6 +103,56 @@ def test_skip_corrupt_names_and_skips_bad_files_including_corrupt_scan_data(tmp_
         assert text.count(f"skipping corrupt image {p}:") == 1, text   # once, over both epochs
 
 
+def _split_folder(root):
+    """root/train (garbage + corrupt scan data: the training loader meets them first, then the
+    monitor's bank) and root/val (corrupt scan data only the monitor reads)."""
+    paths = _image_folder(root / "train", n_good=6, garbage=True, bad_scan=True)
+    paths["val_bad_scan"] = _image_folder(root / "val", n_good=4, garbage=False,
+                                          bad_scan=True)["bad_scan"]
+    return paths
+
+
+def test_skip_corrupt_is_honoured_by_the_knn_monitor_each_file_logged_once(tmp_path):
+    paths = _split_folder(tmp_path / "data")
+    stream = io.StringIO()
+    cfg = _dali_config(tmp_path, tmp_path / "data", skip_corrupt=True, epochs=2, knn_every=1,
+                       knn_k=3, eval_size=16)
+    result = train(cfg, stream=stream)
+    assert result["status"] == "completed" and result["step"] == 4
+    assert set(result["skipped"]) == {str(p) for p in paths.values()}
+    text = stream.getvalue()
+    for p in paths.values():
+        assert text.count(f"skipping corrupt image {p}:") == 1, text   # one list for the run
+    knn = result["knn"]
+    assert 0.0 <= knn["knn3_top1"] <= 100.0
+    # the monitor's bank and queries leave the skipped images out (labels stay aligned)
+    monitor = result["monitor"]
+    assert monitor.val_loader.skipped is monitor.train_loader.skipped
+    # the command line: exit 0, the files reported once
+    argv = ["--preset", "demo_simclr", "--data", str(tmp_path / "data"), "--loader", "dali",
+            "--batch-size", "4", "--epochs", "1", "--knn-every", "1", "--knn-k", "3",
+            "--eval-size", "16", "--out", str(tmp_path / "cli"), "--head", "projector=[32,16]",
+            "--skip-corrupt"]
+    import contextlib
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    for p in paths.values():
+        assert out.getvalue().count(f"skipping corrupt image {p}:") == 1, out.getvalue()
+
+
+def test_corrupt_image_met_by_the_monitor_is_named(tmp_path, capsys):
+    bad = _image_folder(tmp_path / "data" / "val", n_good=4, garbage=True)["garbage"]
+    _image_folder(tmp_path / "data" / "train", n_good=8, garbage=False)
+    argv = ["--preset", "demo_simclr", "--data", str(tmp_path / "data"), "--loader", "dali",
+            "--batch-size", "4", "--epochs", "1", "--knn-every", "1", "--knn-k", "3",
+            "--eval-size", "16", "--out", str(tmp_path / "cli"), "--head", "projector=[32,16]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: " in err and "k-NN monitor" in err and "Traceback" not in err
+    assert ckpt_io.load(str(tmp_path / "cli" / ckpt_io.LAST_NAME))["epoch"] == 1
+
+
 def test_corrupt_scan_data_behind_a_valid_header_is_named(tmp_path):
     bad = _image_folder(tmp_path / "data", garbage=False, bad_scan=True)["bad_scan"]
     with pytest.raises(CorruptDataError) as info:
