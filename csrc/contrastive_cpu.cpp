@@ -154,7 +154,8 @@ void finish_grads(at::Tensor& da, at::Tensor& db, const std::vector<at::Tensor>&
 // (lse, pos, da, db, ce): lse[i] = log-sum-exp of row i of X = scale * a @ b.T with the masked
 // entries removed, pos[i] = X[i, pos_col[i]] (0 where pos_col is -1); ce[i] = lse[i] - pos[i]
 // read as -log_softmax(X)[i, pos_col[i]] (eager cross-entropy's arithmetic: no rounding at the
-// logits' magnitude; only when subtract_pos and the positive is not masked, else empty);
+// logits' magnitude; +inf where self_col masks the positive; only when subtract_pos and not
+// exclude_pos, else empty);
 // da and db the gradients of
 // L = sum_i lse_i (minus sum_i pos_i when subtract_pos: the cross-entropy of each row against
 // its positive column, G = P - onehot(pos)): da = scale * G b, db = scale * G^T a, P = softmax of

@@ -172,7 +172,8 @@ def torch_lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_
                           need_db):
     """(lse, pos, da, db, ce): lse as torch_lse_forward's lse0 (over all columns), pos[i] =
     X[i, pos_col[i]] (0 where pos_col is -1), ce[i] = -log_softmax(X)[i, pos_col[i]] (lse[i]
-    where pos_col is -1; only when subtract_pos and not exclude_pos, else empty: eager
+    where pos_col is -1, +inf where self_col masks the positive; only when subtract_pos and
+    not exclude_pos, else empty: eager
     cross-entropy's arithmetic, no rounding at the logits' magnitude as lse - pos has), and,
     from the same pass, the gradients in a and b
     of L = sum_i lse_i, minus sum_i pos_i when subtract_pos (then each row's cross-entropy
@@ -488,7 +489,10 @@ def contrastive_lse_sum(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor
     # one float64 sum: lse.sum() - pos.sum() subtracts two sums of the logits' magnitude and
     # loses their digits (float32: ~1e-6 of the loss at 2N = 64)
     if subtract_pos:
-        terms = ce if ce.numel() == lse.numel() else lse - pos
+        terms = lse - pos
+        if ce.numel() == lse.numel():
+            # ce is +inf where a mask hides the positive itself (then lse - pos is the term)
+            terms = torch.where(torch.isfinite(ce), ce, terms)
     else:
         terms = lse
     total = terms.sum(dtype=torch.float64) if terms.dtype == torch.float32 else terms.sum()
