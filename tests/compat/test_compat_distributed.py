@@ -74,3 +74,67 @@ def test_ddp_training_equals_single_process_formula():
     for res in results:
         torch.testing.assert_close(res["weight"], model.weight.detach(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(res["bias"], model.bias.detach(), rtol=1e-10, atol=1e-12)
+
+
+CLIP_MODES = [dict(gather_with_grad=True, local_loss=False),
+              dict(gather_with_grad=True, local_loss=True),
+              dict(gather_with_grad=False, local_loss=False)]
+
+
+def _clip_formula_terms(img, txt, scale):
+    """open_clip's loss on the global batch, per row: (image->text, text->image) terms."""
+    logits = scale * img @ txt.T
+    labels = torch.arange(img.shape[0])
+    return (F.cross_entropy(logits, labels, reduction="none"),
+            F.cross_entropy(logits.T, labels, reduction="none"))
+
+
+def _clip_features(model, x0, x1):
+    return F.normalize(model(x0), dim=1), F.normalize(model(x1), dim=1)
+
+
+def clip_worker():
+    import torch.distributed as dist
+    from fastssl.compat.open_clip import ClipLoss
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for mode in CLIP_MODES:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        criterion = ClipLoss(rank=rank, world_size=world, **mode)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        values = []
+        for step in range(STEPS):
+            x0, x1 = _batch(step)
+            mine = slice(rank * ROWS, (rank + 1) * ROWS)
+            loss = criterion(*_clip_features(model, x0[mine], x1[mine]), 10.0)
+            values.append(float(loss))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out.append({"weight": model.module.weight.detach().clone(), "values": values})
+    return out
+
+
+def test_clip_loss_ddp_modes_equal_open_clip_formula():
+    # open_clip after DDP's average: gather_with_grad=True gives the exact global gradient;
+    # gather_with_grad=False only each rank's own features' part, 1/W of it. Values: global,
+    # or (local_loss) the mean of the rank's own rows in both directions.
+    results = run_torchrun(f"{__file__}:clip_worker", WORLD)
+    for m, mode in enumerate(CLIP_MODES):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        for step in range(STEPS):
+            x0, x1 = _batch(step)
+            rows_it, rows_ti = _clip_formula_terms(*_clip_features(model, x0, x1), 10.0)
+            total = (rows_it.mean() + rows_ti.mean()) / 2
+            for rank, res in enumerate(results):
+                own = slice(rank * ROWS, (rank + 1) * ROWS)
+                want = ((rows_it[own].mean() + rows_ti[own].mean()) / 2 if mode["local_loss"]
+                        else total)
+                assert res[m]["values"][step] == pytest.approx(float(want), rel=1e-10), mode
+            opt.zero_grad()
+            (total if mode["gather_with_grad"] else total / WORLD).backward()
+            opt.step()
+        for res in results:
+            torch.testing.assert_close(res[m]["weight"], model.weight.detach(), rtol=1e-10,
+                                       atol=1e-12, msg=str(mode))
