@@ -107,7 +107,7 @@ setup(
     # install as fastssl.kernels and fastssl.bench: no top-level `kernels` or `bench` module
     # lands in site-packages.
     packages=["fastssl", "fastssl.kernels", "fastssl.ops", "fastssl.functional",
-              "fastssl.losses", "fastssl.reference", "fastssl.models", "fastssl.data",
+              "fastssl.losses", "fastssl.reference", "fastssl.compat", "fastssl.models", "fastssl.data",
               "fastssl.methods", "fastssl.train", "fastssl.eval", "fastssl.bench"],
     package_dir={"fastssl": "fastssl", "fastssl.kernels": "kernels", "fastssl.bench": "bench"},
     ext_modules=[_extension()],

@@ -151,8 +151,12 @@ void finish_grads(at::Tensor& da, at::Tensor& db, const std::vector<at::Tensor>&
     if (db_part[t].defined()) db.add_(db_part[t]);
 }
 
-// (lse, pos, da, db): lse[i] = log-sum-exp of row i of X = scale * a @ b.T with the masked
-// entries removed, pos[i] = X[i, pos_col[i]] (0 where pos_col is -1); da and db the gradients of
+// (lse, pos, da, db, ce): lse[i] = log-sum-exp of row i of X = scale * a @ b.T with the masked
+// entries removed, pos[i] = X[i, pos_col[i]] (0 where pos_col is -1); ce[i] = lse[i] - pos[i]
+// read as -log_softmax(X)[i, pos_col[i]] (eager cross-entropy's arithmetic: no rounding at the
+// logits' magnitude; +inf where self_col masks the positive; only when subtract_pos and not
+// exclude_pos, else empty);
+// da and db the gradients of
 // L = sum_i lse_i (minus sum_i pos_i when subtract_pos: the cross-entropy of each row against
 // its positive column, G = P - onehot(pos)): da = scale * G b, db = scale * G^T a, P = softmax of
 // the rows; each empty when not asked for. Float32 statistics (float64 for float64 inputs).
@@ -170,6 +174,8 @@ std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
   const auto& masks = o.masks;
 
   at::Tensor lse = at::empty({m}, opts), pos = at::zeros({m}, opts);
+  const bool want_ce = subtract_pos && !exclude_pos;
+  at::Tensor ce = at::empty({want_ce ? m : 0}, opts);
   const int64_t* pos_p = pc.data_ptr<int64_t>();
   at::Tensor da = need_da ? at::empty({m, d}, opts) : at::empty({0}, opts);
   const int64_t rows = block_rows(m, c);
@@ -199,6 +205,12 @@ std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
         save_probe<scalar_t>(xp, n, c, r0, masks, probe);
         at::_log_softmax_out(x, x, 1, false);  // row by row: in place is exact
         read_lse<scalar_t>(probe, xp, n, c, r0, masks, lse.data_ptr<scalar_t>());
+        if (want_ce) {
+          scalar_t* cep = ce.data_ptr<scalar_t>();
+          scalar_t* lsep = lse.data_ptr<scalar_t>();
+          for (int64_t i = 0; i < n; ++i)  // a row without a positive: its lse alone
+            cep[r0 + i] = pos_p[r0 + i] >= 0 ? -xp[i * c + pos_p[r0 + i]] : lsep[r0 + i];
+        }
         if (!(need_da || need_db)) continue;
         x.exp_();  // P
         // rows with every column masked are NaN after the softmax: their masked entries are all
@@ -211,7 +223,7 @@ std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
     });
   });
   finish_grads(da, db, db_part, scale, need_da);
-  return {lse, pos, da, db};
+  return {lse, pos, da, db, ce};
 }
 
 // SCE's statistics and their per-row gradients in q (fastssl.ops.contrastive.sce_stats,
@@ -422,8 +434,10 @@ void init_contrastive_cpu(pybind11::module_& m) {
   m.def("contrastive_lse_backward_cpu", &lse_backward_cpu,
         "(da, db) of the weighted row and column log-sum-exps, logits recomputed (CPU)");
   m.def("contrastive_lse_sum_cpu", &lse_sum_cpu,
-        "(lse, pos, da, db): row log-sum-exps of scale a b^T (masked), the positives' logits and "
-        "the gradients of sum(lse) [- sum(pos)], from one pass (CPU)");
+        "(lse, pos, da, db, ce): row log-sum-exps of scale a b^T (masked), the positives' "
+        "logits, the gradients of sum(lse) [- sum(pos)] and the rows' cross-entropies "
+        "-log_softmax at the positive (subtract_pos, positive unmasked; else empty), from one "
+        "pass (CPU)");
   m.def("sce_grad_cpu", &sce_grad_cpu,
         "(lse_s, lse_t, wmean, u_s, u_t): SCE's statistics and their per-row q gradients (CPU)");
 }

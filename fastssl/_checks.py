@@ -57,10 +57,12 @@ def check_temperature(temperature, like: torch.Tensor | None = None) -> float:
     return value
 
 
-def check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank=None) -> float:
+def check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank=None,
+                  normalize=True) -> float:
     """Returns the temperature's value as a float."""
     check_pair("z1", z1, "z2", z2)
     t = check_temperature(temperature, z1)
+    check_flag("normalize", normalize)
     check_flag("gather_distributed", gather_distributed)
     if memory_bank is not None:
         check_embeddings("memory_bank", memory_bank)
@@ -71,11 +73,12 @@ def check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank=None) -> 
     return t
 
 
-def check_info_nce(q, k, temperature, symmetric, gather_distributed) -> float:
+def check_info_nce(q, k, temperature, symmetric, gather_distributed, normalize=True) -> float:
     """Returns the temperature's value as a float."""
     check_pair("q", q, "k", k)
     t = check_temperature(temperature, q)
     check_flag("symmetric", symmetric)
+    check_flag("normalize", normalize)
     check_flag("gather_distributed", gather_distributed)
     return t
 
@@ -298,7 +301,7 @@ def check_groco_args(views, topk_neg, steepness, n_pos_views, network, distribut
 def check_sinkhorn(scores, epsilon, iterations, gather_distributed) -> None:
     check_embeddings("scores", scores)
     check_reciprocal("epsilon", check_positive("epsilon", epsilon), accumulation_dtype(scores))
-    check_int("iterations", iterations, minimum=1)
+    check_int("iterations", iterations, minimum=0)  # 0: the normalisation only (lightly, SwAV)
     check_flag("gather_distributed", gather_distributed)
 
 
@@ -331,7 +334,7 @@ def check_swav(scores, n_assign_crops, temperature, epsilon, sinkhorn_iterations
     acc = accumulation_dtype(views[0])
     check_reciprocal("temperature", check_positive("temperature", temperature), acc)
     check_reciprocal("epsilon", check_positive("epsilon", epsilon), acc)
-    check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=1)
+    check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=0)
     check_flag("gather_distributed", gather_distributed)
     if queue_scores is not None:
         queue_scores = check_queue_scores(queue_scores, n_assign_crops, views[0])

@@ -14,8 +14,10 @@ identity, and on gloo (CPU) and NCCL (GPU) alike.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import threading
 
 import torch
 import torch.distributed as dist
@@ -149,6 +151,23 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_value_mode = threading.local()
+
+
+@contextlib.contextmanager
+def per_rank_values():
+    """Within this context :func:`reduce_loss` returns W times the rank's share: the mean over
+    the rank's own rows, the value lightly's losses (and open_clip's local_loss) return on each
+    rank, instead of the global value. The gradient is the same either way (W times the
+    share's), so DDP's average is still exact; no collective is run for the value."""
+    previous = getattr(_value_mode, "per_rank", False)
+    _value_mode.per_rank = True
+    try:
+        yield
+    finally:
+        _value_mode.per_rank = previous
+
+
 def reduce_loss(local_share: torch.Tensor) -> torch.Tensor:
     """Turn this rank's share of the global loss into the value and gradient docs/api.md promises.
 
@@ -160,6 +179,8 @@ def reduce_loss(local_share: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return local_share
     w = world_size()
+    if getattr(_value_mode, "per_rank", False):
+        return local_share * w
     total = all_reduce_sum(local_share.detach().clone())
     scaled = local_share * w
     return scaled + (total - scaled).detach()

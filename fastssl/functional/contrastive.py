@@ -69,16 +69,26 @@ def _gather_layout(x: torch.Tensor, gather_distributed: bool):
     return False, x.shape[0], 0
 
 
+def _sum_rows(x: torch.Tensor) -> torch.Tensor:
+    """Sum of per-row loss terms, accumulated in float64 and returned in x's dtype: float32 sums
+    of 2N terms lose digits with N and with the order of the rows (swapping the two views
+    permutes them); this keeps the mean as accurate as eager's float32 cross-entropy."""
+    if x.dtype == torch.float32:
+        return x.sum(dtype=torch.float64).to(x.dtype)
+    return x.sum()
+
+
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     acc = accumulation_dtype(a)
     return (a.to(acc) * b.to(acc)).sum(-1)
 
 
-def _two_view_layout(z1, z2, gather_distributed):
-    """Normalised anchors [z1; z2], gathered columns [Z1; Z2], own and positive columns."""
+def _two_view_layout(z1, z2, gather_distributed, normalize=True):
+    """Normalised anchors [z1; z2] (as given with normalize=False), gathered columns [Z1; Z2],
+    own and positive columns."""
     dist_on, n, off = _gather_layout(z1, gather_distributed)
     b = z1.shape[0]
-    h1, h2 = _normalize(z1), _normalize(z2)
+    h1, h2 = (_normalize(z1), _normalize(z2)) if normalize else (z1, z2)
     rows = torch.cat([h1, h2], 0)
     if dist_on:
         cols = torch.cat([dist_utils.gather(h1, name="z1"), dist_utils.gather(h2, name="z2")], 0)
@@ -90,12 +100,18 @@ def _two_view_layout(z1, z2, gather_distributed):
     return rows, cols, self_col, pos_col, n
 
 
-def _positive_logits(rows):
+def _positive_logits(rows, scale=None):
     """<row i, its positive> for the anchors [h1; h2]: the positive is the other view of the
-    same local sample, so both halves are one row-wise product of h1 and h2 (no [h2; h1] copy)."""
+    same local sample, so both halves are one row-wise product of h1 and h2 (no [h2; h1] copy).
+    With `scale`, the logits scale * <., .>, each anchor scaled before the product as the ops
+    scale their operand (the anchor), so that they round as the op's logits of that anchor do
+    (their difference is the loss) and swapping the views only swaps the halves."""
     b = rows.shape[0] // 2
-    half = _rowdot(rows[:b], rows[b:])
-    return torch.cat([half, half])
+    if scale is None:
+        half = _rowdot(rows[:b], rows[b:])
+        return torch.cat([half, half])
+    scaled = rows.to(accumulation_dtype(rows)) * scale
+    return torch.cat([_rowdot(scaled[:b], rows[b:]), _rowdot(scaled[b:], rows[:b])])
 
 
 class _ScaleTap(torch.autograd.Function):
@@ -143,7 +159,8 @@ def _logit_scale(temperature, value: float):
 # Losses
 # ----------------------------------------------------------------------------------------------
 
-def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=False):
+def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, normalize=True,
+            gather_distributed=False):
     """SimCLR's NT-Xent (normalised temperature-scaled cross-entropy).
 
     The 2N anchors are the rows of z1 and z2 (L2-normalised inside); anchor i of z1 has one
@@ -163,6 +180,9 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=Fal
             only, anchor i's positive is row i of z2 and its negatives are the K bank rows
             (not the batch); loss = mean_i -s(i, pos) + log(exp s(i, pos) + sum_k exp s(i, k)).
             The bank carries no gradient; streamed as extra columns (no B x K matrix).
+        normalize: bool. True (the default): z1 and z2 are L2-normalised inside. False: they
+            are used as given (s = <z1_i, z2_j> / temperature; e.g. features a model has
+            already normalised), which saves the normalisation and its backward.
         gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
             each rank's rows meet the gathered rows of every rank (N = B * W): the value on
             every rank is the single-process loss on the global batch, and each rank's
@@ -176,14 +196,16 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=Fal
         >>> z1, z2 = torch.randn(256, 128), torch.randn(256, 128)
         >>> loss = fastssl.functional.nt_xent(z1, z2, temperature=0.1)
     """
-    t = check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank)
+    t = check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank, normalize)
     backend = ops.backend_for("nt_xent", z1.device)
     if backend == "reference":
         return ops.TABLE["reference"].nt_xent(z1, z2, temperature, memory_bank=memory_bank,
+                                              normalize=normalize,
                                               gather_distributed=gather_distributed)
     if memory_bank is not None:
-        return _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend)
-    rows, cols, self_col, pos_col, n = _two_view_layout(z1, z2, gather_distributed)
+        return _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend,
+                             normalize)
+    rows, cols, self_col, pos_col, n = _two_view_layout(z1, z2, gather_distributed, normalize)
     scale, scale_mul, tap = _logit_scale(temperature, t)
     if ops.has_same_pass(backend):
         # the positive is column pos_col[i] of the logits: the op's cross-entropy sum (its
@@ -199,7 +221,7 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=Fal
     else:
         lse, _, _, _ = ops.contrastive_lse(tap(rows), cols, self_col, pos_col, scale,
                                            cols.shape[0], False, False, False, backend)
-    return dist_utils.reduce_loss((lse - pos).sum() / (2 * n))
+    return dist_utils.reduce_loss(_sum_rows(lse - pos) / (2 * n))
 
 
 def _cross_entropy_sum(a, b, self_col, pos_col, scale, backend):
@@ -213,21 +235,26 @@ def _cross_entropy_sum(a, b, self_col, pos_col, scale, backend):
     return total
 
 
-def _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend):
+def _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend,
+                  normalize=True):
     """lightly's memory-bank NT-Xent: z1's rows against [z2_i | bank], the bank as the op's
     columns (as SCE's queue), the per-row positive merged in by logaddexp."""
     _, n, _ = _gather_layout(z1, gather_distributed)
-    h1, h2 = _normalize(z1), _normalize(z2)
+    h1, h2 = (_normalize(z1), _normalize(z2)) if normalize else (z1, z2)
     bank = memory_bank.detach().to(h1.dtype)
     scale, scale_mul, tap = _logit_scale(temperature, t)
     no_mask = torch.full((h1.shape[0],), -1, dtype=torch.long, device=h1.device)
     lse_bank, _, _, _ = ops.contrastive_lse(tap(h1), bank, no_mask, no_mask, scale,
                                             bank.shape[0], False, False, False, backend)
-    pos = _rowdot(h1, h2) * scale_mul
-    return dist_utils.reduce_loss((torch.logaddexp(lse_bank, pos) - pos).sum() / n)
+    # scaled before the product, as the op scales its operand: the positive and the bank
+    # logits then round alike (all logits equal when the embeddings are collinear)
+    pos = _rowdot(h1.to(accumulation_dtype(h1)) * scale_mul, h2)
+    # logaddexp(lse, pos) - pos as softplus(lse - pos): no rounding at the logits' magnitude
+    return dist_utils.reduce_loss(_sum_rows(F.softplus(lse_bank - pos)) / n)
 
 
-def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False):
+def info_nce(q, k, temperature=0.1, *, symmetric=False, normalize=True,
+             gather_distributed=False):
     """InfoNCE (MoCo v3 / CLIP): row i of q has its positive in row i of k.
 
     q and k are L2-normalised inside; loss = mean_i cross_entropy(q_i . k^T / temperature, i).
@@ -241,6 +268,9 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
             e.g. ``1 / logit_scale.exp()``: its gradient comes from the op's own backward,
             no N x N matrix; one host read of its value per call).
         symmetric: bool, average the q -> k and k -> q losses.
+        normalize: bool. True (the default): q and k are L2-normalised inside. False: they are
+            used as given (open_clip's ClipLoss receives features its model has already
+            normalised, with ``temperature = 1 / logit_scale``).
         gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
             each rank's rows meet the gathered rows of every rank (N = B * W): the value on
             every rank is the single-process loss on the global batch, and each rank's
@@ -253,14 +283,15 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
 
         >>> loss = fastssl.functional.info_nce(q, k, temperature=0.2, symmetric=True)
     """
-    t = check_info_nce(q, k, temperature, symmetric, gather_distributed)
+    t = check_info_nce(q, k, temperature, symmetric, gather_distributed, normalize)
     backend = ops.backend_for("info_nce", q.device)
     if backend == "reference":
         return ops.TABLE["reference"].info_nce(q, k, temperature, symmetric=symmetric,
+                                               normalize=normalize,
                                                gather_distributed=gather_distributed)
     dist_on, n, off = _gather_layout(q, gather_distributed)
     b = q.shape[0]
-    qn, kn = _normalize(q), _normalize(k)
+    qn, kn = (_normalize(q), _normalize(k)) if normalize else (q, k)
     k_all = dist_utils.gather(kn, name="k") if dist_on else kn
     labels = torch.arange(b, device=q.device) + off
     no_self = torch.full_like(labels, -1)
@@ -269,12 +300,21 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
         # row i's positive is column labels[i] of the (gathered) keys
         ce_sum = _cross_entropy_sum(tap(qn), k_all, no_self, labels, scale, backend)
         return dist_utils.reduce_loss(ce_sum / n)
+    if not dist_on and ops.has_same_pass(backend):
+        # symmetric, one process: each direction as the row cross-entropies of its own product
+        # (q k^T, then k q^T), the per-row terms read from log_softmax at the positive as eager
+        # cross-entropy does: float32 error at eager's (the one-pass form below takes each
+        # term as lse - pos, rounded at the logits' magnitude, about twice eager's error),
+        # for 6 products instead of 4
+        ce_qk = _cross_entropy_sum(tap(qn), kn, no_self, labels, scale, backend)
+        ce_kq = _cross_entropy_sum(tap(kn), qn, no_self, labels, scale, backend)
+        return 0.5 * (ce_qk + ce_kq) / n
     pos = _rowdot(qn, kn) * scale_mul
     # symmetric: one pass for the row and column statistics, one for both gradients (4
     # products; two same-pass calls would take 6)
     lse_row, _, _, col_lse = ops.contrastive_lse(tap(qn), k_all, no_self, labels, scale, n,
                                                  False, False, symmetric, backend)
-    share = (lse_row - pos).sum() / n
+    share = _sum_rows(lse_row - pos) / n
     if not symmetric:
         return dist_utils.reduce_loss(share)
     if dist_on:
@@ -285,9 +325,9 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False
         merged = torch.logsumexp(parts.view(dist_utils.world_size(), n), dim=0)
         weight = torch.exp(col_lse.detach() - merged)
         carrier = (weight * (col_lse - col_lse.detach())).sum()
-        col_share = carrier + (merged[off:off + b] - pos).sum()
+        col_share = carrier + _sum_rows(merged[off:off + b] - pos)
     else:
-        col_share = (col_lse - pos).sum()
+        col_share = _sum_rows(col_lse - pos)
     return dist_utils.reduce_loss(0.5 * (share + col_share / n))
 
 
@@ -308,9 +348,9 @@ def _dcl_fused(z1, z2, temperature, t, weight_fn, gather_distributed, backend):
     # merged by logaddexp into the log-sum-exp over all 2N-2 negatives (no extra pass).
     lse_z1, lse_z2, _, _ = ops.contrastive_lse(tap(rows), cols, self_col, pos_col, scale, n,
                                                True, False, False, backend)
-    pos = _weighted_positives(_positive_logits(rows) * scale_mul, rows, z1.shape[0],
+    pos = _weighted_positives(_positive_logits(rows, scale_mul), rows, z1.shape[0],
                               weight_fn)
-    return dist_utils.reduce_loss((torch.logaddexp(lse_z1, lse_z2) - pos).sum() / (2 * n))
+    return dist_utils.reduce_loss(_sum_rows(torch.logaddexp(lse_z1, lse_z2) - pos) / (2 * n))
 
 
 def dcl(z1, z2, temperature=0.1, *, weight_fn=None, gather_distributed=False):
@@ -463,7 +503,7 @@ def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=F
     # T * ratio_i * wmean_i in value; its gradient T * ratio_i * softmax_ij is that of lse_i.
     neg_term = t * ratio * (wmean.detach() + lse - lse.detach())
     pos = _positive_logits(rows)
-    return dist_utils.reduce_loss((neg_term - pos).sum() / n)
+    return dist_utils.reduce_loss(_sum_rows(neg_term - pos) / n)
 
 
 def sce(q, k, queue, *, coeff=0.5, temperature=0.1, temperature_m=0.07, use_keys=False,
@@ -524,4 +564,4 @@ def sce(q, k, queue, *, coeff=0.5, temperature=0.1, temperature_m=0.07, use_keys
         lse_t_all = torch.logaddexp(lse_t, zero)
         wmean = torch.exp(lse_t - lse_t_all) * wmean + torch.exp(zero - lse_t_all) * pos
     loss = lse_s - coeff * pos - (1 - coeff) * wmean
-    return dist_utils.reduce_loss(loss.sum() / n)
+    return dist_utils.reduce_loss(_sum_rows(loss) / n)

@@ -33,13 +33,15 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
 
     Args:
         scores: (B, K) float tensor of prototype scores (not normalised here).
-        epsilon: float > 0. iterations: int >= 1.
+        epsilon: float > 0. iterations: int >= 0 (0: upstream's initial normalisation only,
+            codes = B * exp(scores / epsilon) / its total, rows not summing to 1; lightly and
+            SwAV allow it).
         gather_distributed: bool. With W > 1 ranks the prototype marginals are taken over the
             rows of every rank (all-reduce of K-vectors), as upstream; each rank gets the
             codes of its own rows.
 
     Returns:
-        (B, K) codes, each row summing to 1, float32 (float64 for float64 scores).
+        (B, K) codes, each row summing to 1 (for iterations >= 1), float32 (float64 for float64 scores).
 
     Example::
 
@@ -68,7 +70,7 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
     Args:
         scores: list or tuple of >= 2 (B, K) tensors, the assigned crops first.
         n_assign_crops: int in [1, len(scores)]. temperature, epsilon: floats > 0.
-        sinkhorn_iterations: int >= 1.
+        sinkhorn_iterations: int >= 0 (0: the normalisation only, see :func:`sinkhorn`).
         queue_scores: None or a list of n_assign_crops (Q, K) tensors (or None entries).
         gather_distributed: bool. Sinkhorn runs over all ranks' rows and the value is the mean
             over the global batch (upstream's loss is local per rank; the gradients after

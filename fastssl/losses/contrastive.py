@@ -35,6 +35,11 @@ class NTXentLoss(torch.nn.Module):
             that runs past the end fills the bank to its end, the rest is dropped and the
             pointer returns to 0 (lightly's MemoryBankModule).
         gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+        normalize: bool. True: z1 and z2 are L2-normalised inside; False: used as given
+            (the bank then stores z2 as given).
+
+    The default temperature is 0.1 (SimCLR's); lightly's ``NTXentLoss`` defaults to 0.5: for
+    lightly's exact defaults and call forms use :class:`fastssl.compat.lightly.NTXentLoss`.
 
     ``forward(z1, z2)``: (B, D) raw embeddings of the two views (normalised inside; float32,
     bfloat16, float16 or float64). Returns a 0-dim float32 tensor (float64 for float64).
@@ -46,10 +51,11 @@ class NTXentLoss(torch.nn.Module):
     """
 
     def __init__(self, temperature: float = 0.1, memory_bank_size=0,
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, normalize: bool = True):
         super().__init__()
         self.temperature = _init_temperature(temperature)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.normalize = check_flag("normalize", normalize)
         if isinstance(memory_bank_size, (tuple, list)):
             if len(memory_bank_size) != 2:
                 raise ValueError(f"memory_bank_size: expected an int or a (size, dim) tuple, "
@@ -68,8 +74,9 @@ class NTXentLoss(torch.nn.Module):
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, temperature=None) -> torch.Tensor:
         t = self.temperature if temperature is None else temperature
         if self.memory_bank_size == 0:
-            return functional.nt_xent(z1, z2, t, gather_distributed=self.gather_distributed)
-        check_nt_xent(z1, z2, t, self.gather_distributed)
+            return functional.nt_xent(z1, z2, t, normalize=self.normalize,
+                                      gather_distributed=self.gather_distributed)
+        check_nt_xent(z1, z2, t, self.gather_distributed, normalize=self.normalize)
         if self.memory_bank.numel() == 0:  # K given alone: random normalised keys, z1's width
             self.memory_bank = F.normalize(
                 torch.randn(self.memory_bank_size, z1.shape[1], device=z1.device), dim=1)
@@ -78,6 +85,7 @@ class NTXentLoss(torch.nn.Module):
                              f"memory bank's), got shape {tuple(z1.shape)}")
         # The loss keeps the bank for its backward: give it a snapshot, then update in place.
         loss = functional.nt_xent(z1, z2, t, memory_bank=self.memory_bank.clone(),
+                                  normalize=self.normalize,
                                   gather_distributed=self.gather_distributed)
         if z1.requires_grad and torch.is_grad_enabled():  # training only, as lightly
             self._enqueue(z2)
@@ -85,7 +93,9 @@ class NTXentLoss(torch.nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, z2: torch.Tensor) -> None:
-        keys = normalize_rows(z2.detach().to(self.memory_bank.dtype))  # no overflow at 1e20
+        keys = z2.detach().to(self.memory_bank.dtype)
+        if self.normalize:
+            keys = normalize_rows(keys)  # no overflow at 1e20
         if self.gather_distributed and dist_utils.is_distributed():
             keys = dist_utils.gather_no_grad(keys.contiguous(), name="memory_bank")
         size, n = self.memory_bank.shape[0], keys.shape[0]
@@ -108,7 +118,7 @@ class NTXentLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
-                f"gather_distributed={self.gather_distributed}")
+                f"gather_distributed={self.gather_distributed}, normalize={self.normalize}")
 
 
 class InfoNCELoss(torch.nn.Module):
@@ -119,6 +129,9 @@ class InfoNCELoss(torch.nn.Module):
             module's parameter); ``forward(..., temperature=t)`` overrides it per call
             (open_clip's ``1 / logit_scale.exp()``). symmetric: bool, average both directions.
         gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+        normalize: bool. True: q and k are L2-normalised inside; False: used as given (as
+            open_clip's ``ClipLoss``, whose exact drop-in is
+            :class:`fastssl.compat.open_clip.ClipLoss`).
 
     ``forward(q, k)``: (B, D) raw query and key embeddings, positives on the diagonal.
     Returns a 0-dim float32 tensor (float64 for float64).
@@ -129,20 +142,21 @@ class InfoNCELoss(torch.nn.Module):
     """
 
     def __init__(self, temperature: float = 0.1, symmetric: bool = False,
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, normalize: bool = True):
         super().__init__()
         self.temperature = _init_temperature(temperature)
         self.symmetric = check_flag("symmetric", symmetric)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.normalize = check_flag("normalize", normalize)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, temperature=None) -> torch.Tensor:
         t = self.temperature if temperature is None else temperature
-        return functional.info_nce(q, k, t, symmetric=self.symmetric,
+        return functional.info_nce(q, k, t, symmetric=self.symmetric, normalize=self.normalize,
                                    gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, symmetric={self.symmetric}, "
-                f"gather_distributed={self.gather_distributed}")
+                f"gather_distributed={self.gather_distributed}, normalize={self.normalize}")
 
 
 class DCLLoss(torch.nn.Module):

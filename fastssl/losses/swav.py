@@ -11,13 +11,26 @@ from fastssl.functional.swav import freeze_prototypes_grad, normalize_prototypes
 
 __all__ = ["SwAVLoss", "normalize_prototypes_", "freeze_prototypes_grad"]
 
+# A call in lightly's form, criterion(high_resolution_outputs, low_resolution_outputs[,
+# queue_outputs]), lands the low-resolution crops in `embeddings` and the queue in `prototypes`:
+# silently wrong without this check (the crops and the queue would be ignored).
+_LIGHTLY_HINT = ("; this looks like lightly's SwaVLoss call criterion(high_resolution_outputs, "
+                 "low_resolution_outputs[, queue_outputs]): use "
+                 "fastssl.compat.lightly.SwaVLoss for that form, or pass every crop in one list, "
+                 "SwAVLoss(n_assign_crops=len(high))(high + low)")
+
+
+def _is_sequence(x) -> bool:
+    return isinstance(x, (list, tuple))
+
 
 class SwAVLoss(torch.nn.Module):
     """SwAV loss (facebookresearch/swav) with its optional queue; see
     :func:`fastssl.functional.swav` for the loss itself.
 
     Args:
-        temperature, epsilon: floats > 0. sinkhorn_iterations: int >= 1.
+        temperature, epsilon: floats > 0. sinkhorn_iterations: int >= 0 (0: the
+            normalisation only, as lightly and SwAV).
         n_assign_crops: int >= 1 (at most the number of crops at forward).
         queue_length: int >= 0 rows per assigned crop (per rank); 0 means no queue.
         gather_distributed: bool, as in the functional loss (Sinkhorn over all ranks' rows,
@@ -33,6 +46,9 @@ class SwAVLoss(torch.nn.Module):
     * `prototypes`: the current prototype weight (K, D) (or the ``nn.Linear`` holding it),
       required at every call when ``queue_length > 0`` (checked from the first call): once the
       queue is full, the stored embeddings are rescored with it, as upstream does.
+
+    A call in lightly's list form (``criterion(high, low[, queue])``) raises a ``TypeError``
+    naming the argument: that form is :class:`fastssl.compat.lightly.SwaVLoss`.
 
     Queue (as upstream, per rank): a buffer ``queue`` of shape (n_assign_crops,
     queue_length, D), created at the first forward that brings embeddings, FIFO (the newest B
@@ -54,7 +70,7 @@ class SwAVLoss(torch.nn.Module):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.epsilon = check_positive("epsilon", epsilon)
-        self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=1)
+        self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=0)
         self.n_assign_crops = check_int("n_assign_crops", n_assign_crops, minimum=1)
         self.queue_length = check_int("queue_length", queue_length, minimum=0)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
@@ -109,6 +125,9 @@ class SwAVLoss(torch.nn.Module):
                              "full, the queued embeddings are rescored with the current "
                              "prototypes), got None")
         weight = prototypes.weight if isinstance(prototypes, torch.nn.Module) else prototypes
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"prototypes: expected a (K, D) tensor or the nn.Linear holding it, "
+                            f"got {type(prototypes).__name__}")
         check_embeddings("prototypes", weight)
         if weight.shape != (K, D):
             raise ValueError(f"prototypes: expected shape ({K}, {D}) (K prototypes of the "
@@ -140,14 +159,43 @@ class SwAVLoss(torch.nn.Module):
         self._count = min(self._count + bs, self.queue_length)
         self.queue_count.fill_(self._count)
 
+    def _check_argument_types(self, embeddings, prototypes) -> None:
+        if _is_sequence(prototypes):
+            raise TypeError(f"prototypes: expected a (K, D) tensor or the nn.Linear holding it, "
+                            f"got a {type(prototypes).__name__}" + _LIGHTLY_HINT)
+        if not (prototypes is None or isinstance(prototypes, (torch.Tensor, torch.nn.Module))):
+            raise TypeError(f"prototypes: expected a (K, D) tensor or the nn.Linear holding it, "
+                            f"got {type(prototypes).__name__}")
+        if not (embeddings is None or isinstance(embeddings, torch.Tensor)
+                or _is_sequence(embeddings)):
+            raise TypeError(f"embeddings: expected a list of (B, D) tensors or one (n_crops * "
+                            f"B, D) tensor, got {type(embeddings).__name__}")
+        if _is_sequence(embeddings) and self.queue_length == 0:
+            # without a queue the embeddings are not used: a list here is lightly's
+            # low-resolution crops, which would be ignored
+            raise TypeError(f"embeddings: a {type(embeddings).__name__} given to "
+                            f"SwAVLoss(queue_length=0), which uses no embeddings"
+                            + _LIGHTLY_HINT)
+
+    @staticmethod
+    def _looks_like_crops(embeddings, scores) -> bool:
+        """A list of (B, K) tensors as wide as the scores: lightly's low-resolution crops."""
+        return (_is_sequence(embeddings) and len(embeddings) > 0
+                and all(isinstance(e, torch.Tensor) and e.shape == scores[0].shape
+                        for e in embeddings))
+
     def forward(self, scores: Sequence[torch.Tensor], embeddings=None, prototypes=None) -> torch.Tensor:
         views = check_views("scores", scores, min_views=2)
+        self._check_argument_types(embeddings, prototypes)
         if self.n_assign_crops > len(views):
             raise ValueError(f"n_assign_crops: expected at most the number of crops {len(views)}, "
                              f"got {self.n_assign_crops}")
         queue_scores = None
         if self.queue_length > 0:
             bs, K = views[0].shape
+            if prototypes is None and self._looks_like_crops(embeddings, views):
+                raise TypeError("prototypes: required with queue_length > 0, got None, and "
+                                "embeddings are (B, K) tensors like the scores" + _LIGHTLY_HINT)
             emb = self._assigned_embeddings(embeddings, bs, len(views))
             check_same_device([("scores[0]", views[0])] + [(f"embeddings[{i}]", e) for i, e in enumerate(emb)])
             if bs > self.queue_length:

@@ -171,8 +171,12 @@ def _unmasked_col(self_col, pos_col, exclude_pos, c):
 @torch.no_grad()  # the gradient is computed here, not recorded (the out= calls require it)
 def torch_lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_pos, need_da,
                           need_db):
-    """(lse, pos, da, db): lse as torch_lse_forward's lse0 (over all columns), pos[i] =
-    X[i, pos_col[i]] (0 where pos_col is -1), and, from the same pass, the gradients in a and b
+    """(lse, pos, da, db, ce): lse as torch_lse_forward's lse0 (over all columns), pos[i] =
+    X[i, pos_col[i]] (0 where pos_col is -1), ce[i] = -log_softmax(X)[i, pos_col[i]] (lse[i]
+    where pos_col is -1, +inf where self_col masks the positive; only when subtract_pos and
+    not exclude_pos, else empty: eager
+    cross-entropy's arithmetic, no rounding at the logits' magnitude as lse - pos has), and,
+    from the same pass, the gradients in a and b
     of L = sum_i lse_i, minus sum_i pos_i when subtract_pos (then each row's cross-entropy
     against its positive column: G = P - onehot(pos)): dA = scale G B, dB = scale G^T A.
 
@@ -186,6 +190,8 @@ def torch_lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_
     b_acc = b.to(acc)
     lse = a.new_empty(m, dtype=acc)
     pos = a.new_zeros(m, dtype=acc)
+    want_ce = subtract_pos and not exclude_pos
+    ce = a.new_empty(m if want_ce else 0, dtype=acc)
     da = a.new_empty((m, a.shape[1]) if need_da else (0,), dtype=acc)
     db = a.new_zeros((c, b.shape[1]) if need_db else (0,), dtype=acc)
     probe = _unmasked_col(self_col, pos_col, exclude_pos, c)
@@ -206,6 +212,9 @@ def torch_lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_
         y = torch._log_softmax(x, 1, False, out=x)  # row by row: in place is exact
         lse[r0:r1] = torch.where(has_probe[r0:r1], x_probe - y.gather(1, at).squeeze(1),
                                  float("-inf"))
+        if want_ce:
+            ce[r0:r1] = torch.where(has_pos[r0:r1], -y.gather(1, pos_at[r0:r1]).squeeze(1),
+                                    lse[r0:r1])
         if not (need_da or need_db):
             continue
         g = _fill_masked(y.exp_(), r0, r1, self_col, pos_col, exclude_pos, 0.0)  # all-masked rows: NaN -> 0
@@ -217,7 +226,7 @@ def torch_lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_
             db.addmm_(g.T, a_r)
     if need_da:
         da.mul_(scale)
-    return lse, pos, da, db
+    return lse, pos, da, db, ce
 
 
 def torch_sce_forward(q, k, cols, self_col, scale_s, scale_t):
@@ -333,9 +342,11 @@ class _CppKernels(_TorchKernels):
     def lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_pos, need_da,
                         need_db):
         from fastssl import _C
-        return tuple(_C.contrastive_lse_sum_cpu(a, b, self_col, pos_col, float(scale),
-                                                bool(exclude_pos), bool(subtract_pos),
-                                                bool(need_da), bool(need_db)))
+        out = tuple(_C.contrastive_lse_sum_cpu(a, b, self_col, pos_col, float(scale),
+                                               bool(exclude_pos), bool(subtract_pos),
+                                               bool(need_da), bool(need_db)))
+        # an extension built before the per-row cross-entropy output: lse - pos instead
+        return out if len(out) == 5 else out + (out[0].new_empty(0),)
 
     @staticmethod
     def sce_grad_forward(q, k, cols, self_col, scale_s, scale_t):
@@ -492,10 +503,20 @@ def contrastive_lse_sum(a: torch.Tensor, b: torch.Tensor, self_col: torch.Tensor
     if not has_same_pass(backend):
         raise RuntimeError(f"fastssl::contrastive_lse_sum: backend {backend!r} has no same-pass "
                            f"kernels (expected one of {SAME_PASS_BACKENDS})")
-    lse, pos, da, db = TABLE[backend].lse_sum_forward(a, b, self_col, pos_col, scale,
-                                                      exclude_pos, subtract_pos, need_da,
-                                                      need_db)
-    total = lse.sum() - pos.sum() if subtract_pos else lse.sum()
+    lse, pos, da, db, ce = TABLE[backend].lse_sum_forward(a, b, self_col, pos_col, scale,
+                                                          exclude_pos, subtract_pos, need_da,
+                                                          need_db)
+    # per-row terms first (the kernel's -log_softmax at the positive where it gives one), then
+    # one float64 sum: lse.sum() - pos.sum() subtracts two sums of the logits' magnitude and
+    # loses their digits (float32: ~1e-6 of the loss at 2N = 64)
+    if subtract_pos:
+        terms = lse - pos
+        if ce.numel() == lse.numel():
+            # ce is +inf where a mask hides the positive itself (then lse - pos is the term)
+            terms = torch.where(torch.isfinite(ce), ce, terms)
+    else:
+        terms = lse
+    total = terms.sum(dtype=torch.float64) if terms.dtype == torch.float32 else terms.sum()
     dt = _stats_dtype(a)
     return total.to(dt), lse.to(dt).contiguous(), da.to(dt).contiguous(), db.to(dt).contiguous()
 

@@ -58,10 +58,24 @@ def _combine_colstats(M: torch.Tensor, S: torch.Tensor, distributed: bool) -> to
     return -(M + torch.log(S))
 
 
+def _normalisation_only(a: torch.Tensor, scores: torch.Tensor, epsilon: float,
+                        distributed: bool) -> torch.Tensor:
+    """iterations = 0 (lightly and SwAV allow it): upstream divides Q = exp(x) by its total over
+    all ranks and multiplies by the global sample count B, with no row or column scaling, so
+    codes[b, k] = B exp(x[b, k] - logsumexp of all x). The total comes from the column
+    statistics already taken, a[k] = -logsumexp_b x[b, k]; rows do not sum to 1 here."""
+    total = torch.logsumexp(-a, dim=0)
+    rows = scores.shape[0] * (D.world_size() if distributed else 1)
+    x = scores.to(a.dtype) / epsilon
+    return torch.exp(x - total) * rows
+
+
 def _log_domain_sinkhorn(colstats: Callable, rowpass: Callable, scores: torch.Tensor,
                          epsilon: float, iterations: int, distributed: bool) -> torch.Tensor:
     M, S = colstats(scores, epsilon)
     a = _combine_colstats(M, S, distributed)
+    if iterations == 0:
+        return _normalisation_only(a, scores, epsilon, distributed)
     for _ in range(iterations - 1):
         S = rowpass(scores, epsilon, a, False)
         if distributed:
@@ -100,7 +114,7 @@ def _cpp_input(scores):
 
 def _sinkhorn_cpp(scores, epsilon, iterations, distributed):
     from fastssl import _C
-    if not distributed:
+    if not distributed and iterations > 0:
         # One call: scores read in their own dtype (no float32 copy of float16/bfloat16), the
         # exponentials computed once and cached in the codes (csrc/swav_cpu.cpp).
         return _C.sinkhorn_cached_cpu(scores.contiguous(), float(epsilon), int(iterations))

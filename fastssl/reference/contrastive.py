@@ -31,16 +31,19 @@ def _layout(x: torch.Tensor, gather_distributed: bool):
     return False, x.shape[0], 0
 
 
-def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=False):
+def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, normalize=True,
+            gather_distributed=False):
     """SimCLR NT-Xent: the 2N x 2N self-masked similarity matrix, mean over the 2N anchors.
     With a memory bank (lightly's form): the N anchors are z1's rows, each with the logits
-    [z1_i . z2_i | z1_i . bank] / temperature and the positive first; cross-entropy, mean."""
-    check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank)
+    [z1_i . z2_i | z1_i . bank] / temperature and the positive first; cross-entropy, mean.
+    normalize=False: z1 and z2 used as given."""
+    check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank, normalize)
     acc = accumulation_dtype(z1)
     dist_on, n, off = _layout(z1, gather_distributed)
     b = z1.shape[0]
-    z1 = normalize_rows(z1)
-    z2 = normalize_rows(z2)
+    if normalize:
+        z1 = normalize_rows(z1)
+        z2 = normalize_rows(z2)
     if memory_bank is not None:
         bank = memory_bank.detach().to(z1.dtype)
         logits = torch.cat([(z1 * z2).sum(1, keepdim=True), z1 @ bank.T], 1).to(acc)
@@ -63,14 +66,17 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, gather_distributed=Fal
     return dist_utils.reduce_loss(per_anchor.sum() / (2 * n))
 
 
-def info_nce(q, k, temperature=0.1, *, symmetric=False, gather_distributed=False):
-    """InfoNCE with the positives on the diagonal of q @ k.T; symmetric averages q->k and k->q."""
-    check_info_nce(q, k, temperature, symmetric, gather_distributed)
+def info_nce(q, k, temperature=0.1, *, symmetric=False, normalize=True,
+             gather_distributed=False):
+    """InfoNCE with the positives on the diagonal of q @ k.T; symmetric averages q->k and k->q.
+    normalize=False: q and k used as given."""
+    check_info_nce(q, k, temperature, symmetric, gather_distributed, normalize)
     acc = accumulation_dtype(q)
     dist_on, n, off = _layout(q, gather_distributed)
     b = q.shape[0]
-    q = normalize_rows(q)
-    k = normalize_rows(k)
+    if normalize:
+        q = normalize_rows(q)
+        k = normalize_rows(k)
     k_all = dist_utils.gather(k, name="k") if dist_on else k
     labels = torch.arange(b, device=q.device) + off
     logits_qk = (q @ k_all.T).to(acc) / temperature                       # (B, N)

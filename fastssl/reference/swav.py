@@ -19,7 +19,8 @@ from fastssl._checks import check_sinkhorn, check_swav
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3,
              gather_distributed: bool = False) -> torch.Tensor:
-    """Upstream ``distributed_sinkhorn`` on (B, K) scores; returns (B, K) codes, rows sum to 1."""
+    """Upstream ``distributed_sinkhorn`` on (B, K) scores; returns (B, K) codes, rows sum to 1
+    (iterations = 0: the initial normalisation only, B exp(x) / sum exp(x), as upstream)."""
     check_sinkhorn(scores, epsilon, iterations, gather_distributed)
     use_dist = bool(gather_distributed) and dist_utils.is_distributed()
 

@@ -243,7 +243,7 @@ def test_freeze_prototypes_grad():
     (lambda v: functional.swav(v, n_assign_crops=0), ValueError, "n_assign_crops"),
     (lambda v: functional.swav(v, temperature=0.0), ValueError, "temperature"),
     (lambda v: functional.swav(v, epsilon=-1.0), ValueError, "epsilon"),
-    (lambda v: functional.swav(v, sinkhorn_iterations=0), ValueError, "sinkhorn_iterations"),
+    (lambda v: functional.swav(v, sinkhorn_iterations=-1), ValueError, "sinkhorn_iterations"),
     (lambda v: functional.swav(v, queue_scores=[torch.randn(4, 10)]), ValueError, "queue_scores"),
     (lambda v: functional.swav(v, queue_scores=[torch.randn(4, 9)] * 2), ValueError, "queue_scores"),
     (lambda v: functional.swav(v, queue_scores=torch.randn(4, 10)), TypeError, "queue_scores"),

@@ -136,7 +136,7 @@ def test_traces_under_torch_compile_fullgraph():
     (lambda: functional.sinkhorn(torch.randn(0, 4)), ValueError, "scores"),
     (lambda: functional.sinkhorn(torch.randn(3, 4), epsilon=0), ValueError, "epsilon"),
     (lambda: functional.sinkhorn(torch.randn(3, 4), epsilon=-0.1), ValueError, "epsilon"),
-    (lambda: functional.sinkhorn(torch.randn(3, 4), iterations=0), ValueError, "iterations"),
+    (lambda: functional.sinkhorn(torch.randn(3, 4), iterations=-1), ValueError, "iterations"),
     (lambda: functional.sinkhorn(torch.randn(3, 4), iterations=2.0), TypeError, "iterations"),
 ])
 def test_bad_inputs(call, exc, match):

@@ -114,7 +114,7 @@ def test_swav_queue_scores_prepended():
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(epsilon=0.0), ValueError, "epsilon"),
-    (dict(iterations=0), ValueError, "iterations"),
+    (dict(iterations=-1), ValueError, "iterations"),
     (dict(iterations=1.5), TypeError, "iterations"),
 ])
 def test_reference_bad_inputs(kwargs, exc, match):
