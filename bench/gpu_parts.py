@@ -228,11 +228,11 @@ def part_build(out, dry_run, hook):
             else:
                 wait("cpu")
                 cpu_ok = rcs.get("cpu") == 0 and _built(procs["cpu"][2])
-                if cpu_ok and not dry_run:
+                if cpu_ok:
                     _install(procs["cpu"][2])
                 if dry_run:
                     info.update(status="ok" if cpu_ok else "error",
-                                note=("dry run: the CPU-only build compiled in build/gpu_run/cpu (not installed); "
+                                note=("dry run: the CPU-only build, compiled in build/gpu_run/cpu and installed; "
                                       + cuda_note) if cpu_ok else "dry run: the CPU-only build failed")
                 elif "cuda" not in procs:
                     info.update(status="fallback" if cpu_ok else "error",
@@ -249,7 +249,8 @@ def part_build(out, dry_run, hook):
             for kind in logs:
                 log.write(f"\n===== build_{kind}.log =====\n")
                 log.write((out / "logs" / f"build_{kind}.log").read_text(errors="replace"))
-    info["extension"] = _extension_state(dict(os.environ)) if not dry_run else {"note": "dry run: not installed"}
+    info["extension"] = (_extension_state(dict(os.environ)) if info.get("status") != "skipped"
+                         else {"note": "dry run: not built"})
     if info.get("status") not in ("ok", "skipped"):
         for kind in ("cuda", "cpu"):
             path = out / "logs" / f"build_{kind}.log"

@@ -518,7 +518,7 @@ def parse_args(argv=None):
                         "never inside $OUT (moved out of it if given so)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, no CUDA build: tests the run itself")
     p.add_argument("--build", action="store_true",
-                   help="dry run: also run the build part's CPU-only build (in build/gpu_run/, not installed)")
+                   help="dry run: also run the build part (the CPU-only build, in build/gpu_run/cpu, installed into fastssl/)")
     p.add_argument("--with-compile", action="store_true",
                    help=f"also measure torch.compile baselines (adds {sum(COMPILE_EXTRA_S.values())} s to the caps: "
                         "not in the first call)")
