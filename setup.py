@@ -17,9 +17,20 @@ import shutil
 import subprocess
 import tempfile
 
+import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# pyproject.toml's license field is an SPDX expression (PEP 639): setuptools < 77 rejects it with
+# "project.license must be valid", far from the cause. Without build isolation the installed
+# setuptools is used, whatever [build-system] asks. A tree without pyproject.toml (the GPU run
+# builds from one, bench/gpu_parts.py) builds with any setuptools.
+_ST = tuple(int(x) for x in setuptools.__version__.split(".")[:2] if x.isdigit())
+if os.path.exists(os.path.join(ROOT, "pyproject.toml")) and _ST < (77,):
+    raise SystemExit(f"setup.py: setuptools {setuptools.__version__} is too old for pyproject.toml's "
+                     "license field (PEP 639): pip install 'setuptools>=77', or build with build "
+                     "isolation (pip install .)")
 # The one list of compiler flags, shared with the static GPU build check (bench/static.py).
 FLAGS = runpy.run_path(os.path.join(ROOT, "csrc", "build_flags.py"))
 

@@ -306,3 +306,32 @@ def test_build_tree_has_no_package_metadata():
     finally:
         import shutil
         shutil.rmtree(root)
+
+
+def test_old_setuptools_is_named_and_the_build_tree_does_not_need_a_new_one(tmp_path):
+    """setuptools < 77 rejects pyproject.toml's license field: setup.py says so at once in a
+    checkout; the GPU run's build tree (no pyproject.toml) goes on to setup()."""
+    from bench import gpu_parts
+    fake = tmp_path / "fake"
+    (fake / "setuptools").mkdir(parents=True)
+    # the real setuptools, reporting an old version, with setup() only printing what it got
+    (fake / "setuptools" / "__init__.py").write_text(
+        "import sys\n"
+        f"sys.path = [p for p in sys.path if not p.startswith({str(fake)!r})]\n"
+        "del sys.modules['setuptools']\n"
+        "import setuptools as real\n"
+        "real.__version__ = '70.3.0'\n"
+        "real.setup = lambda **kw: print('SETUP CALLED', kw['ext_modules'][0].name)\n"
+        "sys.modules['setuptools'] = real\n")
+    env = {**os.environ, "PYTHONPATH": str(fake), "FASTSSL_BUILD_CUDA": "0"}
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "setuptools 70.3.0 is too old" in proc.stderr + proc.stdout, proc.stderr
+    root = gpu_parts._stage("test-old-setuptools")
+    try:
+        proc = subprocess.run([sys.executable, "setup.py", "build_ext"], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert "SETUP CALLED fastssl._C" in proc.stdout, proc.stdout + proc.stderr
+    finally:
+        import shutil
+        shutil.rmtree(root)
