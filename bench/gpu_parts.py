@@ -102,6 +102,8 @@ def install_carried_wheels(log) -> str:
     wheels = sorted((REPO / ".whl").glob("*.whl"))
     if importlib.util.find_spec("diffsort") is not None:
         return "diffsort importable"
+    if (REPO / ".whl" / "site" / "diffsort").is_dir():
+        return "diffsort in .whl/site (installed by an earlier run)"
     if not wheels:
         return "diffsort not importable and no wheel in .whl/: the diffsort baseline is skipped"
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",

@@ -388,15 +388,20 @@ def run_all(args) -> int:
     log(f"fastssl GPU run{' (DRY RUN: CPU, tiny sizes)' if args.dry_run else ''}: out {out}")
     if moved_note:
         log(moved_note)
+    # What travelled in .whl/ (diffsort) installed offline first, so the versions include it.
+    from bench.gpu_parts import install_carried_wheels
+    with open(out / "logs" / "wheels.log", "w") as wlog:
+        wheels = install_carried_wheels(wlog)
     # The versions first: what a cut-off or failed run ran on is known from its first lines.
     env0 = child_env(args.dry_run, time.time() + 4 * VERSIONS_S)
     info = versions(env0, timeout=4 * VERSIONS_S)
+    info["carried_wheels"] = wheels
     info.update(dry_run=args.dry_run, with_compile=bool(args.with_compile), argv=sys.argv[1:])
     (out / "env.json").write_text(json.dumps(info, indent=1) + "\n")
     log("versions: " + ", ".join(f"{k} {info.get(k)}" for k in (
         "python", "torch", "torch_cuda", "triton", "numpy", "setuptools", "pytest", "pytest-xdist",
         "torchvision", "diffsort", "gpu", "capability", "nvcc", "git_commit")))
-    log(f"  python3: {info.get('executable')}; CUDA toolkit: {info.get('cuda_home_note')}")
+    log(f"  python3: {info.get('executable')}; CUDA toolkit: {info.get('cuda_home_note')}; .whl/: {wheels}")
     if info.get("error") or info.get("torch_error"):
         log(f"  versions probe: {info.get('error') or info.get('torch_error')}")
     extra_env = {COMMIT_ENV: info["git_commit"]}

@@ -17,8 +17,11 @@ Three steps:
    once, then reused while .device-env/fastssl-device-env.json lists the same requirements.
    Other scripts use it as `.device-env/bin/python` (e.g. `.device-env/bin/python -m
    bench.static --no-cuda` is the static compile check under triton 3.6).
-3. the checks, in that environment and without network (inside `unshare -rn`, a network
-   namespace with no interface up, where the kernel allows it; PIP_NO_INDEX=1 in any case):
+3. the checks, in that environment, in build/preflight/tree (a copy of the tree as a device
+   call sends it: tracked and untracked-not-ignored files and .whl/, no .git; its build/ is
+   kept between preflights as a warm machine keeps it, --fresh for a cold one) and without
+   network (inside `unshare -rn`, a network namespace with no interface up, where the kernel
+   allows it; PIP_NO_INDEX=1 in any case):
    the versions; `pytest --collect-only` over tests/ (every file imports on these versions);
    `python3 -m bench.gpu_run --dry-run --build` (the GPU run's own code path on CPU, its build
    part compiling the CPU-only extension in build/gpu_run/cpu with this setuptools and torch,
@@ -38,7 +41,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -174,9 +176,19 @@ def offline_prefix(log) -> tuple[list[str], str]:
     return [], "PIP_NO_INDEX=1 only (no network namespace here)"
 
 
-def copy_tree(dest: Path, log) -> Path:
+def copy_tree(dest: Path, log, *, fresh: bool) -> Path:
     """What a device call sends: tracked and untracked-not-ignored files, and the carried .whl/;
-    no .git, no build outputs (no fastssl/_C built here against another torch)."""
+    no .git, no fastssl/_C built here against another torch. Its build/ (the GPU run's build
+    trees) is kept from the last preflight unless fresh, as a warm device machine keeps it:
+    the CPU objects are then not recompiled."""
+    if fresh:
+        shutil.rmtree(dest, ignore_errors=True)
+    elif dest.is_dir():
+        for entry in dest.iterdir():
+            if entry.name != "build":
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    dest.mkdir(parents=True, exist_ok=True)
+    kept = " (its build/ kept from the last preflight)" if (dest / "build").is_dir() else ""
     names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     count = size = 0
@@ -194,7 +206,7 @@ def copy_tree(dest: Path, log) -> Path:
             shutil.copy2(src, dest / ".whl" / src.name)
             size += src.stat().st_size
     log(f"the tree as a device call sends it: {count} files and .whl/, {size / 2**20:.1f} MiB (limit 64 MiB), "
-        f"in {dest}")
+        f"in {dest}{kept}")
     return dest
 
 
@@ -205,8 +217,8 @@ def checks(py: Path, log, args) -> list[dict]:
     env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHONUNBUFFERED="1",
                PATH=f"{py.parent}{os.pathsep}{env.get('PATH', '')}")   # python3 is the env's
     env.pop("OUT", None)
-    work = Path(tempfile.mkdtemp(prefix="fastssl-preflight-"))
-    tree = copy_tree(work / "tree", log)
+    work = REPO / "build" / "preflight"
+    tree = copy_tree(work / "tree", log, fresh=args.fresh)
     results = []
 
     def step(name, cmd, timeout, ok=lambda rc, text: rc == 0, step_env=None):
@@ -228,6 +240,8 @@ def checks(py: Path, log, args) -> list[dict]:
                                              "--continue-on-collection-errors", "tests"], 900,
          ok=lambda rc, text: rc == 0 and not re.search(r"\d+ errors?\b", (text.strip().splitlines() or [""])[-1]))
     dry_out, dry_pub = work / "dry", work / "OUT"
+    for old in (dry_out, dry_pub):
+        shutil.rmtree(old, ignore_errors=True)
     caps = ["--cap", f"build={args.build_cap}"] if args.build_cap else []
     step("gpu_run dry run", ["python3", "-m", "bench.gpu_run", "--dry-run", *(["--build"] if not args.no_build else []),
                              *caps, "--out", str(dry_out)], 2400, step_env={**env, "OUT": str(dry_pub)})
@@ -249,7 +263,8 @@ def checks(py: Path, log, args) -> list[dict]:
         jsonl = static_out / "static.jsonl"
         if jsonl.exists() and jsonl.stat().st_size > 512 << 10:
             jsonl.unlink()   # the table (static.md) is kept; the raw rows are regenerated in minutes
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(dry_out, ignore_errors=True)
+    shutil.rmtree(dry_pub, ignore_errors=True)
     return results
 
 
@@ -262,6 +277,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-build", action="store_true", help="dry run without its CPU-only build (minutes here)")
     p.add_argument("--build-cap", type=int, default=900, help="the dry run's build cap (s; 2 loaded cores here)")
     p.add_argument("--no-static", action="store_true", help="skip the static compile")
+    p.add_argument("--fresh", action="store_true",
+                   help="a new copy of the tree, without the build trees of the last preflight (a cold machine)")
     args = p.parse_args(argv)
     if args.prepare:
         prepare(lambda m: print(m, flush=True))
