@@ -158,8 +158,8 @@ def git_commit() -> str:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "fastssl",
-                                "csrc", "kernels", "bench"], cwd=REPO, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+                                "csrc", "kernels", "bench", ":(exclude)bench/results"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + ("+dirty" if dirty else "")) if head else "unknown"

@@ -97,7 +97,9 @@ def tree_commit() -> str:
     head = git("rev-parse", "--short=12", "HEAD")
     if not head:
         return "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "fastssl", "csrc", "kernels", "bench")
+    # bench/results/ holds what runs wrote (this preflight's log too): not measured code
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "fastssl", "csrc", "kernels", "bench",
+                ":(exclude)bench/results")
     return head + ("+dirty" if dirty else "")
 
 
