@@ -208,6 +208,13 @@ def part_build(out, dry_run, hook):
                                time.monotonic(), root)
             rcs = {}
 
+            def _stop(signum, frame):   # the cap (SIGTERM to this part's group) takes the builds along
+                for proc, _, _ in procs.values():
+                    _kill(proc)
+                raise SystemExit(128 + signum)
+
+            signal.signal(signal.SIGTERM, _stop)
+
             def wait(kind):
                 proc, t0, _ = procs[kind]
                 try:

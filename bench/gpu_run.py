@@ -270,6 +270,17 @@ def tests_command(out: Path, dry_run: bool) -> tuple[list[str], dict]:
     return cmd + files, env
 
 
+_RUNNING: list = []   # the part in progress: a parent stopped by a signal takes it along
+
+
+def _on_signal(signum, frame):
+    # A part runs in its own session (so its group can be killed at the cap); without this a
+    # parent killed from outside (the device call's time limit) would leave it running.
+    for proc in list(_RUNNING):
+        _kill_group(proc)
+    raise SystemExit(128 + signum)
+
+
 def run_part(name: str, cmd: list[str], env: dict, cap_s: float, log_path: Path) -> dict:
     """Run one part in its own process group; kill the group at the cap. Returns its record."""
     t0 = time.monotonic()
@@ -281,12 +292,15 @@ def run_part(name: str, cmd: list[str], env: dict, cap_s: float, log_path: Path)
         except OSError as exc:
             return {"part": name, "status": "error", "rc": None, "seconds": 0.0, "cap_s": cap_s,
                     "note": f"could not start: {exc}"}
+        _RUNNING.append(proc)
         try:
             rc = proc.wait(timeout=cap_s)
         except subprocess.TimeoutExpired:
             status = "timeout"
             _kill_group(proc)
             rc = proc.returncode
+        finally:
+            _RUNNING.remove(proc)
     seconds = time.monotonic() - t0
     if status == "ok" and rc != 0:
         status = "failures" if name == "cuda_tests" and rc == 1 else "error"
@@ -370,6 +384,8 @@ def outside_out_dir(out: Path) -> tuple[Path, str]:
 
 def run_all(args) -> int:
     t_start = time.monotonic()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     out = (args.out or default_out(args.dry_run)).resolve()
     out, moved_note = outside_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -335,3 +335,31 @@ def test_old_setuptools_is_named_and_the_build_tree_does_not_need_a_new_one(tmp_
     finally:
         import shutil
         shutil.rmtree(root)
+
+
+def test_a_stopped_run_takes_its_running_part_along(tmp_path):
+    """Parts run in their own sessions (their group is killed at the cap); the parent stopped
+    from outside (the device call's limit) must not leave the part in progress running."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("OUT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.gpu_run", "--dry-run", "--only", "roofline",
+                             "--stall", "roofline", "--out", str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "logs" / "roofline.log"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and "stalling" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.5)
+    assert "stalling" in log.read_text()
+
+    def part_pids():
+        found = subprocess.run(["pgrep", "-f", "--", f"--part roofline --out {out}"], capture_output=True, text=True)
+        return [int(p) for p in found.stdout.split()]
+    assert part_pids()
+    proc.terminate()
+    proc.wait(timeout=60)
+    time.sleep(1)
+    left = part_pids()
+    for pid in left:   # a failure must not leave the stalled part behind
+        os.kill(pid, 9)
+    assert left == []
