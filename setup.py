@@ -17,14 +17,37 @@ import shutil
 import subprocess
 import tempfile
 
+import setuptools
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDA_HOME, CUDAExtension
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# pyproject.toml's license field is an SPDX expression (PEP 639): setuptools < 77 rejects it with
+# "project.license must be valid", far from the cause. Without build isolation the installed
+# setuptools is used, whatever [build-system] asks. A tree without pyproject.toml (the GPU run
+# builds from one, bench/gpu_parts.py) builds with any setuptools.
+_ST = tuple(int(x) for x in setuptools.__version__.split(".")[:2] if x.isdigit())
+if os.path.exists(os.path.join(ROOT, "pyproject.toml")) and _ST < (77,):
+    raise SystemExit(f"setup.py: setuptools {setuptools.__version__} is too old for pyproject.toml's "
+                     "license field (PEP 639): pip install 'setuptools>=77', or build with build "
+                     "isolation (pip install .)")
 # The one list of compiler flags, shared with the static GPU build check (bench/static.py).
 FLAGS = runpy.run_path(os.path.join(ROOT, "csrc", "build_flags.py"))
+
+# CUDA_HOME from a folder that really holds include/cuda_runtime.h, chosen before torch guesses
+# one: with an nvcc wrapper on PATH (/usr/local/bin/nvcc) torch takes /usr/local and the build
+# fails late on `cuda_runtime.h: No such file`.
+if os.environ.get("FASTSSL_BUILD_CUDA", "auto").lower() not in ("0", "off", "false", "no"):
+    _home, _note = FLAGS["find_cuda_home"]()
+    if _home:
+        os.environ["CUDA_HOME"] = _home
+    else:
+        os.environ.pop("CUDA_HOME", None)
+        os.environ.pop("CUDA_PATH", None)
+        print(f"setup.py: {_note}")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDA_HOME, CUDAExtension  # noqa: E402
 
 
 def _has_openmp() -> bool:
@@ -45,7 +68,8 @@ def _want_cuda() -> bool:
     flag = os.environ.get("FASTSSL_BUILD_CUDA", "auto").lower()
     if flag in ("0", "off", "false", "no"):
         return False
-    available = torch.version.cuda is not None and CUDA_HOME is not None
+    available = (torch.version.cuda is not None and CUDA_HOME is not None
+                 and os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")))
     if flag in ("1", "on", "true", "yes"):
         if not available:
             raise RuntimeError("FASTSSL_BUILD_CUDA=1 but torch has no CUDA build or nvcc is missing "
@@ -65,7 +89,10 @@ def _extension():
     if _want_cuda():
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "*_cuda.cu")))
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "*_cuda_glue.cpp")))
-        nvcc_flags = list(FLAGS["NVCC_FLAGS"])
+        # FLAGS["NVCC_FLAGS"] (sm_80 and sm_90, what bench/static.py checks) unless
+        # FASTSSL_CUDA_ARCHS names the GPU's own (the GPU run: half the nvcc time).
+        nvcc_flags = (FLAGS["nvcc_flags"]() if os.environ.get("FASTSSL_CUDA_ARCHS")
+                      else list(FLAGS["NVCC_FLAGS"]))
         return CUDAExtension("fastssl._C", sources,
                              extra_compile_args={"cxx": cxx_flags + ["-DFASTSSL_WITH_CUDA"],
                                                  "nvcc": nvcc_flags},
@@ -91,7 +118,8 @@ class _BuildExtWithInfo(BuildExtension.with_options(use_ninja=shutil.which("ninj
                 'against."""\n'
                 f"TORCH_VERSION = {torch.__version__!r}\n"
                 f"TORCH_CUDA = {torch.version.cuda!r}\n"
-                f"WITH_CUDA = {_want_cuda()!r}\n")
+                f"WITH_CUDA = {_want_cuda()!r}\n"
+                f"CUDA_ARCHS = {tuple(FLAGS['cuda_archs']()) if _want_cuda() else ()!r}\n")
         targets = [os.path.join(ROOT, "fastssl")]
         if not self.inplace:
             targets.append(os.path.join(self.build_lib, "fastssl"))

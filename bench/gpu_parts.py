@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,7 +54,8 @@ def run(part: str, out: Path, *, dry_run: bool, stall: str | None) -> int:
     out = Path(out)
     hook = Stall(part, stall)
     fn = {"build": part_build, "roofline": part_roofline, "max_n": part_max_n,
-          "checkpoint": part_checkpoint, "trainer": part_trainer}.get(part)
+          "checkpoint": part_checkpoint, "trainer": part_trainer,
+          "backend_choice": part_backend_choice}.get(part)
     if fn is None:
         return part_bench(part, out, dry_run, hook)
     return fn(out, dry_run, hook)
@@ -100,6 +102,8 @@ def install_carried_wheels(log) -> str:
     wheels = sorted((REPO / ".whl").glob("*.whl"))
     if importlib.util.find_spec("diffsort") is not None:
         return "diffsort importable"
+    if (REPO / ".whl" / "site" / "diffsort").is_dir():
+        return "diffsort in .whl/site (installed by an earlier run)"
     if not wheels:
         return "diffsort not importable and no wheel in .whl/: the diffsort baseline is skipped"
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
@@ -109,43 +113,174 @@ def install_carried_wheels(log) -> str:
     return f"installed {names} into .whl/site" if rc == 0 else f"pip install of {names} failed ({rc})"
 
 
+STAGE = REPO / "build" / "gpu_run"   # the builds' own trees (build/ is git-ignored)
+
+
+def _stage(name: str) -> Path:
+    """A build tree with only what setup.py compiles (setup.py, csrc/, an empty fastssl/): no
+    pyproject.toml, so the machine's setuptools, whatever its version, never validates the
+    package metadata (setuptools < 77 rejects its license field), and the two builds side by
+    side share no file. Kept between calls: ninja then recompiles nothing that did not change."""
+    root = STAGE / name
+    (root / "fastssl").mkdir(parents=True, exist_ok=True)
+    (root / "csrc").mkdir(exist_ok=True)
+    shutil.copy2(REPO / "setup.py", root / "setup.py")
+    for src in (REPO / "csrc").iterdir():
+        if src.is_file():
+            dst = root / "csrc" / src.name
+            # copy only what changed: an unchanged source keeps its time, ninja skips it
+            if not dst.exists() or dst.read_bytes() != src.read_bytes():
+                shutil.copy2(src, dst)
+    return root
+
+
+def _built(root: Path) -> list[Path]:
+    return sorted((root / "fastssl").glob("_C*.so"))
+
+
+def _install(root: Path) -> None:
+    for old in (REPO / "fastssl").glob("_C*.so"):
+        old.unlink()
+    for so in _built(root):
+        shutil.copy2(so, REPO / "fastssl" / so.name)
+    shutil.copy2(root / "fastssl" / "_build_info.py", REPO / "fastssl" / "_build_info.py")
+
+
+def _prebuilt_matches(env) -> str | None:
+    """A fastssl/_C that imports, was built against this torch and has the CUDA part (carried
+    prebuilt): kept, no build. Returns the reason, or None."""
+    code = ("import json, torch; from fastssl import _build_info as b; "
+            "from fastssl._backend import cuda_ext_available; "
+            "print(json.dumps([b.TORCH_VERSION == torch.__version__, bool(b.WITH_CUDA), "
+            "bool(cuda_ext_available()), b.TORCH_VERSION]))")
+    if not list((REPO / "fastssl").glob("_C*.so")):
+        return None
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=60)
+        same_torch, with_cuda, loads, version = json.loads(proc.stdout.strip().splitlines()[-1])
+    except Exception:  # noqa: BLE001 - no usable prebuilt: build
+        return None
+    if same_torch and with_cuda and loads:
+        return f"prebuilt fastssl._C kept: built against torch {version} with its CUDA part"
+    return None
+
+
+def _cuda_home() -> tuple[str | None, str]:
+    import runpy
+    return runpy.run_path(str(REPO / "csrc" / "build_flags.py"))["find_cuda_home"]()
+
+
 def part_build(out, dry_run, hook):
+    """CPU-only and CUDA builds side by side, each in its own tree: the CUDA one is installed
+    when it succeeds, else the CPU one (no recompilation after a CUDA failure; the CPU build
+    alone fits the cap). No CUDA toolkit with include/cuda_runtime.h: the CUDA build is not
+    started, with the reason."""
     info = {"dry_run": dry_run}
     log_path = out / "logs" / "build_ext.log"
-    cuda_log_end = None   # where the CUDA build's output ends: its error is what the tail shows
     with open(log_path, "w") as log:
         info["wheels"] = install_carried_wheels(log)
         env = dict(os.environ)
-        if dry_run:
+        env["MAX_JOBS"] = str(os.cpu_count() or 4)
+        cuda_home, cuda_note = _cuda_home()
+        info["cuda_home"] = cuda_note
+        if dry_run and os.environ.get("FASTSSL_GPU_RUN_DRY_BUILD") != "1":
             info.update(status="skipped", note="dry run: no build; the extension built here is used")
+        elif not dry_run and (kept := _prebuilt_matches(env)):
+            info.update(status="ok", note=kept)
         else:
-            env["MAX_JOBS"] = str(os.cpu_count() or 4)
-            env["FASTSSL_BUILD_CUDA"] = "1"
-            rc, secs = _run_logged([sys.executable, "setup.py", "build_ext", "--inplace"], env, log,
-                                   timeout=max(5.0, time_left() - 20))
-            info.update(cuda_build_rc=rc, cuda_build_s=round(secs, 1))
-            if rc == 0:
-                info.update(status="ok", note="built with the CUDA part")
+            procs = {}
+            logs = {}
+            for kind in ("cpu", "cuda"):
+                if kind == "cuda" and (dry_run or cuda_home is None):
+                    continue
+                root = _stage(kind)
+                kenv = {**env, "FASTSSL_BUILD_CUDA": "1" if kind == "cuda" else "0"}
+                if kind == "cuda":
+                    kenv["CUDA_HOME"] = cuda_home
+                logs[kind] = open(out / "logs" / f"build_{kind}.log", "w")
+                cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
+                logs[kind].write(f"$ (cd {root} && FASTSSL_BUILD_CUDA={kenv['FASTSSL_BUILD_CUDA']} "
+                                 f"FASTSSL_CUDA_ARCHS={kenv.get('FASTSSL_CUDA_ARCHS', '')} {' '.join(cmd)})\n")
+                logs[kind].flush()
+                procs[kind] = (subprocess.Popen(cmd, cwd=root, env=kenv, stdout=logs[kind],
+                                                stderr=subprocess.STDOUT, start_new_session=True),
+                               time.monotonic(), root)
+            rcs = {}
+
+            def _stop(signum, frame):   # the cap (SIGTERM to this part's group) takes the builds along
+                for proc, _, _ in procs.values():
+                    _kill(proc)
+                raise SystemExit(128 + signum)
+
+            signal.signal(signal.SIGTERM, _stop)
+
+            def wait(kind):
+                proc, t0, _ = procs[kind]
+                try:
+                    rcs[kind] = proc.wait(timeout=max(1.0, time_left() - 5))
+                except subprocess.TimeoutExpired:
+                    _kill(proc)
+                    rcs[kind] = "timeout"
+                info[f"{kind}_build_rc"] = rcs[kind]
+                info[f"{kind}_build_s"] = round(time.monotonic() - t0, 1)
+
+            if "cuda" in procs:
+                wait("cuda")
+            if rcs.get("cuda") == 0 and _built(procs["cuda"][2]):
+                if "cpu" in procs:
+                    _kill(procs["cpu"][0])
+                    info["cpu_build_rc"] = "stopped: the CUDA build succeeded"
+                if not dry_run:
+                    _install(procs["cuda"][2])
+                info.update(status="ok", note=f"built with the CUDA part (sm {os.environ.get('FASTSSL_CUDA_ARCHS', '80,90')})")
             else:
-                # Without the CUDA part the Triton and torch backends still run on the GPU.
-                log.flush()
-                cuda_log_end = len(log_path.read_text(errors="replace").splitlines())
-                env["FASTSSL_BUILD_CUDA"] = "0"
-                rc2, secs2 = _run_logged([sys.executable, "setup.py", "build_ext", "--inplace"], env, log,
-                                         timeout=max(5.0, time_left() - 5))
-                info.update(cpu_build_rc=rc2, cpu_build_s=round(secs2, 1), status="fallback",
-                            note=("the CUDA build failed: built the CPU part only; the cuda backend "
-                                  "is not measured" if rc2 == 0 else
-                                  "the CUDA and the CPU-only builds failed: triton/torch backends only"))
-    info["extension"] = _extension_state(dict(os.environ))
-    lines = log_path.read_text(errors="replace").splitlines()[:cuda_log_end]
+                wait("cpu")
+                cpu_ok = rcs.get("cpu") == 0 and _built(procs["cpu"][2])
+                if cpu_ok:
+                    _install(procs["cpu"][2])
+                if dry_run:
+                    info.update(status="ok" if cpu_ok else "error",
+                                note=("dry run: the CPU-only build, compiled in build/gpu_run/cpu and installed; "
+                                      + cuda_note) if cpu_ok else "dry run: the CPU-only build failed")
+                elif "cuda" not in procs:
+                    info.update(status="fallback" if cpu_ok else "error",
+                                note=f"CUDA part not built ({cuda_note}): "
+                                + ("the CPU part only; the triton and torch backends run on the GPU"
+                                   if cpu_ok else "the CPU-only build failed too: triton/torch backends only"))
+                else:
+                    info.update(status="fallback" if cpu_ok else "error",
+                                note=("the CUDA build failed: the CPU part only (built beside it); the cuda "
+                                      "backend is not measured" if cpu_ok else
+                                      "the CUDA and the CPU-only builds failed: triton/torch backends only"))
+            for f in logs.values():
+                f.close()
+            for kind in logs:
+                log.write(f"\n===== build_{kind}.log =====\n")
+                log.write((out / "logs" / f"build_{kind}.log").read_text(errors="replace"))
+    info["extension"] = (_extension_state(dict(os.environ)) if info.get("status") != "skipped"
+                         else {"note": "dry run: not built"})
     if info.get("status") not in ("ok", "skipped"):
-        errors = [ln for ln in lines if "error" in ln.lower()][-15:]
-        info["log_tail"] = [ln[:300] for ln in errors + ["..."] + lines[-10:]]
+        for kind in ("cuda", "cpu"):
+            path = out / "logs" / f"build_{kind}.log"
+            if path.exists():
+                lines = path.read_text(errors="replace").splitlines()
+                errors = [ln for ln in lines if "error" in ln.lower()][-15:]
+                info[f"{kind}_log_tail"] = [ln[:300] for ln in errors + ["..."] + lines[-10:]]
+        info["log_tail"] = info.get("cuda_log_tail") or info.get("cpu_log_tail")
     write_json(out / "build.json", info)
-    print(json.dumps({k: v for k, v in info.items() if k != "log_tail"}), flush=True)
+    print(json.dumps({k: v for k, v in info.items() if not k.endswith("log_tail")}), flush=True)
     hook.after_result()
-    return 0 if info.get("status") in ("ok", "skipped") or info["extension"].get("cpp") else 1
+    ext = info.get("extension", {})
+    return 0 if info.get("status") in ("ok", "skipped") or ext.get("cpp") else 1
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +496,13 @@ def part_bench(part, out, dry_run, hook):
                     _progress(writer.write({**base, "mode": m, "status": "skipped",
                                             "note": skip or "torch.compile is measured on GPU only"}))
                 continue
+            if case.provider.endswith(":compile") and os.environ.get("FASTSSL_GPU_RUN_COMPILE") != "1" \
+                    and device.type == "cuda":
+                for m in case.modes:
+                    _progress(writer.write({**base, "mode": m, "status": "skipped",
+                                            "note": "torch.compile left out of this run (its compilations do "
+                                                    "not fit the first call): --with-compile"}))
+                continue
             needed = COMPILE_MIN_S if case.provider.endswith(":compile") and not dry_run else 1.0
             if time_left() < needed:
                 for m in case.modes:
@@ -519,10 +661,13 @@ def part_trainer(out, dry_run, hook):
     else:
         shapes = [trainer._case(m, "resnet50", 256, 1.0).shape for m in trainer.METHODS]
         dtype = torch.bfloat16
-        torch.backends.cudnn.benchmark = True
+        # No cuDNN autotuning: it searches per new shape (each method's crops) and would spend
+        # the part's cap before every method had its step; a few timed steps each instead.
+        torch.backends.cudnn.benchmark = False
+        cfg = BenchConfig(warmup=1, min_reps=2, max_reps=3, cuda_warmup_ms=50, cuda_rep_ms=300)
     with _writer(out, device) as writer:
         for shape in shapes:
-            if time_left() < (2.0 if dry_run else 6.0):
+            if time_left() < (2.0 if dry_run else 4.0):
                 _progress(writer.write({"op": spec.name, "family": spec.family, "provider": "fastssl",
                                         "shape": shape, "x": shape["B"], "x_key": "B",
                                         "dtype": str(dtype).replace("torch.", ""), "device": device.type,
@@ -558,7 +703,11 @@ def part_checkpoint(out, dry_run, hook):
     device = torch.device("cpu")
     torch.manual_seed(0)
     backbone, _ = build_backbone("resnet50")
-    path = out / "logs" / "resnet50_backbone.pt"
+    # Outside the run directory: a run cut off here must not leave a ~94 MB file in what is
+    # archived and handed back (16 MiB per file).
+    import tempfile
+    tmpdir = tempfile.mkdtemp(prefix="fastssl-ckpt-")
+    path = Path(tmpdir) / "resnet50_backbone.pt"
     torch.save(backbone_state_dict(backbone), path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     tv = torchvision.models.resnet50(weights=None)
@@ -570,7 +719,7 @@ def part_checkpoint(out, dry_run, hook):
     x = torch.randn(2, 3, 64 if dry_run else 224, 64 if dry_run else 224, device=device)
     with torch.no_grad():
         diff = (backbone(x) - tv(x)).abs().max().item()
-    path.unlink(missing_ok=True)
+    shutil.rmtree(tmpdir, ignore_errors=True)
     ok = missing == ["fc.bias", "fc.weight"] and not unexpected and diff <= 1e-4
     info.update(status="ok" if ok else "failed", torchvision_version=torchvision.__version__,
                 missing_keys=missing, unexpected_keys=unexpected, max_abs_feature_diff=diff,
@@ -580,3 +729,32 @@ def part_checkpoint(out, dry_run, hook):
     print(json.dumps(info), flush=True)
     hook.after_result()
     return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# backend choice (bench/backend_choice.py: the CUDA tests of the cuda and triton backends, and
+# cuda vs triton times, printing which one `auto` should prefer)
+
+
+def part_backend_choice(out, dry_run, hook):
+    info = {"module": "bench.backend_choice"}
+    if not (REPO / "bench" / "backend_choice.py").is_file():
+        info.update(status="missing", note="bench/backend_choice.py is not in this tree: not measured")
+        write_json(out / "backend_choice.json", info)
+        print(json.dumps(info), flush=True)
+        return 0
+    dest = out / "backend_choice"
+    dest.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "bench.backend_choice", "--out", str(dest)]
+    if dry_run:   # it needs a GPU: the dry run checks only that it imports and parses
+        cmd = [sys.executable, "-m", "bench.backend_choice", "--help"]
+    log_path = out / "logs" / "backend_choice_run.log"
+    with open(log_path, "w") as log:
+        rc, secs = _run_logged(cmd, dict(os.environ), log, timeout=max(1.0, time_left() - 2))
+    lines = log_path.read_text(errors="replace").splitlines()
+    info.update(status="ok" if rc == 0 else ("timeout" if rc == "timeout" else "error"), rc=rc,
+                seconds=round(secs, 1), note=(lines[-1][:300] if lines else ""), output_tail=lines[-20:])
+    write_json(out / "backend_choice.json", info)
+    print("\n".join(lines[-20:]), flush=True)
+    hook.after_result()
+    return 0 if rc == 0 else 1

@@ -8,7 +8,10 @@ Configured by environment variables (so that pytest-xdist workers see the same s
 - FASTSSL_TESTS_BACKENDS: optional comma-separated backends; a test with a ``backend``
   parameter outside them is dropped (tests without one are kept).
 - FASTSSL_TESTS_LOG: the JSON-lines file (one object per test: nodeid, outcome, duration_s,
-  message); appended to.
+  message); appended to. A test file that fails to collect (an import error: a module the
+  machine lacks) is one record too, outcome "error", when "collect", so its tests do not vanish
+  without a word; a file skipped whole at collection is one "skipped" record with the reason.
+  Run pytest with --continue-on-collection-errors so that the other files still run.
 """
 from __future__ import annotations
 
@@ -85,3 +88,20 @@ def pytest_runtest_logreport(report):
             message = "\n".join(lines[-6:]) or message[-600:]
         _write({"nodeid": report.nodeid, "outcome": outcome, "when": report.when,
                 "duration_s": round(report.duration, 4), "message": message[:1200], "time": time.time()})
+
+
+def pytest_collectreport(report):
+    # Under xdist the controller gets each failed or skipped collection once (deduplicated).
+    if report.passed:
+        return
+    if report.failed:
+        text = (getattr(report, "longreprtext", "") or str(report.longrepr or "")).strip()
+        lines = [ln for ln in text.splitlines() if ln.startswith("E ")]
+        message = "\n".join(lines[-6:]) or text[-600:]
+        outcome = "error"
+    else:
+        longrepr = report.longrepr
+        message = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr or "")
+        outcome = "skipped"
+    _write({"nodeid": report.nodeid, "outcome": outcome, "when": "collect", "duration_s": 0.0,
+            "message": message[:1200], "time": time.time()})

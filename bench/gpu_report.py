@@ -37,8 +37,11 @@ def tests_summary(out: Path) -> dict:
     recs = _load_jsonl(out / "tests.jsonl")
     counts = Counter(r["outcome"] for r in recs)
     failed = [r for r in recs if r["outcome"] in ("failed", "error")]
+    collect = [r for r in recs if r.get("when") == "collect"]
     return {"total": len(recs), "passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
-            "error": counts.get("error", 0), "skipped": counts.get("skipped", 0), "failures": failed}
+            "error": counts.get("error", 0), "skipped": counts.get("skipped", 0), "failures": failed,
+            "collect_errors": sum(r["outcome"] == "error" for r in collect),
+            "skip_reasons": Counter(r.get("message", "")[:160] for r in recs if r["outcome"] == "skipped")}
 
 
 def _headline(records: list[dict]) -> list[dict]:
@@ -54,11 +57,17 @@ def _speed_vs(r: dict, records: list[dict], provider: str) -> str:
 
 
 def gpu_section(out: Path, parts: list[dict], records: list[dict]) -> str:
-    from bench.gpu_run import COLD_START_S, PARTS, REPORT_S
+    from bench.gpu_run import COLD_START_S, PARTS, REPORT_S, VERSIONS_S
     lines = ["# GPU run (python -m bench.gpu_run)", ""]
+    env = _load_json(out / "env.json")
+    if env:
+        lines += ["Versions: " + ", ".join(f"{k} {env.get(k)}" for k in (
+            "python", "torch", "torch_cuda", "triton", "numpy", "setuptools", "pytest", "diffsort", "gpu",
+            "nvcc", "git_commit")) + ".", ""]
     caps = {p.name: p for p in PARTS}
     lines += ["## Parts", "", "| part | cap | used | status | note |", "|---|---|---|---|---|",
-              f"| cold start | {COLD_START_S:.0f} s | - | allowance | machine start and transfer |"]
+              f"| cold start | {COLD_START_S:.0f} s | - | allowance | machine start and transfer |",
+              f"| versions | {VERSIONS_S:.0f} s | - | - | env.json |"]
     for p in parts:
         what = caps[p["part"]].what if p["part"] in caps else "optional"
         lines.append(f"| {p['part']} | {p['cap_s']:.0f} s | {p['seconds']:.1f} s | {p['status']} | "
@@ -77,11 +86,17 @@ def gpu_section(out: Path, parts: list[dict], records: list[dict]) -> str:
 
     t = tests_summary(out)
     lines += ["## Tests", "", f"{t['total']} run: {t['passed']} passed, {t['failed']} failed, {t['error']} errors, "
-              f"{t['skipped']} skipped (per-test log: tests.jsonl).", ""]
+              f"{t['skipped']} skipped (per-test log: tests.jsonl)."
+              + (f" **{t['collect_errors']} test file(s) could not be collected** (listed below: their "
+                 f"tests did not run)." if t["collect_errors"] else ""), ""]
     for f in t["failures"][:40]:
         msg = f.get("message", "").replace("\n", " ")[:300]
         lines.append(f"- `{f['nodeid']}` {f['outcome']}: {msg}")
     if t["failures"]:
+        lines.append("")
+    if t["skip_reasons"]:
+        lines += ["Skipped, by reason:", ""]
+        lines += [f"- {n} x {why or '(no reason given)'}" for why, n in t["skip_reasons"].most_common(12)]
         lines.append("")
 
     roof = _load_json(out / "roofline.json")
@@ -153,7 +168,8 @@ def console_table(out: Path, parts: list[dict], records: list[dict]) -> list[str
     for p in parts:
         lines.append(f"{p['part']:<18} {p['status']:<9} {p['seconds']:6.1f} s / cap {p['cap_s']:4.0f} s  {p.get('note', '')}")
     t = tests_summary(out)
-    lines.append(f"tests: {t['passed']} passed, {t['failed']} failed, {t['error']} errors, {t['skipped']} skipped")
+    lines.append(f"tests: {t['passed']} passed, {t['failed']} failed, {t['error']} errors, {t['skipped']} skipped"
+                 + (f" ({t['collect_errors']} files not collected)" if t["collect_errors"] else ""))
     for f in t["failures"][:10]:
         lines.append(f"  FAIL {f['nodeid']}")
     roof = _load_json(out / "roofline.json")

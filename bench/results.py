@@ -56,7 +56,10 @@ def device_dir_name(device: torch.device) -> str:
 
 def git_commit() -> str:
     """HEAD of the repository, with "+dirty" when tracked files under fastssl/, csrc/, kernels/
-    or bench/ differ from it (the measured code is then not exactly that commit)."""
+    or bench/ differ from it (the measured code is then not exactly that commit).
+    $FASTSSL_GIT_COMMIT, when set, is the answer: the GPU run sets it (.git does not travel)."""
+    if os.environ.get("FASTSSL_GIT_COMMIT"):
+        return os.environ["FASTSSL_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=10).stdout.strip()

@@ -155,6 +155,11 @@ def config(kernel: str, dtype: torch.dtype, B: int, K: int, cc: int | None) -> d
     while rows * block_k > tile_cap and block_k > 16:
         block_k //= 2
     warps = 8 if rows * block_k >= 2048 else 4
+    if kernel == "cross_entropy":
+        # At most one column per thread along a row of the tile: with more (ROWS <= 4, BLOCK_K =
+        # 256, 4 warps: SwAV's B = 256, K = 3000) Triton 3.6's thread-locality pass fails on the
+        # gradient loop ("PassManager::run failed", sm_80 and sm_90); 3.9 compiles either.
+        warps = max(warps, min(8, block_k // 32))
     return dict(ROWS=rows, BLOCK_K=block_k, num_warps=warps, num_stages=2)
 
 

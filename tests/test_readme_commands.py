@@ -88,10 +88,15 @@ def cheap(command: str, demo_root: str):
     if argv == ["python", "-m", "pytest", "tests"]:    # CI runs it; here: it collects cleanly
         return ([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                  os.path.join(ROOT, "tests")], lambda out: _assert_in("tests collected", out), None)
-    if argv[:3] == ["python", "-m", "bench.gpu_run"]:
+    if argv[0] in ("python", "python3") and argv[1:3] == ["-m", "bench.gpu_run"]:
         if "--dry-run" in argv:                        # minutes: run once, by its own test
             return None, "tests/bench/test_gpu_run.py", None
         return None, None, "GPU-only: needs a CUDA device (its CPU dry run is the next command)"
+    if argv[0] in ("python", "python3") and argv[1:3] == ["-m", "bench.preflight"]:
+        # --prepare downloads diffsort's wheel; the full one builds a multi-GB environment once
+        # and runs for many minutes: run by hand, its log committed in bench/results/preflight/
+        return None, None, ("run by hand (network, GBs of wheels, minutes): its log is committed in "
+                            "bench/results/preflight/; the dry run it runs is tests/bench/test_gpu_run.py")
     raise ValueError(f"README command with no cheap form: {command!r}; add one to {__file__}")
 
 

@@ -1,0 +1,307 @@
+"""python -m bench.preflight: prove the GPU run on the GPU machine's own versions, here, before a
+GPU is available (the GPU machine is lent rarely and briefly: its first call must work).
+
+    python -m bench.preflight              # prepare, build/reuse the environment, run the checks
+    python -m bench.preflight --prepare    # only what must travel with the tree (.whl/), seconds
+
+Three steps:
+
+1. prepare (network): .whl/diffsort-0.2.0-py3-none-any.whl (the GPU machine has no diffsort;
+   the run installs it offline into .whl/site) and .whl/git_commit.txt (the commit of this
+   tree: .git does not travel). `.whl/` is git-ignored: the device call must carry it
+   (`carry: [".whl"]`).
+2. the environment (network, once): a virtual environment at .device-env/ (git-ignored; another
+   folder with --env DIR or $FASTSSL_DEVICE_ENV) with the GPU machine's versions: Python 3.12,
+   torch 2.11.0 (the CUDA 13 build from PyPI, several GB), triton 3.6.0, numpy 2.5, torchvision
+   0.26, pytest with xdist and timeout, matplotlib, pillow, ninja; no DALI, no diffsort. Built
+   once, then reused while .device-env/fastssl-device-env.json lists the same requirements.
+   Other scripts use it as `.device-env/bin/python` (e.g. `.device-env/bin/python -m
+   bench.static --no-cuda` is the static compile check under triton 3.6).
+3. the checks, in that environment, in build/preflight/tree (a copy of the tree as a device
+   call sends it: tracked and untracked-not-ignored files and .whl/, no .git; its build/ is
+   kept between preflights as a warm machine keeps it, --fresh for a cold one) and without
+   network (inside `unshare -rn`, a network namespace with no interface up, where the kernel
+   allows it; PIP_NO_INDEX=1 in any case):
+   the versions; `pytest --collect-only` over tests/ (every file imports on these versions);
+   `python3 -m bench.gpu_run --dry-run --build` (the GPU run's own code path on CPU, its build
+   part compiling the CPU-only extension in build/gpu_run/cpu with this setuptools and torch,
+   diffsort installed from .whl/ offline); and `python -m bench.static --no-cuda` (every Triton
+   kernel compiled by triton 3.6 for sm_80 and sm_90, spills read by ptxas).
+
+The log and a JSON summary go to bench/results/preflight/ (preflight.log, preflight.json);
+exit status 0 only if every check passed.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CARRIED = REPO / ".whl"
+DEFAULT_ENV = REPO / ".device-env"
+RESULTS = REPO / "bench" / "results" / "preflight"
+MARKER = "fastssl-device-env.json"
+DIFFSORT = "diffsort==0.2.0"
+# The GPU machine's versions (/work/.library/device/KINDS.md: python3 3.12, torch 2.11.0+cu130,
+# triton 3.6.0, numpy 2.5, torchvision 0.26.0; pytest-xdist, pytest-timeout, matplotlib there).
+DEVICE_PYTHON = "3.12"
+DEVICE_REQUIREMENTS = ("torch==2.11.0", "triton==3.6.0", "numpy==2.5.*", "torchvision==0.26.*",
+                       "pytest", "pytest-xdist", "pytest-timeout", "matplotlib", "pillow", "ninja",
+                       "setuptools", "wheel")
+
+
+class Log:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "w")
+
+    def __call__(self, msg: str = "") -> None:
+        print(msg, flush=True)
+        self.f.write(msg + "\n")
+        self.f.flush()
+
+
+def run(cmd, log, *, env=None, cwd=REPO, timeout=None, quiet=False) -> tuple[int | str, str, float]:
+    log(f"$ {' '.join(map(str, cmd))}")
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(list(map(str, cmd)), cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        rc, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc = "timeout"
+        text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+    secs = time.monotonic() - t0
+    if not quiet:
+        for line in text.rstrip().splitlines():
+            log(f"  | {line}")
+    log(f"  -> exit {rc} in {secs:.1f} s")
+    return rc, text, secs
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. what travels
+
+
+def tree_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+    head = git("rev-parse", "--short=12", "HEAD")
+    if not head:
+        return "unknown"
+    # bench/results/ holds what runs wrote (this preflight's log too): not measured code
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "fastssl", "csrc", "kernels", "bench",
+                ":(exclude)bench/results")
+    return head + ("+dirty" if dirty else "")
+
+
+def prepare(log) -> dict:
+    CARRIED.mkdir(exist_ok=True)
+    wheels = sorted(CARRIED.glob("diffsort-*.whl"))
+    if not wheels:
+        rc, _, _ = run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "--python-version", DEVICE_PYTHON, "-d", str(CARRIED), DIFFSORT], log, timeout=300)
+        wheels = sorted(CARRIED.glob("diffsort-*.whl"))
+    commit = tree_commit()
+    (CARRIED / "git_commit.txt").write_text(commit + "\n")
+    size = sum(f.stat().st_size for f in CARRIED.rglob("*") if f.is_file() and "site" not in f.parts)
+    info = {"wheels": [w.name for w in wheels], "git_commit": commit, "carried_bytes": size}
+    log(f"prepared .whl/: {', '.join(info['wheels']) or 'NO diffsort wheel'}; git_commit.txt = {commit}; "
+        f"{size / 1024:.0f} KiB to carry (carry: [\".whl\"])")
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the environment
+
+
+def find_python(version: str) -> str | None:
+    found = shutil.which(f"python{version}")
+    if found:
+        return found
+    cands = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")))
+    cands += sorted(glob.glob(f"/root/.pyenv/versions/{version}.*/bin/python{version}"))
+    return cands[-1] if cands else None
+
+
+def ensure_env(env_dir: Path, log) -> tuple[Path, dict]:
+    py = env_dir / "bin" / "python"
+    marker = env_dir / MARKER
+    want = {"python": DEVICE_PYTHON, "requirements": list(DEVICE_REQUIREMENTS)}
+    if py.exists() and marker.exists():
+        try:
+            have = json.loads(marker.read_text())
+            if have.get("requirements") == want["requirements"]:
+                log(f"environment {env_dir}: reused (built {have.get('built')})")
+                return py, have
+        except ValueError:
+            pass
+    if not py.exists():
+        base = find_python(DEVICE_PYTHON)
+        if base is None:
+            raise SystemExit(f"preflight: no Python {DEVICE_PYTHON} here (python{DEVICE_PYTHON} on PATH or "
+                             "~/.pyenv/versions/): install it, or pass --env to an existing environment")
+        rc, _, _ = run([base, "-m", "venv", str(env_dir)], log)
+        if rc != 0:
+            raise SystemExit("preflight: could not create the environment")
+    rc, _, _ = run([py, "-m", "pip", "install", "--progress-bar", "off", *DEVICE_REQUIREMENTS], log,
+                   timeout=3600, quiet=True)
+    if rc != 0:
+        raise SystemExit(f"preflight: pip install of {' '.join(DEVICE_REQUIREMENTS)} failed ({rc})")
+    have = {**want, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    marker.write_text(json.dumps(have, indent=1) + "\n")
+    return py, have
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. the checks, offline
+
+
+def offline_prefix(log) -> tuple[list[str], str]:
+    """`unshare -rn` (a new network namespace: no interface up, nothing reachable) when the
+    kernel allows it here; else nothing (PIP_NO_INDEX=1 still keeps pip off the network)."""
+    if shutil.which("unshare"):
+        probe = subprocess.run(["unshare", "-rn", "python3", "-c",
+                                "import socket\ntry:\n socket.create_connection(('pypi.org', 443), 3)\n print('online')\n"
+                                "except OSError:\n print('offline')"], capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == "offline":
+            return ["unshare", "-rn"], "unshare -rn: no network interface (a connection to the package index fails)"
+    log("warning: unshare -rn is not available here: the checks run with PIP_NO_INDEX=1 only")
+    return [], "PIP_NO_INDEX=1 only (no network namespace here)"
+
+
+def copy_tree(dest: Path, log, *, fresh: bool) -> Path:
+    """What a device call sends: tracked and untracked-not-ignored files, and the carried .whl/;
+    no .git, no fastssl/_C built here against another torch. Its build/ (the GPU run's build
+    trees) is kept from the last preflight unless fresh, as a warm device machine keeps it:
+    the CPU objects are then not recompiled."""
+    if fresh:
+        shutil.rmtree(dest, ignore_errors=True)
+    elif dest.is_dir():
+        for entry in dest.iterdir():
+            if entry.name != "build":
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    dest.mkdir(parents=True, exist_ok=True)
+    kept = " (its build/ kept from the last preflight)" if (dest / "build").is_dir() else ""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    count = size = 0
+    for name in filter(None, names):
+        src = REPO / name
+        if not src.is_file():
+            continue
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / name)
+        count += 1
+        size += src.stat().st_size
+    for src in CARRIED.glob("*"):
+        if src.is_file():
+            (dest / ".whl").mkdir(exist_ok=True)
+            shutil.copy2(src, dest / ".whl" / src.name)
+            size += src.stat().st_size
+    log(f"the tree as a device call sends it: {count} files and .whl/, {size / 2**20:.1f} MiB (limit 64 MiB), "
+        f"in {dest}{kept}")
+    return dest
+
+
+def checks(py: Path, log, args) -> list[dict]:
+    prefix, how = offline_prefix(log)
+    log(f"offline: {how}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "FASTSSL_", "PYTHON"))}
+    env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHONUNBUFFERED="1",
+               PATH=f"{py.parent}{os.pathsep}{env.get('PATH', '')}")   # python3 is the env's
+    env.pop("OUT", None)
+    work = REPO / "build" / "preflight"
+    tree = copy_tree(work / "tree", log, fresh=args.fresh)
+    results = []
+
+    def step(name, cmd, timeout, ok=lambda rc, text: rc == 0, step_env=None):
+        log("")
+        log(f"== {name}")
+        rc, text, secs = run([*prefix, *cmd], log, env=step_env or env, timeout=timeout, cwd=tree)
+        passed = bool(ok(rc, text))
+        results.append({"step": name, "passed": passed, "rc": rc, "seconds": round(secs, 1),
+                        "command": " ".join(map(str, cmd))})
+        log(f"== {name}: {'PASSED' if passed else 'FAILED'}")
+        return text
+
+    step("versions", ["python3", "-c", "import sys, platform, importlib.metadata as md; print('python', platform.python_version(), sys.executable); "
+                      "[print(n, md.version(n)) for n in ('torch', 'triton', 'numpy', 'setuptools', 'pytest', 'pytest-xdist', 'torchvision')]; "
+                      "import torch; print('torch.version.cuda', torch.version.cuda)"], 120)
+    step("network is unreachable", ["python3", "-c", "import socket\ntry:\n socket.create_connection(('pypi.org', 443), 5)\n raise SystemExit('online')\n"
+                                    "except OSError as e:\n print('no network:', e)"], 60)
+    step("tests collect on these versions", ["python3", "-m", "pytest", "--collect-only", "-qq", "-p", "no:cacheprovider",
+                                             "--continue-on-collection-errors", "tests"], 900,
+         ok=lambda rc, text: rc == 0 and not re.search(r"\d+ errors?\b", (text.strip().splitlines() or [""])[-1]))
+    dry_out, dry_pub = work / "dry", work / "OUT"
+    for old in (dry_out, dry_pub):
+        shutil.rmtree(old, ignore_errors=True)
+    caps = ["--cap", f"build={args.build_cap}"] if args.build_cap else []
+    step("gpu_run dry run", ["python3", "-m", "bench.gpu_run", "--dry-run", *(["--build"] if not args.no_build else []),
+                             *caps, "--out", str(dry_out)], 2400, step_env={**env, "OUT": str(dry_pub)})
+    copied = sorted(p.name for p in dry_pub.iterdir()) if dry_pub.is_dir() else []
+    log(f"$OUT after the dry run: {copied}")
+    results[-1]["published"] = copied
+    for name in ("parts.jsonl", "build.json", "env.json"):
+        src = dry_out / name
+        if src.is_file():
+            shutil.copyfile(src, RESULTS / f"dry_{name}")
+    if (dry_out / "logs" / "build_cpu.log").is_file():   # the extension built on these versions
+        shutil.copyfile(dry_out / "logs" / "build_cpu.log", RESULTS / "dry_build_cpu.log")
+    if not args.no_static:
+        static_out = RESULTS / "static-triton-3.6"
+        text = step("static compile (triton of this environment)",
+                    ["python3", "-m", "bench.static", "--no-cuda", "--out", str(static_out)], 1800)
+        summary = next((ln for ln in text.splitlines() if ln.startswith("{\"triton_cases\"")), None)
+        results[-1]["summary"] = json.loads(summary) if summary else None
+        jsonl = static_out / "static.jsonl"
+        if jsonl.exists() and jsonl.stat().st_size > 512 << 10:
+            jsonl.unlink()   # the table (static.md) is kept; the raw rows are regenerated in minutes
+    shutil.rmtree(dry_out, ignore_errors=True)
+    shutil.rmtree(dry_pub, ignore_errors=True)
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.preflight", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepare", action="store_true", help="only write .whl/ (diffsort wheel, git_commit.txt)")
+    p.add_argument("--env", type=Path, default=Path(os.environ.get("FASTSSL_DEVICE_ENV", DEFAULT_ENV)),
+                   help="the environment with the GPU machine's versions (default .device-env/)")
+    p.add_argument("--no-build", action="store_true", help="dry run without its CPU-only build (minutes here)")
+    p.add_argument("--build-cap", type=int, default=900, help="the dry run's build cap (s; 2 loaded cores here)")
+    p.add_argument("--no-static", action="store_true", help="skip the static compile")
+    p.add_argument("--fresh", action="store_true",
+                   help="a new copy of the tree, without the build trees of the last preflight (a cold machine)")
+    args = p.parse_args(argv)
+    if args.prepare:
+        prepare(lambda m: print(m, flush=True))
+        return 0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = Log(RESULTS / "preflight.log")
+    t0 = time.monotonic()
+    log(f"fastssl preflight: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    carried = prepare(log)
+    py, env_info = ensure_env(args.env.resolve(), log)
+    results = checks(py, log, args)
+    ok = all(r["passed"] for r in results)
+    summary = {"passed": ok, "seconds": round(time.monotonic() - t0, 1), "environment": env_info,
+               "carried": carried, "steps": results}
+    (RESULTS / "preflight.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log("")
+    for r in results:
+        log(f"{'PASSED' if r['passed'] else 'FAILED'}  {r['step']} ({r['seconds']} s)")
+    log(f"preflight {'PASSED' if ok else 'FAILED'} in {summary['seconds']:.0f} s; log: {RESULTS / 'preflight.log'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
