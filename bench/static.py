@@ -693,14 +693,17 @@ def _cuda_dtype(demangled: str) -> str:
 
 
 def _header_torch_version(inc: str) -> str | None:
-    """The version a torch include/ tree belongs to (torch/csrc/api/include/torch/version.h)."""
-    path = os.path.join(inc, "torch", "csrc", "api", "include", "torch", "version.h")
-    try:
-        with open(path) as f:
-            m = re.search(r'#define TORCH_VERSION "([^"]+)"', f.read())
-    except OSError:
-        return None
-    return m.group(1) if m else None
+    """The version a torch include/ tree belongs to (its version.h)."""
+    for parts in (("torch", "headeronly", "version.h"),
+                  ("torch", "csrc", "api", "include", "torch", "version.h")):
+        try:
+            with open(os.path.join(inc, *parts)) as f:
+                m = re.search(r"#define TORCH_VERSION\s*\\?\s*\"([^\"]+)\"", f.read())
+        except OSError:
+            continue
+        if m:
+            return m.group(1)
+    return None
 
 
 def torch_cuda_include(download: bool = False) -> str | None:
