@@ -1,8 +1,10 @@
 """Backend selection: the one place that decides which implementation serves an op.
 
 An op declares a table ``{backend_name: implementation}``; :func:`select` picks the entry for the
-current backend setting and the tensor's device. ``"auto"`` prefers the fused kernels on CUDA
-(``cuda`` then ``triton``) and the C++ extension on CPU (``cpp`` then ``torch``). A forced backend
+current backend setting and the tensor's device. ``"auto"`` prefers, on CUDA tensors, the
+fused kernels that the test suite has executed (``triton``: every test runs them under the
+interpreter) over those that have only been compiled (``cuda``), per family (see
+``AUTO_CUDA_ORDER``), and the C++ extension on CPU (``cpp`` then ``torch``). A forced backend
 that cannot serve the input raises; it never falls back silently.
 """
 from __future__ import annotations
@@ -20,8 +22,21 @@ from fastssl._validation import set_check_finite as _set_check_finite
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch", "reference")
 
 _AUTO_ORDER = {
-    "cuda": ("cuda", "triton", "torch"),
+    "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpp", "torch"),
+}
+
+# `auto` on CUDA tensors, per kernel family (docs/design.md, "auto"): a backend comes first only
+# once its kernels have been executed and found equal to the reference. The Triton kernels run in
+# every test (interpreter) and compile for sm_80/sm_90 (bench.static); the hand-written CUDA
+# kernels (csrc/*_cuda.cu) are compiled but have not run on a GPU yet. A family moves `cuda`
+# first when a GPU run (`python -m bench.backend_choice`, part of `python -m bench.gpu_run`)
+# shows its CUDA tests passing and `cuda` faster than `triton` on that device.
+AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
+    "contrastive": ("triton", "torch"),
+    "sphere": ("triton", "torch"),
+    "sortnet": ("triton", "cuda", "torch"),
+    "swav": ("triton", "cuda", "torch"),
 }
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastssl_backend", default=None)
@@ -115,9 +130,17 @@ def can_serve(backend: str, device: torch.device) -> tuple[bool, str]:
     return False, f"unknown backend {backend!r}"
 
 
-def select(op: str, device: torch.device, table: Mapping[str, Callable]) -> tuple[str, Callable]:
+def auto_order(device_type: str, family: str | None = None) -> tuple[str, ...]:
+    """The backends `auto` tries, in order, for `family` on tensors of `device_type`."""
+    if device_type == "cuda" and family in AUTO_CUDA_ORDER:
+        return AUTO_CUDA_ORDER[family]
+    return _AUTO_ORDER.get(device_type, ("torch",))
+
+
+def select(op: str, device: torch.device, table: Mapping[str, Callable],
+           family: str | None = None) -> tuple[str, Callable]:
     """Return ``(name, implementation)`` for `op` on `device` under the current setting."""
-    name = _selected_name(op, device.type, tuple(sorted(table)))
+    name = _selected_name(op, device.type, tuple(sorted(table)), family)
     return name, table[name]
 
 
@@ -133,11 +156,12 @@ def _mark_constant_result(fn):
 # the choice as a constant of the traced graph (a compiled step keeps the backend it was traced
 # with, like any other configuration read at trace time).
 @_mark_constant_result
-def _selected_name(op: str, device_type: str, names: tuple[str, ...]) -> str:
+def _selected_name(op: str, device_type: str, names: tuple[str, ...],
+                   family: str | None = None) -> str:
     device = torch.device(device_type)
     want = current_backend()
     if want == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        for name in auto_order(device.type, family):
             if name in names and can_serve(name, device)[0]:
                 return name
         return "torch" if "torch" in names else "reference"
@@ -157,13 +181,14 @@ check_finite_enabled = _check_finite_enabled
 
 
 def choose(op: str, device: torch.device, table: Mapping[str, object],
-           method: str | None = None) -> str:
+           method: str | None = None, family: str | None = None) -> str:
     """The name of the backend that serves `op` on `device` under the current setting.
 
     `table` is a family's backend table (name -> namespace); with `method`, only the entries
     that define it count (an op that one backend lacks is refused when forced, never replaced).
+    `family` names the kernel family, whose `AUTO_CUDA_ORDER` entry `auto` follows on CUDA.
     The public function calls this once and passes the name to the op (docs/design.md).
     """
     names = tuple(sorted(n for n, impl in table.items()
                          if method is None or hasattr(impl, method)))
-    return _selected_name(op, device.type, names)
+    return _selected_name(op, device.type, names, family)

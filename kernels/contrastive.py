@@ -396,8 +396,11 @@ def config(kernel: str, dtype: torch.dtype, d: int, cc: int | None) -> dict:
         stages = 3 if hopper else 2
     else:
         # Backward: the logit tile plus a (rows x BLOCK_DO) float32 accumulator per program.
-        bm, bn = (128, 64) if hopper else ((64, 32) if f32 else (64, 64))
-        warps = 8 if hopper else 4
+        # float32 takes sm_80's 64 x 32 tile on 4 warps on Hopper too: tf32x3's split operands
+        # beside a 128-row tile reached 255 registers and spilled (lse_bwd_cols, sce_bwd) under
+        # Triton's own ptxas options (bench/results/static, triton 3.6 and 3.9).
+        bm, bn = ((128, 64) if hopper else (64, 64)) if not f32 else (64, 32)
+        warps = 8 if hopper and not f32 else 4
         stages = 2
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DO=block_do,
                 PRECISION=precision, GRAD_PRECISION=grad_precision, UPCAST=False,

@@ -357,12 +357,17 @@ def _groco_rows_kernel(s_ptr, loss_ptr, grow_ptr, gs_ptr, ws_ptr, net_ptr, prm_p
 KERNELS = ("lanes", "rows")
 
 
-def config(kernel: str, n: int, cc: int | None) -> dict:
+# P backward on one warp at n <= 32 for these (see config); the others take two.
+_ONE_WARP_DISTS = (DIST_IDS["logistic_phi"], DIST_IDS["gaussian"], DIST_IDS["cauchy"])
+
+
+def config(kernel: str, n: int, cc: int | None, dist: int | None = None) -> dict:
     """Launch configuration of this family for compute capability ``cc`` (None: the CPU
     interpreter). "lanes": one problem per lane (values, value backward, GroCo rows), BLOCK_B
     problems per program; "rows": one problem per program, one lane per row of P
     (P forward / backward), BLOCK_R = next power of two of n. Also the scratch budget of one
-    P-backward launch (larger batches are cut into launches of that size)."""
+    P-backward launch (larger batches are cut into launches of that size). ``dist``: the
+    distribution id, which picks the warps of the "rows" kernels at n <= 32."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     gpu = cc is not None
@@ -370,8 +375,17 @@ def config(kernel: str, n: int, cc: int | None) -> dict:
         # 64 lanes on 2 warps: one lane per thread (4 warps would run every lane twice).
         return dict(BLOCK_B=64, num_warps=2 if gpu else 4, num_stages=1)
     block_r = triton.next_power_of_2(n)
-    # 2 warps at least: with one, ptxas spilled the P backward of n = 32 on sm_80.
-    warps = max(2, min(8, block_r // 128)) if gpu else 4
+    # Warps from Triton's own ptxas run (bench/results/static, triton 3.6 and 3.9), 0 spills:
+    # at n <= 32 the erf / pow distributions (and cauchy) on one warp, one row per lane (on two,
+    # triton 3.9's ptxas kept 8 bytes on the stack on sm_80), the others on two (on one, 24
+    # bytes); at most 4 warps above (8 warps at n = 1024 spilled 12-24 bytes: sm_90 with 3.9,
+    # sm_80 with 3.6).
+    if not gpu:
+        warps = 4
+    elif block_r <= 32:
+        warps = 1 if dist in _ONE_WARP_DISTS else 2
+    else:
+        warps = max(2, min(4, block_r // 128))
     # A GPU has the memory for wider P-backward launches (fewer, fuller grids).
     return dict(BLOCK_R=block_r, num_warps=warps, num_stages=1,
                 ws_budget=(1 << 30) if gpu else (1 << 28))
@@ -421,7 +435,7 @@ def soft_sort_forward(x, net, dist, steepness, art_lambda, sigma_bwd, want_p):
     if want_p:
         P = torch.empty((B, n, n), dtype=x.dtype, device=x.device)
         if B > 0:
-            cfg = config("rows", n, cc)
+            cfg = config("rows", n, cc, dist)
             cfg.pop("ws_budget")
             launch(_ss_perm_kernel, (B,), P, d, net, prm, C, n, DIST=dist, **cfg)
     else:
@@ -450,7 +464,7 @@ def soft_sort_backward(gy, gP, d, net, dist, steepness, art_lambda, sigma_bwd, n
     if has_ga and C > 0 and B > 0:
         ga = torch.empty((B, C), dtype=d.dtype, device=d.device)
         K, S = checkpoint_spacing(C, n)
-        cfg = config("rows", n, cc)
+        cfg = config("rows", n, cc, dist)
         budget = cfg.pop("ws_budget")
         BR = cfg["BLOCK_R"]
         slots = S * n + 2 * n + 2 * K

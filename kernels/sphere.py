@@ -220,9 +220,10 @@ def config(kernel: str, dtype: torch.dtype, symmetric: bool, cc: int | None) -> 
             warps = 8
             stages = 3 if hopper else 2
         else:
-            # float32 on sm_80: tf32x3's operand splits of a 64-wide column tile spill.
-            bm, bn = (128, 64) if hopper else ((64, 32) if f32 else (64, 64))
-            warps = 8 if hopper else 4
+            # float32: tf32x3's operand splits of a 64-wide column tile spill on sm_80, and of a
+            # 128-row tile on Hopper (Triton's own ptxas run, bench/results/static): 64 x 32.
+            bm, bn = (64, 32) if f32 else ((128, 64) if hopper else (64, 64))
+            warps = 8 if hopper and not f32 else 4
             stages = 2
     if symmetric:
         bn = bm  # the symmetric walk pairs row block i with column block i

@@ -108,6 +108,10 @@ def _swav_ce_kernel(s_ptr, q_ptr, t_ptr, loss_ptr, grad_ptr, B, K,
         q_sum += tl.sum(q, axis=1)
         qz += tl.sum(q * z, axis=1)
     lse = m + tl.log(l)
+    # One use of the loop's q_sum (zero on padded rows, which no store keeps): triton 3.6's
+    # thread-locality pass asserts on a loop-carried row sum used twice (the loss and the
+    # gradient pass), and the gradient variant did not compile (bench/results/static).
+    q_sum = tl.where(rmask, q_sum, 0.0)
     tl.store(loss_ptr + rows, q_sum * lse - qz, mask=rmask)
     if WRITE_GRAD:
         for k0 in range(0, K, BLOCK_K):

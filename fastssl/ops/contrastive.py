@@ -377,7 +377,7 @@ TABLE = {"triton": _TritonKernels(), "cpp": _CppKernels, "torch": _TorchKernels,
 
 def backend_for(op: str, device: torch.device) -> str:
     """The backend that serves `op` on `device` under the current setting (the dispatch point)."""
-    return choose(op, device, TABLE)
+    return choose(op, device, TABLE, family="contrastive")
 
 
 def _kernels(backend: str):

@@ -729,7 +729,7 @@ TABLE = {
 def backend_for(op: str, device: torch.device) -> str:
     """The backend that serves `op` ("soft_sort", "groco", "groco_rows") on `device` now: the
     one dispatch point of the family; the public function calls it once and passes the name."""
-    return choose(op, device, TABLE)
+    return choose(op, device, TABLE, family="sortnet")
 
 
 def groco_view_rows(anchor_hat: torch.Tensor, negatives_hat: torch.Tensor,

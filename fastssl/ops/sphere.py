@@ -452,7 +452,7 @@ TABLE = {"triton": _TritonSphere(), "torch": _TorchSphere(), "reference": _Refer
 def backend_for(op: str, device: torch.device) -> str:
     """The backend that serves `op` ("sfrik", "auh", ...) on `device` now (the one dispatch
     point of the family: the public function calls it once and passes the name to the ops)."""
-    return choose(op, device, TABLE)
+    return choose(op, device, TABLE, family="sphere")
 
 
 # ---------------------------------------------------------------------------------------------

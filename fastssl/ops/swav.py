@@ -258,7 +258,7 @@ _METHOD = {"sinkhorn": "sinkhorn", "swav_cross_entropy": "cross_entropy"}
 def backend_for(op: str, device: torch.device) -> str:
     """The backend that serves `op` ("sinkhorn", "swav_cross_entropy", or the loss "swav",
     which needs both) on `device` now; the public function calls it once per op."""
-    return choose(op, device, TABLE, _METHOD.get(op, "cross_entropy"))
+    return choose(op, device, TABLE, _METHOD.get(op, "cross_entropy"), family="swav")
 
 
 def backend_name(device: torch.device) -> str:

@@ -1,0 +1,277 @@
+"""python -m bench.backend_choice --out DIR: which backend `auto` should prefer on CUDA tensors,
+per family, from a measurement on this GPU (docs/design.md, "auto").
+
+    python -m bench.backend_choice --out DIR            # on a GPU: tests, timings, the choice
+    python -m bench.backend_choice --dry-run --out DIR  # the same code path on CPU, tiny sizes
+
+The families that have both hand-written CUDA kernels (csrc/*_cuda.cu) and Triton kernels:
+sortnet (soft_sort, GroCo) and swav (Sinkhorn; SwAV's cross-entropy has no CUDA kernel). For each:
+
+1. tests: the CUDA-device cases of both backends' tests (pytest with -k filters over the
+   family's test files: values and gradients against the reference), results per backend;
+2. timings: `cuda` against `triton` at the benchmark sizes of bench/sortnet.py and bench/swav.py
+   (their OpSpecs, through bench.harness.run_case: do_bench / CUDA events);
+3. the choice: `cuda` only if its tests ran and all passed, every timed case ran, and it is
+   faster than `triton` (geometric mean of triton/cuda over the cases above MARGIN); else
+   `triton`. Printed as the AUTO_CUDA_ORDER entries for fastssl/_backend.py.
+
+Writes DIR/backend_choice.json (rewritten after every step, so a run cut off at its time cap
+keeps what it measured), DIR/backend_choice_tests.json and DIR/backend_choice.md. Without a
+CUDA device it says so and exits 0 (nothing to measure); --dry-run runs the tests step (its CUDA
+cases skip on CPU) and times stand-ins (`cpp` for cuda, `torch` for triton) at tiny CPU sizes.
+Honours the deadline of bench.gpu_run ($FASTSSL_GPU_RUN_DEADLINE) and --max-seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEADLINE_ENV = "FASTSSL_GPU_RUN_DEADLINE"
+MARGIN = 1.05  # cuda must be this much faster (geometric mean): smaller gaps are within noise
+
+# family -> (test files, {backend: -k expression selecting its CUDA-device cases}, bench ops)
+FAMILIES = {
+    "sortnet": (("tests/ops/test_soft_sort.py", "tests/ops/test_groco_ops.py"),
+                {"cuda": "cuda-cuda", "triton": "triton-cuda"},
+                ("soft_sort", "groco")),
+    "swav": (("tests/ops/test_swav_ops.py",),
+             {"cuda": "test_cuda_backends_match_fp64 and cuda]",
+              "triton": "test_cuda_backends_match_fp64 and triton]"},
+             ("sinkhorn",)),
+}
+BACKENDS = ("cuda", "triton")
+# --dry-run on CPU: the providers standing in for cuda and triton (same code path, CPU backends)
+DRY_STANDIN = {"cuda": "fastssl:cpp", "triton": "fastssl:torch"}
+
+
+def _deadline(max_seconds: float | None) -> float:
+    ends = [time.time() + max_seconds] if max_seconds else []
+    if os.environ.get(DEADLINE_ENV):
+        ends.append(float(os.environ[DEADLINE_ENV]) - 5.0)  # leave the parent time to report
+    return min(ends) if ends else math.inf
+
+
+# ----------------------------------------------------------------------------------------------
+# tests
+
+
+def run_tests(family: str, backend: str, out: Path, deadline: float) -> dict:
+    """The family's CUDA-device test cases of one backend; counts from pytest's junit xml."""
+    files, kexpr, _ = FAMILIES[family]
+    xml = out / f"junit_{family}_{backend}.xml"
+    left = deadline - time.time()
+    if left < 10:
+        return {"status": "not run (time cap)", "passed": 0, "failed": 0, "skipped": 0}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", kexpr[backend],
+           "--junitxml", str(xml), *files]
+    env = dict(os.environ)
+    env.pop("FASTSSL_BACKEND", None)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=None if math.isinf(left) else left)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    except subprocess.TimeoutExpired:
+        rc, tail = None, "cut off at the time cap"
+    res = {"command": " ".join(cmd[1:]), "rc": rc, "seconds": round(time.monotonic() - t0, 1),
+           "passed": 0, "failed": 0, "skipped": 0, "failures": []}
+    if xml.exists():
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            name = f"{case.get('classname')}::{case.get('name')}"
+            if case.find("failure") is not None or case.find("error") is not None:
+                res["failed"] += 1
+                res["failures"].append(name)
+            elif case.find("skipped") is not None:
+                res["skipped"] += 1
+            else:
+                res["passed"] += 1
+    # rc 5: nothing selected; counted as "no test ran", never as a pass
+    res["status"] = ("passed" if rc == 0 and res["passed"] and not res["failed"]
+                     else "failed" if res["failed"] or rc not in (0, 5) else "no test ran")
+    if res["status"] == "failed":
+        res["tail"] = tail
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# timings
+
+
+def _specs() -> dict:
+    from bench import sortnet as bs, swav as bw
+    return {s.name: s for s in (*bs.SPECS, *bw.SPECS)}
+
+
+def time_family(family: str, device, dry_run: bool, deadline: float) -> list[dict]:
+    """cuda against triton on the family's benchmark cases: one row per (op, size, dtype, mode)
+    with both backends' p50."""
+    import torch
+    from bench.harness import BenchConfig, run_case
+    specs = _specs()
+    cfg = BenchConfig.for_run(quick=dry_run)
+    providers = (DRY_STANDIN if dry_run else {b: f"fastssl:{b}" for b in BACKENDS})
+    rows = []
+    for op in FAMILIES[family][2]:
+        spec = specs[op]
+        for size in spec.sizes(device.type, dry_run):
+            # Only the cases that both backends run: the fastssl providers of the full output.
+            if size.providers is not None and "fastssl" not in size.providers:
+                continue
+            for dtype in spec.dtypes(device.type, dry_run):
+                for mode in (size.modes or spec.modes):
+                    if mode == "backward":  # forward+backward covers it
+                        continue
+                    row = {"op": op, "shape": dict(size.shape),
+                           "dtype": str(dtype).replace("torch.", ""), "mode": mode}
+                    for backend, provider in providers.items():
+                        if time.time() > deadline:
+                            row[backend] = {"status": "not run (time cap)"}
+                            continue
+                        one = type(size)(size.shape, modes=(mode,), providers=size.providers)
+                        recs = list(run_case(spec, provider, one, dtype, device, cfg))
+                        rec = next((r for r in recs if r["mode"] == mode), recs[0])
+                        row[backend] = {"status": rec["status"], "p50_ms": rec.get("p50_ms"),
+                                        "provider": provider, "note": rec.get("note", "")}
+                    c, t = row["cuda"], row["triton"]
+                    if c.get("status") == "ok" and t.get("status") == "ok" and c["p50_ms"]:
+                        row["triton_over_cuda"] = t["p50_ms"] / c["p50_ms"]
+                    rows.append(row)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# the choice
+
+
+def decide(tests: dict, timings: list[dict]) -> dict:
+    """{"prefer": "cuda" | "triton", "why": ...} for one family."""
+    ct = tests.get("cuda", {})
+    if ct.get("status") != "passed":
+        return {"prefer": "triton", "why": f"cuda tests: {ct.get('status', 'not run')} "
+                f"({ct.get('passed', 0)} passed, {ct.get('failed', 0)} failed)"}
+    if not timings:
+        return {"prefer": "triton", "why": "no timed case"}
+    missing = [r for r in timings if "triton_over_cuda" not in r]
+    if missing:
+        r = missing[0]
+        return {"prefer": "triton", "why": f"{len(missing)} of {len(timings)} cases not timed on "
+                f"both backends (e.g. {r['op']} {r['shape']} {r['dtype']}: cuda "
+                f"{r['cuda'].get('status')}, triton {r['triton'].get('status')})"}
+    ratios = [r["triton_over_cuda"] for r in timings]
+    gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+    faster = gm > MARGIN
+    return {"prefer": "cuda" if faster else "triton", "geomean_triton_over_cuda": gm,
+            "min": min(ratios), "max": max(ratios), "cases": len(ratios),
+            "why": (f"cuda tests passed ({ct['passed']}); cuda {gm:.2f}x triton's speed "
+                    f"(geometric mean over {len(ratios)} cases, {min(ratios):.2f}x to "
+                    f"{max(ratios):.2f}x): " + ("faster" if faster else
+                                                f"not faster by more than {MARGIN:.2f}x"))}
+
+
+def auto_order_line(family: str, prefer: str) -> str:
+    order = ("cuda", "triton", "torch") if prefer == "cuda" else ("triton", "cuda", "torch")
+    return f'"{family}": {order!r},'
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Backend choice for `auto` on CUDA tensors", "",
+             f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}"
+             + ("; DRY RUN (CPU stand-ins: cpp for cuda, torch for triton)"
+                if result["dry_run"] else ""), "",
+             "| family | cuda tests | triton tests | triton/cuda p50 (geomean) | auto should prefer |"
+             " why |", "|---|---|---|---|---|---|"]
+    for fam, r in result["families"].items():
+        t = r.get("tests", {})
+        d = r.get("decision", {})
+        cell = lambda x: f"{x.get('status', '-')} ({x.get('passed', 0)}/{x.get('failed', 0)})"  # noqa: E731
+        gm = d.get("geomean_triton_over_cuda")
+        lines.append(f"| {fam} | {cell(t.get('cuda', {}))} | {cell(t.get('triton', {}))} | "
+                     f"{'-' if gm is None else f'{gm:.2f}x'} | {d.get('prefer', '-')} |"
+                     f" {d.get('why', '-')} |")
+    lines += ["", "Tests: status (passed/failed). Timings (p50 ms):", "",
+              "| op | shape | dtype | mode | cuda | triton | triton/cuda |", "|---|---|---|---|---|---|---|"]
+    for fam, r in result["families"].items():
+        for row in r.get("timings", []):
+            ms = lambda b: (f"{row[b]['p50_ms']:.3f}" if row[b].get("p50_ms") is not None  # noqa: E731
+                            else row[b].get("status", "-"))
+            ratio = row.get("triton_over_cuda")
+            lines.append(f"| {row['op']} | {row['shape']} | {row['dtype']} | {row['mode']} |"
+                         f" {ms('cuda')} | {ms('triton')} |"
+                         f" {'-' if ratio is None else f'{ratio:.2f}'} |")
+    lines += ["", "AUTO_CUDA_ORDER entries (fastssl/_backend.py) this run supports:", "", "```"]
+    lines += [auto_order_line(f, r["decision"]["prefer"]) for f, r in result["families"].items()
+              if "decision" in r]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def _write(out: Path, result: dict) -> None:
+    (out / "backend_choice.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (out / "backend_choice_tests.json").write_text(json.dumps(
+        {f: r.get("tests", {}) for f, r in result["families"].items()}, indent=1) + "\n")
+    (out / "backend_choice.md").write_text(markdown(result))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for backend_choice.{json,md}")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, tiny sizes, cpp/torch standing in for cuda/triton")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop starting new steps after this long (also $%s)" % DEADLINE_ENV)
+    p.add_argument("--families", default=",".join(FAMILIES),
+                   help="comma-separated subset of " + ", ".join(FAMILIES))
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import torch
+    families = [f for f in a.families.split(",") if f]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        p.error(f"--families: unknown {unknown}; choose from {list(FAMILIES)}")
+    if not a.dry_run and not torch.cuda.is_available():
+        note = ("bench.backend_choice needs a CUDA device (none here): nothing measured; "
+                "`auto` keeps triton first on CUDA (fastssl/_backend.py AUTO_CUDA_ORDER). "
+                "--dry-run runs the same code path on CPU.")
+        print(note)
+        (out / "backend_choice.md").write_text(f"# Backend choice\n\n{note}\n")
+        return 0
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - recorded, the tests say what it means
+        triton_version = None
+    device = torch.device("cpu" if a.dry_run else "cuda")
+    deadline = _deadline(a.max_seconds)
+    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "triton": triton_version, "dry_run": a.dry_run,
+              "margin": MARGIN, "families": {f: {} for f in families}}
+    for fam in families:
+        r = result["families"][fam]
+        r["tests"] = {b: run_tests(fam, b, out, deadline) for b in BACKENDS}
+        _write(out, result)
+        r["timings"] = time_family(fam, device, a.dry_run, deadline)
+        r["decision"] = decide(r["tests"], r["timings"])
+        _write(out, result)
+    for fam, r in result["families"].items():
+        print(f"{fam}: auto should prefer {r['decision']['prefer']} on this device "
+              f"({r['decision']['why']})")
+    print("AUTO_CUDA_ORDER entries:", " ".join(auto_order_line(f, r["decision"]["prefer"])
+                                               for f, r in result["families"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
