@@ -208,7 +208,10 @@ def row_norms(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
         return row_norms(x, torch.float32).to(out)
     xt = x if x.dtype == out else x.to(out)
     m = torch.linalg.vector_norm(xt.detach(), ord=float("inf"), dim=1, keepdim=True)
-    s = torch.where(m > 0, m, torch.ones_like(m))  # a zero row keeps the norm 0
+    # a power of two (m = f * 2^e, f in [0.5, 1); s = 2^(e-1) stays finite at the dtype's max):
+    # x / s and the final * s are exact, so the norm rounds as torch's unscaled one does
+    s = torch.ldexp(torch.ones_like(m), torch.frexp(m).exponent - 1)
+    s = torch.where(m > 0, s, torch.ones_like(m))  # a zero row keeps the norm 0
     return torch.linalg.vector_norm(xt / s, dim=1, keepdim=True) * s
 
 
