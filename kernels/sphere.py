@@ -213,7 +213,14 @@ def config(kernel: str, dtype: torch.dtype, symmetric: bool, cc: int | None) -> 
     else:
         hopper = cc >= 90
         bd = 32 if (f32 or dtype == torch.float64) else 64
-        if kernel == "pair_fwd":
+        if dtype == torch.float64:
+            # float64 (gradcheck-style inputs): a double takes two registers and Hopper has no
+            # float64 wgmma (mma.sync on both targets), so the float32 tiles spill (Triton's own
+            # ptxas run: up to 308 bytes for 128 x 128 on Hopper, 80 for the backward's 64 x 64
+            # on 4 warps on sm_80). 64-row tiles on 8 warps on both targets: 0 spills.
+            bm, bn = (64, 64) if kernel == "pair_fwd" else (64, 32)
+            warps, stages = 8, 2
+        elif kernel == "pair_fwd":
             # 128 x 128 tiles on two warpgroups on Hopper (the symmetric walk needs square tiles).
             # On sm_80, 4 warps leave the Gegenbauer recurrence 128 registers and it spills.
             bm = bn = 128 if hopper else 64
