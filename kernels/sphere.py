@@ -229,8 +229,9 @@ def config(kernel: str, dtype: torch.dtype, symmetric: bool, cc: int | None) -> 
         else:
             # float32: tf32x3's operand splits of a 64-wide column tile spill on sm_80, and of a
             # 128-row tile on Hopper (Triton's own ptxas run, bench/results/static): 64 x 32.
+            # bf16 / fp16 on 8 warps on sm_80 too: on 4, triton 3.6 spilled 32 bytes (gauss).
             bm, bn = (64, 32) if f32 else ((128, 64) if hopper else (64, 64))
-            warps = 8 if hopper and not f32 else 4
+            warps = 4 if f32 else 8
             stages = 2
     if symmetric:
         bn = bm  # the symmetric walk pairs row block i with column block i
