@@ -75,6 +75,9 @@ def _cases():
 
     meta = dict(device="meta")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    # float64: accepted by the sphere, swav and sortnet launchers (the ops' gradcheck dtype);
+    # contrastive rejects it ("use the torch backend"), so it has no float64 binary.
+    dtypes64 = dict(dtypes, fp64=torch.float64)
     out = []
 
     # contrastive: (exclude_pos, split, weighted, col_stats) as the losses call them; tiles do
@@ -109,10 +112,8 @@ def _cases():
 
     # sphere: SFRIK's series (kind 0, 3 Gegenbauer degrees) and AUH's Gaussian (kind 1), each
     # symmetric (x against itself) and not; tiles do not depend on the size.
-    # (float64, which the launchers also accept for gradcheck-style use, is not in the table:
-    # see FP64_NOTE.)
     n, d = 4096, 32768
-    for dn, dt in dtypes.items():
+    for dn, dt in dtypes64.items():
         acc = torch.float64 if dt == torch.float64 else torch.float32
         x = torch.empty(n, d, dtype=dt, **meta)
         r = torch.empty(n, dtype=acc, **meta)
@@ -136,7 +137,7 @@ def _cases():
     # swav: rows per program and prototype chunk follow B and K: a small local batch and the
     # large one, K = 3000 prototypes.
     k = 3000
-    for dn, dt in dtypes.items():
+    for dn, dt in dtypes64.items():
         for bsz in (256, 4096):
             s = torch.empty(bsz, k, dtype=dt, **meta)
             acc = torch.float64 if dt == torch.float64 else torch.float32
@@ -153,7 +154,7 @@ def _cases():
             out.append(("swav", "cross_entropy[grad]", dn, size,
                         lambda s=s, q=q: KW.swav_cross_entropy(s, q, 0.1, True)))
 
-    # sortnet: float32 (the ops' dtype on a GPU; half inputs run in float32); every
+    # sortnet: float32 (the ops' dtype on a GPU; half inputs run in float32) and float64; every
     # distribution (a constexpr branch); the real comparator tables of the benchmark and GroCo
     # sizes, since their counts (C, the checkpoint spacing K, S) and the P backward's chunk
     # offsets are specialised arguments (1, a multiple of 16, or neither: distinct binaries).
@@ -164,7 +165,7 @@ def _cases():
                   ("bitonic", 32, 4096), ("bitonic", 1024, 256))
     # GroCo: rows of topk_neg = 10 negatives and 1 (2 views) or 3 (4 views) positives
     groco_sizes = (("odd_even", 11), ("bitonic", 11), ("odd_even", 13), ("bitonic", 13))
-    for dn, dt in (("fp32", torch.float32),):
+    for dn, dt in (("fp32", torch.float32), ("fp64", torch.float64)):
         for dist_name, dist in DIST_IDS.items():
             for network, nn, bsz in sort_sizes:
                 net = network_tensor(network, nn, cpu).to("meta")
@@ -193,14 +194,6 @@ def _cases():
                                 torch.empty(bsz, dtype=dt, device="meta"), x, 10, net,
                                 dist, 1.0, 0.25, 1.0)))
     return out
-
-
-# float64 inputs (accepted by the sphere, swav and sortnet launchers; the ops' gradcheck dtype)
-# are not in the table: compiled with Triton's own ptxas options they spill on both targets
-# (sortnet's P backward, sphere's pair kernels; issue 26's follow-up), so the table states the
-# dtypes whose zero-spill claim holds.
-FP64_NOTE = ("float64 (gradcheck-style inputs) is not covered: its sphere pair kernels and "
-             "sortnet P backward spill under Triton's own ptxas options")
 
 
 # Bump when what a cached row records changes.
@@ -518,13 +511,18 @@ def verdicts(row: dict) -> list[str]:
     if row["kernel_name"] in GEMM_KERNELS:
         if tensor_cores(row) == 0:
             bad.append("GEMM loop without tensor cores")
-        elif row["cc"] >= 90 and row["wgmma"] == 0 and row["kernel_name"] in WGMMA_EXPECTED:
+        elif row["cc"] >= 90 and row["wgmma"] == 0 and wgmma_expected(row):
             bad.append("no wgmma on sm_90")
     return bad
 
 
 # GEMM kernels where Triton emits wgmma on Hopper (both operands from memory tiles).
 WGMMA_EXPECTED = {"_lse_fwd_kernel", "_sce_fwd_kernel", "_pair_forward_kernel"}
+
+
+def wgmma_expected(row: dict) -> bool:
+    """wgmma has no float64 form: float64 GEMMs use mma.sync (DMMA) on Hopper as on sm_80."""
+    return row["kernel_name"] in WGMMA_EXPECTED and row["dtype"] != "fp64"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,9 +801,10 @@ def summary(rows: list[dict]) -> dict:
                             for r in tri),
            "gemm_cases": len(gemm),
            "gemm_tensor_cores": sum(bool(r.get("compiled")) and tensor_cores(r) > 0 for r in gemm),
+           # wgmma has no float64 form: float64 GEMMs (mma.sync) are not in this count.
            "gemm_sm90_wgmma": sum(bool(r.get("compiled")) and r.get("wgmma", 0) > 0
-                                  for r in gemm if r["cc"] >= 90),
-           "gemm_sm90": sum(1 for r in gemm if r["cc"] >= 90),
+                                  for r in gemm if r["cc"] >= 90 and r["dtype"] != "fp64"),
+           "gemm_sm90": sum(1 for r in gemm if r["cc"] >= 90 and r["dtype"] != "fp64"),
            "cuda_kernels": sum(r["kind"] == "cuda" and bool(r.get("compiled")) for r in rows),
            "cuda_spilling": sum(r["kind"] == "cuda" and bool(r.get("compiled")) and
                                 (r["spill_store_bytes"] + r["spill_load_bytes"]) > 0 for r in rows),
@@ -859,7 +858,8 @@ def markdown(rows: list[dict], offsets: list[str], tools: dict, out_arg: str) ->
               f"{s['spilling']}; over the shared-memory limit: {s['over_smem']}",
               f"- GEMM-loop cases with tensor cores: {s['gemm_tensor_cores']} of "
               f"{s['gemm_cases']}; sm_90 GEMM cases with wgmma: {s['gemm_sm90_wgmma']} of "
-              f"{s['gemm_sm90']}"]
+              f"{s['gemm_sm90']} (float64 excluded: wgmma has no float64 form, its GEMMs use "
+              f"mma.sync on both targets)"]
     if any(r["kind"] == "cuda" for r in rows):
         lines.append(f"- CUDA kernels (csrc/*_cuda.cu, setup.py's nvcc flags): "
                      f"{s['cuda_kernels']} compiled, {s['cuda_spilling']} spilling; {glue_line}")

@@ -361,13 +361,15 @@ KERNELS = ("lanes", "rows")
 _ONE_WARP_DISTS = (DIST_IDS["logistic_phi"], DIST_IDS["gaussian"], DIST_IDS["cauchy"])
 
 
-def config(kernel: str, n: int, cc: int | None, dist: int | None = None) -> dict:
+def config(kernel: str, n: int, cc: int | None, dist: int | None = None,
+           dtype: torch.dtype = torch.float32) -> dict:
     """Launch configuration of this family for compute capability ``cc`` (None: the CPU
     interpreter). "lanes": one problem per lane (values, value backward, GroCo rows), BLOCK_B
     problems per program; "rows": one problem per program, one lane per row of P
     (P forward / backward), BLOCK_R = next power of two of n. Also the scratch budget of one
     P-backward launch (larger batches are cut into launches of that size). ``dist``: the
-    distribution id, which picks the warps of the "rows" kernels at n <= 32."""
+    distribution id, which picks the warps of the "rows" kernels at n <= 32; ``dtype``: the
+    inputs' (float64 has its own "rows" configuration at n <= 32)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     gpu = cc is not None
@@ -382,13 +384,21 @@ def config(kernel: str, n: int, cc: int | None, dist: int | None = None) -> dict
     # sm_80 with 3.6).
     if not gpu:
         warps = 4
+    elif block_r <= 32 and dtype == torch.float64:
+        warps = 1
     elif block_r <= 32:
         warps = 1 if dist in _ONE_WARP_DISTS else 2
     else:
         warps = max(2, min(4, block_r // 128))
     # A GPU has the memory for wider P-backward launches (fewer, fuller grids).
-    return dict(BLOCK_R=block_r, num_warps=warps, num_stages=1,
-                ws_budget=(1 << 30) if gpu else (1 << 28))
+    out = dict(BLOCK_R=block_r, num_warps=warps, num_stages=1,
+               ws_budget=(1 << 30) if gpu else (1 << 28))
+    if gpu and block_r <= 32 and dtype == torch.float64:
+        # float64 at n <= 32: ptxas held these kernels at 40-80 registers and spilled 4-32
+        # bytes at every warp count (1-8) for some distribution, target or triton version
+        # (Triton's own ptxas run). One warp with a 128-register ceiling: 90-100 used, 0 spills.
+        out["maxnreg"] = 128
+    return out
 
 
 _DTYPES = (torch.float32, torch.float64)
@@ -435,7 +445,7 @@ def soft_sort_forward(x, net, dist, steepness, art_lambda, sigma_bwd, want_p):
     if want_p:
         P = torch.empty((B, n, n), dtype=x.dtype, device=x.device)
         if B > 0:
-            cfg = config("rows", n, cc, dist)
+            cfg = config("rows", n, cc, dist, x.dtype)
             cfg.pop("ws_budget")
             launch(_ss_perm_kernel, (B,), P, d, net, prm, C, n, DIST=dist, **cfg)
     else:
@@ -464,7 +474,7 @@ def soft_sort_backward(gy, gP, d, net, dist, steepness, art_lambda, sigma_bwd, n
     if has_ga and C > 0 and B > 0:
         ga = torch.empty((B, C), dtype=d.dtype, device=d.device)
         K, S = checkpoint_spacing(C, n)
-        cfg = config("rows", n, cc, dist)
+        cfg = config("rows", n, cc, dist, d.dtype)
         budget = cfg.pop("ws_budget")
         BR = cfg["BLOCK_R"]
         slots = S * n + 2 * n + 2 * K

@@ -213,7 +213,14 @@ def config(kernel: str, dtype: torch.dtype, symmetric: bool, cc: int | None) -> 
     else:
         hopper = cc >= 90
         bd = 32 if (f32 or dtype == torch.float64) else 64
-        if kernel == "pair_fwd":
+        if dtype == torch.float64:
+            # float64 (gradcheck-style inputs): a double takes two registers and Hopper has no
+            # float64 wgmma (mma.sync on both targets), so the float32 tiles spill (Triton's own
+            # ptxas run: up to 308 bytes for 128 x 128 on Hopper, 80 for the backward's 64 x 64
+            # on 4 warps on sm_80). 64-row tiles on 8 warps on both targets: 0 spills.
+            bm, bn = (64, 64) if kernel == "pair_fwd" else (64, 32)
+            warps, stages = 8, 2
+        elif kernel == "pair_fwd":
             # 128 x 128 tiles on two warpgroups on Hopper (the symmetric walk needs square tiles).
             # On sm_80, 4 warps leave the Gegenbauer recurrence 128 registers and it spills.
             bm = bn = 128 if hopper else 64
@@ -222,8 +229,9 @@ def config(kernel: str, dtype: torch.dtype, symmetric: bool, cc: int | None) -> 
         else:
             # float32: tf32x3's operand splits of a 64-wide column tile spill on sm_80, and of a
             # 128-row tile on Hopper (Triton's own ptxas run, bench/results/static): 64 x 32.
+            # bf16 / fp16 on 8 warps on sm_80 too: on 4, triton 3.6 spilled 32 bytes (gauss).
             bm, bn = (64, 32) if f32 else ((128, 64) if hopper else (64, 64))
-            warps = 8 if hopper and not f32 else 4
+            warps = 4 if f32 else 8
             stages = 2
     if symmetric:
         bn = bm  # the symmetric walk pairs row block i with column block i
