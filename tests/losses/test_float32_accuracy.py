@@ -1,7 +1,7 @@
 """Float32 accuracy at least eager PyTorch's (issue 24): over 1,000 seeded draws per loss
 (nt_xent, info_nce, symmetric info_nce, dcl, swav; small sizes), fastssl's absolute error
 against the float64 value has a max and a 99th percentile no larger than eager float32's times
-MARGIN, and swapping the two views of a symmetric loss changes fastssl's value by no more than
+MARGIN (1.25, sampling noise), and swapping the two views of a symmetric loss changes fastssl's value by no more than
 it changes eager's plus SWAP_SLACK. The eager losses are the obvious PyTorch (lightly's
 formulas: full matrix, F.cross_entropy / logsumexp). Default CPU backend (cpp) at 1,000 draws,
 the torch path at 250, the Triton path (interpreter) at a few.
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 import fastssl
 from fastssl import functional
 
-MARGIN = 1.5         # fastssl's max / p99 error may exceed eager's by 50% (DCL merges two partial
-                     # log-sum-exps: p99 up to 1.4x eager's measured; the others within 1.2x)
+MARGIN = 1.25        # measured (1,000 cpp / 250 torch draws): max and p99 ratios 0.55-1.17 of
+                     # eager's; two equally accurate summation orders differ by this much on the
+                     # tail of a finite sample, so 1.25 is noise room, not a worse algorithm
 SWAP_SLACK = 2.0 ** -20  # ~9.5e-7: one float32 ulp in [4, 8), below lightly's 1e-6 tolerance
 
 
