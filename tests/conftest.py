@@ -22,6 +22,16 @@ from fastssl._backend import can_serve  # noqa: E402
 
 HAS_CUDA = _HAS_CUDA
 
+# diffsort (the reference sorting networks) is in the dev extra; the GPU machine has it only when
+# bench.gpu_run installs the carried wheel, so the tests that need it skip with this reason.
+try:
+    import diffsort
+except ImportError:  # not on the GPU machine unless its wheel travels in .whl/ (bench.gpu_run)
+    diffsort = None
+needs_diffsort = pytest.mark.skipif(
+    diffsort is None, reason="diffsort is not installed: pip install diffsort==0.2.0 (the dev "
+    "extra), or carry its wheel in .whl/ for python -m bench.gpu_run")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer tests (still part of the full suite)")

@@ -5,13 +5,7 @@ import torch
 from fastssl import reference
 from fastssl.losses import GroCoLoss, SoftSortNet
 
-try:
-    import diffsort
-except ImportError:  # not on the GPU machine unless its wheel travels in .whl/ (bench.gpu_run)
-    diffsort = None
-needs_diffsort = pytest.mark.skipif(
-    diffsort is None, reason="diffsort is not installed: pip install diffsort==0.2.0 (the dev "
-    "extra), or carry its wheel in .whl/ for python -m bench.gpu_run")
+from conftest import diffsort, needs_diffsort  # diffsort optional (GPU machine)
 
 
 @needs_diffsort  # reference.groco sorts with diffsort

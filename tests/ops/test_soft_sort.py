@@ -8,13 +8,7 @@ from fastssl.functional import soft_sort
 from fastssl.losses import SoftSortNet
 from fastssl.testing import assert_lowp_rule
 
-try:
-    import diffsort
-except ImportError:  # not on the GPU machine unless its wheel travels in .whl/ (bench.gpu_run)
-    diffsort = None
-needs_diffsort = pytest.mark.skipif(
-    diffsort is None, reason="diffsort is not installed: pip install diffsort==0.2.0 (the dev "
-    "extra), or carry its wheel in .whl/ for python -m bench.gpu_run")
+from conftest import diffsort, needs_diffsort  # diffsort optional (GPU machine)
 
 DISTS = ["cauchy", "reciprocal", "optimal", "logistic", "logistic_phi", "gaussian"]
 NETS = ["odd_even", "bitonic"]
