@@ -10,6 +10,7 @@ that cannot serve the input raises; it never falls back silently.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import os
 from typing import Callable, Iterator, Mapping
@@ -192,3 +193,42 @@ def choose(op: str, device: torch.device, table: Mapping[str, object],
     names = tuple(sorted(n for n, impl in table.items()
                          if method is None or hasattr(impl, method)))
     return _selected_name(op, device.type, names, family)
+
+
+def _first_device(args, kwargs) -> torch.device:
+    """The device of the first tensor among the arguments (lists and tuples searched, as for
+    SwAV's crops); CPU when there is none (the loss's own checks then name the bad argument)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, torch.Tensor):
+                    return item.device
+    return torch.device("cpu")
+
+
+def public_loss(op: str, family: str, table: Mapping[str, object], reference: Callable,
+                method: str | None = None):
+    """Decorator of a public loss: the one place where the reference is chosen.
+
+    The decorated function is the fused path, called as ``fused(*args, backend=name, **kwargs)``
+    with `name` the backend that serves `op` (chosen once, from the family's kernel `table` plus
+    "reference", see :func:`choose`); when the backend in force is "reference" the call goes to
+    ``reference(*args, **kwargs)`` instead (``fastssl.reference``, the full matrices). So the
+    ops and kernels never import the test oracle, and no loss tests the backend name itself.
+    """
+
+    def decorate(fused: Callable) -> Callable:
+        @functools.wraps(fused)
+        def loss(*args, **kwargs):
+            names = tuple(sorted({*(n for n, impl in table.items()
+                                    if method is None or hasattr(impl, method)), "reference"}))
+            name = _selected_name(op, _first_device(args, kwargs).type, names, family)
+            if name == "reference":
+                return reference(*args, **kwargs)
+            return fused(*args, backend=name, **kwargs)
+        loss.fused = fused
+        loss.reference = reference
+        return loss
+    return decorate
