@@ -136,7 +136,8 @@ setup(
     # lands in site-packages.
     packages=["fastssl", "fastssl.kernels", "fastssl.ops", "fastssl.functional",
               "fastssl.losses", "fastssl.reference", "fastssl.compat", "fastssl.models", "fastssl.data",
-              "fastssl.methods", "fastssl.train", "fastssl.eval", "fastssl.bench"],
+              "fastssl.methods", "fastssl.train", "fastssl.eval", "fastssl.bench",
+              "fastssl.backends", "fastssl.backends.torch", "fastssl.backends.ext"],
     package_dir={"fastssl": "fastssl", "fastssl.kernels": "kernels", "fastssl.bench": "bench"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExtWithInfo},

@@ -10,8 +10,9 @@ that cannot serve the input raises; it never falls back silently.
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
+import inspect
 import os
 from typing import Callable, Iterator, Mapping
 
@@ -228,6 +229,10 @@ def public_loss(op: str, family: str, table: Mapping[str, object], reference: Ca
             if name == "reference":
                 return reference(*args, **kwargs)
             return fused(*args, backend=name, **kwargs)
+        # the public signature: the fused path's without the backend it is given
+        sig = inspect.signature(fused)
+        loss.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values()
+                                                     if p.name != "backend"])
         loss.fused = fused
         loss.reference = reference
         return loss

@@ -557,3 +557,12 @@ def sce_backward(q, k, cols, self_col, scale_s: float, scale_t: float, lse_s, ls
            **_pick(cfg, "PRECISION", "UPCAST", "GRAD_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_D",
                    "BLOCK_DO"))
     return dq
+
+
+class TritonContrastive:
+    """The triton entry of the family's table (fastssl/backends/interfaces.py): the launches
+    above; no same-pass methods (dB from every row block would need atomics across programs)."""
+    lse_forward = staticmethod(lse_forward)
+    lse_backward = staticmethod(lse_backward)
+    sce_forward = staticmethod(sce_forward)
+    sce_backward = staticmethod(sce_backward)

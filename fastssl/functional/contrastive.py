@@ -1,9 +1,9 @@
 """Contrastive losses: NT-Xent, InfoNCE, DCL, SogCLR, SCE (docs/api.md signatures).
 
-Each loss validates its inputs (the ``check_*`` helpers below, shared with
-``fastssl.reference``), picks its backend once through the family table
-(``fastssl.ops.contrastive.backend_for``), and then either calls the reference or runs the fused
-path: L2-normalise, gather the columns (``gather_distributed``), compute the O(N) statistics with
+Each loss is a ``fastssl._backend.public_loss``: the decorator chooses the backend once (the
+family table ``fastssl.ops.contrastive.TABLE``, or the reference, ``fastssl.reference``), and
+the function below is the fused path, run with the chosen name: it validates its inputs (the
+``check_*`` helpers, shared with ``fastssl.reference``), L2-normalises, gather the columns (``gather_distributed``), compute the O(N) statistics with
 the streaming ops (no N x N matrix), compose the loss from them, ``reduce_loss``.
 
 Layout shared by NT-Xent, DCL and SogCLR: the anchors are the local rows ``[z1; z2]`` (2B), the
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
+from fastssl._backend import public_loss
 from fastssl._checks import (check_dcl, check_dclw, check_info_nce, check_nt_xent,
                              check_positive_weights, check_sce, check_sogclr)
 from fastssl._validation import accumulation_dtype, row_norms
@@ -159,8 +160,9 @@ def _logit_scale(temperature, value: float):
 # Losses
 # ----------------------------------------------------------------------------------------------
 
+@public_loss("nt_xent", "contrastive", ops.TABLE, _reference.nt_xent)
 def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, normalize=True,
-            gather_distributed=False):
+            gather_distributed=False, backend):
     """SimCLR's NT-Xent (normalised temperature-scaled cross-entropy).
 
     The 2N anchors are the rows of z1 and z2 (L2-normalised inside); anchor i of z1 has one
@@ -197,11 +199,6 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, normalize=True,
         >>> loss = fastssl.functional.nt_xent(z1, z2, temperature=0.1)
     """
     t = check_nt_xent(z1, z2, temperature, gather_distributed, memory_bank, normalize)
-    backend = ops.backend_for("nt_xent", z1.device)
-    if backend == "reference":
-        return ops.TABLE["reference"].nt_xent(z1, z2, temperature, memory_bank=memory_bank,
-                                              normalize=normalize,
-                                              gather_distributed=gather_distributed)
     if memory_bank is not None:
         return _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backend,
                              normalize)
@@ -253,8 +250,9 @@ def _nt_xent_bank(z1, z2, temperature, t, memory_bank, gather_distributed, backe
     return dist_utils.reduce_loss(_sum_rows(F.softplus(lse_bank - pos)) / n)
 
 
+@public_loss("info_nce", "contrastive", ops.TABLE, _reference.info_nce)
 def info_nce(q, k, temperature=0.1, *, symmetric=False, normalize=True,
-             gather_distributed=False):
+             gather_distributed=False, backend):
     """InfoNCE (MoCo v3 / CLIP): row i of q has its positive in row i of k.
 
     q and k are L2-normalised inside; loss = mean_i cross_entropy(q_i . k^T / temperature, i).
@@ -284,11 +282,6 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, normalize=True,
         >>> loss = fastssl.functional.info_nce(q, k, temperature=0.2, symmetric=True)
     """
     t = check_info_nce(q, k, temperature, symmetric, gather_distributed, normalize)
-    backend = ops.backend_for("info_nce", q.device)
-    if backend == "reference":
-        return ops.TABLE["reference"].info_nce(q, k, temperature, symmetric=symmetric,
-                                               normalize=normalize,
-                                               gather_distributed=gather_distributed)
     dist_on, n, off = _gather_layout(q, gather_distributed)
     b = q.shape[0]
     qn, kn = (_normalize(q), _normalize(k)) if normalize else (q, k)
@@ -353,7 +346,8 @@ def _dcl_fused(z1, z2, temperature, t, weight_fn, gather_distributed, backend):
     return dist_utils.reduce_loss(_sum_rows(torch.logaddexp(lse_z1, lse_z2) - pos) / (2 * n))
 
 
-def dcl(z1, z2, temperature=0.1, *, weight_fn=None, gather_distributed=False):
+@public_loss("dcl", "contrastive", ops.TABLE, _reference.dcl)
+def dcl(z1, z2, temperature=0.1, *, weight_fn=None, gather_distributed=False, backend):
     """Decoupled contrastive loss (DCL), as lightly's ``DCLLoss`` (>= 1.5.21) and the DCL
     paper (Yeh et al., ECCV 2022, Eq. 6).
 
@@ -391,14 +385,11 @@ def dcl(z1, z2, temperature=0.1, *, weight_fn=None, gather_distributed=False):
         >>> loss = fastssl.functional.dcl(z1, z2, temperature=0.1)
     """
     t = check_dcl(z1, z2, temperature, weight_fn, gather_distributed)
-    backend = ops.backend_for("dcl", z1.device)
-    if backend == "reference":
-        return ops.TABLE["reference"].dcl(z1, z2, temperature, weight_fn=weight_fn,
-                                          gather_distributed=gather_distributed)
     return _dcl_fused(z1, z2, temperature, t, weight_fn, gather_distributed, backend)
 
 
-def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False):
+@public_loss("dclw", "contrastive", ops.TABLE, _reference.dclw)
+def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False, backend):
     """Weighted decoupled contrastive loss, as lightly's ``DCLWLoss``: :func:`dcl` with the
     positive term of anchor i weighted by the von Mises-Fisher weight
 
@@ -425,10 +416,6 @@ def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False):
         >>> loss = fastssl.functional.dclw(z1, z2, temperature=0.1, sigma=0.5)
     """
     t = check_dclw(z1, z2, temperature, sigma, gather_distributed)
-    backend = ops.backend_for("dclw", z1.device)
-    if backend == "reference":
-        return ops.TABLE["reference"].dclw(z1, z2, temperature, sigma=sigma,
-                                           gather_distributed=gather_distributed)
 
     def weight_fn(out0, out1):
         return _reference.vmf_weights(out0, out1, sigma, gather_distributed=gather_distributed)
@@ -436,7 +423,9 @@ def dclw(z1, z2, temperature=0.1, *, sigma=0.5, gather_distributed=False):
     return _dcl_fused(z1, z2, temperature, t, weight_fn, gather_distributed, backend)
 
 
-def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=False):
+@public_loss("sogclr", "contrastive", ops.TABLE, _reference.sogclr)
+def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=False,
+           backend):
     """SogCLR (global contrastive loss with a per-sample moving-average estimator).
 
     Per anchor i (rows of z1 and z2, L2-normalised), the 2(N-1) negatives' exp(s_ij / T) are
@@ -469,11 +458,6 @@ def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=F
         >>> loss = fastssl.functional.sogclr(z1, z2, index, u, gamma=0.9, temperature=0.1)
     """
     index = check_sogclr(z1, z2, index, u, gamma, temperature, gather_distributed)
-    backend = ops.backend_for("sogclr", z1.device)
-    if backend == "reference":
-        return ops.TABLE["reference"].sogclr(z1, z2, index, u, gamma=gamma,
-                                             temperature=temperature,
-                                             gather_distributed=gather_distributed)
     dist_on = gather_distributed and dist_utils.is_distributed()
     rows, cols, self_col, pos_col, n = _two_view_layout(z1, z2, gather_distributed)
     b = z1.shape[0]
@@ -506,8 +490,9 @@ def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=F
     return dist_utils.reduce_loss(_sum_rows(neg_term - pos) / n)
 
 
+@public_loss("sce", "contrastive", ops.TABLE, _reference.sce)
 def sce(q, k, queue, *, coeff=0.5, temperature=0.1, temperature_m=0.07, use_keys=False,
-        gather_distributed=False):
+        gather_distributed=False, backend):
     """SCE (similarity contrastive estimation).
 
     q and k are L2-normalised; the columns are [keys | queue] (keys only with use_keys=True).
@@ -535,11 +520,6 @@ def sce(q, k, queue, *, coeff=0.5, temperature=0.1, temperature_m=0.07, use_keys
     """
     queue = check_sce(q, k, queue, coeff, temperature, temperature_m, use_keys,
                       gather_distributed)
-    backend = ops.backend_for("sce", q.device)
-    if backend == "reference":
-        return ops.TABLE["reference"].sce(q, k, queue, coeff=coeff, temperature=temperature,
-                                          temperature_m=temperature_m, use_keys=use_keys,
-                                          gather_distributed=gather_distributed)
     dist_on, n, off = _gather_layout(q, gather_distributed)
     b = q.shape[0]
     qn = _normalize(q)

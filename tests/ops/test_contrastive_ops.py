@@ -8,6 +8,7 @@ from conftest import backend_params
 
 import fastssl
 from fastssl import functional
+from fastssl.backends.torch import contrastive as torch_contrastive
 from fastssl.ops import contrastive as ops
 from fastssl.testing import assert_close, assert_lowp_rule
 
@@ -85,7 +86,7 @@ def test_matches_reference_fp32(backend, device, name, d):
 @pytest.mark.parametrize("name", LOSSES)
 def test_torch_path_float64_many_chunks(name, monkeypatch):
     # Several row chunks (chunk = 8 rows here) must give the same as one full matrix.
-    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 8 * 40)
+    monkeypatch.setattr(torch_contrastive, "CHUNK_ELEMENTS", 8 * 40)
     _check_against_reference(name, "torch", 19, 6, torch.float64, kq=21)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import backend_params
 
+from fastssl.backends.torch import contrastive as torch_contrastive
 from fastssl.ops import contrastive as ops
 
 # the same-pass entries: the chunked torch loop and its C++ form (one parallel region)
@@ -102,8 +103,8 @@ def test_lse_sum_same_tensor_is_the_symmetric_gram(backend, device):
 
 @SAME_PASS
 def test_lse_sum_many_row_blocks(monkeypatch, backend, device):
-    monkeypatch.setattr(ops, "MIN_CHUNK_ELEMENTS", 16)
-    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(torch_contrastive, "MIN_CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(torch_contrastive, "CHUNK_ELEMENTS", 16)
     a, b = _rand(23, 5, seed=6), _rand(19, 5, seed=7)
     self_col, pos_col = _masks(23, 19, seed=8)
     got = _lse_sum_and_grads(a, b, self_col, pos_col, 2.5, True, backend=backend,
@@ -187,8 +188,8 @@ def test_sce_same_pass_matches_recompute(m, c, d, backend, device):
 
 @SAME_PASS
 def test_sce_same_pass_many_row_blocks_and_gradcheck(monkeypatch, backend, device):
-    monkeypatch.setattr(ops, "MIN_CHUNK_ELEMENTS", 8)
-    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(torch_contrastive, "MIN_CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(torch_contrastive, "CHUNK_ELEMENTS", 8)
     q, k, cols = _rand(11, 3, seed=30), _rand(11, 3, seed=31), _rand(7, 3, seed=32)
     self_col = torch.randint(-1, 7, (11,), generator=torch.Generator().manual_seed(33))
     w_lse, w_w = _rand(11, seed=34), _rand(11, seed=35)

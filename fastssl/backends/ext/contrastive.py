@@ -1,0 +1,41 @@
+"""The cpp backend of the contrastive family: the torch entry's arithmetic in C++
+(csrc/contrastive_cpu.cpp) through fastssl._C."""
+from __future__ import annotations
+
+from fastssl import _C
+from fastssl.backends.torch.contrastive import TorchContrastive
+
+
+class CppContrastive(TorchContrastive):
+    """The torch entry's arithmetic in C++ (csrc/contrastive_cpu.cpp): the row blocks spread
+    over the threads in one parallel region per call instead of a Python loop of parallel ATen
+    calls (whose barriers stall when other processes share the cores). SCE's recompute pair
+    (sce_forward / sce_backward, used only without a gradient) stays the torch entry's."""
+
+    @staticmethod
+    def lse_forward(a, b, self_col, pos_col, scale, split, exclude_pos, weighted, col_stats):
+        return tuple(_C.contrastive_lse_forward_cpu(a, b, self_col, pos_col, float(scale),
+                                                    int(split), bool(exclude_pos),
+                                                    bool(weighted), bool(col_stats)))
+
+    @staticmethod
+    def lse_backward(a, b, self_col, pos_col, scale, split, exclude_pos, lse0, lse1, col_lse,
+                     g0, g1, g_col, need_da=True, need_db=True):
+        da, db = _C.contrastive_lse_backward_cpu(a, b, self_col, pos_col, float(scale),
+                                                 int(split), bool(exclude_pos), lse0, lse1,
+                                                 col_lse, g0, g1, g_col, bool(need_da),
+                                                 bool(need_db))
+        return (da.to(a.dtype) if need_da else None), (db.to(b.dtype) if need_db else None)
+
+    @staticmethod
+    def lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_pos, need_da,
+                        need_db):
+        out = tuple(_C.contrastive_lse_sum_cpu(a, b, self_col, pos_col, float(scale),
+                                               bool(exclude_pos), bool(subtract_pos),
+                                               bool(need_da), bool(need_db)))
+        # an extension built before the per-row cross-entropy output: lse - pos instead
+        return out if len(out) == 5 else out + (out[0].new_empty(0),)
+
+    @staticmethod
+    def sce_grad_forward(q, k, cols, self_col, scale_s, scale_t):
+        return tuple(_C.sce_grad_cpu(q, k, cols, self_col, float(scale_s), float(scale_t)))
