@@ -533,3 +533,12 @@ def groco_rows_backward(grow, sims, k, net, dist, steepness, art_lambda, sigma_b
     launch(_groco_rows_kernel, (triton.cdiv(B, cfg["BLOCK_B"]),), sims, gs, grow, gs, ws, net,
            prm, B, C, n, k, DIST=dist, BACKWARD=True, **cfg)
     return gs
+
+
+class TritonSortnet:
+    """The triton entry of the family's table (fastssl/backends/interfaces.py): the launches
+    above."""
+    soft_sort_forward = staticmethod(soft_sort_forward)
+    soft_sort_backward = staticmethod(soft_sort_backward)
+    groco_rows_forward = staticmethod(groco_rows_forward)
+    groco_rows_backward = staticmethod(groco_rows_backward)

@@ -4,9 +4,11 @@ from __future__ import annotations
 import torch
 
 from fastssl import distributed as dist_utils
+from fastssl._backend import public_loss
 from fastssl._checks import check_groco_args, check_soft_sort
 from fastssl._validation import accumulation_dtype, normalize_rows
 from fastssl.ops import sortnet as ops
+from fastssl.reference import sortnet as _reference
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -14,8 +16,9 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return normalize_rows(x, 1e-8)
 
 
+@public_loss("groco", "sortnet", ops.TABLE, _reference.groco)
 def groco(views, *, topk_neg=10, steepness=1.0, n_pos_views=None, network="odd_even",
-          distribution="cauchy", gather_distributed=False):
+          distribution="cauchy", gather_distributed=False, backend):
     """GroCo (learning by sorting) loss, as upstream, fused per anchor view.
 
     Each view is the anchor in turn (rows L2-normalised with max(norm, 1e-8), as upstream's
@@ -49,7 +52,6 @@ def groco(views, *, topk_neg=10, steepness=1.0, n_pos_views=None, network="odd_e
     views = [v.to(acc) for v in views]
     n_views = len(views)
     b = views[0].shape[0]
-    backend = ops.backend_for("groco", views[0].device)
     detached = [_normalize(v.detach()) for v in views]
     total = None
     for i, view in enumerate(views):
@@ -68,8 +70,9 @@ def groco(views, *, topk_neg=10, steepness=1.0, n_pos_views=None, network="odd_e
     return dist_utils.reduce_loss(share) if dist_on else share
 
 
+@public_loss("soft_sort", "sortnet", ops.TABLE, _reference.soft_sort)
 def soft_sort(x, *, network="odd_even", steepness=10.0, distribution="cauchy", art_lambda=0.25,
-              return_permutation=True):
+              return_permutation=True, backend):
     """Differentiable sorting network on the rows of x, diffsort-compatible.
 
     Returns the soft-sorted values (ascending) and the relaxed permutation P with
@@ -93,7 +96,6 @@ def soft_sort(x, *, network="odd_even", steepness=10.0, distribution="cauchy", a
     """
     steepness = check_soft_sort(x, network, steepness, distribution, art_lambda,
                                 return_permutation)
-    backend = ops.backend_for("soft_sort", x.device)
     return ops.soft_sort(x, network=network, steepness=steepness, distribution=distribution,
                          art_lambda=float(art_lambda), return_permutation=return_permutation,
                          backend=backend)

@@ -6,7 +6,7 @@ import torch
 from fastssl import functional
 from fastssl._checks import DISTRIBUTIONS, NETWORKS, check_sort_args
 from fastssl._validation import check_choice, check_flag, check_int
-from fastssl.ops.sortnet import comparator_layers
+from fastssl.backends.networks import comparator_layers
 
 
 class GroCoLoss(torch.nn.Module):

@@ -83,6 +83,19 @@ def groco_anchor_rows(anchor, positives, negatives, self_offset, *, topk_neg, st
     return (_bce(q_pos, t_pos) + _bce(q_neg, t_neg)) / 2, sims
 
 
+def groco_rows(sims, k, network="odd_even", distribution="cauchy", steepness=1.0):
+    """Row losses (B,) of pre-ordered rows [negatives asc | positives asc] (k negatives):
+    diffsort's P, then per row the two BCEs of landing in the positive / negative block, summed
+    over the row's n entries and divided by 2n (row i's share of groco_anchor_rows' loss times
+    B). The reference of ``fastssl.ops.sortnet.groco_rows``."""
+    n = sims.shape[1]
+    _, P = _sorter(network, n, steepness, distribution, 0.25, sims.device)(sims)
+    t = (torch.arange(n, device=sims.device) >= k).to(sims.dtype).expand(sims.shape[0], n)
+    lp = F.binary_cross_entropy(P[:, :, k:].sum(-1).clamp(0, 1), t, reduction="none")
+    ln = F.binary_cross_entropy(P[:, :, :k].sum(-1).clamp(0, 1), 1 - t, reduction="none")
+    return (lp + ln).sum(1) / (2 * n)
+
+
 def groco(views, *, topk_neg=10, steepness=1.0, n_pos_views=None, network="odd_even",
           distribution="cauchy", gather_distributed=False):
     """GroCo loss, upstream formulation; gather_distributed per docs/api.md (gather + reduce_loss)."""

@@ -6,7 +6,8 @@ from conftest import backend_params
 import fastssl
 from fastssl import reference
 from fastssl.functional import groco
-from fastssl.ops.sortnet import _groco_rows_reference, groco_rows
+from fastssl.ops.sortnet import groco_rows
+from fastssl.reference.sortnet import groco_rows as _groco_rows_reference
 
 ALL = backend_params("reference", "torch", "cpp", "triton", "cuda")
 KERNELS = backend_params("torch", "cpp", "triton", "cuda")

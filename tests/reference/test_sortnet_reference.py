@@ -3,7 +3,7 @@ and the GroCo loss (learning_by_sorting/losses/groco.py)."""
 import pytest
 import torch
 
-from fastssl.ops.sortnet import _groco_rows_reference
+from fastssl.reference.sortnet import groco_rows as _groco_rows_reference
 from fastssl.reference import groco, soft_sort
 
 DISTS = ["cauchy", "reciprocal", "logistic", "logistic_phi", "gaussian", "optimal"]
