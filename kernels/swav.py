@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastssl._validation import accumulation_dtype
+from fastssl.backends.torch.swav import log_domain_sinkhorn, scaled
+
 from ._launch import check_range, check_tensor, launch, target
 
 
@@ -230,3 +233,20 @@ def swav_cross_entropy(scores: torch.Tensor, targets: torch.Tensor, temperature:
     launch(_swav_ce_kernel, (n_r,), scores, targets, _eps_tensor(temperature, scores, acc),
            row_loss, grad, B, K, WRITE_GRAD=compute_grad, ACC=tl_acc, **cfg)
     return row_loss.sum(), grad
+
+
+class TritonSwav:
+    """The triton entry of the family's table (fastssl/backends/interfaces.py): the log-domain
+    Sinkhorn on the passes above, and the cross-entropy kernel."""
+
+    @staticmethod
+    def sinkhorn(scores, epsilon, iterations, distributed):
+        return log_domain_sinkhorn(colstats, lambda x, e, a, w: rowpass(x, e, a.contiguous(), w),
+                                   scores.contiguous(), epsilon, iterations, distributed)
+
+    @staticmethod
+    def cross_entropy(scores, targets, temperature, compute_grad, grad_scale=None):
+        acc = accumulation_dtype(scores)
+        loss, grad = swav_cross_entropy(scores.contiguous(), targets.to(acc).contiguous(),
+                                        temperature, compute_grad)
+        return loss, scaled(grad, grad_scale) if compute_grad else grad

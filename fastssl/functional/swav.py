@@ -19,13 +19,24 @@ import torch
 import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
+from fastssl._backend import public_loss
 from fastssl._checks import check_sinkhorn, check_swav
 from fastssl._validation import accumulation_dtype, check_int
 from fastssl.ops import swav as _ops
+from fastssl.reference.swav import sinkhorn as _sinkhorn_reference
+from fastssl.reference.swav import swav as _swav_reference
 
 
+def _sinkhorn_reference_codes(scores, *, epsilon=0.05, iterations=3, gather_distributed=False):
+    """The reference's codes in the accumulation dtype, as the fused path returns them."""
+    codes = _sinkhorn_reference(scores, epsilon=epsilon, iterations=iterations,
+                                gather_distributed=gather_distributed)
+    return codes.to(accumulation_dtype(codes))
+
+
+@public_loss("sinkhorn", "swav", _ops.TABLE, _sinkhorn_reference_codes, method="sinkhorn")
 def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3,
-             gather_distributed: bool = False) -> torch.Tensor:
+             gather_distributed: bool = False, backend: str) -> torch.Tensor:
     """SwAV's (distributed) Sinkhorn-Knopp on (B, K) prototype scores.
 
     Log-domain and stable in float16/bfloat16 and for epsilon down to 0.01; the same codes as
@@ -51,14 +62,14 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
     if gather_distributed and dist_utils.is_distributed():
         # every rank must bring the same number of prototypes (a mismatch would hang)
         dist_utils.check_equal_batch("scores", scores)
-    backend = _ops.backend_for("sinkhorn", scores.device)
     return _ops.sinkhorn(scores, epsilon, iterations, gather_distributed, backend)
 
 
+@public_loss("swav", "swav", _ops.TABLE, _swav_reference, method="cross_entropy")
 def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature: float = 0.1,
          epsilon: float = 0.05, sinkhorn_iterations: int = 3,
          queue_scores: Sequence[torch.Tensor] | None = None,
-         gather_distributed: bool = False) -> torch.Tensor:
+         gather_distributed: bool = False, backend: str) -> torch.Tensor:
     """SwAV swapped-prediction loss over a list of (B, K) score tensors, one per crop.
 
     The first `n_assign_crops` crops get Sinkhorn codes (no gradient; `queue_scores[i]`, a
@@ -91,9 +102,8 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
         dist_utils.check_equal_batch("scores", views[0])
     bs = views[0].shape[0]
     acc = accumulation_dtype(views[0])
-    # chosen once here, passed to the ops (docs/design.md)
-    sinkhorn_backend = _ops.backend_for("sinkhorn", views[0].device)
-    ce_backend = _ops.backend_for("swav_cross_entropy", views[0].device)
+    # `backend` (chosen once by public_loss among the entries with both methods) serves the
+    # Sinkhorn and the cross-entropy ops (docs/design.md)
 
     codes = []
     with torch.no_grad():
@@ -102,7 +112,7 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
             if queue_scores is not None and queue_scores[i] is not None:
                 out = torch.cat((queue_scores[i].detach().to(acc), out.to(acc)))
             codes.append(_ops.sinkhorn(out, epsilon, sinkhorn_iterations, use_dist,
-                                       sinkhorn_backend)[-bs:])
+                                       backend)[-bs:])
 
     loss = None
     summed = None  # the target of every crop past the assigned ones, summed once and shared
@@ -118,7 +128,7 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
                 summed = _sum(codes)
             target = summed
         # sum over rows of -<target, log_softmax(scores / T)>, one fused op (closed-form backward)
-        term = _ops.swav_cross_entropy(views[v], target, temperature, ce_backend)
+        term = _ops.swav_cross_entropy(views[v], target, temperature, backend)
         loss = term if loss is None else loss + term
     loss = loss / (bs * (n_crops - 1) * n_assign_crops)
     if use_dist:

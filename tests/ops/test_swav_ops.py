@@ -134,8 +134,8 @@ def test_extreme_rows_do_not_underflow(backend, device):
 
 
 def test_auto_picks_cpp_on_cpu():
-    from fastssl.ops.swav import backend_name
-    assert backend_name(torch.device("cpu")) == "cpp"
+    from fastssl.ops.swav import backend_for
+    assert backend_for("sinkhorn", torch.device("cpu")) == "cpp"
 
 
 def test_cpp_kernel_exp_accuracy():
@@ -211,7 +211,7 @@ def _ce_reference(s, q, T):
     return -(q * F.log_softmax(s / T, dim=1)).sum()
 
 
-@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("backend,device", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(13, 37), (1, 5), (20, 24)])
 def test_cross_entropy_equals_reference(backend, device, dtype, shape):
@@ -262,7 +262,7 @@ def test_cross_entropy_library_registration_and_compile():
     assert_close(f(s, q), _ce_reference(s, q, 0.1))
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_cross_entropy_grad_scale(backend):
     # the backward's incoming gradient can be folded into the op's gradient (the C++ kernel
     # scales while it writes)
