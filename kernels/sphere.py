@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastssl.backends.torch.sphere import _coef_tensor, _inv_norm
+
 from ._launch import check_range, check_tensor, launch, target
 
 
@@ -332,3 +334,69 @@ def pair_backward(a: torch.Tensor, b: torch.Tensor, ra: torch.Tensor, rb: torch.
            a, b, ra, rb, sa, sb, coef, lse.to(acc).reshape(1), out, m, n, d, diag_offset, two_scale,
            KIND=kind, NUM_W=max(num_w, 1), **cfg)
     return out
+
+
+# ---- the triton entry of the table: normalisation scales, then the pair kernels above ----
+
+def _kernel_rows(z):
+    """(inverse norm, inverse norm of the scaled row, scale): the kernels scale each row by a
+    power of two that brings its largest magnitude into [0.5, 1) as they load it (exact), so
+    their float32 dot products cannot overflow at |z| ~ 1e20; r / s is the scaled row's
+    inverse norm (s a power of two: exact)."""
+    r = _inv_norm(z)
+    m = torch.linalg.vector_norm(z.detach(), ord=float("inf"), dim=1, dtype=r.dtype)
+    ok = torch.isfinite(m) & (m > 0)
+    s = torch.where(ok, torch.ldexp(torch.ones_like(m), -torch.frexp(m).exponent),
+                    torch.ones_like(m))
+    return r, r / s, s
+
+
+def _triton_series_forward(x, y, weights, dim):
+    _, rx, sx = _kernel_rows(x)
+    ry, sy = (None, None) if y is None else _kernel_rows(y)[1:]
+    coef = _coef_tensor(weights, dim, rx.dtype, x.device)
+    rows, _ = pair_forward(x, y, rx, ry, kind=0, coef=coef, num_w=len(weights), sx=sx, sy=sy)
+    return rows.sum()
+
+
+def _triton_series_grad_hat(a, b, weights, dim):
+    ra, ra_s, sa = _kernel_rows(a)
+    coef = _coef_tensor(weights, dim, ra.dtype, a.device)
+    if b is None:
+        # psi'(G) is symmetric: the column term equals the row term.
+        out = pair_backward(a, a, ra_s, ra_s, kind=0, coef=coef, num_w=len(weights),
+                            sa=sa, sb=sa)
+        return out.mul_(2), ra
+    _, rb_s, sb = _kernel_rows(b)
+    out = pair_backward(a, b, ra_s, rb_s, kind=0, coef=coef, num_w=len(weights), sa=sa, sb=sb)
+    return out, ra
+
+
+def _triton_gauss_forward(x, y, scale, diag_offset):
+    _, rx, sx = _kernel_rows(x)
+    ry, sy = (None, None) if y is None else _kernel_rows(y)[1:]
+    sums, maxima = pair_forward(x, y, rx, ry, kind=1, coef=None, num_w=1,
+                                diag_offset=0 if y is None else diag_offset,
+                                two_scale=2.0 * scale, sx=sx, sy=sy)
+    return torch.logsumexp(maxima + torch.log(sums), dim=0)
+
+
+def _triton_gauss_grad_hat(a, b, scale, diag_offset, lse):
+    ra, ra_s, sa = _kernel_rows(a)
+    if b is None:
+        out = pair_backward(a, a, ra_s, ra_s, kind=1, coef=None, num_w=1, diag_offset=0,
+                            two_scale=2.0 * scale, lse=lse, sa=sa, sb=sa)
+        return out.mul_(2), ra
+    _, rb_s, sb = _kernel_rows(b)
+    out = pair_backward(a, b, ra_s, rb_s, kind=1, coef=None, num_w=1,
+                        diag_offset=diag_offset, two_scale=2.0 * scale, lse=lse, sa=sa, sb=sb)
+    return out, ra
+
+
+class TritonSphere:
+    """The triton entry of the family's table (fastssl/backends/interfaces.py); no same-pass
+    methods."""
+    series_forward = staticmethod(_triton_series_forward)
+    series_grad_hat = staticmethod(_triton_series_grad_hat)
+    gauss_forward = staticmethod(_triton_gauss_forward)
+    gauss_grad_hat = staticmethod(_triton_gauss_grad_hat)

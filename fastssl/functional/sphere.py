@@ -13,9 +13,11 @@ import math
 import torch
 
 from fastssl import distributed as dist_utils
+from fastssl._backend import public_loss
 from fastssl._checks import check_auh, check_sfrik, check_sfrik_mmd
 from fastssl._validation import accumulation_dtype, normalize_rows
 from fastssl.ops import sphere as ops
+from fastssl.reference import sphere as _reference
 
 
 def _world(gather_distributed: bool) -> int:
@@ -39,7 +41,8 @@ def _mse_share(z1: torch.Tensor, z2: torch.Tensor, world: int) -> torch.Tensor:
     return (x - y).pow(2).sum() / (z1.numel() * world)
 
 
-def sfrik_mmd(z, *, weights=(1.0, 40.0, 40.0), gather_distributed=False):
+@public_loss("sfrik_mmd", "sphere", ops.TABLE, _reference.sfrik_mmd)
+def sfrik_mmd(z, *, weights=(1.0, 40.0, 40.0), gather_distributed=False, backend):
     """SFRIK's uniformity term alone: the mean over all N * N pairs (diagonal
     included) of sum_k w_k P_k(<z_i, z_j>), z L2-normalised, P_k the normalised Gegenbauer
     polynomials in dimension D.
@@ -61,13 +64,13 @@ def sfrik_mmd(z, *, weights=(1.0, 40.0, 40.0), gather_distributed=False):
     """
     weights = check_sfrik_mmd(z, weights, gather_distributed)
     world = _world(gather_distributed)
-    backend = ops.backend_for("sfrik_mmd", z.device)
     share = _mmd_share(z, weights, world, "z", backend)
     return dist_utils.reduce_loss(share) if world > 1 else share
 
 
+@public_loss("sfrik", "sphere", ops.TABLE, _reference.sfrik)
 def sfrik(z1, z2, *, weights=(1.0, 40.0, 40.0), sim_coeff=4000.0, mmd_coeff=1.0,
-          gather_distributed=False):
+          gather_distributed=False, backend):
     """SFRIK: sim_coeff * mse(x, y) + mmd_coeff * (mmd(x) + mmd(y)) / 2.
 
     x, y are z1, z2 L2-normalised; mse is the mean over the N * D elements; mmd(x) is the mean
@@ -94,7 +97,6 @@ def sfrik(z1, z2, *, weights=(1.0, 40.0, 40.0), sim_coeff=4000.0, mmd_coeff=1.0,
     weights, sim_coeff, mmd_coeff = check_sfrik(z1, z2, weights, sim_coeff, mmd_coeff,
                                                 gather_distributed)
     world = _world(gather_distributed)
-    backend = ops.backend_for("sfrik", z1.device)
     mmd = (_mmd_share(z1, weights, world, "z1", backend)
            + _mmd_share(z2, weights, world, "z2", backend)) / 2
     share = sim_coeff * _mse_share(z1, z2, world) + mmd_coeff * mmd
@@ -118,7 +120,9 @@ def _uniformity_share(z: torch.Tensor, scale: float, world: int, name: str,
     return torch.exp(local - total) + (unif - 1) / world
 
 
-def auh(z1, z2, *, sim_coeff=3000.0, unif_coeff=1.0, scale=2.5, gather_distributed=False):
+@public_loss("auh", "sphere", ops.TABLE, _reference.auh)
+def auh(z1, z2, *, sim_coeff=3000.0, unif_coeff=1.0, scale=2.5, gather_distributed=False,
+        backend):
     """Alignment and uniformity on the hypersphere (AUH, as in the SFRIK repository):
     sim_coeff * mse(x, y) + unif_coeff * (U(x) + U(y)) / 2, with x, y the L2-normalised views
     and U(x) = log mean_(i != j) exp(-2 scale (1 - <x_i, x_j>)) (a stable log-sum-exp, tile by
@@ -143,7 +147,6 @@ def auh(z1, z2, *, sim_coeff=3000.0, unif_coeff=1.0, scale=2.5, gather_distribut
     sim_coeff, unif_coeff, scale = check_auh(z1, z2, sim_coeff, unif_coeff, scale,
                                              gather_distributed)
     world = _world(gather_distributed)
-    backend = ops.backend_for("auh", z1.device)
     unif = (_uniformity_share(z1, scale, world, "z1", backend)
             + _uniformity_share(z2, scale, world, "z2", backend)) / 2
     share = sim_coeff * _mse_share(z1, z2, world) + unif_coeff * unif
