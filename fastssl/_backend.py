@@ -227,8 +227,8 @@ def public_loss(op: str, family: str, table: Mapping[str, object], reference: Ca
                                     if method is None or hasattr(impl, method)), "reference"}))
             name = _selected_name(op, _first_device(args, kwargs).type, names, family)
             if name == "reference":
-                return reference(*args, **kwargs)
-            return fused(*args, backend=name, **kwargs)
+                return loss.reference(*args, **kwargs)
+            return loss.fused(*args, backend=name, **kwargs)
         # the public signature: the fused path's without the backend it is given
         sig = inspect.signature(fused)
         loss.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values()

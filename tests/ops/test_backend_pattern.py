@@ -3,6 +3,7 @@ function, and the op's backward runs the forward's backend, also when the backwa
 another thread (where the use_backend context is not visible) or under another setting.
 
 Each family's table entries are replaced by spies that record which entry's methods run."""
+import inspect
 import threading
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import HAS_CUDA
 import fastssl
 from fastssl import functional
 from fastssl._backend import can_serve
+from fastssl.backends import LazyBackend, interfaces
 from fastssl.ops import contrastive, sortnet, sphere, swav
 
 FAMILIES = {"contrastive": contrastive, "sphere": sphere, "sortnet": sortnet, "swav": swav}
@@ -65,8 +67,8 @@ LOSSES = {
     "dcl": ("contrastive", lambda a, b: functional.dcl(a, b), ("torch", "triton")),
     "sce": ("contrastive", lambda a, b: functional.sce(a, b.detach(), b.detach()[:3] * 0.5),
             ("torch", "triton")),
-    "sfrik": ("sphere", lambda a, b: functional.sfrik(a, b), ("torch", "triton", "reference")),
-    "auh": ("sphere", lambda a, b: functional.auh(a, b), ("torch", "triton", "reference")),
+    "sfrik": ("sphere", lambda a, b: functional.sfrik(a, b), ("torch", "triton")),
+    "auh": ("sphere", lambda a, b: functional.auh(a, b), ("torch", "triton")),
     "soft_sort": ("sortnet", lambda a, b: functional.soft_sort(a)[0].sum() + functional.soft_sort(b)[1].sum(),
                   ("cpp", "triton", "cuda")),
     "groco": ("sortnet", lambda a, b: functional.groco([a, b], topk_neg=3), ("cpp", "triton", "cuda")),
@@ -134,7 +136,7 @@ def test_backward_runs_the_forward_backend(spies, loss, backend, device):
             f"{backend}'s backward did not run and its forward made no gradient: {spies}"
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_swav_cross_entropy_recomputed_gradient_uses_forward_backend(spies, backend):
     # When the forward ran without the closed-form gradient (compute_grad=False), the backward
     # computes it with the forward's backend, on the autograd thread.
@@ -152,6 +154,84 @@ def test_swav_cross_entropy_recomputed_gradient_uses_forward_backend(spies, back
 def test_every_family_has_one_table_shape():
     for family, module in FAMILIES.items():
         assert isinstance(module.TABLE, dict) and set(module.TABLE) <= set(BACKENDS), family
-        assert "reference" in module.TABLE and "torch" in module.TABLE, family
+        # the reference is chosen by the public function (public_loss), never by an op
+        assert "reference" not in module.TABLE and "torch" in module.TABLE, family
         assert callable(module.backend_for), family
         assert module.backend_for("x", torch.device("cpu")) in module.TABLE, family
+
+
+def _params(fn, drop_self):
+    params = list(inspect.signature(fn).parameters.values())[1 if drop_self else 0:]
+    return [(p.name, p.kind, p.default) for p in params]
+
+
+def _implementation(entry):
+    """The class behind a table entry (a LazyBackend loaded now), or None where this machine
+    cannot load it (no triton, or fastssl._C not built)."""
+    if not isinstance(entry, LazyBackend):
+        return entry
+    try:
+        return entry.load()
+    except ImportError:
+        return None
+
+
+def _public_methods(impl):
+    return {n for n in dir(impl) if not n.startswith("_") and callable(getattr(impl, n))}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_entry_implements_exactly_its_family_interface(family):
+    interface = interfaces.INTERFACES[family]
+    methods = set(interfaces.interface_methods(family))
+    required = methods - interfaces.OPTIONAL[family]
+    assert interfaces.OPTIONAL[family] <= methods, family
+    loaded = 0
+    for name, entry in FAMILIES[family].TABLE.items():
+        impl = _implementation(entry)
+        if isinstance(entry, LazyBackend):
+            # the methods a choice can see without the import are exactly those it imports
+            assert set(entry.methods) <= methods, (family, name, entry.methods)
+            if impl is not None:
+                assert set(entry.methods) == _public_methods(impl), (family, name)
+        if impl is None:
+            continue
+        loaded += 1
+        have = _public_methods(impl)
+        assert have <= methods, f"{family}/{name}: methods outside the interface {have - methods}"
+        assert required <= have, f"{family}/{name} lacks {required - have}"
+        for method in have:
+            assert _params(getattr(impl, method), False) == \
+                _params(getattr(interface, method), True), f"{family}/{name}.{method}"
+    assert loaded >= 2, family  # torch and cpp at least (the extension is built for the tests)
+
+
+def test_registered_ops_refuse_the_reference():
+    s = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="backend"):
+        torch.ops.fastssl.sinkhorn(s, 0.05, 3, False, "reference")
+    with pytest.raises(ValueError, match="backend"):
+        torch.ops.fastssl.swav_cross_entropy(s, torch.softmax(s, 1), 0.1, True, "reference")
+    with pytest.raises(ValueError, match="backend"):
+        torch.ops.fastssl.contrastive_lse_sym(s, torch.arange(4), torch.arange(4), 1.0, False,
+                                              False, "reference")
+    with pytest.raises(ValueError, match="backend"):
+        torch.ops.fastssl.sphere_series_sum(s, None, [1.0], "reference")
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "sfrik", "groco", "swav", "sinkhorn"])
+def test_the_reference_is_chosen_by_the_public_function(monkeypatch, loss):
+    # under use_backend("reference") the public function calls the reference itself, once,
+    # with its own arguments; no op and no table entry runs
+    fn = getattr(functional, loss)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros(())
+    monkeypatch.setattr(fn, "reference", spy)
+    z1, z2 = _inputs("cpu")
+    args = {"groco": ([z1, z2],), "swav": ([z1, z2],), "sinkhorn": (z1,)}.get(loss, (z1, z2))
+    with fastssl.use_backend("reference"):
+        fn(*args, gather_distributed=False)
+    assert calls == [{"gather_distributed": False}]

@@ -128,8 +128,8 @@ def test_answered_within_seconds_with_a_named_error(results, label):
 def test_network_tensors_equal_the_comparator_lists():
     """The tensor-built networks are diffsort's, comparator for comparator, and the closed-form
     count is their length."""
-    from fastssl.ops.sortnet import (MAX_SORT_N, comparator_count, comparator_layers,
-                                     network_layers, network_tensor)
+    from fastssl.backends.networks import (MAX_SORT_N, comparator_count, comparator_layers,
+                                           network_layers, network_tensor)
     cpu = torch.device("cpu")
     for network in ("odd_even", "bitonic"):
         for n in range(1, 41):
