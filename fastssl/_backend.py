@@ -1,7 +1,8 @@
 """Backend selection: the one place that decides which implementation serves an op.
 
-An op declares a table ``{backend_name: implementation}``; :func:`select` picks the entry for the
-current backend setting and the tensor's device. ``"auto"`` prefers, on CUDA tensors, the
+A family declares a table ``{backend_name: implementation}`` (``fastssl.ops.<family>.TABLE``);
+:func:`choose` picks the name for the current backend setting and the tensor's device, and
+:func:`public_loss` does it once per public call, choosing the reference there. ``"auto"`` prefers, on CUDA tensors, the
 fused kernels that the test suite has executed (``triton``: every test runs them under the
 interpreter) over those that have only been compiled (``cuda``), per family (see
 ``AUTO_CUDA_ORDER``), and the C++ extension on CPU (``cpp`` then ``torch``). A forced backend
@@ -137,13 +138,6 @@ def auto_order(device_type: str, family: str | None = None) -> tuple[str, ...]:
     if device_type == "cuda" and family in AUTO_CUDA_ORDER:
         return AUTO_CUDA_ORDER[family]
     return _AUTO_ORDER.get(device_type, ("torch",))
-
-
-def select(op: str, device: torch.device, table: Mapping[str, Callable],
-           family: str | None = None) -> tuple[str, Callable]:
-    """Return ``(name, implementation)`` for `op` on `device` under the current setting."""
-    name = _selected_name(op, device.type, tuple(sorted(table)), family)
-    return name, table[name]
 
 
 def _mark_constant_result(fn):

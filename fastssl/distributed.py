@@ -22,7 +22,6 @@ import threading
 import torch
 import torch.distributed as dist
 
-_check_batch_sizes = True
 # (local shape checked, process group) pairs already found equal on every rank: the check is an
 # all-gather plus a host read (a device sync on NCCL), so it runs at the first call with a shape,
 # not at every gather of every step.
@@ -39,13 +38,6 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def set_check_batch_sizes(enabled: bool) -> None:
-    """Check that every rank passes the same local batch size (one tiny all-gather the first
-    time each local shape is seen; see :func:`check_equal_batch`)."""
-    global _check_batch_sizes
-    _check_batch_sizes = bool(enabled)
 
 
 def reset_batch_checks() -> None:
@@ -68,7 +60,7 @@ def check_equal_batch(name: str, x: torch.Tensor, group=None) -> None:
     data-dependent graph break); the eager warm-up step, or any earlier eager gather of that
     shape, has made it.
     """
-    if not (_check_batch_sizes and is_distributed()):
+    if not is_distributed():
         return
     if torch.compiler.is_compiling():
         return

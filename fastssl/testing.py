@@ -28,10 +28,6 @@ TOLERANCES: Mapping[torch.dtype, tuple[float, float]] = {
 }
 
 
-def tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    return TOLERANCES[dtype]
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.dtype | None = None,
                  rtol: float | None = None, atol: float | None = None, msg: str = "") -> None:
     """torch.testing.assert_close with the per-dtype table (dtype of `expected` by default)."""

@@ -43,19 +43,19 @@ def test_unknown_backend_name():
             pass
 
 
-def test_select_auto_and_forced():
-    table = {"torch": lambda: "t", "reference": lambda: "r", "cpp": lambda: "c"}
+def test_choose_auto_and_forced():
+    table = {"torch": object(), "reference": object(), "cpp": object()}
     cpu = torch.device("cpu")
     with fastssl.use_backend("auto"):
-        assert _backend.select("op", cpu, table)[0] == "cpp"
+        assert _backend.choose("op", cpu, table) == "cpp"
     with fastssl.use_backend("reference"):
-        assert _backend.select("op", cpu, table)[0] == "reference"
+        assert _backend.choose("op", cpu, table) == "reference"
     with fastssl.use_backend("cuda"):
         with pytest.raises(RuntimeError, match="no implementation"):
-            _backend.select("op", cpu, table)
+            _backend.choose("op", cpu, table)
     with fastssl.use_backend("cuda"):
         with pytest.raises(RuntimeError, match="cannot serve cpu"):
-            _backend.select("op", cpu, dict(table, cuda=lambda: "x"))
+            _backend.choose("op", cpu, dict(table, cuda=object()))
 
 
 def test_validation_messages_name_the_argument():

@@ -185,10 +185,8 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, normalize=True,
         normalize: bool. True (the default): z1 and z2 are L2-normalised inside. False: they
             are used as given (s = <z1_i, z2_j> / temperature; e.g. features a model has
             already normalised), which saves the normalisation and its backward.
-        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
-            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
-            every rank is the single-process loss on the global batch, and each rank's
-            gradient divided by W (DDP's average) is the single-process gradient of its rows.
+        gather_distributed: bool. Across W > 1 ranks, the global batch (N = B * W) with
+            the value and gradient promises of docs/api.md ("gather_distributed").
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs); gradients in the input dtype.
@@ -269,10 +267,9 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, normalize=True,
         normalize: bool. True (the default): q and k are L2-normalised inside. False: they are
             used as given (open_clip's ClipLoss receives features its model has already
             normalised, with ``temperature = 1 / logit_scale``).
-        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
-            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
-            every rank is the single-process loss on the global batch, and each rank's
-            gradient divided by W (DDP's average) is the single-process gradient of its rows. The keys (and, when symmetric, the queries) are gathered.
+        gather_distributed: bool. Across W > 1 ranks, the global batch (N = B * W) with
+            the value and gradient promises of docs/api.md ("gather_distributed").
+            The keys (and, when symmetric, the queries) are gathered.
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs).
@@ -369,10 +366,8 @@ def dcl(z1, z2, temperature=0.1, *, weight_fn=None, gather_distributed=False, ba
         weight_fn: optional callable ``(out0, out1) -> (B,)`` weights of the positive term,
             called on the normalised local rows once per direction (lightly's interface);
             None means weight 1. See :func:`dclw` for the von Mises-Fisher weighting.
-        gather_distributed: bool. With torch.distributed initialised (W > 1 ranks), each
-            rank's rows meet the gathered rows of all ranks (N = B * W); the value is the
-            single-process loss on the global batch on every rank and each rank's gradient
-            divided by W is the single-process gradient of its rows (DDP-exact).
+        gather_distributed: bool. Across W > 1 ranks, the global batch (N = B * W) with
+            the value and gradient promises of docs/api.md ("gather_distributed").
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs); gradients in the input dtype.
@@ -444,10 +439,9 @@ def sogclr(z1, z2, index, u, *, gamma=0.9, temperature=0.1, gather_distributed=F
             updated in place.
         gamma: float in (0, 1].
         temperature: float > 0.
-        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
-            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
-            every rank is the single-process loss on the global batch, and each rank's
-            gradient divided by W (DDP's average) is the single-process gradient of its rows. Every rank writes the gathered update, so u stays identical on all ranks.
+        gather_distributed: bool. Across W > 1 ranks, the global batch (N = B * W) with
+            the value and gradient promises of docs/api.md ("gather_distributed").
+            Every rank writes the gathered update, so u stays identical on all ranks.
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs).
@@ -506,10 +500,9 @@ def sce(q, k, queue, *, coeff=0.5, temperature=0.1, temperature_m=0.07, use_keys
         queue: (K, D) float tensor of normalised keys, or None (then use_keys=True is needed).
         coeff: float in [0, 1]. temperature, temperature_m: floats > 0.
         use_keys: bool, use the (gathered) keys of the batch as columns too.
-        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
-            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
-            every rank is the single-process loss on the global batch, and each rank's
-            gradient divided by W (DDP's average) is the single-process gradient of its rows. The keys are gathered (no gradient).
+        gather_distributed: bool. Across W > 1 ranks, the global batch (N = B * W) with
+            the value and gradient promises of docs/api.md ("gather_distributed").
+            The keys are gathered (no gradient).
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs).

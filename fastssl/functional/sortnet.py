@@ -34,10 +34,9 @@ def groco(views, *, topk_neg=10, steepness=1.0, n_pos_views=None, network="odd_e
         steepness: float > 0. n_pos_views: int in [2, len(views)] or None (all views).
         network: "odd_even" or "bitonic". distribution: "cauchy", "reciprocal", "optimal",
             "logistic", "logistic_phi" or "gaussian".
-        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
-            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
-            every rank is the single-process loss on the global batch, and each rank's
-            gradient divided by W (DDP's average) is the single-process gradient of its rows. The negatives are gathered (no gradient).
+        gather_distributed: bool. Across W > 1 ranks, the global batch (N = B * W) with
+            the value and gradient promises of docs/api.md ("gather_distributed").
+            The negatives are gathered (no gradient).
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs).

@@ -50,10 +50,8 @@ def sfrik_mmd(z, *, weights=(1.0, 40.0, 40.0), gather_distributed=False, backend
     Args:
         z: (B, D) raw embeddings, D >= 2.
         weights: non-empty sequence of finite floats (any number of degrees).
-        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
-            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
-            every rank is the single-process loss on the global batch, and each rank's
-            gradient divided by W (DDP's average) is the single-process gradient of its rows.
+        gather_distributed: bool. Across W > 1 ranks, the global batch (N = B * W) with
+            the value and gradient promises of docs/api.md ("gather_distributed").
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs).
@@ -82,10 +80,8 @@ def sfrik(z1, z2, *, weights=(1.0, 40.0, 40.0), sim_coeff=4000.0, mmd_coeff=1.0,
         z1, z2: (B, D) raw embeddings, D >= 2 (same shape, dtype and device).
         weights: non-empty sequence of finite floats w_1..w_K (degree 1..K).
         sim_coeff, mmd_coeff: finite floats >= 0.
-        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
-            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
-            every rank is the single-process loss on the global batch, and each rank's
-            gradient divided by W (DDP's average) is the single-process gradient of its rows.
+        gather_distributed: bool. Across W > 1 ranks, the global batch (N = B * W) with
+            the value and gradient promises of docs/api.md ("gather_distributed").
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs).
@@ -132,10 +128,8 @@ def auh(z1, z2, *, sim_coeff=3000.0, unif_coeff=1.0, scale=2.5, gather_distribut
         z1, z2: (B, D) raw embeddings (same shape, dtype and device); the global batch needs
             at least 2 rows.
         sim_coeff, unif_coeff: finite floats >= 0. scale: float > 0.
-        gather_distributed: bool. With torch.distributed initialised and W > 1 ranks,
-            each rank's rows meet the gathered rows of every rank (N = B * W): the value on
-            every rank is the single-process loss on the global batch, and each rank's
-            gradient divided by W (DDP's average) is the single-process gradient of its rows.
+        gather_distributed: bool. Across W > 1 ranks, the global batch (N = B * W) with
+            the value and gradient promises of docs/api.md ("gather_distributed").
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs).
