@@ -2,11 +2,11 @@
 
 A family declares a table ``{backend_name: implementation}`` (``fastssl.ops.<family>.TABLE``);
 :func:`choose` picks the name for the current backend setting and the tensor's device, and
-:func:`public_loss` does it once per public call, choosing the reference there. ``"auto"`` prefers, on CUDA tensors, the
-fused kernels that the test suite has executed (``triton``: every test runs them under the
-interpreter) over those that have only been compiled (``cuda``), per family (see
-``AUTO_CUDA_ORDER``), and the C++ extension on CPU (``cpp`` then ``torch``). A forced backend
-that cannot serve the input raises; it never falls back silently.
+:func:`public_loss` does it once per public call, choosing the reference there. ``"auto"``
+prefers, on CUDA tensors, the fused kernels that the test suite has executed (``triton``: every
+test runs them under the interpreter) over those that have only been compiled (``cuda``), per
+family (see ``AUTO_CUDA_ORDER``), and the C++ extension on CPU (``cpp`` then ``torch``). A
+forced backend that cannot serve the input raises; it never falls back silently.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Each loss is a ``fastssl._backend.public_loss``: the decorator chooses the backend once (the
 family table ``fastssl.ops.contrastive.TABLE``, or the reference, ``fastssl.reference``), and
 the function below is the fused path, run with the chosen name: it validates its inputs (the
-``check_*`` helpers, shared with ``fastssl.reference``), L2-normalises, gather the columns (``gather_distributed``), compute the O(N) statistics with
-the streaming ops (no N x N matrix), compose the loss from them, ``reduce_loss``.
+``check_*`` helpers, shared with ``fastssl.reference``), L2-normalises, gathers the columns
+(``gather_distributed``), computes the O(N) statistics with the streaming ops (no N x N
+matrix), composes the loss from them and ``reduce_loss``.
 
 Layout shared by NT-Xent, DCL and SogCLR: the anchors are the local rows ``[z1; z2]`` (2B), the
 columns the global ``[Z1; Z2]`` (2N); row i of z1 has its own column at ``off + i`` and its
