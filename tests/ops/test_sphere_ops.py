@@ -116,7 +116,7 @@ def test_gradcheck_float64(backend, device):
 
 def test_torch_path_row_blocks(monkeypatch):
     # Tiny blocks: many row blocks, the mirrored scatter of the symmetric walk included.
-    monkeypatch.setattr(ops, "_TORCH_BLOCK_ELEMENTS", 45)
+    monkeypatch.setattr(torch_sphere, "_TORCH_BLOCK_ELEMENTS", 45)
     x, y = _inputs(23, 11, 6, torch.float64, "cpu", False, seed=3)
     w = (1.0, 4.0, 2.0)
     with fastssl.use_backend("torch"):

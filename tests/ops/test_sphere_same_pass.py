@@ -42,7 +42,7 @@ def _both(kind, x, y, **kw):
                                      ("gauss", {"scale": 60.0, "offset": 0})])
 def test_same_pass_matches_recompute(kind, kw, with_y, blocks, monkeypatch):
     if blocks:
-        monkeypatch.setattr(ops, "_TORCH_BLOCK_ELEMENTS", 20)
+        monkeypatch.setattr(torch_sphere, "_TORCH_BLOCK_ELEMENTS", 20)
     x, y = _rand(11, 5, seed=1), (_rand(9, 5, seed=2) if with_y else None)
     if kind == "gauss" and kw["offset"] and not with_y:
         pytest.skip("the offset applies to the x-y pairs only")
