@@ -61,9 +61,13 @@ def _bce(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def groco_anchor_rows(anchor, positives, negatives, self_offset, *, topk_neg, steepness,
                       network, distribution, art_lambda=0.25):
     """One anchor view: (mean BCE loss over its rows, sims (B, n)) as upstream computes it."""
-    pos_sims = torch.stack([F.cosine_similarity(anchor, p.detach(), dim=1) for p in positives],
+    # upstream's nn.CosineSimilarity, a / max(|a|, 1e-8) on each side, with the norms scaled
+    # before squaring (_normalize): F.cosine_similarity's squared norms overflow float32 at
+    # |x| ~ 1e20 (issue 22's edge numerics hold for the reference too)
+    anchor_hat = _normalize(anchor)
+    pos_sims = torch.stack([(anchor_hat * _normalize(p.detach())).sum(1) for p in positives],
                            dim=1)
-    neg_sims = _normalize(anchor) @ _normalize(negatives.detach()).T
+    neg_sims = anchor_hat @ _normalize(negatives.detach()).T
     b = anchor.shape[0]
     rows = torch.arange(b, device=anchor.device)
     mask = torch.zeros_like(neg_sims, dtype=torch.bool)
