@@ -9,15 +9,16 @@ import torch
 
 from fastssl._validation import accumulation_dtype
 
-# Rows per chunk of the torch path. A bounded number of large chunks: every chunk costs a dozen ATen calls,
-# each a parallel region whose barrier is what collapses when other processes share the cores
-# (issue 18 measured the old fixed 4M-element chunks at 0.4-0.6x of eager under load). A chunk
-# is about 1/CHUNKS_PER_MATRIX of the M x C logits (so the working set stays under 1/8 of
-# eager's, which holds several full matrices: measured 0.11 at nt_xent N = 4096 with 32, 0.15
-# with 16), at least MIN_CHUNK_ELEMENTS (small problems:
-# one or a few chunks) and at most CHUNK_ELEMENTS.
+# Rows per chunk of the torch path. A bounded number of large chunks: every chunk costs a dozen
+# ATen calls, each a parallel region whose barrier is what collapses when other processes share
+# the cores (issue 18 measured the old fixed 4M-element chunks at 0.4-0.6x of eager under load).
+# A chunk is about 1/CHUNKS_PER_MATRIX of the M x C logits (so the working set stays under 1/8
+# of eager's, which holds several full matrices: measured 0.11 at nt_xent N = 4096 with 32,
+# 0.15 with 16), at least MIN_CHUNK_ELEMENTS (small problems: one or a few chunks) and at most
+# CHUNK_ELEMENTS.
 CHUNK_ELEMENTS = 1 << 24
-MIN_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32: symmetric InfoNCE at B = 2048 peaks at 0.09 of eager (0.14 with 2 MiB)
+# 1 MiB of float32: symmetric InfoNCE at B = 2048 peaks at 0.09 of eager (0.14 with 2 MiB)
+MIN_CHUNK_ELEMENTS = 1 << 18
 CHUNKS_PER_MATRIX = 32
 MAX_CHUNK_ROWS = 8192
 
@@ -184,7 +185,8 @@ def torch_lse_sum_forward(a, b, self_col, pos_col, scale, exclude_pos, subtract_
                                     lse[r0:r1])
         if not (need_da or need_db):
             continue
-        g = _fill_masked(y.exp_(), r0, r1, self_col, pos_col, exclude_pos, 0.0)  # all-masked rows: NaN -> 0
+        # all-masked rows: NaN -> 0
+        g = _fill_masked(y.exp_(), r0, r1, self_col, pos_col, exclude_pos, 0.0)
         if subtract_pos:
             g.scatter_add_(1, pos_at[r0:r1], -has_pos[r0:r1, None].to(acc))
         if need_da:
@@ -243,9 +245,10 @@ def torch_sce_grad_forward(q, k, cols, self_col, scale_s, scale_t):
         ly = torch._log_softmax(y, 1, False, out=ly_buf[:n])
         lse_s[r0:r1] = x[:, 0] - lx[:, 0]
         at = probe[r0:r1]
-        lse_t[r0:r1] = torch.where(has_probe[r0:r1], (y.gather(1, at) - ly.gather(1, at)).squeeze(1),
-                                   float("-inf"))
-        p_t = _fill_masked(ly.exp_(), r0, r1, self_col, None, False, 0.0)  # all-masked rows: NaN -> 0
+        lse_t[r0:r1] = torch.where(has_probe[r0:r1],
+                                   (y.gather(1, at) - ly.gather(1, at)).squeeze(1), float("-inf"))
+        # all-masked rows: NaN -> 0
+        p_t = _fill_masked(ly.exp_(), r0, r1, self_col, None, False, 0.0)
         wmean[r0:r1] = torch.linalg.vecdot(p_t, x)
         torch.mm(lx.exp_(), c_acc, out=u_s[r0:r1])
         torch.mm(p_t, c_acc, out=u_t[r0:r1])
