@@ -42,7 +42,8 @@ AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
     "swav": ("triton", "cuda", "torch"),
 }
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastssl_backend", default=None)
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastssl_backend",
+                                                                     default=None)
 
 
 def _check_name(name: str) -> str:
@@ -126,7 +127,8 @@ def can_serve(backend: str, device: torch.device) -> tuple[bool, str]:
         if not triton_available():
             return False, "triton is not installed"
         if device.type == "cpu" and not triton_interpreter_enabled():
-            return False, "triton on CPU tensors needs TRITON_INTERPRET=1 set before fastssl is imported"
+            return False, ("triton on CPU tensors needs TRITON_INTERPRET=1 set before fastssl "
+                           "is imported")
         if device.type not in ("cpu", "cuda"):
             return False, f"triton does not serve {device.type} tensors"
         return True, ""
@@ -166,7 +168,8 @@ def _selected_name(op: str, device_type: str, names: tuple[str, ...],
                            f"(available: {list(names)})")
     ok, why = can_serve(want, device)
     if not ok:
-        raise RuntimeError(f"fastssl.{op}: backend {want!r} cannot serve {device.type} tensors: {why}")
+        raise RuntimeError(f"fastssl.{op}: backend {want!r} cannot serve {device.type} tensors: "
+                           f"{why}")
     return want
 
 

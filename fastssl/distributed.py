@@ -99,7 +99,7 @@ class _GatherWithGrad(torch.autograd.Function):
         # Every rank's loss depends on this rank's rows through the gather: sum the gathered
         # gradient over ranks and keep our slice (SogCLR issue #1 kept only the local term).
         grad = grad.contiguous()
-        w, b = world_size(), ctx.rows
+        b = ctx.rows
         if dist.get_backend() == "nccl":
             out = torch.empty((b,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
             dist.reduce_scatter_tensor(out, grad)

@@ -83,7 +83,8 @@ def test_public_api_works_without_diffsort():
     u = torch.zeros(20)
     idx = torch.arange(12)
     outs = [
-        functional.nt_xent(z1, z2), functional.info_nce(z1, z2), functional.dcl(z1, z2), functional.dclw(z1, z2),
+        functional.nt_xent(z1, z2), functional.info_nce(z1, z2), functional.dcl(z1, z2),
+        functional.dclw(z1, z2),
         functional.sogclr(z1, z2, idx, u), functional.sce(z1, z2, torch.randn(5, 6)),
         functional.sfrik(z1, z2), functional.sfrik_mmd(z1), functional.auh(z1, z2),
         functional.groco([z1, z2], topk_neg=4), functional.soft_sort(z1)[0].sum(),

@@ -52,7 +52,8 @@ def sinkhorn(scores: torch.Tensor, *, epsilon: float = 0.05, iterations: int = 3
             codes of its own rows.
 
     Returns:
-        (B, K) codes, each row summing to 1 (for iterations >= 1), float32 (float64 for float64 scores).
+        (B, K) codes, each row summing to 1 (for iterations >= 1), float32 (float64 for float64
+        scores).
 
     Example::
 

@@ -16,9 +16,10 @@ Each pass streams the (B, K) scores once (the row pass revisits each row while i
 cache) and keeps only K-vectors; nothing B x K is written before the codes. The C++ path
 (one process) instead caches exp(x - column max) in the codes buffer, so each score costs one
 exp and the iterations are multiply-add passes, reading float16/bfloat16 scores as they are
-(csrc/swav_cpu.cpp, sinkhorn_cached_cpu; rows at risk of underflow are redone in the log domain). Every exponent is shifted by a max (pass 0: the column max; the others:
-the row max), so there is no overflow at any epsilon or in float16/bfloat16 (computed in
-float32; float64 end to end for float64). Once a is set, each prototype's column of
+(csrc/swav_cpu.cpp, sinkhorn_cached_cpu; rows at risk of underflow are redone in the log
+domain). Every exponent is shifted by a max (pass 0: the column max; the others: the row max),
+so there is no overflow at any epsilon or in float16/bfloat16 (computed in float32; float64 end
+to end for float64). Once a is set, each prototype's column of
 softmax probabilities has mass >= 1/(B K), so log S cannot underflow either.
 With gather_distributed, the column statistics are all-reduced between passes (pass 0: max
 then sum; then one K-vector sum per iteration, as upstream's one (K, 1) all-reduce).

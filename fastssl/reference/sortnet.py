@@ -102,7 +102,8 @@ def groco_rows(sims, k, network="odd_even", distribution="cauchy", steepness=1.0
 
 def groco(views, *, topk_neg=10, steepness=1.0, n_pos_views=None, network="odd_even",
           distribution="cauchy", gather_distributed=False):
-    """GroCo loss, upstream formulation; gather_distributed per docs/api.md (gather + reduce_loss)."""
+    """GroCo loss, upstream formulation; gather_distributed per docs/api.md (gather +
+    reduce_loss)."""
     views, steepness, n_pos_views, dist_on = check_groco_args(
         views, topk_neg, steepness, n_pos_views, network, distribution, gather_distributed)
     acc = accumulation_dtype(views[0])

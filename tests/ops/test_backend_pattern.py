@@ -69,9 +69,11 @@ LOSSES = {
             ("torch", "triton")),
     "sfrik": ("sphere", lambda a, b: functional.sfrik(a, b), ("torch", "triton")),
     "auh": ("sphere", lambda a, b: functional.auh(a, b), ("torch", "triton")),
-    "soft_sort": ("sortnet", lambda a, b: functional.soft_sort(a)[0].sum() + functional.soft_sort(b)[1].sum(),
+    "soft_sort": ("sortnet", lambda a, b: (functional.soft_sort(a)[0].sum()
+                                           + functional.soft_sort(b)[1].sum()),
                   ("cpp", "triton", "cuda")),
-    "groco": ("sortnet", lambda a, b: functional.groco([a, b], topk_neg=3), ("cpp", "triton", "cuda")),
+    "groco": ("sortnet", lambda a, b: functional.groco([a, b], topk_neg=3),
+              ("cpp", "triton", "cuda")),
     "swav": ("swav", lambda a, b: functional.swav([a, b]), ()),
 }
 BACKENDS = ("reference", "torch", "cpp", "triton", "cuda")
@@ -128,7 +130,8 @@ def test_backward_runs_the_forward_backend(spies, loss, backend, device):
     other = "reference" if backend != "reference" else "torch"
     _run_backward_elsewhere(out, other)
     assert z1.grad is not None and torch.isfinite(z1.grad).all()
-    assert {name for name, _ in spies} <= {backend}, f"backward ran {spies} after a {backend} forward"
+    assert {name for name, _ in spies} <= {backend}, \
+        f"backward ran {spies} after a {backend} forward"
     if backend in explicit:
         ran = {attr for _, attr in spies}
         same_pass = {attr for _, attr in forward_calls} & SAME_PASS_METHODS.get(family, set())
