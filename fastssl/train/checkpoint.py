@@ -23,7 +23,7 @@ def resolve_resume(resume: str | None, out_dir: str) -> str | None:
     if not resume:
         return None
     if resume == "auto":
-        path = os.path.join(out_dir, LAST_NAME)
+        path = os.path.join(out_dir, ckpt_io.LAST_NAME)
         return path if os.path.isfile(path) else None
     return resume
 
