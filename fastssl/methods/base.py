@@ -130,9 +130,6 @@ class Method:
             self.momentum_model.to(device)
         return self
 
-    def modules_for_sync_bn(self) -> list[str]:
-        return ["model"] + (["momentum_model"] if self.momentum_model is not None else [])
-
     # --- per-step hooks -----------------------------------------------------------------------
     def before_step(self, ctx: StepContext) -> None:
         pass
