@@ -11,6 +11,11 @@ import torch as _torch
 
 from fastssl.version import __version__
 
+try:
+    from fastssl import _build_info  # written by setup.py when _C is built
+except ImportError:  # a checkout without a build: nothing to compare
+    _build_info = None
+
 
 def _check_build_torch(built: str, loaded: str) -> str | None:
     """The warning to give when the extension was built against another torch, else None."""
@@ -24,9 +29,7 @@ def _check_build_torch(built: str, loaded: str) -> str | None:
 
 
 def _warn_if_other_torch() -> None:
-    try:
-        from fastssl import _build_info  # written by setup.py when _C is built
-    except ImportError:  # a checkout without a build: nothing to compare
+    if _build_info is None:
         return
     message = _check_build_torch(_build_info.TORCH_VERSION, _torch.__version__)
     if message:

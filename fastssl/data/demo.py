@@ -14,8 +14,12 @@ import math
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # PIL (the dev extra) is imported where the images are drawn
+    from PIL import Image
 
 __all__ = ["demo_dataset", "DEMO_CLASSES", "DEMO_TRAIN_PER_CLASS", "DEMO_VAL_PER_CLASS"]
 
@@ -116,7 +120,7 @@ def _draw_class(draw, cls: str, rng, S: int, fg, fg2):
         raise ValueError(cls)
 
 
-def _make_image(class_id: int, rng) -> "Image.Image":
+def _make_image(class_id: int, rng) -> Image.Image:
     from PIL import Image, ImageDraw
     S = _SIZE * _SUPERSAMPLE
     hue = _HUES[class_id] + rng.uniform(-0.05, 0.05)

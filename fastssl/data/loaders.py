@@ -20,6 +20,7 @@ import torch
 
 from fastssl.data.crops import CropSpec, expand_views, sample_view_params
 from fastssl.data.dali import DaliRunner, build_eval_pipeline, build_train_pipeline, dali_available, to_torch
+from fastssl.data.demo import demo_dataset
 from fastssl.data.folder import (CorruptImageError, ImageFolderIndex, SkippedFiles,
                                  find_undecodable, image_size, read_bytes, resolve_root,
                                  scan_image_folder, verify_decodable)
@@ -57,7 +58,6 @@ def _resolve_device(device) -> torch.device:
 
 def _resolve_data(data, split):
     if isinstance(data, str) and data == "demo":
-        from fastssl.data.demo import demo_dataset
         data = demo_dataset()
     return resolve_root(data, split)
 

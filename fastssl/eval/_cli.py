@@ -12,7 +12,9 @@ import sys
 import torch
 
 from fastssl import distributed as D
-from fastssl.models.backbone import UntrustedCheckpointError, load_checkpoint_file
+from fastssl.models import load_backbone
+from fastssl.models.checkpoint_io import (BACKBONE_NAME, LAST_NAME, UntrustedCheckpointError,
+                                          load_checkpoint_file)
 
 DEFAULT_ARCH = "resnet50"
 # Image size for the demo data (small generated images), as the demo pretraining presets'
@@ -158,7 +160,6 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False):
 def _checkpoint_hint(path: str) -> str:
     """What the user may have meant: the checkpoints beside the missing path, and the names the
     trainer writes."""
-    from fastssl.train.checkpoint import BACKBONE_NAME, LAST_NAME
     names = f"a training run writes OUT/{LAST_NAME} and OUT/{BACKBONE_NAME}"
     directory = os.path.dirname(path) or "."
     try:
@@ -180,7 +181,6 @@ def checkpoint_arch(obj, arch: str | None, path: str) -> str:
 
 def load_backbone_from(path: str, arch: str | None = None, trust_checkpoint: bool = False):
     """(backbone module, arch) from a fastssl or torchvision-format checkpoint file."""
-    from fastssl.models import load_backbone
     obj = read_checkpoint(path, trust_checkpoint)
     arch = checkpoint_arch(obj, arch, path)
     if not isinstance(obj, dict):

@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from fastssl import distributed as D
-from fastssl.eval.knn import _comm_device, extract_features
+from fastssl.data import CropSpec, build_eval_loader, build_train_loader
+from fastssl.eval import _cli
+from fastssl.models.features import collective_device, extract_features
+from fastssl.optim import build_optimizer, set_lr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,16 +118,10 @@ def build_head(feat_dim: int, num_classes: int, device=None) -> torch.nn.Linear:
 
 
 def build_head_optimizer(recipe: LinearPreset, params) -> torch.optim.Optimizer:
-    from fastssl.train.optim import build_optimizer
     # apex LARC (GroCo) adapts every tensor, the bias included; the VICReg LARS skips 1-d ones.
     return build_optimizer(recipe.optimizer, params, lr=recipe.lr,
                            weight_decay=recipe.weight_decay, momentum=recipe.momentum,
                            exclude_1d=recipe.optimizer == "lars")
-
-
-def _set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def logits_correct(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> dict[int, torch.Tensor]:
@@ -138,7 +135,7 @@ def logits_correct(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> d
 def _reduce_counts(counts: torch.Tensor, reduce: bool) -> list[float]:
     if reduce and D.is_distributed():
         device = counts.device
-        counts = D.all_reduce_sum(counts.to(_comm_device(device))).to(device)
+        counts = D.all_reduce_sum(counts.to(collective_device(device))).to(device)
     return counts.tolist()
 
 
@@ -170,7 +167,7 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
             idx = perm[i * bs:(i + 1) * bs].to(train_feats.device)
             x = train_feats.index_select(0, idx).to(device, non_blocking=True)
             y = train_labels.index_select(0, idx).to(device, non_blocking=True)
-            _set_lr(opt, cosine_lr(step, total, recipe.lr))
+            set_lr(opt, cosine_lr(step, total, recipe.lr))
             loss = F.cross_entropy(head(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -202,7 +199,6 @@ def evaluate_head_on_features(head, feats, labels, *, device=None, batch_size: i
 # --------------------------------------------------------------------------- end to end
 
 def _train_crops(crop_size: int):
-    from fastssl.data import CropSpec
     # Linear-probe augmentation: random-resized crop and flip only, no colour distortion.
     return [CropSpec(crop_size, (0.08, 1.0), 1, flip_p=0.5, jitter_p=0.0, gray_p=0.0,
                      blur_p=0.0, solarize_p=0.0)]
@@ -219,7 +215,6 @@ def train_linear_end_to_end(backbone, data, *, recipe: LinearPreset, num_classes
                             log: Callable[[str], None] | None = print) -> tuple[torch.nn.Module, dict]:
     """The head trained on augmented crops through the frozen backbone, then evaluated on
     centre crops of the val split. Global batch = recipe.batch_size, split over the ranks."""
-    from fastssl.data import build_eval_loader, build_train_loader
     world, rank = D.world_size(), D.rank()
     if recipe.batch_size % world:
         raise ValueError(f"batch_size: the global batch {recipe.batch_size} must be divisible by "
@@ -248,7 +243,7 @@ def train_linear_end_to_end(backbone, data, *, recipe: LinearPreset, num_classes
         for batch in loader:
             with torch.no_grad(), _autocast(device, amp):
                 feats = backbone(batch.views[0]).flatten(1)
-            _set_lr(opt, cosine_lr(step, total, recipe.lr))
+            set_lr(opt, cosine_lr(step, total, recipe.lr))
             loss = F.cross_entropy(model(feats.float()), batch.labels.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -299,16 +294,14 @@ def linear_probe(backbone: torch.nn.Module, data, *, preset: str | None = None,
     Returns {"top1", "top5" (percent), "train_loss", "recipe": dict, "mode"}.
     The backbone is frozen (eval mode, no parameter gradients) and left so.
     """
-    from fastssl.eval._cli import default_size, feature_dim, freeze
-    size = default_size(data, size)
+    size = _cli.default_size(data, size)
     recipe = resolve_recipe(preset or default_preset(data), batch_size=batch_size, epochs=epochs,
                             lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                             momentum=momentum)
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     if amp is None:
         amp = device.type == "cuda"
-    freeze(backbone)
-    from fastssl.data import build_eval_loader
+    _cli.freeze(backbone)
     kwargs = dict(device=device, rank=D.rank(), world_size=D.world_size(), num_threads=num_threads)
     if size is not None:
         kwargs["size"] = size
@@ -331,7 +324,7 @@ def linear_probe(backbone: torch.nn.Module, data, *, preset: str | None = None,
             crop_size = size if size is not None else getattr(probe, "size", 224)
         _, res = train_linear_end_to_end(
             backbone, data, recipe=recipe, num_classes=num_classes,
-            feat_dim=feature_dim(backbone, device), device=device, crop_size=crop_size,
+            feat_dim=_cli.feature_dim(backbone, device), device=device, crop_size=crop_size,
             size=size, seed=seed, num_threads=num_threads, amp=amp, channels_last=channels_last,
             log=log)
     res["recipe"] = dataclasses.asdict(recipe)
@@ -342,7 +335,6 @@ def linear_probe(backbone: torch.nn.Module, data, *, preset: str | None = None,
 # --------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastssl.eval import _cli
     presets = "\n".join(f"  {k}: {p.optimizer}, batch {p.batch_size}, {p.epochs} epochs, lr {p.lr}, "
                         f"wd {p.weight_decay} ({p.source})" for k, p in PRESETS.items())
     p = argparse.ArgumentParser(
@@ -380,7 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fastssl.eval import _cli
     args = build_parser().parse_args(argv)
     with _cli.cli_errors():
         _cli.check_output(args.output)

@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastssl.models import MLP
+
 
 def build_mlp(dims, *, bias=True, bn=True, last_bn=False, last_bn_affine=True, last_bias=None) -> nn.Module:
-    from fastssl.models import MLP
     return MLP(list(dims), bias=bias, bn=bn, last_bn=last_bn and bn, last_bn_affine=last_bn_affine,
                last_bias=last_bias)
 
@@ -128,9 +129,6 @@ class Method:
         if self.momentum_model is not None:
             self.momentum_model.to(device)
         return self
-
-    def modules_for_sync_bn(self) -> list[str]:
-        return ["model"] + (["momentum_model"] if self.momentum_model is not None else [])
 
     # --- per-step hooks -----------------------------------------------------------------------
     def before_step(self, ctx: StepContext) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from fastssl.losses import SCELoss
 from fastssl.methods.base import Method, SSLNet, build_mlp, ema_update, make_momentum_copy
-from fastssl.train.schedules import cosine_momentum
+from fastssl.optim import cosine_momentum
 
 
 class SCE(Method):

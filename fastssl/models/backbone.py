@@ -8,56 +8,15 @@ and ``load_backbone`` reads either a fastssl checkpoint or a torchvision-format 
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from fastssl.models.checkpoint_io import UntrustedCheckpointError, load_checkpoint_file
 from fastssl.models.resnet import ARCHS
 
 __all__ = ["build_backbone", "backbone_state_dict", "load_backbone"]
-
-TRUST_FLAG = "--trust-checkpoint"
-
-
-class UntrustedCheckpointError(ValueError):
-    """A checkpoint file that ``torch.load(weights_only=True)`` refuses: it holds objects other
-    than tensors and plain containers, and unpickling them could run code from the file."""
-
-    def __init__(self, path: str, needs: str, what: str = "checkpoint"):
-        needed = f" (it needs {needs})"
-        super().__init__(
-            f"{what} {path}: refused: the file holds objects other than tensors and plain containers"
-            f"{needed}, and unpickling it could run code from the file. fastssl loads checkpoints "
-            f"with torch.load(weights_only=True). If you wrote the file yourself or trust its "
-            f"source (e.g. a checkpoint of an older fastssl), pass {TRUST_FLAG} "
-            f"(trust_checkpoint=True), which unpickles it and runs any code inside it")
-        self.path = path
-        self.needs = needs
-
-
-def load_checkpoint_file(path, *, trust_checkpoint: bool = False, map_location="cpu",
-                         what: str = "checkpoint"):
-    """``torch.load(path, weights_only=True)``: tensors and plain containers only, so a file can
-    never run code while it is read. A file that needs more raises
-    :class:`UntrustedCheckpointError` naming it; there is no silent fallback. Only
-    ``trust_checkpoint=True`` (the CLIs' ``--trust-checkpoint``) unpickles it fully, running any
-    code inside it. Other read errors (truncated, not a torch file) propagate unchanged."""
-    path = os.fspath(path)
-    if trust_checkpoint:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message names the refused global ("GLOBAL posix.system", "GLOBAL numpy....");
-        # without one the bytes are no pickle the safe loader understands (garbage): unreadable
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found is None:
-            raise
-        raise UntrustedCheckpointError(path, found.group(1), what) from None
-
 
 # Wrappers whose prefixes are stripped: DDP ("module."), torch.compile ("_orig_mod."), and the
 # attribute names SSL models commonly keep their encoder under.
@@ -136,7 +95,8 @@ def _select_state(ckpt: Mapping, arch: str, where: str) -> Mapping:
     if "backbone" in ckpt and isinstance(ckpt["backbone"], Mapping):
         ckpt_arch = ckpt.get("arch")
         if ckpt_arch is not None and ckpt_arch != arch:
-            raise ValueError(f"{where}: checkpoint arch is {ckpt_arch!r}, but arch={arch!r} was asked for")
+            raise ValueError(f"{where}: checkpoint arch is {ckpt_arch!r}, but arch={arch!r} was "
+                             f"asked for")
         return ckpt["backbone"]
     for key in ("state_dict", "model"):
         if key in ckpt and isinstance(ckpt[key], Mapping):

@@ -8,9 +8,13 @@ import signal
 import sys
 import time
 
+from fastssl import distributed as D
 from fastssl.methods import METHODS
 from fastssl.methods.presets import DEFAULT_PRESET, METHOD_DEMO, PRESETS, describe, get_preset
+from fastssl.models.checkpoint_io import CheckpointWriteError
+from fastssl.train import loop
 from fastssl.train.config import make_config
+from fastssl.train.log import tensorboard_writer_class
 
 # The headline ImageNet preset of each method, used for --method M with a real --data DIR.
 METHOD_PRESET = {"groco": "groco_2views_100ep", "sce": "sce_200ep", "sogclr": "sogclr_800ep",
@@ -49,9 +53,8 @@ def _key_value(text: str) -> tuple[str, object]:
 
 def _duration(text: str) -> float:
     """--dist-timeout (seconds or minutes), as an argparse type."""
-    from fastssl.distributed import parse_timeout
     try:
-        return parse_timeout(text)
+        return D.parse_timeout(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -289,24 +292,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     if cfg.tensorboard:
-        from fastssl.train.log import tensorboard_writer_class
         try:
             tensorboard_writer_class()       # missing: say so before any work
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
-    from fastssl.train.checkpoint import CheckpointWriteError
-    from fastssl.train.loop import (CorruptDataError, DistTimeoutError, NonFiniteLossError,
-                                    random_init_backbone, run_knn, train)
-    from fastssl import distributed as D
     start = time.perf_counter()
     try:
-        result = train(cfg)
-    except (NonFiniteLossError, DistTimeoutError) as e:
+        result = loop.train(cfg)
+    except (loop.NonFiniteLossError, loop.DistTimeoutError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    except (ValueError, FileNotFoundError, CorruptDataError, CheckpointWriteError) as e:
+    except (ValueError, FileNotFoundError, loop.CorruptDataError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["status"] == "interrupted":
@@ -316,11 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     if result["status"] != "completed":
         return 0
     if cfg.compare_random_init:
-        from fastssl.train.loop import make_monitor
         device = result["device"]
-        monitor = result["monitor"] or make_monitor(cfg, device, skipped=result.get("skipped_files"))
-        learned = result["knn"] or run_knn(result["model"].backbone, monitor)
-        rand = run_knn(random_init_backbone(cfg).to(device), monitor)
+        monitor = result["monitor"] or loop.make_monitor(cfg, device,
+                                                         skipped=result.get("skipped_files"))
+        learned = result["knn"] or loop.run_knn(result["model"].backbone, monitor)
+        rand = loop.run_knn(loop.random_init_backbone(cfg).to(device), monitor)
         if D.rank() == 0:
             key = f"knn{cfg.knn_k}_top1"
             print(f"k-NN top-1 (k={cfg.knn_k}) on the demo val split after {cfg.epochs} epochs of "

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +22,18 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fastssl import distributed as D
+from fastssl.data import CropSpec, build_train_loader
+from fastssl.data.folder import CorruptImageError, SkippedFiles
+from fastssl.data.loaders import default_num_threads
 from fastssl.methods import Method, StepContext, build_method
-from fastssl.train import checkpoint as ckpt_io
+from fastssl.models import build_backbone
+from fastssl.models import checkpoint_io as ckpt_io
+from fastssl.optim import build_optimizer, scale_lr, set_lr, warmup_cosine
+from fastssl.train.checkpoint import resume_run, save_checkpoint, sweep_run_files
 from fastssl.train.config import TrainConfig
 from fastssl.train.log import CURVES_NAME, TENSORBOARD_DIR, JsonlLogger, Progress, RunClock, \
     format_duration, plot_curves
-from fastssl.train.optim import build_optimizer, set_lr
-from fastssl.train.schedules import scale_lr, warmup_cosine
+from fastssl.train.monitor import KNNMonitor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,7 +105,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -
 
 
 def crop_specs(crops: list[dict]):
-    from fastssl.data import CropSpec
     specs = []
     for c in crops:
         c = dict(c)
@@ -173,7 +178,6 @@ class StopFlag:
 
 
 def _in_main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
@@ -251,7 +255,6 @@ def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
 
 def _build_method(cfg: TrainConfig, loader, world: int, device: torch.device,
                   channels_last: bool) -> Method:
-    from fastssl.models import build_backbone
     backbone, feat_dim = build_backbone(cfg.arch, zero_init_residual=cfg.zero_init_residual)
     method = build_method(cfg.method, backbone, feat_dim, args=cfg.method_args, heads=cfg.heads,
                           num_samples=loader.num_samples, batch_size=cfg.batch_size,
@@ -297,9 +300,6 @@ def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
     out_dir = cfg.out or os.path.join("runs", cfg.preset or cfg.method)
     if rank == 0:
         prepare_out_dir(out_dir)
-    from fastssl.data import build_train_loader
-    from fastssl.data.folder import SkippedFiles
-    from fastssl.data.loaders import default_num_threads
     if cfg.num_threads is None:                 # the cores of this process's share (bench/input.py)
         cfg.num_threads = default_num_threads(device)
     # --skip-corrupt: one list of skipped files for every loader of the run (each logged once)
@@ -321,9 +321,8 @@ def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
                                 trust_coefficient=cfg.trust_coefficient, exclude_1d=cfg.exclude_1d)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     last_path = os.path.join(out_dir, ckpt_io.LAST_NAME)
-    if rank == 0:                               # what a kill during an earlier write left
-        ckpt_io.sweep_stale_temps(last_path)
-        ckpt_io.sweep_stale_temps(os.path.join(out_dir, ckpt_io.BACKBONE_NAME))
+    if rank == 0:
+        sweep_run_files(out_dir)
     return Run(cfg=cfg, stream=stream, hooks=hooks, rank=rank, world=world, device=device,
                amp_dtype=amp_dtype, out_dir=out_dir, last_path=last_path,
                logger=JsonlLogger(os.path.join(out_dir, "log.jsonl"), enabled=rank == 0,
@@ -333,73 +332,6 @@ def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
                total_steps=cfg.epochs * steps_per_epoch, method=method, optimizer=optimizer,
                scaler=scaler, images_per_step=local_batch * world,  # images, not views
                knn_results={}, skipped=skipped)
-
-
-def resume_run(run: Run) -> None:
-    """Load --resume's checkpoint (or OUT's last one under ``auto``) into the run."""
-    cfg = run.cfg
-    resume_path = ckpt_io.resolve_resume(cfg.resume, run.out_dir)
-    if not resume_path:
-        return
-    # RNG states must stay on the CPU; weights_only unless --trust-checkpoint
-    state = ckpt_io.load(resume_path, map_location="cpu", trust_checkpoint=cfg.trust_checkpoint)
-    check_compatible(state, cfg, resume_path)
-    method = run.method
-    try:
-        method.model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ValueError(f"--resume {resume_path}: the checkpoint's model does not fit this run's "
-                         f"({str(e).strip().splitlines()[0]})") from None
-    method.load_momentum_state(state["momentum"])
-    load_loss_state(run, state, resume_path)
-    run.optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.loader.load_state_dict(state["loader"])
-    run.start_epoch, run.step = state["epoch"], state["step"]
-    run.resumed_mid_epoch = run.step > run.start_epoch * run.steps_per_epoch
-    if run.resumed_mid_epoch and "epoch_loss" in state:
-        run.resumed_loss = (float(state["epoch_loss"]["sum"]), int(state["epoch_loss"]["steps"]))
-    ckpt_io.set_rng_state(state["rng"])
-    if run.is_main and "backbone" in state:
-        sync_backbone_file(run, state["backbone"], state["epoch"], state["step"])
-    run.say(f"resumed from {resume_path}: {run.start_epoch} epoch(s) done, continuing in epoch "
-            f"{run.start_epoch + 1} at step {run.step}")
-
-
-def sync_backbone_file(run: Run, backbone: dict, epoch: int, step: int) -> None:
-    """Make OUT/backbone.pth hold the resumed checkpoint's backbone: a kill between the two
-    files of one save (or during backbone.pth's write) leaves it one save older, and the eval
-    CLIs would score those old weights. Rewritten (atomically) when missing, unreadable or
-    different; a write error is a warning (training goes on, the next save retries)."""
-    path = backbone_path(run)
-    if ckpt_io.backbone_file_matches(path, backbone):
-        return
-    try:
-        ckpt_io.save_backbone_atomic(backbone, path)
-    except ckpt_io.CheckpointWriteError as e:
-        run.say(f"warning: {path} is stale and could not be rewritten: {e}")
-        return
-    run.say(f"{path} did not hold the checkpoint's backbone (a save was interrupted); "
-            f"rewritten from the checkpoint (epoch {epoch}, step {step})")
-    run.logger.log(event="backbone_rewritten", epoch=epoch, step=step)
-
-
-# what a resumed run must share with its checkpoint: other values build another model
-_RESUME_KEYS = ("method", "arch", "heads")
-
-
-def check_compatible(state: dict, cfg: TrainConfig, path: str) -> None:
-    """ValueError comparing the checkpoint's method, arch and heads with this run's."""
-    saved = dict(state.get("config") or {})
-    saved.setdefault("method", state.get("method"))
-    saved.setdefault("arch", state.get("arch"))
-    ours = cfg.to_dict()
-    diffs = [f"{key}: checkpoint {saved.get(key)!r}, this run {ours[key]!r}"
-             for key in _RESUME_KEYS if key in saved and saved.get(key) != ours[key]]
-    if diffs:
-        raise ValueError(f"--resume {path}: the checkpoint was trained with other settings ("
-                         + "; ".join(diffs) + ")")
 
 
 def wrap_model(run: Run) -> None:
@@ -412,84 +344,6 @@ def wrap_model(run: Run) -> None:
         model = torch.compile(model)
     run.runner = StepRunner(run.method, model, run.optimizer, run.scaler, run.amp_dtype,
                             run.device.type)
-
-
-def backbone_path(run: Run) -> str:
-    return os.path.join(run.out_dir, ckpt_io.BACKBONE_NAME)
-
-
-def save_checkpoint(run: Run, epoch_done: int, step_done: int, may_defer: bool = False) -> None:
-    """Rank 0 writes the resumable state (atomically); every rank waits for it. A write that
-    fails (full disk) raises CheckpointWriteError naming the path, or with may_defer (an epoch
-    checkpoint with epochs still to run) warns and leaves the retry to the next checkpoint, so
-    the epoch's work is not lost with the process."""
-    error = None
-    per_rank = loss_states_per_rank(run)
-    if run.is_main:
-        from fastssl.models import backbone_state_dict
-        cfg, method = run.cfg, run.method
-        state = {"version": ckpt_io.CHECKPOINT_VERSION, "arch": cfg.arch, "method": cfg.method,
-                 "config": cfg.to_dict(), "backbone": backbone_state_dict(method.model.backbone),
-                 "model": method.model.state_dict(), "momentum": method.momentum_state(),
-                 "optimizer": run.optimizer.state_dict(),
-                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-                 "loss_state": method.criterion.state_dict(), "epoch": epoch_done,
-                 "step": step_done, "loader": run.loader.state_dict(), "rng": ckpt_io.rng_state()}
-        if per_rank is not None:
-            state["loss_state_per_rank"] = per_rank
-        if run.epoch_loss is not None and step_done > epoch_done * run.steps_per_epoch:
-            # mid-epoch: the resumed run's epoch loss then covers the whole epoch
-            state["epoch_loss"] = {"sum": float(run.epoch_loss.loss_sum),
-                                   "steps": run.epoch_loss.n_steps}
-        try:
-            ckpt_io.save_atomic(state, run.last_path)
-            # the weights alone, for torchvision and weights_only loaders (after the resumable
-            # state: a kill between the two leaves a backbone one save older, never a newer one)
-            ckpt_io.save_backbone_atomic(state["backbone"], backbone_path(run))
-        except ckpt_io.CheckpointWriteError as e:
-            error = e
-    if run.world > 1:
-        dist.barrier()
-    if error is not None:
-        if not may_defer:
-            raise error
-        run.say(f"warning: {error}; the previous checkpoint is kept, training goes on and the "
-                "next checkpoint retries")
-        run.logger.log(event="checkpoint_failed", step=step_done, error=str(error))
-
-
-def loss_states_per_rank(run: Run) -> list | None:
-    """Every rank's loss state (on rank 0; None elsewhere) when it differs per rank (SwAV's
-    queue); None when rank 0's copy is every rank's. A collective: every rank calls it."""
-    if run.world == 1 or not run.method.loss_state_per_rank:
-        return None
-    mine = {k: v.detach().cpu() for k, v in run.method.criterion.state_dict().items()}
-    gathered = [None] * run.world if run.is_main else None
-    dist.gather_object(mine, gathered, dst=0)
-    return gathered
-
-
-def load_loss_state(run: Run, state: dict, path: str) -> None:
-    """Rank 0's loss state, or this rank's own where it is kept per rank."""
-    per_rank = state.get("loss_state_per_rank")
-    criterion = run.method.criterion
-    if per_rank is None or not run.method.loss_state_per_rank:
-        criterion.load_state_dict(state["loss_state"])
-        if run.world > 1 and run.method.loss_state_per_rank and hasattr(criterion, "reset_queue"):
-            # a single-process checkpoint has one queue: every rank holding it would count
-            # its rows W times in the distributed Sinkhorn; start the queues afresh instead
-            criterion.reset_queue()
-            run.say(f"--resume {path}: the checkpoint holds one rank's loss state; the "
-                    f"{run.world} ranks' queues start empty")
-        return
-    if len(per_rank) == run.world:
-        criterion.load_state_dict(per_rank[run.rank])
-        return
-    criterion.load_state_dict(state["loss_state"])
-    if hasattr(criterion, "reset_queue"):
-        criterion.reset_queue()
-    run.say(f"--resume {path}: the checkpoint holds the loss states of {len(per_rank)} ranks, "
-            f"this run has {run.world}; the queues start empty")
 
 
 def _announce(run: Run) -> None:
@@ -619,7 +473,6 @@ def finish_epoch(run: Run, epoch: int, outcome: EpochOutcome, bad: torch.Tensor)
 def run_epoch_or_save(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -> EpochOutcome:
     """run_epoch; an unreadable image ends the run with CorruptDataError after a checkpoint of
     the steps before it (single process: under torchrun the other ranks cannot join the save)."""
-    from fastssl.data.folder import CorruptImageError
     try:
         return run_epoch(run, epoch, stop, bad)
     except CorruptImageError as e:
@@ -714,7 +567,6 @@ def monitor_or_corrupt(run: Run, monitor) -> dict:
     """run_knn; an unreadable image in the monitor's subsets (without --skip-corrupt) ends the
     run like one met in training: CorruptDataError naming it (the epoch's checkpoint is
     already written)."""
-    from fastssl.data.folder import CorruptImageError
     try:
         return run_knn(run.method.model.backbone, monitor)
     except CorruptImageError as e:
@@ -729,8 +581,6 @@ def make_monitor(cfg: TrainConfig, device: torch.device, train_images_per_epoch:
     """The k-NN monitor; given the images trained per epoch, it decodes at most 2% of the
     images trained between two of its runs (fastssl/train/monitor.py). With --skip-corrupt it
     leaves unreadable images out, reported once in `skipped` (the run's list)."""
-    from fastssl.data.folder import SkippedFiles
-    from fastssl.train.monitor import KNNMonitor
     if cfg.skip_corrupt and skipped is None:
         skipped = SkippedFiles()
     return KNNMonitor(cfg.data, k=cfg.knn_k, device=device, size=cfg.eval_size,
@@ -750,6 +600,5 @@ def run_knn(backbone: nn.Module, monitor) -> dict:
 
 
 def random_init_backbone(cfg: TrainConfig) -> nn.Module:
-    from fastssl.models import build_backbone
     seed_everything(cfg.seed)
     return build_backbone(cfg.arch, zero_init_residual=cfg.zero_init_residual)[0]

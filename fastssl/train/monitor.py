@@ -1,5 +1,5 @@
-"""Online k-NN monitor (fastssl.eval.knn): a labelled train subset as the bank, a val subset as
-queries. The eval loaders are built once per run and reused every epoch; they read and decode
+"""Online k-NN monitor (fastssl.models.knn, the rules of python -m fastssl.eval.knn): a labelled
+train subset as the bank, a val subset as queries. The eval loaders are built once per run and reused every epoch; they read and decode
 only their subsets (evenly spread over the class-sorted splits).
 
 Cost rule: the images the monitor decodes (bank + queries) are at most ``max_share`` (2%) of
@@ -11,6 +11,11 @@ training images, about 1,281,000 trained per epoch in full batches, knn_every=1)
 from __future__ import annotations
 
 import torch
+
+from fastssl import distributed as D
+from fastssl.data.folder import scan_image_folder
+from fastssl.data.loaders import EvalLoader, _resolve_data, spread_subset
+from fastssl.models.knn import knn_loader_accuracy
 
 MAX_SHARE = 0.02
 MIN_IMAGES = 2048
@@ -47,9 +52,6 @@ class KNNMonitor:
                  skip_corrupt: bool = False, skipped=None):
         """skip_corrupt: leave unreadable images out of the bank and the queries, reported once
         in `skipped` (the run's SkippedFiles, shared with its training loader)."""
-        from fastssl import distributed as D
-        from fastssl.data.folder import scan_image_folder
-        from fastssl.data.loaders import EvalLoader, _resolve_data, spread_subset
         self.k, self.device = k, device
         kwargs = dict(size=size, device=device, rank=D.rank(), world_size=D.world_size(), num_threads=num_threads,
                       skip_corrupt=skip_corrupt, skipped=skipped)
@@ -69,8 +71,7 @@ class KNNMonitor:
 
     def __call__(self, backbone: torch.nn.Module) -> dict:
         """Top-1 / top-5 (%) at k; every rank must call it (the features are gathered)."""
-        from fastssl.eval.knn import knn_accuracy
-        result = knn_accuracy(backbone, None, k=(self.k,), device=self.device,
-                              train_loader=self.train_loader, val_loader=self.val_loader)
+        result = knn_loader_accuracy(backbone, self.train_loader, self.val_loader, k=(self.k,),
+                                     device=self.device)
         acc = result[self.k]
         return {f"knn{self.k}_top1": acc["top1"], f"knn{self.k}_top5": acc["top5"]}

@@ -7,7 +7,7 @@ import torch.nn as nn
 from fastssl.methods import StepContext, build_method
 from fastssl.testing import run_torchrun
 from fastssl.train.loop import StepRunner
-from fastssl.train.optim import LARS
+from fastssl.optim import LARS
 
 pytestmark = pytest.mark.distributed
 

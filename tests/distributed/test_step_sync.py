@@ -83,7 +83,7 @@ class _SyncCounter:
 def _step_syncs(name):
     from fastssl.methods import StepContext, build_method
     from fastssl.train.loop import StepRunner
-    from fastssl.train.optim import LARS
+    from fastssl.optim import LARS
     r, w = D.rank(), D.world_size()
     D.reset_batch_checks()   # each method warms up on its own
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl.eval.knn import (extract_features, knn_eval_features, knn_predict, topk_correct,
-                              topk_neighbours)
+from fastssl.models.features import extract_features, gather_rows
+from fastssl.models.knn import knn_eval_features, knn_predict, topk_correct, topk_neighbours
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -178,7 +178,6 @@ def test_extract_features_restores_mode_and_concatenates():
 
 def worker_gather_unequal():
     from fastssl import distributed as D
-    from fastssl.eval.knn import gather_rows
     r = D.rank()
     n = 3 + 2 * r                                   # unequal shards: 3 and 5 rows
     f = torch.full((n, 2), float(r)) + torch.arange(n)[:, None] / 10

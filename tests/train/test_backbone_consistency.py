@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from fastssl.train import checkpoint as ckpt_io
+from fastssl.models import checkpoint_io as ckpt_io
 from fastssl.train.loop import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

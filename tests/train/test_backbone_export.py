@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastssl.models import resnet50
-from fastssl.train import checkpoint as ckpt_io
+from fastssl.models import checkpoint_io as ckpt_io
 from fastssl.train.loop import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl.train import checkpoint as ckpt_io
+from fastssl.models import checkpoint_io as ckpt_io
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_trainer import _assert_bitwise_equal  # noqa: E402

@@ -165,7 +165,7 @@ def _run_argv(out):
 def test_a_signal_exits_128_plus_its_number_after_the_checkpoint(sig, tmp_path, monkeypatch,
                                                                    capsys):
     import torch
-    from fastssl.train import checkpoint as ckpt_io
+    from fastssl.models import checkpoint_io as ckpt_io
     armed = [True]
 
     def signal_at_step_3(step, loss):

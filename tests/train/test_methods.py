@@ -11,7 +11,7 @@ from fastssl.methods.base import _resolution_groups
 from fastssl.methods.presets import PRESETS, get_preset
 from fastssl.train.config import make_config
 from fastssl.train.loop import StepRunner, train
-from fastssl.train.optim import build_optimizer
+from fastssl.optim import build_optimizer
 
 TINY_HEADS = {
     "simclr": {"projector": [32, 16]}, "auh": {"projector": [32, 16]},

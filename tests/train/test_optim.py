@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from fastssl.train.optim import LARS, build_optimizer
-from fastssl.train.schedules import cosine_momentum, scale_lr, warmup_cosine
+from fastssl.optim import LARS, build_optimizer, cosine_momentum, scale_lr, warmup_cosine
 
 
 def reference_step(params, grads, bufs, *, lr, wd, eta, momentum, exclude_1d, mode, eps=1e-8):

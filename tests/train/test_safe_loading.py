@@ -14,7 +14,7 @@ import torch
 
 from fastssl.models import build_backbone, load_backbone
 from fastssl.models.backbone import UntrustedCheckpointError
-from fastssl.train import checkpoint as ckpt_io
+from fastssl.models import checkpoint_io as ckpt_io
 from fastssl.train.loop import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl.train import checkpoint as ckpt_io
+from fastssl.models import checkpoint_io as ckpt_io
 from fastssl.train.cli import main
 from fastssl.train.loop import CorruptDataError, train
 

@@ -1,4 +1,6 @@
-"""Optimisers: a multi-tensor LARS/LARC without host syncs, SGD, and parameter groups.
+"""Optimisers and their schedules, for pretraining (fastssl.train), the linear probe
+(fastssl.eval) and the methods' hooks (fastssl.methods): a multi-tensor LARS/LARC without host
+syncs, SGD, learning-rate scaling, warmup + cosine, and SCE's cosine momentum.
 
 LARS (VICReg / Barlow Twins / SFRIK / SogCLR / SCE rule, ``mode="lars"``), per parameter w with
 gradient g, weight decay wd, trust coefficient eta, momentum m, learning rate lr:
@@ -20,6 +22,7 @@ The trust ratios are computed for all parameters at once from ``torch._foreach_n
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -42,7 +45,8 @@ class LARS(torch.optim.Optimizer):
         if mode not in LARS_MODES:
             raise ValueError(f"LARS: mode must be one of {LARS_MODES}, got {mode!r}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, exclude_1d=exclude_1d, mode=mode, eps=eps)
+                        trust_coefficient=trust_coefficient, exclude_1d=exclude_1d, mode=mode,
+                        eps=eps)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -61,12 +65,14 @@ class LARS(torch.optim.Optimizer):
             adapted = [p for p in params if not (group["exclude_1d"] and p.ndim == 1)]
             # The update direction d is written into .grad in place (as apex LARC does).
             if adapted:
-                self._adapt([p.grad for p in adapted], adapted, wd, eta, group["mode"], group["eps"])
+                self._adapt([p.grad for p in adapted], adapted, wd, eta, group["mode"],
+                            group["eps"])
             bufs = []
             for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum_buffer"])
             grads = [p.grad for p in params]
             torch._foreach_mul_(bufs, group["momentum"])
@@ -103,7 +109,8 @@ def build_optimizer(name: str, params: Iterable, *, lr: float = 0.0, weight_deca
     parameter, as GroCo's recipe)."""
     params = [p for p in params if p.requires_grad]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               foreach=True)
     if name in LARS_MODES:
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                     trust_coefficient=trust_coefficient, exclude_1d=exclude_1d, mode=name)
@@ -113,3 +120,48 @@ def build_optimizer(name: str, params: Iterable, *, lr: float = 0.0, weight_deca
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# --- schedules ---------------------------------------------------------------------------------
+LR_SCALINGS = ("linear", "linear32", "sqrt", "none")
+
+
+def scale_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
+    """The peak learning rate for a global batch.
+
+    linear: base * bs / 256 (SwAV, SCE, SFRIK, VICReg); linear32: base * bs / 32 (GroCo's
+    ``base_lr * 32 * bs / 1024``); sqrt: base * sqrt(bs) (SogCLR, GroCo's sqrt); none: base.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"scale_lr: batch_size must be > 0, got {batch_size}")
+    if rule == "linear":
+        return base_lr * batch_size / 256
+    if rule == "linear32":
+        return base_lr * batch_size / 32
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"lr_scaling: expected one of {LR_SCALINGS}, got {rule!r}")
+
+
+def warmup_cosine(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float,
+                  final_lr: float = 0.0, start_lr: float = 0.0) -> float:
+    """Linear warmup from start_lr (step 0) towards peak_lr (reached at step warmup_steps), then
+    a half cosine from peak_lr down to final_lr at step total_steps; per iteration."""
+    if total_steps <= 0:
+        raise ValueError(f"warmup_cosine: total_steps must be > 0, got {total_steps}")
+    warmup_steps = min(max(warmup_steps, 0), total_steps)
+    if step < warmup_steps:
+        return start_lr + (peak_lr - start_lr) * step / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    t = min(step - warmup_steps, decay_steps) / max(decay_steps, 1)
+    return final_lr + 0.5 * (peak_lr - final_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def cosine_momentum(step: int, *, total_steps: int, base_momentum: float) -> float:
+    """SCE/BYOL momentum: m = 1 - (1 - m0) * (cos(pi * step / (total - 1)) + 1) / 2, m0 -> 1."""
+    if total_steps <= 1:
+        return base_momentum
+    t = min(step, total_steps - 1) / (total_steps - 1)
+    return 1.0 - (1.0 - base_momentum) * (math.cos(math.pi * t) + 1.0) / 2.0
