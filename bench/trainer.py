@@ -103,7 +103,7 @@ def _build(provider, shape, dtype, device):
         from fastssl.methods.base import StepContext
         from fastssl.models import build_backbone
         from fastssl.train.loop import StepRunner
-        from fastssl.train.optim import build_optimizer
+        from fastssl.optim import build_optimizer
     except ImportError as e:
         raise NotImplementedError(f"the trainer is not available: {e}") from None
 

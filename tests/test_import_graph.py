@@ -213,11 +213,7 @@ OPTIONAL_OWN_MODULES = ("fastssl._C", "fastssl._build_info")
 # Files of another change of issue 27 (train / eval / methods / data layering), which removes
 # their function-local imports; listed so that this test guards every other file meanwhile.
 # Empty this once that change is merged.
-PENDING_ELSEWHERE = {
-    "fastssl/methods/base.py", "fastssl/train/cli.py", "fastssl/train/monitor.py",
-    "fastssl/train/__init__.py", "fastssl/train/loop.py", "fastssl/data/loaders.py",
-    "fastssl/eval/_cli.py", "fastssl/eval/linear.py", "fastssl/eval/knn.py",
-}
+PENDING_ELSEWHERE: set[str] = set()
 
 
 def test_no_function_local_import_of_a_fastssl_module():
