@@ -27,14 +27,18 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEADLINE_ENV = "FASTSSL_GPU_RUN_DEADLINE"
+import torch
+
+from . import sortnet, swav
+from .common import DEADLINE_ENV, run_capped
+from .harness import BenchConfig, run_case
+
 MARGIN = 1.05  # cuda must be this much faster (geometric mean): smaller gaps are within noise
 
 # family -> (test files, {backend: -k expression selecting its CUDA-device cases}, bench ops)
@@ -74,14 +78,12 @@ def run_tests(family: str, backend: str, out: Path, deadline: float) -> dict:
            "--junitxml", str(xml), *files]
     env = dict(os.environ)
     env.pop("FASTSSL_BACKEND", None)
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=None if math.isinf(left) else left)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
-    except subprocess.TimeoutExpired:
-        rc, tail = None, "cut off at the time cap"
-    res = {"command": " ".join(cmd[1:]), "rc": rc, "seconds": round(time.monotonic() - t0, 1),
+    with tempfile.TemporaryFile("w+") as log:
+        rc, secs = run_capped(cmd, log, None if math.isinf(left) else left, env=env)
+        log.seek(0)
+        tail = log.read()[-2000:] if rc != "timeout" else "cut off at the time cap"
+    rc = None if rc == "timeout" else rc
+    res = {"command": " ".join(cmd[1:]), "rc": rc, "seconds": round(secs, 1),
            "passed": 0, "failed": 0, "skipped": 0, "failures": []}
     if xml.exists():
         for case in ET.parse(xml).getroot().iter("testcase"):
@@ -105,17 +107,10 @@ def run_tests(family: str, backend: str, out: Path, deadline: float) -> dict:
 # timings
 
 
-def _specs() -> dict:
-    from bench import sortnet as bs, swav as bw
-    return {s.name: s for s in (*bs.SPECS, *bw.SPECS)}
-
-
 def time_family(family: str, device, dry_run: bool, deadline: float) -> list[dict]:
     """cuda against triton on the family's benchmark cases: one row per (op, size, dtype, mode)
     with both backends' p50."""
-    import torch
-    from bench.harness import BenchConfig, run_case
-    specs = _specs()
+    specs = {s.name: s for s in (*sortnet.SPECS, *swav.SPECS)}
     cfg = BenchConfig.for_run(quick=dry_run)
     providers = (DRY_STANDIN if dry_run else {b: f"fastssl:{b}" for b in BACKENDS})
     rows = []
@@ -234,9 +229,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import torch
     families = [f for f in a.families.split(",") if f]
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:

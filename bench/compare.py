@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,10 +27,14 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import fmt_mb, fmt_ms
+import fastssl
+import fastssl.functional as fast
 
-PEER_PREFIX = "peer:"
-PEER_NAMES = ("diffsort",)
+from . import baselines, contrastive
+from .common import (BEGIN, END, README, RESULTS_ROOT, device_type, fmt_mb, fmt_ms, git_commit,
+                     is_peer, latest_by_case, load_json, shape_str)
+from .harness import cpu_peak_growth
+from .results import load
 # The ops whose CPU target is "no slower than eager at any N >= 2048, memory <= 1/8 of eager"
 # (x is the per-view batch B; sce's rows are B against a K = 16384 queue).
 MEMORY_TARGET_OPS = ("nt_xent", "info_nce", "dcl", "sogclr", "sce")
@@ -68,10 +73,6 @@ MODES_NOTE = (
     "gradient during the recorded forward (same pass: three products like eager autograd, none "
     "recomputed), so their backward rows are short and only the step compares with eager's "
     "forward-plus-backward.")
-
-
-def is_peer(provider: str) -> bool:
-    return provider.startswith(PEER_PREFIX) or provider in PEER_NAMES
 
 
 def anchors(op: str, shape: dict) -> int:
@@ -166,20 +167,13 @@ def measure_gemm(n: int = 2048, reps: int = 5) -> dict:
             "loadavg_1m": os.getloadavg()[0]}
 
 
-def _key(r: dict) -> tuple:
-    return (r["op"], json.dumps(r.get("shape"), sort_keys=True), r.get("dtype"), r.get("mode"))
-
-
 def _cases(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     out: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in records:
         if r.get("status") == "ok" and r.get("shape") and not r.get("probe"):
-            out[_key(r)][r["provider"]] = r
+            key = (r["op"], json.dumps(r["shape"], sort_keys=True), r.get("dtype"), r.get("mode"))
+            out[key][r["provider"]] = r
     return out
-
-
-def _finite_note(r: dict) -> str:
-    return "" if r.get("finite", True) else " (NaN)"
 
 
 def compare_rows(records: list[dict]) -> list[dict]:
@@ -244,7 +238,7 @@ def _verdict(row: dict) -> str:
 
 
 def _size(shape: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in shape.items() if k in ("B", "K", "n", "crops"))
+    return shape_str({k: v for k, v in shape.items() if k in ("B", "K", "n", "crops")})
 
 
 def op_verdict(rows: list[dict]) -> str:
@@ -427,18 +421,37 @@ def competing_line(competing: dict) -> str:
 
 
 def _shape_short(shape: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in shape.items() if k != "D")
+    return shape_str(shape, skip=("D",))
 
 
-def max_n_search(budget_mb: float, start_b: int, bound_b: int, providers=("fastssl", "eager", "peer:lightly"),
-                 d: int = 128) -> dict:
-    """Bounded doubling search for nt_xent forward+backward: the largest B whose peak growth
-    stays within the budget (one call per size; a provider stops at its first failure)."""
-    import fastssl
-    import fastssl.functional as fast
-    from bench import baselines
-    from bench.harness import cpu_peak_growth
+def search_max_b(probe, b0: int, b_max: int, bisect: int = 0, time_left=lambda: math.inf) -> dict:
+    """The largest B that fits: B doubled from b0 while probe(B) -> (fits, seconds, peak MiB)
+    says it fits, up to b_max, while the predicted next call (4x the last for an O(N^2) loss)
+    fits the time left; then `bisect` halvings of the gap to the first failure."""
+    best, fail, peak_best, last_s, b, end = None, None, None, 0.0, b0, "reached the bound"
+    while b <= b_max:
+        if time_left() < max(2.0, 4.5 * last_s):
+            end = "stopped: the next size would not fit the part's time cap"
+            break
+        ok, last, peak = probe(b)
+        if not ok:
+            fail, end = b, "first failure"
+            break
+        best, peak_best, last_s, b = b, peak, last, 2 * b
+    for _ in range(bisect):   # between the last fit and the first failure (1/8 resolution)
+        if (best is None or fail is None or fail - best <= max(8, best // 8)
+                or time_left() < max(2.0, 2 * last_s)):
+            break
+        mid = (best + fail) // 2
+        ok, _, peak = probe(mid)
+        best, fail, peak_best = (mid, fail, peak) if ok else (best, mid, peak_best)
+    return {"max_B": best, "first_fail_B": fail, "peak_mb": peak_best, "end": end}
 
+
+def max_n_search(budget_mb: float, start_b: int, bound_b: int,
+                 providers=("fastssl", "eager", "peer:lightly"), d: int = 128) -> dict:
+    """search_max_b for nt_xent forward+backward on CPU: the largest B whose peak growth stays
+    within the budget (one call per size; a provider stops at its first failure)."""
     out = {"budget_mb": budget_mb, "D": d, "start_B": start_b, "bound_B": bound_b, "providers": {}}
     for prov in providers:
         try:
@@ -447,22 +460,20 @@ def max_n_search(budget_mb: float, start_b: int, bound_b: int, providers=("fasts
         except baselines.PeerMissing as e:
             out["providers"][prov] = {"max_B": None, "first_fail_B": None, "note": str(e)}
             continue
-        best, fail, peak_best, b = None, None, None, start_b
-        while b <= bound_b:
+
+        def probe(b):
             g = torch.Generator().manual_seed(b)
-            z1 = torch.randn(b, d, generator=g).requires_grad_()
-            z2 = torch.randn(b, d, generator=g).requires_grad_()
+            zs = [torch.randn(b, d, generator=g).requires_grad_() for _ in range(2)]
             with fastssl.use_backend("auto"):
                 try:
-                    peak = cpu_peak_growth(lambda: None, lambda _: fn(z1, z2).backward())
+                    peak = cpu_peak_growth(lambda: zs, lambda z: fn(*z).backward())
                 except (RuntimeError, MemoryError):
-                    peak = float("inf")
-            del z1, z2
-            if peak is None or peak / 2**20 > budget_mb:
-                fail = b
-                break
-            best, peak_best, b = b, peak / 2**20, 2 * b
-        out["providers"][prov] = {"max_B": best, "first_fail_B": fail, "peak_mb": peak_best}
+                    peak = None
+            mb = None if peak is None else peak / 2**20
+            return mb is not None and mb <= budget_mb, 0.0, mb
+
+        res = search_max_b(probe, start_b, bound_b)
+        out["providers"][prov] = {k: res[k] for k in ("max_B", "first_fail_B", "peak_mb")}
     return out
 
 
@@ -533,7 +544,6 @@ class CompetingLoad:
 
 
 def _prepared(op: str, provider: str, shape: dict):
-    from bench import contrastive
     spec = next(s for s in contrastive.SPECS if s.name == op)
     return spec.build(provider, shape, torch.float32, torch.device("cpu"))
 
@@ -550,8 +560,6 @@ def time_interleaved(op: str, shape: dict, reps: int = 5) -> dict:
     """fastssl (automatic backend) and eager forward+backward, called alternately (the order
     swapped every round, so that a change of load falls on both), after one warm-up each:
     medians of `reps` calls each."""
-    import fastssl
-
     if reps < 5:
         raise ValueError(f"reps: at least 5 calls per provider, got {reps}")
     with fastssl.use_backend("auto"):
@@ -573,8 +581,6 @@ def competing_load(cases=COMPETING_CASES, reps: int = 5, load_threads: int = 2, 
                    progress=None) -> dict:
     """Every case timed by `time_interleaved` while a `CompetingLoad` runs; the load process is
     gone when this returns or raises."""
-    from bench.results import git_commit
-
     out = {"load": {}, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "git_commit": git_commit(), "cases": []}
     with CompetingLoad(load_threads, load_n) as load:
@@ -607,15 +613,91 @@ def competing_markdown(competing: dict) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------------------------
+# the README block: between BEGIN and END, generated from every device directory under
+# bench/results/ (the one generator: `python -m bench --update-readme` and
+# `python -m bench.compare --update-readme` both call it). Its speedups are against eager PyTorch
+# and the best peer only (issue 18): a directory measured against the reference alone (the
+# correctness anchor, not what users would otherwise run) is listed by name.
+
+
+def _against_users_code(records: list[dict]) -> bool:
+    """Whether a run measured fastssl against what users would otherwise run (eager or a peer)."""
+    return any(r.get("status") == "ok" and (r.get("provider") == "eager"
+                                            or is_peer(r.get("provider", ""))) for r in records)
+
+
+def readme_section(records: list[dict], directory: Path, rel: Path) -> str:
+    """One results directory's part of the README block: fastssl against eager and the best
+    peer (headline_markdown), the machine's load from the records, and the roofline,
+    competing-load and largest-N measurements saved next to them."""
+    latest = list(latest_by_case(records).values())
+    env, dev = latest[-1], device_type(latest)
+    roofline, competing, max_n = (load_json(directory / f"{n}.json")
+                                  for n in ("roofline", "competing_load", "max_n"))
+    details = rel / ("compare.md" if (directory / "compare.md").exists() else "summary.md")
+    lines = [f"**{env.get('device_name', dev)}** ({dev}, {env.get('num_threads')} threads), commit "
+             f"`{env.get('git_commit')}`, {str(env.get('timestamp', ''))[:10]}: fastssl against "
+             "eager PyTorch and the fastest peer, every provider measured in the same run; ratio = "
+             "their median time / fastssl's (>= 1.00x: fastssl no slower); target range of the "
+             f"contrastive ops: N >= {TARGET_MIN_N} anchors.", ""]
+    note = load_note(latest)
+    if note:
+        lines += [f"Machine load: {note}", ""]
+    lines.append(headline_markdown(latest, str(details), roofline))
+    extra = ([roofline_line(roofline)] if roofline else []) + (
+        [competing_line(competing)] if competing and competing.get("cases") else []) + (
+        [max_n_line(max_n)] if max_n else [])
+    if extra:
+        lines += [""] + [f"- {e}" for e in extra]
+    if details.name != "summary.md":
+        lines += ["", f"Every provider, mode and the reference (the correctness anchor): "
+                      f"[{rel}/summary.md]({rel}/summary.md)."]
+    return "\n".join(lines)
+
+
+def readme_block(results_root: Path | None = None) -> str:
+    """The README's benchmark block, from every results directory under results_root."""
+    root = Path(RESULTS_ROOT if results_root is None else results_root)
+    parts = ["<!-- generated by `python -m bench --update-readme` (or `python -m bench.compare "
+             "--update-readme`); edit bench/summary.py, not this block -->", ""]
+    shown, anchor_only = 0, []
+    for path in sorted(root.glob("*/results.jsonl")):
+        records = [r for r in load(path) if r.get("op")]
+        if not records:
+            continue
+        rel = (path.parent.relative_to(root.parent.parent)
+               if path.is_relative_to(root.parent.parent) else path.parent)
+        if _against_users_code(records) and headline_groups(list(latest_by_case(records).values())):
+            parts += [readme_section(records, path.parent, rel), ""]
+            shown += 1
+        else:
+            anchor_only.append(f"[{rel.name}]({rel}/summary.md)")
+    if anchor_only:
+        parts += ["Not shown as speedups (no eager or peer baseline in the run; measured against "
+                  "the reference, the correctness anchor, or without a baseline): "
+                  + ", ".join(anchor_only) + ".", ""]
+    if not shown and not anchor_only:
+        parts.append("No benchmark results yet: run `python -m bench`.")
+    return "\n".join(parts).rstrip()
+
+
 def update_readme(readme_path: Path, results_root: Path | None = None) -> bool:
-    """README.md's benchmark block, from the one generator (bench.summary.update_readme)."""
-    from bench import summary
-    return summary.update_readme(readme_path, results_root)
+    """Rewrite the block between the bench markers of `readme_path`; returns whether the file
+    changed. Raises ValueError if the markers are missing or out of order."""
+    readme_path = Path(readme_path)
+    text = readme_path.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < 0 or end < start:
+        raise ValueError(f"{readme_path}: expected the markers {BEGIN!r} and {END!r}, in that order")
+    new = text[:start + len(BEGIN)] + "\n" + readme_block(results_root) + "\n" + text[end:]
+    if new == text:
+        return False
+    readme_path.write_text(new)
+    return True
 
 
 def main(argv=None) -> int:
-    from bench.results import load
-
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--roofline", action="store_true", help="measure the GEMM roofline now")
@@ -628,7 +710,7 @@ def main(argv=None) -> int:
     p.add_argument("--competing-tiny", action="store_true",
                    help="the competing-load cases at toy sizes (a smoke test of the code path)")
     p.add_argument("--competing-reps", type=int, default=5)
-    p.add_argument("--update-readme", nargs="?", const=str(Path(__file__).resolve().parent.parent / "README.md"),
+    p.add_argument("--update-readme", nargs="?", const=str(README),
                    default=None, metavar="README",
                    help="rewrite the benchmark block of README.md (the same block as python -m bench --update-readme)")
     args = p.parse_args(argv)
@@ -649,9 +731,7 @@ def main(argv=None) -> int:
         res = competing_load(COMPETING_TINY if args.competing_tiny else COMPETING_CASES,
                              reps=args.competing_reps, progress=show)
         comp_path.write_text(json.dumps(res, indent=1) + "\n")
-    roofline = json.loads(roof_path.read_text()) if roof_path.exists() else None
-    max_n = json.loads(max_path.read_text()) if max_path.exists() else None
-    competing = json.loads(comp_path.read_text()) if comp_path.exists() else None
+    roofline, max_n, competing = (load_json(p) for p in (roof_path, max_path, comp_path))
     results_path = args.out / "results.jsonl"
     records = load(results_path) if results_path.exists() else []
     (args.out / "compare.md").write_text(compare_markdown(records, roofline, max_n, args.note, competing))

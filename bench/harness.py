@@ -39,14 +39,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import textwrap
-import math
 import os
+import textwrap
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+
+import fastssl
+
+from . import baselines
+from .common import fmt_mb, fmt_ms  # noqa: F401 - the benchmark modules' formats
 
 MODES = ("forward", "backward", "forward+backward")
 
@@ -141,8 +145,6 @@ def backend_forced(name: str) -> Iterator[None]:
     """Force fastssl's backend for everything run inside, the backward included: the public
     functions choose the backend once and their ops' backward uses that choice on whatever
     thread the autograd engine runs it (docs/design.md), so the context alone is enough."""
-    import fastssl
-
     with fastssl.use_backend(name):
         yield
 
@@ -177,7 +179,6 @@ EAGER_PROVIDERS = ("eager", "eager:compile")
 
 def baseline_providers(op: str) -> tuple[str, ...]:
     """The eager providers and the op's peers (bench/baselines.py) offered to an op spec."""
-    from bench import baselines
     eager = EAGER_PROVIDERS if op in baselines.EAGER else ()
     return eager + tuple(f"peer:{p}" for p in baselines.PEERS.get(op, ()) if p != "diffsort")
 
@@ -186,7 +187,6 @@ def resolve_op(provider: str, op: str, fastssl_fn: Callable, reference_fn: Calla
                device: torch.device) -> Callable:
     """resolve() plus the baselines users would otherwise run: ``eager`` (bench/baselines.py),
     ``eager:compile`` (torch.compile of it, GPU only) and ``peer:<library>``."""
-    from bench import baselines
     if provider in EAGER_PROVIDERS:
         if op not in baselines.EAGER:
             raise Skip(f"no eager baseline for {op}")
@@ -429,7 +429,7 @@ def failure_note(exc: BaseException) -> str:
     return textwrap.shorten(f"{type(exc).__name__}: {first}", 300, placeholder=" ...")
 
 
-def _free_device_memory(device: torch.device) -> None:
+def free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -475,7 +475,7 @@ def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
             prep = None
             yield from failed(modes, exc)
-            _free_device_memory(device)
+            free_device_memory(device)
             return
 
         for mode in modes:
@@ -500,35 +500,13 @@ def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device
                     rec.update(prep.extras(rec, cfg))
             except Exception as exc:  # noqa: BLE001
                 rec.update(status=classify_failure(exc), note=failure_note(exc))
-                _free_device_memory(device)
+                free_device_memory(device)
             rec["loadavg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             yield rec
     del prep
-    _free_device_memory(device)
+    free_device_memory(device)
 
 
 def percentile_summary(times_ms: list[float]) -> dict:
     p20, p50, p80 = _quantiles(times_ms)
     return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "reps": len(times_ms)}
-
-
-def fmt_ms(ms: float | None) -> str:
-    if ms is None or (isinstance(ms, float) and math.isnan(ms)):
-        return "-"
-    if ms >= 1000:
-        return f"{ms / 1000:.2f} s"
-    if ms >= 10:
-        return f"{ms:.1f} ms"
-    if ms >= 0.1:
-        return f"{ms:.2f} ms"
-    return f"{ms * 1000:.1f} us"
-
-
-def fmt_mb(mb: float | None) -> str:
-    if mb is None:
-        return "-"
-    if mb >= 1024:
-        return f"{mb / 1024:.2f} GiB"
-    if mb >= 1:
-        return f"{mb:.1f} MiB"
-    return f"{mb * 1024:.0f} KiB"

@@ -32,6 +32,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from fastssl.data.crops import expand_views, multicrop_recipe, sample_view_params, simclr_recipe
+from fastssl.data.dali import build_train_pipeline
+from fastssl.data.folder import image_size, read_bytes, verify_decodable
+from fastssl.data.loaders import cores_per_process
 
 CACHE = Path(os.environ.get("FASTSSL_BENCH_CACHE", Path.home() / ".cache" / "fastssl" / "bench_jpeg"))
 TARGET_IMG_S = 24_000      # 8 GPUs x 3,000 img/s
@@ -41,7 +47,6 @@ HOST_TARGET_PER_CORE = 5_000
 def cores_per_gpu(local_world_size: int | None = None) -> int:
     """CPU cores this process may use divided by the processes (GPUs) of this node: what the
     loader's default thread count derives from (fastssl.data.loaders.default_num_threads)."""
-    from fastssl.data.loaders import cores_per_process
     return cores_per_process(local_world_size)
 
 
@@ -68,7 +73,6 @@ def generate_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def recipes():
-    from fastssl.data.crops import expand_views, multicrop_recipe, simclr_recipe
     return {"simclr_2x224": expand_views(simclr_recipe()),
             "swav_2x224+6x96": expand_views(multicrop_recipe(224, 96, n_global=2, n_local=6))}
 
@@ -84,8 +88,6 @@ def _measure(work, n_images: int) -> dict:
 
 
 def bench_read_params(files, views, batch: int, threads: int, epochs: int, verify: bool = False) -> dict:
-    from fastssl.data.crops import sample_view_params
-    from fastssl.data.folder import image_size, read_bytes, verify_decodable
     names = [str(f) for f in files]
     n_batches = len(names) // batch
 
@@ -119,10 +121,6 @@ def bench_read_params(files, views, batch: int, threads: int, epochs: int, verif
 
 
 def bench_dali(files, views, batch: int, threads: int, batches: int) -> dict:
-    import torch
-    from fastssl.data.crops import sample_view_params
-    from fastssl.data.dali import build_train_pipeline
-    from fastssl.data.folder import image_size
     bufs = [Path(f).read_bytes() for f in files]
     sizes = [image_size(b, str(f)) for b, f in zip(bufs, files)]
     n_batches = len(bufs) // batch

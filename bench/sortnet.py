@@ -14,8 +14,8 @@ import torch
 
 import fastssl.functional as fast
 import fastssl.reference as ref
-from bench import baselines
-from bench.harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, Skip, cotangent_backward,
+from . import baselines
+from .harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, Skip, cotangent_backward,
                            embeddings, resolve, scalar_backward)
 
 ALL_MODES = ("forward", "backward", "forward+backward")

@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import multiprocessing as mp
 import os
 import re
 import runpy
@@ -45,7 +46,19 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from fastssl.kernels import contrastive as KC, sortnet as KS, sphere as KP, swav as KW
+from fastssl.kernels._launch import static_capture
+from fastssl.kernels.sortnet import DIST_IDS
+from fastssl.ops.sortnet import network_tensor
+
+from .common import PKG
+
+KERNEL_MODULES = {"contrastive": KC, "sphere": KP, "swav": KW, "sortnet": KS}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.path.expanduser(os.environ.get("FASTSSL_CACHE", "~/.cache/fastssl")))
@@ -70,8 +83,6 @@ def _env_for_compile():
 
 def _cases():
     """(family, label, dtype name, size label, thunk) for every launcher configuration."""
-    import torch
-    from fastssl.kernels import contrastive as KC, sortnet as KS, sphere as KP, swav as KW
 
     meta = dict(device="meta")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -158,8 +169,6 @@ def _cases():
     # distribution (a constexpr branch); the real comparator tables of the benchmark and GroCo
     # sizes, since their counts (C, the checkpoint spacing K, S) and the P backward's chunk
     # offsets are specialised arguments (1, a multiple of 16, or neither: distinct binaries).
-    from fastssl.kernels.sortnet import DIST_IDS
-    from fastssl.ops.sortnet import network_tensor
     cpu = torch.device("cpu")
     sort_sizes = (("odd_even", 32, 1024), ("odd_even", 32, 4096), ("odd_even", 32, 16384),
                   ("bitonic", 32, 4096), ("bitonic", 1024, 256))
@@ -228,7 +237,6 @@ def _specialisation(launch, cc: int) -> str:
 def _capture(cc: int):
     """[(family, label, dtype, size, launch, specialisation)] on target cc: one entry per distinct
     binary (the first case that launches it; the other cases' sizes are kept in ``also``)."""
-    from fastssl.kernels._launch import static_capture
     rows, index = [], {}
     for family, label, dn, size, thunk in _cases():
         if family not in FAMILIES:
@@ -458,7 +466,6 @@ def triton_rows(workers: int = 2, use_cache: bool = True) -> list[dict]:
     if unique:
         if workers > 1:
             # The jobs hold JITFunctions (not picklable): forked workers read them by index.
-            import multiprocessing as mp
             global _JOBS
             _JOBS = [jobs[i] for i in unique]
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
@@ -585,7 +592,6 @@ def offset_findings(module, runtime_ints: set[str]) -> list[str]:
 
 def offset_rows(captured) -> list[str]:
     """offset_findings over every kernel family, with the integer arguments the launches pass."""
-    import importlib
     ints: dict[str, set[str]] = {f: set() for f in FAMILIES}
     for family, _label, _dn, _size, launch in captured:
         names = launch.kernel.arg_names
@@ -594,8 +600,7 @@ def offset_rows(captured) -> list[str]:
                 ints[family].add(name)
     out = []
     for family in FAMILIES:
-        mod = importlib.import_module(f"fastssl.kernels.{family}")
-        out += offset_findings(mod, ints[family])
+        out += offset_findings(KERNEL_MODULES[family], ints[family])
     return out
 
 
@@ -729,7 +734,6 @@ def torch_cuda_include(download: bool = False) -> str | None:
         if res.returncode != 0:  # offline or no such wheel: the glue rows say so
             return None
         wheels = [w for w in os.listdir(wheel_dir) if w.startswith(f"torch-{TORCH_VERSION}-")]
-    import zipfile
     with zipfile.ZipFile(os.path.join(wheel_dir, wheels[0])) as z:
         for n in z.namelist():
             if n.startswith("torch/include/"):
@@ -934,6 +938,12 @@ def run(out_dir: str | None, workers: int = 2, with_cuda: bool = True,
 
 
 def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET"):
+        # The kernels were imported as interpreted functions: the real compiler needs them
+        # imported afresh, in a process without the interpreter.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", f"{PKG}.static",
+                                *(sys.argv[1:] if argv is None else argv)], env=env)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "static"),
                    help="folder for static.jsonl and static.md (e.g. one per triton version)")

@@ -1,30 +1,21 @@
 """``fastssl-bench``: the benchmark suite (``python -m bench`` in a checkout), reachable from an
 installed wheel.
 
-The wheel installs the repository's ``bench/`` folder as ``fastssl.bench`` (no top-level
-``bench`` module in site-packages). Its modules import each other as ``bench.*``, as in a
-checkout, so this entry point lets ``bench`` name that package in its own process only (and
-its isolated worker processes run this module again). Installed runs write their results under
-``./fastssl-bench-results`` unless ``--out`` says otherwise.
+The wheel installs the repository's ``bench/`` folder as the package ``fastssl.bench`` (its
+modules import each other relatively, so the same files work as ``bench`` in a checkout and as
+``fastssl.bench`` installed; no top-level ``bench`` module in site-packages). Installed runs
+write their results under ``./fastssl-bench-results`` unless ``--out`` says otherwise.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
+import importlib.util
 
+if importlib.util.find_spec("fastssl.bench") is not None:
+    from fastssl.bench.__main__ import main
+else:  # a checkout: bench/ is a top-level folder next to fastssl/
+    from bench.__main__ import main
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        package = importlib.import_module("fastssl.bench")
-    except ImportError:  # a checkout: bench/ is a top-level folder next to fastssl/
-        package = importlib.import_module("bench")
-    else:
-        sys.modules.setdefault("bench", package)
-        os.environ.setdefault("FASTSSL_BENCH_MODULE", "fastssl.bench_cli")
-    bench_main = importlib.import_module("bench.__main__").main
-    return bench_main(argv)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
