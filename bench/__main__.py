@@ -5,17 +5,13 @@
     python -m bench --op input               # the host input path on JPEG files (bench/input.py)
     python -m bench --device cpu --quick     # tiny sizes, few calls (what the test suite runs)
     python -m bench --report-only --out DIR  # redo plots / summary from DIR/results.jsonl
-    python -m bench --update-readme          # also rewrite README.md's benchmark block (the
-                                             # same block as python -m bench.compare --update-readme)
+    python -m bench --update-readme          # also rewrite README.md's benchmark block
 
-Outputs under --out (default bench/results/<device name>/; quick runs default to a temporary
-directory so that they never overwrite committed results): results.jsonl, one PNG per op and
-shape family, summary.md.
-
-Full GPU runs measure each (op, provider) in a fresh subprocess (--isolate, the default there):
-a crash or a hang of one provider (an illegal memory access, a timeout) is recorded and the run
-goes on, and no allocator state leaks from one provider into another's memory figures. A provider that raises (NotImplementedError, out of memory, a forced backend that does
-not serve the op) is recorded with its status and the run goes on.
+Outputs under --out (default bench/results/<device>/; quick runs: a temporary directory):
+results.jsonl, one PNG per op and shape family, summary.md. Full GPU runs measure each (op,
+provider) in a fresh subprocess (--isolate): a crash or hang is recorded and the run goes on,
+and no allocator state leaks between providers. A provider that raises is recorded with its
+status.
 """
 from __future__ import annotations
 

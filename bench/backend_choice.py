@@ -4,22 +4,14 @@ per family, from a measurement on this GPU (docs/design.md, "auto").
     python -m bench.backend_choice --out DIR            # on a GPU: tests, timings, the choice
     python -m bench.backend_choice --dry-run --out DIR  # the same code path on CPU, tiny sizes
 
-The families that have both hand-written CUDA kernels (csrc/*_cuda.cu) and Triton kernels:
-sortnet (soft_sort, GroCo) and swav (Sinkhorn; SwAV's cross-entropy has no CUDA kernel). For each:
-
-1. tests: the CUDA-device cases of both backends' tests (pytest with -k filters over the
-   family's test files: values and gradients against the reference), results per backend;
-2. timings: `cuda` against `triton` at the benchmark sizes of bench/sortnet.py and bench/swav.py
-   (their OpSpecs, through bench.harness.run_case: do_bench / CUDA events);
-3. the choice: `cuda` only if its tests ran and all passed, every timed case ran, and it is
-   faster than `triton` (geometric mean of triton/cuda over the cases above MARGIN); else
-   `triton`. Printed as the AUTO_CUDA_ORDER entries for fastssl/_backend.py.
-
-Writes DIR/backend_choice.json (rewritten after every step, so a run cut off at its time cap
-keeps what it measured), DIR/backend_choice_tests.json and DIR/backend_choice.md. Without a
-CUDA device it says so and exits 0 (nothing to measure); --dry-run runs the tests step (its CUDA
-cases skip on CPU) and times stand-ins (`cpp` for cuda, `torch` for triton) at tiny CPU sizes.
-Honours the deadline of bench.gpu_run ($FASTSSL_GPU_RUN_DEADLINE) and --max-seconds.
+For sortnet and swav (both have CUDA and Triton kernels): the CUDA-device tests of each backend
+(pytest -k over the family's test files), `cuda` against `triton` times at the benchmark sizes
+(bench/sortnet.py and bench/swav.py through run_case), and the choice: `cuda` only if its tests
+all passed, every case was timed and it is faster by more than MARGIN (geometric mean), else
+`triton`, printed as fastssl/_backend.py AUTO_CUDA_ORDER entries. Writes backend_choice.json
+(after every step), backend_choice_tests.json and backend_choice.md. Without a CUDA device it
+says so and exits 0; --dry-run times `cpp`/`torch` standing in for cuda/triton on CPU. Honours
+$FASTSSL_GPU_RUN_DEADLINE and --max-seconds.
 """
 from __future__ import annotations
 

@@ -190,15 +190,20 @@ def slug(text: str) -> str:
 
 def git_commit() -> str:
     """The commit measured: $FASTSSL_GIT_COMMIT, else .whl/git_commit.txt (written by
-    `python -m bench.preflight --prepare`: .git does not travel to the GPU machine), else HEAD
-    with "+dirty" when tracked files under fastssl/, csrc/, kernels/ or bench/ differ from it."""
+    `python -m bench.preflight --prepare`: .git does not travel to the GPU machine), else
+    git_head()."""
     value = os.environ.get(COMMIT_ENV, "").strip()
     if value:
         return value
     try:
         return (CARRIED / "git_commit.txt").read_text().split()[0]
     except (OSError, IndexError):
-        pass
+        return git_head()
+
+
+def git_head() -> str:
+    """HEAD, with "+dirty" when tracked files under fastssl/, csrc/, kernels/ or bench/ (not
+    bench/results/, what runs wrote) differ from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, timeout=10,
                               capture_output=True, text=True).stdout.strip()
@@ -212,6 +217,19 @@ def git_commit() -> str:
 
 # ----------------------------------------------------------------------------------------------
 # subprocesses and time caps
+
+
+class Log:
+    """Prints to stdout and to a log file."""
+
+    def __init__(self, path: Path, mode: str = "a"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, mode)
+
+    def __call__(self, msg: str = "") -> None:
+        print(msg, flush=True)
+        self.f.write(msg + "\n")
+        self.f.flush()
 
 
 def deadline() -> float:

@@ -1,17 +1,12 @@
-"""fastssl against what users would otherwise run (issue 18): ratios vs eager and the best peer,
-achieved GFLOP/s against the machine's measured GEMM throughput, and the largest nt_xent N
-that fits a memory budget, from a results directory of `python -m bench`.
+"""fastssl against what users would otherwise run (issue 18), and the README's benchmark block.
 
     python -m bench.compare --out bench/results/<dir> [--roofline] [--max-n BUDGET_MIB]
                             [--competing-load [--competing-tiny]] [--update-readme]
 
-writes <dir>/compare.md (and roofline.json / max_n.json / competing_load.json when asked to
-measure them; --competing-load times fastssl and eager interleaved while a second process runs
-float32 GEMMs on 2 threads, see `competing_load`). The
-summary.md that `python -m bench` writes lists every provider; this file is the verdict:
-for every op and size, fastssl's time ratio against eager and against the fastest peer
-(ratio = their time / fastssl's, >= 1.0 means fastssl is no slower) and its peak memory as a
-fraction of eager's.
+writes <dir>/compare.md: per op and size, fastssl's time ratio against eager and the fastest
+peer (their time / fastssl's) and its peak memory as a fraction of eager's, with the verdict;
+roofline.json (float32 GEMM), max_n.json (largest nt_xent B in a budget) and
+competing_load.json (fastssl and eager interleaved under a 2-thread GEMM load) when asked.
 """
 from __future__ import annotations
 

@@ -1,17 +1,10 @@
 """pytest plugin of the GPU run (``-p bench.gpu_pytest``): keeps the tests parametrised on one
-device and writes each test's outcome to a JSON-lines file as soon as it is known, so that a
-test session cut off by its time cap still leaves every result it reached.
-
-Configured by environment variables (so that pytest-xdist workers see the same selection):
-- FASTSSL_TESTS_DEVICE: "cuda" or "cpu"; a test is kept when a parameter named ``device`` (or
-  ``dev``) has that type, or, for "cuda", when it carries the ``gpu`` marker.
-- FASTSSL_TESTS_BACKENDS: optional comma-separated backends; a test with a ``backend``
-  parameter outside them is dropped (tests without one are kept).
-- FASTSSL_TESTS_LOG: the JSON-lines file (one object per test: nodeid, outcome, duration_s,
-  message); appended to. A test file that fails to collect (an import error: a module the
-  machine lacks) is one record too, outcome "error", when "collect", so its tests do not vanish
-  without a word; a file skipped whole at collection is one "skipped" record with the reason.
-  Run pytest with --continue-on-collection-errors so that the other files still run.
+device and appends each test's outcome to a JSON-lines file as soon as it is known, so a test
+session cut off by its cap still leaves every result it reached. Environment (pytest-xdist
+workers see the same): FASTSSL_TESTS_DEVICE ("cuda" or "cpu": a ``device``/``dev`` parameter of
+that type, or the ``gpu`` marker for cuda), FASTSSL_TESTS_BACKENDS (optional comma-separated
+``backend`` values to keep), FASTSSL_TESTS_LOG (the file). A file that fails to collect is one
+"error" record (when "collect"; run with --continue-on-collection-errors).
 """
 from __future__ import annotations
 

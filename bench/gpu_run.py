@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import (CARRIED, COLD_START_S, COMMIT_ENV, COMPILE_EXTRA_S, DEADLINE_ENV, MARGIN_S,
+from .common import (CARRIED, Log, COLD_START_S, COMMIT_ENV, COMPILE_EXTRA_S, DEADLINE_ENV, MARGIN_S,
                      PART_NAMES, PARTS, PKG, REPO, REPORT_S, TOTAL_BUDGET_S, VERSIONS_S,
                      cpu_model_name, git_commit, load_json, run_capped, slug, stop_running,
                      tests_summary)
@@ -68,18 +68,6 @@ def parse_caps(items: list[str] | None, dry_run: bool) -> dict[str, float]:
         if caps[name] <= 0:
             raise SystemExit(f"--cap: {item!r}: SECONDS must be positive")
     return caps
-
-
-class Log:
-    """Prints to stdout and to DIR/gpu_run.log."""
-
-    def __init__(self, path: Path):
-        self.f = open(path, "a")
-
-    def __call__(self, msg: str = "") -> None:
-        print(msg, flush=True)
-        self.f.write(msg + "\n")
-        self.f.flush()
 
 
 def gpu_name() -> str | None:

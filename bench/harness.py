@@ -1,38 +1,20 @@
 """Timing and memory measurement shared by every benchmark module.
 
-Vocabulary:
-- An *op spec* (`OpSpec`) describes one docs/api.md op: the sizes worth measuring on each device, the
-  providers that can compute it, and how to build inputs and the callable for one provider.
-- A *provider* is who computes the op: ``fastssl`` (backend "auto"), ``fastssl:<backend>`` (a
-  forced backend: torch, cpp, triton, cuda), ``reference`` (fastssl.reference, eager),
-  ``reference:compile`` (torch.compile of the reference, GPU only), or an outside baseline such
-  as ``diffsort``.
-- A *mode* is what is timed: ``forward``, ``backward`` (the backward alone, from a forward done
-  outside the timed region) or ``forward+backward``; the trainer uses ``step``.
+An op spec (`OpSpec`) gives one docs/api.md op's sizes per device, its providers and how to
+build inputs and the callable for one provider. Providers: ``fastssl`` (backend "auto"),
+``fastssl:<backend>`` (forced), ``reference`` (fastssl.reference), ``reference:compile`` (GPU),
+and the baselines of bench/baselines.py (``eager``, ``peer:<library>``, ``diffsort``). Modes:
+``forward`` (under no_grad), ``backward`` (from an untimed forward), ``forward+backward``; the
+trainer uses ``step``.
 
-Timing:
-- CUDA: warm-up calls first (they also pay torch.compile and Triton JIT), then
-  `triton.testing.do_bench` (which synchronises, flushes L2 between calls and reports quantiles)
-  for forward and forward+backward; the backward alone is timed with CUDA events around each
-  call, its forward run untimed before it. Quantiles p20/p50/p80 over the calls.
-- CPU: warm-up calls, then repeated calls timed with `time.perf_counter` (CPU work is
-  synchronous), until both a minimum number of calls and a minimum total time are reached;
-  median with p20/p80.
+Timing: warm-up calls first (they pay torch.compile and Triton JIT). CUDA: triton.testing.do_bench
+(synchronised, L2 flushed) for forward and forward+backward, CUDA events around each backward.
+CPU: time.perf_counter over repeated calls until a minimum count and time. Quantiles p20/p50/p80.
 
-Peak memory is the peak *above what was allocated just before the measured call* (inputs,
-parameters, the forward's saved state for the backward mode): the op's working memory, its
-outputs and the input gradients it creates.
-- CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus
-  `memory_allocated()` before the call.
-- CPU: the growth of the process's resident set size. `ru_maxrss` cannot be used within one
-  process because it never decreases, so instead (Linux) the kernel's high-water mark VmHWM is
-  reset to the current RSS by writing "5" to /proc/self/clear_refs, the call is run, and the
-  growth is VmHWM minus the RSS before the call. Before the reset, `gc.collect()` and glibc's
-  `malloc_trim(0)` hand freed heap pages back to the kernel, so memory freed by earlier cases
-  is not silently reused without being counted (large buffers are mmapped by glibc and returned
-  on free anyway). The result counts every allocation the op makes (tensors, and the C++
-  extension's own scratch), which a tensor-allocator profile would miss. Full runs additionally
-  run each (op, provider) in a fresh subprocess (see bench/__main__.py).
+Peak memory is the peak above what was allocated just before the call. CUDA:
+max_memory_allocated after reset_peak_memory_stats. CPU: the growth of VmHWM, the kernel's
+high-water mark, reset to the current RSS through /proc/self/clear_refs after gc.collect() and
+malloc_trim(0) (ru_maxrss never decreases); it counts every allocation, the C++ extension's too.
 """
 from __future__ import annotations
 

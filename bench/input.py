@@ -4,22 +4,12 @@ time per image, as a function of threads.
     python -m bench --op input                  # (same as python -m bench.input)
     python -m bench.input --files 300 --batch 64 --threads 1,2 --out bench/results/input-cpu
 
-Stages, each measured alone on the same files (generated once into a cache folder: ImageNet-like
-JPEGs, about 110 KB and 400 x 350 on average):
-
-* ``read+params``: what fastssl.data's DALI train loader does on the host per batch before DALI
-  runs: read each file, parse its JPEG header (width, height) and draw the batch's augmentation
-  parameters (fastssl.data.crops.sample_view_params), for the SimCLR 2 x 224 recipe and the SwAV
-  2 x 224 + 6 x 96 recipe. Threads: batches prepared concurrently (the loader's read-ahead pool).
-* ``verify``: read+params plus the one-off PIL decode check (draft mode) that the loader
-  makes of every file in a run's first epoch.
-* ``dali-cpu``: CPU DALI decode + crop/resize/colour/flip/normalise of the recipe's views
-  (``num_threads`` DALI threads), fed from memory.
-
-Figures: wall images/s of the process, and CPU seconds per image of the process
-(time.process_time over all its threads): ``per_core_img_s = 1 / cpu_s_per_image`` is what one
-fully busy core sustains, the figure that does not depend on how loaded the machine is. The load
-average (1 min) is recorded with each figure.
+Stages, on the same generated ImageNet-like JPEGs (~110 KB, ~400 x 350): ``read+params`` (read,
+parse the JPEG header, draw the batch's augmentation parameters, as the DALI loader's host side
+does, for the SimCLR 2 x 224 and SwAV 2 x 224 + 6 x 96 recipes), ``verify`` (plus the first
+epoch's PIL decode check) and ``dali-cpu`` (CPU DALI decode and augmentation, fed from memory).
+``per_core_img_s`` = 1 / CPU seconds per image of the process: what one busy core sustains,
+whatever the machine's load (recorded with each figure).
 """
 from __future__ import annotations
 

@@ -3,30 +3,18 @@
     python -m bench.static --out bench/results/static
     PYTHONPATH=<triton 3.6 site> python -m bench.static --out bench/results/static/triton-3.6
 
-Triton: the real launchers (kernels/*.py) run on ``meta`` tensors inside
-``fastssl.kernels._launch.static_capture(cc)``: they pick their configuration for that compute
-capability through their family's ``config`` function and record each launch instead of running
-it, so what is compiled here is exactly what would run (same constexprs, num_warps, num_stages,
-argument specialisation; one row per distinct binary). Each is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, afresh (no cache hit),
-and the figures come from the ptxas run Triton itself makes for the cubin it would load: its
-command line and its log are captured as Triton runs them (``tritons_ptxas_runs``), so the
-options are Triton's own (triton 3.9: ``--regAllocOptLevel=2`` among them, which changes the
-spills) and are recorded in every row, with the triton and ptxas versions. Recorded per case:
-compiled or the first line of the error, registers, spill bytes, stack frame, shared memory,
-tensor-core instructions (wgmma on sm_90, mma on sm_80) and scalar float32 FMAs.
-
-CUDA: csrc/*_cuda.cu with exactly setup.py's nvcc flags (csrc/build_flags.py) and -Xptxas -v;
-csrc/*_cuda_glue.cpp compiled (-fsyntax-only) against the include/ of a CUDA build of torch
-($FASTSSL_TORCH_CUDA_INCLUDE, or torch==TORCH_VERSION's cached in ~/.cache/fastssl/, fetched
-with pip only under --download-headers: nothing is downloaded otherwise, and without headers
-the glue rows are marked skipped) and the CUDA toolkit's headers.
-
-Also a source check: in every @triton.jit function, a product with a runtime integer argument
-(a size or stride) is formed in 64 bits, so no address computation wraps at 2**31 elements.
-
-Results are cached in ~/.cache/fastssl/static keyed by the kernel sources, the triton version
-and the launch's specialisation, so a rerun only compiles what changed.
+Triton: the real launchers run on ``meta`` tensors inside
+``fastssl.kernels._launch.static_capture(cc)``, which records each launch at the configuration
+the launcher picks for that compute capability; each distinct binary is compiled afresh with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, and its figures
+(registers, spills, stack, shared memory, tensor-core instructions, scalar FMAs) come from the
+ptxas run Triton itself makes, its command line and log captured (``tritons_ptxas_runs``).
+CUDA: csrc/*_cuda.cu with setup.py's nvcc flags (csrc/build_flags.py) and -Xptxas -v;
+csrc/*_cuda_glue.cpp (-fsyntax-only) against a CUDA torch's include/
+($FASTSSL_TORCH_CUDA_INCLUDE, or torch==TORCH_VERSION's cached, fetched only with
+--download-headers). A source check: products with a runtime integer argument in @triton.jit
+functions are formed in 64 bits. Results are cached in ~/.cache/fastssl/static by sources,
+triton version and specialisation.
 """
 from __future__ import annotations
 
@@ -56,7 +44,7 @@ from fastssl.kernels._launch import static_capture
 from fastssl.kernels.sortnet import DIST_IDS
 from fastssl.ops.sortnet import network_tensor
 
-from .common import PKG
+from .common import PKG, table
 
 KERNEL_MODULES = {"contrastive": KC, "sphere": KP, "swav": KW, "sortnet": KS}
 
@@ -870,45 +858,32 @@ def markdown(rows: list[dict], offsets: list[str], tools: dict, out_arg: str) ->
     lines += [f"- 32-bit address products in kernel sources: {len(offsets)}", ""]
     if offsets:
         lines += ["## 32-bit address products", ""] + [f"- `{o}`" for o in offsets] + [""]
-    lines += ["## Triton kernels", "",
-              "| family | case | kernel | dtype | size | sm | warps | stages | ok | regs | "
-              "spill B | stack B | smem B | TC | FMA | findings |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["kind"] != "triton":
-            continue
+    spill = lambda r: r["spill_store_bytes"] + r["spill_load_bytes"]  # noqa: E731
+    tri_rows = []
+    for r in (r for r in rows if r["kind"] == "triton"):
+        head = [r["family"], r["case"], r.get("kernel_name"), r["dtype"], r["size"], r["cc"],
+                _fmt(r.get("num_warps")), _fmt(r.get("num_stages"))]
         find = "; ".join(verdicts(r)) or "-"
         if r.get("compiled"):
-            size = r["size"] + (f" (+{len(r['also'])})" if r.get("also") else "")
-            lines.append(
-                f"| {r['family']} | {r['case']} | {r['kernel_name']} | {r['dtype']} | {size}"
-                f" | {r['cc']} | {r['num_warps']} | {r['num_stages']} | yes | {r['registers']} |"
-                f" {r['spill_store_bytes'] + r['spill_load_bytes']} | {r['stack_bytes']} |"
-                f" {r['shared_bytes']} | {tensor_cores(r)} | {r['scalar_fma']} | {find} |")
+            head[4] += f" (+{len(r['also'])})" if r.get("also") else ""
+            tri_rows.append(head + ["yes", r["registers"], spill(r), r["stack_bytes"],
+                                    r["shared_bytes"], tensor_cores(r), r["scalar_fma"], find])
         else:
-            lines.append(f"| {r['family']} | {r['case']} | {r.get('kernel_name')} | {r['dtype']} |"
-                         f" {r['size']} | {r['cc']} | {_fmt(r.get('num_warps'))} |"
-                         f" {_fmt(r.get('num_stages'))} | no | | | | | | | {find} |")
+            tri_rows.append(head + ["no"] + [""] * 6 + [find])
+    lines += ["## Triton kernels", ""] + table(
+        ["family", "case", "kernel", "dtype", "size", "sm", "warps", "stages", "ok", "regs",
+         "spill B", "stack B", "smem B", "TC", "FMA", "findings"], tri_rows)
     if any(r["kind"] == "cuda" for r in rows):
-        lines += ["", "## CUDA kernels (csrc/*_cuda.cu)", "",
-                  "| family | kernel | dtype | sm | ok | regs | spill B | stack B | smem B |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if r["kind"] == "cuda":
-                if r.get("compiled"):
-                    lines.append(f"| {r['family']} | `{r['case']}` | {r['dtype']} | {r['cc']} |"
-                                 f" yes | {r['registers']} |"
-                                 f" {r['spill_store_bytes'] + r['spill_load_bytes']}"
-                                 f" | {r['stack_bytes']} | {r['shared_bytes']} |")
-                else:
-                    lines.append(f"| {r['family']} | {r['case']} | | | no: {r['error']} |"
-                                 " | | | |")
-        lines += ["", "## CUDA glue (csrc/*_cuda_glue.cpp)", "", "| file | compiles | error |",
-                  "|---|---|---|"]
-        for r in rows:
-            if r["kind"] == "glue":
-                ok = "skipped" if r.get("skipped") else ("yes" if r["compiled"] else "no")
-                lines.append(f"| {r['case']} | {ok} | {_fmt(r.get('error'))} |")
+        lines += ["", "## CUDA kernels (csrc/*_cuda.cu)", ""] + table(
+            ["family", "kernel", "dtype", "sm", "ok", "regs", "spill B", "stack B", "smem B"],
+            [[r["family"], f"`{r['case']}`", r["dtype"], r["cc"], "yes", r["registers"], spill(r),
+              r["stack_bytes"], r["shared_bytes"]] if r.get("compiled") else
+             [r["family"], r["case"], "", "", f"no: {r['error']}", "", "", "", ""]
+             for r in rows if r["kind"] == "cuda"])
+        lines += ["", "## CUDA glue (csrc/*_cuda_glue.cpp)", ""] + table(
+            ["file", "compiles", "error"],
+            [[r["case"], "skipped" if r.get("skipped") else ("yes" if r["compiled"] else "no"),
+              _fmt(r.get("error"))] for r in rows if r["kind"] == "glue"])
     return "\n".join(lines) + "\n"
 
 

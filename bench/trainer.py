@@ -1,29 +1,16 @@
 """The training step end to end: backbone + heads + loss + backward + optimiser, per method.
 
-Each case builds the method as `fastssl.train` does (fastssl.models.build_backbone,
-fastssl.methods.build_method with the preset's heads and method arguments, the preset's
-optimiser) and times `fastssl.train.loop.StepRunner` on fixed synthetic views (random tensors
-already on the device, so the loader is not measured), with the hooks the trainer calls
-(momentum update, prototype normalisation, queue).
+Each case builds the method as `fastssl.train` does (build_backbone, build_method with the
+preset's heads and arguments, the preset's optimiser) and times `fastssl.train.loop.StepRunner`
+on synthetic views already on the device (the loader is not measured), with the trainer's hooks.
+images_per_s counts images, not views (views_per_s too); each method runs its preset's crop
+recipe (SwAV 2 x 224 + 6 x 96; GroCo also multi-crop, ``groco_multicrop``). GPU: ResNet-50,
+B = 256, bf16 autocast, channels-last. CPU: ResNet-18, B = 32, the recipes scaled 224 -> 32.
+Providers: ``fastssl`` and ``reference`` (every op forced to the reference backend); records
+add loss_ms (the loss's forward and backward alone) and loss_share = loss_ms / step time.
 
-Images are images: images_per_s is the batch (samples) per second, whatever the number of
-views per image (views_per_s is also recorded). Each method runs its preset's crop recipe:
-SwAV 2 x 224 + 6 x 96, and GroCo also in its multi-crop recipe (``groco_multicrop``).
-
-- GPU: the ImageNet presets on ResNet-50 at their real crop sizes, batch 256, bf16 autocast,
-  channels-last.
-- CPU: ResNet-18, batch 32, the same recipes scaled down by 224 -> 32 (96 -> 14), small heads
-  (the demo presets'), on synthetic views.
-
-``python -m bench.trainer --ddp`` is the DDP variant: ``fastssl.train`` itself under torchrun
-(2 gloo ranks on CPU, NCCL on every GPU where present), SyncBatchNorm on GPU, the real input
-pipeline (DALI on the demo data), images/s of the whole run after the first steps.
-
-Providers: ``fastssl`` (losses on the automatic backend) and ``reference`` (the same step with
-every fastssl op forced to the "reference" backend, i.e. fastssl.reference computes the loss).
-Besides the step time, each record has images_per_s, loss_ms (the loss module's forward and
-backward alone, timed on the inputs it received in a real step, under the same autocast) and
-loss_share = loss_ms / step time.
+``python -m bench.trainer --ddp``: ``fastssl.train`` itself under torchrun (2 gloo ranks on CPU,
+NCCL on every GPU), SyncBatchNorm on GPU, DALI on the demo data, images/s after the first steps.
 """
 from __future__ import annotations
 
