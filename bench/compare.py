@@ -27,7 +27,7 @@ import fastssl.functional as fast
 
 from . import baselines, contrastive
 from .common import (BEGIN, END, README, RESULTS_ROOT, device_type, fmt_mb, fmt_ms, git_commit,
-                     is_peer, latest_by_case, load_json, shape_str)
+                     is_peer, latest_by_case, load_json, shape_str, table)
 from .harness import cpu_peak_growth
 from .results import load
 # The ops whose CPU target is "no slower than eager at any N >= 2048, memory <= 1/8 of eager"
@@ -282,39 +282,19 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
     for r in rows:
         by_op[r["op"]].append(r)
     for op, op_rows in by_op.items():
-        lines += [f"## {op}", "", "| shape | dtype | mode | fastssl | eager | best peer | vs eager | vs peer "
-                  "| memory fastssl / eager | GFLOP/s fastssl / eager | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in op_rows:
-            f, e, p = r["fast"], r["eager"], r["peer"]
-            shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
-            mem = "-"
-            if e is not None:
-                mem = f"{fmt_mb(f.get('peak_mem_mb'))} / {fmt_mb(e.get('peak_mem_mb'))}"
-                if r["mem_vs_eager"] is not None:
-                    mem += f" ({r['mem_vs_eager']:.3f})"
-            gf = r.get("gflops") or {}
-            gfs = "-" if "fastssl" not in gf else f"{gf['fastssl']:.1f} / " + (
-                f"{gf['eager']:.1f}" if "eager" in gf else "-")
-            if roofline and "fastssl" in gf:
-                gfs += f" ({100 * gf['fastssl'] / roofline['gflops']:.0f}% of GEMM)"
-            peer = "-" if p is None else f"{p['provider']} {fmt_ms(p['p50_ms'])}"
-            if r["nan"]:
-                peer += f" (NaN codes: {', '.join(r['nan'])})"
-            lines.append(f"| {shape} | {r['dtype']} | {r['mode']} | {fmt_ms(f['p50_ms'])} | "
-                         f"{fmt_ms(e['p50_ms']) if e else '-'} | {peer} | {_x(r['vs_eager'])} | "
-                         f"{_x(r['vs_peer'])} | {mem} | {gfs} | {_verdict(r)} |")
-        lines.append("")
+        lines += [f"## {op}", ""] + table(
+            ["shape", "dtype", "mode", "fastssl", "eager", "best peer", "vs eager", "vs peer",
+             "memory fastssl / eager", "GFLOP/s fastssl / eager", "verdict"],
+            [_compare_row(r, roofline) for r in op_rows]) + [""]
     if max_n:
         lines += ["## Largest nt_xent batch within a memory budget", "",
-                  f"Budget {max_n['budget_mb']:.0f} MiB of peak growth per forward+backward, D = {max_n['D']}, "
-                  f"float32; B doubled from {max_n['start_B']} up to the bound {max_n['bound_B']}.", "",
-                  "| provider | largest B that fits (N = 2B) | first B over the budget | peak at the largest |",
-                  "|---|---|---|---|"]
-        for prov, res in max_n["providers"].items():
-            lines.append(f"| {prov} | {res['max_B'] or '-'} | {res['first_fail_B'] or '- (bound reached)'} | "
-                         f"{fmt_mb(res.get('peak_mb'))} |")
-        lines.append("")
+                  f"Budget {max_n['budget_mb']:.0f} MiB of peak growth per forward+backward, D = "
+                  f"{max_n['D']}, float32; B doubled from {max_n['start_B']} up to the bound "
+                  f"{max_n['bound_B']}.", ""] + table(
+            ["provider", "largest B that fits (N = 2B)", "first B over the budget",
+             "peak at the largest"],
+            [[prov, res["max_B"] or "-", res["first_fail_B"] or "- (bound reached)",
+              fmt_mb(res.get("peak_mb"))] for prov, res in max_n["providers"].items()]) + [""]
     if competing:
         lines += competing_markdown(competing) + [""]
     seen = set(_providers_in(records))
@@ -322,6 +302,26 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
     if notes or auto:
         lines += ["## Notes", ""] + [f"- {n}" for n in auto + list(notes or [])] + [""]
     return "\n".join(lines)
+
+
+def _compare_row(r: dict, roofline: dict | None) -> list:
+    f, e, p = r["fast"], r["eager"], r["peer"]
+    mem = "-"
+    if e is not None:
+        mem = f"{fmt_mb(f.get('peak_mem_mb'))} / {fmt_mb(e.get('peak_mem_mb'))}"
+        if r["mem_vs_eager"] is not None:
+            mem += f" ({r['mem_vs_eager']:.3f})"
+    gf = r.get("gflops") or {}
+    gfs = "-" if "fastssl" not in gf else f"{gf['fastssl']:.1f} / " + (
+        f"{gf['eager']:.1f}" if "eager" in gf else "-")
+    if roofline and "fastssl" in gf:
+        gfs += f" ({100 * gf['fastssl'] / roofline['gflops']:.0f}% of GEMM)"
+    peer = "-" if p is None else f"{p['provider']} {fmt_ms(p['p50_ms'])}"
+    if r["nan"]:
+        peer += f" (NaN codes: {', '.join(r['nan'])})"
+    return [shape_str(r["shape"]), r["dtype"], r["mode"], fmt_ms(f["p50_ms"]),
+            fmt_ms(e["p50_ms"]) if e else "-", peer, _x(r["vs_eager"]), _x(r["vs_peer"]), mem, gfs,
+            _verdict(r)]
 
 
 VARIANT_KEYS = ("symmetric", "eps", "network", "crops", "output")
@@ -589,6 +589,14 @@ def competing_load(cases=COMPETING_CASES, reps: int = 5, load_threads: int = 2, 
     return out
 
 
+def _competing_row(c: dict) -> list:
+    verdict = "met" if c["ratio"] >= 1.0 else "NOT met: slower than eager"
+    if c["ratio"] < 1.0 and not in_target_range(c):
+        verdict = f"{_below_range(c['op'])}: slower than eager"
+    return [c["op"], _shape_short(c["shape"]), fmt_ms(c["fastssl_ms"]), fmt_ms(c["eager_ms"]),
+            f"{c['ratio']:.2f}x", f"{c['loadavg_1m_start']:.1f}-{c['loadavg_1m']:.1f}", verdict]
+
+
 def competing_markdown(competing: dict) -> list[str]:
     lines = ["## Under a competing load: ratio eager/fastssl", "",
              f"Load: {competing['load']['what']}, while fastssl (automatic backend) and eager ran forward+backward "
@@ -596,15 +604,8 @@ def competing_markdown(competing: dict) -> list[str]:
              f"{competing['cases'][0]['reps'] if competing['cases'] else '-'} calls each "
              f"(bench/compare.py `competing_load`, {competing.get('timestamp', '?')} UTC, commit "
              f"`{competing.get('git_commit')}`). Target: ratio >= 1.0.", "",
-             "| op | shape | fastssl | eager | ratio eager/fastssl | load average | verdict |",
-             "|---|---|---|---|---|---|---|"]
-    for c in competing["cases"]:
-        verdict = "met" if c["ratio"] >= 1.0 else "NOT met: slower than eager"
-        if c["ratio"] < 1.0 and not in_target_range(c):
-            verdict = f"{_below_range(c['op'])}: slower than eager"
-        lines.append(f"| {c['op']} | {_shape_short(c['shape'])} | {fmt_ms(c['fastssl_ms'])} | "
-                     f"{fmt_ms(c['eager_ms'])} | {c['ratio']:.2f}x | {c['loadavg_1m_start']:.1f}-"
-                     f"{c['loadavg_1m']:.1f} | {verdict} |")
+             ] + table(["op", "shape", "fastssl", "eager", "ratio eager/fastssl", "load average",
+                        "verdict"], [_competing_row(c) for c in competing["cases"]])
     return lines
 
 

@@ -17,7 +17,7 @@ from fastssl.ops import contrastive, sortnet, sphere, swav
 
 from .common import (BASELINES, BEGIN, END, case_key as _key, device_type as _device_type,  # noqa: F401
                      fmt_mb, fmt_ms, is_baseline, is_peer, latest_by_case as _latest_by_case,
-                     provider_order as _provider_order, shape_str as _shape_str)
+                     pct, provider_order as _provider_order, shape_str as _shape_str, table)
 from .compare import readme_block, update_readme  # noqa: F401 - the README block's generator
 
 
@@ -336,48 +336,49 @@ def _op_table(recs: list[dict]) -> list[str]:
     rest = [b for b in sorted({p for p in present if is_baseline(p)}, key=_provider_order)
             if b != "eager" and not (is_peer(b) and len(peers) == 1)]
     columns = (["eager"] if "eager" in present else []) + (["best peer"] if peers else []) + rest
-    head = "| shape | dtype | mode | provider | time p50 (p20-p80) | " + " | ".join(
-        f"speedup vs {b}" for b in columns) + " | peak memory | memory / reference |"
-    out = [head, "|" + "---|" * (7 + len(columns))]
     cases: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in ok:
         cases[_key(r)][r["provider"]] = r
+    rows = []
     for (shape_json, dtype, mode), provs in sorted(cases.items(), key=lambda kv: _case_order(kv[0])):
-        ref = provs.get("reference")
-        best = _best_peer(provs)
+        ref, best = provs.get("reference"), _best_peer(provs)
         for prov, r in sorted(provs.items(), key=lambda kv: _provider_order(kv[0])):
             speed = []
             for b in columns:
                 if b == "best peer":
                     speed.append("-" if best is None or best["provider"] == prov or is_peer(prov)
                                  else f"{_speedup(best['p50_ms'] / r['p50_ms'])} ({best['provider']})")
-                    continue
-                base = provs.get(b)
-                speed.append("-" if base is None or b == prov else _speedup(base["p50_ms"] / r["p50_ms"]))
+                else:
+                    base = provs.get(b)
+                    speed.append("-" if base is None or b == prov
+                                 else _speedup(base["p50_ms"] / r["p50_ms"]))
             mem = r.get("peak_mem_mb")
-            ratio = "-"
-            if ref is not None and prov != "reference" and mem is not None and ref.get("peak_mem_mb"):
-                ratio = _ratio(mem / ref["peak_mem_mb"])
-            t = f"{fmt_ms(r['p50_ms'])} ({fmt_ms(r.get('p20_ms'))}-{fmt_ms(r.get('p80_ms'))})"
-            out.append(f"| {_shape_str(json.loads(shape_json))} | {dtype} | {mode} | {prov} | {t} | "
-                       + " | ".join(speed) + f" | {fmt_mb(mem)} | {ratio} |")
-    return out
+            ratio = (_ratio(mem / ref["peak_mem_mb"]) if ref is not None and prov != "reference"
+                     and mem is not None and ref.get("peak_mem_mb") else "-")
+            rows.append([_shape_str(json.loads(shape_json)), dtype, mode, prov, _p50_range(r), *speed,
+                         fmt_mb(mem), ratio])
+    return table(["shape", "dtype", "mode", "provider", "time p50 (p20-p80)",
+                  *(f"speedup vs {b}" for b in columns), "peak memory", "memory / reference"], rows)
+
+
+def _p50_range(r: dict) -> str:
+    return f"{fmt_ms(r['p50_ms'])} ({fmt_ms(r.get('p20_ms'))}-{fmt_ms(r.get('p80_ms'))})"
 
 
 def _trainer_table(recs: list[dict]) -> list[str]:
     ok = [r for r in recs if r.get("status") == "ok"]
     if not ok:
         return ["No successful measurement."]
-    out = ["| shape | dtype | provider | step p50 (p20-p80) | images/s | loss fwd+bwd | loss share | peak memory |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(ok, key=lambda r: (_shape_str(r.get("shape")), r["provider"])):
-        t = f"{fmt_ms(r['p50_ms'])} ({fmt_ms(r.get('p20_ms'))}-{fmt_ms(r.get('p80_ms'))})"
-        ips = r.get("images_per_s")
-        share = r.get("loss_share")
-        out.append(f"| {_shape_str(r.get('shape'))} | {r['dtype']} | {r['provider']} | {t} | "
-                   f"{'-' if ips is None else f'{ips:,.0f}'} | {fmt_ms(r.get('loss_ms'))} | "
-                   f"{'-' if share is None else f'{100 * share:.1f}%'} | {fmt_mb(r.get('peak_mem_mb'))} |")
-    return out
+    return table(["shape", "dtype", "provider", "step p50 (p20-p80)", "images/s", "loss fwd+bwd",
+                  "loss share", "peak memory"],
+                 [[_shape_str(r.get("shape")), r["dtype"], r["provider"], _p50_range(r),
+                   _count(r.get("images_per_s")), fmt_ms(r.get("loss_ms")), pct(r.get("loss_share")),
+                   fmt_mb(r.get("peak_mem_mb"))]
+                  for r in sorted(ok, key=lambda r: (_shape_str(r.get("shape")), r["provider"]))])
+
+
+def _count(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
 
 
 def _case_order(key: tuple):
@@ -434,30 +435,25 @@ def readme_table(records: list[dict]) -> str:
     dev = _device_type(latest)
     lines = [f"**{env.get('device_name', dev)}** ({dev}, {env.get('num_threads')} threads), commit "
              f"`{env.get('git_commit')}`, {str(env.get('timestamp', ''))[:10]}:", ""]
-    lines += ["| op | shape | dtype | mode | fastssl | reference | speedup | memory vs reference | other baseline |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    trainer = []
+    rows, trainer = [], []
     for row in _headline_rows(records):
         r, base, extra = row["fast"], row.get("ref"), row.get("extra")
         if row["op"] == "train_step":
-            trainer.append(r)
+            trainer.append([_shape_str(r.get("shape")), r["dtype"], fmt_ms(r["p50_ms"]),
+                            f"{r.get('images_per_s', 0):,.0f}", pct(r.get("loss_share"))])
             continue
-        speed = "-" if base is None else _speedup(base["p50_ms"] / r["p50_ms"])
-        mem = "-"
-        if base is not None and r.get("peak_mem_mb") is not None and base.get("peak_mem_mb"):
-            mem = _ratio(r["peak_mem_mb"] / base["peak_mem_mb"])
-        other = "-"
-        if extra is not None:
-            other = f"{extra['provider']} {fmt_ms(extra['p50_ms'])} ({extra['p50_ms'] / r['p50_ms']:.1f}x)"
+        mem = (_ratio(r["peak_mem_mb"] / base["peak_mem_mb"]) if base is not None
+               and r.get("peak_mem_mb") is not None and base.get("peak_mem_mb") else "-")
+        other = "-" if extra is None else (f"{extra['provider']} {fmt_ms(extra['p50_ms'])} "
+                                           f"({extra['p50_ms'] / r['p50_ms']:.1f}x)")
         prov = "" if r["provider"] == "fastssl" else f" ({r['provider']})"
-        lines.append(f"| {r['op']} | {_shape_str(r.get('shape'))} | {r['dtype']} | {r['mode']} | "
-                     f"{fmt_ms(r['p50_ms'])}{prov} | {fmt_ms(base['p50_ms']) if base else '-'} | {speed} | {mem} | {other} |")
+        rows.append([r["op"], _shape_str(r.get("shape")), r["dtype"], r["mode"],
+                     f"{fmt_ms(r['p50_ms'])}{prov}", fmt_ms(base["p50_ms"]) if base else "-",
+                     "-" if base is None else _speedup(base["p50_ms"] / r["p50_ms"]), mem, other])
+    lines += table(["op", "shape", "dtype", "mode", "fastssl", "reference", "speedup",
+                    "memory vs reference", "other baseline"], rows)
     if trainer:
-        lines += ["", "| training step | dtype | step | images/s | loss share |", "|---|---|---|---|---|"]
-        for r in trainer:
-            share = r.get("loss_share")
-            lines.append(f"| {_shape_str(r.get('shape'))} | {r['dtype']} | {fmt_ms(r['p50_ms'])} | "
-                         f"{r.get('images_per_s', 0):,.0f} | {'-' if share is None else f'{100 * share:.1f}%'} |")
+        lines += [""] + table(["training step", "dtype", "step", "images/s", "loss share"], trainer)
     targets = [t for t in TARGETS if t.device == dev]
     if targets:
         verdicts = [evaluate_target(latest, t)[0] for t in targets]
