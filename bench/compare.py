@@ -28,7 +28,7 @@ import fastssl.functional as fast
 from . import baselines, contrastive
 from .common import (BEGIN, END, README, RESULTS_ROOT, device_type, fmt_mb, fmt_ms, git_commit,
                      is_peer, latest_by_case, load_json, shape_str, table)
-from .harness import cpu_peak_growth
+from .harness import BenchConfig, cpu_peak_growth, time_cpu
 from .results import load
 # The ops whose CPU target is "no slower than eager at any N >= 2048, memory <= 1/8 of eager"
 # (x is the per-view batch B; sce's rows are B against a K = 16384 queue).
@@ -146,20 +146,13 @@ def model_flop(op: str, shape: dict, mode: str) -> float | None:
 def measure_gemm(n: int = 2048, reps: int = 5) -> dict:
     """The machine's float32 GEMM throughput in this process (the roofline), measured now."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g)
-    b = torch.randn(n, n, generator=g)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    times = sorted(time_cpu(lambda: None, lambda _: a @ b, BenchConfig(
+        min_reps=reps, max_reps=reps, min_time_s=0.0)))
     return {"matmul_n": n, "dtype": "float32", "threads": torch.get_num_threads(),
-            "matmul_ms": times[len(times) // 2] * 1e3,
-            "gflops": 2 * n ** 3 / times[len(times) // 2] / 1e9,
-            "best_gflops": 2 * n ** 3 / times[0] / 1e9,
-            "loadavg_1m": os.getloadavg()[0]}
+            "matmul_ms": times[len(times) // 2], "gflops": 2 * n ** 3 / times[len(times) // 2] / 1e6,
+            "best_gflops": 2 * n ** 3 / times[0] / 1e6, "loadavg_1m": os.getloadavg()[0]}
 
 
 def _cases(records: list[dict]) -> dict[tuple, dict[str, dict]]:

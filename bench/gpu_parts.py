@@ -33,7 +33,8 @@ from .common import (MAX_N_BUDGET_DRY_MIB, MAX_N_BUDGET_GIB, PART_NAMES, PKG, RE
 from .compare import model_flop, search_max_b
 from .gpu_run import install_carried_wheels
 from .harness import (BenchConfig, Size, backend_forced, classify_failure, cpu_peak_growth,
-                      failure_note, free_device_memory, run_case, static_skip)
+                      failure_note, free_device_memory, run_case, static_skip, time_cpu,
+                      time_cuda_events)
 from .results import ResultWriter, environment
 from .specs import select_specs
 
@@ -210,23 +211,12 @@ def _build_both(out, info, env, cuda_home, dry_run, log) -> None:
 
 
 def _median_ms(fn, cuda: bool, reps: int, warmup: int) -> float:
-    """Median time of fn() (CUDA events on a GPU)."""
+    """Median time of fn() over reps calls after warmup calls (harness's timing loops)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    cfg = BenchConfig(min_reps=reps, max_reps=reps, min_time_s=0.0, cuda_rep_ms=0)
+    times = sorted((time_cuda_events if cuda else time_cpu)(lambda: None, lambda _: fn(), cfg))
+    return times[len(times) // 2]
 
 
 def part_roofline(out, dry_run, hook):
