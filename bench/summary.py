@@ -18,7 +18,7 @@ from fastssl.ops import contrastive, sortnet, sphere, swav
 from .common import (BASELINES, BEGIN, END, case_key as _key, device_type as _device_type,  # noqa: F401
                      fmt_mb, fmt_ms, is_baseline, is_peer, latest_by_case as _latest_by_case,
                      pct, provider_order as _provider_order, shape_str as _shape_str, table)
-from .compare import readme_block, update_readme  # noqa: F401 - the README block's generator
+from .compare import load_note, readme_block, update_readme  # noqa: F401 - the README block
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,23 +194,6 @@ def _ratio(v: float) -> str:
 # summary
 
 
-def _load_note(records: list[dict]) -> str | None:
-    loads = [r["loadavg_1m"] for r in records if r.get("loadavg_1m") is not None]
-    cores = next((r.get("cpu_count") for r in records if r.get("cpu_count")), None)
-    if not loads or not cores:
-        return None
-    hi = max(loads)
-    med = sorted(loads)[len(loads) // 2]
-    # Our own threads account for about `threads` of the load; beyond the core count, other
-    # processes were competing for the CPU.
-    if med > cores or hi > 1.5 * cores:
-        return (f"**Timings were taken on a loaded machine**: the 1-minute load average was {med:.1f} "
-                f"(median) and up to {hi:.1f} on {cores} cores while measuring, i.e. other processes "
-                f"competed for the CPU; absolute times are inflated and noisier than on an idle machine, "
-                f"ratios between providers less so (each case is measured over several calls).")
-    return f"Load average while measuring: median {med:.1f}, max {hi:.1f} on {cores} cores."
-
-
 def build_summary(records: list[dict]) -> str:
     latest = list(_latest_by_case(records).values())
     dev = _device_type(latest)
@@ -220,9 +203,9 @@ def build_summary(records: list[dict]) -> str:
                  f"{env.get('torch_version')}, triton {env.get('triton_version')}, {env.get('num_threads')} "
                  f"threads, measured {env.get('timestamp')}.")
     lines.append("")
-    note = _load_note(latest)
+    note = load_note(latest)
     if note:
-        lines += [note, ""]
+        lines += [f"Machine load: {note}", ""]
     lines += [
         "Times are medians over repeated calls (p20-p80 in brackets); on GPU synchronised "
         "(triton.testing.do_bench / CUDA events) after warm-up. Speedup = baseline time / provider "
@@ -459,7 +442,7 @@ def readme_table(records: list[dict]) -> str:
         verdicts = [evaluate_target(latest, t)[0] for t in targets]
         lines += ["", f"Targets on this device: {verdicts.count('met')} met, {verdicts.count('NOT met')} not met, "
                       f"{verdicts.count('not measured')} not measured (details in the summary)."]
-    note = _load_note(latest)
-    if note and note.startswith("**"):
+    note = load_note(latest)
+    if note and "loaded" in note:
         lines += ["", "Measured on a loaded machine: absolute times are inflated."]
     return "\n".join(lines)
