@@ -36,6 +36,7 @@ import tempfile
 import textwrap
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
 import torch
 
@@ -71,12 +72,12 @@ def _env_for_compile():
 
 def _cases():
     """(family, label, dtype name, size label, thunk) for every launcher configuration."""
-
-    meta = dict(device="meta")
+    m = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     # float64: accepted by the sphere, swav and sortnet launchers (the ops' gradcheck dtype);
     # contrastive rejects it ("use the torch backend"), so it has no float64 binary.
     dtypes64 = dict(dtypes, fp64=torch.float64)
+    f32 = torch.float32
     out = []
 
     # contrastive: (exclude_pos, split, weighted, col_stats) as the losses call them; tiles do
@@ -86,110 +87,78 @@ def _cases():
               "sogclr": (True, False, True, False)}
     n, d = 1024, 256
     for dn, dt in dtypes.items():
-        a = torch.empty(n, d, dtype=dt, **meta)
-        b = torch.empty(2 * n, d, dtype=dt, **meta)
-        idx = torch.empty(n, dtype=torch.int64, **meta)
-        vec = torch.empty(n, dtype=torch.float32, **meta)
-        cvec = torch.empty(2 * n, dtype=torch.float32, **meta)
-        empty = torch.empty(0, dtype=torch.float32, **meta)
+        a, b, idx = m(n, d, dtype=dt), m(2 * n, d, dtype=dt), m(n, dtype=torch.int64)
+        vec, cvec, empty = m(n, dtype=f32), m(2 * n, dtype=f32), m(0, dtype=f32)
+        size = f"n={n},D={d}"
         for name, (ex, sp, w, cs) in combos.items():
-            split = n if sp else 2 * n
-            out.append(("contrastive", f"lse_fwd[{name}]", dn, f"n={n},D={d}",
-                        lambda ex=ex, split=split, w=w, cs=cs, a=a, b=b, idx=idx:
-                        KC.lse_forward(a, b, idx, idx, 1.0, split, ex, w, cs)))
-            out.append(("contrastive", f"lse_bwd[{name}]", dn, f"n={n},D={d}",
-                        lambda ex=ex, split=split, sp=sp, cs=cs, a=a, b=b, idx=idx, vec=vec,
-                        cvec=cvec, empty=empty:
-                        KC.lse_backward(a, b, idx, idx, 1.0, split, ex, vec, vec if sp else empty,
-                                        cvec if cs else empty, vec, vec if sp else empty,
-                                        cvec if cs else empty)))
-        out.append(("contrastive", "sce_fwd", dn, f"n={n},D={d}",
-                    lambda a=a, b=b, idx=idx: KC.sce_forward(a, a, b, idx, 10.0, 20.0)))
-        out.append(("contrastive", "sce_bwd", dn, f"n={n},D={d}",
-                    lambda a=a, b=b, idx=idx, vec=vec:
-                    KC.sce_backward(a, a, b, idx, 10.0, 20.0, vec, vec, vec, vec)))
+            split, v, c = n if sp else 2 * n, vec if sp else empty, cvec if cs else empty
+            out.append(("contrastive", f"lse_fwd[{name}]", dn, size,
+                        partial(KC.lse_forward, a, b, idx, idx, 1.0, split, ex, w, cs)))
+            out.append(("contrastive", f"lse_bwd[{name}]", dn, size,
+                        partial(KC.lse_backward, a, b, idx, idx, 1.0, split, ex, vec, v, c, vec, v,
+                                c)))
+        out.append(("contrastive", "sce_fwd", dn, size,
+                    partial(KC.sce_forward, a, a, b, idx, 10.0, 20.0)))
+        out.append(("contrastive", "sce_bwd", dn, size,
+                    partial(KC.sce_backward, a, a, b, idx, 10.0, 20.0, vec, vec, vec, vec)))
 
     # sphere: SFRIK's series (kind 0, 3 Gegenbauer degrees) and AUH's Gaussian (kind 1), each
     # symmetric (x against itself) and not; tiles do not depend on the size.
     n, d = 4096, 32768
     for dn, dt in dtypes64.items():
-        acc = torch.float64 if dt == torch.float64 else torch.float32
-        x = torch.empty(n, d, dtype=dt, **meta)
-        r = torch.empty(n, dtype=acc, **meta)
-        coef = torch.empty(7, dtype=acc, **meta)
-        lse = torch.empty(1, dtype=acc, **meta)
+        acc = torch.float64 if dt == torch.float64 else f32
+        x, r, coef, lse = m(n, d, dtype=dt), m(n, dtype=acc), m(7, dtype=acc), m(1, dtype=acc)
         for kind, cname in ((0, "series"), (1, "gauss")):
-            c = coef if kind == 0 else None
-            nw = 3 if kind == 0 else 1
-            out.append(("sphere", f"pair_fwd[{cname},sym]", dn, f"n={n},D={d}",
-                        lambda x=x, r=r, kind=kind, c=c, nw=nw:
-                        KP.pair_forward(x, None, r, None, kind=kind, coef=c, num_w=nw,
-                                        two_scale=4.0)))
-            out.append(("sphere", f"pair_fwd[{cname}]", dn, f"n={n},D={d}",
-                        lambda x=x, r=r, kind=kind, c=c, nw=nw:
-                        KP.pair_forward(x, x, r, r, kind=kind, coef=c, num_w=nw, two_scale=4.0)))
-            out.append(("sphere", f"pair_bwd[{cname}]", dn, f"n={n},D={d}",
-                        lambda x=x, r=r, kind=kind, c=c, nw=nw, lse=lse:
-                        KP.pair_backward(x, x, r, r, kind=kind, coef=c, num_w=nw,
-                                         two_scale=4.0, lse=lse)))
+            kw = dict(kind=kind, coef=coef if kind == 0 else None, num_w=3 if kind == 0 else 1,
+                      two_scale=4.0)
+            out += [("sphere", f"pair_fwd[{cname},sym]", dn, f"n={n},D={d}",
+                     partial(KP.pair_forward, x, None, r, None, **kw)),
+                    ("sphere", f"pair_fwd[{cname}]", dn, f"n={n},D={d}",
+                     partial(KP.pair_forward, x, x, r, r, **kw)),
+                    ("sphere", f"pair_bwd[{cname}]", dn, f"n={n},D={d}",
+                     partial(KP.pair_backward, x, x, r, r, lse=lse, **kw))]
 
     # swav: rows per program and prototype chunk follow B and K: a small local batch and the
     # large one, K = 3000 prototypes.
     k = 3000
     for dn, dt in dtypes64.items():
         for bsz in (256, 4096):
-            s = torch.empty(bsz, k, dtype=dt, **meta)
-            acc = torch.float64 if dt == torch.float64 else torch.float32
-            a = torch.empty(k, dtype=acc, **meta)
-            q = torch.empty(bsz, k, dtype=acc, **meta)
-            size = f"B={bsz},K={k}"
-            out.append(("swav", "colstats", dn, size, lambda s=s: KW.colstats(s, 0.05)))
-            out.append(("swav", "rowpass[colsum]", dn, size,
-                        lambda s=s, a=a: KW.rowpass(s, 0.05, a, False)))
-            out.append(("swav", "rowpass[codes]", dn, size,
-                        lambda s=s, a=a: KW.rowpass(s, 0.05, a, True)))
-            out.append(("swav", "cross_entropy[loss]", dn, size,
-                        lambda s=s, q=q: KW.swav_cross_entropy(s, q, 0.1, False)))
-            out.append(("swav", "cross_entropy[grad]", dn, size,
-                        lambda s=s, q=q: KW.swav_cross_entropy(s, q, 0.1, True)))
+            acc = torch.float64 if dt == torch.float64 else f32
+            s, a, q, size = m(bsz, k, dtype=dt), m(k, dtype=acc), m(bsz, k, dtype=acc), f"B={bsz},K={k}"
+            out += [("swav", "colstats", dn, size, partial(KW.colstats, s, 0.05)),
+                    ("swav", "rowpass[colsum]", dn, size, partial(KW.rowpass, s, 0.05, a, False)),
+                    ("swav", "rowpass[codes]", dn, size, partial(KW.rowpass, s, 0.05, a, True)),
+                    ("swav", "cross_entropy[loss]", dn, size,
+                     partial(KW.swav_cross_entropy, s, q, 0.1, False)),
+                    ("swav", "cross_entropy[grad]", dn, size,
+                     partial(KW.swav_cross_entropy, s, q, 0.1, True))]
 
     # sortnet: float32 (the ops' dtype on a GPU; half inputs run in float32) and float64; every
     # distribution (a constexpr branch); the real comparator tables of the benchmark and GroCo
     # sizes, since their counts (C, the checkpoint spacing K, S) and the P backward's chunk
     # offsets are specialised arguments (1, a multiple of 16, or neither: distinct binaries).
-    cpu = torch.device("cpu")
+    # GroCo: rows of topk_neg = 10 negatives and 1 (2 views) or 3 (4 views) positives, B = 1024.
     sort_sizes = (("odd_even", 32, 1024), ("odd_even", 32, 4096), ("odd_even", 32, 16384),
                   ("bitonic", 32, 4096), ("bitonic", 1024, 256))
-    # GroCo: rows of topk_neg = 10 negatives and 1 (2 views) or 3 (4 views) positives
     groco_sizes = (("odd_even", 11), ("bitonic", 11), ("odd_even", 13), ("bitonic", 13))
-    for dn, dt in (("fp32", torch.float32), ("fp64", torch.float64)):
+    for dn, dt in (("fp32", f32), ("fp64", torch.float64)):
         for dist_name, dist in DIST_IDS.items():
             for network, nn, bsz in sort_sizes:
-                net = network_tensor(network, nn, cpu).to("meta")
-                c = net.shape[1]
-                x = torch.empty(bsz, nn, dtype=dt, **meta)
-                dd = torch.empty(bsz, c, dtype=dt, **meta)
-                gp = torch.empty(bsz, nn, nn, dtype=dt, **meta)
-                size = f"{network},B={bsz},n={nn}"
-                out.append(("sortnet", f"soft_sort_fwd[{dist_name}]", dn, size,
-                            lambda x=x, net=net, dist=dist: KS.soft_sort_forward(
-                                x, net, dist, 1.0, 0.25, 1.0, True)))
-                out.append(("sortnet", f"soft_sort_bwd[{dist_name}]", dn, size,
-                            lambda x=x, gp=gp, dd=dd, net=net, dist=dist, nn=nn:
-                            KS.soft_sort_backward(x, gp, dd, net, dist, 1.0, 0.25, 1.0, nn)))
+                net = network_tensor(network, nn, torch.device("cpu")).to("meta")
+                x, size = m(bsz, nn, dtype=dt), f"{network},B={bsz},n={nn}"
+                out += [("sortnet", f"soft_sort_fwd[{dist_name}]", dn, size,
+                         partial(KS.soft_sort_forward, x, net, dist, 1.0, 0.25, 1.0, True)),
+                        ("sortnet", f"soft_sort_bwd[{dist_name}]", dn, size,
+                         partial(KS.soft_sort_backward, x, m(bsz, nn, nn, dtype=dt),
+                                 m(bsz, net.shape[1], dtype=dt), net, dist, 1.0, 0.25, 1.0, nn))]
             for network, nn in groco_sizes:
-                bsz = 1024
-                net = network_tensor(network, nn, cpu).to("meta")
-                x = torch.empty(bsz, nn, dtype=dt, **meta)
-                size = f"{network},B={bsz},n={nn}"
-                out.append(("sortnet", f"groco_rows_fwd[{dist_name}]", dn, size,
-                            lambda x=x, net=net, dist=dist: KS.groco_rows_forward(
-                                x, 10, net, dist, 1.0, 0.25, 1.0)))
-                out.append(("sortnet", f"groco_rows_bwd[{dist_name}]", dn, size,
-                            lambda x=x, net=net, dist=dist, bsz=bsz, dt=dt:
-                            KS.groco_rows_backward(
-                                torch.empty(bsz, dtype=dt, device="meta"), x, 10, net,
-                                dist, 1.0, 0.25, 1.0)))
+                net = network_tensor(network, nn, torch.device("cpu")).to("meta")
+                x, size = m(1024, nn, dtype=dt), f"{network},B=1024,n={nn}"
+                out += [("sortnet", f"groco_rows_fwd[{dist_name}]", dn, size,
+                         partial(KS.groco_rows_forward, x, 10, net, dist, 1.0, 0.25, 1.0)),
+                        ("sortnet", f"groco_rows_bwd[{dist_name}]", dn, size,
+                         partial(KS.groco_rows_backward, m(1024, dtype=dt), x, 10, net, dist, 1.0,
+                                 0.25, 1.0))]
     return out
 
 
