@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import sortnet, swav
-from .common import DEADLINE_ENV, run_capped
+from .common import DEADLINE_ENV, run_capped, table
 from .harness import BenchConfig, run_case
 
 MARGIN = 1.05  # cuda must be this much faster (geometric mean): smaller gaps are within noise
@@ -171,35 +171,31 @@ def auto_order_line(family: str, prefer: str) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Backend choice for `auto` on CUDA tensors", "",
-             f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}"
-             + ("; DRY RUN (CPU stand-ins: cpp for cuda, torch for triton)"
-                if result["dry_run"] else ""), "",
-             "| family | cuda tests | triton tests | triton/cuda p50 (geomean) | auto should prefer |"
-             " why |", "|---|---|---|---|---|---|"]
-    for fam, r in result["families"].items():
-        t = r.get("tests", {})
-        d = r.get("decision", {})
-        cell = lambda x: f"{x.get('status', '-')} ({x.get('passed', 0)}/{x.get('failed', 0)})"  # noqa: E731
+    cell = lambda x: f"{x.get('status', '-')} ({x.get('passed', 0)}/{x.get('failed', 0)})"  # noqa: E731
+    fams = result["families"].items()
+    rows = []
+    for fam, r in fams:
+        t, d = r.get("tests", {}), r.get("decision", {})
         gm = d.get("geomean_triton_over_cuda")
-        lines.append(f"| {fam} | {cell(t.get('cuda', {}))} | {cell(t.get('triton', {}))} | "
-                     f"{'-' if gm is None else f'{gm:.2f}x'} | {d.get('prefer', '-')} |"
-                     f" {d.get('why', '-')} |")
-    lines += ["", "Tests: status (passed/failed). Timings (p50 ms):", "",
-              "| op | shape | dtype | mode | cuda | triton | triton/cuda |", "|---|---|---|---|---|---|---|"]
-    for fam, r in result["families"].items():
-        for row in r.get("timings", []):
-            ms = lambda b: (f"{row[b]['p50_ms']:.3f}" if row[b].get("p50_ms") is not None  # noqa: E731
-                            else row[b].get("status", "-"))
-            ratio = row.get("triton_over_cuda")
-            lines.append(f"| {row['op']} | {row['shape']} | {row['dtype']} | {row['mode']} |"
-                         f" {ms('cuda')} | {ms('triton')} |"
-                         f" {'-' if ratio is None else f'{ratio:.2f}'} |")
-    lines += ["", "AUTO_CUDA_ORDER entries (fastssl/_backend.py) this run supports:", "", "```"]
-    lines += [auto_order_line(f, r["decision"]["prefer"]) for f, r in result["families"].items()
-              if "decision" in r]
-    lines += ["```", ""]
-    return "\n".join(lines)
+        rows.append([fam, cell(t.get("cuda", {})), cell(t.get("triton", {})),
+                     "-" if gm is None else f"{gm:.2f}x", d.get("prefer", "-"), d.get("why", "-")])
+    ms = lambda row, b: (f"{row[b]['p50_ms']:.3f}" if row[b].get("p50_ms") is not None  # noqa: E731
+                         else row[b].get("status", "-"))
+    timings = [[row["op"], row["shape"], row["dtype"], row["mode"], ms(row, "cuda"),
+                ms(row, "triton"), "-" if row.get("triton_over_cuda") is None
+                else f"{row['triton_over_cuda']:.2f}"]
+               for _, r in fams for row in r.get("timings", [])]
+    return "\n".join(
+        ["# Backend choice for `auto` on CUDA tensors", "",
+         f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}"
+         + ("; DRY RUN (CPU stand-ins: cpp for cuda, torch for triton)" if result["dry_run"] else ""),
+         ""] + table(["family", "cuda tests", "triton tests", "triton/cuda p50 (geomean)",
+                      "auto should prefer", "why"], rows)
+        + ["", "Tests: status (passed/failed). Timings (p50 ms):", ""]
+        + table(["op", "shape", "dtype", "mode", "cuda", "triton", "triton/cuda"], timings)
+        + ["", "AUTO_CUDA_ORDER entries (fastssl/_backend.py) this run supports:", "", "```"]
+        + [auto_order_line(f, r["decision"]["prefer"]) for f, r in fams if "decision" in r]
+        + ["```", ""])
 
 
 def _write(out: Path, result: dict) -> None:
