@@ -32,7 +32,6 @@ import torch
 import fastssl
 
 from . import baselines
-from .common import fmt_mb, fmt_ms  # noqa: F401 - the benchmark modules' formats
 
 MODES = ("forward", "backward", "forward+backward")
 
@@ -140,22 +139,6 @@ def provider_backend(provider: str) -> str | None:
     return None
 
 
-def resolve(provider: str, fastssl_fn: Callable, reference_fn: Callable) -> Callable:
-    """The callable computing an op for a standard provider (the backend is forced around the
-    whole measurement by `run_case`, so fastssl_fn is returned as is)."""
-    if provider_backend(provider) is not None:
-        return fastssl_fn
-    if provider == "reference":
-        return reference_fn
-    if provider == "reference:compile":
-        # Static shapes: each benchmark shape is compiled once during the warm-up calls. The
-        # dynamo cache is reset first: every case recompiles the same reference function, and
-        # past the recompile limit dynamo would silently run it eagerly.
-        torch._dynamo.reset()
-        return torch.compile(reference_fn, dynamic=False)
-    raise Skip(f"provider {provider!r} does not apply to this op")
-
-
 EAGER_PROVIDERS = ("eager", "eager:compile")
 
 
@@ -167,7 +150,8 @@ def baseline_providers(op: str) -> tuple[str, ...]:
 
 def resolve_op(provider: str, op: str, fastssl_fn: Callable, reference_fn: Callable,
                device: torch.device) -> Callable:
-    """resolve() plus the baselines users would otherwise run: ``eager`` (bench/baselines.py),
+    """The callable computing an op for a provider: fastssl's (run_case forces the backend),
+    the reference, or the baselines users would otherwise run: ``eager`` (bench/baselines.py),
     ``eager:compile`` (torch.compile of it, GPU only) and ``peer:<library>``."""
     if provider in EAGER_PROVIDERS:
         if op not in baselines.EAGER:
@@ -184,7 +168,17 @@ def resolve_op(provider: str, op: str, fastssl_fn: Callable, reference_fn: Calla
             return baselines.peer(op, provider.split(":", 1)[1])
         except baselines.PeerMissing as e:
             raise Skip(str(e)) from None
-    return resolve(provider, fastssl_fn, reference_fn)
+    if provider_backend(provider) is not None:   # the backend is forced around the case
+        return fastssl_fn
+    if provider == "reference":
+        return reference_fn
+    if provider == "reference:compile":
+        # Static shapes: each benchmark shape is compiled once during the warm-up calls. The
+        # dynamo cache is reset first: every case recompiles the same reference function, and
+        # past the recompile limit dynamo would silently run it eagerly.
+        torch._dynamo.reset()
+        return torch.compile(reference_fn, dynamic=False)
+    raise Skip(f"provider {provider!r} does not apply to this op")
 
 
 # ----------------------------------------------------------------------------------------------
