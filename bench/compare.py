@@ -352,25 +352,27 @@ def headline_markdown(records: list[dict], link: str, roofline: dict | None = No
     eager and the best peer at the largest measured size, the worst ratio over the sizes inside
     the target range in brackets, and the verdict over every size (sizes below the target range
     are named as such, not as misses)."""
-    head = ("| op | largest shape | fastssl | vs eager (worst in range) | vs best peer (worst in range) | "
-            "memory / eager |" + (" fastssl GFLOP/s (% of GEMM) |" if roofline else "") + " verdict over the sizes |")
-    lines = [head, "|" + "---|" * (7 + bool(roofline))]
+    rows = []
     for op, dtype, variant, full in headline_groups(records):
-        big = max(full, key=lambda r: (r["shape"].get("B", 0), r["shape"].get("K", 0), r["shape"].get("n", 0)))
+        big = max(full, key=lambda r: tuple(r["shape"].get(k, 0) for k in ("B", "K", "n")))
         ranged = [r for r in full if in_target_range(r)]
-        worst_e = min((r["vs_eager"] for r in ranged if r["vs_eager"] is not None), default=None)
-        worst_p = min((r["vs_peer"] for r in ranged if r["vs_peer"] is not None), default=None)
-        shape = ", ".join(f"{k}={v}" for k, v in big["shape"].items())
-        peer = "-" if big["vs_peer"] is None else f"{_x(big['vs_peer'])} {big['peer']['provider']} ({_x(worst_p)})"
-        mem = "-" if big["mem_vs_eager"] is None else f"{big['mem_vs_eager']:.3f}"
+        worst_e, worst_p = (min((r[k] for r in ranged if r[k] is not None), default=None)
+                            for k in ("vs_eager", "vs_peer"))
+        peer = "-" if big["vs_peer"] is None else (f"{_x(big['vs_peer'])} "
+                                                   f"{big['peer']['provider']} ({_x(worst_p)})")
         if big["nan"]:
             peer = f"{peer} ({', '.join(big['nan'])}: NaN codes)"
-        gf = ""
-        if roofline:
-            g = (big.get("gflops") or {}).get("fastssl")
-            gf = " - |" if g is None else f" {g:.1f} ({100 * g / roofline['gflops']:.0f}%) |"
-        lines.append(f"| {op} ({dtype}{', ' + variant if variant else ''}) | {shape} | {fmt_ms(big['fast']['p50_ms'])} | "
-                     f"{_x(big['vs_eager'])} ({_x(worst_e)}) | {peer} | {mem} |{gf} {op_verdict(full)} |")
+        g = (big.get("gflops") or {}).get("fastssl")
+        gf = [] if not roofline else ["-" if g is None else
+                                      f"{g:.1f} ({100 * g / roofline['gflops']:.0f}%)"]
+        rows.append([f"{op} ({dtype}{', ' + variant if variant else ''})", shape_str(big["shape"]),
+                     fmt_ms(big["fast"]["p50_ms"]), f"{_x(big['vs_eager'])} ({_x(worst_e)})", peer,
+                     "-" if big["mem_vs_eager"] is None else f"{big['mem_vs_eager']:.3f}", *gf,
+                     op_verdict(full)])
+    lines = table(["op", "largest shape", "fastssl", "vs eager (worst in range)",
+                   "vs best peer (worst in range)", "memory / eager",
+                   *(["fastssl GFLOP/s (% of GEMM)"] if roofline else []),
+                   "verdict over the sizes"], rows)
     lines += ["", f"Every size, dtype and the largest N within a memory budget: [{link}]({link})."]
     return "\n".join(lines)
 
