@@ -148,12 +148,15 @@ def baseline_providers(op: str) -> tuple[str, ...]:
     return eager + tuple(f"peer:{p}" for p in baselines.PEERS.get(op, ()) if p != "diffsort")
 
 
-def resolve_op(provider: str, op: str, fastssl_fn: Callable, reference_fn: Callable,
-               device: torch.device) -> Callable:
+def resolve_op(provider: str, op: str | None, fastssl_fn: Callable, reference_fn: Callable,
+               device: torch.device | None = None) -> Callable:
     """The callable computing an op for a provider: fastssl's (run_case forces the backend),
-    the reference, or the baselines users would otherwise run: ``eager`` (bench/baselines.py),
-    ``eager:compile`` (torch.compile of it, GPU only) and ``peer:<library>``."""
-    if provider in EAGER_PROVIDERS:
+    the reference, or (unless op is None: a spec with baselines of its own) the baselines users
+    would otherwise run: ``eager`` (bench/baselines.py), ``eager:compile`` (torch.compile of it,
+    GPU only) and ``peer:<library>``."""
+    if op is None:
+        pass
+    elif provider in EAGER_PROVIDERS:
         if op not in baselines.EAGER:
             raise Skip(f"no eager baseline for {op}")
         fn = baselines.EAGER[op]
@@ -163,7 +166,7 @@ def resolve_op(provider: str, op: str, fastssl_fn: Callable, reference_fn: Calla
             raise Skip("torch.compile of the eager loss is measured on GPU only")
         torch._dynamo.reset()
         return torch.compile(fn, dynamic=False)
-    if provider.startswith("peer:"):
+    elif provider.startswith("peer:"):
         try:
             return baselines.peer(op, provider.split(":", 1)[1])
         except baselines.PeerMissing as e:
