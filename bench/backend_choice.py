@@ -188,7 +188,8 @@ def markdown(result: dict) -> str:
     return "\n".join(
         ["# Backend choice for `auto` on CUDA tensors", "",
          f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}"
-         + ("; DRY RUN (CPU stand-ins: cpp for cuda, torch for triton)" if result["dry_run"] else ""),
+         + ("; DRY RUN (CPU stand-ins: cpp for cuda, torch for triton)"
+            if result["dry_run"] else ""),
          ""] + table(["family", "cuda tests", "triton tests", "triton/cuda p50 (geomean)",
                       "auto should prefer", "why"], rows)
         + ["", "Tests: status (passed/failed). Timings (p50 ms):", ""]

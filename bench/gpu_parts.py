@@ -124,7 +124,8 @@ def part_build(out, dry_run, hook):
         cuda_home, info["cuda_home"] = runpy.run_path(
             str(REPO / "csrc" / "build_flags.py"))["find_cuda_home"]()
         if dry_run and os.environ.get("FASTSSL_GPU_RUN_DRY_BUILD") != "1":
-            info.update(status="skipped", note="dry run: no build; the extension built here is used")
+            info.update(status="skipped",
+                        note="dry run: no build; the extension built here is used")
         elif not dry_run and (kept := _prebuilt_matches(env)):
             info.update(status="ok", note=kept)
         else:
@@ -153,7 +154,8 @@ def _build_both(out, info, env, cuda_home, dry_run, log) -> None:
         logs[kind] = open(out / "logs" / f"build_{kind}.log", "w")
         cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
         logs[kind].write(f"$ (cd {root} && FASTSSL_BUILD_CUDA={kenv['FASTSSL_BUILD_CUDA']} "
-                         f"FASTSSL_CUDA_ARCHS={kenv.get('FASTSSL_CUDA_ARCHS', '')} {' '.join(cmd)})\n")
+                         f"FASTSSL_CUDA_ARCHS={kenv.get('FASTSSL_CUDA_ARCHS', '')} "
+                         f"{' '.join(cmd)})\n")
         logs[kind].flush()
         procs[kind] = (subprocess.Popen(cmd, cwd=root, env=kenv, stdout=logs[kind],
                                         stderr=subprocess.STDOUT, start_new_session=True),
@@ -173,7 +175,8 @@ def _build_both(out, info, env, cuda_home, dry_run, log) -> None:
         except subprocess.TimeoutExpired:
             kill_group(proc, 0)
             rcs[kind] = "timeout"
-        info[f"{kind}_build_rc"], info[f"{kind}_build_s"] = rcs[kind], round(time.monotonic() - t0, 1)
+        info[f"{kind}_build_rc"] = rcs[kind]
+        info[f"{kind}_build_s"] = round(time.monotonic() - t0, 1)
 
     if "cuda" in procs:
         wait("cuda")
@@ -231,7 +234,8 @@ def part_roofline(out, dry_run, hook):
         info["device_name"] = torch.cuda.get_device_name(device)
     ms = _median_ms(lambda: a @ b, cuda, 10 if cuda else 5, 3 if cuda else 1)
     info.update(matmul_ms=ms, peak_tflops=2 * n**3 / (ms / 1e3) / 1e12,
-                note="median of 10 products after 3 warm-ups, random data" if cuda else "CPU dry run")
+                note="median of 10 products after 3 warm-ups, random data" if cuda
+                else "CPU dry run")
     _done(out, "roofline", info, hook)
     # A device copy: bytes read + written over the time (the memory-bound ceiling).
     a = b = None   # freed before the copy's buffers
@@ -269,7 +273,7 @@ def headline_cases(part: str, dry: bool) -> list[Case]:
     def add(op, shape, dtype, modes, providers):
         cases.extend(Case(op, shape, dtype, modes, p) for p in providers)
 
-    gpu_fast = ("fastssl", "fastssl:torch") if dry else ("fastssl", "fastssl:cuda", "fastssl:triton")
+    gpu_fast = ("fastssl",) + (("fastssl:torch",) if dry else ("fastssl:cuda", "fastssl:triton"))
     if part == "bench_contrastive":
         nt = {"B": 16, "D": 8} if dry else {"B": 32768, "D": 128}
         nce = {**nt, "symmetric": True}
@@ -475,7 +479,8 @@ def part_trainer(out, dry_run, hook):
     with _writer(out, device) as writer:
         for shape in shapes:
             if time_left() < (2.0 if dry_run else 4.0):
-                case = Case(spec.name, shape, str(dtype).replace("torch.", ""), ("step",), "fastssl")
+                case = Case(spec.name, shape, str(dtype).replace("torch.", ""), ("step",),
+                            "fastssl")
                 progress(writer.write({**_not_run(case, spec, device, "trainer"), "mode": "step",
                                        "note": "not reached: the part's cap"}), sys.stdout)
                 continue

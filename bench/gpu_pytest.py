@@ -56,7 +56,8 @@ def _write(report, outcome: str, when: str) -> None:
         message = str(rep[2]) if isinstance(rep, tuple) else str(rep or "")
     elif report.failed:
         text = (getattr(report, "longreprtext", "") or str(report.longrepr or "")).strip()
-        message = "\n".join([ln for ln in text.splitlines() if ln.startswith("E ")][-6:]) or text[-600:]
+        errors = [ln for ln in text.splitlines() if ln.startswith("E ")]
+        message = "\n".join(errors[-6:]) or text[-600:]
     else:
         message = ""
     with open(path, "a") as f:

@@ -24,7 +24,8 @@ def _speed_vs(r: dict, records: list[dict], provider: str) -> str:
 def _headline_row(r: dict, head: list[dict]) -> list:
     start = [r["op"], shape_str(r.get("shape")), r.get("dtype"), r.get("mode"), r["provider"]]
     if r.get("status") != "ok":
-        return start + ["-"] * 6 + [f"{r.get('status')}: {str(r.get('note', '')).replace('|', '/')[:120]}"]
+        note = str(r.get("note", "")).replace("|", "/")[:120]
+        return start + ["-"] * 6 + [f"{r.get('status')}: {note}"]
     return start + [fmt_ms(r["p50_ms"]), fmt_mb(r.get("peak_mem_mb")),
                     f"{r['tflops']:.1f}" if r.get("tflops") else "-",
                     f"{100 * r['peak_fraction']:.0f}%" if r.get("peak_fraction") else "-",
@@ -35,7 +36,7 @@ def _headline_row(r: dict, head: list[dict]) -> list:
 def _step_row(r: dict) -> list:
     s = r.get("shape") or {}
     if r.get("status") != "ok":
-        return [s.get("method")] + ["-"] * 5 + [f"{r.get('status')}: {str(r.get('note', ''))[:120]}"]
+        return [s.get("method"), *["-"] * 5, f"{r.get('status')}: {str(r.get('note', ''))[:120]}"]
     return [s.get("method"), f"{s.get('arch')} B={s.get('B')} {s.get('res')}px x{s.get('views')}",
             fmt_ms(r["p50_ms"]), f"{r.get('images_per_s', 0):,.0f}", fmt_ms(r.get("loss_ms")),
             pct(r.get("loss_share")), "ok"]
@@ -61,7 +62,8 @@ def gpu_section(out: Path, parts: list[dict], records: list[dict]) -> str:
         ext = build.get("extension", {})
         cuda_s = build.get("cuda_build_s")
         lines += ["## Build", "", f"{build.get('status')}: {build.get('note', '')}; fastssl._C: "
-                  f"C++ {'yes' if ext.get('cpp') else 'no'}, CUDA {'yes' if ext.get('cuda') else 'no'}"
+                  f"C++ {'yes' if ext.get('cpp') else 'no'}, "
+                  f"CUDA {'yes' if ext.get('cuda') else 'no'}"
                   + (f" (CUDA build {cuda_s} s)" if cuda_s is not None else "")
                   + f". Wheels: {build.get('wheels')}.", ""]
         if build.get("log_tail"):
@@ -72,8 +74,9 @@ def gpu_section(out: Path, parts: list[dict], records: list[dict]) -> str:
               f"{t['error']} errors, {t['skipped']} skipped (per-test log: tests.jsonl)."
               + (f" **{t['collect_errors']} test file(s) could not be collected** (listed below: "
                  "their tests did not run)." if t["collect_errors"] else ""), ""]
-    lines += [f"- `{f['nodeid']}` {f['outcome']}: {f.get('message', '').replace(chr(10), ' ')[:300]}"
-              for f in t["failures"][:40]] + [""] * bool(t["failures"])
+    lines += [f"- `{f['nodeid']}` {f['outcome']}: "
+              f"{f.get('message', '').replace(chr(10), ' ')[:300]}" for f in t["failures"][:40]]
+    lines += [""] * bool(t["failures"])
     if t["skip_reasons"]:
         lines += ["Skipped, by reason:", ""] + [f"- {n} x {why or '(no reason given)'}"
                                                 for why, n in t["skip_reasons"][:12]] + [""]

@@ -1,9 +1,9 @@
 """python -m bench.gpu_run: everything GPU-only, proved and measured in one call of at most 10
 minutes that starts cold.
 
-    python3 -m bench.gpu_run                        # on a GPU machine (H100/H200): build, test, measure
-    python3 -m bench.gpu_run --dry-run --out DIR    # the same code path on CPU at tiny sizes (CI)
-    python3 -m bench.preflight                      # here: the dry run on the GPU machine's versions
+    python3 -m bench.gpu_run                      # on a GPU machine: build, test, measure
+    python3 -m bench.gpu_run --dry-run --out DIR  # the same code path on CPU at tiny sizes (CI)
+    python3 -m bench.preflight                    # here: the dry run on the GPU machine's versions
 
 Made for a bare, short-lived GPU machine without network: it needs the working tree, the
 machine's python3 (torch, triton, pytest) and the carried folder .whl/ (diffsort's wheel and
@@ -32,8 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import (CARRIED, Log, COLD_START_S, COMMIT_ENV, COMPILE_EXTRA_S, DEADLINE_ENV, MARGIN_S,
-                     PART_NAMES, PARTS, PKG, REPO, REPORT_S, TOTAL_BUDGET_S, VERSIONS_S,
+from .common import (CARRIED, COLD_START_S, COMMIT_ENV, COMPILE_EXTRA_S, DEADLINE_ENV, MARGIN_S,
+                     PART_NAMES, PARTS, PKG, REPO, Log, REPORT_S, TOTAL_BUDGET_S, VERSIONS_S,
                      cpu_model_name, git_commit, load_json, run_capped, slug, stop_running,
                      tests_summary)
 
@@ -85,7 +85,8 @@ def gpu_name() -> str | None:
 
 def default_out(dry_run: bool) -> Path:
     if dry_run:
-        return Path(tempfile.gettempdir()) / "fastssl-gpu-run-dry" / ("cpu-" + slug(cpu_model_name()))
+        return (Path(tempfile.gettempdir()) / "fastssl-gpu-run-dry"
+                / ("cpu-" + slug(cpu_model_name())))
     return REPO / "bench" / "results" / slug(gpu_name() or "unknown-gpu")
 
 
@@ -149,7 +150,8 @@ def install_carried_wheels(log) -> str:
                         "--no-compile", "--no-cache-dir", "--upgrade", "--target",
                         str(CARRIED / "site"), *map(str, wheels)], log, 60.0)
     names = ", ".join(w.name for w in wheels)
-    return f"installed {names} into .whl/site" if rc == 0 else f"pip install of {names} failed ({rc})"
+    return (f"installed {names} into .whl/site" if rc == 0
+            else f"pip install of {names} failed ({rc})")
 
 
 def child_env(dry_run: bool, deadline: float, extra: dict | None = None) -> dict:
@@ -239,7 +241,8 @@ def outside_out_dir(out: Path) -> tuple[Path, str]:
         return out, ""
     dest_p = Path(dest).resolve()
     if out == dest_p or dest_p in out.parents:
-        moved = Path(tempfile.gettempdir()) / "fastssl-gpu-run" / (out.name if out != dest_p else "run")
+        moved = (Path(tempfile.gettempdir()) / "fastssl-gpu-run"
+                 / (out.name if out != dest_p else "run"))
         return moved, (f"--out {out} is inside $OUT ({dest_p}): the run writes to {moved} and "
                        f"copies its main files and an archive to $OUT")
     return out, ""

@@ -124,7 +124,8 @@ def _cases():
     for dn, dt in dtypes64.items():
         for bsz in (256, 4096):
             acc = torch.float64 if dt == torch.float64 else f32
-            s, a, q, size = m(bsz, k, dtype=dt), m(k, dtype=acc), m(bsz, k, dtype=acc), f"B={bsz},K={k}"
+            s, a, q = m(bsz, k, dtype=dt), m(k, dtype=acc), m(bsz, k, dtype=acc)
+            size = f"B={bsz},K={k}"
             out += [("swav", "colstats", dn, size, partial(KW.colstats, s, 0.05)),
                     ("swav", "rowpass[colsum]", dn, size, partial(KW.rowpass, s, 0.05, a, False)),
                     ("swav", "rowpass[codes]", dn, size, partial(KW.rowpass, s, 0.05, a, True)),
