@@ -241,14 +241,6 @@ def _lightly_module(name: str):
         raise PeerMissing(f"{full}: {type(e).__name__}: {e}") from None
 
 
-def lightly_version() -> str | None:
-    try:
-        import lightly
-        return getattr(lightly, "__version__", "?")
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def peer(op: str, name: str):
     """The peer's callable with fastssl's argument order, or raise PeerMissing."""
     if name == "lightly":
