@@ -68,8 +68,12 @@ PARTS = (
 PART_NAMES = tuple(p.name for p in PARTS)
 COMPILE_EXTRA_S = {"bench_contrastive": 60, "bench_sce_sphere": 60, "bench_swav": 45}
 
-# Providers: fastssl against what users would otherwise run (eager, the peers), and the
-# reference, the correctness anchor; in column order.
+# Providers. Every op is offered fastssl (automatic, then each backend forced) and the reference
+# (the correctness anchor); its spec adds what users would otherwise run: eager PyTorch and the
+# peers (bench/baselines.py, diffsort). BASELINES and PROVIDER_ORDER: the reports' column order.
+FASTSSL_PROVIDERS = ("fastssl", "fastssl:torch", "fastssl:cpp", "fastssl:triton", "fastssl:cuda")
+STANDARD_PROVIDERS = FASTSSL_PROVIDERS + ("reference", "reference:compile")
+EAGER_PROVIDERS = ("eager", "eager:compile")
 PEER_PREFIX, PEER_NAMES = "peer:", ("diffsort",)
 BASELINES = ("eager", "eager:compile", "peer:lightly", "peer:torchsort", "diffsort", "reference",
              "reference:compile")

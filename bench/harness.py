@@ -32,13 +32,10 @@ import torch
 import fastssl
 
 from . import baselines
+from .common import EAGER_PROVIDERS, STANDARD_PROVIDERS
 
 MODES = ("forward", "backward", "forward+backward")
 
-# Providers every op is offered to; an op spec adds outside baselines (e.g. diffsort).
-FASTSSL_PROVIDERS = ("fastssl", "fastssl:torch", "fastssl:cpp", "fastssl:triton", "fastssl:cuda")
-REFERENCE_PROVIDERS = ("reference", "reference:compile")
-STANDARD_PROVIDERS = FASTSSL_PROVIDERS + REFERENCE_PROVIDERS
 
 
 class Skip(Exception):
@@ -137,9 +134,6 @@ def provider_backend(provider: str) -> str | None:
     if provider.startswith("fastssl:"):
         return provider.split(":", 1)[1]
     return None
-
-
-EAGER_PROVIDERS = ("eager", "eager:compile")
 
 
 def baseline_providers(op: str) -> tuple[str, ...]:
