@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import common, gpu_pytest, gpu_run  # noqa: E402
 
-STALLED, STALL_CAP = "bench_swav", 15.0
+STALLED, STALL_CAP = "bench_swav", 30.0   # a loaded 2-core machine imports torch in 10+ s
 
 
 @pytest.fixture(scope="module")
