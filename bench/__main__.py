@@ -5,28 +5,22 @@
     python -m bench --op input               # the host input path on JPEG files (bench/input.py)
     python -m bench --device cpu --quick     # tiny sizes, few calls (what the test suite runs)
     python -m bench --report-only --out DIR  # redo plots / summary from DIR/results.jsonl
-    python -m bench --update-readme          # also rewrite README.md's benchmark block (the
-                                             # same block as python -m bench.compare --update-readme)
+    python -m bench --update-readme          # also rewrite README.md's benchmark block
 
-Outputs under --out (default bench/results/<device name>/; quick runs default to a temporary
-directory so that they never overwrite committed results): results.jsonl, one PNG per op and
-shape family, summary.md.
-
-Full GPU runs measure each (op, provider) in a fresh subprocess (--isolate, the default there):
-a crash or a hang of one provider (an illegal memory access, a timeout) is recorded and the run
-goes on, and no allocator state leaks from one provider into another's memory figures. A provider that raises (NotImplementedError, out of memory, a forced backend that does
-not serve the op) is recorded with its status and the run goes on.
+Outputs under --out (default bench/results/<device>/; quick runs: a temporary directory):
+results.jsonl, one PNG per op and shape family, summary.md. Full GPU runs measure each (op,
+provider) in a fresh subprocess (--isolate): a crash or hang is recorded and the run goes on,
+and no allocator state leaks between providers. A provider that raises is recorded with its
+status.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import textwrap
-import time
 from pathlib import Path
 
 # On a shared CPU, libgomp's default spin-waiting at barriers collapses when other processes
@@ -37,48 +31,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from . import input as input_bench, plots, results, summary  # noqa: E402
+from .common import PKG, README, REPO, RESULTS_ROOT, progress, run_capped  # noqa: E402
+from .harness import BenchConfig, Size, run_case, static_skip  # noqa: E402
+from .specs import all_specs, select_specs  # noqa: E402, F401 - all_specs: the tests' registry
+
 RECORD_PREFIX = "BENCH-RECORD "
-# The module the isolated workers run: `bench` in a checkout; the installed `fastssl-bench`
-# (fastssl/bench_cli.py, where this folder is fastssl.bench) sets its own.
-WORKER_MODULE = os.environ.get("FASTSSL_BENCH_MODULE", "bench")
 
 
 def _results_root() -> Path:
     """bench/results/ in a checkout (the committed results); ./fastssl-bench-results when
     installed (never inside site-packages)."""
-    here = Path(__file__).resolve().parent
-    if (here.parent / "setup.py").exists():
-        return here / "results"
-    return Path.cwd() / "fastssl-bench-results"
-FAMILY_MODULES = ("contrastive", "sphere", "sortnet", "swav", "trainer")
-
-
-def all_specs():
-    return select_specs(None)
-
-
-def select_specs(names: list[str] | None):
-    """Specs named by --op: an op name selects that op; a family or module name (contrastive,
-    sphere, sortnet, swav/sinkhorn, trainer) selects its ops unless it is also an op name
-    (``sinkhorn`` is the op, ``swav`` the family)."""
-    import importlib
-
-    module_of = {}
-    specs = []
-    for mod in FAMILY_MODULES:
-        for s in importlib.import_module(f"bench.{mod}").SPECS:
-            module_of[s.name] = mod
-            specs.append(s)
-    if not names:
-        return specs
-    wanted = {n.strip() for arg in names for n in arg.split(",") if n.strip()}
-    op_names = {s.name for s in specs}
-    known = op_names | {s.family for s in specs} | set(FAMILY_MODULES)
-    unknown = sorted(wanted - known)
-    if unknown:
-        raise SystemExit(f"--op: unknown op or family {unknown}; known: {sorted(known)}")
-    groups = wanted - op_names
-    return [s for s in specs if s.name in wanted or s.family in groups or module_of[s.name] in groups]
+    return RESULTS_ROOT if (REPO / "setup.py").exists() else Path.cwd() / "fastssl-bench-results"
 
 
 def parse_args(argv=None):
@@ -106,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--report-only", action="store_true",
                    help="measure nothing: rebuild plots and summary from --out/results.jsonl")
-    p.add_argument("--update-readme", nargs="?", const=str(Path(__file__).resolve().parent.parent / "README.md"),
+    p.add_argument("--update-readme", nargs="?", const=str(README),
                    default=None, metavar="README", help="rewrite the benchmark block of README.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -114,8 +78,6 @@ def parse_args(argv=None):
 
 def plan_cases(spec, device_type: str, quick: bool, providers, dtypes, modes):
     """[(provider, size, dtype, modes)] to measure, and [(provider, note)] statically skipped."""
-    from bench.harness import static_skip
-
     cases, skipped = [], []
     spec_dtypes = spec.dtypes(device_type, quick)
     for provider in spec.providers:
@@ -143,114 +105,77 @@ def _case_key(op, provider, shape, dtype, mode):
 
 
 def _progress(rec: dict) -> None:
-    from bench.harness import fmt_mb, fmt_ms
-    shape = ",".join(f"{k}={v}" for k, v in (rec.get("shape") or {}).items())
-    line = f"{rec['op']:<10} {rec['provider']:<18} {shape:<32} {rec.get('dtype') or '-':<9} {rec.get('mode') or '-':<17}"
-    if rec.get("status") == "ok":
-        line += f" {fmt_ms(rec.get('p50_ms')):>10}  mem {fmt_mb(rec.get('peak_mem_mb')):>10}"
-        if rec.get("images_per_s"):
-            line += f"  {rec['images_per_s']:.0f} img/s"
-    else:
-        # shortened at a word boundary, never mid-word
-        line += f" [{rec.get('status')}] " + textwrap.shorten(str(rec.get("note", "")), 100,
-                                                             placeholder=" ...")
-    print(line, file=sys.stderr, flush=True)
+    progress(rec, sys.stderr)
+
+
+def _skipped(spec, skipped, device, emit):
+    for provider, note in skipped:
+        emit({"op": spec.name, "family": spec.family, "provider": provider, "mode": "-",
+              "shape": None, "x": None, "dtype": None, "device": device.type,
+              "status": "skipped", "note": note})
 
 
 def run_in_process(specs, args, device, cfg, emit):
-    from bench.harness import Size, run_case
-
     for spec in specs:
         cases, skipped = plan_cases(spec, device.type, args.quick, args.provider, args.dtype, args.mode)
         if not args.worker:
-            for provider, note in skipped:
-                emit({"op": spec.name, "family": spec.family, "provider": provider, "mode": "-",
-                      "shape": None, "x": None, "dtype": None, "device": device.type,
-                      "status": "skipped", "note": note})
+            _skipped(spec, skipped, device, emit)
         for provider, size, dt, modes in cases:
             for rec in run_case(spec, provider, Size(size.shape, modes, size.providers), dt, device, cfg):
                 emit(rec)
 
 
 def run_isolated(specs, args, device, emit):
-    """One subprocess per (op, provider); cases a crashed or timed-out worker did not report
-    are recorded as errors."""
+    """One subprocess per (op, provider), under --timeout; cases a crashed or timed-out worker
+    did not report are recorded as errors."""
     for spec in specs:
-        cases, skipped = plan_cases(spec, device.type, args.quick, args.provider, args.dtype, args.mode)
-        for provider, note in skipped:
-            emit({"op": spec.name, "family": spec.family, "provider": provider, "mode": "-",
-                  "shape": None, "x": None, "dtype": None, "device": device.type,
-                  "status": "skipped", "note": note})
-        providers = list(dict.fromkeys(c[0] for c in cases))
-        for provider in providers:
-            expected = {}
-            for prov, size, dt, modes in cases:
-                if prov != provider:
-                    continue
-                for m in modes:
-                    key = _case_key(spec.name, prov, size.shape, str(dt).replace("torch.", ""), m)
-                    expected[key] = (size, dt, m)
-            cmd = [sys.executable, "-m", WORKER_MODULE, "--worker", "--no-isolate", "--op", spec.name,
-                   "--provider", provider, "--device", device.type]
-            if args.quick:
-                cmd.append("--quick")
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            for d in args.dtype or ():
-                cmd += ["--dtype", d]
-            for m in args.mode or ():
-                cmd += ["--mode", m]
-            seen = set()
-            failure = None
-            try:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
-                                        cwd=Path(__file__).resolve().parent.parent)
-                deadline = time.monotonic() + args.timeout
-                import selectors
-                sel = selectors.DefaultSelector()
-                sel.register(proc.stdout, selectors.EVENT_READ)
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        proc.kill()
-                        failure = f"timeout: the worker ran past {args.timeout:.0f} s"
-                        break
-                    if not sel.select(timeout=min(remaining, 5.0)):
-                        if proc.poll() is not None:
-                            break
+        cases, skipped = plan_cases(spec, device.type, args.quick, args.provider, args.dtype,
+                                    args.mode)
+        _skipped(spec, skipped, device, emit)
+        for provider in dict.fromkeys(c[0] for c in cases):
+            expected = {_case_key(spec.name, provider, size.shape, str(dt).replace("torch.", ""), m):
+                        (size, dt, m) for prov, size, dt, modes in cases if prov == provider
+                        for m in modes}
+            cmd = [sys.executable, "-m", PKG, "--worker", "--no-isolate", "--op", spec.name,
+                   "--provider", provider, "--device", device.type] + ["--quick"] * args.quick
+            cmd += ["--threads", str(args.threads)] * bool(args.threads)
+            cmd += [a for d in args.dtype or () for a in ("--dtype", d)]
+            cmd += [a for m in args.mode or () for a in ("--mode", m)]
+            seen, failure = set(), None
+            with tempfile.TemporaryFile("w+") as log:
+                try:
+                    rc, _ = run_capped(cmd, log, args.timeout)
+                    failure = (f"timeout: the worker ran past {args.timeout:.0f} s" if rc == "timeout"
+                               else f"worker exited with code {rc}" if rc != 0 else None)
+                except OSError as exc:
+                    failure = f"could not run the worker: {exc}"
+                log.seek(0)
+                for line in log.read().splitlines()[1:]:
+                    if not line.startswith(RECORD_PREFIX):
+                        print(line, file=sys.stderr)   # the worker's own messages
                         continue
-                    line = proc.stdout.readline()
-                    if not line:
-                        break
-                    if line.startswith(RECORD_PREFIX):
-                        rec = json.loads(line[len(RECORD_PREFIX):])
-                        seen.add(_case_key(rec["op"], rec["provider"], rec["shape"], rec["dtype"], rec["mode"]))
-                        emit(rec)
-                rc = proc.wait()
-                if failure is None and rc != 0:
-                    failure = f"worker exited with code {rc}"
-            except Exception as exc:  # noqa: BLE001
-                failure = f"could not run the worker: {exc}"
+                    rec = json.loads(line[len(RECORD_PREFIX):])
+                    seen.add(_case_key(rec["op"], rec["provider"], rec["shape"], rec["dtype"],
+                                       rec["mode"]))
+                    emit(rec)
             for key, (size, dt, m) in expected.items():
                 if key not in seen:
                     emit({"op": spec.name, "family": spec.family, "provider": provider,
-                          "shape": dict(size.shape), "x": size.shape.get(spec.x_key), "x_key": spec.x_key,
-                          "dtype": str(dt).replace("torch.", ""), "device": device.type, "mode": m,
-                          "status": "error", "note": failure or "the worker did not report this case"})
+                          "shape": dict(size.shape), "x": size.shape.get(spec.x_key),
+                          "x_key": spec.x_key, "dtype": str(dt).replace("torch.", ""),
+                          "device": device.type, "mode": m, "status": "error",
+                          "note": failure or "the worker did not report this case"})
 
 
 # Benchmarks outside the op harness, run by --op NAME with their own options after it:
 # python -m bench --op input [--threads 1,2 --out DIR ...] is python -m bench.input [...].
-STANDALONE = {"input": "bench.input"}
+STANDALONE = {"input": input_bench.main}
 
 
 def main(argv=None) -> int:
-    import gc
-    import importlib
-
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) >= 2 and args[0] == "--op" and args[1] in STANDALONE:
-        return importlib.import_module(STANDALONE[args[1]]).main(args[2:])
+        return STANDALONE[args[1]](args[2:])
 
     # Everything alive now (torch, triton, fastssl) is long-lived: freezing it keeps the
     # gc.collect() before each memory measurement from rescanning it (550 ms per call measured).
@@ -271,7 +196,6 @@ def _main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     if args.worker:
-        from bench.harness import BenchConfig
         specs = select_specs(args.op)
         cfg = BenchConfig.for_run(args.quick)
 
@@ -279,9 +203,6 @@ def _main(argv=None) -> int:
             print(RECORD_PREFIX + json.dumps(rec), flush=True)
         run_in_process(specs, args, device, cfg, emit_stdout)
         return 0
-
-    from bench import plots, results, summary
-    from bench.harness import BenchConfig
 
     if args.out is None:
         if args.quick:

@@ -4,22 +4,14 @@ per family, from a measurement on this GPU (docs/design.md, "auto").
     python -m bench.backend_choice --out DIR            # on a GPU: tests, timings, the choice
     python -m bench.backend_choice --dry-run --out DIR  # the same code path on CPU, tiny sizes
 
-The families that have both hand-written CUDA kernels (csrc/*_cuda.cu) and Triton kernels:
-sortnet (soft_sort, GroCo) and swav (Sinkhorn; SwAV's cross-entropy has no CUDA kernel). For each:
-
-1. tests: the CUDA-device cases of both backends' tests (pytest with -k filters over the
-   family's test files: values and gradients against the reference), results per backend;
-2. timings: `cuda` against `triton` at the benchmark sizes of bench/sortnet.py and bench/swav.py
-   (their OpSpecs, through bench.harness.run_case: do_bench / CUDA events);
-3. the choice: `cuda` only if its tests ran and all passed, every timed case ran, and it is
-   faster than `triton` (geometric mean of triton/cuda over the cases above MARGIN); else
-   `triton`. Printed as the AUTO_CUDA_ORDER entries for fastssl/_backend.py.
-
-Writes DIR/backend_choice.json (rewritten after every step, so a run cut off at its time cap
-keeps what it measured), DIR/backend_choice_tests.json and DIR/backend_choice.md. Without a
-CUDA device it says so and exits 0 (nothing to measure); --dry-run runs the tests step (its CUDA
-cases skip on CPU) and times stand-ins (`cpp` for cuda, `torch` for triton) at tiny CPU sizes.
-Honours the deadline of bench.gpu_run ($FASTSSL_GPU_RUN_DEADLINE) and --max-seconds.
+For sortnet and swav (both have CUDA and Triton kernels): the CUDA-device tests of each backend
+(pytest -k over the family's test files), `cuda` against `triton` times at the benchmark sizes
+(bench/sortnet.py and bench/swav.py through run_case), and the choice: `cuda` only if its tests
+all passed, every case was timed and it is faster by more than MARGIN (geometric mean), else
+`triton`, printed as fastssl/_backend.py AUTO_CUDA_ORDER entries. Writes backend_choice.json
+(after every step), backend_choice_tests.json and backend_choice.md. Without a CUDA device it
+says so and exits 0; --dry-run times `cpp`/`torch` standing in for cuda/triton on CPU. Honours
+$FASTSSL_GPU_RUN_DEADLINE and --max-seconds.
 """
 from __future__ import annotations
 
@@ -27,14 +19,18 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEADLINE_ENV = "FASTSSL_GPU_RUN_DEADLINE"
+import torch
+
+from . import sortnet, swav
+from .common import DEADLINE_ENV, run_capped, table
+from .harness import BenchConfig, run_case
+
 MARGIN = 1.05  # cuda must be this much faster (geometric mean): smaller gaps are within noise
 
 # family -> (test files, {backend: -k expression selecting its CUDA-device cases}, bench ops)
@@ -74,14 +70,12 @@ def run_tests(family: str, backend: str, out: Path, deadline: float) -> dict:
            "--junitxml", str(xml), *files]
     env = dict(os.environ)
     env.pop("FASTSSL_BACKEND", None)
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=None if math.isinf(left) else left)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
-    except subprocess.TimeoutExpired:
-        rc, tail = None, "cut off at the time cap"
-    res = {"command": " ".join(cmd[1:]), "rc": rc, "seconds": round(time.monotonic() - t0, 1),
+    with tempfile.TemporaryFile("w+") as log:
+        rc, secs = run_capped(cmd, log, None if math.isinf(left) else left, env=env)
+        log.seek(0)
+        tail = log.read()[-2000:] if rc != "timeout" else "cut off at the time cap"
+    rc = None if rc == "timeout" else rc
+    res = {"command": " ".join(cmd[1:]), "rc": rc, "seconds": round(secs, 1),
            "passed": 0, "failed": 0, "skipped": 0, "failures": []}
     if xml.exists():
         for case in ET.parse(xml).getroot().iter("testcase"):
@@ -105,17 +99,10 @@ def run_tests(family: str, backend: str, out: Path, deadline: float) -> dict:
 # timings
 
 
-def _specs() -> dict:
-    from bench import sortnet as bs, swav as bw
-    return {s.name: s for s in (*bs.SPECS, *bw.SPECS)}
-
-
 def time_family(family: str, device, dry_run: bool, deadline: float) -> list[dict]:
     """cuda against triton on the family's benchmark cases: one row per (op, size, dtype, mode)
     with both backends' p50."""
-    import torch
-    from bench.harness import BenchConfig, run_case
-    specs = _specs()
+    specs = {s.name: s for s in (*sortnet.SPECS, *swav.SPECS)}
     cfg = BenchConfig.for_run(quick=dry_run)
     providers = (DRY_STANDIN if dry_run else {b: f"fastssl:{b}" for b in BACKENDS})
     rows = []
@@ -184,35 +171,32 @@ def auto_order_line(family: str, prefer: str) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Backend choice for `auto` on CUDA tensors", "",
-             f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}"
-             + ("; DRY RUN (CPU stand-ins: cpp for cuda, torch for triton)"
-                if result["dry_run"] else ""), "",
-             "| family | cuda tests | triton tests | triton/cuda p50 (geomean) | auto should prefer |"
-             " why |", "|---|---|---|---|---|---|"]
-    for fam, r in result["families"].items():
-        t = r.get("tests", {})
-        d = r.get("decision", {})
-        cell = lambda x: f"{x.get('status', '-')} ({x.get('passed', 0)}/{x.get('failed', 0)})"  # noqa: E731
+    cell = lambda x: f"{x.get('status', '-')} ({x.get('passed', 0)}/{x.get('failed', 0)})"  # noqa: E731
+    fams = result["families"].items()
+    rows = []
+    for fam, r in fams:
+        t, d = r.get("tests", {}), r.get("decision", {})
         gm = d.get("geomean_triton_over_cuda")
-        lines.append(f"| {fam} | {cell(t.get('cuda', {}))} | {cell(t.get('triton', {}))} | "
-                     f"{'-' if gm is None else f'{gm:.2f}x'} | {d.get('prefer', '-')} |"
-                     f" {d.get('why', '-')} |")
-    lines += ["", "Tests: status (passed/failed). Timings (p50 ms):", "",
-              "| op | shape | dtype | mode | cuda | triton | triton/cuda |", "|---|---|---|---|---|---|---|"]
-    for fam, r in result["families"].items():
-        for row in r.get("timings", []):
-            ms = lambda b: (f"{row[b]['p50_ms']:.3f}" if row[b].get("p50_ms") is not None  # noqa: E731
-                            else row[b].get("status", "-"))
-            ratio = row.get("triton_over_cuda")
-            lines.append(f"| {row['op']} | {row['shape']} | {row['dtype']} | {row['mode']} |"
-                         f" {ms('cuda')} | {ms('triton')} |"
-                         f" {'-' if ratio is None else f'{ratio:.2f}'} |")
-    lines += ["", "AUTO_CUDA_ORDER entries (fastssl/_backend.py) this run supports:", "", "```"]
-    lines += [auto_order_line(f, r["decision"]["prefer"]) for f, r in result["families"].items()
-              if "decision" in r]
-    lines += ["```", ""]
-    return "\n".join(lines)
+        rows.append([fam, cell(t.get("cuda", {})), cell(t.get("triton", {})),
+                     "-" if gm is None else f"{gm:.2f}x", d.get("prefer", "-"), d.get("why", "-")])
+    ms = lambda row, b: (f"{row[b]['p50_ms']:.3f}" if row[b].get("p50_ms") is not None  # noqa: E731
+                         else row[b].get("status", "-"))
+    timings = [[row["op"], row["shape"], row["dtype"], row["mode"], ms(row, "cuda"),
+                ms(row, "triton"), "-" if row.get("triton_over_cuda") is None
+                else f"{row['triton_over_cuda']:.2f}"]
+               for _, r in fams for row in r.get("timings", [])]
+    return "\n".join(
+        ["# Backend choice for `auto` on CUDA tensors", "",
+         f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}"
+         + ("; DRY RUN (CPU stand-ins: cpp for cuda, torch for triton)"
+            if result["dry_run"] else ""),
+         ""] + table(["family", "cuda tests", "triton tests", "triton/cuda p50 (geomean)",
+                      "auto should prefer", "why"], rows)
+        + ["", "Tests: status (passed/failed). Timings (p50 ms):", ""]
+        + table(["op", "shape", "dtype", "mode", "cuda", "triton", "triton/cuda"], timings)
+        + ["", "AUTO_CUDA_ORDER entries (fastssl/_backend.py) this run supports:", "", "```"]
+        + [auto_order_line(f, r["decision"]["prefer"]) for f, r in fams if "decision" in r]
+        + ["```", ""])
 
 
 def _write(out: Path, result: dict) -> None:
@@ -234,9 +218,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import torch
     families = [f for f in a.families.split(",") if f]
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:

@@ -1,50 +1,23 @@
 """What users would otherwise run: "eager" losses and the peer libraries, for the benchmarks.
 
-"eager" is the shortest correct PyTorch code for each loss, written here from its formula: it
-materialises the full similarity matrix and lets autograd do the rest, as lightly or the
-upstream repositories do. It is not fastssl.reference (that one follows the upstream code step
-by step, for fidelity, and is several times slower); the reference stays in the benchmarks only
-as the correctness anchor. tests/bench/test_baselines.py checks every eager loss against the
-reference in value and gradient (float64).
+"eager" is the shortest correct PyTorch code for each loss, written here from its formula: the
+full similarity matrix and autograd, as lightly or the upstream repositories do (matmuls in the
+input dtype, softmax/log-sum-exp in float32, as autocast does). fastssl.reference stays in the
+benchmarks only as the correctness anchor; tests/bench/test_baselines.py checks every eager
+loss against it in value and gradient (float64).
 
-Matmuls run in the input dtype and the softmax/log-sum-exp in float32, as autocast does.
+Peers (``peer:<library>``) are imported from the installed package: lightly's losses from its
+submodules (its ``lightly.loss`` init imports torchvision; `pip download --no-deps lightly`
+unpacked on PYTHONPATH is enough). Sinkhorn's peers, SwAV's ``distributed_sinkhorn`` and
+lightly's ``sinkhorn``, are written here from their published formula (exp of the scores at the
+input dtype, no max subtraction: they overflow at small epsilon and in float16).
 
-Peers (``peer:<library>`` providers) are imported from the installed package when it imports
-without pulling another torch: lightly's losses load from its submodules (its ``lightly.loss``
-package init imports torchvision, which is not needed by the losses measured here; install lightly
-with `pip download --no-deps lightly` unpacked on PYTHONPATH). Sinkhorn's
-peers are SwAV's ``distributed_sinkhorn`` and lightly's ``sinkhorn``, written here from their
-published formula (exp of the scores at the input dtype, in place, no max subtraction: which
-is why they overflow at small epsilon and in float16), so they are measured even without
-lightly.
-
-torchsort (``peer:torchsort``, soft_sort) ships as a source package whose C++ extension compiles
-against the installed torch. Built here (torchsort 0.1.10, CPU torch 2.13, about 2 minutes on
-2 cores) without touching the venv; nvcc is on this machine's PATH, and torchsort's setup.py then
-also builds a CUDA extension the CPU torch cannot build (CUDA_HOME unset), so PATH leaves it out::
-
-    export PATH=/work/main/.venv/bin:/usr/bin:/bin    # no /usr/local/bin/nvcc: CPU extension only
-    pip download --no-deps --no-build-isolation --no-binary :all: torchsort -d /tmp/ts_dl
-    pip wheel --no-deps --no-build-isolation /tmp/ts_dl/torchsort-*.tar.gz -w /tmp/ts_whl
-    pip install --no-deps --target /tmp/ts_pkg /tmp/ts_whl/torchsort-*.whl
-    export PYTHONPATH=/tmp/ts_pkg:$PYTHONPATH
-
-(``--no-build-isolation`` on the download too: with isolation pip resolves an unpinned torch
-for the build.) torchsort.soft_sort is a different relaxation from fastssl's: it projects
-onto the permutahedron (isotonic regression, O(n log n) per row) and returns the soft-sorted
-values only, with no permutation matrix; fastssl.soft_sort is a diffsort sorting network
-(comparators relaxed by a sigmoid, O(n log^2 n) or O(n^2) comparators). The two give
-different values for the same input, and torchsort's regularization_strength has no
-counterpart in fastssl's steepness, so only speed is compared, against fastssl's values path
-(return_permutation=False, the backward from the values' cotangent alone), at torchsort's
-default regularization_strength (1.0, l2). The peer is optional: absent, its cases are
-recorded as skipped with the import error.
-
-Measured here (2 threads, load 3.5, interleaved, medians of 9, forward+backward, odd_even):
-torchsort is faster on values alone, 0.53 vs 0.20 ms (n = 16, B = 256) to 34.8 vs 5.6 ms
-(n = 32, B = 4096): fastssl at 0.16-0.38x of it. The network runs O(n log^2 n) relaxed
-comparators per row against one O(n log n) isotonic regression; what the network adds is P,
-which torchsort does not compute.
+torchsort (``peer:torchsort``, soft_sort) builds its C++ extension against the installed torch
+(`pip wheel --no-deps --no-build-isolation` of its sdist, with nvcc off PATH for a CPU torch).
+It projects onto the permutahedron (isotonic regression, O(n log n) per row) and returns values
+only, no permutation matrix, so only speed is compared, against fastssl's values path
+(return_permutation=False), at torchsort's default regularization_strength (1.0, l2). Optional:
+absent, its cases are recorded as skipped with the import error.
 """
 from __future__ import annotations
 
@@ -266,14 +239,6 @@ def _lightly_module(name: str):
         return importlib.import_module(full)
     except Exception as e:  # noqa: BLE001
         raise PeerMissing(f"{full}: {type(e).__name__}: {e}") from None
-
-
-def lightly_version() -> str | None:
-    try:
-        import lightly
-        return getattr(lightly, "__version__", "?")
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def peer(op: str, name: str):

@@ -1,22 +1,18 @@
-"""fastssl against what users would otherwise run (issue 18): ratios vs eager and the best peer,
-achieved GFLOP/s against the machine's measured GEMM throughput, and the largest nt_xent N
-that fits a memory budget, from a results directory of `python -m bench`.
+"""fastssl against what users would otherwise run (issue 18), and the README's benchmark block.
 
     python -m bench.compare --out bench/results/<dir> [--roofline] [--max-n BUDGET_MIB]
                             [--competing-load [--competing-tiny]] [--update-readme]
 
-writes <dir>/compare.md (and roofline.json / max_n.json / competing_load.json when asked to
-measure them; --competing-load times fastssl and eager interleaved while a second process runs
-float32 GEMMs on 2 threads, see `competing_load`). The
-summary.md that `python -m bench` writes lists every provider; this file is the verdict:
-for every op and size, fastssl's time ratio against eager and against the fastest peer
-(ratio = their time / fastssl's, >= 1.0 means fastssl is no slower) and its peak memory as a
-fraction of eager's.
+writes <dir>/compare.md: per op and size, fastssl's time ratio against eager and the fastest
+peer (their time / fastssl's) and its peak memory as a fraction of eager's, with the verdict;
+roofline.json (float32 GEMM), max_n.json (largest nt_xent B in a budget) and
+competing_load.json (fastssl and eager interleaved under a 2-thread GEMM load) when asked.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,10 +22,14 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import fmt_mb, fmt_ms
+import fastssl
+import fastssl.functional as fast
 
-PEER_PREFIX = "peer:"
-PEER_NAMES = ("diffsort",)
+from . import baselines, contrastive
+from .common import (BEGIN, END, README, RESULTS_ROOT, device_type, fmt_mb, fmt_ms, git_commit,
+                     is_peer, latest_by_case, load_json, shape_str, table)
+from .harness import BenchConfig, cpu_peak_growth, time_cpu
+from .results import load
 # The ops whose CPU target is "no slower than eager at any N >= 2048, memory <= 1/8 of eager"
 # (x is the per-view batch B; sce's rows are B against a K = 16384 queue).
 MEMORY_TARGET_OPS = ("nt_xent", "info_nce", "dcl", "sogclr", "sce")
@@ -68,10 +68,6 @@ MODES_NOTE = (
     "gradient during the recorded forward (same pass: three products like eager autograd, none "
     "recomputed), so their backward rows are short and only the step compares with eager's "
     "forward-plus-backward.")
-
-
-def is_peer(provider: str) -> bool:
-    return provider.startswith(PEER_PREFIX) or provider in PEER_NAMES
 
 
 def anchors(op: str, shape: dict) -> int:
@@ -150,36 +146,22 @@ def model_flop(op: str, shape: dict, mode: str) -> float | None:
 def measure_gemm(n: int = 2048, reps: int = 5) -> dict:
     """The machine's float32 GEMM throughput in this process (the roofline), measured now."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g)
-    b = torch.randn(n, n, generator=g)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    times = sorted(time_cpu(lambda: None, lambda _: a @ b, BenchConfig(
+        min_reps=reps, max_reps=reps, min_time_s=0.0)))
     return {"matmul_n": n, "dtype": "float32", "threads": torch.get_num_threads(),
-            "matmul_ms": times[len(times) // 2] * 1e3,
-            "gflops": 2 * n ** 3 / times[len(times) // 2] / 1e9,
-            "best_gflops": 2 * n ** 3 / times[0] / 1e9,
-            "loadavg_1m": os.getloadavg()[0]}
-
-
-def _key(r: dict) -> tuple:
-    return (r["op"], json.dumps(r.get("shape"), sort_keys=True), r.get("dtype"), r.get("mode"))
+            "matmul_ms": times[len(times) // 2], "gflops": 2 * n ** 3 / times[len(times) // 2] / 1e6,
+            "best_gflops": 2 * n ** 3 / times[0] / 1e6, "loadavg_1m": os.getloadavg()[0]}
 
 
 def _cases(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     out: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in records:
         if r.get("status") == "ok" and r.get("shape") and not r.get("probe"):
-            out[_key(r)][r["provider"]] = r
+            key = (r["op"], json.dumps(r["shape"], sort_keys=True), r.get("dtype"), r.get("mode"))
+            out[key][r["provider"]] = r
     return out
-
-
-def _finite_note(r: dict) -> str:
-    return "" if r.get("finite", True) else " (NaN)"
 
 
 def compare_rows(records: list[dict]) -> list[dict]:
@@ -244,7 +226,7 @@ def _verdict(row: dict) -> str:
 
 
 def _size(shape: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in shape.items() if k in ("B", "K", "n", "crops"))
+    return shape_str({k: v for k, v in shape.items() if k in ("B", "K", "n", "crops")})
 
 
 def op_verdict(rows: list[dict]) -> str:
@@ -293,39 +275,19 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
     for r in rows:
         by_op[r["op"]].append(r)
     for op, op_rows in by_op.items():
-        lines += [f"## {op}", "", "| shape | dtype | mode | fastssl | eager | best peer | vs eager | vs peer "
-                  "| memory fastssl / eager | GFLOP/s fastssl / eager | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in op_rows:
-            f, e, p = r["fast"], r["eager"], r["peer"]
-            shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
-            mem = "-"
-            if e is not None:
-                mem = f"{fmt_mb(f.get('peak_mem_mb'))} / {fmt_mb(e.get('peak_mem_mb'))}"
-                if r["mem_vs_eager"] is not None:
-                    mem += f" ({r['mem_vs_eager']:.3f})"
-            gf = r.get("gflops") or {}
-            gfs = "-" if "fastssl" not in gf else f"{gf['fastssl']:.1f} / " + (
-                f"{gf['eager']:.1f}" if "eager" in gf else "-")
-            if roofline and "fastssl" in gf:
-                gfs += f" ({100 * gf['fastssl'] / roofline['gflops']:.0f}% of GEMM)"
-            peer = "-" if p is None else f"{p['provider']} {fmt_ms(p['p50_ms'])}"
-            if r["nan"]:
-                peer += f" (NaN codes: {', '.join(r['nan'])})"
-            lines.append(f"| {shape} | {r['dtype']} | {r['mode']} | {fmt_ms(f['p50_ms'])} | "
-                         f"{fmt_ms(e['p50_ms']) if e else '-'} | {peer} | {_x(r['vs_eager'])} | "
-                         f"{_x(r['vs_peer'])} | {mem} | {gfs} | {_verdict(r)} |")
-        lines.append("")
+        lines += [f"## {op}", ""] + table(
+            ["shape", "dtype", "mode", "fastssl", "eager", "best peer", "vs eager", "vs peer",
+             "memory fastssl / eager", "GFLOP/s fastssl / eager", "verdict"],
+            [_compare_row(r, roofline) for r in op_rows]) + [""]
     if max_n:
         lines += ["## Largest nt_xent batch within a memory budget", "",
-                  f"Budget {max_n['budget_mb']:.0f} MiB of peak growth per forward+backward, D = {max_n['D']}, "
-                  f"float32; B doubled from {max_n['start_B']} up to the bound {max_n['bound_B']}.", "",
-                  "| provider | largest B that fits (N = 2B) | first B over the budget | peak at the largest |",
-                  "|---|---|---|---|"]
-        for prov, res in max_n["providers"].items():
-            lines.append(f"| {prov} | {res['max_B'] or '-'} | {res['first_fail_B'] or '- (bound reached)'} | "
-                         f"{fmt_mb(res.get('peak_mb'))} |")
-        lines.append("")
+                  f"Budget {max_n['budget_mb']:.0f} MiB of peak growth per forward+backward, D = "
+                  f"{max_n['D']}, float32; B doubled from {max_n['start_B']} up to the bound "
+                  f"{max_n['bound_B']}.", ""] + table(
+            ["provider", "largest B that fits (N = 2B)", "first B over the budget",
+             "peak at the largest"],
+            [[prov, res["max_B"] or "-", res["first_fail_B"] or "- (bound reached)",
+              fmt_mb(res.get("peak_mb"))] for prov, res in max_n["providers"].items()]) + [""]
     if competing:
         lines += competing_markdown(competing) + [""]
     seen = set(_providers_in(records))
@@ -333,6 +295,26 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
     if notes or auto:
         lines += ["## Notes", ""] + [f"- {n}" for n in auto + list(notes or [])] + [""]
     return "\n".join(lines)
+
+
+def _compare_row(r: dict, roofline: dict | None) -> list:
+    f, e, p = r["fast"], r["eager"], r["peer"]
+    mem = "-"
+    if e is not None:
+        mem = f"{fmt_mb(f.get('peak_mem_mb'))} / {fmt_mb(e.get('peak_mem_mb'))}"
+        if r["mem_vs_eager"] is not None:
+            mem += f" ({r['mem_vs_eager']:.3f})"
+    gf = r.get("gflops") or {}
+    gfs = "-" if "fastssl" not in gf else f"{gf['fastssl']:.1f} / " + (
+        f"{gf['eager']:.1f}" if "eager" in gf else "-")
+    if roofline and "fastssl" in gf:
+        gfs += f" ({100 * gf['fastssl'] / roofline['gflops']:.0f}% of GEMM)"
+    peer = "-" if p is None else f"{p['provider']} {fmt_ms(p['p50_ms'])}"
+    if r["nan"]:
+        peer += f" (NaN codes: {', '.join(r['nan'])})"
+    return [shape_str(r["shape"]), r["dtype"], r["mode"], fmt_ms(f["p50_ms"]),
+            fmt_ms(e["p50_ms"]) if e else "-", peer, _x(r["vs_eager"]), _x(r["vs_peer"]), mem, gfs,
+            _verdict(r)]
 
 
 VARIANT_KEYS = ("symmetric", "eps", "network", "crops", "output")
@@ -370,25 +352,27 @@ def headline_markdown(records: list[dict], link: str, roofline: dict | None = No
     eager and the best peer at the largest measured size, the worst ratio over the sizes inside
     the target range in brackets, and the verdict over every size (sizes below the target range
     are named as such, not as misses)."""
-    head = ("| op | largest shape | fastssl | vs eager (worst in range) | vs best peer (worst in range) | "
-            "memory / eager |" + (" fastssl GFLOP/s (% of GEMM) |" if roofline else "") + " verdict over the sizes |")
-    lines = [head, "|" + "---|" * (7 + bool(roofline))]
+    rows = []
     for op, dtype, variant, full in headline_groups(records):
-        big = max(full, key=lambda r: (r["shape"].get("B", 0), r["shape"].get("K", 0), r["shape"].get("n", 0)))
+        big = max(full, key=lambda r: tuple(r["shape"].get(k, 0) for k in ("B", "K", "n")))
         ranged = [r for r in full if in_target_range(r)]
-        worst_e = min((r["vs_eager"] for r in ranged if r["vs_eager"] is not None), default=None)
-        worst_p = min((r["vs_peer"] for r in ranged if r["vs_peer"] is not None), default=None)
-        shape = ", ".join(f"{k}={v}" for k, v in big["shape"].items())
-        peer = "-" if big["vs_peer"] is None else f"{_x(big['vs_peer'])} {big['peer']['provider']} ({_x(worst_p)})"
-        mem = "-" if big["mem_vs_eager"] is None else f"{big['mem_vs_eager']:.3f}"
+        worst_e, worst_p = (min((r[k] for r in ranged if r[k] is not None), default=None)
+                            for k in ("vs_eager", "vs_peer"))
+        peer = "-" if big["vs_peer"] is None else (f"{_x(big['vs_peer'])} "
+                                                   f"{big['peer']['provider']} ({_x(worst_p)})")
         if big["nan"]:
             peer = f"{peer} ({', '.join(big['nan'])}: NaN codes)"
-        gf = ""
-        if roofline:
-            g = (big.get("gflops") or {}).get("fastssl")
-            gf = " - |" if g is None else f" {g:.1f} ({100 * g / roofline['gflops']:.0f}%) |"
-        lines.append(f"| {op} ({dtype}{', ' + variant if variant else ''}) | {shape} | {fmt_ms(big['fast']['p50_ms'])} | "
-                     f"{_x(big['vs_eager'])} ({_x(worst_e)}) | {peer} | {mem} |{gf} {op_verdict(full)} |")
+        g = (big.get("gflops") or {}).get("fastssl")
+        gf = [] if not roofline else ["-" if g is None else
+                                      f"{g:.1f} ({100 * g / roofline['gflops']:.0f}%)"]
+        rows.append([f"{op} ({dtype}{', ' + variant if variant else ''})", shape_str(big["shape"]),
+                     fmt_ms(big["fast"]["p50_ms"]), f"{_x(big['vs_eager'])} ({_x(worst_e)})", peer,
+                     "-" if big["mem_vs_eager"] is None else f"{big['mem_vs_eager']:.3f}", *gf,
+                     op_verdict(full)])
+    lines = table(["op", "largest shape", "fastssl", "vs eager (worst in range)",
+                   "vs best peer (worst in range)", "memory / eager",
+                   *(["fastssl GFLOP/s (% of GEMM)"] if roofline else []),
+                   "verdict over the sizes"], rows)
     lines += ["", f"Every size, dtype and the largest N within a memory budget: [{link}]({link})."]
     return "\n".join(lines)
 
@@ -427,18 +411,37 @@ def competing_line(competing: dict) -> str:
 
 
 def _shape_short(shape: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in shape.items() if k != "D")
+    return shape_str(shape, skip=("D",))
 
 
-def max_n_search(budget_mb: float, start_b: int, bound_b: int, providers=("fastssl", "eager", "peer:lightly"),
-                 d: int = 128) -> dict:
-    """Bounded doubling search for nt_xent forward+backward: the largest B whose peak growth
-    stays within the budget (one call per size; a provider stops at its first failure)."""
-    import fastssl
-    import fastssl.functional as fast
-    from bench import baselines
-    from bench.harness import cpu_peak_growth
+def search_max_b(probe, b0: int, b_max: int, bisect: int = 0, time_left=lambda: math.inf) -> dict:
+    """The largest B that fits: B doubled from b0 while probe(B) -> (fits, seconds, peak MiB)
+    says it fits, up to b_max, while the predicted next call (4x the last for an O(N^2) loss)
+    fits the time left; then `bisect` halvings of the gap to the first failure."""
+    best, fail, peak_best, last_s, b, end = None, None, None, 0.0, b0, "reached the bound"
+    while b <= b_max:
+        if time_left() < max(2.0, 4.5 * last_s):
+            end = "stopped: the next size would not fit the part's time cap"
+            break
+        ok, last, peak = probe(b)
+        if not ok:
+            fail, end = b, "first failure"
+            break
+        best, peak_best, last_s, b = b, peak, last, 2 * b
+    for _ in range(bisect):   # between the last fit and the first failure (1/8 resolution)
+        if (best is None or fail is None or fail - best <= max(8, best // 8)
+                or time_left() < max(2.0, 2 * last_s)):
+            break
+        mid = (best + fail) // 2
+        ok, _, peak = probe(mid)
+        best, fail, peak_best = (mid, fail, peak) if ok else (best, mid, peak_best)
+    return {"max_B": best, "first_fail_B": fail, "peak_mb": peak_best, "end": end}
 
+
+def max_n_search(budget_mb: float, start_b: int, bound_b: int,
+                 providers=("fastssl", "eager", "peer:lightly"), d: int = 128) -> dict:
+    """search_max_b for nt_xent forward+backward on CPU: the largest B whose peak growth stays
+    within the budget (one call per size; a provider stops at its first failure)."""
     out = {"budget_mb": budget_mb, "D": d, "start_B": start_b, "bound_B": bound_b, "providers": {}}
     for prov in providers:
         try:
@@ -447,22 +450,20 @@ def max_n_search(budget_mb: float, start_b: int, bound_b: int, providers=("fasts
         except baselines.PeerMissing as e:
             out["providers"][prov] = {"max_B": None, "first_fail_B": None, "note": str(e)}
             continue
-        best, fail, peak_best, b = None, None, None, start_b
-        while b <= bound_b:
+
+        def probe(b):
             g = torch.Generator().manual_seed(b)
-            z1 = torch.randn(b, d, generator=g).requires_grad_()
-            z2 = torch.randn(b, d, generator=g).requires_grad_()
+            zs = [torch.randn(b, d, generator=g).requires_grad_() for _ in range(2)]
             with fastssl.use_backend("auto"):
                 try:
-                    peak = cpu_peak_growth(lambda: None, lambda _: fn(z1, z2).backward())
+                    peak = cpu_peak_growth(lambda: zs, lambda z: fn(*z).backward())
                 except (RuntimeError, MemoryError):
-                    peak = float("inf")
-            del z1, z2
-            if peak is None or peak / 2**20 > budget_mb:
-                fail = b
-                break
-            best, peak_best, b = b, peak / 2**20, 2 * b
-        out["providers"][prov] = {"max_B": best, "first_fail_B": fail, "peak_mb": peak_best}
+                    peak = None
+            mb = None if peak is None else peak / 2**20
+            return mb is not None and mb <= budget_mb, 0.0, mb
+
+        res = search_max_b(probe, start_b, bound_b)
+        out["providers"][prov] = {k: res[k] for k in ("max_B", "first_fail_B", "peak_mb")}
     return out
 
 
@@ -533,7 +534,6 @@ class CompetingLoad:
 
 
 def _prepared(op: str, provider: str, shape: dict):
-    from bench import contrastive
     spec = next(s for s in contrastive.SPECS if s.name == op)
     return spec.build(provider, shape, torch.float32, torch.device("cpu"))
 
@@ -550,8 +550,6 @@ def time_interleaved(op: str, shape: dict, reps: int = 5) -> dict:
     """fastssl (automatic backend) and eager forward+backward, called alternately (the order
     swapped every round, so that a change of load falls on both), after one warm-up each:
     medians of `reps` calls each."""
-    import fastssl
-
     if reps < 5:
         raise ValueError(f"reps: at least 5 calls per provider, got {reps}")
     with fastssl.use_backend("auto"):
@@ -573,8 +571,6 @@ def competing_load(cases=COMPETING_CASES, reps: int = 5, load_threads: int = 2, 
                    progress=None) -> dict:
     """Every case timed by `time_interleaved` while a `CompetingLoad` runs; the load process is
     gone when this returns or raises."""
-    from bench.results import git_commit
-
     out = {"load": {}, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "git_commit": git_commit(), "cases": []}
     with CompetingLoad(load_threads, load_n) as load:
@@ -588,6 +584,14 @@ def competing_load(cases=COMPETING_CASES, reps: int = 5, load_threads: int = 2, 
     return out
 
 
+def _competing_row(c: dict) -> list:
+    verdict = "met" if c["ratio"] >= 1.0 else "NOT met: slower than eager"
+    if c["ratio"] < 1.0 and not in_target_range(c):
+        verdict = f"{_below_range(c['op'])}: slower than eager"
+    return [c["op"], _shape_short(c["shape"]), fmt_ms(c["fastssl_ms"]), fmt_ms(c["eager_ms"]),
+            f"{c['ratio']:.2f}x", f"{c['loadavg_1m_start']:.1f}-{c['loadavg_1m']:.1f}", verdict]
+
+
 def competing_markdown(competing: dict) -> list[str]:
     lines = ["## Under a competing load: ratio eager/fastssl", "",
              f"Load: {competing['load']['what']}, while fastssl (automatic backend) and eager ran forward+backward "
@@ -595,27 +599,96 @@ def competing_markdown(competing: dict) -> list[str]:
              f"{competing['cases'][0]['reps'] if competing['cases'] else '-'} calls each "
              f"(bench/compare.py `competing_load`, {competing.get('timestamp', '?')} UTC, commit "
              f"`{competing.get('git_commit')}`). Target: ratio >= 1.0.", "",
-             "| op | shape | fastssl | eager | ratio eager/fastssl | load average | verdict |",
-             "|---|---|---|---|---|---|---|"]
-    for c in competing["cases"]:
-        verdict = "met" if c["ratio"] >= 1.0 else "NOT met: slower than eager"
-        if c["ratio"] < 1.0 and not in_target_range(c):
-            verdict = f"{_below_range(c['op'])}: slower than eager"
-        lines.append(f"| {c['op']} | {_shape_short(c['shape'])} | {fmt_ms(c['fastssl_ms'])} | "
-                     f"{fmt_ms(c['eager_ms'])} | {c['ratio']:.2f}x | {c['loadavg_1m_start']:.1f}-"
-                     f"{c['loadavg_1m']:.1f} | {verdict} |")
+             ] + table(["op", "shape", "fastssl", "eager", "ratio eager/fastssl", "load average",
+                        "verdict"], [_competing_row(c) for c in competing["cases"]])
     return lines
 
 
+# ----------------------------------------------------------------------------------------------
+# the README block: between BEGIN and END, generated from every device directory under
+# bench/results/ (the one generator: `python -m bench --update-readme` and
+# `python -m bench.compare --update-readme` both call it). Its speedups are against eager PyTorch
+# and the best peer only (issue 18): a directory measured against the reference alone (the
+# correctness anchor, not what users would otherwise run) is listed by name.
+
+
+def _against_users_code(records: list[dict]) -> bool:
+    """Whether a run measured fastssl against what users would otherwise run (eager or a peer)."""
+    return any(r.get("status") == "ok" and (r.get("provider") == "eager"
+                                            or is_peer(r.get("provider", ""))) for r in records)
+
+
+def readme_section(records: list[dict], directory: Path, rel: Path) -> str:
+    """One results directory's part of the README block: fastssl against eager and the best
+    peer (headline_markdown), the machine's load from the records, and the roofline,
+    competing-load and largest-N measurements saved next to them."""
+    latest = list(latest_by_case(records).values())
+    env, dev = latest[-1], device_type(latest)
+    roofline, competing, max_n = (load_json(directory / f"{n}.json")
+                                  for n in ("roofline", "competing_load", "max_n"))
+    details = rel / ("compare.md" if (directory / "compare.md").exists() else "summary.md")
+    lines = [f"**{env.get('device_name', dev)}** ({dev}, {env.get('num_threads')} threads), commit "
+             f"`{env.get('git_commit')}`, {str(env.get('timestamp', ''))[:10]}: fastssl against "
+             "eager PyTorch and the fastest peer, every provider measured in the same run; ratio = "
+             "their median time / fastssl's (>= 1.00x: fastssl no slower); target range of the "
+             f"contrastive ops: N >= {TARGET_MIN_N} anchors.", ""]
+    note = load_note(latest)
+    if note:
+        lines += [f"Machine load: {note}", ""]
+    lines.append(headline_markdown(latest, str(details), roofline))
+    extra = ([roofline_line(roofline)] if roofline else []) + (
+        [competing_line(competing)] if competing and competing.get("cases") else []) + (
+        [max_n_line(max_n)] if max_n else [])
+    if extra:
+        lines += [""] + [f"- {e}" for e in extra]
+    if details.name != "summary.md":
+        lines += ["", f"Every provider, mode and the reference (the correctness anchor): "
+                      f"[{rel}/summary.md]({rel}/summary.md)."]
+    return "\n".join(lines)
+
+
+def readme_block(results_root: Path | None = None) -> str:
+    """The README's benchmark block, from every results directory under results_root."""
+    root = Path(RESULTS_ROOT if results_root is None else results_root)
+    parts = ["<!-- generated by `python -m bench --update-readme` (or `python -m bench.compare "
+             "--update-readme`); edit bench/compare.py, not this block -->", ""]
+    shown, anchor_only = 0, []
+    for path in sorted(root.glob("*/results.jsonl")):
+        records = [r for r in load(path) if r.get("op")]
+        if not records:
+            continue
+        rel = (path.parent.relative_to(root.parent.parent)
+               if path.is_relative_to(root.parent.parent) else path.parent)
+        if _against_users_code(records) and headline_groups(list(latest_by_case(records).values())):
+            parts += [readme_section(records, path.parent, rel), ""]
+            shown += 1
+        else:
+            anchor_only.append(f"[{rel.name}]({rel}/summary.md)")
+    if anchor_only:
+        parts += ["Not shown as speedups (no eager or peer baseline in the run; measured against "
+                  "the reference, the correctness anchor, or without a baseline): "
+                  + ", ".join(anchor_only) + ".", ""]
+    if not shown and not anchor_only:
+        parts.append("No benchmark results yet: run `python -m bench`.")
+    return "\n".join(parts).rstrip()
+
+
 def update_readme(readme_path: Path, results_root: Path | None = None) -> bool:
-    """README.md's benchmark block, from the one generator (bench.summary.update_readme)."""
-    from bench import summary
-    return summary.update_readme(readme_path, results_root)
+    """Rewrite the block between the bench markers of `readme_path`; returns whether the file
+    changed. Raises ValueError if the markers are missing or out of order."""
+    readme_path = Path(readme_path)
+    text = readme_path.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < 0 or end < start:
+        raise ValueError(f"{readme_path}: expected the markers {BEGIN!r} and {END!r}, in that order")
+    new = text[:start + len(BEGIN)] + "\n" + readme_block(results_root) + "\n" + text[end:]
+    if new == text:
+        return False
+    readme_path.write_text(new)
+    return True
 
 
 def main(argv=None) -> int:
-    from bench.results import load
-
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--roofline", action="store_true", help="measure the GEMM roofline now")
@@ -628,7 +701,7 @@ def main(argv=None) -> int:
     p.add_argument("--competing-tiny", action="store_true",
                    help="the competing-load cases at toy sizes (a smoke test of the code path)")
     p.add_argument("--competing-reps", type=int, default=5)
-    p.add_argument("--update-readme", nargs="?", const=str(Path(__file__).resolve().parent.parent / "README.md"),
+    p.add_argument("--update-readme", nargs="?", const=str(README),
                    default=None, metavar="README",
                    help="rewrite the benchmark block of README.md (the same block as python -m bench --update-readme)")
     args = p.parse_args(argv)
@@ -649,9 +722,7 @@ def main(argv=None) -> int:
         res = competing_load(COMPETING_TINY if args.competing_tiny else COMPETING_CASES,
                              reps=args.competing_reps, progress=show)
         comp_path.write_text(json.dumps(res, indent=1) + "\n")
-    roofline = json.loads(roof_path.read_text()) if roof_path.exists() else None
-    max_n = json.loads(max_path.read_text()) if max_path.exists() else None
-    competing = json.loads(comp_path.read_text()) if comp_path.exists() else None
+    roofline, max_n, competing = (load_json(p) for p in (roof_path, max_path, comp_path))
     results_path = args.out / "results.jsonl"
     records = load(results_path) if results_path.exists() else []
     (args.out / "compare.md").write_text(compare_markdown(records, roofline, max_n, args.note, competing))

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import fastssl.functional as fast
 import fastssl.reference as ref
-from bench import baselines
-from bench.harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, baseline_providers, embeddings,
+from . import baselines
+from .harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, baseline_providers, embeddings,
                            resolve_op, scalar_backward)
 
 ALL_MODES = ("forward", "backward", "forward+backward")

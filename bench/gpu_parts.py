@@ -1,119 +1,70 @@
-"""The parts of `python -m bench.gpu_run`, each run in its own subprocess (see bench/gpu_run.py).
+"""The parts of `python -m bench.gpu_run`, each run by it as a subprocess:
+`python -m bench.gpu_parts --part NAME --out DIR [--dry-run]`.
 
-Every part writes as it goes: benchmark records to DIR/results.jsonl (the format of
-bench/results.py, with the part's name and, for matmul-bound losses, achieved TFLOP/s), the
-others to DIR/<part>.json. A part checks its deadline ($FASTSSL_GPU_RUN_DEADLINE) before each
-case and records what it had no time left for, rather than be killed in the middle of it.
+Every part writes as it goes: benchmark records to DIR/results.jsonl (bench/results.py's
+format, with the part's name and, for matmul-bound losses, achieved TFLOP/s), the others to
+DIR/<part>.json. A part checks its deadline ($FASTSSL_GPU_RUN_DEADLINE) before each case and
+records what it had no time left for, rather than be killed in the middle of it.
 """
 from __future__ import annotations
 
-import gc
+import argparse
+import contextlib
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.gpu_run import DEADLINE_ENV, MAX_N_BUDGET_DRY_MIB, MAX_N_BUDGET_GIB, REPO
+import torch
+
+import fastssl.functional as fast
+from fastssl.models import backbone_state_dict, build_backbone
+
+from . import baselines, trainer
+from .common import (MAX_N_BUDGET_DRY_MIB, MAX_N_BUDGET_GIB, PART_NAMES, PKG, REPO, kill_group,
+                     load_json, progress, run_capped, time_left, write_json)
+from .compare import model_flop, search_max_b
+from .gpu_run import install_carried_wheels
+from .harness import (BenchConfig, Size, backend_forced, classify_failure, cpu_peak_growth,
+                      failure_note, free_device_memory, run_case, static_skip, time_cpu,
+                      time_cuda_events)
+from .results import ResultWriter, environment
+from .specs import select_specs
 
 COMPILE_MIN_S = 15.0   # a torch.compile case is not started with less time than this left
+STAGE = REPO / "build" / "gpu_run"   # the builds' own trees (build/ is git-ignored)
 
 
-def deadline() -> float:
-    return float(os.environ.get(DEADLINE_ENV, "inf"))
-
-
-def time_left() -> float:
-    return deadline() - time.time()
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-class Stall:
-    """Test hook (--stall PART): the named part hangs after its first result, so the caller's
-    cap has to cut it off; what it wrote before must survive."""
-
-    def __init__(self, part: str, stall: str | None):
-        self.active = stall == part
-
-    def after_result(self) -> None:
-        if self.active:
-            print("stalling (test hook)", flush=True)
-            time.sleep(10**6)
-
-
-def run(part: str, out: Path, *, dry_run: bool, stall: str | None) -> int:
-    out = Path(out)
-    hook = Stall(part, stall)
-    fn = {"build": part_build, "roofline": part_roofline, "max_n": part_max_n,
-          "checkpoint": part_checkpoint, "trainer": part_trainer,
-          "backend_choice": part_backend_choice}.get(part)
-    if fn is None:
-        return part_bench(part, out, dry_run, hook)
-    return fn(out, dry_run, hook)
+def _done(out: Path, name: str, info: dict, hook) -> None:
+    write_json(out / f"{name}.json", info)
+    print(json.dumps({k: v for k, v in info.items() if not k.endswith("log_tail")}), flush=True)
+    hook()
 
 
 # ----------------------------------------------------------------------------------------------
 # build
 
 
-def _run_logged(cmd, env, log, timeout):
-    log.write(f"$ {' '.join(cmd)}\n")
-    log.flush()
-    t0 = time.monotonic()
-    # Its own process group: on a timeout the compilers it started (ninja, nvcc) go too.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-        log.write(f"\n[cut off after {timeout:.0f} s]\n")
-    return rc, time.monotonic() - t0
+def _child_json(code: str, env, timeout: float = 120):
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _extension_state(env) -> dict:
-    code = ("import json; from fastssl._backend import cpp_available, cuda_ext_available; "
-            "print(json.dumps({'cpp': bool(cpp_available()), 'cuda': bool(cuda_ext_available())}))")
     try:
-        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=120)
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return _child_json("import json; from fastssl._backend import cpp_available, "
+                           "cuda_ext_available; print(json.dumps({'cpp': bool(cpp_available()), "
+                           "'cuda': bool(cuda_ext_available())}))", env)
     except Exception as exc:  # noqa: BLE001
         return {"cpp": False, "cuda": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-
-
-def install_carried_wheels(log) -> str:
-    """diffsort (and anything else) carried as wheels in .whl/: installed with pip, offline,
-    into .whl/site, which the parent puts on the children's PYTHONPATH."""
-    import importlib.util
-    wheels = sorted((REPO / ".whl").glob("*.whl"))
-    if importlib.util.find_spec("diffsort") is not None:
-        return "diffsort importable"
-    if (REPO / ".whl" / "site" / "diffsort").is_dir():
-        return "diffsort in .whl/site (installed by an earlier run)"
-    if not wheels:
-        return "diffsort not importable and no wheel in .whl/: the diffsort baseline is skipped"
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-           "--no-cache-dir", "--upgrade", "--target", str(REPO / ".whl" / "site"), *map(str, wheels)]
-    rc, _ = _run_logged(cmd, os.environ, log, timeout=max(5.0, min(60.0, time_left() - 5)))
-    names = ", ".join(w.name for w in wheels)
-    return f"installed {names} into .whl/site" if rc == 0 else f"pip install of {names} failed ({rc})"
-
-
-STAGE = REPO / "build" / "gpu_run"   # the builds' own trees (build/ is git-ignored)
 
 
 def _stage(name: str) -> Path:
@@ -126,11 +77,10 @@ def _stage(name: str) -> Path:
     (root / "csrc").mkdir(exist_ok=True)
     shutil.copy2(REPO / "setup.py", root / "setup.py")
     for src in (REPO / "csrc").iterdir():
-        if src.is_file():
-            dst = root / "csrc" / src.name
-            # copy only what changed: an unchanged source keeps its time, ninja skips it
-            if not dst.exists() or dst.read_bytes() != src.read_bytes():
-                shutil.copy2(src, dst)
+        dst = root / "csrc" / src.name
+        # copy only what changed: an unchanged source keeps its time, ninja skips it
+        if src.is_file() and (not dst.exists() or dst.read_bytes() != src.read_bytes()):
+            shutil.copy2(src, dst)
     return root
 
 
@@ -149,16 +99,13 @@ def _install(root: Path) -> None:
 def _prebuilt_matches(env) -> str | None:
     """A fastssl/_C that imports, was built against this torch and has the CUDA part (carried
     prebuilt): kept, no build. Returns the reason, or None."""
-    code = ("import json, torch; from fastssl import _build_info as b; "
-            "from fastssl._backend import cuda_ext_available; "
-            "print(json.dumps([b.TORCH_VERSION == torch.__version__, bool(b.WITH_CUDA), "
-            "bool(cuda_ext_available()), b.TORCH_VERSION]))")
     if not list((REPO / "fastssl").glob("_C*.so")):
         return None
     try:
-        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=60)
-        same_torch, with_cuda, loads, version = json.loads(proc.stdout.strip().splitlines()[-1])
+        same_torch, with_cuda, loads, version = _child_json(
+            "import json, torch; from fastssl import _build_info as b; from fastssl._backend "
+            "import cuda_ext_available; print(json.dumps([b.TORCH_VERSION == torch.__version__, "
+            "bool(b.WITH_CUDA), bool(cuda_ext_available()), b.TORCH_VERSION]))", env, 60)
     except Exception:  # noqa: BLE001 - no usable prebuilt: build
         return None
     if same_torch and with_cuda and loads:
@@ -166,98 +113,23 @@ def _prebuilt_matches(env) -> str | None:
     return None
 
 
-def _cuda_home() -> tuple[str | None, str]:
-    import runpy
-    return runpy.run_path(str(REPO / "csrc" / "build_flags.py"))["find_cuda_home"]()
-
-
 def part_build(out, dry_run, hook):
     """CPU-only and CUDA builds side by side, each in its own tree: the CUDA one is installed
-    when it succeeds, else the CPU one (no recompilation after a CUDA failure; the CPU build
-    alone fits the cap). No CUDA toolkit with include/cuda_runtime.h: the CUDA build is not
-    started, with the reason."""
+    when it succeeds, else the CPU one (no recompilation after a CUDA failure). No CUDA toolkit
+    with include/cuda_runtime.h: the CUDA build is not started, with the reason."""
     info = {"dry_run": dry_run}
-    log_path = out / "logs" / "build_ext.log"
-    with open(log_path, "w") as log:
+    with open(out / "logs" / "build_ext.log", "w") as log:
         info["wheels"] = install_carried_wheels(log)
-        env = dict(os.environ)
-        env["MAX_JOBS"] = str(os.cpu_count() or 4)
-        cuda_home, cuda_note = _cuda_home()
-        info["cuda_home"] = cuda_note
+        env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 4))
+        cuda_home, info["cuda_home"] = runpy.run_path(
+            str(REPO / "csrc" / "build_flags.py"))["find_cuda_home"]()
         if dry_run and os.environ.get("FASTSSL_GPU_RUN_DRY_BUILD") != "1":
-            info.update(status="skipped", note="dry run: no build; the extension built here is used")
+            info.update(status="skipped",
+                        note="dry run: no build; the extension built here is used")
         elif not dry_run and (kept := _prebuilt_matches(env)):
             info.update(status="ok", note=kept)
         else:
-            procs = {}
-            logs = {}
-            for kind in ("cpu", "cuda"):
-                if kind == "cuda" and (dry_run or cuda_home is None):
-                    continue
-                root = _stage(kind)
-                kenv = {**env, "FASTSSL_BUILD_CUDA": "1" if kind == "cuda" else "0"}
-                if kind == "cuda":
-                    kenv["CUDA_HOME"] = cuda_home
-                logs[kind] = open(out / "logs" / f"build_{kind}.log", "w")
-                cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
-                logs[kind].write(f"$ (cd {root} && FASTSSL_BUILD_CUDA={kenv['FASTSSL_BUILD_CUDA']} "
-                                 f"FASTSSL_CUDA_ARCHS={kenv.get('FASTSSL_CUDA_ARCHS', '')} {' '.join(cmd)})\n")
-                logs[kind].flush()
-                procs[kind] = (subprocess.Popen(cmd, cwd=root, env=kenv, stdout=logs[kind],
-                                                stderr=subprocess.STDOUT, start_new_session=True),
-                               time.monotonic(), root)
-            rcs = {}
-
-            def _stop(signum, frame):   # the cap (SIGTERM to this part's group) takes the builds along
-                for proc, _, _ in procs.values():
-                    _kill(proc)
-                raise SystemExit(128 + signum)
-
-            signal.signal(signal.SIGTERM, _stop)
-
-            def wait(kind):
-                proc, t0, _ = procs[kind]
-                try:
-                    rcs[kind] = proc.wait(timeout=max(1.0, time_left() - 5))
-                except subprocess.TimeoutExpired:
-                    _kill(proc)
-                    rcs[kind] = "timeout"
-                info[f"{kind}_build_rc"] = rcs[kind]
-                info[f"{kind}_build_s"] = round(time.monotonic() - t0, 1)
-
-            if "cuda" in procs:
-                wait("cuda")
-            if rcs.get("cuda") == 0 and _built(procs["cuda"][2]):
-                if "cpu" in procs:
-                    _kill(procs["cpu"][0])
-                    info["cpu_build_rc"] = "stopped: the CUDA build succeeded"
-                if not dry_run:
-                    _install(procs["cuda"][2])
-                info.update(status="ok", note=f"built with the CUDA part (sm {os.environ.get('FASTSSL_CUDA_ARCHS', '80,90')})")
-            else:
-                wait("cpu")
-                cpu_ok = rcs.get("cpu") == 0 and _built(procs["cpu"][2])
-                if cpu_ok:
-                    _install(procs["cpu"][2])
-                if dry_run:
-                    info.update(status="ok" if cpu_ok else "error",
-                                note=("dry run: the CPU-only build, compiled in build/gpu_run/cpu and installed; "
-                                      + cuda_note) if cpu_ok else "dry run: the CPU-only build failed")
-                elif "cuda" not in procs:
-                    info.update(status="fallback" if cpu_ok else "error",
-                                note=f"CUDA part not built ({cuda_note}): "
-                                + ("the CPU part only; the triton and torch backends run on the GPU"
-                                   if cpu_ok else "the CPU-only build failed too: triton/torch backends only"))
-                else:
-                    info.update(status="fallback" if cpu_ok else "error",
-                                note=("the CUDA build failed: the CPU part only (built beside it); the cuda "
-                                      "backend is not measured" if cpu_ok else
-                                      "the CUDA and the CPU-only builds failed: triton/torch backends only"))
-            for f in logs.values():
-                f.close()
-            for kind in logs:
-                log.write(f"\n===== build_{kind}.log =====\n")
-                log.write((out / "logs" / f"build_{kind}.log").read_text(errors="replace"))
+            _build_both(out, info, env, cuda_home, dry_run, log)
     info["extension"] = (_extension_state(dict(os.environ)) if info.get("status") != "skipped"
                          else {"note": "dry run: not built"})
     if info.get("status") not in ("ok", "skipped"):
@@ -268,94 +140,112 @@ def part_build(out, dry_run, hook):
                 errors = [ln for ln in lines if "error" in ln.lower()][-15:]
                 info[f"{kind}_log_tail"] = [ln[:300] for ln in errors + ["..."] + lines[-10:]]
         info["log_tail"] = info.get("cuda_log_tail") or info.get("cpu_log_tail")
-    write_json(out / "build.json", info)
-    print(json.dumps({k: v for k, v in info.items() if not k.endswith("log_tail")}), flush=True)
-    hook.after_result()
-    ext = info.get("extension", {})
-    return 0 if info.get("status") in ("ok", "skipped") or ext.get("cpp") else 1
+    _done(out, "build", info, hook)
+    return 0 if info.get("status") in ("ok", "skipped") or info["extension"].get("cpp") else 1
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+def _build_both(out, info, env, cuda_home, dry_run, log) -> None:
+    procs, logs, rcs = {}, {}, {}
+    for kind in ("cpu",) if dry_run or cuda_home is None else ("cpu", "cuda"):
+        root = _stage(kind)
+        kenv = {**env, "FASTSSL_BUILD_CUDA": "1" if kind == "cuda" else "0"}
+        if kind == "cuda":
+            kenv["CUDA_HOME"] = cuda_home
+        logs[kind] = open(out / "logs" / f"build_{kind}.log", "w")
+        cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
+        logs[kind].write(f"$ (cd {root} && FASTSSL_BUILD_CUDA={kenv['FASTSSL_BUILD_CUDA']} "
+                         f"FASTSSL_CUDA_ARCHS={kenv.get('FASTSSL_CUDA_ARCHS', '')} "
+                         f"{' '.join(cmd)})\n")
+        logs[kind].flush()
+        procs[kind] = (subprocess.Popen(cmd, cwd=root, env=kenv, stdout=logs[kind],
+                                        stderr=subprocess.STDOUT, start_new_session=True),
+                       time.monotonic(), root)
+
+    def stop(signum, frame):   # the cap (SIGTERM to this part's group) takes the builds along
+        for proc, _, _ in procs.values():
+            kill_group(proc, 0)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+    def wait(kind):
+        proc, t0, _ = procs[kind]
+        try:
+            rcs[kind] = proc.wait(timeout=max(1.0, time_left() - 5))
+        except subprocess.TimeoutExpired:
+            kill_group(proc, 0)
+            rcs[kind] = "timeout"
+        info[f"{kind}_build_rc"] = rcs[kind]
+        info[f"{kind}_build_s"] = round(time.monotonic() - t0, 1)
+
+    if "cuda" in procs:
+        wait("cuda")
+    if rcs.get("cuda") == 0 and _built(procs["cuda"][2]):
+        kill_group(procs["cpu"][0], 0)
+        info["cpu_build_rc"] = "stopped: the CUDA build succeeded"
+        _install(procs["cuda"][2])
+        info.update(status="ok", note="built with the CUDA part (sm "
+                                      f"{os.environ.get('FASTSSL_CUDA_ARCHS', '80,90')})")
+    else:
+        wait("cpu")
+        cpu_ok = rcs.get("cpu") == 0 and _built(procs["cpu"][2])
+        if cpu_ok:
+            _install(procs["cpu"][2])
+        if dry_run:
+            note = ("dry run: the CPU-only build, compiled in build/gpu_run/cpu and installed; "
+                    + info["cuda_home"]) if cpu_ok else "dry run: the CPU-only build failed"
+        elif "cuda" not in procs:
+            note = f"CUDA part not built ({info['cuda_home']}): " + (
+                "the CPU part only; the triton and torch backends run on the GPU" if cpu_ok
+                else "the CPU-only build failed too: triton/torch backends only")
+        else:
+            note = ("the CUDA build failed: the CPU part only (built beside it); the cuda backend "
+                    "is not measured" if cpu_ok else "the CUDA and the CPU-only builds failed: "
+                    "triton/torch backends only")
+        info.update(status=("ok" if dry_run else "fallback") if cpu_ok else "error", note=note)
+    for kind, f in logs.items():
+        f.close()
+        log.write(f"\n===== build_{kind}.log =====\n")
+        log.write((out / "logs" / f"build_{kind}.log").read_text(errors="replace"))
 
 
 # ----------------------------------------------------------------------------------------------
 # roofline
 
 
+def _median_ms(fn, cuda: bool, reps: int, warmup: int) -> float:
+    """Median time of fn() over reps calls after warmup calls (harness's timing loops)."""
+    for _ in range(warmup):
+        fn()
+    cfg = BenchConfig(min_reps=reps, max_reps=reps, min_time_s=0.0, cuda_rep_ms=0)
+    times = sorted((time_cuda_events if cuda else time_cpu)(lambda: None, lambda _: fn(), cfg))
+    return times[len(times) // 2]
+
+
 def part_roofline(out, dry_run, hook):
-    import torch
     cuda = torch.cuda.is_available() and not dry_run
     device = torch.device("cuda" if cuda else "cpu")
-    n = 8192 if cuda else 256
-    dtype = torch.bfloat16 if cuda else torch.float32
+    n, dtype = (8192, torch.bfloat16) if cuda else (256, torch.float32)
     gen = torch.Generator(device="cpu").manual_seed(0)
     # Random operands: a product of zeros runs faster than real data.
-    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
     info = {"device": device.type, "matmul_n": n, "dtype": str(dtype).replace("torch.", "")}
     if cuda:
         info["device_name"] = torch.cuda.get_device_name(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(10)]
-        for _ in range(3):
-            a @ b
-        torch.cuda.synchronize()
-        for s, e in events:
-            s.record()
-            a @ b
-            e.record()
-        torch.cuda.synchronize()
-        times = sorted(s.elapsed_time(e) for s, e in events)
-    else:
-        a @ b
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            a @ b
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-    ms = times[len(times) // 2]
+    ms = _median_ms(lambda: a @ b, cuda, 10 if cuda else 5, 3 if cuda else 1)
     info.update(matmul_ms=ms, peak_tflops=2 * n**3 / (ms / 1e3) / 1e12,
-                note="median of 10 products after 3 warm-ups, random data" if cuda else "CPU dry run")
-    write_json(out / "roofline.json", info)
-    print(json.dumps(info), flush=True)
-    hook.after_result()
+                note="median of 10 products after 3 warm-ups, random data" if cuda
+                else "CPU dry run")
+    _done(out, "roofline", info, hook)
     # A device copy: bytes read + written over the time (the memory-bound ceiling).
-    del a, b
+    a = b = None   # freed before the copy's buffers
     numel = (1 << 30) // 4 if cuda else 1 << 20
     x = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
     y = torch.empty_like(x)
-    y.copy_(x)
-    reps = []
-    for _ in range(5):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            y.copy_(x)
-            e.record()
-            torch.cuda.synchronize()
-            reps.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            y.copy_(x)
-            reps.append((time.perf_counter() - t0) * 1e3)
-    ms = sorted(reps)[len(reps) // 2]
+    ms = _median_ms(lambda: y.copy_(x), cuda, 5, 1)
     info.update(copy_bytes=2 * numel * 4, copy_ms=ms, copy_tb_s=2 * numel * 4 / (ms / 1e3) / 1e12)
-    write_json(out / "roofline.json", info)
-    print(json.dumps(info), flush=True)
+    _done(out, "roofline", info, lambda: None)
     return 0
-
-
-def device_peak_tflops(out: Path) -> float | None:
-    try:
-        info = json.loads((out / "roofline.json").read_text())
-        return float(info["peak_tflops"]) if info.get("device") == "cuda" else None
-    except Exception:  # noqa: BLE001 - no roofline: TFLOP/s without the fraction
-        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,26 +261,6 @@ class Case:
     provider: str
 
 
-def _model_flop(op: str, shape: dict, mode: str) -> float | None:
-    """The fewest matmul FLOPs the loss needs (forward 1 product, backward 2 per product with a
-    gradient): the count for achieved TFLOP/s, whatever an implementation recomputes."""
-    b, d = shape.get("B"), shape.get("D")
-    fwd_bwd = mode == "forward+backward"
-    if op == "nt_xent":
-        n = 2 * b
-        return (6 if fwd_bwd else 2) * n * n * d
-    if op == "info_nce":
-        # One B x B product serves both directions of the symmetric loss.
-        return (6 if fwd_bwd else 2) * b * b * d
-    if op == "sce":
-        k = shape["K"]
-        # q @ queue.T (with a gradient) and k @ queue.T (without one).
-        return (6 if fwd_bwd else 4) * b * k * d
-    if op == "sfrik_mmd":
-        return (4 if fwd_bwd else 2) * b * b * d
-    return None
-
-
 FULL = ("forward+backward",)
 
 
@@ -403,12 +273,12 @@ def headline_cases(part: str, dry: bool) -> list[Case]:
     def add(op, shape, dtype, modes, providers):
         cases.extend(Case(op, shape, dtype, modes, p) for p in providers)
 
+    gpu_fast = ("fastssl",) + (("fastssl:torch",) if dry else ("fastssl:cuda", "fastssl:triton"))
     if part == "bench_contrastive":
         nt = {"B": 16, "D": 8} if dry else {"B": 32768, "D": 128}
         nce = {**nt, "symmetric": True}
-        fast = ("fastssl",)
-        add("nt_xent", nt, bf16, FULL, fast + ("eager", "reference"))
-        add("info_nce", nce, bf16, FULL, fast + ("eager", "reference"))
+        add("nt_xent", nt, bf16, FULL, ("fastssl", "eager", "reference"))
+        add("info_nce", nce, bf16, FULL, ("fastssl", "eager", "reference"))
         add("nt_xent", nt, bf16, FULL, ("eager:compile",))
         add("info_nce", nce, bf16, FULL, ("eager:compile",))
     elif part == "bench_sce_sphere":
@@ -419,25 +289,26 @@ def headline_cases(part: str, dry: bool) -> list[Case]:
         add("sce", sce, bf16, FULL, ("reference:compile",))
         add("sfrik_mmd", mmd, bf16, FULL, ("reference:compile",))
     elif part == "bench_sortnet":
-        fast = ("fastssl", "fastssl:torch") if dry else ("fastssl", "fastssl:cuda", "fastssl:triton")
         for n in ((5,) if dry else (16, 32)):
             shape = {"B": 8 if dry else 1024, "n": n, "network": "odd_even"}
-            add("soft_sort", shape, "float32", FULL, fast + ("reference", "diffsort"))
+            add("soft_sort", shape, "float32", FULL, gpu_fast + ("reference", "diffsort"))
         groco = {"B": 16, "D": 8, "views": 2} if dry else {"B": 4096, "D": 2048, "views": 2}
         add("groco", groco, bf16, FULL, ("fastssl", "reference"))
         if not dry:   # the shapes of the issue-4 targets in bench/summary.py
-            add("soft_sort", {"B": 4096, "n": 32, "network": "odd_even"}, "float32", FULL, ("fastssl", "diffsort"))
+            add("soft_sort", {"B": 4096, "n": 32, "network": "odd_even"}, "float32", FULL,
+                ("fastssl", "diffsort"))
             add("groco", {"B": 1024, "D": 2048, "views": 2}, bf16, FULL, ("fastssl", "reference"))
-        big = {"B": 4, "n": 16, "network": "bitonic"} if dry else {"B": 1024, "n": 1024, "network": "bitonic"}
+        big = {"B": 4, "n": 16, "network": "bitonic"} if dry else {"B": 1024, "n": 1024,
+                                                                    "network": "bitonic"}
         add("soft_sort", big, "float32", FULL, ("fastssl", "diffsort"))
     elif part == "bench_swav":
         sk = {"B": 16, "K": 12} if dry else {"B": 4096, "K": 3000}
-        sw = {"B": 16, "K": 12, "crops": 8} if dry else {"B": 4096, "K": 3000, "crops": 8}
-        fast = ("fastssl", "fastssl:torch") if dry else ("fastssl", "fastssl:cuda", "fastssl:triton")
-        add("sinkhorn", sk, "float32", ("forward",), fast + ("reference",))
+        sw = {**sk, "crops": 8}
+        add("sinkhorn", sk, "float32", ("forward",), gpu_fast + ("reference",))
         add("swav", sw, bf16, FULL, ("fastssl", "reference"))
         if not dry:   # the other issue-5 target shape
-            add("sinkhorn", {"B": 1024, "K": 65536}, "float32", ("forward",), ("fastssl", "reference"))
+            add("sinkhorn", {"B": 1024, "K": 65536}, "float32", ("forward",),
+                ("fastssl", "reference"))
         add("sinkhorn", sk, "float32", ("forward",), ("reference:compile",))
         add("swav", sw, bf16, FULL, ("reference:compile",))
     else:
@@ -445,81 +316,59 @@ def headline_cases(part: str, dry: bool) -> list[Case]:
     return cases
 
 
-def _spec(op: str):
-    from bench.__main__ import select_specs
-    return select_specs([op])[0]
+def _device(dry_run: bool) -> torch.device:
+    return torch.device("cuda" if not dry_run and torch.cuda.is_available() else "cpu")
 
 
-def _setup_device(dry_run: bool):
-    import torch
-    if not dry_run and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+def _writer(out: Path, device) -> ResultWriter:
+    return ResultWriter(out / "results.jsonl", environment(device), append=True)
 
 
-def _writer(out: Path, device):
-    from bench import results
-    return results.ResultWriter(out / "results.jsonl", results.environment(device), append=True)
+def _not_run(case, spec, device, part) -> dict:
+    return {"op": case.op, "family": spec.family, "provider": case.provider,
+            "shape": dict(case.shape), "x": case.shape.get(spec.x_key), "x_key": spec.x_key,
+            "dtype": case.dtype, "device": device.type, "gpu_run_part": part, "status": "skipped"}
 
 
-def _progress(rec: dict) -> None:
-    from bench.harness import fmt_mb, fmt_ms
-    shape = ",".join(f"{k}={v}" for k, v in (rec.get("shape") or {}).items())
-    line = f"{rec['op']:<10} {rec['provider']:<16} {shape:<30} {rec.get('dtype') or '-':<9} {rec.get('mode') or '-':<17}"
-    if rec.get("status") == "ok":
-        line += f" {fmt_ms(rec.get('p50_ms')):>10} mem {fmt_mb(rec.get('peak_mem_mb')):>10}"
-        if rec.get("tflops"):
-            line += f" {rec['tflops']:.1f} TFLOP/s"
-        if rec.get("images_per_s"):
-            line += f" {rec['images_per_s']:.0f} img/s"
-    else:
-        line += f" [{rec.get('status')}] {str(rec.get('note', ''))[:120]}"
-    print(line, flush=True)
+def _skip_note(case, device, dry_run) -> str | None:
+    compile_ = case.provider.endswith(":compile")
+    if note := static_skip(case.provider, device.type):
+        return note
+    if compile_ and device.type != "cuda":
+        return "torch.compile is measured on GPU only"
+    if compile_ and os.environ.get("FASTSSL_GPU_RUN_COMPILE") != "1":
+        return ("torch.compile left out of this run (its compilations do not fit the first "
+                "call): --with-compile")
+    if time_left() < (COMPILE_MIN_S if compile_ and not dry_run else 1.0):
+        return f"not reached: {max(time_left(), 0):.0f} s left of the part's cap"
+    return None
 
 
 def part_bench(part, out, dry_run, hook):
-    import torch
-    from bench.harness import BenchConfig, Size, run_case, static_skip
-
-    device = _setup_device(dry_run)
+    device = _device(dry_run)
     cfg = BenchConfig.for_run(quick=dry_run)
-    peak = device_peak_tflops(out)
+    roof = load_json(out / "roofline.json") or {}
+    peak = roof.get("peak_tflops") if roof.get("device") == "cuda" else None
     with _writer(out, device) as writer:
         for case in headline_cases(part, dry_run):
-            spec = _spec(case.op)
-            base = {"op": case.op, "family": spec.family, "provider": case.provider, "shape": dict(case.shape),
-                    "x": case.shape.get(spec.x_key), "x_key": spec.x_key, "dtype": case.dtype,
-                    "device": device.type, "gpu_run_part": part}
-            skip = static_skip(case.provider, device.type)
-            if skip or (case.provider == "eager:compile" and device.type != "cuda"):
+            spec = select_specs([case.op])[0]
+            note = _skip_note(case, device, dry_run)
+            if note:
                 for m in case.modes:
-                    _progress(writer.write({**base, "mode": m, "status": "skipped",
-                                            "note": skip or "torch.compile is measured on GPU only"}))
+                    progress(writer.write({**_not_run(case, spec, device, part), "mode": m,
+                                           "note": note}), sys.stdout)
                 continue
-            if case.provider.endswith(":compile") and os.environ.get("FASTSSL_GPU_RUN_COMPILE") != "1" \
-                    and device.type == "cuda":
-                for m in case.modes:
-                    _progress(writer.write({**base, "mode": m, "status": "skipped",
-                                            "note": "torch.compile left out of this run (its compilations do "
-                                                    "not fit the first call): --with-compile"}))
-                continue
-            needed = COMPILE_MIN_S if case.provider.endswith(":compile") and not dry_run else 1.0
-            if time_left() < needed:
-                for m in case.modes:
-                    _progress(writer.write({**base, "mode": m, "status": "skipped",
-                                            "note": f"not reached: {max(time_left(), 0):.0f} s left of the part's cap"}))
-                continue
-            dtype = getattr(torch, case.dtype)
-            for rec in run_case(spec, case.provider, Size(dict(case.shape), case.modes), dtype, device, cfg):
+            for rec in run_case(spec, case.provider, Size(dict(case.shape), case.modes),
+                                getattr(torch, case.dtype), device, cfg):
                 rec["gpu_run_part"] = part
-                flop = _model_flop(case.op, case.shape, rec.get("mode"))
+                flop = model_flop(case.op, case.shape, rec.get("mode"))
                 if flop and rec.get("status") == "ok":
                     rec["model_tflop"] = flop / 1e12
                     rec["tflops"] = flop / (rec["p50_ms"] / 1e3) / 1e12
                     if peak:
                         rec["peak_fraction"] = rec["tflops"] / peak
-                _progress(writer.write(rec))
-                hook.after_result()
+                progress(writer.write(rec), sys.stdout)
+                hook()
     return 0
 
 
@@ -530,58 +379,38 @@ def part_bench(part, out, dry_run, hook):
 def _fits(provider: str, b: int, d: int, dtype, device, budget_bytes: int) -> dict:
     """One forward+backward of nt_xent at B (N = 2B anchors): total peak memory (inputs
     included) and time; fits when it ran and stayed within the budget."""
-    import torch
-    from bench.harness import _free_device_memory, backend_forced, classify_failure, cpu_peak_growth, failure_note
-    from bench import contrastive
-    import fastssl.functional as fast
-
-    fn = contrastive.eager_nt_xent if provider == "eager" else fast.nt_xent
+    fn = baselines.eager_nt_xent if provider == "eager" else fast.nt_xent
     rec = {"B": b}
-    z1 = z2 = None
+    zs = ()
     try:
         gen = torch.Generator(device="cpu").manual_seed(b)
-        z1 = torch.randn(b, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-        z2 = torch.randn(b, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-        inputs = 2 * z1.numel() * z1.element_size()
-        ctx = backend_forced("auto") if provider == "fastssl" else _null()
-        with ctx:
+        zs = [torch.randn(b, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+              for _ in range(2)]
+        inputs = 2 * zs[0].numel() * zs[0].element_size()
+        with backend_forced("auto") if provider == "fastssl" else contextlib.nullcontext():
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                fn(z1, z2).backward()
+                fn(*zs).backward()
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated()
             else:
-                growth = cpu_peak_growth(lambda: None, lambda _: fn(z1, z2).backward())
-                peak = inputs + (growth or 0)
+                peak = inputs + (cpu_peak_growth(lambda: zs, lambda z: fn(*z).backward()) or 0)
             rec["seconds"] = time.perf_counter() - t0
         rec.update(status="ok" if peak <= budget_bytes else "over_budget", peak_mem_mb=peak / 2**20)
     except Exception as exc:  # noqa: BLE001 - an OOM is the expected way not to fit
         rec.update(status=classify_failure(exc), note=failure_note(exc))
-    del z1, z2
-    gc.collect()
-    _free_device_memory(device)
+    zs = ()   # freed before the next probe
+    free_device_memory(device)
     return rec
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def part_max_n(out, dry_run, hook):
-    """Bounded search: double B from b0 while it fits (and the predicted next call, 4x the last
-    for an O(N^2) loss, fits the time left), then halve the gap to the first failure a few
-    times. Each probe is recorded as an nt_xent forward+backward record (one call)."""
-    import torch
-
-    device = _setup_device(dry_run)
-    d = 8 if dry_run else 128
-    dtype = torch.float32 if dry_run else torch.bfloat16
+    """The largest nt_xent B within the memory budget (compare.search_max_b: doubling while the
+    predicted next call fits the time left, then bisection); every probe is a record."""
+    device = _device(dry_run)
+    d, dtype = (8, torch.float32) if dry_run else (128, torch.bfloat16)
     if device.type == "cuda":
         budget = int(MAX_N_BUDGET_GIB * 2**30)
         total = torch.cuda.get_device_properties(device).total_memory
@@ -591,73 +420,55 @@ def part_max_n(out, dry_run, hook):
         budget = int(MAX_N_BUDGET_DRY_MIB * 2**20)
     # GPU: fastssl up to B = 2^19 (N = 1,048,576 anchors, the issue's target); eager is
     # quadratic in memory and fails far below its bound.
-    bounds = {"fastssl": (16, 512), "eager": (16, 512)} if dry_run else {"fastssl": (4096, 1 << 19),
-                                                                         "eager": (4096, 1 << 17)}
-    summary = {"budget_bytes": budget, "D": d, "dtype": str(dtype).replace("torch.", ""), "providers": {}}
-    spec = _spec("nt_xent")
+    bounds = ({"fastssl": (16, 512), "eager": (16, 512)} if dry_run
+              else {"fastssl": (4096, 1 << 19), "eager": (4096, 1 << 17)})
+    summary = {"budget_bytes": budget, "D": d, "dtype": str(dtype).replace("torch.", ""),
+               "providers": {}}
+    family = select_specs(["nt_xent"])[0].family
     with _writer(out, device) as writer:
-        def emit(provider, rec):
-            full = {"op": "nt_xent", "family": spec.family, "provider": provider,
-                    "shape": {"B": rec["B"], "D": d, "probe": "max_n"}, "x": rec["B"], "x_key": "B",
-                    "dtype": summary["dtype"], "device": device.type, "mode": "forward+backward",
-                    "gpu_run_part": "max_n", "probe": "max_n", "budget_mb": budget / 2**20}
-            if rec["status"] == "ok":
-                ms = rec["seconds"] * 1e3
-                full.update(status="ok", note="", p20_ms=ms, p50_ms=ms, p80_ms=ms, reps=1,
-                            peak_mem_mb=rec["peak_mem_mb"], mem_method="total peak, inputs included")
-            else:
-                note = rec.get("note") or f"peak {rec.get('peak_mem_mb', 0):.1f} MiB: over the budget"
-                full.update(status="oom" if rec["status"] in ("oom", "over_budget") else rec["status"], note=note)
-            _progress(writer.write(full))
-            hook.after_result()
-
         for provider, (b0, b_max) in bounds.items():
-            # Warm-up (Triton JIT, thread pools, lazily built tables): not a probe.
-            _fits(provider, b0, d, dtype, device, budget)
-            best, first_fail, last_s, b = None, None, 0.0, b0
-            stop = "reached the bound"
-            while b <= b_max:
-                if time_left() < max(2.0, 4.5 * last_s):
-                    stop = "stopped: the next size would not fit the part's time cap"
-                    break
+            def probe(b, provider=provider):
                 rec = _fits(provider, b, d, dtype, device, budget)
-                emit(provider, rec)
-                if rec["status"] != "ok":
-                    first_fail, stop = b, "first failure"
-                    break
-                best, last_s, b = b, rec["seconds"], b * 2
-            # Bisection between the last fit and the first failure (3 steps: 1/8 resolution).
-            lo, hi = best, first_fail
-            for _ in range(3):
-                if lo is None or hi is None or hi - lo <= max(8, lo // 8) or time_left() < max(2.0, 2 * last_s):
-                    break
-                mid = (lo + hi) // 2
-                rec = _fits(provider, mid, d, dtype, device, budget)
-                emit(provider, rec)
-                lo, hi = (mid, hi) if rec["status"] == "ok" else (lo, mid)
+                full = {"op": "nt_xent", "family": family, "provider": provider,
+                        "shape": {"B": b, "D": d, "probe": "max_n"}, "x": b, "x_key": "B",
+                        "dtype": summary["dtype"], "device": device.type,
+                        "mode": "forward+backward", "gpu_run_part": "max_n", "probe": "max_n",
+                        "budget_mb": budget / 2**20}
+                if rec["status"] == "ok":
+                    ms = rec["seconds"] * 1e3
+                    full.update(status="ok", note="", p20_ms=ms, p50_ms=ms, p80_ms=ms, reps=1,
+                                peak_mem_mb=rec["peak_mem_mb"],
+                                mem_method="total peak, inputs included")
+                else:
+                    full.update(status="oom" if rec["status"] in ("oom", "over_budget")
+                                else rec["status"], note=rec.get("note") or
+                                f"peak {rec.get('peak_mem_mb', 0):.1f} MiB: over the budget")
+                progress(writer.write(full), sys.stdout)
+                hook()
+                return rec["status"] == "ok", rec.get("seconds", 0.0), rec.get("peak_mem_mb")
+
+            _fits(provider, b0, d, dtype, device, budget)   # warm-up (JIT, pools): not a probe
+            res = search_max_b(probe, b0, b_max, bisect=3, time_left=time_left)
+            lo = res["max_B"]
             summary["providers"][provider] = {"max_B": lo, "max_N": None if lo is None else 2 * lo,
-                                              "first_fail_B": hi, "bound_B": b_max, "end": stop}
+                                              "first_fail_B": res["first_fail_B"],
+                                              "bound_B": b_max, "end": res["end"]}
             write_json(out / "max_n.json", summary)
     print(json.dumps(summary), flush=True)
     return 0
 
 
 # ----------------------------------------------------------------------------------------------
-# training step
+# training step, checkpoint, backend choice
 
 
 def part_trainer(out, dry_run, hook):
-    import torch
-    from bench import trainer
-    from bench.harness import BenchConfig, Size, run_case
-
-    device = _setup_device(dry_run)
+    device = _device(dry_run)
     spec = trainer.SPECS[0]
     cfg = BenchConfig.for_run(quick=dry_run)
     # each method's own crop recipe (SwAV and multi-crop GroCo with their small crops)
     if dry_run:
-        shapes = [trainer._case("simclr", "resnet18", 4, 16 / 224).shape]
-        dtype = torch.float32
+        shapes, dtype = [trainer._case("simclr", "resnet18", 4, 16 / 224).shape], torch.float32
     else:
         shapes = [trainer._case(m, "resnet50", 256, 1.0).shape for m in trainer.METHODS]
         dtype = torch.bfloat16
@@ -668,93 +479,98 @@ def part_trainer(out, dry_run, hook):
     with _writer(out, device) as writer:
         for shape in shapes:
             if time_left() < (2.0 if dry_run else 4.0):
-                _progress(writer.write({"op": spec.name, "family": spec.family, "provider": "fastssl",
-                                        "shape": shape, "x": shape["B"], "x_key": "B",
-                                        "dtype": str(dtype).replace("torch.", ""), "device": device.type,
-                                        "mode": "step", "status": "skipped", "gpu_run_part": "trainer",
-                                        "note": "not reached: the part's cap"}))
+                case = Case(spec.name, shape, str(dtype).replace("torch.", ""), ("step",),
+                            "fastssl")
+                progress(writer.write({**_not_run(case, spec, device, "trainer"), "mode": "step",
+                                       "note": "not reached: the part's cap"}), sys.stdout)
                 continue
             for rec in run_case(spec, "fastssl", Size(shape, ("step",)), dtype, device, cfg):
                 rec["gpu_run_part"] = "trainer"
-                _progress(writer.write(rec))
-                hook.after_result()
+                progress(writer.write(rec), sys.stdout)
+                hook()
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# checkpoint
-
-
 def part_checkpoint(out, dry_run, hook):
-    import torch
-    info = {}
     try:
-        import torchvision
+        import torchvision   # optional: only this part needs it
     except ImportError as exc:
-        info.update(status="skipped", note=f"torchvision is not installed ({exc})")
-        write_json(out / "checkpoint.json", info)
-        print(json.dumps(info), flush=True)
-        hook.after_result()
+        _done(out, "checkpoint", {"status": "skipped",
+                                  "note": f"torchvision is not installed ({exc})"}, hook)
         return 0
-    from fastssl.models import backbone_state_dict, build_backbone
-
-    # On the CPU even on the GPU machine: a checkpoint's names and values need no GPU, and this
-    # spares the part a CUDA start.
-    device = torch.device("cpu")
+    # On the CPU even on the GPU machine: a checkpoint's names and values need no GPU. The file
+    # goes outside the run directory: a run cut off here must not archive a ~94 MB file.
     torch.manual_seed(0)
     backbone, _ = build_backbone("resnet50")
-    # Outside the run directory: a run cut off here must not leave a ~94 MB file in what is
-    # archived and handed back (16 MiB per file).
-    import tempfile
-    tmpdir = tempfile.mkdtemp(prefix="fastssl-ckpt-")
-    path = Path(tmpdir) / "resnet50_backbone.pt"
-    torch.save(backbone_state_dict(backbone), path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory(prefix="fastssl-ckpt-") as tmp:
+        path = Path(tmp) / "resnet50_backbone.pt"
+        torch.save(backbone_state_dict(backbone), path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     tv = torchvision.models.resnet50(weights=None)
     res = tv.load_state_dict(state, strict=False)
     missing, unexpected = sorted(res.missing_keys), sorted(res.unexpected_keys)
     tv.fc = torch.nn.Identity()
-    backbone.eval().to(device)
-    tv.eval().to(device)
-    x = torch.randn(2, 3, 64 if dry_run else 224, 64 if dry_run else 224, device=device)
+    x = torch.randn(2, 3, 64 if dry_run else 224, 64 if dry_run else 224)
     with torch.no_grad():
-        diff = (backbone(x) - tv(x)).abs().max().item()
-    shutil.rmtree(tmpdir, ignore_errors=True)
+        diff = (backbone.eval()(x) - tv.eval()(x)).abs().max().item()
     ok = missing == ["fc.bias", "fc.weight"] and not unexpected and diff <= 1e-4
-    info.update(status="ok" if ok else "failed", torchvision_version=torchvision.__version__,
-                missing_keys=missing, unexpected_keys=unexpected, max_abs_feature_diff=diff,
-                device=device.type, keys=len(state),
-                note="only fc missing, same features" if ok else "mismatch: see the fields")
-    write_json(out / "checkpoint.json", info)
-    print(json.dumps(info), flush=True)
-    hook.after_result()
+    _done(out, "checkpoint", dict(
+        status="ok" if ok else "failed", torchvision_version=torchvision.__version__,
+        missing_keys=missing, unexpected_keys=unexpected, max_abs_feature_diff=diff,
+        device="cpu", keys=len(state),
+        note="only fc missing, same features" if ok else "mismatch: see the fields"), hook)
     return 0 if ok else 1
 
 
-# ----------------------------------------------------------------------------------------------
-# backend choice (bench/backend_choice.py: the CUDA tests of the cuda and triton backends, and
-# cuda vs triton times, printing which one `auto` should prefer)
-
-
 def part_backend_choice(out, dry_run, hook):
-    info = {"module": "bench.backend_choice"}
+    """python -m bench.backend_choice: the CUDA tests of the cuda and triton backends and their
+    times, printing which one `auto` should prefer (the dry run: that it imports and parses)."""
+    info = {"module": f"{PKG}.backend_choice"}
     if not (REPO / "bench" / "backend_choice.py").is_file():
-        info.update(status="missing", note="bench/backend_choice.py is not in this tree: not measured")
-        write_json(out / "backend_choice.json", info)
-        print(json.dumps(info), flush=True)
+        info.update(status="missing", note="bench/backend_choice.py is not in this tree: not "
+                                           "measured")
+        _done(out, "backend_choice", info, lambda: None)
         return 0
     dest = out / "backend_choice"
     dest.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "bench.backend_choice", "--out", str(dest)]
-    if dry_run:   # it needs a GPU: the dry run checks only that it imports and parses
-        cmd = [sys.executable, "-m", "bench.backend_choice", "--help"]
+    cmd = [sys.executable, "-m", f"{PKG}.backend_choice"] + (
+        ["--help"] if dry_run else ["--out", str(dest)])
     log_path = out / "logs" / "backend_choice_run.log"
     with open(log_path, "w") as log:
-        rc, secs = _run_logged(cmd, dict(os.environ), log, timeout=max(1.0, time_left() - 2))
+        rc, secs = run_capped(cmd, log, max(1.0, time_left() - 2), env=dict(os.environ))
     lines = log_path.read_text(errors="replace").splitlines()
     info.update(status="ok" if rc == 0 else ("timeout" if rc == "timeout" else "error"), rc=rc,
-                seconds=round(secs, 1), note=(lines[-1][:300] if lines else ""), output_tail=lines[-20:])
+                seconds=round(secs, 1), note=(lines[-1][:300] if lines else ""),
+                output_tail=lines[-20:])
     write_json(out / "backend_choice.json", info)
     print("\n".join(lines[-20:]), flush=True)
-    hook.after_result()
+    hook()
     return 0 if rc == 0 else 1
+
+
+PARTS = {"build": part_build, "roofline": part_roofline, "max_n": part_max_n,
+         "checkpoint": part_checkpoint, "trainer": part_trainer,
+         "backend_choice": part_backend_choice}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_parts", description=__doc__)
+    p.add_argument("--part", choices=PART_NAMES, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--stall", default=None, help="test hook: this part hangs after its first "
+                                                 "result, so the caller's cap must cut it off")
+    args = p.parse_args(argv)
+
+    def hook():
+        if args.stall == args.part:
+            print("stalling (test hook)", flush=True)
+            time.sleep(10**6)
+
+    if args.part in PARTS:
+        return PARTS[args.part](args.out, args.dry_run, hook)
+    return part_bench(args.part, args.out, args.dry_run, hook)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

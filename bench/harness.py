@@ -1,59 +1,41 @@
 """Timing and memory measurement shared by every benchmark module.
 
-Vocabulary:
-- An *op spec* (`OpSpec`) describes one docs/api.md op: the sizes worth measuring on each device, the
-  providers that can compute it, and how to build inputs and the callable for one provider.
-- A *provider* is who computes the op: ``fastssl`` (backend "auto"), ``fastssl:<backend>`` (a
-  forced backend: torch, cpp, triton, cuda), ``reference`` (fastssl.reference, eager),
-  ``reference:compile`` (torch.compile of the reference, GPU only), or an outside baseline such
-  as ``diffsort``.
-- A *mode* is what is timed: ``forward``, ``backward`` (the backward alone, from a forward done
-  outside the timed region) or ``forward+backward``; the trainer uses ``step``.
+An op spec (`OpSpec`) gives one docs/api.md op's sizes per device, its providers and how to
+build inputs and the callable for one provider. Providers: ``fastssl`` (backend "auto"),
+``fastssl:<backend>`` (forced), ``reference`` (fastssl.reference), ``reference:compile`` (GPU),
+and the baselines of bench/baselines.py (``eager``, ``peer:<library>``, ``diffsort``). Modes:
+``forward`` (under no_grad), ``backward`` (from an untimed forward), ``forward+backward``; the
+trainer uses ``step``.
 
-Timing:
-- CUDA: warm-up calls first (they also pay torch.compile and Triton JIT), then
-  `triton.testing.do_bench` (which synchronises, flushes L2 between calls and reports quantiles)
-  for forward and forward+backward; the backward alone is timed with CUDA events around each
-  call, its forward run untimed before it. Quantiles p20/p50/p80 over the calls.
-- CPU: warm-up calls, then repeated calls timed with `time.perf_counter` (CPU work is
-  synchronous), until both a minimum number of calls and a minimum total time are reached;
-  median with p20/p80.
+Timing: warm-up calls first (they pay torch.compile and Triton JIT). CUDA: triton.testing.do_bench
+(synchronised, L2 flushed) for forward and forward+backward, CUDA events around each backward.
+CPU: time.perf_counter over repeated calls until a minimum count and time. Quantiles p20/p50/p80.
 
-Peak memory is the peak *above what was allocated just before the measured call* (inputs,
-parameters, the forward's saved state for the backward mode): the op's working memory, its
-outputs and the input gradients it creates.
-- CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus
-  `memory_allocated()` before the call.
-- CPU: the growth of the process's resident set size. `ru_maxrss` cannot be used within one
-  process because it never decreases, so instead (Linux) the kernel's high-water mark VmHWM is
-  reset to the current RSS by writing "5" to /proc/self/clear_refs, the call is run, and the
-  growth is VmHWM minus the RSS before the call. Before the reset, `gc.collect()` and glibc's
-  `malloc_trim(0)` hand freed heap pages back to the kernel, so memory freed by earlier cases
-  is not silently reused without being counted (large buffers are mmapped by glibc and returned
-  on free anyway). The result counts every allocation the op makes (tensors, and the C++
-  extension's own scratch), which a tensor-allocator profile would miss. Full runs additionally
-  run each (op, provider) in a fresh subprocess (see bench/__main__.py).
+Peak memory is the peak above what was allocated just before the call. CUDA:
+max_memory_allocated after reset_peak_memory_stats. CPU: the growth of VmHWM, the kernel's
+high-water mark, reset to the current RSS through /proc/self/clear_refs after gc.collect() and
+malloc_trim(0) (ru_maxrss never decreases); it counts every allocation, the C++ extension's too.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import gc
-import textwrap
-import math
 import os
+import textwrap
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+import fastssl
+
+from . import baselines
+from .common import EAGER_PROVIDERS, STANDARD_PROVIDERS
+
 MODES = ("forward", "backward", "forward+backward")
 
-# Providers every op is offered to; an op spec adds outside baselines (e.g. diffsort).
-FASTSSL_PROVIDERS = ("fastssl", "fastssl:torch", "fastssl:cpp", "fastssl:triton", "fastssl:cuda")
-REFERENCE_PROVIDERS = ("reference", "reference:compile")
-STANDARD_PROVIDERS = FASTSSL_PROVIDERS + REFERENCE_PROVIDERS
 
 
 class Skip(Exception):
@@ -141,8 +123,6 @@ def backend_forced(name: str) -> Iterator[None]:
     """Force fastssl's backend for everything run inside, the backward included: the public
     functions choose the backend once and their ops' backward uses that choice on whatever
     thread the autograd engine runs it (docs/design.md), so the context alone is enough."""
-    import fastssl
-
     with fastssl.use_backend(name):
         yield
 
@@ -156,10 +136,36 @@ def provider_backend(provider: str) -> str | None:
     return None
 
 
-def resolve(provider: str, fastssl_fn: Callable, reference_fn: Callable) -> Callable:
-    """The callable computing an op for a standard provider (the backend is forced around the
-    whole measurement by `run_case`, so fastssl_fn is returned as is)."""
-    if provider_backend(provider) is not None:
+def baseline_providers(op: str) -> tuple[str, ...]:
+    """The eager providers and the op's peers (bench/baselines.py) offered to an op spec."""
+    eager = EAGER_PROVIDERS if op in baselines.EAGER else ()
+    return eager + tuple(f"peer:{p}" for p in baselines.PEERS.get(op, ()) if p != "diffsort")
+
+
+def resolve_op(provider: str, op: str | None, fastssl_fn: Callable, reference_fn: Callable,
+               device: torch.device | None = None) -> Callable:
+    """The callable computing an op for a provider: fastssl's (run_case forces the backend),
+    the reference, or (unless op is None: a spec with baselines of its own) the baselines users
+    would otherwise run: ``eager`` (bench/baselines.py), ``eager:compile`` (torch.compile of it,
+    GPU only) and ``peer:<library>``."""
+    if op is None:
+        pass
+    elif provider in EAGER_PROVIDERS:
+        if op not in baselines.EAGER:
+            raise Skip(f"no eager baseline for {op}")
+        fn = baselines.EAGER[op]
+        if provider == "eager":
+            return fn
+        if device.type != "cuda":
+            raise Skip("torch.compile of the eager loss is measured on GPU only")
+        torch._dynamo.reset()
+        return torch.compile(fn, dynamic=False)
+    elif provider.startswith("peer:"):
+        try:
+            return baselines.peer(op, provider.split(":", 1)[1])
+        except baselines.PeerMissing as e:
+            raise Skip(str(e)) from None
+    if provider_backend(provider) is not None:   # the backend is forced around the case
         return fastssl_fn
     if provider == "reference":
         return reference_fn
@@ -170,39 +176,6 @@ def resolve(provider: str, fastssl_fn: Callable, reference_fn: Callable) -> Call
         torch._dynamo.reset()
         return torch.compile(reference_fn, dynamic=False)
     raise Skip(f"provider {provider!r} does not apply to this op")
-
-
-EAGER_PROVIDERS = ("eager", "eager:compile")
-
-
-def baseline_providers(op: str) -> tuple[str, ...]:
-    """The eager providers and the op's peers (bench/baselines.py) offered to an op spec."""
-    from bench import baselines
-    eager = EAGER_PROVIDERS if op in baselines.EAGER else ()
-    return eager + tuple(f"peer:{p}" for p in baselines.PEERS.get(op, ()) if p != "diffsort")
-
-
-def resolve_op(provider: str, op: str, fastssl_fn: Callable, reference_fn: Callable,
-               device: torch.device) -> Callable:
-    """resolve() plus the baselines users would otherwise run: ``eager`` (bench/baselines.py),
-    ``eager:compile`` (torch.compile of it, GPU only) and ``peer:<library>``."""
-    from bench import baselines
-    if provider in EAGER_PROVIDERS:
-        if op not in baselines.EAGER:
-            raise Skip(f"no eager baseline for {op}")
-        fn = baselines.EAGER[op]
-        if provider == "eager":
-            return fn
-        if device.type != "cuda":
-            raise Skip("torch.compile of the eager loss is measured on GPU only")
-        torch._dynamo.reset()
-        return torch.compile(fn, dynamic=False)
-    if provider.startswith("peer:"):
-        try:
-            return baselines.peer(op, provider.split(":", 1)[1])
-        except baselines.PeerMissing as e:
-            raise Skip(str(e)) from None
-    return resolve(provider, fastssl_fn, reference_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +402,7 @@ def failure_note(exc: BaseException) -> str:
     return textwrap.shorten(f"{type(exc).__name__}: {first}", 300, placeholder=" ...")
 
 
-def _free_device_memory(device: torch.device) -> None:
+def free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -475,7 +448,7 @@ def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
             prep = None
             yield from failed(modes, exc)
-            _free_device_memory(device)
+            free_device_memory(device)
             return
 
         for mode in modes:
@@ -500,35 +473,13 @@ def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device
                     rec.update(prep.extras(rec, cfg))
             except Exception as exc:  # noqa: BLE001
                 rec.update(status=classify_failure(exc), note=failure_note(exc))
-                _free_device_memory(device)
+                free_device_memory(device)
             rec["loadavg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             yield rec
     del prep
-    _free_device_memory(device)
+    free_device_memory(device)
 
 
 def percentile_summary(times_ms: list[float]) -> dict:
     p20, p50, p80 = _quantiles(times_ms)
     return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "reps": len(times_ms)}
-
-
-def fmt_ms(ms: float | None) -> str:
-    if ms is None or (isinstance(ms, float) and math.isnan(ms)):
-        return "-"
-    if ms >= 1000:
-        return f"{ms / 1000:.2f} s"
-    if ms >= 10:
-        return f"{ms:.1f} ms"
-    if ms >= 0.1:
-        return f"{ms:.2f} ms"
-    return f"{ms * 1000:.1f} us"
-
-
-def fmt_mb(mb: float | None) -> str:
-    if mb is None:
-        return "-"
-    if mb >= 1024:
-        return f"{mb / 1024:.2f} GiB"
-    if mb >= 1:
-        return f"{mb:.1f} MiB"
-    return f"{mb * 1024:.0f} KiB"

@@ -4,22 +4,12 @@ time per image, as a function of threads.
     python -m bench --op input                  # (same as python -m bench.input)
     python -m bench.input --files 300 --batch 64 --threads 1,2 --out bench/results/input-cpu
 
-Stages, each measured alone on the same files (generated once into a cache folder: ImageNet-like
-JPEGs, about 110 KB and 400 x 350 on average):
-
-* ``read+params``: what fastssl.data's DALI train loader does on the host per batch before DALI
-  runs: read each file, parse its JPEG header (width, height) and draw the batch's augmentation
-  parameters (fastssl.data.crops.sample_view_params), for the SimCLR 2 x 224 recipe and the SwAV
-  2 x 224 + 6 x 96 recipe. Threads: batches prepared concurrently (the loader's read-ahead pool).
-* ``verify``: read+params plus the one-off PIL decode check (draft mode) that the loader
-  makes of every file in a run's first epoch.
-* ``dali-cpu``: CPU DALI decode + crop/resize/colour/flip/normalise of the recipe's views
-  (``num_threads`` DALI threads), fed from memory.
-
-Figures: wall images/s of the process, and CPU seconds per image of the process
-(time.process_time over all its threads): ``per_core_img_s = 1 / cpu_s_per_image`` is what one
-fully busy core sustains, the figure that does not depend on how loaded the machine is. The load
-average (1 min) is recorded with each figure.
+Stages, on the same generated ImageNet-like JPEGs (~110 KB, ~400 x 350): ``read+params`` (read,
+parse the JPEG header, draw the batch's augmentation parameters, as the DALI loader's host side
+does, for the SimCLR 2 x 224 and SwAV 2 x 224 + 6 x 96 recipes), ``verify`` (plus the first
+epoch's PIL decode check) and ``dali-cpu`` (CPU DALI decode and augmentation, fed from memory).
+``per_core_img_s`` = 1 / CPU seconds per image of the process: what one busy core sustains,
+whatever the machine's load (recorded with each figure).
 """
 from __future__ import annotations
 
@@ -32,6 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from fastssl.data.crops import expand_views, multicrop_recipe, sample_view_params, simclr_recipe
+from fastssl.data.dali import build_train_pipeline
+from fastssl.data.folder import image_size, read_bytes, verify_decodable
+from fastssl.data.loaders import cores_per_process
 
 CACHE = Path(os.environ.get("FASTSSL_BENCH_CACHE", Path.home() / ".cache" / "fastssl" / "bench_jpeg"))
 TARGET_IMG_S = 24_000      # 8 GPUs x 3,000 img/s
@@ -41,7 +37,6 @@ HOST_TARGET_PER_CORE = 5_000
 def cores_per_gpu(local_world_size: int | None = None) -> int:
     """CPU cores this process may use divided by the processes (GPUs) of this node: what the
     loader's default thread count derives from (fastssl.data.loaders.default_num_threads)."""
-    from fastssl.data.loaders import cores_per_process
     return cores_per_process(local_world_size)
 
 
@@ -68,7 +63,6 @@ def generate_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def recipes():
-    from fastssl.data.crops import expand_views, multicrop_recipe, simclr_recipe
     return {"simclr_2x224": expand_views(simclr_recipe()),
             "swav_2x224+6x96": expand_views(multicrop_recipe(224, 96, n_global=2, n_local=6))}
 
@@ -84,8 +78,6 @@ def _measure(work, n_images: int) -> dict:
 
 
 def bench_read_params(files, views, batch: int, threads: int, epochs: int, verify: bool = False) -> dict:
-    from fastssl.data.crops import sample_view_params
-    from fastssl.data.folder import image_size, read_bytes, verify_decodable
     names = [str(f) for f in files]
     n_batches = len(names) // batch
 
@@ -119,10 +111,6 @@ def bench_read_params(files, views, batch: int, threads: int, epochs: int, verif
 
 
 def bench_dali(files, views, batch: int, threads: int, batches: int) -> dict:
-    import torch
-    from fastssl.data.crops import sample_view_params
-    from fastssl.data.dali import build_train_pipeline
-    from fastssl.data.folder import image_size
     bufs = [Path(f).read_bytes() for f in files]
     sizes = [image_size(b, str(f)) for b, f in zip(bufs, files)]
     n_batches = len(bufs) // batch

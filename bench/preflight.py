@@ -4,32 +4,17 @@ GPU is available (the GPU machine is lent rarely and briefly: its first call mus
     python -m bench.preflight              # prepare, build/reuse the environment, run the checks
     python -m bench.preflight --prepare    # only what must travel with the tree (.whl/), seconds
 
-Three steps:
+1. prepare: .whl/ (git-ignored; the device call carries it) with diffsort's wheel (installed
+   offline by the run) and git_commit.txt (.git does not travel).
+2. the environment, built once into .device-env/ (--env, $FASTSSL_DEVICE_ENV): the GPU
+   machine's versions (DEVICE_PYTHON, DEVICE_REQUIREMENTS), reused while its marker matches.
+3. the checks, in that environment, in build/preflight/tree (the tree as a device call sends
+   it; its build/ kept unless --fresh) and offline (`unshare -rn` where allowed, PIP_NO_INDEX=1):
+   the versions, `pytest --collect-only` over tests/, `python3 -m bench.gpu_run --dry-run
+   --build` and `python -m bench.static --no-cuda` (triton 3.6).
 
-1. prepare (network): .whl/diffsort-0.2.0-py3-none-any.whl (the GPU machine has no diffsort;
-   the run installs it offline into .whl/site) and .whl/git_commit.txt (the commit of this
-   tree: .git does not travel). `.whl/` is git-ignored: the device call must carry it
-   (`carry: [".whl"]`).
-2. the environment (network, once): a virtual environment at .device-env/ (git-ignored; another
-   folder with --env DIR or $FASTSSL_DEVICE_ENV) with the GPU machine's versions: Python 3.12,
-   torch 2.11.0 (the CUDA 13 build from PyPI, several GB), triton 3.6.0, numpy 2.5, torchvision
-   0.26, pytest with xdist and timeout, matplotlib, pillow, ninja; no DALI, no diffsort. Built
-   once, then reused while .device-env/fastssl-device-env.json lists the same requirements.
-   Other scripts use it as `.device-env/bin/python` (e.g. `.device-env/bin/python -m
-   bench.static --no-cuda` is the static compile check under triton 3.6).
-3. the checks, in that environment, in build/preflight/tree (a copy of the tree as a device
-   call sends it: tracked and untracked-not-ignored files and .whl/, no .git; its build/ is
-   kept between preflights as a warm machine keeps it, --fresh for a cold one) and without
-   network (inside `unshare -rn`, a network namespace with no interface up, where the kernel
-   allows it; PIP_NO_INDEX=1 in any case):
-   the versions; `pytest --collect-only` over tests/ (every file imports on these versions);
-   `python3 -m bench.gpu_run --dry-run --build` (the GPU run's own code path on CPU, its build
-   part compiling the CPU-only extension in build/gpu_run/cpu with this setuptools and torch,
-   diffsort installed from .whl/ offline); and `python -m bench.static --no-cuda` (every Triton
-   kernel compiled by triton 3.6 for sm_80 and sm_90, spills read by ptxas).
-
-The log and a JSON summary go to bench/results/preflight/ (preflight.log, preflight.json);
-exit status 0 only if every check passed.
+Log and summary: bench/results/preflight/ (preflight.log, preflight.json); exit 0 only if every
+check passed.
 """
 from __future__ import annotations
 
@@ -41,11 +26,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-CARRIED = REPO / ".whl"
+from .common import CARRIED, REPO, Log, git_head, run_capped
+
 DEFAULT_ENV = REPO / ".device-env"
 RESULTS = REPO / "bench" / "results" / "preflight"
 MARKER = "fastssl-device-env.json"
@@ -58,49 +44,22 @@ DEVICE_REQUIREMENTS = ("torch==2.11.0", "triton==3.6.0", "numpy==2.5.*", "torchv
                        "setuptools", "wheel")
 
 
-class Log:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "w")
-
-    def __call__(self, msg: str = "") -> None:
-        print(msg, flush=True)
-        self.f.write(msg + "\n")
-        self.f.flush()
-
-
 def run(cmd, log, *, env=None, cwd=REPO, timeout=None, quiet=False) -> tuple[int | str, str, float]:
-    log(f"$ {' '.join(map(str, cmd))}")
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(list(map(str, cmd)), cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        rc, text = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc = "timeout"
-        text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-    secs = time.monotonic() - t0
+    """cmd under timeout, its output in the log (unless quiet); (exit code, output, seconds)."""
+    with tempfile.TemporaryFile("w+") as out:
+        rc, secs = run_capped(list(map(str, cmd)), out, timeout, cwd=cwd, env=env)
+        out.seek(0)
+        lines = out.read().rstrip().splitlines()
+    log(lines[0])
     if not quiet:
-        for line in text.rstrip().splitlines():
+        for line in lines[1:]:
             log(f"  | {line}")
     log(f"  -> exit {rc} in {secs:.1f} s")
-    return rc, text, secs
+    return rc, "\n".join(lines[1:]), secs
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. what travels
-
-
-def tree_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
-    head = git("rev-parse", "--short=12", "HEAD")
-    if not head:
-        return "unknown"
-    # bench/results/ holds what runs wrote (this preflight's log too): not measured code
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "fastssl", "csrc", "kernels", "bench",
-                ":(exclude)bench/results")
-    return head + ("+dirty" if dirty else "")
 
 
 def prepare(log) -> dict:
@@ -110,7 +69,7 @@ def prepare(log) -> dict:
         rc, _, _ = run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                         "--python-version", DEVICE_PYTHON, "-d", str(CARRIED), DIFFSORT], log, timeout=300)
         wheels = sorted(CARRIED.glob("diffsort-*.whl"))
-    commit = tree_commit()
+    commit = git_head()
     (CARRIED / "git_commit.txt").write_text(commit + "\n")
     size = sum(f.stat().st_size for f in CARRIED.rglob("*") if f.is_file() and "site" not in f.parts)
     info = {"wheels": [w.name for w in wheels], "git_commit": commit, "carried_bytes": size}
@@ -286,7 +245,7 @@ def main(argv=None) -> int:
         prepare(lambda m: print(m, flush=True))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    log = Log(RESULTS / "preflight.log")
+    log = Log(RESULTS / "preflight.log", "w")
     t0 = time.monotonic()
     log(f"fastssl preflight: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     carried = prepare(log)

@@ -13,38 +13,19 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
-import re
-import subprocess
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import fastssl
 
-
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
+from .common import cpu_model_name, git_commit, slug
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_model_name()
-
-
-def slug(text: str) -> str:
-    s = re.sub(r"\(r\)|\(tm\)|processor|cpu @.*|\d+-core", "", text.lower())
-    s = re.sub(r"[^a-z0-9]+", "-", s).strip("-")
-    return s or "unknown"
 
 
 def device_dir_name(device: torch.device) -> str:
@@ -54,31 +35,7 @@ def device_dir_name(device: torch.device) -> str:
     return "cpu-" + slug(cpu_model_name())
 
 
-def git_commit() -> str:
-    """HEAD of the repository, with "+dirty" when tracked files under fastssl/, csrc/, kernels/
-    or bench/ differ from it (the measured code is then not exactly that commit).
-    $FASTSSL_GIT_COMMIT, when set, is the answer: the GPU run sets it (.git does not travel)."""
-    if os.environ.get("FASTSSL_GIT_COMMIT"):
-        return os.environ["FASTSSL_GIT_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "fastssl", "csrc", "kernels", "bench"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:
-        return "unknown"
-    if not head:
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def environment(device: torch.device) -> dict:
-    try:
-        import fastssl
-        version = fastssl.__version__
-    except Exception:
-        version = "unknown"
     try:
         import triton
         triton_version = triton.__version__
@@ -86,7 +43,7 @@ def environment(device: torch.device) -> dict:
         triton_version = None
     return {
         "device_name": device_name(device),
-        "fastssl_version": version,
+        "fastssl_version": fastssl.__version__,
         "git_commit": git_commit(),
         "torch_version": torch.__version__,
         "triton_version": triton_version,
@@ -123,16 +80,5 @@ class ResultWriter:
 
 
 def load(path: Path | str) -> list[dict]:
-    out = []
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
-    return out
-
-
-def dump(records: Iterable[dict], path: Path | str) -> None:
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        return [json.loads(line) for line in f if line.strip()]

@@ -14,9 +14,9 @@ import torch
 
 import fastssl.functional as fast
 import fastssl.reference as ref
-from bench import baselines
-from bench.harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, Skip, cotangent_backward,
-                           embeddings, resolve, scalar_backward)
+from . import baselines
+from .harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, Skip, cotangent_backward,
+                           embeddings, resolve_op, scalar_backward)
 
 ALL_MODES = ("forward", "backward", "forward+backward")
 FULL = ("forward+backward",)
@@ -46,7 +46,7 @@ def _soft_sort_build(provider, shape, dtype, device):
         net = _diffsort_fn(network, n, steepness, distribution, device)
         forward = lambda: net(x)  # noqa: E731
     else:
-        fn = resolve(provider, fast.soft_sort, ref.soft_sort)
+        fn = resolve_op(provider, None, fast.soft_sort, ref.soft_sort)
         forward = lambda: fn(x, network=network, steepness=steepness, distribution=distribution)  # noqa: E731
 
     def backward(out):
@@ -97,7 +97,7 @@ def _soft_sort_sizes(dev, quick):
 
 
 def _groco_build(provider, shape, dtype, device):
-    fn = resolve(provider, fast.groco, ref.groco)
+    fn = resolve_op(provider, None, fast.groco, ref.groco)
     views = [embeddings(shape["B"], shape["D"], dtype, device, seed=1 + v) for v in range(shape["views"])]
     return Prepared(forward=lambda: fn(views), backward=scalar_backward, leaves=tuple(views))
 

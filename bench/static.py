@@ -3,30 +3,18 @@
     python -m bench.static --out bench/results/static
     PYTHONPATH=<triton 3.6 site> python -m bench.static --out bench/results/static/triton-3.6
 
-Triton: the real launchers (kernels/*.py) run on ``meta`` tensors inside
-``fastssl.kernels._launch.static_capture(cc)``: they pick their configuration for that compute
-capability through their family's ``config`` function and record each launch instead of running
-it, so what is compiled here is exactly what would run (same constexprs, num_warps, num_stages,
-argument specialisation; one row per distinct binary). Each is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, afresh (no cache hit),
-and the figures come from the ptxas run Triton itself makes for the cubin it would load: its
-command line and its log are captured as Triton runs them (``tritons_ptxas_runs``), so the
-options are Triton's own (triton 3.9: ``--regAllocOptLevel=2`` among them, which changes the
-spills) and are recorded in every row, with the triton and ptxas versions. Recorded per case:
-compiled or the first line of the error, registers, spill bytes, stack frame, shared memory,
-tensor-core instructions (wgmma on sm_90, mma on sm_80) and scalar float32 FMAs.
-
-CUDA: csrc/*_cuda.cu with exactly setup.py's nvcc flags (csrc/build_flags.py) and -Xptxas -v;
-csrc/*_cuda_glue.cpp compiled (-fsyntax-only) against the include/ of a CUDA build of torch
-($FASTSSL_TORCH_CUDA_INCLUDE, or torch==TORCH_VERSION's cached in ~/.cache/fastssl/, fetched
-with pip only under --download-headers: nothing is downloaded otherwise, and without headers
-the glue rows are marked skipped) and the CUDA toolkit's headers.
-
-Also a source check: in every @triton.jit function, a product with a runtime integer argument
-(a size or stride) is formed in 64 bits, so no address computation wraps at 2**31 elements.
-
-Results are cached in ~/.cache/fastssl/static keyed by the kernel sources, the triton version
-and the launch's specialisation, so a rerun only compiles what changed.
+Triton: the real launchers run on ``meta`` tensors inside
+``fastssl.kernels._launch.static_capture(cc)``, which records each launch at the configuration
+the launcher picks for that compute capability; each distinct binary is compiled afresh with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, and its figures
+(registers, spills, stack, shared memory, tensor-core instructions, scalar FMAs) come from the
+ptxas run Triton itself makes, its command line and log captured (``tritons_ptxas_runs``).
+CUDA: csrc/*_cuda.cu with setup.py's nvcc flags (csrc/build_flags.py) and -Xptxas -v;
+csrc/*_cuda_glue.cpp (-fsyntax-only) against a CUDA torch's include/
+($FASTSSL_TORCH_CUDA_INCLUDE, or torch==TORCH_VERSION's cached, fetched only with
+--download-headers). A source check: products with a runtime integer argument in @triton.jit
+functions are formed in 64 bits. Results are cached in ~/.cache/fastssl/static by sources,
+triton version and specialisation.
 """
 from __future__ import annotations
 
@@ -36,6 +24,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import multiprocessing as mp
 import os
 import re
 import runpy
@@ -45,7 +34,20 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+
+import torch
+
+from fastssl.kernels import contrastive as KC, sortnet as KS, sphere as KP, swav as KW
+from fastssl.kernels._launch import static_capture
+from fastssl.kernels.sortnet import DIST_IDS
+from fastssl.ops.sortnet import network_tensor
+
+from .common import PKG, table
+
+KERNEL_MODULES = {"contrastive": KC, "sphere": KP, "swav": KW, "sortnet": KS}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.path.expanduser(os.environ.get("FASTSSL_CACHE", "~/.cache/fastssl")))
@@ -70,14 +72,12 @@ def _env_for_compile():
 
 def _cases():
     """(family, label, dtype name, size label, thunk) for every launcher configuration."""
-    import torch
-    from fastssl.kernels import contrastive as KC, sortnet as KS, sphere as KP, swav as KW
-
-    meta = dict(device="meta")
+    m = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     # float64: accepted by the sphere, swav and sortnet launchers (the ops' gradcheck dtype);
     # contrastive rejects it ("use the torch backend"), so it has no float64 binary.
     dtypes64 = dict(dtypes, fp64=torch.float64)
+    f32 = torch.float32
     out = []
 
     # contrastive: (exclude_pos, split, weighted, col_stats) as the losses call them; tiles do
@@ -87,112 +87,79 @@ def _cases():
               "sogclr": (True, False, True, False)}
     n, d = 1024, 256
     for dn, dt in dtypes.items():
-        a = torch.empty(n, d, dtype=dt, **meta)
-        b = torch.empty(2 * n, d, dtype=dt, **meta)
-        idx = torch.empty(n, dtype=torch.int64, **meta)
-        vec = torch.empty(n, dtype=torch.float32, **meta)
-        cvec = torch.empty(2 * n, dtype=torch.float32, **meta)
-        empty = torch.empty(0, dtype=torch.float32, **meta)
+        a, b, idx = m(n, d, dtype=dt), m(2 * n, d, dtype=dt), m(n, dtype=torch.int64)
+        vec, cvec, empty = m(n, dtype=f32), m(2 * n, dtype=f32), m(0, dtype=f32)
+        size = f"n={n},D={d}"
         for name, (ex, sp, w, cs) in combos.items():
-            split = n if sp else 2 * n
-            out.append(("contrastive", f"lse_fwd[{name}]", dn, f"n={n},D={d}",
-                        lambda ex=ex, split=split, w=w, cs=cs, a=a, b=b, idx=idx:
-                        KC.lse_forward(a, b, idx, idx, 1.0, split, ex, w, cs)))
-            out.append(("contrastive", f"lse_bwd[{name}]", dn, f"n={n},D={d}",
-                        lambda ex=ex, split=split, sp=sp, cs=cs, a=a, b=b, idx=idx, vec=vec,
-                        cvec=cvec, empty=empty:
-                        KC.lse_backward(a, b, idx, idx, 1.0, split, ex, vec, vec if sp else empty,
-                                        cvec if cs else empty, vec, vec if sp else empty,
-                                        cvec if cs else empty)))
-        out.append(("contrastive", "sce_fwd", dn, f"n={n},D={d}",
-                    lambda a=a, b=b, idx=idx: KC.sce_forward(a, a, b, idx, 10.0, 20.0)))
-        out.append(("contrastive", "sce_bwd", dn, f"n={n},D={d}",
-                    lambda a=a, b=b, idx=idx, vec=vec:
-                    KC.sce_backward(a, a, b, idx, 10.0, 20.0, vec, vec, vec, vec)))
+            split, v, c = n if sp else 2 * n, vec if sp else empty, cvec if cs else empty
+            out.append(("contrastive", f"lse_fwd[{name}]", dn, size,
+                        partial(KC.lse_forward, a, b, idx, idx, 1.0, split, ex, w, cs)))
+            out.append(("contrastive", f"lse_bwd[{name}]", dn, size,
+                        partial(KC.lse_backward, a, b, idx, idx, 1.0, split, ex, vec, v, c, vec, v,
+                                c)))
+        out.append(("contrastive", "sce_fwd", dn, size,
+                    partial(KC.sce_forward, a, a, b, idx, 10.0, 20.0)))
+        out.append(("contrastive", "sce_bwd", dn, size,
+                    partial(KC.sce_backward, a, a, b, idx, 10.0, 20.0, vec, vec, vec, vec)))
 
     # sphere: SFRIK's series (kind 0, 3 Gegenbauer degrees) and AUH's Gaussian (kind 1), each
     # symmetric (x against itself) and not; tiles do not depend on the size.
     n, d = 4096, 32768
     for dn, dt in dtypes64.items():
-        acc = torch.float64 if dt == torch.float64 else torch.float32
-        x = torch.empty(n, d, dtype=dt, **meta)
-        r = torch.empty(n, dtype=acc, **meta)
-        coef = torch.empty(7, dtype=acc, **meta)
-        lse = torch.empty(1, dtype=acc, **meta)
+        acc = torch.float64 if dt == torch.float64 else f32
+        x, r, coef, lse = m(n, d, dtype=dt), m(n, dtype=acc), m(7, dtype=acc), m(1, dtype=acc)
         for kind, cname in ((0, "series"), (1, "gauss")):
-            c = coef if kind == 0 else None
-            nw = 3 if kind == 0 else 1
-            out.append(("sphere", f"pair_fwd[{cname},sym]", dn, f"n={n},D={d}",
-                        lambda x=x, r=r, kind=kind, c=c, nw=nw:
-                        KP.pair_forward(x, None, r, None, kind=kind, coef=c, num_w=nw,
-                                        two_scale=4.0)))
-            out.append(("sphere", f"pair_fwd[{cname}]", dn, f"n={n},D={d}",
-                        lambda x=x, r=r, kind=kind, c=c, nw=nw:
-                        KP.pair_forward(x, x, r, r, kind=kind, coef=c, num_w=nw, two_scale=4.0)))
-            out.append(("sphere", f"pair_bwd[{cname}]", dn, f"n={n},D={d}",
-                        lambda x=x, r=r, kind=kind, c=c, nw=nw, lse=lse:
-                        KP.pair_backward(x, x, r, r, kind=kind, coef=c, num_w=nw,
-                                         two_scale=4.0, lse=lse)))
+            kw = dict(kind=kind, coef=coef if kind == 0 else None, num_w=3 if kind == 0 else 1,
+                      two_scale=4.0)
+            out += [("sphere", f"pair_fwd[{cname},sym]", dn, f"n={n},D={d}",
+                     partial(KP.pair_forward, x, None, r, None, **kw)),
+                    ("sphere", f"pair_fwd[{cname}]", dn, f"n={n},D={d}",
+                     partial(KP.pair_forward, x, x, r, r, **kw)),
+                    ("sphere", f"pair_bwd[{cname}]", dn, f"n={n},D={d}",
+                     partial(KP.pair_backward, x, x, r, r, lse=lse, **kw))]
 
     # swav: rows per program and prototype chunk follow B and K: a small local batch and the
     # large one, K = 3000 prototypes.
     k = 3000
     for dn, dt in dtypes64.items():
         for bsz in (256, 4096):
-            s = torch.empty(bsz, k, dtype=dt, **meta)
-            acc = torch.float64 if dt == torch.float64 else torch.float32
-            a = torch.empty(k, dtype=acc, **meta)
-            q = torch.empty(bsz, k, dtype=acc, **meta)
+            acc = torch.float64 if dt == torch.float64 else f32
+            s, a, q = m(bsz, k, dtype=dt), m(k, dtype=acc), m(bsz, k, dtype=acc)
             size = f"B={bsz},K={k}"
-            out.append(("swav", "colstats", dn, size, lambda s=s: KW.colstats(s, 0.05)))
-            out.append(("swav", "rowpass[colsum]", dn, size,
-                        lambda s=s, a=a: KW.rowpass(s, 0.05, a, False)))
-            out.append(("swav", "rowpass[codes]", dn, size,
-                        lambda s=s, a=a: KW.rowpass(s, 0.05, a, True)))
-            out.append(("swav", "cross_entropy[loss]", dn, size,
-                        lambda s=s, q=q: KW.swav_cross_entropy(s, q, 0.1, False)))
-            out.append(("swav", "cross_entropy[grad]", dn, size,
-                        lambda s=s, q=q: KW.swav_cross_entropy(s, q, 0.1, True)))
+            out += [("swav", "colstats", dn, size, partial(KW.colstats, s, 0.05)),
+                    ("swav", "rowpass[colsum]", dn, size, partial(KW.rowpass, s, 0.05, a, False)),
+                    ("swav", "rowpass[codes]", dn, size, partial(KW.rowpass, s, 0.05, a, True)),
+                    ("swav", "cross_entropy[loss]", dn, size,
+                     partial(KW.swav_cross_entropy, s, q, 0.1, False)),
+                    ("swav", "cross_entropy[grad]", dn, size,
+                     partial(KW.swav_cross_entropy, s, q, 0.1, True))]
 
     # sortnet: float32 (the ops' dtype on a GPU; half inputs run in float32) and float64; every
     # distribution (a constexpr branch); the real comparator tables of the benchmark and GroCo
     # sizes, since their counts (C, the checkpoint spacing K, S) and the P backward's chunk
     # offsets are specialised arguments (1, a multiple of 16, or neither: distinct binaries).
-    from fastssl.kernels.sortnet import DIST_IDS
-    from fastssl.ops.sortnet import network_tensor
-    cpu = torch.device("cpu")
+    # GroCo: rows of topk_neg = 10 negatives and 1 (2 views) or 3 (4 views) positives, B = 1024.
     sort_sizes = (("odd_even", 32, 1024), ("odd_even", 32, 4096), ("odd_even", 32, 16384),
                   ("bitonic", 32, 4096), ("bitonic", 1024, 256))
-    # GroCo: rows of topk_neg = 10 negatives and 1 (2 views) or 3 (4 views) positives
     groco_sizes = (("odd_even", 11), ("bitonic", 11), ("odd_even", 13), ("bitonic", 13))
-    for dn, dt in (("fp32", torch.float32), ("fp64", torch.float64)):
+    for dn, dt in (("fp32", f32), ("fp64", torch.float64)):
         for dist_name, dist in DIST_IDS.items():
             for network, nn, bsz in sort_sizes:
-                net = network_tensor(network, nn, cpu).to("meta")
-                c = net.shape[1]
-                x = torch.empty(bsz, nn, dtype=dt, **meta)
-                dd = torch.empty(bsz, c, dtype=dt, **meta)
-                gp = torch.empty(bsz, nn, nn, dtype=dt, **meta)
-                size = f"{network},B={bsz},n={nn}"
-                out.append(("sortnet", f"soft_sort_fwd[{dist_name}]", dn, size,
-                            lambda x=x, net=net, dist=dist: KS.soft_sort_forward(
-                                x, net, dist, 1.0, 0.25, 1.0, True)))
-                out.append(("sortnet", f"soft_sort_bwd[{dist_name}]", dn, size,
-                            lambda x=x, gp=gp, dd=dd, net=net, dist=dist, nn=nn:
-                            KS.soft_sort_backward(x, gp, dd, net, dist, 1.0, 0.25, 1.0, nn)))
+                net = network_tensor(network, nn, torch.device("cpu")).to("meta")
+                x, size = m(bsz, nn, dtype=dt), f"{network},B={bsz},n={nn}"
+                out += [("sortnet", f"soft_sort_fwd[{dist_name}]", dn, size,
+                         partial(KS.soft_sort_forward, x, net, dist, 1.0, 0.25, 1.0, True)),
+                        ("sortnet", f"soft_sort_bwd[{dist_name}]", dn, size,
+                         partial(KS.soft_sort_backward, x, m(bsz, nn, nn, dtype=dt),
+                                 m(bsz, net.shape[1], dtype=dt), net, dist, 1.0, 0.25, 1.0, nn))]
             for network, nn in groco_sizes:
-                bsz = 1024
-                net = network_tensor(network, nn, cpu).to("meta")
-                x = torch.empty(bsz, nn, dtype=dt, **meta)
-                size = f"{network},B={bsz},n={nn}"
-                out.append(("sortnet", f"groco_rows_fwd[{dist_name}]", dn, size,
-                            lambda x=x, net=net, dist=dist: KS.groco_rows_forward(
-                                x, 10, net, dist, 1.0, 0.25, 1.0)))
-                out.append(("sortnet", f"groco_rows_bwd[{dist_name}]", dn, size,
-                            lambda x=x, net=net, dist=dist, bsz=bsz, dt=dt:
-                            KS.groco_rows_backward(
-                                torch.empty(bsz, dtype=dt, device="meta"), x, 10, net,
-                                dist, 1.0, 0.25, 1.0)))
+                net = network_tensor(network, nn, torch.device("cpu")).to("meta")
+                x, size = m(1024, nn, dtype=dt), f"{network},B=1024,n={nn}"
+                out += [("sortnet", f"groco_rows_fwd[{dist_name}]", dn, size,
+                         partial(KS.groco_rows_forward, x, 10, net, dist, 1.0, 0.25, 1.0)),
+                        ("sortnet", f"groco_rows_bwd[{dist_name}]", dn, size,
+                         partial(KS.groco_rows_backward, m(1024, dtype=dt), x, 10, net, dist, 1.0,
+                                 0.25, 1.0))]
     return out
 
 
@@ -228,7 +195,6 @@ def _specialisation(launch, cc: int) -> str:
 def _capture(cc: int):
     """[(family, label, dtype, size, launch, specialisation)] on target cc: one entry per distinct
     binary (the first case that launches it; the other cases' sizes are kept in ``also``)."""
-    from fastssl.kernels._launch import static_capture
     rows, index = [], {}
     for family, label, dn, size, thunk in _cases():
         if family not in FAMILIES:
@@ -458,7 +424,6 @@ def triton_rows(workers: int = 2, use_cache: bool = True) -> list[dict]:
     if unique:
         if workers > 1:
             # The jobs hold JITFunctions (not picklable): forked workers read them by index.
-            import multiprocessing as mp
             global _JOBS
             _JOBS = [jobs[i] for i in unique]
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
@@ -585,7 +550,6 @@ def offset_findings(module, runtime_ints: set[str]) -> list[str]:
 
 def offset_rows(captured) -> list[str]:
     """offset_findings over every kernel family, with the integer arguments the launches pass."""
-    import importlib
     ints: dict[str, set[str]] = {f: set() for f in FAMILIES}
     for family, _label, _dn, _size, launch in captured:
         names = launch.kernel.arg_names
@@ -594,8 +558,7 @@ def offset_rows(captured) -> list[str]:
                 ints[family].add(name)
     out = []
     for family in FAMILIES:
-        mod = importlib.import_module(f"fastssl.kernels.{family}")
-        out += offset_findings(mod, ints[family])
+        out += offset_findings(KERNEL_MODULES[family], ints[family])
     return out
 
 
@@ -729,7 +692,6 @@ def torch_cuda_include(download: bool = False) -> str | None:
         if res.returncode != 0:  # offline or no such wheel: the glue rows say so
             return None
         wheels = [w for w in os.listdir(wheel_dir) if w.startswith(f"torch-{TORCH_VERSION}-")]
-    import zipfile
     with zipfile.ZipFile(os.path.join(wheel_dir, wheels[0])) as z:
         for n in z.namelist():
             if n.startswith("torch/include/"):
@@ -866,45 +828,32 @@ def markdown(rows: list[dict], offsets: list[str], tools: dict, out_arg: str) ->
     lines += [f"- 32-bit address products in kernel sources: {len(offsets)}", ""]
     if offsets:
         lines += ["## 32-bit address products", ""] + [f"- `{o}`" for o in offsets] + [""]
-    lines += ["## Triton kernels", "",
-              "| family | case | kernel | dtype | size | sm | warps | stages | ok | regs | "
-              "spill B | stack B | smem B | TC | FMA | findings |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["kind"] != "triton":
-            continue
+    spill = lambda r: r["spill_store_bytes"] + r["spill_load_bytes"]  # noqa: E731
+    tri_rows = []
+    for r in (r for r in rows if r["kind"] == "triton"):
+        head = [r["family"], r["case"], r.get("kernel_name"), r["dtype"], r["size"], r["cc"],
+                _fmt(r.get("num_warps")), _fmt(r.get("num_stages"))]
         find = "; ".join(verdicts(r)) or "-"
         if r.get("compiled"):
-            size = r["size"] + (f" (+{len(r['also'])})" if r.get("also") else "")
-            lines.append(
-                f"| {r['family']} | {r['case']} | {r['kernel_name']} | {r['dtype']} | {size}"
-                f" | {r['cc']} | {r['num_warps']} | {r['num_stages']} | yes | {r['registers']} |"
-                f" {r['spill_store_bytes'] + r['spill_load_bytes']} | {r['stack_bytes']} |"
-                f" {r['shared_bytes']} | {tensor_cores(r)} | {r['scalar_fma']} | {find} |")
+            head[4] += f" (+{len(r['also'])})" if r.get("also") else ""
+            tri_rows.append(head + ["yes", r["registers"], spill(r), r["stack_bytes"],
+                                    r["shared_bytes"], tensor_cores(r), r["scalar_fma"], find])
         else:
-            lines.append(f"| {r['family']} | {r['case']} | {r.get('kernel_name')} | {r['dtype']} |"
-                         f" {r['size']} | {r['cc']} | {_fmt(r.get('num_warps'))} |"
-                         f" {_fmt(r.get('num_stages'))} | no | | | | | | | {find} |")
+            tri_rows.append(head + ["no"] + [""] * 6 + [find])
+    lines += ["## Triton kernels", ""] + table(
+        ["family", "case", "kernel", "dtype", "size", "sm", "warps", "stages", "ok", "regs",
+         "spill B", "stack B", "smem B", "TC", "FMA", "findings"], tri_rows)
     if any(r["kind"] == "cuda" for r in rows):
-        lines += ["", "## CUDA kernels (csrc/*_cuda.cu)", "",
-                  "| family | kernel | dtype | sm | ok | regs | spill B | stack B | smem B |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if r["kind"] == "cuda":
-                if r.get("compiled"):
-                    lines.append(f"| {r['family']} | `{r['case']}` | {r['dtype']} | {r['cc']} |"
-                                 f" yes | {r['registers']} |"
-                                 f" {r['spill_store_bytes'] + r['spill_load_bytes']}"
-                                 f" | {r['stack_bytes']} | {r['shared_bytes']} |")
-                else:
-                    lines.append(f"| {r['family']} | {r['case']} | | | no: {r['error']} |"
-                                 " | | | |")
-        lines += ["", "## CUDA glue (csrc/*_cuda_glue.cpp)", "", "| file | compiles | error |",
-                  "|---|---|---|"]
-        for r in rows:
-            if r["kind"] == "glue":
-                ok = "skipped" if r.get("skipped") else ("yes" if r["compiled"] else "no")
-                lines.append(f"| {r['case']} | {ok} | {_fmt(r.get('error'))} |")
+        lines += ["", "## CUDA kernels (csrc/*_cuda.cu)", ""] + table(
+            ["family", "kernel", "dtype", "sm", "ok", "regs", "spill B", "stack B", "smem B"],
+            [[r["family"], f"`{r['case']}`", r["dtype"], r["cc"], "yes", r["registers"], spill(r),
+              r["stack_bytes"], r["shared_bytes"]] if r.get("compiled") else
+             [r["family"], r["case"], "", "", f"no: {r['error']}", "", "", "", ""]
+             for r in rows if r["kind"] == "cuda"])
+        lines += ["", "## CUDA glue (csrc/*_cuda_glue.cpp)", ""] + table(
+            ["file", "compiles", "error"],
+            [[r["case"], "skipped" if r.get("skipped") else ("yes" if r["compiled"] else "no"),
+              _fmt(r.get("error"))] for r in rows if r["kind"] == "glue"])
     return "\n".join(lines) + "\n"
 
 
@@ -934,6 +883,12 @@ def run(out_dir: str | None, workers: int = 2, with_cuda: bool = True,
 
 
 def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET"):
+        # The kernels were imported as interpreted functions: the real compiler needs them
+        # imported afresh, in a process without the interpreter.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", f"{PKG}.static",
+                                *(sys.argv[1:] if argv is None else argv)], env=env)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "static"),
                    help="folder for static.jsonl and static.md (e.g. one per triton version)")

@@ -10,7 +10,7 @@ import torch
 
 import fastssl.functional as fast
 import fastssl.reference as ref
-from bench.harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, baseline_providers, embeddings,
+from .harness import (STANDARD_PROVIDERS, OpSpec, Prepared, Size, baseline_providers, embeddings,
                            resolve_op, scalar_backward)
 
 ALL_MODES = ("forward", "backward", "forward+backward")

@@ -1,38 +1,42 @@
 """The training step end to end: backbone + heads + loss + backward + optimiser, per method.
 
-Each case builds the method as `fastssl.train` does (fastssl.models.build_backbone,
-fastssl.methods.build_method with the preset's heads and method arguments, the preset's
-optimiser) and times `fastssl.train.loop.StepRunner` on fixed synthetic views (random tensors
-already on the device, so the loader is not measured), with the hooks the trainer calls
-(momentum update, prototype normalisation, queue).
+Each case builds the method as `fastssl.train` does (build_backbone, build_method with the
+preset's heads and arguments, the preset's optimiser) and times `fastssl.train.loop.StepRunner`
+on synthetic views already on the device (the loader is not measured), with the trainer's hooks.
+images_per_s counts images, not views (views_per_s too); each method runs its preset's crop
+recipe (SwAV 2 x 224 + 6 x 96; GroCo also multi-crop, ``groco_multicrop``). GPU: ResNet-50,
+B = 256, bf16 autocast, channels-last. CPU: ResNet-18, B = 32, the recipes scaled 224 -> 32.
+Providers: ``fastssl`` and ``reference`` (every op forced to the reference backend); records
+add loss_ms (the loss's forward and backward alone) and loss_share = loss_ms / step time.
 
-Images are images: images_per_s is the batch (samples) per second, whatever the number of
-views per image (views_per_s is also recorded). Each method runs its preset's crop recipe:
-SwAV 2 x 224 + 6 x 96, and GroCo also in its multi-crop recipe (``groco_multicrop``).
-
-- GPU: the ImageNet presets on ResNet-50 at their real crop sizes, batch 256, bf16 autocast,
-  channels-last.
-- CPU: ResNet-18, batch 32, the same recipes scaled down by 224 -> 32 (96 -> 14), small heads
-  (the demo presets'), on synthetic views.
-
-``python -m bench.trainer --ddp`` is the DDP variant: ``fastssl.train`` itself under torchrun
-(2 gloo ranks on CPU, NCCL on every GPU where present), SyncBatchNorm on GPU, the real input
-pipeline (DALI on the demo data), images/s of the whole run after the first steps.
-
-Providers: ``fastssl`` (losses on the automatic backend) and ``reference`` (the same step with
-every fastssl op forced to the "reference" backend, i.e. fastssl.reference computes the loss).
-Besides the step time, each record has images_per_s, loss_ms (the loss module's forward and
-backward alone, timed on the inputs it received in a real step, under the same autocast) and
-loss_share = loss_ms / step time.
+``python -m bench.trainer --ddp``: ``fastssl.train`` itself under torchrun (2 gloo ranks on CPU,
+NCCL on every GPU), SyncBatchNorm on GPU, DALI on the demo data, images/s after the first steps.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
 
 import torch
+import torch.distributed as dist
 
-from bench.harness import (BenchConfig, OpSpec, Prepared, Size, Skip, backend_forced, percentile_summary,
+from fastssl.methods import build_method
+from fastssl.methods.base import StepContext
+from fastssl.methods.presets import get_preset
+from fastssl.models import build_backbone
+from fastssl.testing import free_port
+from fastssl.train.config import make_config
+from fastssl.train.loop import StepRunner, train
+from fastssl.optim import build_optimizer
+
+from .common import PKG
+from .harness import (BenchConfig, OpSpec, Prepared, Size, Skip, backend_forced, percentile_summary,
                            time_cpu, time_cuda_events)
 
 METHODS = ("simclr", "groco", "groco_multicrop", "sce", "sogclr", "sfrik", "swav", "auh")
@@ -49,13 +53,11 @@ def _method_name(case: str) -> str:
 
 
 def _preset(case: str, device_type: str) -> dict:
-    from fastssl.methods.presets import get_preset
     return get_preset(GPU_PRESET[case] if device_type == "cuda" else f"demo_{_method_name(case)}")
 
 
 def crop_sizes(case: str, scale: float = 1.0) -> list[int]:
     """The view sizes of the case's ImageNet recipe, in view order, scaled (CPU runs)."""
-    from fastssl.methods.presets import get_preset
     sizes = []
     for crop in get_preset(GPU_PRESET[case])["crops"]:
         sizes += [max(8, round(crop["size"] * scale))] * int(crop.get("count", 1))
@@ -98,14 +100,6 @@ def _leaves(obj) -> list:
 def _build(provider, shape, dtype, device):
     if provider not in ("fastssl", "reference"):
         raise Skip("the training step is measured with the fastssl losses and with the reference losses")
-    try:
-        from fastssl.methods import build_method
-        from fastssl.methods.base import StepContext
-        from fastssl.models import build_backbone
-        from fastssl.train.loop import StepRunner
-        from fastssl.optim import build_optimizer
-    except ImportError as e:
-        raise NotImplementedError(f"the trainer is not available: {e}") from None
 
     case, b = shape["method"], shape["B"]
     sizes = [int(x) for x in shape["sizes"].split(",")]
@@ -230,8 +224,6 @@ SPECS = [
 def ddp_config(case: str, device_type: str, batch_per_rank: int, world: int, epochs: int, out: str):
     """fastssl.train's config for the DDP benchmark: the case's ImageNet recipe (scaled down on
     CPU), DALI on the demo data, SyncBatchNorm (the trainer converts on GPU), no k-NN monitor."""
-    from fastssl.methods.presets import get_preset
-    from fastssl.train.config import make_config
     gpu = device_type == "cuda"
     preset = get_preset(GPU_PRESET[case] if gpu else f"demo_{_method_name(case)}")
     scale = 1.0 if gpu else CPU_SCALE
@@ -247,10 +239,6 @@ def ddp_config(case: str, device_type: str, batch_per_rank: int, world: int, epo
 
 
 def ddp_worker(case: str, batch_per_rank: int, epochs: int, warmup: int, result: str) -> None:
-    import os
-    import time
-    import torch.distributed as dist
-    from fastssl.train.loop import train
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = ddp_config(case, device_type, batch_per_rank, world, epochs, os.path.dirname(result) + f"/run_{case}")
@@ -280,11 +268,6 @@ def ddp_worker(case: str, batch_per_rank: int, epochs: int, warmup: int, result:
 
 
 def ddp_main(cases, world: int | None, batch_per_rank: int, epochs: int, warmup: int, out) -> list[dict]:
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    from fastssl.testing import free_port
     if world is None:
         world = torch.cuda.device_count() if torch.cuda.is_available() else 2
     records = []
@@ -293,7 +276,7 @@ def ddp_main(cases, world: int | None, batch_per_rank: int, epochs: int, warmup:
             result = os.path.join(tmp, "result.json")
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                    "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                   "-m", "bench.trainer", "--ddp-worker", case, str(batch_per_rank), str(epochs),
+                   "-m", f"{PKG}.trainer", "--ddp-worker", case, str(batch_per_rank), str(epochs),
                    str(warmup), result]
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -314,8 +297,6 @@ def ddp_main(cases, world: int | None, batch_per_rank: int, epochs: int, warmup:
 
 
 def main(argv=None) -> int:
-    import argparse
-    import sys
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--ddp-worker":
         case, b, epochs, warmup, result = argv[1:6]

@@ -1,8 +1,6 @@
 """bench.input (python -m bench --op input): the host input path measured on generated JPEGs."""
 import json
 
-import pytest
-
 from bench import input as input_bench
 
 

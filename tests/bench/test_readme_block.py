@@ -80,7 +80,7 @@ def _block(path: Path) -> str:
 
 
 def test_both_entry_points_write_the_same_block(results_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(summary, "RESULTS_ROOT", results_root)
+    monkeypatch.setattr(compare, "RESULTS_ROOT", results_root)
     out = results_root / "cpu-eager"
     a, b = _readme(tmp_path / "a.md"), _readme(tmp_path / "b.md")
     # compare.main writes compare.md (which the block links) before its README update; the
