@@ -7,7 +7,6 @@ import importlib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import backend_params
 
 import fastssl
