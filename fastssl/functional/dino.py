@@ -86,6 +86,8 @@ def dino(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor
         ignore_diagonal: skip the pair (teacher crop i, student crop i).
         gather_distributed: the value is the global batch's, the gradient after DDP's average
             the single-process one.
+        backend: not an argument of the public function: the backend that
+            ``fastssl._backend.public_loss`` chose for this call.
 
     Returns:
         A 0-dim tensor, float32 (float64 for float64 logits): the mean over the pairs of
@@ -131,9 +133,19 @@ def dino(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor
 def dino_center(teacher_out: Sequence[torch.Tensor], center: torch.Tensor, *,
                 momentum: float = 0.9, gather_distributed: bool = False,
                 backend) -> torch.Tensor:
-    """The new EMA center: center * momentum + (1 - momentum) * mean of every teacher row (all
-    crops; all ranks under gather_distributed, one all-reduce of a K-vector). Returns a (1, K)
-    tensor in the center's dtype; the inputs are not modified.
+    """DINO's center update: the new EMA center, center * momentum + (1 - momentum) * the mean
+    of every teacher row. The inputs are not modified.
+
+    Args:
+        teacher_out: list of (B, K) teacher logits (every crop counts).
+        center: the current (1, K) float center.
+        momentum: float in [0, 1].
+        gather_distributed: the mean is over every rank's rows (one all-reduce of a K-vector).
+        backend: not an argument of the public function: the backend that
+            ``fastssl._backend.public_loss`` chose for this call.
+
+    Returns:
+        The new (1, K) center in the center's dtype (float32 for a float32 center).
 
     Example::
 
@@ -169,6 +181,8 @@ def ibot_patch(student_patches: torch.Tensor, teacher_patches: torch.Tensor,
         center, student_temp, teacher_temp, centering, sinkhorn_iterations: as :func:`dino`
             ("sinkhorn_knopp" runs over the masked teacher tokens of every rank).
         gather_distributed: the value is the global batch's (B summed over ranks).
+        backend: not an argument of the public function: the backend that
+            ``fastssl._backend.public_loss`` chose for this call.
 
     Returns:
         A 0-dim float32 tensor (float64 for float64): sum over masked tokens of the
@@ -237,6 +251,8 @@ def koleo(z: torch.Tensor, *, eps: float = 1e-8, gather_distributed: bool = Fals
 
     Args:
         z: (N, D) float tensor, at least 2 rows in the (global) batch. eps: float > 0.
+        backend: not an argument of the public function: the backend that
+            ``fastssl._backend.public_loss`` chose for this call.
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 z).
