@@ -62,7 +62,7 @@ def _targets(teachers: list[torch.Tensor], center, teacher_temp: float, centerin
         return [_ops.teacher_softmax(t, c, teacher_temp, backend) for t in teachers]
     t = teachers[0] if len(teachers) == 1 else torch.cat([x.detach() for x in teachers])
     codes = _swav_ops.sinkhorn(t, teacher_temp, iterations, use_dist, backend)
-    return list(codes.chunk(len(teachers)))
+    return [codes] if len(teachers) == 1 else list(codes.chunk(len(teachers)))
 
 
 @public_loss("dino", "dino", _ops.TABLE, _ref_dino)
@@ -215,6 +215,13 @@ def ibot_patch_masked(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor
                         tt, centering, sinkhorn_iterations, gather_distributed, backend)
 
 
+def _no_rows(s: torch.Tensor) -> bool:
+    """Whether no token is masked. Under torch.compile the count is data-dependent: the traced
+    graph assumes some token is, so a step compiles without a graph break (with dynamo's
+    capture_dynamic_output_shape_ops for the boolean selection itself)."""
+    return not torch.compiler.is_compiling() and s.shape[0] == 0
+
+
 def _ibot_masked(s, t, masks, center, st, tt, centering, sinkhorn_iterations,
                  gather_distributed, backend):
     use_dist = _use_dist(gather_distributed)
@@ -227,12 +234,12 @@ def _ibot_masked(s, t, masks, center, st, tt, centering, sinkhorn_iterations,
         # each token's weight, 1 / its image's masked count, folded into its target row: the
         # cross-entropy is linear in the target (and its gradient uses the row's target sum)
         w = (1.0 / counts.clamp(min=1).to(acc)).repeat_interleave(counts, output_size=s.shape[0])
-        if s.shape[0] == 0:
+        if _no_rows(s):
             q = torch.zeros((0, s.shape[1]), dtype=acc, device=s.device)
         else:
             q = _targets([t], center, tt, centering, sinkhorn_iterations, use_dist, backend)[0]
             q = q * w[:, None]
-    if s.shape[0] == 0:
+    if _no_rows(s):
         loss = (s.sum() * 0).to(acc)  # no masked token: zero, with a (zero) gradient
     else:
         loss = _swav_ops.swav_cross_entropy(s, q, st, backend) / B
