@@ -3,7 +3,8 @@
 The CPU sources in csrc/*_cpu.cpp (plus csrc/bindings.cpp) always build, with OpenMP when the
 compiler has it. The CUDA sources (csrc/*_cuda.cu: plain CUDA on raw pointers, and the torch glue
 csrc/*_cuda_glue.cpp) build only against a CUDA build of torch with nvcc present.
-FASTSSL_BUILD_CUDA=1 forces the CUDA part on (and fails loudly if it cannot build), =0 forces it off.
+FASTSSL_BUILD_CUDA=1 forces the CUDA part on (and fails loudly if it cannot build), =0 forces it
+off.
 
 Install with the pinned torch already present and without build isolation, so pip does not pull
 a different torch into the build environment:
@@ -28,9 +29,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # builds from one, bench/gpu_parts.py) builds with any setuptools.
 _ST = tuple(int(x) for x in setuptools.__version__.split(".")[:2] if x.isdigit())
 if os.path.exists(os.path.join(ROOT, "pyproject.toml")) and _ST < (77,):
-    raise SystemExit(f"setup.py: setuptools {setuptools.__version__} is too old for pyproject.toml's "
-                     "license field (PEP 639): pip install 'setuptools>=77', or build with build "
-                     "isolation (pip install .)")
+    raise SystemExit(
+        f"setup.py: setuptools {setuptools.__version__} is too old for pyproject.toml's license "
+        "field (PEP 639): pip install 'setuptools>=77', or build with build isolation (pip "
+        "install .)"
+    )
 # The one list of compiler flags, shared with the static GPU build check (bench/static.py).
 FLAGS = runpy.run_path(os.path.join(ROOT, "csrc", "build_flags.py"))
 
@@ -72,14 +75,18 @@ def _want_cuda() -> bool:
                  and os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")))
     if flag in ("1", "on", "true", "yes"):
         if not available:
-            raise RuntimeError("FASTSSL_BUILD_CUDA=1 but torch has no CUDA build or nvcc is missing "
-                               f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
+            raise RuntimeError(
+                "FASTSSL_BUILD_CUDA=1 but torch has no CUDA build or nvcc is missing "
+                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
+            )
         return True
     return available
 
 
 def _extension():
-    rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)
+    def rel(paths):
+        return sorted(os.path.relpath(p, ROOT) for p in paths)
+
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*_cpu.cpp"))) + ["csrc/bindings.cpp"]
     cxx_flags = list(FLAGS["CXX_FLAGS"])
     link_flags = []
@@ -134,10 +141,24 @@ setup(
     # The Triton kernels live in the top-level kernels/ folder and the benchmarks in bench/, but
     # install as fastssl.kernels and fastssl.bench: no top-level `kernels` or `bench` module
     # lands in site-packages.
-    packages=["fastssl", "fastssl.kernels", "fastssl.ops", "fastssl.functional",
-              "fastssl.losses", "fastssl.reference", "fastssl.compat", "fastssl.models", "fastssl.data",
-              "fastssl.methods", "fastssl.train", "fastssl.eval", "fastssl.bench",
-              "fastssl.backends", "fastssl.backends.torch", "fastssl.backends.ext"],
+    packages=[
+        "fastssl",
+        "fastssl.kernels",
+        "fastssl.ops",
+        "fastssl.functional",
+        "fastssl.losses",
+        "fastssl.reference",
+        "fastssl.compat",
+        "fastssl.models",
+        "fastssl.data",
+        "fastssl.methods",
+        "fastssl.train",
+        "fastssl.eval",
+        "fastssl.bench",
+        "fastssl.backends",
+        "fastssl.backends.torch",
+        "fastssl.backends.ext",
+    ],
     package_dir={"fastssl": "fastssl", "fastssl.kernels": "kernels", "fastssl.bench": "bench"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExtWithInfo},

@@ -48,25 +48,40 @@ def _results_root() -> Path:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--op", action="append", help="op or family to run (repeatable, or comma-separated)")
-    p.add_argument("--provider", action="append",
-                   help="provider(s) to run, e.g. fastssl, fastssl:cpp, reference, diffsort (default: all)")
+    p.add_argument(
+        "--op", action="append", help="op or family to run (repeatable, or comma-separated)"
+    )
+    p.add_argument(
+        "--provider",
+        action="append",
+        help="provider(s) to run, e.g. fastssl, fastssl:cpp, reference, diffsort (default: all)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="device (default: cuda when available, else cpu)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few calls (smoke test)")
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--dtype", action="append", choices=("float32", "bfloat16", "float16"),
                    help="restrict to these dtypes")
-    p.add_argument("--mode", action="append", choices=("forward", "backward", "forward+backward", "step"),
-                   help="restrict to these modes")
+    p.add_argument(
+        "--mode",
+        action="append",
+        choices=("forward", "backward", "forward+backward", "step"),
+        help="restrict to these modes",
+    )
     iso = p.add_mutually_exclusive_group()
     iso.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                      help="one fresh subprocess per (op, provider) (default for full GPU runs)")
-    iso.add_argument("--no-isolate", dest="isolate", action="store_false", help="run in this process")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    iso.add_argument(
+        "--no-isolate", dest="isolate", action="store_false", help="run in this process"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: all cores)"
+    )
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds allowed to one (op, provider) subprocess")
-    p.add_argument("--append", action="store_true", help="append to results.jsonl instead of replacing it")
+    p.add_argument(
+        "--append", action="store_true", help="append to results.jsonl instead of replacing it"
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--report-only", action="store_true",
                    help="measure nothing: rebuild plots and summary from --out/results.jsonl")
@@ -117,11 +132,15 @@ def _skipped(spec, skipped, device, emit):
 
 def run_in_process(specs, args, device, cfg, emit):
     for spec in specs:
-        cases, skipped = plan_cases(spec, device.type, args.quick, args.provider, args.dtype, args.mode)
+        cases, skipped = plan_cases(
+            spec, device.type, args.quick, args.provider, args.dtype, args.mode
+        )
         if not args.worker:
             _skipped(spec, skipped, device, emit)
         for provider, size, dt, modes in cases:
-            for rec in run_case(spec, provider, Size(size.shape, modes, size.providers), dt, device, cfg):
+            for rec in run_case(
+                spec, provider, Size(size.shape, modes, size.providers), dt, device, cfg
+            ):
                 emit(rec)
 
 
@@ -133,9 +152,16 @@ def run_isolated(specs, args, device, emit):
                                     args.mode)
         _skipped(spec, skipped, device, emit)
         for provider in dict.fromkeys(c[0] for c in cases):
-            expected = {_case_key(spec.name, provider, size.shape, str(dt).replace("torch.", ""), m):
-                        (size, dt, m) for prov, size, dt, modes in cases if prov == provider
-                        for m in modes}
+            expected = {
+                _case_key(spec.name, provider, size.shape, str(dt).replace("torch.", ""), m): (
+                    size,
+                    dt,
+                    m,
+                )
+                for prov, size, dt, modes in cases
+                if prov == provider
+                for m in modes
+            }
             cmd = [sys.executable, "-m", PKG, "--worker", "--no-isolate", "--op", spec.name,
                    "--provider", provider, "--device", device.type] + ["--quick"] * args.quick
             cmd += ["--threads", str(args.threads)] * bool(args.threads)
@@ -145,8 +171,13 @@ def run_isolated(specs, args, device, emit):
             with tempfile.TemporaryFile("w+") as log:
                 try:
                     rc, _ = run_capped(cmd, log, args.timeout)
-                    failure = (f"timeout: the worker ran past {args.timeout:.0f} s" if rc == "timeout"
-                               else f"worker exited with code {rc}" if rc != 0 else None)
+                    failure = (
+                        f"timeout: the worker ran past {args.timeout:.0f} s"
+                        if rc == "timeout"
+                        else f"worker exited with code {rc}"
+                        if rc != 0
+                        else None
+                    )
                 except OSError as exc:
                     failure = f"could not run the worker: {exc}"
                 log.seek(0)
@@ -206,7 +237,11 @@ def _main(argv=None) -> int:
 
     if args.out is None:
         if args.quick:
-            args.out = Path(tempfile.gettempdir()) / "fastssl-bench-quick" / results.device_dir_name(device)
+            args.out = (
+                Path(tempfile.gettempdir())
+                / "fastssl-bench-quick"
+                / results.device_dir_name(device)
+            )
         else:
             args.out = _results_root() / results.device_dir_name(device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +253,9 @@ def _main(argv=None) -> int:
         # context of the whole process; CPU runs stay in one process (its memory figures are
         # per-call VmHWM resets, see bench/harness.py), which saves an interpreter and torch
         # start per provider.
-        isolate = (device.type == "cuda" and not args.quick) if args.isolate is None else args.isolate
+        isolate = (
+            (device.type == "cuda" and not args.quick) if args.isolate is None else args.isolate
+        )
         env = results.environment(device)
         print(f"fastssl bench on {env['device_name']} ({device.type}), commit {env['git_commit']}, "
               f"{env['num_threads']} threads, out {args.out}", file=sys.stderr, flush=True)
@@ -238,8 +275,10 @@ def _main(argv=None) -> int:
     print(f"wrote {results_path} and {summary_path}", file=sys.stderr)
     if args.update_readme:
         changed = summary.update_readme(Path(args.update_readme))
-        print(f"README benchmark block {'updated' if changed else 'unchanged'}: {args.update_readme}",
-              file=sys.stderr)
+        print(
+            f"README benchmark block {'updated' if changed else 'unchanged'}: {args.update_readme}",
+            file=sys.stderr,
+        )
     return 0
 
 

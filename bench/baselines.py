@@ -118,9 +118,11 @@ def eager_sce(q, k, queue, coeff=0.5, temperature=0.1, temperature_m=0.07):
 def _gegenbauer_psi(t, weights, dim):
     # Upstream's closed forms of the normalised Gegenbauer polynomials P1..P3 on S^(dim-1).
     q = dim
-    polys = (t, (1 + 1 / (q - 1)) * t ** 2 - 1 / (q - 1), (1 + 3 / (q - 1)) * t ** 3 - 3 / (q - 1) * t)
+    polys = (t, (1 + 1 / (q - 1)) * t**2 - 1 / (q - 1), (1 + 3 / (q - 1)) * t**3 - 3 / (q - 1) * t)
     if len(weights) > len(polys):
-        raise ValueError(f"weights: the eager SFRIK has closed forms for 3 degrees, got {len(weights)}")
+        raise ValueError(
+            f"weights: the eager SFRIK has closed forms for 3 degrees, got {len(weights)}"
+        )
     return sum(w * p for w, p in zip(weights, polys))
 
 
@@ -269,7 +271,10 @@ def peer(op: str, name: str):
             raise PeerMissing(f"torchsort is not importable ({type(e).__name__}: {e})") from None
 
         def torchsort_soft_sort(x):
-            return torchsort.soft_sort(x, regularization="l2", regularization_strength=TORCHSORT_STRENGTH)
+            return torchsort.soft_sort(
+                x, regularization="l2", regularization_strength=TORCHSORT_STRENGTH
+            )
+
         return torchsort_soft_sort
     raise PeerMissing(f"no {name} peer for {op}")
 

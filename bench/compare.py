@@ -45,18 +45,21 @@ TWO_VIEW_OPS: tuple[str, ...] = ()
 # What compare.md says about a peer whenever its records are in the run.
 PEER_NOTES = {
     "peer:torchsort": (
-        "torchsort (soft_sort, `output=values` rows) is a different relaxation: a projection onto the "
-        "permutahedron (isotonic regression, O(n log n) per row, regularization_strength 1.0, l2) that "
-        "returns the soft-sorted values only, no permutation matrix; fastssl's sorting network is "
-        "timed on its values path (return_permutation=False, backward from the values alone). The "
-        "values differ between the two, so the row compares time, not the same loss. Why fastssl is "
-        "slower there: the sorting network runs O(n log^2 n) sigmoid-relaxed comparators per row "
-        "(forward and backward) where torchsort runs one O(n log n) isotonic regression; the network's "
-        "reason to exist is P, which GroCo and diffsort users differentiate through and torchsort does "
-        "not produce, so a values-only miss against torchsort is that difference in algorithm, not "
-        "overhead."),
-    "peer:lightly": "lightly: its own loss modules (NTXentLoss, DCLLoss, SwaVLoss, sinkhorn), imported "
-                    "without lightly's package inits (bench/baselines.py).",
+        "torchsort (soft_sort, `output=values` rows) is a different relaxation: a projection onto "
+        "the permutahedron (isotonic regression, O(n log n) per row, regularization_strength 1.0, "
+        "l2) that returns the soft-sorted values only, no permutation matrix; fastssl's sorting "
+        "network is timed on its values path (return_permutation=False, backward from the values "
+        "alone). The values differ between the two, so the row compares time, not the same loss. "
+        "Why fastssl is slower there: the sorting network runs O(n log^2 n) sigmoid-relaxed "
+        "comparators per row (forward and backward) where torchsort runs one O(n log n) isotonic "
+        "regression; the network's reason to exist is P, which GroCo and diffsort users "
+        "differentiate through and torchsort does not produce, so a values-only miss against "
+        "torchsort is that difference in algorithm, not overhead."
+    ),
+    "peer:lightly": (
+        "lightly: its own loss modules (NTXentLoss, DCLLoss, SwaVLoss, sinkhorn), imported "
+        "without lightly's package inits (bench/baselines.py)."
+    ),
     "diffsort": "diffsort: DiffSortNet, the same relaxation as fastssl.soft_sort (values and P).",
 }
 
@@ -101,23 +104,33 @@ def load_note(records: list[dict]) -> str | None:
     threads = next((r.get("num_threads") for r in records if r.get("num_threads")), None)
     med = loads[len(loads) // 2]
     runs = sorted({str(r["timestamp"])[:16] for r in records if r.get("timestamp")})
-    text = (f"1-minute load average while measuring: median {med:.1f}, range {loads[0]:.1f}-{loads[-1]:.1f}"
-            + (f", on {cores} cores" if cores else "")
-            + (f" ({threads} benchmark threads)" if threads else ""))
+    text = (
+        f"1-minute load average while measuring: median {med:.1f}, range "
+        f"{loads[0]:.1f}-{loads[-1]:.1f}"
+        + (f", on {cores} cores" if cores else "")
+        + (f" ({threads} benchmark threads)" if threads else "")
+    )
     if len(runs) > 1:
-        text += f", records from {len(runs)} runs ({', '.join(runs)} UTC; the latest record of a case counts)"
+        text += (
+            f", records from {len(runs)} runs ({', '.join(runs)} UTC; the latest record of a case "
+            "counts)"
+        )
     if cores:
         # The benchmark's own threads account for up to `threads` of the load; what exceeds the
         # core count is other processes competing for the CPU.
         if med > cores:
-            text += (". The machine was loaded: other processes competed for the cores for most of "
-                     "the run, so absolute times are inflated and noisy; providers of one case ran one "
-                     "after another, so ratios carry that noise too")
+            text += (
+                ". The machine was loaded: other processes competed for the cores for most of the "
+                "run, so absolute times are inflated and noisy; providers of one case ran one "
+                "after another, so ratios carry that noise too"
+            )
         elif loads[-1] > cores:
             text += (". Partly loaded: the load exceeded the core count during part of the run "
                      "(other processes competing), so some cases carry that noise")
         else:
-            text += ". The load stayed within the core count: no sustained competition for the cores"
+            text += (
+                ". The load stayed within the core count: no sustained competition for the cores"
+            )
     return text + "."
 
 
@@ -150,9 +163,15 @@ def measure_gemm(n: int = 2048, reps: int = 5) -> dict:
     a @ b
     times = sorted(time_cpu(lambda: None, lambda _: a @ b, BenchConfig(
         min_reps=reps, max_reps=reps, min_time_s=0.0)))
-    return {"matmul_n": n, "dtype": "float32", "threads": torch.get_num_threads(),
-            "matmul_ms": times[len(times) // 2], "gflops": 2 * n ** 3 / times[len(times) // 2] / 1e6,
-            "best_gflops": 2 * n ** 3 / times[0] / 1e6, "loadavg_1m": os.getloadavg()[0]}
+    return {
+        "matmul_n": n,
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+        "matmul_ms": times[len(times) // 2],
+        "gflops": 2 * n**3 / times[len(times) // 2] / 1e6,
+        "best_gflops": 2 * n**3 / times[0] / 1e6,
+        "loadavg_1m": os.getloadavg()[0],
+    }
 
 
 def _cases(records: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -175,10 +194,25 @@ def compare_rows(records: list[dict]) -> list[dict]:
         # A peer whose output is NaN (Sinkhorn overflow) is no competitor: it is listed, not ranked.
         peers = {p: r for p, r in provs.items() if is_peer(p) and r.get("finite", True)}
         best_peer = min(peers.values(), key=lambda r: r["p50_ms"]) if peers else None
-        nan = sorted(p for p, r in provs.items() if (is_peer(p) or p == "eager") and not r.get("finite", True))
+        nan = sorted(
+            p
+            for p, r in provs.items()
+            if (is_peer(p) or p == "eager") and not r.get("finite", True)
+        )
         shape = json.loads(shape_json)
-        row = {"op": op, "shape": shape, "dtype": dtype, "mode": mode, "fast": fast, "eager": eager,
-               "peer": best_peer, "nan": nan, "vs_eager": None, "vs_peer": None, "mem_vs_eager": None}
+        row = {
+            "op": op,
+            "shape": shape,
+            "dtype": dtype,
+            "mode": mode,
+            "fast": fast,
+            "eager": eager,
+            "peer": best_peer,
+            "nan": nan,
+            "vs_eager": None,
+            "vs_peer": None,
+            "mem_vs_eager": None,
+        }
         if eager and not eager.get("finite", True):
             eager = row["eager"] = None
         if eager:
@@ -232,10 +266,19 @@ def _size(shape: dict) -> str:
 def op_verdict(rows: list[dict]) -> str:
     """The verdict over every size of one op line: NOT met names the in-range sizes that miss
     (with the ratio), sizes below the target range are listed as such, not as misses."""
+
     def where(r):
-        parts = [f"{_x(r['vs_eager'])} vs eager" if r["vs_eager"] is not None and r["vs_eager"] < 1.0 else None,
-                 f"{_x(r['vs_peer'])} vs {r['peer']['provider']}" if r["vs_peer"] is not None and r["vs_peer"] < 1.0 else None,
-                 f"memory {r['mem_vs_eager']:.3f} of eager" if "memory > 1/8 of eager" in _shortfalls(r) else None]
+        parts = [
+            f"{_x(r['vs_eager'])} vs eager"
+            if r["vs_eager"] is not None and r["vs_eager"] < 1.0
+            else None,
+            f"{_x(r['vs_peer'])} vs {r['peer']['provider']}"
+            if r["vs_peer"] is not None and r["vs_peer"] < 1.0
+            else None,
+            f"memory {r['mem_vs_eager']:.3f} of eager"
+            if "memory > 1/8 of eager" in _shortfalls(r)
+            else None,
+        ]
         return f"{_size(r['shape'])}: " + ", ".join(p for p in parts if p)
     missed = [where(r) for r in rows if _shortfalls(r) and in_target_range(r)]
     below = [where(r) for r in rows if _shortfalls(r) and not in_target_range(r)]
@@ -256,20 +299,27 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
     if load:
         lines += [f"Machine load: {load} (p20-p80 ranges per case in summary.md.)", ""]
     if roofline:
-        lines += [f"Roofline: float32 GEMM {roofline['matmul_n']}^2 measured in the same run at "
-                  f"**{roofline['gflops']:.1f} GFLOP/s** (best {roofline['best_gflops']:.1f}) with "
-                  f"{roofline['threads']} threads, load {roofline['loadavg_1m']:.1f}. "
-                  "Achieved GFLOP/s count the fewest matmul FLOPs the loss needs (forward 1 product, "
-                  "forward+backward 3 for A B^T, 2 for a Gram Z Z^T). The GEMM was measured once, under the "
-                  "same shared load: figures above 100% mean the load was lower when the op ran, or "
-                  "that its products were larger (D = 1024) and ran closer to peak.", ""]
+        lines += [
+            f"Roofline: float32 GEMM {roofline['matmul_n']}^2 measured in the same run at "
+            f"**{roofline['gflops']:.1f} GFLOP/s** (best {roofline['best_gflops']:.1f}) with "
+            f"{roofline['threads']} threads, load {roofline['loadavg_1m']:.1f}. Achieved GFLOP/s "
+            "count the fewest matmul FLOPs the loss needs (forward 1 product, forward+backward 3 "
+            "for A B^T, 2 for a Gram Z Z^T). The GEMM was measured once, under the same shared "
+            "load: figures above 100% mean the load was lower when the op ran, or that its "
+            "products were larger (D = 1024) and ran closer to peak.",
+            "",
+        ]
     peers = [p for p in _providers_in(records) if is_peer(p)]
-    lines += ["Ratio = the baseline's median time / fastssl's (>= 1.00x: fastssl no slower). "
-              "`eager` = the loss from its formula in plain PyTorch, full matrices (bench/baselines.py); "
-              f"peers in this run: {', '.join(f'`{p}`' for p in peers) or 'none'}. Memory = fastssl's peak "
-              f"growth / eager's. Target range of {', '.join(MEMORY_TARGET_OPS)}: N >= {TARGET_MIN_N} anchors "
-              f"({_n_definition()}); smaller sizes are shown, marked "
-              "below the target range.", "", MODES_NOTE, ""]
+    lines += [
+        "Ratio = the baseline's median time / fastssl's (>= 1.00x: fastssl no slower). `eager` = "
+        "the loss from its formula in plain PyTorch, full matrices (bench/baselines.py); peers in "
+        f"this run: {', '.join(f'`{p}`' for p in peers) or 'none'}. Memory = fastssl's peak growth "
+        f"/ eager's. Target range of {', '.join(MEMORY_TARGET_OPS)}: N >= {TARGET_MIN_N} anchors "
+        f"({_n_definition()}); smaller sizes are shown, marked below the target range.",
+        "",
+        MODES_NOTE,
+        "",
+    ]
     rows = compare_rows(records)
     by_op = defaultdict(list)
     for r in rows:
@@ -335,15 +385,22 @@ def headline_groups(records: list[dict]) -> list[tuple[str, str, str, list[dict]
             and (r["eager"] is not None or r["peer"] is not None or r["nan"])]
     by_op = defaultdict(list)
     for r in rows:
-        variant = ", ".join(f"{k}={v}" for k, v in r["shape"].items() if k in VARIANT_KEYS
-                            and not (k == "network" and v == "odd_even") and not (k == "crops" and v == 2))
+        variant = ", ".join(
+            f"{k}={v}"
+            for k, v in r["shape"].items()
+            if k in VARIANT_KEYS
+            and not (k == "network" and v == "odd_even")
+            and not (k == "crops" and v == 2)
+        )
         by_op[(r["op"], r["dtype"], variant)].append(r)
     out = []
     for (op, dtype, variant), op_rows in by_op.items():
         device = op_rows[0]["fast"].get("device", "cpu")
         if not _headline_dtype(op, dtype, device) or "bitonic" in variant:
             continue
-        out.append((op, dtype, variant, [r for r in op_rows if r["mode"] == "forward+backward"] or op_rows))
+        out.append(
+            (op, dtype, variant, [r for r in op_rows if r["mode"] == "forward+backward"] or op_rows)
+        )
     return out
 
 
@@ -378,10 +435,12 @@ def headline_markdown(records: list[dict], link: str, roofline: dict | None = No
 
 
 def roofline_line(roofline: dict) -> str:
-    return (f"GEMM roofline measured in the same run: float32 {roofline['matmul_n']}^2 at "
-            f"{roofline['gflops']:.1f} GFLOP/s (best {roofline['best_gflops']:.1f}), {roofline['threads']} "
-            f"threads, load {roofline['loadavg_1m']:.1f}; fastssl's GFLOP/s count the fewest matmul FLOPs "
-            "the loss needs.")
+    return (
+        f"GEMM roofline measured in the same run: float32 {roofline['matmul_n']}^2 at "
+        f"{roofline['gflops']:.1f} GFLOP/s (best {roofline['best_gflops']:.1f}), "
+        f"{roofline['threads']} threads, load {roofline['loadavg_1m']:.1f}; fastssl's GFLOP/s "
+        "count the fewest matmul FLOPs the loss needs."
+    )
 
 
 def max_n_line(max_n: dict) -> str:
@@ -390,9 +449,14 @@ def max_n_line(max_n: dict) -> str:
         if res.get("max_B") is None:
             parts.append(f"{prov} {'none' if res.get('first_fail_B') else 'not measured'}")
         else:
-            parts.append(f"{prov} B = {res['max_B']}" + ("" if res.get("first_fail_B") else " (the bound)"))
-    return (f"Largest nt_xent batch within {max_n['budget_mb']:.0f} MiB of peak growth (D = {max_n['D']}, "
-            f"float32, forward+backward, B doubled up to {max_n['bound_B']}): " + ", ".join(parts) + ".")
+            parts.append(
+                f"{prov} B = {res['max_B']}" + ("" if res.get("first_fail_B") else " (the bound)")
+            )
+    return (
+        f"Largest nt_xent batch within {max_n['budget_mb']:.0f} MiB of peak growth (D = "
+        f"{max_n['D']}, "
+        f"float32, forward+backward, B doubled up to {max_n['bound_B']}): " + ", ".join(parts) + "."
+    )
 
 
 def competing_line(competing: dict) -> str:
@@ -400,11 +464,16 @@ def competing_line(competing: dict) -> str:
     ratios = [c["ratio"] for c in cases]
     low = [c for c in cases if c["ratio"] < 1.0]
     loads = [c["loadavg_1m"] for c in cases]
-    text = (f"Under a competing load ({competing['load']['what']}; load average {min(loads):.1f}-{max(loads):.1f} "
-            f"on {competing['cpu_count']} cores), fastssl and eager timed interleaved: eager/fastssl "
-            f"{min(ratios):.2f}x-{max(ratios):.2f}x over {len(cases)} cases")
+    text = (
+        f"Under a competing load ({competing['load']['what']}; load average "
+        f"{min(loads):.1f}-{max(loads):.1f} on {competing['cpu_count']} cores), fastssl and eager "
+        f"timed interleaved: eager/fastssl {min(ratios):.2f}x-{max(ratios):.2f}x over {len(cases)} "
+        "cases"
+    )
     if low:
-        text += "; below 1.0: " + ", ".join(f"{c['op']} {_shape_short(c['shape'])} {c['ratio']:.2f}x" for c in low)
+        text += "; below 1.0: " + ", ".join(
+            f"{c['op']} {_shape_short(c['shape'])} {c['ratio']:.2f}x" for c in low
+        )
     else:
         text += ", every case >= 1.0"
     return text + "."
@@ -445,8 +514,13 @@ def max_n_search(budget_mb: float, start_b: int, bound_b: int,
     out = {"budget_mb": budget_mb, "D": d, "start_B": start_b, "bound_B": bound_b, "providers": {}}
     for prov in providers:
         try:
-            fn = (fast.nt_xent if prov == "fastssl" else baselines.eager_nt_xent if prov == "eager"
-                  else baselines.peer("nt_xent", prov.split(":", 1)[1]))
+            fn = (
+                fast.nt_xent
+                if prov == "fastssl"
+                else baselines.eager_nt_xent
+                if prov == "eager"
+                else baselines.peer("nt_xent", prov.split(":", 1)[1])
+            )
         except baselines.PeerMissing as e:
             out["providers"][prov] = {"max_B": None, "first_fail_B": None, "note": str(e)}
             continue
@@ -473,15 +547,26 @@ def max_n_search(budget_mb: float, start_b: int, bound_b: int,
 # (op, shape) timed under the competing load: sizes inside the CPU target range (N >= 2048
 # anchors: B = 1024 already for nt_xent, dcl and sogclr), the cheapest ones first.
 COMPETING_CASES = (
-    ("nt_xent", {"B": 1024, "D": 128}), ("nt_xent", {"B": 2048, "D": 128}),
-    ("info_nce", {"B": 2048, "D": 128, "symmetric": False}), ("info_nce", {"B": 4096, "D": 128, "symmetric": False}),
-    ("info_nce", {"B": 2048, "D": 128, "symmetric": True}), ("info_nce", {"B": 4096, "D": 128, "symmetric": True}),
-    ("dcl", {"B": 1024, "D": 128}), ("sogclr", {"B": 1024, "D": 128}),
+    ("nt_xent", {"B": 1024, "D": 128}),
+    ("nt_xent", {"B": 2048, "D": 128}),
+    ("info_nce", {"B": 2048, "D": 128, "symmetric": False}),
+    ("info_nce", {"B": 4096, "D": 128, "symmetric": False}),
+    ("info_nce", {"B": 2048, "D": 128, "symmetric": True}),
+    ("info_nce", {"B": 4096, "D": 128, "symmetric": True}),
+    ("dcl", {"B": 1024, "D": 128}),
+    ("sogclr", {"B": 1024, "D": 128}),
     ("sce", {"B": 2048, "D": 128, "K": 16384}),
 )
 # The same cases at toy sizes: the code path in seconds (tests, smoke runs), not a measurement.
-COMPETING_TINY = tuple({(op, json.dumps(shape, sort_keys=True)): (op, shape) for op, shape in (
-    (op, {**shape, "B": 32, "D": 16, **({"K": 128} if "K" in shape else {})}) for op, shape in COMPETING_CASES)}.values())
+COMPETING_TINY = tuple(
+    {
+        (op, json.dumps(shape, sort_keys=True)): (op, shape)
+        for op, shape in (
+            (op, {**shape, "B": 32, "D": 16, **({"K": 128} if "K" in shape else {})})
+            for op, shape in COMPETING_CASES
+        )
+    }.values()
+)
 
 # The competing process: float32 GEMMs on its own threads until killed. It also exits when its
 # parent is gone (reparented), so a benchmark killed hard leaves no load behind.
@@ -506,13 +591,23 @@ class CompetingLoad:
         self.threads, self.n, self.proc = threads, n, None
 
     def __enter__(self) -> "CompetingLoad":
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
-        self.proc = subprocess.Popen([sys.executable, "-c", _GEMM_LOOP, str(self.n), str(self.threads)],
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "MKL_NUM_THREADS": str(self.threads),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _GEMM_LOOP, str(self.n), str(self.threads)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         try:
             line = self.proc.stdout.readline()   # its first GEMM is done: the load is running
             if line.strip() != "ready":
-                raise RuntimeError(f"the competing GEMM process did not start (exit {self.proc.poll()})")
+                raise RuntimeError(
+                    f"the competing GEMM process did not start (exit {self.proc.poll()})"
+                )
         except BaseException:
             self.stop()
             raise
@@ -562,9 +657,19 @@ def time_interleaved(op: str, shape: dict, reps: int = 5) -> dict:
             for p in (("fastssl", "eager") if i % 2 == 0 else ("eager", "fastssl")):
                 times[p].append(_call(preps[p]))
     med = {p: sorted(t)[len(t) // 2] for p, t in times.items()}
-    return {"op": op, "shape": dict(shape), "dtype": "float32", "mode": "forward+backward", "reps": reps,
-            "fastssl_ms": med["fastssl"], "eager_ms": med["eager"], "ratio": med["eager"] / med["fastssl"],
-            "times_ms": times, "loadavg_1m": os.getloadavg()[0], "loadavg_1m_start": load0}
+    return {
+        "op": op,
+        "shape": dict(shape),
+        "dtype": "float32",
+        "mode": "forward+backward",
+        "reps": reps,
+        "fastssl_ms": med["fastssl"],
+        "eager_ms": med["eager"],
+        "ratio": med["eager"] / med["fastssl"],
+        "times_ms": times,
+        "loadavg_1m": os.getloadavg()[0],
+        "loadavg_1m_start": load0,
+    }
 
 
 def competing_load(cases=COMPETING_CASES, reps: int = 5, load_threads: int = 2, load_n: int = 1024,
@@ -588,19 +693,32 @@ def _competing_row(c: dict) -> list:
     verdict = "met" if c["ratio"] >= 1.0 else "NOT met: slower than eager"
     if c["ratio"] < 1.0 and not in_target_range(c):
         verdict = f"{_below_range(c['op'])}: slower than eager"
-    return [c["op"], _shape_short(c["shape"]), fmt_ms(c["fastssl_ms"]), fmt_ms(c["eager_ms"]),
-            f"{c['ratio']:.2f}x", f"{c['loadavg_1m_start']:.1f}-{c['loadavg_1m']:.1f}", verdict]
+    return [
+        c["op"],
+        _shape_short(c["shape"]),
+        fmt_ms(c["fastssl_ms"]),
+        fmt_ms(c["eager_ms"]),
+        f"{c['ratio']:.2f}x",
+        f"{c['loadavg_1m_start']:.1f}-{c['loadavg_1m']:.1f}",
+        verdict,
+    ]
 
 
 def competing_markdown(competing: dict) -> list[str]:
-    lines = ["## Under a competing load: ratio eager/fastssl", "",
-             f"Load: {competing['load']['what']}, while fastssl (automatic backend) and eager ran forward+backward "
-             f"on {competing['threads']} threads ({competing['cpu_count']} cores), called alternately, medians of "
-             f"{competing['cases'][0]['reps'] if competing['cases'] else '-'} calls each "
-             f"(bench/compare.py `competing_load`, {competing.get('timestamp', '?')} UTC, commit "
-             f"`{competing.get('git_commit')}`). Target: ratio >= 1.0.", "",
-             ] + table(["op", "shape", "fastssl", "eager", "ratio eager/fastssl", "load average",
-                        "verdict"], [_competing_row(c) for c in competing["cases"]])
+    lines = [
+        "## Under a competing load: ratio eager/fastssl",
+        "",
+        f"Load: {competing['load']['what']}, while fastssl (automatic backend) and eager ran "
+        f"forward+backward on {competing['threads']} threads ({competing['cpu_count']} cores), "
+        "called alternately, medians of "
+        f"{competing['cases'][0]['reps'] if competing['cases'] else '-'} calls each "
+        f"(bench/compare.py `competing_load`, {competing.get('timestamp', '?')} UTC, commit "
+        f"`{competing.get('git_commit')}`). Target: ratio >= 1.0.",
+        "",
+    ] + table(
+        ["op", "shape", "fastssl", "eager", "ratio eager/fastssl", "load average", "verdict"],
+        [_competing_row(c) for c in competing["cases"]],
+    )
     return lines
 
 
@@ -627,11 +745,14 @@ def readme_section(records: list[dict], directory: Path, rel: Path) -> str:
     roofline, competing, max_n = (load_json(directory / f"{n}.json")
                                   for n in ("roofline", "competing_load", "max_n"))
     details = rel / ("compare.md" if (directory / "compare.md").exists() else "summary.md")
-    lines = [f"**{env.get('device_name', dev)}** ({dev}, {env.get('num_threads')} threads), commit "
-             f"`{env.get('git_commit')}`, {str(env.get('timestamp', ''))[:10]}: fastssl against "
-             "eager PyTorch and the fastest peer, every provider measured in the same run; ratio = "
-             "their median time / fastssl's (>= 1.00x: fastssl no slower); target range of the "
-             f"contrastive ops: N >= {TARGET_MIN_N} anchors.", ""]
+    lines = [
+        f"**{env.get('device_name', dev)}** ({dev}, {env.get('num_threads')} threads), commit "
+        f"`{env.get('git_commit')}`, {str(env.get('timestamp', ''))[:10]}: fastssl against eager "
+        "PyTorch and the fastest peer, every provider measured in the same run; ratio = their "
+        "median time / fastssl's (>= 1.00x: fastssl no slower); target range of the contrastive "
+        f"ops: N >= {TARGET_MIN_N} anchors.",
+        "",
+    ]
     note = load_note(latest)
     if note:
         lines += [f"Machine load: {note}", ""]
@@ -680,7 +801,9 @@ def update_readme(readme_path: Path, results_root: Path | None = None) -> bool:
     text = readme_path.read_text()
     start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < 0 or end < start:
-        raise ValueError(f"{readme_path}: expected the markers {BEGIN!r} and {END!r}, in that order")
+        raise ValueError(
+            f"{readme_path}: expected the markers {BEGIN!r} and {END!r}, in that order"
+        )
     new = text[:start + len(BEGIN)] + "\n" + readme_block(results_root) + "\n" + text[end:]
     if new == text:
         return False
@@ -689,21 +812,32 @@ def update_readme(readme_path: Path, results_root: Path | None = None) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.compare", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--roofline", action="store_true", help="measure the GEMM roofline now")
     p.add_argument("--max-n", type=float, default=None, metavar="BUDGET_MIB")
     p.add_argument("--max-n-bound", type=int, default=8192)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--note", action="append", default=[])
-    p.add_argument("--competing-load", action="store_true",
-                   help="time fastssl and eager interleaved under a 2-thread GEMM load (competing_load.json)")
+    p.add_argument(
+        "--competing-load",
+        action="store_true",
+        help="time fastssl and eager interleaved under a 2-thread GEMM load (competing_load.json)",
+    )
     p.add_argument("--competing-tiny", action="store_true",
                    help="the competing-load cases at toy sizes (a smoke test of the code path)")
     p.add_argument("--competing-reps", type=int, default=5)
-    p.add_argument("--update-readme", nargs="?", const=str(README),
-                   default=None, metavar="README",
-                   help="rewrite the benchmark block of README.md (the same block as python -m bench --update-readme)")
+    p.add_argument(
+        "--update-readme",
+        nargs="?",
+        const=str(README),
+        default=None,
+        metavar="README",
+        help="rewrite the benchmark block of README.md (the same block as python -m bench "
+             "--update-readme)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -713,23 +847,33 @@ def main(argv=None) -> int:
     if args.roofline:
         roof_path.write_text(json.dumps(measure_gemm(), indent=1) + "\n")
     if args.max_n is not None:
-        max_path.write_text(json.dumps(max_n_search(args.max_n, 1024, args.max_n_bound), indent=1) + "\n")
+        max_path.write_text(
+            json.dumps(max_n_search(args.max_n, 1024, args.max_n_bound), indent=1) + "\n"
+        )
     if args.competing_load:
         def show(c):
-            print(f"{c['op']:<9} {_shape_short(c['shape']):<28} fastssl {fmt_ms(c['fastssl_ms']):>9}  eager "
-                  f"{fmt_ms(c['eager_ms']):>9}  ratio {c['ratio']:.2f}x  load {c['loadavg_1m']:.1f}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{c['op']:<9} {_shape_short(c['shape']):<28} fastssl {fmt_ms(c['fastssl_ms']):>9} "
+                f" eager {fmt_ms(c['eager_ms']):>9}  ratio {c['ratio']:.2f}x  load "
+                f"{c['loadavg_1m']:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
         res = competing_load(COMPETING_TINY if args.competing_tiny else COMPETING_CASES,
                              reps=args.competing_reps, progress=show)
         comp_path.write_text(json.dumps(res, indent=1) + "\n")
     roofline, max_n, competing = (load_json(p) for p in (roof_path, max_path, comp_path))
     results_path = args.out / "results.jsonl"
     records = load(results_path) if results_path.exists() else []
-    (args.out / "compare.md").write_text(compare_markdown(records, roofline, max_n, args.note, competing))
+    (args.out / "compare.md").write_text(
+        compare_markdown(records, roofline, max_n, args.note, competing)
+    )
     print(f"wrote {args.out / 'compare.md'}")
     if args.update_readme:
         changed = update_readme(Path(args.update_readme))
-        print(f"README benchmark block {'updated' if changed else 'unchanged'}: {args.update_readme}")
+        print(
+            f"README benchmark block {'updated' if changed else 'unchanged'}: {args.update_readme}"
+        )
     return 0
 
 

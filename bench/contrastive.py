@@ -35,7 +35,10 @@ def _pair_build(op, fast_fn, ref_fn, **kwargs):
         fn = resolve_op(provider, op, fast_fn, ref_fn, device)
         z1 = embeddings(shape["B"], shape["D"], dtype, device, seed=1)
         z2 = embeddings(shape["B"], shape["D"], dtype, device, seed=2)
-        return Prepared(forward=lambda: fn(z1, z2, **kwargs), backward=scalar_backward, leaves=(z1, z2))
+        return Prepared(
+            forward=lambda: fn(z1, z2, **kwargs), backward=scalar_backward, leaves=(z1, z2)
+        )
+
     return build
 
 
@@ -52,8 +55,13 @@ def _pair_sizes(cpu_bs, gpu_bs, *, cpu_d=128, gpu_d=128, gpu_probe=(), cpu_big=(
         if quick:  # two sizes: every plot shows a line, not a lone point
             return [Size({"B": 16, "D": 8}), Size({"B": 32, "D": 8}, modes=FULL)]
         if dev == "cpu":
-            out = [Size({"B": b, "D": cpu_d}, modes=ALL_MODES if i == 0 else FULL) for i, b in enumerate(cpu_bs)]
-            return out + [Size({"B": b, "D": cpu_d}, modes=FULL, providers=BIG_CPU) for b in cpu_big]
+            out = [
+                Size({"B": b, "D": cpu_d}, modes=ALL_MODES if i == 0 else FULL)
+                for i, b in enumerate(cpu_bs)
+            ]
+            return out + [
+                Size({"B": b, "D": cpu_d}, modes=FULL, providers=BIG_CPU) for b in cpu_big
+            ]
         out = [Size({"B": b, "D": gpu_d}) for b in gpu_bs]
         out += [Size({"B": b, "D": gpu_d}, modes=FULL, providers=("fastssl",)) for b in gpu_probe]
         return out
@@ -65,7 +73,9 @@ def _info_nce_build(provider, shape, dtype, device):
     q = embeddings(shape["B"], shape["D"], dtype, device, seed=1)
     k = embeddings(shape["B"], shape["D"], dtype, device, seed=2)
     sym = bool(shape.get("symmetric", False))
-    return Prepared(forward=lambda: fn(q, k, symmetric=sym), backward=scalar_backward, leaves=(q, k))
+    return Prepared(
+        forward=lambda: fn(q, k, symmetric=sym), backward=scalar_backward, leaves=(q, k)
+    )
 
 
 def _info_nce_sizes(dev, quick):
@@ -120,15 +130,38 @@ def _sce_sizes(dev, quick):
 
 
 SPECS = [
-    OpSpec("nt_xent", "contrastive", _pair_build("nt_xent", fast.nt_xent, ref.nt_xent),
-           _pair_sizes((1024, 2048), (4096, 8192, 16384, 32768), cpu_big=(4096, 8192),
-                       gpu_probe=(65536, 131072, 262144, 524288)),
-           providers=_providers("nt_xent")),
-    OpSpec("info_nce", "contrastive", _info_nce_build, _info_nce_sizes, providers=_providers("info_nce")),
-    OpSpec("dcl", "contrastive", _pair_build("dcl", fast.dcl, ref.dcl),
-           _pair_sizes((1024, 2048), (4096, 16384, 32768), cpu_big=(4096,)), providers=_providers("dcl")),
-    OpSpec("sogclr", "contrastive", _sogclr_build,
-           _pair_sizes((1024, 2048), (4096, 16384, 32768), cpu_big=(4096,)),
-           providers=_providers("sogclr")),
+    OpSpec(
+        "nt_xent",
+        "contrastive",
+        _pair_build("nt_xent", fast.nt_xent, ref.nt_xent),
+        _pair_sizes(
+            (1024, 2048),
+            (4096, 8192, 16384, 32768),
+            cpu_big=(4096, 8192),
+            gpu_probe=(65536, 131072, 262144, 524288),
+        ),
+        providers=_providers("nt_xent"),
+    ),
+    OpSpec(
+        "info_nce",
+        "contrastive",
+        _info_nce_build,
+        _info_nce_sizes,
+        providers=_providers("info_nce"),
+    ),
+    OpSpec(
+        "dcl",
+        "contrastive",
+        _pair_build("dcl", fast.dcl, ref.dcl),
+        _pair_sizes((1024, 2048), (4096, 16384, 32768), cpu_big=(4096,)),
+        providers=_providers("dcl"),
+    ),
+    OpSpec(
+        "sogclr",
+        "contrastive",
+        _sogclr_build,
+        _pair_sizes((1024, 2048), (4096, 16384, 32768), cpu_big=(4096,)),
+        providers=_providers("sogclr"),
+    ),
     OpSpec("sce", "contrastive", _sce_build, _sce_sizes, providers=_providers("sce")),
 ]

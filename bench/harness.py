@@ -57,7 +57,9 @@ class Prepared:
 
     forward() runs the op and returns its output; backward(output) runs the backward from it
     (None when the op has no gradient); leaves are the tensors whose .grad is reset between
-    calls; extras(record, config) may add fields to each measured record (the trainer's images/s)."""
+    calls; extras(record, config) may add fields to each measured record (the trainer's
+    images/s)."""
+
     forward: Callable[[], Any]
     backward: Callable[[Any], Any] | None = None
     leaves: Sequence[torch.Tensor] = ()
@@ -72,8 +74,9 @@ class OpSpec:
     build: Callable[[str, dict, torch.dtype, torch.device], Prepared]
     sizes: Callable[[str, bool], list[Size]]   # (device type, quick) -> sizes
     providers: tuple[str, ...] = STANDARD_PROVIDERS
-    dtypes: Callable[[str, bool], tuple[torch.dtype, ...]] = (
-        lambda dev, quick: (torch.float32,) if dev == "cpu" or quick else (torch.bfloat16, torch.float32))
+    dtypes: Callable[[str, bool], tuple[torch.dtype, ...]] = lambda dev, quick: (
+        (torch.float32,) if dev == "cpu" or quick else (torch.bfloat16, torch.float32)
+    )
     modes: tuple[str, ...] = MODES
     x_key: str = "B"          # the shape entry plotted on the x axis (the batch size)
     x_label: str = "batch size B (per view)"
@@ -303,9 +306,13 @@ def time_cuda(prep: Prepared, mode: str, setup: Callable, run: Callable, cfg: Be
         except Exception:  # no triton: CUDA events do the same job
             triton = None
         if triton is not None:
-            q = triton.testing.do_bench(lambda: run(None), warmup=cfg.cuda_warmup_ms, rep=cfg.cuda_rep_ms,
-                                        grad_to_none=list(prep.leaves) or None,
-                                        quantiles=[0.2, 0.5, 0.8])
+            q = triton.testing.do_bench(
+                lambda: run(None),
+                warmup=cfg.cuda_warmup_ms,
+                rep=cfg.cuda_rep_ms,
+                grad_to_none=list(prep.leaves) or None,
+                quantiles=[0.2, 0.5, 0.8],
+            )
             # do_bench estimates its call count from the rep budget and a first timing.
             est = q[1] if q[1] > 0 else 1.0
             return (float(q[0]), float(q[1]), float(q[2])), max(1, int(cfg.cuda_rep_ms / est))
@@ -390,7 +397,11 @@ def classify_failure(exc: BaseException) -> str:
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t)
     msg = str(exc)
-    if isinstance(exc, oom_types) or "out of memory" in msg.lower() or "can't allocate memory" in msg:
+    if (
+        isinstance(exc, oom_types)
+        or "out of memory" in msg.lower()
+        or "can't allocate memory" in msg
+    ):
         return "oom"
     if "has no implementation of this op" in msg or "cannot serve" in msg:
         return "unsupported"
@@ -428,7 +439,9 @@ def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device
             prep = spec.build(provider, size.shape, dtype, device)
             modes = prep.modes or modes
             # Warm-up on the heaviest mode: JIT, torch.compile, lazily built tables, thread pools.
-            warm_mode = "forward+backward" if "forward+backward" in modes and prep.backward else modes[0]
+            warm_mode = (
+                "forward+backward" if "forward+backward" in modes and prep.backward else modes[0]
+            )
             setup, run = _mode_steps(prep, warm_mode)
             warm_mem, warm_s = None, 0.0
             for i in range(cfg.warmup):
@@ -444,7 +457,11 @@ def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device
             # repetitions, and its memory is taken from the warm-up call (one-time allocations
             # are negligible next to the gigabytes such a call allocates).
             long_call = device.type == "cpu" and warm_s > cfg.long_call_s
-            timing_cfg = replace(cfg, min_reps=cfg.long_call_reps, max_reps=cfg.long_call_reps) if long_call else cfg
+            timing_cfg = (
+                replace(cfg, min_reps=cfg.long_call_reps, max_reps=cfg.long_call_reps)
+                if long_call
+                else cfg
+            )
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
             prep = None
             yield from failed(modes, exc)

@@ -29,7 +29,9 @@ from fastssl.data.dali import build_train_pipeline
 from fastssl.data.folder import image_size, read_bytes, verify_decodable
 from fastssl.data.loaders import cores_per_process
 
-CACHE = Path(os.environ.get("FASTSSL_BENCH_CACHE", Path.home() / ".cache" / "fastssl" / "bench_jpeg"))
+CACHE = Path(
+    os.environ.get("FASTSSL_BENCH_CACHE", Path.home() / ".cache" / "fastssl" / "bench_jpeg")
+)
 TARGET_IMG_S = 24_000      # 8 GPUs x 3,000 img/s
 HOST_TARGET_PER_CORE = 5_000
 
@@ -77,7 +79,9 @@ def _measure(work, n_images: int) -> dict:
             "load1": os.getloadavg()[0]}
 
 
-def bench_read_params(files, views, batch: int, threads: int, epochs: int, verify: bool = False) -> dict:
+def bench_read_params(
+    files, views, batch: int, threads: int, epochs: int, verify: bool = False
+) -> dict:
     names = [str(f) for f in files]
     n_batches = len(names) // batch
 
@@ -138,10 +142,15 @@ def run(n_files: int, batch: int, threads: list[int], epochs: int, dali_batches:
     sizes = [f.stat().st_size for f in files]
     from PIL import Image
     dims = [Image.open(f).size for f in files[:100]]
-    meta = {"files": len(files), "mean_kb": float(np.mean(sizes)) / 1e3,
-            "mean_w": float(np.mean([d[0] for d in dims])), "mean_h": float(np.mean([d[1] for d in dims])),
-            "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-            "cores_per_gpu_default": cores_per_gpu()}
+    meta = {
+        "files": len(files),
+        "mean_kb": float(np.mean(sizes)) / 1e3,
+        "mean_w": float(np.mean([d[0] for d in dims])),
+        "mean_h": float(np.mean([d[1] for d in dims])),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "cores_per_gpu_default": cores_per_gpu(),
+    }
     log(f"{meta['files']} JPEG files, mean {meta['mean_kb']:.0f} KB, {meta['mean_w']:.0f} x "
         f"{meta['mean_h']:.0f}; {meta['cores']} cores; load average {os.getloadavg()[0]:.2f}")
     records = []
@@ -192,20 +201,31 @@ def main(argv=None) -> int:
 
 
 def summary(records: list[dict]) -> str:
-    lines = ["| recipe | stage | threads | img/s (wall) | CPU us / image | img/s per core | load avg |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | stage | threads | img/s (wall) | CPU us / image | img/s per core | load avg |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in records:
-        lines.append(f"| {r['recipe']} | {r['stage']} | {r['threads']} | {r['img_s']:.0f} | "
-                     f"{r['cpu_us_per_image']:.1f} | {r['per_core_img_s']:.0f} | {r['load1']:.2f} |")
+        lines.append(
+            f"| {r['recipe']} | {r['stage']} | {r['threads']} | {r['img_s']:.0f} | "
+            f"{r['cpu_us_per_image']:.1f} | {r['per_core_img_s']:.0f} | {r['load1']:.2f} |"
+        )
     by = {(r["recipe"], r["stage"]): r for r in records if r["threads"] == 1}
     lines.append("")
     for recipe in sorted({r["recipe"] for r in records}):
         host, dali = by.get((recipe, "read+params")), by.get((recipe, "dali-cpu"))
         if host:
-            lines.append(f"{recipe}: {TARGET_IMG_S:,} img/s need {TARGET_IMG_S / host['per_core_img_s']:.1f} "
-                         f"cores for read+params ({host['per_core_img_s']:.0f} img/s per core)"
-                         + (f" and {TARGET_IMG_S / dali['per_core_img_s']:.0f} cores for CPU DALI "
-                            f"decode+augment ({dali['per_core_img_s']:.0f} img/s per core)" if dali else ""))
+            lines.append(
+                f"{recipe}: {TARGET_IMG_S:,} img/s need "
+                f"{TARGET_IMG_S / host['per_core_img_s']:.1f} cores for read+params "
+                f"({host['per_core_img_s']:.0f} img/s per core)"
+                + (
+                    f" and {TARGET_IMG_S / dali['per_core_img_s']:.0f} cores for CPU DALI "
+                    f"decode+augment ({dali['per_core_img_s']:.0f} img/s per core)"
+                    if dali
+                    else ""
+                )
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -91,7 +91,9 @@ def _bars(ax, categories, providers, value, color, ylabel, title):
 
 
 def _ordered(providers):
-    return sorted(providers, key=lambda p: (ALL_PROVIDERS.index(p) if p in ALL_PROVIDERS else 99, p))
+    return sorted(
+        providers, key=lambda p: (ALL_PROVIDERS.index(p) if p in ALL_PROVIDERS else 99, p)
+    )
 
 
 def _line_figure(plt, op, dtype, fixed, recs):
@@ -162,21 +164,40 @@ def _step_figure(plt, dtype, recs):
     def label(r):
         shape = r.get("shape") or {}
         return str(shape.get("method", "")) + "".join(
-            f" {k}={v}" for k, v in sorted(shape.items()) if k not in ("method", "arch", "res", "views"))
+            f" {k}={v}"
+            for k, v in sorted(shape.items())
+            if k not in ("method", "arch", "res", "views")
+        )
+
     categories = list(dict.fromkeys(label(r) for r in recs))
     providers = _ordered({r["provider"] for r in recs})
     color = _colors(plt, providers)
-    panels = [("p50_ms", "ms (median)", "time per step"), ("images_per_s", "images / s", "throughput"),
-              ("peak_mem_mb", "MiB above inputs", "peak memory")]
+    panels = [
+        ("p50_ms", "ms (median)", "time per step"),
+        ("images_per_s", "images / s", "throughput"),
+        ("peak_mem_mb", "MiB above inputs", "peak memory"),
+    ]
     panels = [p for p in panels if any(r.get(p[0]) is not None for r in recs)]
     # one panel per row: the method names stay readable under their bars
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(5.0, 0.9 * len(categories) + 2), 3.0 * len(panels)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(max(5.0, 0.9 * len(categories) + 2), 3.0 * len(panels)),
+        squeeze=False,
+    )
     axes = axes.T
     for ax, (key, ylabel, title) in zip(axes[0], panels):
-        _bars(ax, categories, providers,
-              lambda c, p: next((r.get(key) for r in recs if r["provider"] == p and label(r) == c), None),
-              color, ylabel, title)
+        _bars(
+            ax,
+            categories,
+            providers,
+            lambda c, p: next(
+                (r.get(key) for r in recs if r["provider"] == p and label(r) == c), None
+            ),
+            color,
+            ylabel,
+            title,
+        )
     axes[0][0].legend(fontsize=7)
     shape = recs[0].get("shape") or {}
     fixed = tuple((k, shape[k]) for k in ("arch", "res", "views") if k in shape)

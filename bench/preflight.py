@@ -66,15 +66,34 @@ def prepare(log) -> dict:
     CARRIED.mkdir(exist_ok=True)
     wheels = sorted(CARRIED.glob("diffsort-*.whl"))
     if not wheels:
-        rc, _, _ = run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "--python-version", DEVICE_PYTHON, "-d", str(CARRIED), DIFFSORT], log, timeout=300)
+        rc, _, _ = run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                DEVICE_PYTHON,
+                "-d",
+                str(CARRIED),
+                DIFFSORT,
+            ],
+            log,
+            timeout=300,
+        )
         wheels = sorted(CARRIED.glob("diffsort-*.whl"))
     commit = git_head()
     (CARRIED / "git_commit.txt").write_text(commit + "\n")
-    size = sum(f.stat().st_size for f in CARRIED.rglob("*") if f.is_file() and "site" not in f.parts)
+    size = sum(
+        f.stat().st_size for f in CARRIED.rglob("*") if f.is_file() and "site" not in f.parts
+    )
     info = {"wheels": [w.name for w in wheels], "git_commit": commit, "carried_bytes": size}
-    log(f"prepared .whl/: {', '.join(info['wheels']) or 'NO diffsort wheel'}; git_commit.txt = {commit}; "
-        f"{size / 1024:.0f} KiB to carry (carry: [\".whl\"])")
+    log(
+        f"prepared .whl/: {', '.join(info['wheels']) or 'NO diffsort wheel'}; git_commit.txt = "
+        f"{commit}; {size / 1024:.0f} KiB to carry (carry: [\".whl\"])"
+    )
     return info
 
 
@@ -86,7 +105,9 @@ def find_python(version: str) -> str | None:
     found = shutil.which(f"python{version}")
     if found:
         return found
-    cands = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}")))
+    cands = sorted(
+        glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}"))
+    )
     cands += sorted(glob.glob(f"/root/.pyenv/versions/{version}.*/bin/python{version}"))
     return cands[-1] if cands else None
 
@@ -106,8 +127,10 @@ def ensure_env(env_dir: Path, log) -> tuple[Path, dict]:
     if not py.exists():
         base = find_python(DEVICE_PYTHON)
         if base is None:
-            raise SystemExit(f"preflight: no Python {DEVICE_PYTHON} here (python{DEVICE_PYTHON} on PATH or "
-                             "~/.pyenv/versions/): install it, or pass --env to an existing environment")
+            raise SystemExit(
+                f"preflight: no Python {DEVICE_PYTHON} here (python{DEVICE_PYTHON} on PATH or "
+                "~/.pyenv/versions/): install it, or pass --env to an existing environment"
+            )
         rc, _, _ = run([base, "-m", "venv", str(env_dir)], log)
         if rc != 0:
             raise SystemExit("preflight: could not create the environment")
@@ -128,11 +151,23 @@ def offline_prefix(log) -> tuple[list[str], str]:
     """`unshare -rn` (a new network namespace: no interface up, nothing reachable) when the
     kernel allows it here; else nothing (PIP_NO_INDEX=1 still keeps pip off the network)."""
     if shutil.which("unshare"):
-        probe = subprocess.run(["unshare", "-rn", "python3", "-c",
-                                "import socket\ntry:\n socket.create_connection(('pypi.org', 443), 3)\n print('online')\n"
-                                "except OSError:\n print('offline')"], capture_output=True, text=True)
+        probe = subprocess.run(
+            [
+                "unshare",
+                "-rn",
+                "python3",
+                "-c",
+                "import socket\ntry:\n socket.create_connection(('pypi.org', 443), 3)\n "
+                "print('online')\nexcept OSError:\n print('offline')",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if probe.returncode == 0 and probe.stdout.strip() == "offline":
-            return ["unshare", "-rn"], "unshare -rn: no network interface (a connection to the package index fails)"
+            return [
+                "unshare",
+                "-rn",
+            ], "unshare -rn: no network interface (a connection to the package index fails)"
     log("warning: unshare -rn is not available here: the checks run with PIP_NO_INDEX=1 only")
     return [], "PIP_NO_INDEX=1 only (no network namespace here)"
 
@@ -147,11 +182,17 @@ def copy_tree(dest: Path, log, *, fresh: bool) -> Path:
     elif dest.is_dir():
         for entry in dest.iterdir():
             if entry.name != "build":
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                (shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink()
+                 else entry.unlink())
     dest.mkdir(parents=True, exist_ok=True)
     kept = " (its build/ kept from the last preflight)" if (dest / "build").is_dir() else ""
-    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
+    names = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     count = size = 0
     for name in filter(None, names):
         src = REPO / name
@@ -166,15 +207,19 @@ def copy_tree(dest: Path, log, *, fresh: bool) -> Path:
             (dest / ".whl").mkdir(exist_ok=True)
             shutil.copy2(src, dest / ".whl" / src.name)
             size += src.stat().st_size
-    log(f"the tree as a device call sends it: {count} files and .whl/, {size / 2**20:.1f} MiB (limit 64 MiB), "
-        f"in {dest}{kept}")
+    log(
+        f"the tree as a device call sends it: {count} files and .whl/, {size / 2**20:.1f} MiB "
+        f"(limit 64 MiB), in {dest}{kept}"
+    )
     return dest
 
 
 def checks(py: Path, log, args) -> list[dict]:
     prefix, how = offline_prefix(log)
     log(f"offline: {how}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "FASTSSL_", "PYTHON"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "FASTSSL_", "PYTHON"))
+    }
     env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHONUNBUFFERED="1",
                PATH=f"{py.parent}{os.pathsep}{env.get('PATH', '')}")   # python3 is the env's
     env.pop("OUT", None)
@@ -192,20 +237,65 @@ def checks(py: Path, log, args) -> list[dict]:
         log(f"== {name}: {'PASSED' if passed else 'FAILED'}")
         return text
 
-    step("versions", ["python3", "-c", "import sys, platform, importlib.metadata as md; print('python', platform.python_version(), sys.executable); "
-                      "[print(n, md.version(n)) for n in ('torch', 'triton', 'numpy', 'setuptools', 'pytest', 'pytest-xdist', 'torchvision')]; "
-                      "import torch; print('torch.version.cuda', torch.version.cuda)"], 120)
-    step("network is unreachable", ["python3", "-c", "import socket\ntry:\n socket.create_connection(('pypi.org', 443), 5)\n raise SystemExit('online')\n"
-                                    "except OSError as e:\n print('no network:', e)"], 60)
-    step("tests collect on these versions", ["python3", "-m", "pytest", "--collect-only", "-qq", "-p", "no:cacheprovider",
-                                             "--continue-on-collection-errors", "tests"], 900,
-         ok=lambda rc, text: rc == 0 and not re.search(r"\d+ errors?\b", (text.strip().splitlines() or [""])[-1]))
+    step(
+        "versions",
+        [
+            "python3",
+            "-c",
+            "import sys, platform, importlib.metadata as md; print('python', "
+            "platform.python_version(), sys.executable); [print(n, md.version(n)) for n in "
+            "('torch', 'triton', 'numpy', 'setuptools', 'pytest', 'pytest-xdist', "
+            "'torchvision')]; import torch; print('torch.version.cuda', torch.version.cuda)",
+        ],
+        120,
+    )
+    step(
+        "network is unreachable",
+        [
+            "python3",
+            "-c",
+            "import socket\ntry:\n socket.create_connection(('pypi.org', 443), 5)\n raise "
+            "SystemExit('online')\nexcept OSError as e:\n print('no network:', e)",
+        ],
+        60,
+    )
+    step(
+        "tests collect on these versions",
+        [
+            "python3",
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-qq",
+            "-p",
+            "no:cacheprovider",
+            "--continue-on-collection-errors",
+            "tests",
+        ],
+        900,
+        ok=lambda rc, text: (
+            rc == 0 and not re.search(r"\d+ errors?\b", (text.strip().splitlines() or [""])[-1])
+        ),
+    )
     dry_out, dry_pub = work / "dry", work / "OUT"
     for old in (dry_out, dry_pub):
         shutil.rmtree(old, ignore_errors=True)
     caps = ["--cap", f"build={args.build_cap}"] if args.build_cap else []
-    step("gpu_run dry run", ["python3", "-m", "bench.gpu_run", "--dry-run", *(["--build"] if not args.no_build else []),
-                             *caps, "--out", str(dry_out)], 2400, step_env={**env, "OUT": str(dry_pub)})
+    step(
+        "gpu_run dry run",
+        [
+            "python3",
+            "-m",
+            "bench.gpu_run",
+            "--dry-run",
+            *(["--build"] if not args.no_build else []),
+            *caps,
+            "--out",
+            str(dry_out),
+        ],
+        2400,
+        step_env={**env, "OUT": str(dry_pub)},
+    )
     copied = sorted(p.name for p in dry_pub.iterdir()) if dry_pub.is_dir() else []
     log(f"$OUT after the dry run: {copied}")
     results[-1]["published"] = copied
@@ -223,23 +313,43 @@ def checks(py: Path, log, args) -> list[dict]:
         results[-1]["summary"] = json.loads(summary) if summary else None
         jsonl = static_out / "static.jsonl"
         if jsonl.exists() and jsonl.stat().st_size > 512 << 10:
-            jsonl.unlink()   # the table (static.md) is kept; the raw rows are regenerated in minutes
+            jsonl.unlink()  # the table (static.md) is kept; the raw rows are regenerated in minutes
     shutil.rmtree(dry_out, ignore_errors=True)
     shutil.rmtree(dry_pub, ignore_errors=True)
     return results
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.preflight", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prepare", action="store_true", help="only write .whl/ (diffsort wheel, git_commit.txt)")
-    p.add_argument("--env", type=Path, default=Path(os.environ.get("FASTSSL_DEVICE_ENV", DEFAULT_ENV)),
-                   help="the environment with the GPU machine's versions (default .device-env/)")
-    p.add_argument("--no-build", action="store_true", help="dry run without its CPU-only build (minutes here)")
-    p.add_argument("--build-cap", type=int, default=900, help="the dry run's build cap (s; 2 loaded cores here)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.preflight",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--prepare", action="store_true", help="only write .whl/ (diffsort wheel, git_commit.txt)"
+    )
+    p.add_argument(
+        "--env",
+        type=Path,
+        default=Path(os.environ.get("FASTSSL_DEVICE_ENV", DEFAULT_ENV)),
+        help="the environment with the GPU machine's versions (default .device-env/)",
+    )
+    p.add_argument(
+        "--no-build", action="store_true", help="dry run without its CPU-only build (minutes here)"
+    )
+    p.add_argument(
+        "--build-cap",
+        type=int,
+        default=900,
+        help="the dry run's build cap (s; 2 loaded cores here)",
+    )
     p.add_argument("--no-static", action="store_true", help="skip the static compile")
-    p.add_argument("--fresh", action="store_true",
-                   help="a new copy of the tree, without the build trees of the last preflight (a cold machine)")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="a new copy of the tree, without the build trees of the last preflight (a cold "
+             "machine)",
+    )
     args = p.parse_args(argv)
     if args.prepare:
         prepare(lambda m: print(m, flush=True))
@@ -258,7 +368,10 @@ def main(argv=None) -> int:
     log("")
     for r in results:
         log(f"{'PASSED' if r['passed'] else 'FAILED'}  {r['step']} ({r['seconds']} s)")
-    log(f"preflight {'PASSED' if ok else 'FAILED'} in {summary['seconds']:.0f} s; log: {RESULTS / 'preflight.log'}")
+    log(
+        f"preflight {'PASSED' if ok else 'FAILED'} in {summary['seconds']:.0f} s; log: "
+        f"{RESULTS / 'preflight.log'}"
+    )
     return 0 if ok else 1
 
 

@@ -27,7 +27,9 @@ def _diffsort_fn(network: str, n: int, steepness: float, distribution: str, devi
         import diffsort
     except ImportError as e:
         raise Skip(f"diffsort is not installed ({e})") from None
-    net = diffsort.DiffSortNet(network, n, device=str(device), steepness=steepness, distribution=distribution)
+    net = diffsort.DiffSortNet(
+        network, n, device=str(device), steepness=steepness, distribution=distribution
+    )
     return net
 
 
@@ -67,8 +69,12 @@ def _soft_sort_values(provider, x, g_sorted, network, steepness, distribution):
         forward = lambda: fast.soft_sort(x, network=network, steepness=steepness,  # noqa: E731
                                          distribution=distribution, return_permutation=False)[0]
     else:
-        raise Skip(f"the values-only soft_sort cases compare fastssl with torchsort, not {provider}")
-    return Prepared(forward=forward, backward=lambda y: y.backward(g_sorted.to(y.dtype)), leaves=(x,))
+        raise Skip(
+            f"the values-only soft_sort cases compare fastssl with torchsort, not {provider}"
+        )
+    return Prepared(
+        forward=forward, backward=lambda y: y.backward(g_sorted.to(y.dtype)), leaves=(x,)
+    )
 
 
 # Who measures what: the full output (values and P) against diffsort and the reference, the
@@ -79,32 +85,64 @@ VALUES_PROVIDERS = ("fastssl", "peer:torchsort")
 
 def _soft_sort_sizes(dev, quick):
     if quick:  # two sizes: every plot shows a line, not a lone point
-        return ([Size({"B": 8, "n": 5, "network": "odd_even"}, providers=FULL_PROVIDERS),
-                 Size({"B": 16, "n": 5, "network": "odd_even"}, modes=FULL, providers=FULL_PROVIDERS)]
-                + [Size({"B": b, "n": 5, "network": "odd_even", "output": "values"}, modes=FULL,
-                        providers=VALUES_PROVIDERS) for b in (8, 16)])
+        return [
+            Size({"B": 8, "n": 5, "network": "odd_even"}, providers=FULL_PROVIDERS),
+            Size({"B": 16, "n": 5, "network": "odd_even"}, modes=FULL, providers=FULL_PROVIDERS),
+        ] + [
+            Size(
+                {"B": b, "n": 5, "network": "odd_even", "output": "values"},
+                modes=FULL,
+                providers=VALUES_PROVIDERS,
+            )
+            for b in (8, 16)
+        ]
     if dev == "cpu":
-        return ([Size({"B": b, "n": 16, "network": "odd_even"}, providers=FULL_PROVIDERS) for b in (256, 1024, 4096)]
-                + [Size({"B": b, "n": 32, "network": "odd_even"}, modes=FULL, providers=FULL_PROVIDERS)
-                   for b in (256, 1024, 4096)]
-                + [Size({"B": b, "n": 16, "network": "bitonic"}, modes=FULL, providers=FULL_PROVIDERS)
-                   for b in (256, 1024, 4096)]
-                + [Size({"B": b, "n": n, "network": "odd_even", "output": "values"}, modes=FULL,
-                        providers=VALUES_PROVIDERS) for n in (16, 32) for b in (256, 1024, 4096)])
-    return ([Size({"B": b, "n": 32, "network": "odd_even"}, providers=FULL_PROVIDERS) for b in (1024, 4096, 16384)]
-            + [Size({"B": 4096, "n": 32, "network": "bitonic"}, modes=FULL, providers=FULL_PROVIDERS),
-               Size({"B": 256, "n": 1024, "network": "bitonic"}, modes=FULL, providers=FULL_PROVIDERS)])
+        return (
+            [
+                Size({"B": b, "n": 16, "network": "odd_even"}, providers=FULL_PROVIDERS)
+                for b in (256, 1024, 4096)
+            ]
+            + [
+                Size({"B": b, "n": 32, "network": "odd_even"}, modes=FULL, providers=FULL_PROVIDERS)
+                for b in (256, 1024, 4096)
+            ]
+            + [
+                Size({"B": b, "n": 16, "network": "bitonic"}, modes=FULL, providers=FULL_PROVIDERS)
+                for b in (256, 1024, 4096)
+            ]
+            + [
+                Size(
+                    {"B": b, "n": n, "network": "odd_even", "output": "values"},
+                    modes=FULL,
+                    providers=VALUES_PROVIDERS,
+                )
+                for n in (16, 32)
+                for b in (256, 1024, 4096)
+            ]
+        )
+    return [
+        Size({"B": b, "n": 32, "network": "odd_even"}, providers=FULL_PROVIDERS)
+        for b in (1024, 4096, 16384)
+    ] + [
+        Size({"B": 4096, "n": 32, "network": "bitonic"}, modes=FULL, providers=FULL_PROVIDERS),
+        Size({"B": 256, "n": 1024, "network": "bitonic"}, modes=FULL, providers=FULL_PROVIDERS),
+    ]
 
 
 def _groco_build(provider, shape, dtype, device):
     fn = resolve_op(provider, None, fast.groco, ref.groco)
-    views = [embeddings(shape["B"], shape["D"], dtype, device, seed=1 + v) for v in range(shape["views"])]
+    views = [
+        embeddings(shape["B"], shape["D"], dtype, device, seed=1 + v) for v in range(shape["views"])
+    ]
     return Prepared(forward=lambda: fn(views), backward=scalar_backward, leaves=tuple(views))
 
 
 def _groco_sizes(dev, quick):
     if quick:  # two sizes: every plot shows a line, not a lone point
-        return [Size({"B": 16, "D": 8, "views": 2}), Size({"B": 32, "D": 8, "views": 2}, modes=FULL)]
+        return [
+            Size({"B": 16, "D": 8, "views": 2}),
+            Size({"B": 32, "D": 8, "views": 2}, modes=FULL),
+        ]
     if dev == "cpu":
         return ([Size({"B": b, "D": 256, "views": 2}, modes=ALL_MODES if b <= 128 else FULL)
                  for b in (128, 256, 512)])

@@ -34,8 +34,11 @@ def _sizes(dev, quick):
     if quick:  # two sizes: every plot shows a line, not a lone point
         return [Size({"B": 16, "D": 8}), Size({"B": 32, "D": 8}, modes=FULL)]
     if dev == "cpu":
-        return [Size({"B": 512, "D": 1024}, modes=ALL_MODES), Size({"B": 2048, "D": 1024}, modes=FULL),
-                Size({"B": 4096, "D": 1024}, modes=FULL, providers=("fastssl", "eager"))]
+        return [
+            Size({"B": 512, "D": 1024}, modes=ALL_MODES),
+            Size({"B": 2048, "D": 1024}, modes=FULL),
+            Size({"B": 4096, "D": 1024}, modes=FULL, providers=("fastssl", "eager")),
+        ]
     return ([Size({"B": b, "D": 8192}) for b in (2048, 4096, 8192)]
             + [Size({"B": 2048, "D": 32768}, modes=FULL)])
 

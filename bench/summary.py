@@ -44,69 +44,224 @@ class Target:
 def _cpu_targets() -> list[Target]:
     nt = dict(op="nt_xent", shape={"B": 8192, "D": 128}, mode="forward+backward", dtype="float32")
     return [
-        Target(3, "cpu", "nt_xent N=16384 (B=8192 x 2 views), D=128, fwd+bwd: peak memory <= 1/8 of the reference",
-               check="mem_ratio", threshold=1 / 8, **nt),
-        Target(3, "cpu", "nt_xent N=16384, D=128, fwd+bwd: time no worse than the reference",
-               check="speedup", threshold=1.0, **nt),
+        Target(
+            3,
+            "cpu",
+            "nt_xent N=16384 (B=8192 x 2 views), D=128, fwd+bwd: peak memory <= 1/8 of the "
+            "reference",
+            check="mem_ratio",
+            threshold=1 / 8,
+            **nt,
+        ),
+        Target(
+            3,
+            "cpu",
+            "nt_xent N=16384, D=128, fwd+bwd: time no worse than the reference",
+            check="speedup",
+            threshold=1.0,
+            **nt,
+        ),
         # The automatic backend (what users get; C++ on CPU tensors), not the forced one: the two
         # run the same code, and their rows differ only by measurement noise (see same_code_note).
-        Target(4, "cpu", "soft_sort (automatic backend: C++ on CPU) B=1024, n=16, fwd+bwd: >= 20x faster "
-               "than diffsort",
-               op="soft_sort", shape={"B": 1024, "n": 16, "network": "odd_even"}, mode="forward+backward",
-               dtype="float32", check="speedup", threshold=20.0, provider="fastssl", baseline="diffsort"),
-        Target(4, "cpu", "groco B=512, D=256, 2 views, fwd+bwd: >= 3x faster than the reference",
-               op="groco", shape={"B": 512, "D": 256, "views": 2}, mode="forward+backward", dtype="float32",
-               check="speedup", threshold=3.0),
-        Target(5, "cpu", "sinkhorn B=4096, K=3000, 3 iterations: >= 1.5x faster than the reference",
-               op="sinkhorn", shape={"B": 4096, "K": 3000}, mode="forward", dtype="float32",
-               check="speedup", threshold=1.5),
+        Target(
+            4,
+            "cpu",
+            "soft_sort (automatic backend: C++ on CPU) B=1024, n=16, fwd+bwd: >= 20x faster than "
+            "diffsort",
+            op="soft_sort",
+            shape={"B": 1024, "n": 16, "network": "odd_even"},
+            mode="forward+backward",
+            dtype="float32",
+            check="speedup",
+            threshold=20.0,
+            provider="fastssl",
+            baseline="diffsort",
+        ),
+        Target(
+            4,
+            "cpu",
+            "groco B=512, D=256, 2 views, fwd+bwd: >= 3x faster than the reference",
+            op="groco",
+            shape={"B": 512, "D": 256, "views": 2},
+            mode="forward+backward",
+            dtype="float32",
+            check="speedup",
+            threshold=3.0,
+        ),
+        Target(
+            5,
+            "cpu",
+            "sinkhorn B=4096, K=3000, 3 iterations: >= 1.5x faster than the reference",
+            op="sinkhorn",
+            shape={"B": 4096, "K": 3000},
+            mode="forward",
+            dtype="float32",
+            check="speedup",
+            threshold=1.5,
+        ),
     ]
 
 
 def _gpu_targets() -> list[Target]:
     nt = dict(op="nt_xent", shape={"B": 32768, "D": 128}, mode="forward+backward", dtype="bfloat16")
     sce = dict(op="sce", shape={"B": 1024, "K": 65536}, mode="forward+backward", dtype="bfloat16")
-    groco = dict(op="groco", shape={"B": 1024, "D": 2048, "views": 2}, mode="forward+backward", dtype="bfloat16")
+    groco = dict(
+        op="groco",
+        shape={"B": 1024, "D": 2048, "views": 2},
+        mode="forward+backward",
+        dtype="bfloat16",
+    )
     out = [
-        Target(3, "cuda", "nt_xent N=2x32768, D=128, bf16, fwd+bwd: >= 2x faster than the eager reference",
-               check="speedup", threshold=2.0, **nt),
-        Target(3, "cuda", "nt_xent N=2x32768, D=128, bf16, fwd+bwd: >= 1.3x faster than torch.compile(reference)",
-               check="speedup", threshold=1.3, baseline="reference:compile", **nt),
-        Target(3, "cuda", "nt_xent N=2x32768, D=128, bf16, fwd+bwd: >= 2x faster than eager PyTorch (F.cross_entropy over the full logits)",
-               check="speedup", threshold=2.0, baseline="eager", **nt),
-        Target(3, "cuda", "nt_xent N=2x32768, D=128, bf16, fwd+bwd: >= 1.3x faster than torch.compile(eager)",
-               check="speedup", threshold=1.3, baseline="eager:compile", **nt),
-        Target(3, "cuda", "nt_xent N=2x32768, D=128, bf16, fwd+bwd: loss memory <= 1/30 of the reference",
-               check="mem_ratio", threshold=1 / 30, **nt),
-        Target(3, "cuda", "nt_xent: largest N that fits >= 1,000,000 anchors (bf16, fwd+bwd)",
-               op="nt_xent", shape={"D": 128}, mode="forward+backward", dtype="bfloat16", check="max_n",
-               threshold=1_000_000, n_factor=2),
-        Target(3, "cuda", "sce K=65536, B=1024, bf16, fwd+bwd: >= 2x faster than the reference",
-               check="speedup", threshold=2.0, **sce),
-        Target(3, "cuda", "sce K=65536, B=1024, bf16, fwd+bwd: memory <= 1/10 of the reference",
-               check="mem_ratio", threshold=1 / 10, **sce),
-        Target(4, "cuda", "soft_sort B=4096, n=32, odd_even, fwd+bwd: >= 30x faster than diffsort",
-               op="soft_sort", shape={"B": 4096, "n": 32, "network": "odd_even"}, mode="forward+backward",
-               dtype="float32", check="speedup", threshold=30.0, baseline="diffsort"),
-        Target(4, "cuda", "soft_sort n=1024 bitonic runs",
-               op="soft_sort", shape={"n": 1024, "network": "bitonic"}, mode="forward+backward",
-               dtype="float32", check="runs"),
-        Target(4, "cuda", "groco B=1024, D=2048, 2 views, fwd+bwd: >= 10x faster than the reference",
-               check="speedup", threshold=10.0, **groco),
-        Target(4, "cuda", "groco B=1024, D=2048, 2 views, fwd+bwd: loss memory <= 1/10 of the reference",
-               check="mem_ratio", threshold=1 / 10, **groco),
-        Target(5, "cuda", "sinkhorn B=4096, K=3000, 3 iterations: >= 3x faster than the reference",
-               op="sinkhorn", shape={"B": 4096, "K": 3000}, mode="forward", dtype="float32",
-               check="speedup", threshold=3.0),
-        Target(5, "cuda", "sinkhorn B=1024, K=65536, 3 iterations: >= 3x faster than the reference",
-               op="sinkhorn", shape={"B": 1024, "K": 65536}, mode="forward", dtype="float32",
-               check="speedup", threshold=3.0),
+        Target(
+            3,
+            "cuda",
+            "nt_xent N=2x32768, D=128, bf16, fwd+bwd: >= 2x faster than the eager reference",
+            check="speedup",
+            threshold=2.0,
+            **nt,
+        ),
+        Target(
+            3,
+            "cuda",
+            "nt_xent N=2x32768, D=128, bf16, fwd+bwd: >= 1.3x faster than torch.compile(reference)",
+            check="speedup",
+            threshold=1.3,
+            baseline="reference:compile",
+            **nt,
+        ),
+        Target(
+            3,
+            "cuda",
+            "nt_xent N=2x32768, D=128, bf16, fwd+bwd: >= 2x faster than eager PyTorch "
+            "(F.cross_entropy over the full logits)",
+            check="speedup",
+            threshold=2.0,
+            baseline="eager",
+            **nt,
+        ),
+        Target(
+            3,
+            "cuda",
+            "nt_xent N=2x32768, D=128, bf16, fwd+bwd: >= 1.3x faster than torch.compile(eager)",
+            check="speedup",
+            threshold=1.3,
+            baseline="eager:compile",
+            **nt,
+        ),
+        Target(
+            3,
+            "cuda",
+            "nt_xent N=2x32768, D=128, bf16, fwd+bwd: loss memory <= 1/30 of the reference",
+            check="mem_ratio",
+            threshold=1 / 30,
+            **nt,
+        ),
+        Target(
+            3,
+            "cuda",
+            "nt_xent: largest N that fits >= 1,000,000 anchors (bf16, fwd+bwd)",
+            op="nt_xent",
+            shape={"D": 128},
+            mode="forward+backward",
+            dtype="bfloat16",
+            check="max_n",
+            threshold=1_000_000,
+            n_factor=2,
+        ),
+        Target(
+            3,
+            "cuda",
+            "sce K=65536, B=1024, bf16, fwd+bwd: >= 2x faster than the reference",
+            check="speedup",
+            threshold=2.0,
+            **sce,
+        ),
+        Target(
+            3,
+            "cuda",
+            "sce K=65536, B=1024, bf16, fwd+bwd: memory <= 1/10 of the reference",
+            check="mem_ratio",
+            threshold=1 / 10,
+            **sce,
+        ),
+        Target(
+            4,
+            "cuda",
+            "soft_sort B=4096, n=32, odd_even, fwd+bwd: >= 30x faster than diffsort",
+            op="soft_sort",
+            shape={"B": 4096, "n": 32, "network": "odd_even"},
+            mode="forward+backward",
+            dtype="float32",
+            check="speedup",
+            threshold=30.0,
+            baseline="diffsort",
+        ),
+        Target(
+            4,
+            "cuda",
+            "soft_sort n=1024 bitonic runs",
+            op="soft_sort",
+            shape={"n": 1024, "network": "bitonic"},
+            mode="forward+backward",
+            dtype="float32",
+            check="runs",
+        ),
+        Target(
+            4,
+            "cuda",
+            "groco B=1024, D=2048, 2 views, fwd+bwd: >= 10x faster than the reference",
+            check="speedup",
+            threshold=10.0,
+            **groco,
+        ),
+        Target(
+            4,
+            "cuda",
+            "groco B=1024, D=2048, 2 views, fwd+bwd: loss memory <= 1/10 of the reference",
+            check="mem_ratio",
+            threshold=1 / 10,
+            **groco,
+        ),
+        Target(
+            5,
+            "cuda",
+            "sinkhorn B=4096, K=3000, 3 iterations: >= 3x faster than the reference",
+            op="sinkhorn",
+            shape={"B": 4096, "K": 3000},
+            mode="forward",
+            dtype="float32",
+            check="speedup",
+            threshold=3.0,
+        ),
+        Target(
+            5,
+            "cuda",
+            "sinkhorn B=1024, K=65536, 3 iterations: >= 3x faster than the reference",
+            op="sinkhorn",
+            shape={"B": 1024, "K": 65536},
+            mode="forward",
+            dtype="float32",
+            check="speedup",
+            threshold=3.0,
+        ),
     ]
     for method in ("simclr", "groco", "sce", "sogclr", "sfrik", "swav", "auh"):
-        step = dict(op="train_step", shape={"method": method, "arch": "resnet50", "B": 256, "res": 224},
-                    mode="step", dtype="bfloat16")
-        out.append(Target(7, "cuda", f"train step {method}, ResNet-50 2x224 bf16 channels-last, B=256: >= 3000 images/s",
-                          check="images_per_s", threshold=3000.0, **step))
+        step = dict(
+            op="train_step",
+            shape={"method": method, "arch": "resnet50", "B": 256, "res": 224},
+            mode="step",
+            dtype="bfloat16",
+        )
+        out.append(
+            Target(
+                7,
+                "cuda",
+                f"train step {method}, ResNet-50 2x224 bf16 channels-last, B=256: >= 3000 images/s",
+                check="images_per_s",
+                threshold=3000.0,
+                **step,
+            )
+        )
         out.append(Target(7, "cuda", f"train step {method}: loss <= 3% of the step time",
                           check="loss_share", threshold=0.03, **step))
     return out
@@ -142,12 +297,16 @@ def evaluate_target(records: list[dict], t: Target) -> tuple[str, str]:
         best = max(r["x"] * t.n_factor for r in ok)
         failed = sorted({r["x"] * t.n_factor for r in records if _matches(r, t, t.provider)
                          and r.get("status") != "ok"})
-        detail = f"largest N measured {best:,}" + (f" (failed from N={failed[0]:,})" if failed else "")
+        detail = f"largest N measured {best:,}" + (
+            f" (failed from N={failed[0]:,})" if failed else ""
+        )
         return ("met" if best >= t.threshold else "NOT met"), detail
     if rec is None:
         return "not measured", "no record"
     if rec.get("status") != "ok":
-        return ("NOT met" if t.check == "runs" else "not measured"), f"{t.provider}: {rec.get('status')} {rec.get('note', '')}".strip()
+        return (
+            "NOT met" if t.check == "runs" else "not measured"
+        ), f"{t.provider}: {rec.get('status')} {rec.get('note', '')}".strip()
     if t.check == "runs":
         return "met", f"{fmt_ms(rec['p50_ms'])}"
     if t.check == "images_per_s":
@@ -162,9 +321,14 @@ def evaluate_target(records: list[dict], t: Target) -> tuple[str, str]:
         return ("met" if v <= t.threshold else "NOT met"), f"loss {100 * v:.1f}% of the step"
     base = _latest(records, t, t.baseline)
     if base is None or base.get("status") != "ok":
-        why = "no record" if base is None else f"{base.get('status')} {base.get('note', '')}".strip()
+        why = (
+            "no record" if base is None else f"{base.get('status')} {base.get('note', '')}".strip()
+        )
         if t.check == "mem_ratio" and base is not None and base.get("status") == "oom":
-            return "met", f"{t.baseline} runs out of memory; fastssl peak {fmt_mb(rec.get('peak_mem_mb'))}"
+            return (
+                "met",
+                f"{t.baseline} runs out of memory; fastssl peak {fmt_mb(rec.get('peak_mem_mb'))}",
+            )
         return "not measured", f"{t.baseline}: {why}"
     if t.check == "speedup":
         v = base["p50_ms"] / rec["p50_ms"]
@@ -199,9 +363,11 @@ def build_summary(records: list[dict]) -> str:
     dev = _device_type(latest)
     env = latest[-1] if latest else {}
     lines = [f"# fastssl benchmark summary: {env.get('device_name', dev)}", ""]
-    lines.append(f"fastssl {env.get('fastssl_version')} at commit `{env.get('git_commit')}`, torch "
-                 f"{env.get('torch_version')}, triton {env.get('triton_version')}, {env.get('num_threads')} "
-                 f"threads, measured {env.get('timestamp')}.")
+    lines.append(
+        f"fastssl {env.get('fastssl_version')} at commit `{env.get('git_commit')}`, torch "
+        f"{env.get('torch_version')}, triton {env.get('triton_version')}, {env.get('num_threads')} "
+        f"threads, measured {env.get('timestamp')}."
+    )
     lines.append("")
     note = load_note(latest)
     if note:
@@ -215,7 +381,8 @@ def build_summary(records: list[dict]) -> str:
         "",
         "Modes: `forward` runs under torch.no_grad() (the loss evaluated, not trained on), "
         "`backward` is the backward of a recorded forward, `forward+backward` a training step "
-        "(fastssl's same-pass ops make their gradient during the recorded forward: compare the step).",
+        "(fastssl's same-pass ops make their gradient during the recorded forward: compare the "
+        "step).",
         "",
         "Providers: `fastssl` = automatic backend, `fastssl:<backend>` = backend forced, "
         "`reference` = fastssl.reference eager, `reference:compile` = torch.compile of it (GPU), "
@@ -291,16 +458,20 @@ def same_code_note(recs: list[dict]) -> str | None:
             continue
         twin = next((t for t in ok if t["provider"] == forced and _key(t) == _key(r)), None)
         if twin is not None:
-            pairs.append((max(r["p50_ms"], twin["p50_ms"]) / min(r["p50_ms"], twin["p50_ms"]), r, twin))
+            pairs.append(
+                (max(r["p50_ms"], twin["p50_ms"]) / min(r["p50_ms"], twin["p50_ms"]), r, twin)
+            )
     if not pairs:
         return None
     spread, r, twin = max(pairs, key=lambda p: p[0])
-    return (f"`fastssl` (automatic) runs the same code as `{forced}` here: on {r.get('device', 'cpu')} "
-            f"tensors the automatic choice is `{chosen}`. Their rows differ only by measurement noise "
-            f"(the providers are measured one after the other, so drift and other load on the machine "
-            f"fall on one of them): at most {spread:.2f}x here ({_shape_str(r.get('shape'))}, "
-            f"{r.get('mode')}: {fmt_ms(r['p50_ms'])} vs {fmt_ms(twin['p50_ms'])}). Headline figures "
-            f"use the automatic backend, the one users get.")
+    return (
+        f"`fastssl` (automatic) runs the same code as `{forced}` here: on {r.get('device', 'cpu')} "
+        f"tensors the automatic choice is `{chosen}`. Their rows differ only by measurement noise "
+        "(the providers are measured one after the other, so drift and other load on the machine "
+        f"fall on one of them): at most {spread:.2f}x here ({_shape_str(r.get('shape'))}, "
+        f"{r.get('mode')}: {fmt_ms(r['p50_ms'])} vs {fmt_ms(twin['p50_ms'])}). Headline figures "
+        "use the automatic backend, the one users get."
+    )
 
 
 def _best_peer(provs: dict[str, dict]) -> dict | None:
@@ -323,14 +494,19 @@ def _op_table(recs: list[dict]) -> list[str]:
     for r in ok:
         cases[_key(r)][r["provider"]] = r
     rows = []
-    for (shape_json, dtype, mode), provs in sorted(cases.items(), key=lambda kv: _case_order(kv[0])):
+    for (shape_json, dtype, mode), provs in sorted(
+        cases.items(), key=lambda kv: _case_order(kv[0])
+    ):
         ref, best = provs.get("reference"), _best_peer(provs)
         for prov, r in sorted(provs.items(), key=lambda kv: _provider_order(kv[0])):
             speed = []
             for b in columns:
                 if b == "best peer":
-                    speed.append("-" if best is None or best["provider"] == prov or is_peer(prov)
-                                 else f"{_speedup(best['p50_ms'] / r['p50_ms'])} ({best['provider']})")
+                    speed.append(
+                        "-"
+                        if best is None or best["provider"] == prov or is_peer(prov)
+                        else f"{_speedup(best['p50_ms'] / r['p50_ms'])} ({best['provider']})"
+                    )
                 else:
                     base = provs.get(b)
                     speed.append("-" if base is None or b == prov
@@ -338,8 +514,18 @@ def _op_table(recs: list[dict]) -> list[str]:
             mem = r.get("peak_mem_mb")
             ratio = (_ratio(mem / ref["peak_mem_mb"]) if ref is not None and prov != "reference"
                      and mem is not None and ref.get("peak_mem_mb") else "-")
-            rows.append([_shape_str(json.loads(shape_json)), dtype, mode, prov, _p50_range(r), *speed,
-                         fmt_mb(mem), ratio])
+            rows.append(
+                [
+                    _shape_str(json.loads(shape_json)),
+                    dtype,
+                    mode,
+                    prov,
+                    _p50_range(r),
+                    *speed,
+                    fmt_mb(mem),
+                    ratio,
+                ]
+            )
     return table(["shape", "dtype", "mode", "provider", "time p50 (p20-p80)",
                   *(f"speedup vs {b}" for b in columns), "peak memory", "memory / reference"], rows)
 
@@ -352,12 +538,31 @@ def _trainer_table(recs: list[dict]) -> list[str]:
     ok = [r for r in recs if r.get("status") == "ok"]
     if not ok:
         return ["No successful measurement."]
-    return table(["shape", "dtype", "provider", "step p50 (p20-p80)", "images/s", "loss fwd+bwd",
-                  "loss share", "peak memory"],
-                 [[_shape_str(r.get("shape")), r["dtype"], r["provider"], _p50_range(r),
-                   _count(r.get("images_per_s")), fmt_ms(r.get("loss_ms")), pct(r.get("loss_share")),
-                   fmt_mb(r.get("peak_mem_mb"))]
-                  for r in sorted(ok, key=lambda r: (_shape_str(r.get("shape")), r["provider"]))])
+    return table(
+        [
+            "shape",
+            "dtype",
+            "provider",
+            "step p50 (p20-p80)",
+            "images/s",
+            "loss fwd+bwd",
+            "loss share",
+            "peak memory",
+        ],
+        [
+            [
+                _shape_str(r.get("shape")),
+                r["dtype"],
+                r["provider"],
+                _p50_range(r),
+                _count(r.get("images_per_s")),
+                fmt_ms(r.get("loss_ms")),
+                pct(r.get("loss_share")),
+                fmt_mb(r.get("peak_mem_mb")),
+            ]
+            for r in sorted(ok, key=lambda r: (_shape_str(r.get("shape")), r["provider"]))
+        ],
+    )
 
 
 def _count(v: float | None) -> str:
@@ -386,11 +591,20 @@ def _headline_rows(records: list[dict]) -> list[dict]:
     rows = []
     ops = list(dict.fromkeys(r["op"] for r in latest))
     for op in ops:
-        recs = [r for r in latest if r["op"] == op and r.get("status") == "ok" and not r.get("probe")]
+        recs = [
+            r for r in latest if r["op"] == op and r.get("status") == "ok" and not r.get("probe")
+        ]
         if op == "train_step":
             rows += [{"op": op, "fast": r, "ref": None} for r in recs if r["provider"] == "fastssl"]
             continue
-        target = next((t for t in TARGETS if t.device == dev and t.op == op and t.check in ("speedup", "mem_ratio")), None)
+        target = next(
+            (
+                t
+                for t in TARGETS
+                if t.device == dev and t.op == op and t.check in ("speedup", "mem_ratio")
+            ),
+            None,
+        )
         fast_recs = [r for r in recs if r["provider"] == (target.provider if target else "fastssl")]
         if target is not None:
             fast_recs = [r for r in fast_recs if _matches(r, target, r["provider"])] or fast_recs
@@ -398,14 +612,27 @@ def _headline_rows(records: list[dict]) -> list[dict]:
             continue
         best = None
         for r in fast_recs:
-            base = next((b for b in recs if b["provider"] == "reference" and _key(b) == _key(r)), None)
-            cand = (base is not None, r.get("mode") in ("forward+backward", "step") or op == "sinkhorn",
-                    r.get("x") or 0, math.prod(v for v in (r.get("shape") or {}).values() if isinstance(v, int)))
+            base = next(
+                (b for b in recs if b["provider"] == "reference" and _key(b) == _key(r)), None
+            )
+            cand = (
+                base is not None,
+                r.get("mode") in ("forward+backward", "step") or op == "sinkhorn",
+                r.get("x") or 0,
+                math.prod(v for v in (r.get("shape") or {}).values() if isinstance(v, int)),
+            )
             if best is None or cand > best[0]:
                 best = (cand, r, base)
         _, r, base = best
-        extra = next((b for p in ("eager", "diffsort", "eager:compile", "reference:compile") for b in recs
-                      if b["provider"] == p and _key(b) == _key(r)), None)
+        extra = next(
+            (
+                b
+                for p in ("eager", "diffsort", "eager:compile", "reference:compile")
+                for b in recs
+                if b["provider"] == p and _key(b) == _key(r)
+            ),
+            None,
+        )
         rows.append({"op": op, "fast": r, "ref": base, "extra": extra})
     return rows
 
@@ -440,8 +667,11 @@ def readme_table(records: list[dict]) -> str:
     targets = [t for t in TARGETS if t.device == dev]
     if targets:
         verdicts = [evaluate_target(latest, t)[0] for t in targets]
-        lines += ["", f"Targets on this device: {verdicts.count('met')} met, {verdicts.count('NOT met')} not met, "
-                      f"{verdicts.count('not measured')} not measured (details in the summary)."]
+        lines += [
+            "",
+            f"Targets on this device: {verdicts.count('met')} met, {verdicts.count('NOT met')} not "
+            f"met, {verdicts.count('not measured')} not measured (details in the summary).",
+        ]
     note = load_note(latest)
     if note and "loaded" in note:
         lines += ["", "Measured on a loaded machine: absolute times are inflated."]

@@ -28,8 +28,10 @@ def _sinkhorn_build(provider, shape, dtype, device):
     eps = shape.get("eps", 0.05)
     scores = _scores(shape["B"], shape["K"], dtype, device, 1, False)
     # Whether the codes are finite (the peers overflow at small eps and in float16).
-    return Prepared(forward=lambda: fn(scores, epsilon=eps),
-                    extras=lambda rec, cfg: {"finite": bool(torch.isfinite(fn(scores, epsilon=eps)).all())})
+    return Prepared(
+        forward=lambda: fn(scores, epsilon=eps),
+        extras=lambda rec, cfg: {"finite": bool(torch.isfinite(fn(scores, epsilon=eps)).all())},
+    )
 
 
 def _sinkhorn_sizes(dev, quick):
@@ -40,18 +42,27 @@ def _sinkhorn_sizes(dev, quick):
         return ([Size({"B": b, "K": 3000}) for b in (1024, 2048, 4096)]
                 + [Size({"B": b, "K": 16384}) for b in (256, 512, 1024)]
                 + [Size({"B": b, "K": 3000, "eps": 0.01}) for b in (1024, 2048, 4096)])
-    return [Size({"B": b, "K": 3000}) for b in (1024, 4096, 16384)] + [Size({"B": 1024, "K": 65536})]
+    return [Size({"B": b, "K": 3000}) for b in (1024, 4096, 16384)] + [
+        Size({"B": 1024, "K": 65536})
+    ]
 
 
 def _swav_build(provider, shape, dtype, device):
     fn = resolve_op(provider, "swav", fast.swav, ref.swav, device)
-    crops = [_scores(shape["B"], shape["K"], dtype, device, 1 + c, True) for c in range(shape["crops"])]
-    return Prepared(forward=lambda: fn(crops, n_assign_crops=2), backward=scalar_backward, leaves=tuple(crops))
+    crops = [
+        _scores(shape["B"], shape["K"], dtype, device, 1 + c, True) for c in range(shape["crops"])
+    ]
+    return Prepared(
+        forward=lambda: fn(crops, n_assign_crops=2), backward=scalar_backward, leaves=tuple(crops)
+    )
 
 
 def _swav_sizes(dev, quick):
     if quick:
-        return [Size({"B": 16, "K": 12, "crops": 2}), Size({"B": 32, "K": 12, "crops": 2}, modes=FULL)]
+        return [
+            Size({"B": 16, "K": 12, "crops": 2}),
+            Size({"B": 32, "K": 12, "crops": 2}, modes=FULL),
+        ]
     if dev == "cpu":  # each crop count at three batch sizes
         return ([Size({"B": 256, "K": 3000, "crops": 2}, modes=ALL_MODES)]
                 + [Size({"B": b, "K": 3000, "crops": 2}, modes=FULL) for b in (512, 1024)]
@@ -61,8 +72,22 @@ def _swav_sizes(dev, quick):
 
 
 SPECS = [
-    OpSpec("sinkhorn", "swav", _sinkhorn_build, _sinkhorn_sizes, modes=("forward",),
-           providers=STANDARD_PROVIDERS + baseline_providers("sinkhorn"),
-           dtypes=lambda dev, quick: (torch.float32,) if quick else (torch.float32, torch.bfloat16, torch.float16)),
-    OpSpec("swav", "swav", _swav_build, _swav_sizes, providers=STANDARD_PROVIDERS + baseline_providers("swav")),
+    OpSpec(
+        "sinkhorn",
+        "swav",
+        _sinkhorn_build,
+        _sinkhorn_sizes,
+        modes=("forward",),
+        providers=STANDARD_PROVIDERS + baseline_providers("sinkhorn"),
+        dtypes=lambda dev, quick: (
+            (torch.float32,) if quick else (torch.float32, torch.bfloat16, torch.float16)
+        ),
+    ),
+    OpSpec(
+        "swav",
+        "swav",
+        _swav_build,
+        _swav_sizes,
+        providers=STANDARD_PROVIDERS + baseline_providers("swav"),
+    ),
 ]

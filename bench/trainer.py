@@ -42,9 +42,16 @@ from .harness import (BenchConfig, OpSpec, Prepared, Size, Skip, backend_forced,
 METHODS = ("simclr", "groco", "groco_multicrop", "sce", "sogclr", "sfrik", "swav", "auh")
 # The ImageNet preset each case takes its crop recipe (and on GPU its heads and
 # hyperparameters) from.
-GPU_PRESET = {"simclr": "simclr_200ep", "groco": "groco_2views_100ep",
-              "groco_multicrop": "groco_multicrop_100ep", "sce": "sce_200ep",
-              "sogclr": "sogclr_800ep", "sfrik": "sfrik_200ep", "swav": "swav_200ep_bs256", "auh": "auh_200ep"}
+GPU_PRESET = {
+    "simclr": "simclr_200ep",
+    "groco": "groco_2views_100ep",
+    "groco_multicrop": "groco_multicrop_100ep",
+    "sce": "sce_200ep",
+    "sogclr": "sogclr_800ep",
+    "sfrik": "sfrik_200ep",
+    "swav": "swav_200ep_bs256",
+    "auh": "auh_200ep",
+}
 CPU_SCALE = 32 / 224
 
 
@@ -99,7 +106,9 @@ def _leaves(obj) -> list:
 
 def _build(provider, shape, dtype, device):
     if provider not in ("fastssl", "reference"):
-        raise Skip("the training step is measured with the fastssl losses and with the reference losses")
+        raise Skip(
+            "the training step is measured with the fastssl losses and with the reference losses"
+        )
 
     case, b = shape["method"], shape["B"]
     sizes = [int(x) for x in shape["sizes"].split(",")]
@@ -115,9 +124,14 @@ def _build(provider, shape, dtype, device):
         method.model.to(memory_format=torch.channels_last)
         if method.momentum_model is not None:
             method.momentum_model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(preset["optimizer"], method.model.parameters(), lr=0.01,
-                                weight_decay=preset.get("weight_decay", 0.0), momentum=preset.get("momentum", 0.9),
-                                exclude_1d=preset.get("exclude_1d", True))
+    optimizer = build_optimizer(
+        preset["optimizer"],
+        method.model.parameters(),
+        lr=0.01,
+        weight_decay=preset.get("weight_decay", 0.0),
+        momentum=preset.get("momentum", 0.9),
+        exclude_1d=preset.get("exclude_1d", True),
+    )
     amp_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     runner = StepRunner(method, method.model, optimizer, scaler=scaler, amp_dtype=amp_dtype,
@@ -143,7 +157,9 @@ def _build(provider, shape, dtype, device):
 
         def forward(*args, **kwargs):
             if "args" not in captured:
-                captured.update(module=module, args=_clone_inputs(args), kwargs=_clone_inputs(kwargs))
+                captured.update(
+                    module=module, args=_clone_inputs(args), kwargs=_clone_inputs(kwargs)
+                )
             return original(*args, **kwargs)
         return forward
 
@@ -241,7 +257,9 @@ def ddp_config(case: str, device_type: str, batch_per_rank: int, world: int, epo
 def ddp_worker(case: str, batch_per_rank: int, epochs: int, warmup: int, result: str) -> None:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = ddp_config(case, device_type, batch_per_rank, world, epochs, os.path.dirname(result) + f"/run_{case}")
+    cfg = ddp_config(
+        case, device_type, batch_per_rank, world, epochs, os.path.dirname(result) + f"/run_{case}"
+    )
     stamps = []
 
     def step_end(step, loss):
@@ -256,18 +274,33 @@ def ddp_worker(case: str, batch_per_rank: int, epochs: int, warmup: int, result:
         seconds = stamps[-1] - stamps[warmup - 1] if warmup else stamps[-1] - stamps[0]
         images = timed * cfg.batch_size
         n_views = sum(int(c.get("count", 1)) for c in cfg.crops)
-        rec = {"op": "train_step_ddp", "method": case, "world": world, "device": device_type,
-               "backend": "nccl" if device_type == "cuda" else "gloo", "sync_bn": device_type == "cuda",
-               "input": "dali demo", "arch": cfg.arch, "batch_per_rank": batch_per_rank,
-               "recipe": recipe_label([c["size"] for c in cfg.crops for _ in range(int(c.get("count", 1)))]),
-               "steps_timed": timed, "seconds": seconds, "images_per_s": images / seconds,
-               "views_per_s": images * n_views / seconds, "rank0_cpu_s": cpu,
-               "load1": os.getloadavg()[0]}
+        rec = {
+            "op": "train_step_ddp",
+            "method": case,
+            "world": world,
+            "device": device_type,
+            "backend": "nccl" if device_type == "cuda" else "gloo",
+            "sync_bn": device_type == "cuda",
+            "input": "dali demo",
+            "arch": cfg.arch,
+            "batch_per_rank": batch_per_rank,
+            "recipe": recipe_label(
+                [c["size"] for c in cfg.crops for _ in range(int(c.get("count", 1)))]
+            ),
+            "steps_timed": timed,
+            "seconds": seconds,
+            "images_per_s": images / seconds,
+            "views_per_s": images * n_views / seconds,
+            "rank0_cpu_s": cpu,
+            "load1": os.getloadavg()[0],
+        }
         with open(result, "w") as f:
             json.dump(rec, f)
 
 
-def ddp_main(cases, world: int | None, batch_per_rank: int, epochs: int, warmup: int, out) -> list[dict]:
+def ddp_main(
+    cases, world: int | None, batch_per_rank: int, epochs: int, warmup: int, out
+) -> list[dict]:
     if world is None:
         world = torch.cuda.device_count() if torch.cuda.is_available() else 2
     records = []

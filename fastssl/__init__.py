@@ -37,7 +37,7 @@ def _warn_if_other_torch() -> None:
 
 
 _warn_if_other_torch()
-from fastssl._backend import BACKENDS, current_backend, set_check_finite, use_backend
+from fastssl._backend import BACKENDS, current_backend, set_check_finite, use_backend  # noqa: E402
 from fastssl import distributed, functional, losses, ops, reference  # noqa: E402
 
 __all__ = ["__version__", "BACKENDS", "current_backend", "set_check_finite", "use_backend",

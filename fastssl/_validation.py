@@ -43,11 +43,15 @@ def check_tensor(name: str, x, *, ndim: int | None = None, float_only: bool = Tr
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(x.shape)}")
     if float_only and x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32, bfloat16, float16 or float64, got {x.dtype}")
+        raise TypeError(
+            f"{name}: expected dtype float32, bfloat16, float16 or float64, got {x.dtype}"
+        )
     if x.dim() >= 1 and x.shape[0] < min_rows:
         raise ValueError(f"{name}: expected at least {min_rows} row(s), got shape {tuple(x.shape)}")
     if x.dim() >= 2 and x.shape[1] < 1:
-        raise ValueError(f"{name}: expected a non-empty feature dimension, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected a non-empty feature dimension, got shape {tuple(x.shape)}"
+        )
     if float_only and check_finite_enabled() and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains non-finite values (NaN or inf)")
     return x
@@ -80,7 +84,9 @@ def check_same_dtype(tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
     ref_name, ref = tensors[0]
     for name, t in tensors[1:]:
         if t.dtype != ref.dtype:
-            raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
+            raise TypeError(
+                f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}"
+            )
 
 
 def check_pair(name_a: str, a, name_b: str, b, *, min_rows: int = 1) -> None:
@@ -157,7 +163,9 @@ def check_weights(name: str, weights) -> tuple[float, ...]:
 def check_views(name: str, views, *, min_views: int = 2, min_rows: int = 1) -> list[torch.Tensor]:
     """A sequence of (B, D) tensors, all of one shape, dtype and device."""
     if isinstance(views, torch.Tensor) or not isinstance(views, (list, tuple)):
-        raise TypeError(f"{name}: expected a list or tuple of (B, D) tensors, got {type(views).__name__}")
+        raise TypeError(
+            f"{name}: expected a list or tuple of (B, D) tensors, got {type(views).__name__}"
+        )
     if len(views) < min_views:
         raise ValueError(f"{name}: expected at least {min_views} views, got {len(views)}")
     views = list(views)

@@ -82,8 +82,10 @@ def run_torchrun(target: str, nproc: int, kwargs: dict[str, Any] | None = None, 
         run_env.update(env or {})
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
         if proc.returncode != 0:
-            raise RuntimeError(f"torchrun {target} with {nproc} ranks failed "
-                               f"(exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+            raise RuntimeError(
+                f"torchrun {target} with {nproc} ranks failed (exit "
+                f"{proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            )
         results = []
         for r in range(nproc):
             with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:

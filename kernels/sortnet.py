@@ -34,7 +34,8 @@ def _atan(x):
     big = ax > 2.414213562373095
     mid = (ax > 0.66) & (ax <= 2.414213562373095)
     t = tl.where(big, -1.0 / tl.maximum(ax, 1e-30), tl.where(mid, (ax - 1.0) / (ax + 1.0), ax))
-    zero = ax * 0.0  # keeps the constants in the input's precision (a where of two literals is fp32)
+    # keeps the constants in the input's precision (a where of two literals is fp32)
+    zero = ax * 0.0
     base = tl.where(big, zero + 1.5707963267948966, tl.where(mid, zero + 0.7853981633974483, zero))
     z = t * t
     p = (((-8.750608600031904122785E-1 * z - 1.615753718733365076637E1) * z
@@ -346,8 +347,14 @@ def _groco_rows_kernel(s_ptr, loss_ptr, grow_ptr, gs_ptr, ws_ptr, net_ptr, prm_p
             t = tl.where(w >= k, 1.0, 0.0)
             qp = tl.minimum(tl.maximum(tl.load(ws + (WP + w) * Bw, mask=m, other=0.5), 0.0), 1.0)
             qn = tl.minimum(tl.maximum(tl.load(ws + (WN + w) * Bw, mask=m, other=0.5), 0.0), 1.0)
-            total += -(t * tl.maximum(tl.log(qp), -100.0) + (1.0 - t) * tl.maximum(tl.log(1.0 - qp), -100.0))
-            total += -((1.0 - t) * tl.maximum(tl.log(qn), -100.0) + t * tl.maximum(tl.log(1.0 - qn), -100.0))
+            total += -(
+                t * tl.maximum(tl.log(qp), -100.0)
+                + (1.0 - t) * tl.maximum(tl.log(1.0 - qp), -100.0)
+            )
+            total += -(
+                (1.0 - t) * tl.maximum(tl.log(qn), -100.0)
+                + t * tl.maximum(tl.log(1.0 - qn), -100.0)
+            )
         tl.store(loss_ptr + lanes, total / (2.0 * n), mask=m)
 
 

@@ -17,7 +17,6 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import fastssl  # noqa: E402
 from fastssl._backend import can_serve  # noqa: E402
 
 HAS_CUDA = _HAS_CUDA

@@ -12,7 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _ruff() -> list[str]:
-    exe = shutil.which("ruff", path=str(pathlib.Path(sys.executable).parent)) or shutil.which("ruff")
+    exe = (shutil.which("ruff", path=str(pathlib.Path(sys.executable).parent))
+           or shutil.which("ruff"))
     if exe is None:
         pytest.fail("ruff is not installed: it is part of the dev extra (pip install -e '.[dev]')")
     return [exe]

@@ -95,8 +95,14 @@ def cheap(command: str, demo_root: str):
     if argv[0] in ("python", "python3") and argv[1:3] == ["-m", "bench.preflight"]:
         # --prepare downloads diffsort's wheel; the full one builds a multi-GB environment once
         # and runs for many minutes: run by hand, its log committed in bench/results/preflight/
-        return None, None, ("run by hand (network, GBs of wheels, minutes): its log is committed in "
-                            "bench/results/preflight/; the dry run it runs is tests/bench/test_gpu_run.py")
+        return (
+            None,
+            None,
+            (
+                "run by hand (network, GBs of wheels, minutes): its log is committed in "
+                "bench/results/preflight/; the dry run it runs is tests/bench/test_gpu_run.py"
+            ),
+        )
     raise ValueError(f"README command with no cheap form: {command!r}; add one to {__file__}")
 
 
@@ -132,7 +138,9 @@ def scratch(tmp_path_factory):
     return str(tmp_path_factory.mktemp("readme")), demo_dataset()
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[re.sub(r"[^\w.=-]+", "_", c)[:70] for c in COMMANDS])
+@pytest.mark.parametrize(
+    "command", COMMANDS, ids=[re.sub(r"[^\w.=-]+", "_", c)[:70] for c in COMMANDS]
+)
 def test_readme_command(command, scratch):
     """In README order: the evaluation commands read what the torchrun command wrote."""
     cwd, demo_root = scratch

@@ -73,7 +73,9 @@ def build_train_pipeline(views, source, *, batch_size: int, num_threads: int, de
             if spec.solarize_p > 0:
                 if params[v, 11] > 0.5:
                     # For uint8, 255 - x == x ^ 255: invert the pixels >= 128.
-                    mask = fn.cast(x >= 128, dtype=types.UINT8) * types.Constant(255, dtype=types.UINT8)
+                    mask = fn.cast(x >= 128, dtype=types.UINT8) * types.Constant(
+                        255, dtype=types.UINT8
+                    )
                     x = x ^ mask
             mirror = fn.cast(params[v, 4], dtype=types.INT32) if spec.flip_p > 0 else 0
             outputs.append(fn.crop_mirror_normalize(x, mirror=mirror, **norm))

@@ -79,9 +79,15 @@ def _draw_class(draw, cls: str, rng, S: int, fg, fg2):
             dx, dy = math.cos(a), math.sin(a)
             px, py = -dy * w, dx * w
             L = scale * 1.3
-            draw.polygon([(cx - dx * L + px, cy - dy * L + py), (cx + dx * L + px, cy + dy * L + py),
-                          (cx + dx * L - px, cy + dy * L - py), (cx - dx * L - px, cy - dy * L - py)],
-                         fill=fg)
+            draw.polygon(
+                [
+                    (cx - dx * L + px, cy - dy * L + py),
+                    (cx + dx * L + px, cy + dy * L + py),
+                    (cx + dx * L - px, cy + dy * L - py),
+                    (cx - dx * L - px, cy - dy * L - py),
+                ],
+                fill=fg,
+            )
     elif cls == "ring":
         draw.ellipse([cx - scale, cy - scale, cx + scale, cy + scale], fill=fg)
         r = scale * rng.uniform(0.45, 0.6)
@@ -127,7 +133,9 @@ def _make_image(class_id: int, rng) -> Image.Image:
     fg = _rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))
     fg2 = _rgb(hue + 0.5, rng.uniform(0.1, 0.4), rng.uniform(0.2, 0.6))
     # Background: a random low-saturation colour with a smooth gradient and blotchy texture.
-    bg = np.array(_rgb(rng.uniform(0, 1), rng.uniform(0.0, 0.35), rng.uniform(0.15, 0.85)), np.float32)
+    bg = np.array(
+        _rgb(rng.uniform(0, 1), rng.uniform(0.0, 0.35), rng.uniform(0.15, 0.85)), np.float32
+    )
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S
     g = rng.uniform(-40, 40, size=2)
     coarse = rng.normal(0, 18, size=(8, 8, 3)).astype(np.float32)

@@ -174,7 +174,9 @@ def verify_decodable(buf: bytes, path: str) -> None:
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
     except Exception as e:  # noqa: BLE001 - any failure means the file is not decodable
-        raise CorruptImageError(path, f"image data cannot be decoded ({type(e).__name__}: {e})") from None
+        raise CorruptImageError(
+            path, f"image data cannot be decoded ({type(e).__name__}: {e})"
+        ) from None
 
 
 def find_undecodable(paths) -> list[tuple[str, str]]:

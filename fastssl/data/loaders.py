@@ -19,7 +19,13 @@ import numpy as np
 import torch
 
 from fastssl.data.crops import CropSpec, expand_views, sample_view_params
-from fastssl.data.dali import DaliRunner, build_eval_pipeline, build_train_pipeline, dali_available, to_torch
+from fastssl.data.dali import (
+    DaliRunner,
+    build_eval_pipeline,
+    build_train_pipeline,
+    dali_available,
+    to_torch,
+)
 from fastssl.data.demo import demo_dataset
 from fastssl.data.folder import (CorruptImageError, ImageFolderIndex, SkippedFiles,
                                  find_undecodable, image_size, read_bytes, resolve_root,
@@ -197,7 +203,11 @@ class TrainLoader:
 
     def _meta(self, idx: np.ndarray):
         index = torch.from_numpy(idx.astype(np.int64))
-        labels = torch.from_numpy(self._labels[idx]) if self._labels is not None else index % self.num_classes
+        labels = (
+            torch.from_numpy(self._labels[idx])
+            if self._labels is not None
+            else index % self.num_classes
+        )
         labels = labels.to(self.device, non_blocking=True)
         index = index.to(self.device, non_blocking=True) if self.return_index else None
         return labels, index
@@ -281,7 +291,8 @@ class DaliTrainLoader(TrainLoader):
         return encoded, np.asarray(widths, np.int64), np.asarray(heights, np.int64)
 
     def _prepare(self, key):
-        """Encoded images and augmentation parameters of global batch ``key = (epoch, position)``."""
+        """Encoded images and augmentation parameters of global batch
+        ``key = (epoch, position)``."""
         epoch, position = key
         encoded, widths, heights = self._read_batch_checked(self.batch_indices(epoch, position))
         rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
@@ -295,7 +306,9 @@ class DaliTrainLoader(TrainLoader):
         if position >= len(self):
             raise StopIteration
         epoch = self._run_epoch
-        upcoming = [(epoch, p) for p in range(position, min(position + self._read_ahead.depth, len(self)))]
+        upcoming = [
+            (epoch, p) for p in range(position, min(position + self._read_ahead.depth, len(self)))
+        ]
         return self._read_ahead.get((epoch, position), upcoming)
 
     def __iter__(self):
@@ -343,7 +356,11 @@ class SyntheticTrainLoader(TrainLoader):
     def __init__(self, crops, batch_size: int, *, device, rank: int, world_size: int, seed: int,
                  channels_last: bool, dtype: torch.dtype, return_index: bool,
                  dataset_size: int | None, num_classes: int = 1000):
-        n = IMAGENET_TRAIN_SIZE if dataset_size is None else _check_int("dataset_size", dataset_size, 1)
+        n = (
+            IMAGENET_TRAIN_SIZE
+            if dataset_size is None
+            else _check_int("dataset_size", dataset_size, 1)
+        )
         super().__init__(num_samples=n, labels=None, crops=crops, batch_size=batch_size,
                          device=device, rank=rank, world_size=world_size, seed=seed,
                          channels_last=channels_last, dtype=dtype, return_index=return_index,
@@ -373,7 +390,9 @@ class SyntheticTrainLoader(TrainLoader):
 def cores_per_process(local_world_size: int | None = None) -> int:
     """CPU cores this process may use (its affinity) shared among the processes of its node
     (LOCAL_WORLD_SIZE under torchrun: one per GPU)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, cores // max(1, local))
 
@@ -386,12 +405,25 @@ def default_num_threads(device, local_world_size: int | None = None) -> int:
     return min(share, 4) if _resolve_device(device).type == "cuda" else share
 
 
-def build_train_loader(data, crops, batch_size: int, *, backend: str = "auto", device=None,
-                       rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int | None = None,
-                       channels_last: bool = False, dtype: torch.dtype = torch.float32,
-                       return_index: bool = True, dataset_size: int | None = None,
-                       skip_corrupt: bool = False, log=None,
-                       skipped: SkippedFiles | None = None) -> TrainLoader:
+def build_train_loader(
+    data,
+    crops,
+    batch_size: int,
+    *,
+    backend: str = "auto",
+    device=None,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_threads: int | None = None,
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+    return_index: bool = True,
+    dataset_size: int | None = None,
+    skip_corrupt: bool = False,
+    log=None,
+    skipped: SkippedFiles | None = None,
+) -> TrainLoader:
     """A TrainLoader over ``data`` (an ImageFolder root, "DIR/train" if present, or "demo").
 
     backend: "dali", "synthetic" (``data`` is then ignored; ``dataset_size`` samples, ImageNet's
@@ -539,8 +571,11 @@ class EvalLoader:
                 raise
             except Exception as e:  # noqa: BLE001
                 self._runner.abandon()
-                files = [self.folder.files[j] for k in range(i, min(i + self._prefetch + 1, len(self)))
-                         for j in self._batch(k)]
+                files = [
+                    self.folder.files[j]
+                    for k in range(i, min(i + self._prefetch + 1, len(self)))
+                    for j in self._batch(k)
+                ]
                 raise _decode_error(e, files) from e
             images = to_torch(out, self.device, self.channels_last, torch.float32)
             labels = self._labels(i).to(self.device, non_blocking=True)

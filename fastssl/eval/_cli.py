@@ -93,7 +93,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=positive_int, default=None,
                    help="centre-crop size of the evaluation images (default: the data "
                         "loader's, 224 for ImageNet)")
-    p.add_argument("--num-threads", type=positive_int, default=2, help="data-loading threads (default: 2)")
+    p.add_argument(
+        "--num-threads", type=positive_int, default=2, help="data-loading threads (default: 2)"
+    )
     p.add_argument("--no-amp", action="store_true",
                    help="extract features in float32 on CUDA (default: bfloat16 autocast)")
     p.add_argument("--output", default=None, help="also write the results as JSON to this file")

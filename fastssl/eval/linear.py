@@ -100,7 +100,9 @@ def resolve_recipe(preset: str, *, batch_size=None, epochs=None, lr=None, weight
     if out.weight_decay < 0:
         raise ValueError(f"weight_decay: expected a non-negative value, got {out.weight_decay}")
     if out.optimizer not in ("sgd", "larc", "lars"):
-        raise ValueError(f"optimizer: expected one of ('sgd', 'larc', 'lars'), got {out.optimizer!r}")
+        raise ValueError(
+            f"optimizer: expected one of ('sgd', 'larc', 'lars'), got {out.optimizer!r}"
+        )
     return out
 
 
@@ -124,7 +126,9 @@ def build_head_optimizer(recipe: LinearPreset, params) -> torch.optim.Optimizer:
                            exclude_1d=recipe.optimizer == "lars")
 
 
-def logits_correct(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> dict[int, torch.Tensor]:
+def logits_correct(
+    logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)
+) -> dict[int, torch.Tensor]:
     """Rows whose label is among the m largest logits (m clipped to the number of classes)."""
     m_max = min(max(topk), logits.shape[1])
     pred = logits.topk(m_max, dim=1).indices
@@ -141,10 +145,18 @@ def _reduce_counts(counts: torch.Tensor, reduce: bool) -> list[float]:
 
 # --------------------------------------------------------------------------- cached features
 
-def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor,
-                             val_feats: torch.Tensor, val_labels: torch.Tensor, *,
-                             num_classes: int, recipe: LinearPreset, device=None, seed: int = 0,
-                             log: Callable[[str], None] | None = print) -> tuple[torch.nn.Linear, dict]:
+def train_linear_on_features(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    num_classes: int,
+    recipe: LinearPreset,
+    device=None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+) -> tuple[torch.nn.Linear, dict]:
     """Logistic regression of a linear head on fixed features (minibatch SGD/LARS + cosine).
 
     Features may live on another device than `device` (e.g. a CPU-resident ImageNet bank):
@@ -175,7 +187,10 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
             loss_sum += loss.detach()
             step += 1
         if log is not None and (epoch + 1 == recipe.epochs or (epoch + 1) % 10 == 0 or epoch == 0):
-            log(f"epoch {epoch + 1}/{recipe.epochs}: train loss {loss_sum.item() / steps_per_epoch:.4f}")
+            log(
+                f"epoch {epoch + 1}/{recipe.epochs}: train loss "
+                f"{loss_sum.item() / steps_per_epoch:.4f}"
+            )
     res = evaluate_head_on_features(head, val_feats, val_labels, device=device)
     res["train_loss"] = loss_sum.item() / steps_per_epoch
     return head, res
@@ -209,10 +224,22 @@ def _autocast(device: torch.device, amp: bool):
             else contextlib.nullcontext())
 
 
-def train_linear_end_to_end(backbone, data, *, recipe: LinearPreset, num_classes: int,
-                            feat_dim: int, device, crop_size: int, size=None, seed: int = 0,
-                            num_threads: int = 2, amp: bool = False, channels_last: bool = False,
-                            log: Callable[[str], None] | None = print) -> tuple[torch.nn.Module, dict]:
+def train_linear_end_to_end(
+    backbone,
+    data,
+    *,
+    recipe: LinearPreset,
+    num_classes: int,
+    feat_dim: int,
+    device,
+    crop_size: int,
+    size=None,
+    seed: int = 0,
+    num_threads: int = 2,
+    amp: bool = False,
+    channels_last: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> tuple[torch.nn.Module, dict]:
     """The head trained on augmented crops through the frozen backbone, then evaluated on
     centre crops of the val split. Global batch = recipe.batch_size, split over the ranks."""
     world, rank = D.world_size(), D.rank()
@@ -233,7 +260,9 @@ def train_linear_end_to_end(backbone, data, *, recipe: LinearPreset, num_classes
     backbone.eval()
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
-        raise ValueError(f"data {data}: fewer training images than one batch of {recipe.batch_size}")
+        raise ValueError(
+            f"data {data}: fewer training images than one batch of {recipe.batch_size}"
+        )
     total, step = steps_per_epoch * recipe.epochs, 0
     loss_sum = torch.zeros((), device=device)
     for epoch in range(recipe.epochs):
@@ -268,7 +297,9 @@ def train_linear_end_to_end(backbone, data, *, recipe: LinearPreset, num_classes
                 feats = backbone(images).flatten(1)
             labels = labels.to(device)
             c = logits_correct(head(feats.float()), labels)
-            counts += torch.stack([c[1], c[5], torch.tensor(labels.shape[0], device=device)]).double()
+            counts += torch.stack(
+                [c[1], c[5], torch.tensor(labels.shape[0], device=device)]
+            ).double()
     top1, top5, n = _reduce_counts(counts, True)
     n = max(n, 1.0)
     return head, {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n,
@@ -335,8 +366,11 @@ def linear_probe(backbone: torch.nn.Module, data, *, preset: str | None = None,
 # --------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    presets = "\n".join(f"  {k}: {p.optimizer}, batch {p.batch_size}, {p.epochs} epochs, lr {p.lr}, "
-                        f"wd {p.weight_decay} ({p.source})" for k, p in PRESETS.items())
+    presets = "\n".join(
+        f"  {k}: {p.optimizer}, batch {p.batch_size}, {p.epochs} epochs, lr {p.lr}, wd "
+        f"{p.weight_decay} ({p.source})"
+        for k, p in PRESETS.items()
+    )
     p = argparse.ArgumentParser(
         prog="python -m fastssl.eval.linear",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -388,7 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            feature_batch_size=args.feature_batch_size,
                            feature_device=args.feature_device)
         if D.rank() == 0:
-            print(f"linear probe ({res['mode']}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+            print(
+                f"linear probe ({res['mode']}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%"
+            )
             _cli.write_json(args.output, {"checkpoint": args.checkpoint, "arch": arch,
                                           "data": args.data, "linear": res})
         _cli.teardown()

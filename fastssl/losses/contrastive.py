@@ -30,11 +30,12 @@ class NTXentLoss(torch.nn.Module):
             the first call when only K is given, and ``memory_bank_ptr``). Each call uses the
             bank as it was before the call (z1's rows are the anchors, z2's their positives,
             the bank's rows the negatives) and then, when z1 requires grad (training, as
-            lightly; not under no_grad), writes the call's normalised z2 (gathered from every rank under
-            gather_distributed, so the bank is the same everywhere) at the pointer; a batch
-            that runs past the end fills the bank to its end, the rest is dropped and the
+            lightly; not under no_grad), writes the call's normalised z2 (gathered from every
+            rank under gather_distributed, so the bank is the same everywhere) at the pointer; a
+            batch that runs past the end fills the bank to its end, the rest is dropped and the
             pointer returns to 0 (lightly's MemoryBankModule).
-        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch
+            value, DDP-exact gradient).
         normalize: bool. True: z1 and z2 are L2-normalised inside; False: used as given
             (the bank then stores z2 as given).
 
@@ -109,7 +110,11 @@ class NTXentLoss(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "memory_bank"
-        if self.memory_bank_size > 0 and key in state_dict and tuple(state_dict[key].shape) != tuple(self.memory_bank.shape):
+        if (
+            self.memory_bank_size > 0
+            and key in state_dict
+            and tuple(state_dict[key].shape) != tuple(self.memory_bank.shape)
+        ):
             if self.memory_bank.numel() == 0 and state_dict[key].shape[0] == self.memory_bank_size:
                 # a bank created at the first call: take its shape from the checkpoint
                 self.memory_bank = torch.empty_like(state_dict[key],
@@ -128,7 +133,8 @@ class InfoNCELoss(torch.nn.Module):
         temperature: float > 0 or a 0-dim tensor (an ``nn.Parameter`` becomes the
             module's parameter); ``forward(..., temperature=t)`` overrides it per call
             (open_clip's ``1 / logit_scale.exp()``). symmetric: bool, average both directions.
-        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch
+            value, DDP-exact gradient).
         normalize: bool. True: q and k are L2-normalised inside; False: used as given (as
             open_clip's ``ClipLoss``, whose exact drop-in is
             :class:`fastssl.compat.open_clip.ClipLoss`).
@@ -185,7 +191,9 @@ class DCLLoss(torch.nn.Module):
         super().__init__()
         self.temperature = _init_temperature(temperature)
         if weight_fn is not None and not callable(weight_fn):
-            raise TypeError(f"weight_fn: expected a callable or None, got {type(weight_fn).__name__}")
+            raise TypeError(
+                f"weight_fn: expected a callable or None, got {type(weight_fn).__name__}"
+            )
         self.weight_fn = weight_fn
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
@@ -243,7 +251,8 @@ class SogCLRLoss(torch.nn.Module):
     Args:
         num_samples: int >= 1, the dataset size (rows of ``u``).
         gamma: float in (0, 1]. temperature: float > 0.
-        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch
+            value, DDP-exact gradient).
 
     ``forward(z1, z2, index)``: (B, D) raw embeddings and the (B,) integer sample ids in
     [0, num_samples). Returns a 0-dim float32 tensor (float64 for float64); updates ``u``.
@@ -264,8 +273,15 @@ class SogCLRLoss(torch.nn.Module):
         self.register_buffer("u", torch.zeros(num_samples, dtype=torch.float32))
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return functional.sogclr(z1, z2, index, self.u, gamma=self.gamma, temperature=self.temperature,
-                         gather_distributed=self.gather_distributed)
+        return functional.sogclr(
+            z1,
+            z2,
+            index,
+            self.u,
+            gamma=self.gamma,
+            temperature=self.temperature,
+            gather_distributed=self.gather_distributed,
+        )
 
     def extra_repr(self) -> str:
         return (f"num_samples={self.u.shape[0]}, gamma={self.gamma}, "
@@ -282,7 +298,8 @@ class SCELoss(torch.nn.Module):
         dim: int >= 1, the embedding width D. queue_size: int >= 0.
         coeff: float in [0, 1]. temperature, temperature_m: floats > 0.
         use_keys: bool, use the batch's keys as columns too.
-        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch
+            value, DDP-exact gradient).
 
     ``forward(q, k)``: (B, D) raw query (with gradient) and key embeddings. Returns a 0-dim
     float32 tensor (float64 for float64).

@@ -15,7 +15,8 @@ class GroCoLoss(torch.nn.Module):
     Args:
         topk_neg: int >= 1. steepness: float > 0. n_pos_views: int >= 2 or None.
         network: "odd_even" or "bitonic". distribution: one of the sorting distributions.
-        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch
+            value, DDP-exact gradient).
 
     ``forward(views)``: a list of >= 2 (B, D) raw embeddings. Returns a 0-dim float32 tensor
     (float64 for float64).

@@ -14,7 +14,8 @@ class SFRIKLoss(torch.nn.Module):
     Args:
         weights: non-empty sequence of finite floats (Gegenbauer weights, degree 1..K).
         sim_coeff, mmd_coeff: finite floats >= 0.
-        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch
+            value, DDP-exact gradient).
 
     ``forward(z1, z2)``: (B, D) raw embeddings, D >= 2. Returns a 0-dim float32 tensor
     (float64 for float64).
@@ -47,7 +48,8 @@ class AUHLoss(torch.nn.Module):
 
     Args:
         sim_coeff, unif_coeff: finite floats >= 0. scale: float > 0.
-        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch value, DDP-exact gradient).
+        gather_distributed: bool, as in the functional loss (gather across ranks, global-batch
+            value, DDP-exact gradient).
 
     ``forward(z1, z2)``: (B, D) raw embeddings. Returns a 0-dim float32 tensor (float64 for
     float64).

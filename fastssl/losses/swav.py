@@ -65,8 +65,15 @@ class SwAVLoss(torch.nn.Module):
         >>> loss = loss_fn(scores, embeddings=emb, prototypes=model.prototypes)
     """
 
-    def __init__(self, temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
-                 n_assign_crops: int = 2, queue_length: int = 0, gather_distributed: bool = False):
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        n_assign_crops: int = 2,
+        queue_length: int = 0,
+        gather_distributed: bool = False,
+    ):
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.epsilon = check_positive("epsilon", epsilon)
@@ -80,9 +87,12 @@ class SwAVLoss(torch.nn.Module):
         self._count = 0  # host mirror of queue_count: the full/not-full decision needs no sync
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, epsilon={self.epsilon}, "
-                f"sinkhorn_iterations={self.sinkhorn_iterations}, n_assign_crops={self.n_assign_crops}, "
-                f"queue_length={self.queue_length}, gather_distributed={self.gather_distributed}")
+        return (
+            f"temperature={self.temperature}, epsilon={self.epsilon}, "
+            f"sinkhorn_iterations={self.sinkhorn_iterations}, "
+            f"n_assign_crops={self.n_assign_crops}, queue_length={self.queue_length}, "
+            f"gather_distributed={self.gather_distributed}"
+        )
 
     @property
     def queue_full(self) -> bool:
@@ -104,12 +114,16 @@ class SwAVLoss(torch.nn.Module):
 
     def _assigned_embeddings(self, embeddings, bs: int, n_crops: int) -> list[torch.Tensor]:
         if embeddings is None:
-            raise ValueError("embeddings: required when queue_length > 0 (the queue stores them), got None")
+            raise ValueError(
+                "embeddings: required when queue_length > 0 (the queue stores them), got None"
+            )
         if isinstance(embeddings, torch.Tensor):
             check_embeddings("embeddings", embeddings)
             if embeddings.shape[0] not in (bs * n_crops, bs * self.n_assign_crops):
-                raise ValueError(f"embeddings: expected {n_crops} (or {self.n_assign_crops}) crop-major "
-                                 f"blocks of {bs} rows, got shape {tuple(embeddings.shape)}")
+                raise ValueError(
+                    f"embeddings: expected {n_crops} (or {self.n_assign_crops}) crop-major blocks "
+                    f"of {bs} rows, got shape {tuple(embeddings.shape)}"
+                )
             return [embeddings[i * bs:(i + 1) * bs] for i in range(self.n_assign_crops)]
         emb = check_views("embeddings", embeddings, min_views=self.n_assign_crops)
         if emb[0].shape[0] != bs:
@@ -144,14 +158,18 @@ class SwAVLoss(torch.nn.Module):
     def _push(self, emb: list[torch.Tensor]) -> None:
         bs = emb[0].shape[0]
         if bs > self.queue_length:
-            raise ValueError(f"queue_length: expected at least the batch size {bs}, got {self.queue_length}")
+            raise ValueError(
+                f"queue_length: expected at least the batch size {bs}, got {self.queue_length}"
+            )
         D = emb[0].shape[1]
         if self.queue.dim() != 3:
             dtype = torch.float64 if emb[0].dtype == torch.float64 else torch.float32
             self.queue = torch.zeros(self.n_assign_crops, self.queue_length, D, dtype=dtype,
                                      device=emb[0].device)
         elif self.queue.shape[2] != D:
-            raise ValueError(f"embeddings: expected width {self.queue.shape[2]} (the queue's), got {D}")
+            raise ValueError(
+                f"embeddings: expected width {self.queue.shape[2]} (the queue's), got {D}"
+            )
         # FIFO: shift everything back by one batch, newest batch at the front
         self.queue[:, bs:] = self.queue[:, :-bs].clone()
         for i, e in enumerate(emb):
@@ -184,7 +202,9 @@ class SwAVLoss(torch.nn.Module):
                 and all(isinstance(e, torch.Tensor) and e.shape == scores[0].shape
                         for e in embeddings))
 
-    def forward(self, scores: Sequence[torch.Tensor], embeddings=None, prototypes=None) -> torch.Tensor:
+    def forward(
+        self, scores: Sequence[torch.Tensor], embeddings=None, prototypes=None
+    ) -> torch.Tensor:
         views = check_views("scores", scores, min_views=2)
         self._check_argument_types(embeddings, prototypes)
         if self.n_assign_crops > len(views):
@@ -197,7 +217,9 @@ class SwAVLoss(torch.nn.Module):
                 raise TypeError("prototypes: required with queue_length > 0, got None, and "
                                 "embeddings are (B, K) tensors like the scores" + _LIGHTLY_HINT)
             emb = self._assigned_embeddings(embeddings, bs, len(views))
-            check_same_device([("scores[0]", views[0])] + [(f"embeddings[{i}]", e) for i, e in enumerate(emb)])
+            check_same_device(
+                [("scores[0]", views[0])] + [(f"embeddings[{i}]", e) for i, e in enumerate(emb)]
+            )
             if bs > self.queue_length:
                 raise ValueError(f"queue_length: expected at least the batch size {bs}, "
                                  f"got {self.queue_length}")

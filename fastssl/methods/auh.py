@@ -12,7 +12,10 @@ class AUH(Method):
 
     def build_model(self, backbone, feat_dim):
         h = self.heads
-        return SSLNet(backbone, build_mlp([feat_dim] + list(h["projector"]), bias=True, bn=h["bn"], last_bias=False))
+        return SSLNet(
+            backbone,
+            build_mlp([feat_dim] + list(h["projector"]), bias=True, bn=h["bn"], last_bias=False),
+        )
 
     def build_criterion(self):
         a = self.args

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from fastssl.models import MLP
 
 
-def build_mlp(dims, *, bias=True, bn=True, last_bn=False, last_bn_affine=True, last_bias=None) -> nn.Module:
+def build_mlp(
+    dims, *, bias=True, bn=True, last_bn=False, last_bn_affine=True, last_bias=None
+) -> nn.Module:
     return MLP(list(dims), bias=bias, bn=bn, last_bn=last_bn and bn, last_bn_affine=last_bn_affine,
                last_bias=last_bias)
 
@@ -46,8 +48,13 @@ class SSLNet(nn.Module):
     statistics per resolution group); the heads run once on all views.
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None = None,
-                 prototypes: nn.Module | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projector: nn.Module,
+        predictor: nn.Module | None = None,
+        prototypes: nn.Module | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.projector = projector
@@ -121,7 +128,9 @@ class Method:
         if n_views < self.min_views or (self.max_views is not None and n_views > self.max_views):
             want = (f"{self.min_views}" if self.max_views == self.min_views else
                     f"{self.min_views}..{self.max_views or 'any'}")
-            raise ValueError(f"{self.name}: needs {want} views per image, the crop recipe gives {n_views}")
+            raise ValueError(
+                f"{self.name}: needs {want} views per image, the crop recipe gives {n_views}"
+            )
 
     def to(self, device) -> "Method":
         self.model.to(device)
@@ -134,7 +143,9 @@ class Method:
     def before_step(self, ctx: StepContext) -> None:
         pass
 
-    def compute_loss(self, model: nn.Module, views, index: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def compute_loss(
+        self, model: nn.Module, views, index: torch.Tensor, ctx: StepContext
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def after_backward(self, ctx: StepContext) -> None:

@@ -19,8 +19,14 @@ class GroCo(Method):
 
     def build_model(self, backbone, feat_dim):
         h = self.heads
-        projector = build_mlp([feat_dim] + list(h["projector"]), bias=False, bn=h["bn"], last_bn=True,
-                              last_bn_affine=False, last_bias=True)
+        projector = build_mlp(
+            [feat_dim] + list(h["projector"]),
+            bias=False,
+            bn=h["bn"],
+            last_bn=True,
+            last_bn_affine=False,
+            last_bias=True,
+        )
         last_linear = [m for m in projector.modules() if isinstance(m, nn.Linear)][-1]
         if last_linear.bias is not None:
             last_linear.bias.requires_grad_(False)   # upstream freezes the last bias
@@ -28,8 +34,12 @@ class GroCo(Method):
 
     def build_criterion(self):
         a = self.args
-        return GroCoLoss(topk_neg=a["topk_neg"], steepness=a["steepness"], n_pos_views=a["n_pos_views"],
-                         gather_distributed=self.gather_distributed)
+        return GroCoLoss(
+            topk_neg=a["topk_neg"],
+            steepness=a["steepness"],
+            n_pos_views=a["n_pos_views"],
+            gather_distributed=self.gather_distributed,
+        )
 
     def compute_loss(self, model, views, index, ctx):
         z = model(views)["z"]

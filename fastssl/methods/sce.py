@@ -28,7 +28,9 @@ class SCE(Method):
     def build_model(self, backbone, feat_dim):
         h = self.heads
         proj = list(h["projector"])
-        projector = build_mlp([feat_dim] + proj, bias=False, bn=h["bn"], last_bn=True, last_bn_affine=False)
+        projector = build_mlp(
+            [feat_dim] + proj, bias=False, bn=h["bn"], last_bn=True, last_bn_affine=False
+        )
         predictor = build_mlp([proj[-1]] + list(h["predictor"]), bias=False, bn=h["bn"])
         return SSLNet(backbone, projector, predictor)
 

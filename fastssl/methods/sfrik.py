@@ -13,12 +13,19 @@ class SFRIK(Method):
 
     def build_model(self, backbone, feat_dim):
         h = self.heads
-        return SSLNet(backbone, build_mlp([feat_dim] + list(h["projector"]), bias=True, bn=h["bn"], last_bias=False))
+        return SSLNet(
+            backbone,
+            build_mlp([feat_dim] + list(h["projector"]), bias=True, bn=h["bn"], last_bias=False),
+        )
 
     def build_criterion(self):
         a = self.args
-        return SFRIKLoss(weights=tuple(a["weights"]), sim_coeff=a["sim_coeff"], mmd_coeff=a["mmd_coeff"],
-                         gather_distributed=self.gather_distributed)
+        return SFRIKLoss(
+            weights=tuple(a["weights"]),
+            sim_coeff=a["sim_coeff"],
+            mmd_coeff=a["mmd_coeff"],
+            gather_distributed=self.gather_distributed,
+        )
 
     def compute_loss(self, model, views, index, ctx):
         z = model(views)["z"]

@@ -13,10 +13,15 @@ class SimCLR(Method):
 
     def build_model(self, backbone, feat_dim):
         h = self.heads
-        return SSLNet(backbone, build_mlp([feat_dim] + list(h["projector"]), bias=True, bn=h["bn"], last_bias=False))
+        return SSLNet(
+            backbone,
+            build_mlp([feat_dim] + list(h["projector"]), bias=True, bn=h["bn"], last_bias=False),
+        )
 
     def build_criterion(self):
-        return NTXentLoss(temperature=self.args["temperature"], gather_distributed=self.gather_distributed)
+        return NTXentLoss(
+            temperature=self.args["temperature"], gather_distributed=self.gather_distributed
+        )
 
     def compute_loss(self, model, views, index, ctx):
         z = model(views)["z"]

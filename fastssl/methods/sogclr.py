@@ -23,8 +23,12 @@ class SogCLR(Method):
     def build_criterion(self):
         if self.num_samples <= 0:
             raise ValueError("sogclr: needs the dataset size (num_samples > 0) for its u estimator")
-        return SogCLRLoss(self.num_samples, gamma=self.args["gamma"], temperature=self.args["temperature"],
-                          gather_distributed=self.gather_distributed)
+        return SogCLRLoss(
+            self.num_samples,
+            gamma=self.args["gamma"],
+            temperature=self.args["temperature"],
+            gather_distributed=self.gather_distributed,
+        )
 
     def compute_loss(self, model, views, index, ctx):
         z = model(views)["z"]

@@ -46,9 +46,14 @@ class SwAV(Method):
 
     def _loss(self, queue_length):
         a = self.args
-        return SwAVLoss(temperature=a["temperature"], epsilon=a["epsilon"],
-                        sinkhorn_iterations=a["sinkhorn_iterations"], n_assign_crops=a["n_assign_crops"],
-                        queue_length=queue_length, gather_distributed=self.gather_distributed)
+        return SwAVLoss(
+            temperature=a["temperature"],
+            epsilon=a["epsilon"],
+            sinkhorn_iterations=a["sinkhorn_iterations"],
+            n_assign_crops=a["n_assign_crops"],
+            queue_length=queue_length,
+            gather_distributed=self.gather_distributed,
+        )
 
     def before_step(self, ctx):
         with torch.no_grad():

@@ -30,7 +30,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_ch: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(
+        self, in_ch: int, width: int, stride: int = 1, downsample: nn.Module | None = None
+    ):
         super().__init__()
         self.conv1 = _conv3x3(in_ch, width, stride)
         self.bn1 = nn.BatchNorm2d(width)
@@ -55,7 +57,9 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_ch: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(
+        self, in_ch: int, width: int, stride: int = 1, downsample: nn.Module | None = None
+    ):
         super().__init__()
         self.conv1 = _conv1x1(in_ch, width)
         self.bn1 = nn.BatchNorm2d(width)

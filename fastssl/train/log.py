@@ -52,7 +52,11 @@ class JsonlLogger:
     def _scalars(self, record: dict) -> None:
         step, event = record.get("step"), record.get("event")
         if event == "step":
-            names = {"loss": "train/step_loss", "lr": "train/lr", "images_per_s": "train/images_per_s"}
+            names = {
+                "loss": "train/step_loss",
+                "lr": "train/lr",
+                "images_per_s": "train/images_per_s",
+            }
         elif event == "epoch":
             names = {"loss": "train/epoch_mean_loss", "epoch": "train/epoch"}
         else:

@@ -54,7 +54,9 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 # --- setup helpers ------------------------------------------------------------------------------
-def init_distributed(device_kind: str, timeout_s: float = D.DEFAULT_TIMEOUT_S) -> tuple[int, int, int]:
+def init_distributed(
+    device_kind: str, timeout_s: float = D.DEFAULT_TIMEOUT_S
+) -> tuple[int, int, int]:
     """Initialise the process group when launched by torchrun (NCCL on GPU, gloo on CPU), with
     `timeout_s` (--dist-timeout) for its collectives: a rank that stops answering ends the
     others' waits with an error instead of a hang."""
@@ -100,8 +102,14 @@ def peak_lr(cfg: TrainConfig) -> float:
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int, steps_per_epoch: int) -> float:
     peak = peak_lr(cfg)
-    return warmup_cosine(step, total_steps=total_steps, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-                         peak_lr=peak, final_lr=cfg.final_lr_ratio * peak, start_lr=cfg.start_lr_ratio * peak)
+    return warmup_cosine(
+        step,
+        total_steps=total_steps,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        peak_lr=peak,
+        final_lr=cfg.final_lr_ratio * peak,
+        start_lr=cfg.start_lr_ratio * peak,
+    )
 
 
 def crop_specs(crops: list[dict]):
@@ -134,8 +142,11 @@ class StepRunner:
 
     def __call__(self, views, index, ctx: StepContext) -> torch.Tensor:
         self.method.before_step(ctx)
-        autocast = (torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype is not None
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(self.device_type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
         with autocast:
             loss = self.method.compute_loss(self.model, views, index, ctx)
         self.optimizer.zero_grad(set_to_none=True)
@@ -286,13 +297,17 @@ def prepare_out_dir(out_dir: str) -> None:
 
 def setup_run(cfg: TrainConfig, hooks: dict, stream) -> Run:
     """Process group, device, loader, model, optimiser; nothing is read from a checkpoint yet."""
-    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    want_cuda = cfg.device.startswith("cuda") or (
+        cfg.device == "auto" and torch.cuda.is_available()
+    )
     rank, world, local_rank = init_distributed("cuda" if want_cuda else "cpu", cfg.dist_timeout)
     device = resolve_device(cfg.device, local_rank)
     amp_dtype = resolve_amp(cfg.amp, device)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is not divisible by the world size {world}"
+        )
     local_batch = cfg.batch_size // world
     _configure_torch(cfg, device)
     seed_everything(cfg.seed)
@@ -353,16 +368,19 @@ def _announce(run: Run) -> None:
     os.makedirs(run.out_dir, exist_ok=True)
     with open(os.path.join(run.out_dir, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
-    run.say(f"{cfg.method} {cfg.arch} on {cfg.data} (loader {cfg.backend}): {run.world} process(es) on "
-            f"{run.device}, batch {cfg.batch_size}, {n_views(cfg.crops)} views, {cfg.epochs} epochs "
-            f"x {run.steps_per_epoch} steps, peak lr {peak_lr(cfg):.4g}, amp {cfg.amp}, "
-            f"out {run.out_dir}")
+    run.say(
+        f"{cfg.method} {cfg.arch} on {cfg.data} (loader {cfg.backend}): {run.world} process(es) on "
+        f"{run.device}, batch {cfg.batch_size}, {n_views(cfg.crops)} views, {cfg.epochs} epochs x "
+        f"{run.steps_per_epoch} steps, peak lr {peak_lr(cfg):.4g}, amp {cfg.amp}, out {run.out_dir}"
+    )
     run.logger.log(event="start", method=cfg.method, arch=cfg.arch, preset=cfg.preset,
                    epochs=cfg.epochs, steps_per_epoch=run.steps_per_epoch, step=run.step,
                    world=run.world, batch_size=cfg.batch_size)
 
 
-def check_finite(run: Run, bad: torch.Tensor, at_step: int, loss_value: float | None = None) -> None:
+def check_finite(
+    run: Run, bad: torch.Tensor, at_step: int, loss_value: float | None = None
+) -> None:
     """Raise NonFiniteLossError if any loss since the last check was NaN/inf (reads `bad`)."""
     if bool(bad):
         msg = (f"non-finite loss ({loss_value if loss_value is not None else 'nan/inf'}) by step "
@@ -408,7 +426,9 @@ def run_epoch(run: Run, epoch: int, stop: StopFlag, bad: torch.Tensor) -> EpochO
         outcome.n_steps = run.resumed_loss[1]
     run.epoch_loss = outcome
     for batch in run.loader:
-        ctx = StepContext(step=run.step, epoch=epoch, total_steps=run.total_steps, steps_per_epoch=spe)
+        ctx = StepContext(
+            step=run.step, epoch=epoch, total_steps=run.total_steps, steps_per_epoch=spe
+        )
         lr = lr_at(run.step, cfg, run.total_steps, spe)
         set_lr(run.optimizer, lr)
         loss = run.runner(batch.views, batch.index, ctx)

@@ -1,6 +1,7 @@
 """Online k-NN monitor (fastssl.models.knn, the rules of python -m fastssl.eval.knn): a labelled
-train subset as the bank, a val subset as queries. The eval loaders are built once per run and reused every epoch; they read and decode
-only their subsets (evenly spread over the class-sorted splits).
+train subset as the bank, a val subset as queries. The eval loaders are built once per run and
+reused every epoch; they read and decode only their subsets (evenly spread over the class-sorted
+splits).
 
 Cost rule: the images the monitor decodes (bank + queries) are at most ``max_share`` (2%) of
 the training images decoded between two monitor runs (``every`` epochs), with a floor of
@@ -46,22 +47,46 @@ def monitor_subsets(n_train: int, n_val: int, train_images_per_epoch: int | None
 
 
 class KNNMonitor:
-    def __init__(self, data: str, *, k: int, device: torch.device, size: int, max_train_samples: int | None,
-                 batch_size: int = 128, num_threads: int = 2, train_images_per_epoch: int | None = None,
-                 every: int = 1, max_share: float = MAX_SHARE, min_images: int = MIN_IMAGES,
-                 skip_corrupt: bool = False, skipped=None):
+    def __init__(
+        self,
+        data: str,
+        *,
+        k: int,
+        device: torch.device,
+        size: int,
+        max_train_samples: int | None,
+        batch_size: int = 128,
+        num_threads: int = 2,
+        train_images_per_epoch: int | None = None,
+        every: int = 1,
+        max_share: float = MAX_SHARE,
+        min_images: int = MIN_IMAGES,
+        skip_corrupt: bool = False,
+        skipped=None,
+    ):
         """skip_corrupt: leave unreadable images out of the bank and the queries, reported once
         in `skipped` (the run's SkippedFiles, shared with its training loader)."""
         self.k, self.device = k, device
-        kwargs = dict(size=size, device=device, rank=D.rank(), world_size=D.world_size(), num_threads=num_threads,
-                      skip_corrupt=skip_corrupt, skipped=skipped)
+        kwargs = dict(
+            size=size,
+            device=device,
+            rank=D.rank(),
+            world_size=D.world_size(),
+            num_threads=num_threads,
+            skip_corrupt=skip_corrupt,
+            skipped=skipped,
+        )
         train = scan_image_folder(_resolve_data(data, "train"))
         val = scan_image_folder(_resolve_data(data, "val"))
         bank, queries = monitor_subsets(len(train), len(val), train_images_per_epoch, every,
                                         max_train_samples, max_share=max_share,
                                         min_images=min_images)
-        self.train_loader = EvalLoader(train, batch_size, subset=spread_subset(len(train), bank), **kwargs)
-        self.val_loader = EvalLoader(val, batch_size, subset=spread_subset(len(val), queries), **kwargs)
+        self.train_loader = EvalLoader(
+            train, batch_size, subset=spread_subset(len(train), bank), **kwargs
+        )
+        self.val_loader = EvalLoader(
+            val, batch_size, subset=spread_subset(len(val), queries), **kwargs
+        )
         self.images_per_run = self.train_loader.num_samples + self.val_loader.num_samples
         self.train_images = (train_images_per_epoch or 0) * max(every, 1)
 

@@ -32,8 +32,11 @@ def test_pair_losses(op):
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_info_nce(symmetric):
-    _same(lambda q, k: bl.eager_info_nce(q, k, symmetric=symmetric),
-          lambda q, k: ref.info_nce(q, k, symmetric=symmetric), [_x(B, D, seed=1), _x(B, D, seed=2)])
+    _same(
+        lambda q, k: bl.eager_info_nce(q, k, symmetric=symmetric),
+        lambda q, k: ref.info_nce(q, k, symmetric=symmetric),
+        [_x(B, D, seed=1), _x(B, D, seed=2)],
+    )
 
 
 def test_sfrik_mmd():
@@ -95,15 +98,21 @@ def test_torchsort_peer_sorts_or_says_why_it_is_missing(monkeypatch):
     except bl.PeerMissing as e:
         assert "torchsort" in str(e)
     else:
-        torch.testing.assert_close(fn(torch.tensor([[0.3, 0.1, 0.2, 0.0]])), torch.tensor([[0.0, 0.1, 0.2, 0.3]]))
+        torch.testing.assert_close(
+            fn(torch.tensor([[0.3, 0.1, 0.2, 0.0]])), torch.tensor([[0.0, 0.1, 0.2, 0.3]])
+        )
         y = fn(_x(5, 16, seed=7).detach().float() * 10)
         assert (y.diff(dim=1) >= 0).all()
-        torch.testing.assert_close(y.sum(1), (_x(5, 16, seed=7).detach().float() * 10).sum(1), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            y.sum(1), (_x(5, 16, seed=7).detach().float() * 10).sum(1), rtol=1e-4, atol=1e-4
+        )
     monkeypatch.setitem(sys.modules, "torchsort", None)   # import torchsort -> ImportError
     with pytest.raises(bl.PeerMissing, match="torchsort is not importable"):
         bl.peer("soft_sort", "torchsort")
     spec = next(s for s in sortnet.SPECS if s.name == "soft_sort")
-    size = harness.Size({"B": 4, "n": 5, "network": "odd_even", "output": "values"}, modes=("forward+backward",))
+    size = harness.Size(
+        {"B": 4, "n": 5, "network": "odd_even", "output": "values"}, modes=("forward+backward",)
+    )
     (rec,) = harness.run_case(spec, "peer:torchsort", size, torch.float32, torch.device("cpu"),
                               harness.BenchConfig.for_run(True))
     assert rec["status"] == "skipped" and "torchsort" in rec["note"]
@@ -115,8 +124,12 @@ def test_soft_sort_values_case_runs_fastssl_values_path():
     import fastssl.functional as fast
     from bench import harness, sortnet
     spec = next(s for s in sortnet.SPECS if s.name == "soft_sort")
-    prep = spec.build("fastssl", {"B": 3, "n": 6, "network": "odd_even", "output": "values"}, torch.float64,
-                      torch.device("cpu"))
+    prep = spec.build(
+        "fastssl",
+        {"B": 3, "n": 6, "network": "odd_even", "output": "values"},
+        torch.float64,
+        torch.device("cpu"),
+    )
     y = prep.forward()
     x = prep.leaves[0]
     ref_y, _ = ref.soft_sort(x.detach(), network="odd_even", steepness=10.0, distribution="cauchy")
@@ -131,6 +144,10 @@ def test_soft_sort_values_case_runs_fastssl_values_path():
     yr.backward(g)
     torch.testing.assert_close(g_fast, xr.grad)
     with pytest.raises(harness.Skip, match="torchsort"):
-        spec.build("reference", {"B": 3, "n": 6, "network": "odd_even", "output": "values"}, torch.float32,
-                   torch.device("cpu"))
+        spec.build(
+            "reference",
+            {"B": 3, "n": 6, "network": "odd_even", "output": "values"},
+            torch.float32,
+            torch.device("cpu"),
+        )
     assert fast.soft_sort(x.detach(), return_permutation=False)[1] is None

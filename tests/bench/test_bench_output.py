@@ -42,7 +42,9 @@ def test_memory_difference_of_three_percent_stays_small_and_ticks_are_plain():
 
 
 def test_single_size_is_bars_and_training_step_one_bar_figure(tmp_path):
-    recs = [_rec("info_nce", p, 1024, ms, 10.0, D=8) for p, ms in (("fastssl", 2.0), ("reference", 3.0))]
+    recs = [
+        _rec("info_nce", p, 1024, ms, 10.0, D=8) for p, ms in (("fastssl", 2.0), ("reference", 3.0))
+    ]
     fig = plots._line_figure(plt, "info_nce", "float32", (("D", 8),), recs)
     assert all(len(ax.patches) == 2 and not ax.lines for ax in fig.axes)
     plt.close(fig)

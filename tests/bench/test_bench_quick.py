@@ -21,8 +21,14 @@ from bench.__main__ import all_specs, plan_cases  # noqa: E402
 def _run_bench(args, timeout):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     env.pop("FASTSSL_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -31,7 +37,11 @@ def _run_bench(args, timeout):
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_quick")
     _run_bench(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)], timeout=600)
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line)
+        for line in (out / "results.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     return out, records
 
 
@@ -51,7 +61,9 @@ def test_every_op_runs(quick_run):
                             and r["shape"] == size.shape and r["mode"] == mode]
                     assert len(recs) == 1, (spec.name, provider, size.shape, mode)
                     r = recs[0]
-                    assert r["status"] == "ok", f"{spec.name} {provider} {mode}: {r['status']} {r.get('note')}"
+                    assert r["status"] == "ok", (
+                        f"{spec.name} {provider} {mode}: {r['status']} {r.get('note')}"
+                    )
                     assert r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["p50_ms"] > 0
                     assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
 
@@ -61,8 +73,22 @@ def test_records_are_complete(quick_run):
     ok = [r for r in records if r["status"] == "ok"]
     assert ok
     for r in ok:
-        for field in ("op", "provider", "mode", "shape", "dtype", "device", "device_name", "p20_ms", "p50_ms",
-                      "p80_ms", "peak_mem_mb", "fastssl_version", "git_commit", "torch_version"):
+        for field in (
+            "op",
+            "provider",
+            "mode",
+            "shape",
+            "dtype",
+            "device",
+            "device_name",
+            "p20_ms",
+            "p50_ms",
+            "p80_ms",
+            "peak_mem_mb",
+            "fastssl_version",
+            "git_commit",
+            "torch_version",
+        ):
             assert r.get(field) is not None, (field, r)
     # No provider crashed: anything not measured says why, and is an expected kind of failure.
     for r in records:
@@ -95,8 +121,23 @@ def test_files_are_written(quick_run):
 
 def test_isolated_worker_and_report_only(tmp_path):
     """The subprocess-per-(op, provider) path of full runs, then a report rebuilt from the file."""
-    _run_bench(["--quick", "--device", "cpu", "--threads", "1", "--op", "sinkhorn", "--provider", "reference",
-                "--isolate", "--out", str(tmp_path)], timeout=300)
+    _run_bench(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--op",
+            "sinkhorn",
+            "--provider",
+            "reference",
+            "--isolate",
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=300,
+    )
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     # one record per quick size (two: the plots show a line)
     assert [r["status"] for r in recs] == ["ok", "ok"] and {r["op"] for r in recs} == {"sinkhorn"}
@@ -119,15 +160,33 @@ def test_failures_are_classified():
     assert harness.classify_failure(NotImplementedError("x")) == "not_implemented"
     assert harness.classify_failure(MemoryError()) == "oom"
     assert harness.classify_failure(RuntimeError("CUDA out of memory. Tried to allocate")) == "oom"
-    assert harness.classify_failure(RuntimeError("fastssl.x: backend 'cpp' has no implementation of this op")) == "unsupported"
+    assert (
+        harness.classify_failure(
+            RuntimeError("fastssl.x: backend 'cpp' has no implementation of this op")
+        )
+        == "unsupported"
+    )
     assert harness.classify_failure(harness.Skip("n/a")) == "skipped"
     assert harness.classify_failure(ValueError("bad")) == "error"
 
 
 def _rec(op, provider, shape, mode, p50, mem, dtype="float32", status="ok"):
-    return {"op": op, "provider": provider, "shape": shape, "mode": mode, "dtype": dtype, "device": "cpu",
-            "status": status, "note": "", "p20_ms": p50, "p50_ms": p50, "p80_ms": p50, "peak_mem_mb": mem,
-            "x": shape.get("B"), "x_key": "B"}
+    return {
+        "op": op,
+        "provider": provider,
+        "shape": shape,
+        "mode": mode,
+        "dtype": dtype,
+        "device": "cpu",
+        "status": status,
+        "note": "",
+        "p20_ms": p50,
+        "p50_ms": p50,
+        "p80_ms": p50,
+        "peak_mem_mb": mem,
+        "x": shape.get("B"),
+        "x_key": "B",
+    }
 
 
 def test_target_verdicts():
@@ -147,9 +206,16 @@ def test_readme_block_is_rewritten(tmp_path):
     dev = results_root / "cpu-test"
     dev.mkdir(parents=True)
     shape = {"B": 1024, "D": 128}
-    recs = [dict(_rec("nt_xent", p, shape, "forward+backward", t, m), device_name="Test CPU", git_commit="abc",
-                 timestamp="2026-01-01T00:00:00", num_threads=2)
-            for p, t, m in (("reference", 100.0, 400.0), ("fastssl", 50.0, 10.0))]
+    recs = [
+        dict(
+            _rec("nt_xent", p, shape, "forward+backward", t, m),
+            device_name="Test CPU",
+            git_commit="abc",
+            timestamp="2026-01-01T00:00:00",
+            num_threads=2,
+        )
+        for p, t, m in (("reference", 100.0, 400.0), ("fastssl", 50.0, 10.0))
+    ]
     (dev / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{summary.BEGIN}\nold table\n{summary.END}\nafter\n")

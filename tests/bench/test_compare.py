@@ -8,9 +8,14 @@ def _rec(op, provider, ms, mem, B=2048, **extra):
 
 
 def test_ratios_and_verdicts():
-    recs = [_rec("nt_xent", "fastssl", 100.0, 10.0), _rec("nt_xent", "eager", 150.0, 100.0),
-            _rec("nt_xent", "peer:lightly", 300.0, 120.0), _rec("nt_xent", "peer:other", 200.0, 1.0),
-            _rec("dcl", "fastssl", 100.0, 20.0), _rec("dcl", "eager", 90.0, 100.0)]
+    recs = [
+        _rec("nt_xent", "fastssl", 100.0, 10.0),
+        _rec("nt_xent", "eager", 150.0, 100.0),
+        _rec("nt_xent", "peer:lightly", 300.0, 120.0),
+        _rec("nt_xent", "peer:other", 200.0, 1.0),
+        _rec("dcl", "fastssl", 100.0, 20.0),
+        _rec("dcl", "eager", 90.0, 100.0),
+    ]
     rows = {r["op"]: r for r in compare.compare_rows(recs)}
     nt = rows["nt_xent"]
     assert abs(nt["vs_eager"] - 1.5) < 1e-12 and abs(nt["vs_peer"] - 2.0) < 1e-12
@@ -20,8 +25,11 @@ def test_ratios_and_verdicts():
 
 
 def test_nan_peers_are_not_ranked():
-    recs = [_rec("sinkhorn", "fastssl", 100.0, 10.0), _rec("sinkhorn", "eager", 50.0, 10.0, finite=False),
-            _rec("sinkhorn", "peer:lightly", 40.0, 10.0, finite=False)]
+    recs = [
+        _rec("sinkhorn", "fastssl", 100.0, 10.0),
+        _rec("sinkhorn", "eager", 50.0, 10.0, finite=False),
+        _rec("sinkhorn", "peer:lightly", 40.0, 10.0, finite=False),
+    ]
     (row,) = compare.compare_rows(recs)
     assert row["peer"] is None and row["eager"] is None and row["nan"] == ["eager", "peer:lightly"]
     assert compare._verdict(row) == "met"

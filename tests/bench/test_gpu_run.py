@@ -75,8 +75,11 @@ def test_caps_are_validated():
 
 def test_pytest_plugin_selects_by_device_and_backend():
     def item(params=None, gpu=False):
-        return SimpleNamespace(callspec=SimpleNamespace(params=params or {}),
-                               get_closest_marker=lambda name: object() if gpu and name == "gpu" else None)
+        return SimpleNamespace(
+            callspec=SimpleNamespace(params=params or {}),
+            get_closest_marker=lambda name: object() if gpu and name == "gpu" else None,
+        )
+
     assert gpu_pytest.selected(item({"backend": "triton", "device": "cuda"}), "cuda", None)
     assert not gpu_pytest.selected(item({"backend": "triton", "device": "cpu"}), "cuda", None)
     assert gpu_pytest.selected(item({"backend": "cuda"}, gpu=True), "cuda", None)
@@ -87,7 +90,8 @@ def test_pytest_plugin_selects_by_device_and_backend():
 
 def test_budget_is_printed_first_and_the_run_reports(dry_run):
     text = dry_run.proc.stdout
-    assert dry_run.proc.returncode == 1, dry_run.proc.stderr[-3000:]   # the stalled part counts as failed
+    # the stalled part counts as failed
+    assert dry_run.proc.returncode == 1, dry_run.proc.stderr[-3000:]
     head = text[:text.index("build: start")]
     # the versions come first, before the budget: a cut-off run still says what it ran on
     assert head.index("versions: python ") < head.index("time budget")
@@ -105,12 +109,18 @@ def test_stalled_part_is_cut_off_and_the_others_report(dry_run):
     parts = {r["part"]: r for r in _jsonl(dry_run.out / "parts.jsonl")}
     assert set(parts) == set(gpu_run.PART_NAMES)
     stalled = parts[STALLED]
-    assert stalled["status"] == "timeout" and STALL_CAP <= stalled["seconds"] < STALL_CAP + 15, stalled
+    assert stalled["status"] == "timeout" and STALL_CAP <= stalled["seconds"] < STALL_CAP + 15, (
+        stalled
+    )
     for name, rec in parts.items():
         if name == "backend_choice" and not (REPO / "bench" / "backend_choice.py").exists():
             assert rec["status"] == "missing" and "not in this tree" in rec["note"], rec
         elif name != STALLED:
-            assert rec["status"] == "ok", (name, rec, (dry_run.out / "logs" / f"{name}.log").read_text()[-2000:])
+            assert rec["status"] == "ok", (
+                name,
+                rec,
+                (dry_run.out / "logs" / f"{name}.log").read_text()[-2000:],
+            )
     # What the stalled part measured before it hung is kept.
     records = _jsonl(dry_run.out / "results.jsonl")
     kept = [r for r in records if r.get("gpu_run_part") == STALLED]
@@ -126,9 +136,13 @@ def test_every_part_wrote_its_results(dry_run):
             r = by[(op, prov, "bench_contrastive")]
             assert r["status"] == "ok" and r["p50_ms"] > 0 and r["tflops"] > 0, r
         assert by[(op, "eager:compile", "bench_contrastive")]["status"] == "skipped"
-    for op, prov, part in (("sce", "fastssl", "bench_sce_sphere"), ("sfrik_mmd", "reference", "bench_sce_sphere"),
-                           ("soft_sort", "fastssl", "bench_sortnet"), ("soft_sort", "diffsort", "bench_sortnet"),
-                           ("groco", "fastssl", "bench_sortnet")):
+    for op, prov, part in (
+        ("sce", "fastssl", "bench_sce_sphere"),
+        ("sfrik_mmd", "reference", "bench_sce_sphere"),
+        ("soft_sort", "fastssl", "bench_sortnet"),
+        ("soft_sort", "diffsort", "bench_sortnet"),
+        ("groco", "fastssl", "bench_sortnet"),
+    ):
         assert by[(op, prov, part)]["status"] in ("ok", "skipped"), by[(op, prov, part)]
         assert by[(op, "fastssl", part)]["status"] == "ok"
     step = by[("train_step", "fastssl", "trainer")]
@@ -138,10 +152,13 @@ def test_every_part_wrote_its_results(dry_run):
     assert set(max_n["providers"]) == {"fastssl", "eager"}
     fast_n, eager_n = (max_n["providers"][p]["max_B"] for p in ("fastssl", "eager"))
     assert fast_n and eager_n and fast_n >= eager_n
-    assert any(r.get("probe") == "max_n" and r["status"] == "oom" for r in records)   # eager hit the budget
+    # eager hit the budget
+    assert any(r.get("probe") == "max_n" and r["status"] == "oom" for r in records)
 
     tests = _jsonl(out / "tests.jsonl")
-    assert tests and all(t["outcome"] == "passed" for t in tests), [t for t in tests if t["outcome"] != "passed"]
+    assert tests and all(t["outcome"] == "passed" for t in tests), [
+        t for t in tests if t["outcome"] != "passed"
+    ]
     assert all(t["nodeid"].endswith(("-cpu]",)) or "-cpu-" in t["nodeid"] for t in tests)
     assert json.loads((out / "roofline.json").read_text())["peak_tflops"] > 0
     assert json.loads((out / "build.json").read_text())["status"] == "skipped"
@@ -158,7 +175,9 @@ def test_summary_and_copies(dry_run):
     assert "| nt_xent |" in (out / "readme_table.md").read_text()
     assert list(out.glob("*.png"))
     files = sorted(dry_run.published.iterdir())
-    assert 0 < len(files) <= 8 and all(f.is_file() and re.fullmatch(r"[A-Za-z0-9._-]+", f.name) for f in files)
+    assert 0 < len(files) <= 8 and all(
+        f.is_file() and re.fullmatch(r"[A-Za-z0-9._-]+", f.name) for f in files
+    )
     assert {"summary.md", "results.jsonl", "parts.jsonl"} <= {f.name for f in files}
     archive = next(f for f in files if f.name.endswith(".tar.gz"))
     with tarfile.open(archive) as tar:
@@ -172,12 +191,30 @@ def test_largest_n_probes_are_not_timings():
     shape = {"B": 32768, "D": 128}
 
     def rec(provider, p50, **extra):
-        return {"op": "nt_xent", "provider": provider, "mode": "forward+backward", "dtype": "bfloat16",
-                "device": "cuda", "status": "ok", "note": "", "p20_ms": p50, "p50_ms": p50, "p80_ms": p50,
-                "peak_mem_mb": 10.0, "x": extra.get("shape", shape)["B"], "x_key": "B", "shape": shape, **extra}
-    records = [rec("fastssl", 10.0), rec("eager", 30.0),
-               rec("fastssl", 100.0, shape={"B": 32768, "D": 128, "probe": "max_n"}, probe="max_n"),
-               rec("fastssl", 900.0, shape={"B": 524288, "D": 128, "probe": "max_n"}, probe="max_n")]
+        return {
+            "op": "nt_xent",
+            "provider": provider,
+            "mode": "forward+backward",
+            "dtype": "bfloat16",
+            "device": "cuda",
+            "status": "ok",
+            "note": "",
+            "p20_ms": p50,
+            "p50_ms": p50,
+            "p80_ms": p50,
+            "peak_mem_mb": 10.0,
+            "x": extra.get("shape", shape)["B"],
+            "x_key": "B",
+            "shape": shape,
+            **extra,
+        }
+
+    records = [
+        rec("fastssl", 10.0),
+        rec("eager", 30.0),
+        rec("fastssl", 100.0, shape={"B": 32768, "D": 128, "probe": "max_n"}, probe="max_n"),
+        rec("fastssl", 900.0, shape={"B": 524288, "D": 128, "probe": "max_n"}, probe="max_n"),
+    ]
     vs_eager = next(t for t in summary.TARGETS if t.device == "cuda" and t.baseline == "eager")
     verdict, detail = summary.evaluate_target(records, vs_eager)
     assert verdict == "met" and detail.startswith("3.00x"), detail
@@ -213,14 +250,36 @@ def test_eager_baselines_compute_the_reference_loss(symmetric):
 def test_collection_errors_are_recorded(tmp_path):
     """A test file that cannot import (a module the GPU machine lacks) is a record in
     tests.jsonl, and the other files still run."""
-    (tmp_path / "test_broken.py").write_text("import module_that_is_not_there\n\ndef test_x():\n    pass\n")
+    (tmp_path / "test_broken.py").write_text(
+        "import module_that_is_not_there\n\ndef test_x():\n    pass\n"
+    )
     (tmp_path / "test_fine.py").write_text("def test_y():\n    pass\n")
     log = tmp_path / "tests.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO), "FASTSSL_TESTS_LOG": str(log)}
     env.pop("FASTSSL_TESTS_DEVICE", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "bench.gpu_pytest", "-p", "no:cacheprovider",
-                           "-q", "--continue-on-collection-errors", "-c", os.devnull, "--rootdir", str(tmp_path),
-                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "bench.gpu_pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--continue-on-collection-errors",
+            "-c",
+            os.devnull,
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     recs = {r["nodeid"].split("::")[-1]: r for r in _jsonl(log)}
     assert recs["test_y"]["outcome"] == "passed", (proc.stdout[-2000:], recs)
     broken = next(r for r in recs.values() if r["when"] == "collect")
@@ -233,7 +292,11 @@ def test_run_directory_is_never_inside_OUT(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     for given in (tmp_path, tmp_path / "run"):
         moved, note = gpu_run.outside_out_dir(given.resolve())
-        assert tmp_path.resolve() not in moved.parents and moved != tmp_path.resolve() and "inside $OUT" in note
+        assert (
+            tmp_path.resolve() not in moved.parents
+            and moved != tmp_path.resolve()
+            and "inside $OUT" in note
+        )
     elsewhere = (tmp_path.parent / "elsewhere").resolve()
     assert gpu_run.outside_out_dir(elsewhere) == (elsewhere, "")
     monkeypatch.delenv("OUT")
@@ -253,7 +316,9 @@ def test_publish_leaves_large_files_out_of_the_archive(tmp_path, monkeypatch):
         names = tar.getnames()
     assert "run/summary.md" in names and not any(n.endswith("big.bin") for n in names)
     assert "big.bin" in lines[-1] and (dest / "summary.md").is_file()
-    assert all(f.stat().st_size <= 16 << 20 for f in dest.iterdir()) and len(list(dest.iterdir())) <= 8
+    assert (
+        all(f.stat().st_size <= 16 << 20 for f in dest.iterdir()) and len(list(dest.iterdir())) <= 8
+    )
 
 
 def test_git_commit_travels_without_git(tmp_path, monkeypatch):
@@ -291,7 +356,10 @@ def test_cuda_home_needs_the_runtime_header(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", str(kit))
     assert flags["find_cuda_home"]() == (str(kit), f"CUDA_HOME={kit}")
     monkeypatch.setenv("FASTSSL_CUDA_ARCHS", "90")
-    assert flags["nvcc_flags"]()[-1] == "-gencode=arch=compute_90,code=sm_90" and len(flags["nvcc_flags"]()) == 3
+    assert (
+        flags["nvcc_flags"]()[-1] == "-gencode=arch=compute_90,code=sm_90"
+        and len(flags["nvcc_flags"]()) == 3
+    )
     assert "-g0" in flags["CXX_FLAGS"]
 
 
@@ -324,13 +392,27 @@ def test_old_setuptools_is_named_and_the_build_tree_does_not_need_a_new_one(tmp_
         "real.setup = lambda **kw: print('SETUP CALLED', kw['ext_modules'][0].name)\n"
         "sys.modules['setuptools'] = real\n")
     env = {**os.environ, "PYTHONPATH": str(fake), "FASTSSL_BUILD_CUDA": "0"}
-    proc = subprocess.run([sys.executable, "setup.py", "build_ext"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode != 0 and "setuptools 70.3.0 is too old" in proc.stderr + proc.stdout, proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "build_ext"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "setuptools 70.3.0 is too old" in proc.stderr + proc.stdout, (
+        proc.stderr
+    )
     root = gpu_parts._stage("test-old-setuptools")
     try:
-        proc = subprocess.run([sys.executable, "setup.py", "build_ext"], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "setup.py", "build_ext"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert "SETUP CALLED fastssl._C" in proc.stdout, proc.stdout + proc.stderr
     finally:
         import shutil
@@ -343,17 +425,37 @@ def test_a_stopped_run_takes_its_running_part_along(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("OUT", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bench.gpu_run", "--dry-run", "--only", "roofline",
-                             "--stall", "roofline", "--out", str(out)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.gpu_run",
+            "--dry-run",
+            "--only",
+            "roofline",
+            "--stall",
+            "roofline",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = out / "logs" / "roofline.log"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and "stalling" not in (log.read_text() if log.exists() else ""):
+    while time.monotonic() < deadline and "stalling" not in (
+        log.read_text() if log.exists() else ""
+    ):
         time.sleep(0.5)
     assert "stalling" in log.read_text()
 
     def part_pids():
-        found = subprocess.run(["pgrep", "-f", "--", f"--part roofline --out {out}"], capture_output=True, text=True)
+        found = subprocess.run(
+            ["pgrep", "-f", "--", f"--part roofline --out {out}"], capture_output=True, text=True
+        )
         return [int(p) for p in found.stdout.split()]
     assert part_pids()
     proc.terminate()

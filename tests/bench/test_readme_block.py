@@ -18,23 +18,50 @@ sys.path.insert(0, str(REPO))
 from bench import compare, summary  # noqa: E402
 from bench import __main__ as bench_main  # noqa: E402
 
-ENV = dict(device="cpu", device_name="Test CPU", git_commit="abc123", timestamp="2026-01-01T00:00:00",
-           num_threads=2, cpu_count=2)
+ENV = dict(
+    device="cpu",
+    device_name="Test CPU",
+    git_commit="abc123",
+    timestamp="2026-01-01T00:00:00",
+    num_threads=2,
+    cpu_count=2,
+)
 
 
 def _rec(op, provider, b, ms, mem, load=0.5, mode="forward+backward", **shape):
-    return {"op": op, "family": "contrastive", "provider": provider, "shape": {"B": b, "D": 128, **shape},
-            "x": b, "x_key": "B", "dtype": "float32", "mode": mode, "status": "ok", "p50_ms": ms,
-            "p20_ms": ms * 0.9, "p80_ms": ms * 1.1, "peak_mem_mb": mem, "loadavg_1m": load, **ENV}
+    return {
+        "op": op,
+        "family": "contrastive",
+        "provider": provider,
+        "shape": {"B": b, "D": 128, **shape},
+        "x": b,
+        "x_key": "B",
+        "dtype": "float32",
+        "mode": mode,
+        "status": "ok",
+        "p50_ms": ms,
+        "p20_ms": ms * 0.9,
+        "p80_ms": ms * 1.1,
+        "peak_mem_mb": mem,
+        "loadavg_1m": load,
+        **ENV,
+    }
 
 
 def _eager_run(load=0.5):
     """nt_xent in range everywhere (N = 2B >= 2048); info_nce slower than eager at B = 1024
     (below the range) and at B = 4096 (inside it); a peer and the reference for nt_xent."""
     recs = []
-    for b, fast, eager, peer, ref in ((1024, 50.0, 80.0, 200.0, 150.0), (2048, 200.0, 300.0, 900.0, 700.0)):
-        recs += [_rec("nt_xent", "fastssl", b, fast, 5.0, load), _rec("nt_xent", "eager", b, eager, 100.0, load),
-                 _rec("nt_xent", "peer:lightly", b, peer, 120.0, load), _rec("nt_xent", "reference", b, ref, 90.0, load)]
+    for b, fast, eager, peer, ref in (
+        (1024, 50.0, 80.0, 200.0, 150.0),
+        (2048, 200.0, 300.0, 900.0, 700.0),
+    ):
+        recs += [
+            _rec("nt_xent", "fastssl", b, fast, 5.0, load),
+            _rec("nt_xent", "eager", b, eager, 100.0, load),
+            _rec("nt_xent", "peer:lightly", b, peer, 120.0, load),
+            _rec("nt_xent", "reference", b, ref, 90.0, load),
+        ]
     for b, fast, eager in ((1024, 20.0, 15.0), (2048, 60.0, 90.0), (4096, 250.0, 240.0)):
         recs += [_rec("info_nce", "fastssl", b, fast, 1.0, load, symmetric=False),
                  _rec("info_nce", "eager", b, eager, 100.0, load, symmetric=False)]
@@ -52,19 +79,43 @@ def _write(root: Path, name: str, recs: list[dict], **files) -> Path:
 
 ROOF = {"matmul_n": 2048, "dtype": "float32", "threads": 2, "matmul_ms": 300.0, "gflops": 50.0,
         "best_gflops": 60.0, "loadavg_1m": 1.0}
-COMPETING = {"load": {"what": "a second process running float32 GEMMs 1024^2 on 2 threads"}, "threads": 2,
-             "cpu_count": 2, "git_commit": "abc123", "timestamp": "2026-01-01T00:10:00",
-             "cases": [{"op": "nt_xent", "shape": {"B": 1024, "D": 128}, "reps": 5, "fastssl_ms": 100.0,
-                        "eager_ms": 180.0, "ratio": 1.8, "loadavg_1m": 4.0, "loadavg_1m_start": 3.0},
-                       {"op": "info_nce", "shape": {"B": 1024, "D": 128, "symmetric": False}, "reps": 5,
-                        "fastssl_ms": 30.0, "eager_ms": 24.0, "ratio": 0.8, "loadavg_1m": 4.2,
-                        "loadavg_1m_start": 4.0}]}
+COMPETING = {
+    "load": {"what": "a second process running float32 GEMMs 1024^2 on 2 threads"},
+    "threads": 2,
+    "cpu_count": 2,
+    "git_commit": "abc123",
+    "timestamp": "2026-01-01T00:10:00",
+    "cases": [
+        {
+            "op": "nt_xent",
+            "shape": {"B": 1024, "D": 128},
+            "reps": 5,
+            "fastssl_ms": 100.0,
+            "eager_ms": 180.0,
+            "ratio": 1.8,
+            "loadavg_1m": 4.0,
+            "loadavg_1m_start": 3.0,
+        },
+        {
+            "op": "info_nce",
+            "shape": {"B": 1024, "D": 128, "symmetric": False},
+            "reps": 5,
+            "fastssl_ms": 30.0,
+            "eager_ms": 24.0,
+            "ratio": 0.8,
+            "loadavg_1m": 4.2,
+            "loadavg_1m_start": 4.0,
+        },
+    ],
+}
 
 
 @pytest.fixture
 def results_root(tmp_path):
     _write(tmp_path, "cpu-eager", _eager_run(load=4.5), roofline=ROOF, competing_load=COMPETING)
-    ref_only = [_rec("nt_xent", p, 2048, ms, 10.0) for p, ms in (("fastssl", 50.0), ("reference", 100.0))]
+    ref_only = [
+        _rec("nt_xent", p, 2048, ms, 10.0) for p, ms in (("fastssl", 50.0), ("reference", 100.0))
+    ]
     _write(tmp_path, "cpu-reference-only", ref_only)
     return tmp_path / "bench" / "results"
 
@@ -86,7 +137,12 @@ def test_both_entry_points_write_the_same_block(results_root, tmp_path, monkeypa
     # compare.main writes compare.md (which the block links) before its README update; the
     # bench entry point then sees the same directory.
     assert compare.main(["--out", str(out), "--update-readme", str(b)]) == 0
-    assert bench_main.main(["--report-only", "--no-plots", "--out", str(out), "--update-readme", str(a)]) == 0
+    assert (
+        bench_main.main(
+            ["--report-only", "--no-plots", "--out", str(out), "--update-readme", str(a)]
+        )
+        == 0
+    )
     assert _block(a) == _block(b) and "old table" not in _block(a)
     assert a.read_text().startswith("# x\n\nbefore\n") and a.read_text().endswith("after\n")
     assert summary.update_readme(a) is False          # idempotent
@@ -127,8 +183,12 @@ def test_verdicts_tell_a_miss_from_a_size_below_the_range(results_root):
 def test_load_roofline_and_competing_lines_come_from_the_files(results_root):
     block = summary.readme_block(results_root)
     assert "median 4.5, range 4.5-4.5, on 2 cores" in block and "The machine was loaded" in block
-    assert "50.0 GFLOP/s" in block and "| 42.9 (86%) |" in block   # nt_xent B=2048: 2*2*4096^2*128 / 0.2 s
-    assert "eager/fastssl 0.80x-1.80x over 2 cases; below 1.0: info_nce B=1024, symmetric=False 0.80x" in block
+    # nt_xent B=2048: 2*2*4096^2*128 / 0.2 s
+    assert "50.0 GFLOP/s" in block and "| 42.9 (86%) |" in block
+    assert (
+        "eager/fastssl 0.80x-1.80x over 2 cases; below 1.0: info_nce B=1024, symmetric=False 0.80x"
+        in block
+    )
     quiet = compare.load_note(_eager_run(load=0.5))
     assert "stayed within the core count" in quiet and "loaded" not in quiet
 
@@ -140,7 +200,11 @@ def test_summary_columns_eager_and_best_peer_first():
     head = next(l for l in text.splitlines() if l.startswith("| shape") and "best peer" in l)
     cols = [c.strip() for c in head.strip("|").split("|")]
     assert cols[5:8] == ["speedup vs eager", "speedup vs best peer", "speedup vs reference"]
-    row = next(l for l in text.splitlines() if l.startswith("| B=2048, D=128 | float32 | forward+backward | fastssl |"))
+    row = next(
+        l
+        for l in text.splitlines()
+        if l.startswith("| B=2048, D=128 | float32 | forward+backward | fastssl |")
+    )
     assert "| 1.50x | 4.50x (peer:lightly) | 3.50x |" in row
 
 
@@ -148,12 +212,29 @@ def test_competing_load_cli_tiny(tmp_path):
     """The real measurement at toy sizes: a GEMM process, fastssl and eager interleaved,
     competing_load.json and its compare.md section; the GEMM process is gone afterwards."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "bench.compare", "--out", str(tmp_path), "--competing-load",
-                           "--competing-tiny", "--threads", "1"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.compare",
+            "--out",
+            str(tmp_path),
+            "--competing-load",
+            "--competing-tiny",
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "competing_load.json").read_text())
-    assert [(c["op"], c["shape"]) for c in res["cases"]] == [(op, s) for op, s in compare.COMPETING_TINY]
+    assert [(c["op"], c["shape"]) for c in res["cases"]] == [
+        (op, s) for op, s in compare.COMPETING_TINY
+    ]
     for c in res["cases"]:
         assert len(c["times_ms"]["fastssl"]) == len(c["times_ms"]["eager"]) == 5
         assert c["ratio"] == pytest.approx(c["eager_ms"] / c["fastssl_ms"]) and c["loadavg_1m"] >= 0

@@ -31,6 +31,8 @@ def test_ddp_config_uses_the_real_pipeline():
     assert cfg.backend == "dali" and cfg.data == "demo" and cfg.batch_size == 32
     assert cfg.sync_bn and cfg.knn_every == 0
     assert [(c["size"], c.get("count", 1)) for c in cfg.crops] == [(32, 2), (14, 6)]
-    gpu = trainer.ddp_config("groco_multicrop", "cuda", batch_per_rank=128, world=8, epochs=1, out="/tmp/x")
+    gpu = trainer.ddp_config(
+        "groco_multicrop", "cuda", batch_per_rank=128, world=8, epochs=1, out="/tmp/x"
+    )
     assert gpu.arch == "resnet50" and [(c["size"], c.get("count", 1)) for c in gpu.crops] == [
         (224, 1), (224, 1), (96, 6)]

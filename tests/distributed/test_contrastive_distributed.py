@@ -26,12 +26,18 @@ def _queue():
 CASES = {
     "nt_xent": lambda a, b, gd: functional.nt_xent(a, b, 0.2, gather_distributed=gd),
     "info_nce": lambda a, b, gd: functional.info_nce(a, b, 0.2, gather_distributed=gd),
-    "info_nce_sym": lambda a, b, gd: functional.info_nce(a, b, 0.2, symmetric=True, gather_distributed=gd),
+    "info_nce_sym": lambda a, b, gd: functional.info_nce(
+        a, b, 0.2, symmetric=True, gather_distributed=gd
+    ),
     "dcl": lambda a, b, gd: functional.dcl(a, b, 0.2, gather_distributed=gd),
     "dclw": lambda a, b, gd: functional.dclw(a, b, 0.2, sigma=0.3, gather_distributed=gd),
     "sce": lambda a, b, gd: functional.sce(a, b, _queue(), coeff=0.3, gather_distributed=gd),
-    "sce_keys": lambda a, b, gd: functional.sce(a, b, _queue(), use_keys=True, gather_distributed=gd),
-    "sce_keys_noqueue": lambda a, b, gd: functional.sce(a, b, None, use_keys=True, gather_distributed=gd),
+    "sce_keys": lambda a, b, gd: functional.sce(
+        a, b, _queue(), use_keys=True, gather_distributed=gd
+    ),
+    "sce_keys_noqueue": lambda a, b, gd: functional.sce(
+        a, b, None, use_keys=True, gather_distributed=gd
+    ),
 }
 # SogCLR batches (global indices): first visit, revisit, a permutation of seen samples, then
 # all new samples. Every rank sees the same seen/unseen status as the global batch, so the
@@ -114,7 +120,9 @@ def test_every_contrastive_loss_matches_single_process(world):
                 continue
             loss, ga, gb = got
             torch.testing.assert_close(loss, expected[0], msg=f"{key} loss rank {rank}")
-            torch.testing.assert_close(ga, _mine(expected[1], rank), msg=f"{key} grad a rank {rank}")
+            torch.testing.assert_close(
+                ga, _mine(expected[1], rank), msg=f"{key} grad a rank {rank}"
+            )
             if expected[2] is not None:
                 torch.testing.assert_close(gb, _mine(expected[2], rank),
                                            msg=f"{key} grad b rank {rank}")

@@ -31,8 +31,10 @@ def _method(name, gather_distributed):
 
 def _data():
     g = torch.Generator().manual_seed(1)
-    views = [[torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)]
-             for _ in range(STEPS)]
+    views = [
+        [torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+        for _ in range(STEPS)
+    ]
     # The same samples every step: SogCLR forces gamma = 1 when the *local* batch has no visited
     # sample (upstream rule), which a rank can meet while the global batch does not; revisiting
     # the same samples keeps both runs on the same branch, so they must agree exactly.

@@ -63,4 +63,6 @@ def test_swav_queue_is_saved_and_restored_per_rank(tmp_path):
             torch.testing.assert_close(res["models"]["resumed"][key], value, rtol=0, atol=0,
                                        msg=f"rank {rank} {key}")
     # the ranks' queues hold different embeddings: a shared queue would be wrong for one of them
-    assert not torch.equal(results[0]["queues"]["full"]["queue"], results[1]["queues"]["full"]["queue"])
+    assert not torch.equal(
+        results[0]["queues"]["full"]["queue"], results[1]["queues"]["full"]["queue"]
+    )

@@ -182,7 +182,10 @@ def test_no_host_sync_after_warm_up_and_fullgraph_compile_two_ranks():
     for rank, res in enumerate(results):
         for name, (per_step, _) in res["steps"].items():
             # warm-up: the equal-batch check runs (once per gathered shape)
-            assert any(c[0] == "check_equal_batch exchange" for c in per_step[0]), (name, per_step[0])
+            assert any(c[0] == "check_equal_batch exchange" for c in per_step[0]), (
+                name,
+                per_step[0],
+            )
             for step, calls in enumerate(per_step[1:], start=1):
                 bad = [c for c in calls if not any(a in c[1] for a in _ALLOWED)]
                 assert not bad, f"rank {rank} {name} step {step}: synchronising calls {bad}"

@@ -18,8 +18,11 @@ B_LOCAL, K, N_CROPS = 5, 7, 3
 def _global_scores(world, rows=B_LOCAL, seed=11):
     g = torch.Generator().manual_seed(seed)
     protos = F.normalize(torch.randn(K, 6, generator=g, dtype=torch.float64), dim=1)
-    return [F.normalize(torch.randn(rows * world, 6, generator=g, dtype=torch.float64), dim=1) @ protos.T
-            for _ in range(N_CROPS)]
+    return [
+        F.normalize(torch.randn(rows * world, 6, generator=g, dtype=torch.float64), dim=1)
+        @ protos.T
+        for _ in range(N_CROPS)
+    ]
 
 
 SWAV_CASES = [("cpp", False), ("torch", False), ("reference", True)]
@@ -37,11 +40,16 @@ def worker_all():
     for b in SINKHORN_BACKENDS:
         with fastssl.use_backend(b):
             out[b] = functional.sinkhorn(mine, gather_distributed=True)
-            out[b + "_queue"] = functional.sinkhorn(torch.cat([my_queue, mine]), gather_distributed=True)
+            out[b + "_queue"] = functional.sinkhorn(
+                torch.cat([my_queue, mine]), gather_distributed=True
+            )
             out[b + "_local"] = functional.sinkhorn(mine, gather_distributed=False)
     out["reference_fn"] = R.sinkhorn(mine, gather_distributed=True)
     for backend, use_reference in SWAV_CASES:
-        views = [v[r * B_LOCAL:(r + 1) * B_LOCAL].clone().requires_grad_(True) for v in _global_scores(w)]
+        views = [
+            v[r * B_LOCAL : (r + 1) * B_LOCAL].clone().requires_grad_(True)
+            for v in _global_scores(w)
+        ]
         fn = R.swav if use_reference else functional.swav
         with fastssl.use_backend(backend):
             loss = fn(views, n_assign_crops=2, gather_distributed=True)

@@ -74,5 +74,8 @@ def test_unusable_output_path_is_named_before_any_work(tool, checkpoint, tmp_pat
 
 def test_write_json_failure_names_the_path(tmp_path):
     from fastssl.eval import _cli
-    with pytest.raises(_cli.EvalError, match=f"--output {tmp_path / 'nodir' / 'x.json'}: cannot write"):
+
+    with pytest.raises(
+        _cli.EvalError, match=f"--output {tmp_path / 'nodir' / 'x.json'}: cannot write"
+    ):
         _cli.write_json(str(tmp_path / "nodir" / "x.json"), {"a": 1})

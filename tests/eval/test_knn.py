@@ -43,15 +43,21 @@ def brute_force_correct(votes, labels, m):
 
 def _random_problem(n_train=57, n_test=23, dim=6, classes=7, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n_train, dim, generator=g), torch.randint(0, classes, (n_train,), generator=g),
-            torch.randn(n_test, dim, generator=g), torch.randint(0, classes, (n_test,), generator=g))
+    return (
+        torch.randn(n_train, dim, generator=g),
+        torch.randint(0, classes, (n_train,), generator=g),
+        torch.randn(n_test, dim, generator=g),
+        torch.randint(0, classes, (n_test,), generator=g),
+    )
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 23, 1000])
 @pytest.mark.parametrize("k", [1, 5, 20])
 def test_blocked_equals_brute_force(block_size, k):
     train, labels, test, _ = _random_problem()
-    got = knn_predict(train, labels, test, k=k, temperature=0.07, num_classes=7, block_size=block_size)
+    got = knn_predict(
+        train, labels, test, k=k, temperature=0.07, num_classes=7, block_size=block_size
+    )
     want = brute_force_votes(train, labels, test, k, 0.07, 7)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-6)
 
@@ -127,11 +133,17 @@ def test_accuracy_from_features_matches_brute_force():
     # Give the features class structure so that accuracies are not trivial.
     centres = torch.randn(6, 6, generator=torch.Generator().manual_seed(9)) * 2
     train, test = train + centres[labels], test + centres[test_labels]
-    res = knn_eval_features(train, labels, test, test_labels, k=(1, 10), num_classes=6, block_size=7)
+    res = knn_eval_features(
+        train, labels, test, test_labels, k=(1, 10), num_classes=6, block_size=7
+    )
     for k in (1, 10):
         votes = brute_force_votes(train, labels, test, k, 0.07, 6)
-        assert res[k]["top1"] == pytest.approx(100 * brute_force_correct(votes, test_labels, 1) / 40)
-        assert res[k]["top5"] == pytest.approx(100 * brute_force_correct(votes, test_labels, 5) / 40)
+        assert res[k]["top1"] == pytest.approx(
+            100 * brute_force_correct(votes, test_labels, 1) / 40
+        )
+        assert res[k]["top5"] == pytest.approx(
+            100 * brute_force_correct(votes, test_labels, 5) / 40
+        )
     assert res[10]["top1"] > 60
 
 
@@ -139,7 +151,9 @@ def test_accuracy_from_features_matches_brute_force():
 def test_cuda_bank_and_cpu_bank_agree():
     train, labels, test, _ = _random_problem(n_train=3000, n_test=500, dim=64, classes=10, seed=4)
     cpu = knn_predict(train, labels, test, k=(20, 200), num_classes=10, block_size=64)
-    gpu = knn_predict(train.cuda(), labels.cuda(), test, k=(20, 200), num_classes=10, block_size=100)
+    gpu = knn_predict(
+        train.cuda(), labels.cuda(), test, k=(20, 200), num_classes=10, block_size=100
+    )
     for k in (20, 200):
         torch.testing.assert_close(gpu[k].cpu(), cpu[k], rtol=1e-4, atol=1e-3)
 
@@ -249,7 +263,9 @@ def _main_error(argv, capsys):
 
 def test_cli_missing_checkpoint(tmp_path, capsys):
     missing = tmp_path / "nope.pth"
-    code, err = _main_error(["--checkpoint", str(missing), "--data", "demo", "--device", "cpu"], capsys)
+    code, err = _main_error(
+        ["--checkpoint", str(missing), "--data", "demo", "--device", "cpu"], capsys
+    )
     assert code != 0 and str(missing) in err and "not found" in err
 
 
@@ -264,7 +280,9 @@ def test_cli_mismatched_checkpoint(tmp_path, capsys):
 def test_cli_unreadable_checkpoint(tmp_path, capsys):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    code, err = _main_error(["--checkpoint", str(junk), "--data", "demo", "--device", "cpu"], capsys)
+    code, err = _main_error(
+        ["--checkpoint", str(junk), "--data", "demo", "--device", "cpu"], capsys
+    )
     assert code != 0 and str(junk) in err and "cannot be read" in err
 
 
@@ -299,8 +317,10 @@ def test_pretrained_backbone_beats_random_init_on_demo(pretrained_checkpoint, tm
     torch.manual_seed(0)
     random_init, _ = build_backbone("resnet18")
     rand = knn_accuracy(random_init, "demo", k=(20, 200), device="cpu")
-    print(f"demo k-NN top-1 (k=20): trained {trained[20]['top1']:.1f}% vs random init "
-          f"{rand[20]['top1']:.1f}%; k=200: {trained[200]['top1']:.1f}% vs {rand[200]['top1']:.1f}%")
+    print(
+        f"demo k-NN top-1 (k=20): trained {trained[20]['top1']:.1f}% vs random init "
+        f"{rand[20]['top1']:.1f}%; k=200: {trained[200]['top1']:.1f}% vs {rand[200]['top1']:.1f}%"
+    )
     assert trained[20]["top1"] > rand[20]["top1"] + 5.0
     assert trained[20]["top5"] >= trained[20]["top1"]
 

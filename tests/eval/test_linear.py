@@ -19,7 +19,13 @@ def test_presets_follow_the_seeds():
     assert (g.optimizer, g.batch_size, g.epochs, g.lr, g.weight_decay, g.momentum) == \
         ("larc", 4096, 90, pytest.approx(0.1 * 4096 / 256), 0.0, 0.9)
     s = PRESETS["sfrik"]
-    assert (s.optimizer, s.batch_size, s.epochs, s.lr, s.weight_decay) == ("sgd", 256, 100, 0.4, 1e-6)
+    assert (s.optimizer, s.batch_size, s.epochs, s.lr, s.weight_decay) == (
+        "sgd",
+        256,
+        100,
+        0.4,
+        1e-6,
+    )
     c = PRESETS["sogclr"]
     assert (c.optimizer, c.batch_size, c.epochs, c.weight_decay) == ("sgd", 1024, 90, 0.0)
 
@@ -166,7 +172,16 @@ def test_cli_missing_and_mismatched_checkpoints(tmp_path, capsys):
     assert code != 0 and str(missing) in err
     bad = tmp_path / "resnet18_no_layer4.pth"
     from fastssl.models import backbone_state_dict, build_backbone
-    torch.save({"arch": "resnet18", "backbone": {k: v for k, v in
-                backbone_state_dict(build_backbone("resnet18")[0]).items() if "layer4" not in k}}, bad)
+    torch.save(
+        {
+            "arch": "resnet18",
+            "backbone": {
+                k: v
+                for k, v in backbone_state_dict(build_backbone("resnet18")[0]).items()
+                if "layer4" not in k
+            },
+        },
+        bad,
+    )
     code, err = _main_error(["--checkpoint", str(bad), "--device", "cpu"], capsys)
     assert code != 0 and str(bad) in err and "layer4" in err

@@ -1,10 +1,10 @@
 """Float32 accuracy at least eager PyTorch's (issue 24): over 1,000 seeded draws per loss
 (nt_xent, info_nce, symmetric info_nce, dcl, swav; small sizes), fastssl's absolute error
 against the float64 value has a max and a 99th percentile no larger than eager float32's times
-MARGIN (1.25, sampling noise), and swapping the two views of a symmetric loss changes fastssl's value by no more than
-it changes eager's plus SWAP_SLACK. The eager losses are the obvious PyTorch (lightly's
-formulas: full matrix, F.cross_entropy / logsumexp). Default CPU backend (cpp) at 1,000 draws,
-the torch path at 250, the Triton path (interpreter) at a few.
+MARGIN (1.25, sampling noise), and swapping the two views of a symmetric loss changes fastssl's
+value by no more than it changes eager's plus SWAP_SLACK. The eager losses are the obvious
+PyTorch (lightly's formulas: full matrix, F.cross_entropy / logsumexp). Default CPU backend (cpp)
+at 1,000 draws, the torch path at 250, the Triton path (interpreter) at a few.
 
 Before issue 24 the same-pass ops summed lse and pos separately (lse.sum() - pos.sum(): two
 sums at the logits' magnitude), and the per-row terms were lse - pos rounded at that magnitude:

@@ -62,7 +62,8 @@ def test_scale_gradient_is_each_ranks_share_for_ddp():
     for res in results:
         for backend in ("torch", "reference"):
             torch.testing.assert_close(res[backend, "bank_state"][0], bank)
-            assert int(res[backend, "bank_state"][1]) == int(ptr) == 6  # 6 rows, then 2 of 6 (end), then 6
+            # 6 rows, then 2 of 6 (end), then 6
+            assert int(res[backend, "bank_state"][1]) == int(ptr) == 6
     single.pop(("reference", "bank_state"))
     for key, (loss, grad) in single.items():
         for res in results:

@@ -20,7 +20,9 @@ def _crops(n, b=6, k=5, seed=0):
 def test_swav_lightly_list_form_refused(queue_length):
     high, low, queue = _crops(2), _crops(4, seed=1), _crops(2, seed=2)
     loss = losses.SwAVLoss(queue_length=queue_length)
-    with pytest.raises(TypeError, match=r"(embeddings|prototypes).*fastssl\.compat\.lightly\.SwaVLoss"):
+    with pytest.raises(
+        TypeError, match=r"(embeddings|prototypes).*fastssl\.compat\.lightly\.SwaVLoss"
+    ):
         loss(high, low)
     with pytest.raises(TypeError, match=r"prototypes.*fastssl\.compat\.lightly\.SwaVLoss"):
         loss(high, low, queue)

@@ -1,4 +1,6 @@
-"""fastssl.functional / fastssl.losses sphere family (sfrik_mmd, sfrik, auh) against the reference."""
+"""fastssl.functional / fastssl.losses sphere family (sfrik_mmd, sfrik, auh) against the
+reference."""
+
 import pytest
 import torch
 from conftest import backend_params
@@ -100,10 +102,13 @@ def test_invariants_through_fast_path():
 def test_modules_match_functional():
     z1, z2 = _pair(10, 8, seed=5)
     m = L.SFRIKLoss(weights=(1.0, 2.0), sim_coeff=10.0, mmd_coeff=2.0)
-    torch.testing.assert_close(m(z1, z2), functional.sfrik(z1, z2, weights=(1.0, 2.0), sim_coeff=10.0,
-                                                   mmd_coeff=2.0))
+    torch.testing.assert_close(
+        m(z1, z2), functional.sfrik(z1, z2, weights=(1.0, 2.0), sim_coeff=10.0, mmd_coeff=2.0)
+    )
     a = L.AUHLoss(sim_coeff=5.0, unif_coeff=0.5, scale=1.5)
-    torch.testing.assert_close(a(z1, z2), functional.auh(z1, z2, sim_coeff=5.0, unif_coeff=0.5, scale=1.5))
+    torch.testing.assert_close(
+        a(z1, z2), functional.auh(z1, z2, sim_coeff=5.0, unif_coeff=0.5, scale=1.5)
+    )
     assert "weights=(1.0, 2.0)" in repr(m) and "scale=1.5" in repr(a)
     assert len(m.state_dict()) == 0 and len(a.state_dict()) == 0
     with pytest.raises(ValueError, match="weights"):

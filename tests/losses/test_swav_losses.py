@@ -68,7 +68,9 @@ def test_gradcheck_float64(backend):
     views = _crops(3, 3, 5, dtype=torch.float64)
     with fastssl.use_backend(backend):
         assert torch.autograd.gradcheck(
-            lambda a, b: functional.swav([views[0].detach(), a, b], n_assign_crops=1), tuple(views[1:]))
+            lambda a, b: functional.swav([views[0].detach(), a, b], n_assign_crops=1),
+            tuple(views[1:]),
+        )
 
 
 def test_cpp_forward_keeps_one_target_and_no_gradient_per_crop():
@@ -121,13 +123,18 @@ def test_low_precision(dtype):
 def test_module_without_queue_equals_functional():
     views = _crops(4, 5, 9)
     loss = SwAVLoss(temperature=0.2, epsilon=0.03, sinkhorn_iterations=2, n_assign_crops=2)
-    assert_close(loss(views), functional.swav(views, temperature=0.2, epsilon=0.03, sinkhorn_iterations=2))
+    assert_close(
+        loss(views), functional.swav(views, temperature=0.2, epsilon=0.03, sinkhorn_iterations=2)
+    )
     assert len(loss.state_dict()) == 2  # queue, queue_count (empty queue)
 
 
 def _queue_step_data(step, B=4, D=8, K=6, n_crops=3):
     g = torch.Generator().manual_seed(100 + step)
-    emb = [F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1) for _ in range(n_crops)]
+    emb = [
+        F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+        for _ in range(n_crops)
+    ]
     protos = F.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1)
     scores = [(e @ protos.T).requires_grad_(True) for e in emb]
     return emb, protos, scores
@@ -234,23 +241,34 @@ def test_freeze_prototypes_grad():
     assert freeze_prototypes_grad(bare, 0, 1) and bare.weight.grad is None
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda v: functional.swav(v[:1]), ValueError, "scores"),
-    (lambda v: functional.swav(v[0]), TypeError, "scores"),
-    (lambda v: functional.swav([v[0], v[1][:3]]), ValueError, "scores"),
-    (lambda v: functional.swav([v[0], v[1].double()]), TypeError, "scores"),
-    (lambda v: functional.swav(v, n_assign_crops=4), ValueError, "n_assign_crops"),
-    (lambda v: functional.swav(v, n_assign_crops=0), ValueError, "n_assign_crops"),
-    (lambda v: functional.swav(v, temperature=0.0), ValueError, "temperature"),
-    (lambda v: functional.swav(v, epsilon=-1.0), ValueError, "epsilon"),
-    (lambda v: functional.swav(v, sinkhorn_iterations=-1), ValueError, "sinkhorn_iterations"),
-    (lambda v: functional.swav(v, queue_scores=[torch.randn(4, 10)]), ValueError, "queue_scores"),
-    (lambda v: functional.swav(v, queue_scores=[torch.randn(4, 9)] * 2), ValueError, "queue_scores"),
-    (lambda v: functional.swav(v, queue_scores=torch.randn(4, 10)), TypeError, "queue_scores"),
-    (lambda v: SwAVLoss(temperature=-1), ValueError, "temperature"),
-    (lambda v: SwAVLoss(queue_length=-1), ValueError, "queue_length"),
-    (lambda v: SwAVLoss(n_assign_crops=3)(v[:2]), ValueError, "n_assign_crops"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda v: functional.swav(v[:1]), ValueError, "scores"),
+        (lambda v: functional.swav(v[0]), TypeError, "scores"),
+        (lambda v: functional.swav([v[0], v[1][:3]]), ValueError, "scores"),
+        (lambda v: functional.swav([v[0], v[1].double()]), TypeError, "scores"),
+        (lambda v: functional.swav(v, n_assign_crops=4), ValueError, "n_assign_crops"),
+        (lambda v: functional.swav(v, n_assign_crops=0), ValueError, "n_assign_crops"),
+        (lambda v: functional.swav(v, temperature=0.0), ValueError, "temperature"),
+        (lambda v: functional.swav(v, epsilon=-1.0), ValueError, "epsilon"),
+        (lambda v: functional.swav(v, sinkhorn_iterations=-1), ValueError, "sinkhorn_iterations"),
+        (
+            lambda v: functional.swav(v, queue_scores=[torch.randn(4, 10)]),
+            ValueError,
+            "queue_scores",
+        ),
+        (
+            lambda v: functional.swav(v, queue_scores=[torch.randn(4, 9)] * 2),
+            ValueError,
+            "queue_scores",
+        ),
+        (lambda v: functional.swav(v, queue_scores=torch.randn(4, 10)), TypeError, "queue_scores"),
+        (lambda v: SwAVLoss(temperature=-1), ValueError, "temperature"),
+        (lambda v: SwAVLoss(queue_length=-1), ValueError, "queue_length"),
+        (lambda v: SwAVLoss(n_assign_crops=3)(v[:2]), ValueError, "n_assign_crops"),
+    ],
+)
 def test_bad_inputs(call, exc, match):
     views = [torch.randn(5, 10) for _ in range(3)]
     with pytest.raises(exc, match=match):

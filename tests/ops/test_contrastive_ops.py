@@ -12,7 +12,17 @@ from fastssl.backends.torch import contrastive as torch_contrastive
 from fastssl.ops import contrastive as ops
 from fastssl.testing import assert_close, assert_lowp_rule
 
-LOSSES = ["nt_xent", "info_nce", "info_nce_sym", "dcl", "dclw", "dclw_sigma", "sce", "sce_keys", "sce_keys_noqueue"]
+LOSSES = [
+    "nt_xent",
+    "info_nce",
+    "info_nce_sym",
+    "dcl",
+    "dclw",
+    "dclw_sigma",
+    "sce",
+    "sce_keys",
+    "sce_keys_noqueue",
+]
 
 
 def _loss_fn(name, queue=None, temperature=0.2):
@@ -32,11 +42,15 @@ def _loss_fn(name, queue=None, temperature=0.2):
         # DCLW's weights are constants of the gradient (detached): gradcheck the weighted
         # positive term with fixed weights (one per anchor row, both directions).
         w = torch.linspace(0.5, 1.5, 4, dtype=torch.float64)
-        return lambda a, b: functional.dcl(a, b, temperature, weight_fn=lambda o0, o1: w.to(o0.dtype))
+        return lambda a, b: functional.dcl(
+            a, b, temperature, weight_fn=lambda o0, o1: w.to(o0.dtype)
+        )
     if name == "sce":
         return lambda a, b: functional.sce(a, b, queue, coeff=0.4, temperature=temperature)
     if name == "sce_keys":
-        return lambda a, b: functional.sce(a, b, queue, coeff=0.4, temperature=temperature, use_keys=True)
+        return lambda a, b: functional.sce(
+            a, b, queue, coeff=0.4, temperature=temperature, use_keys=True
+        )
     if name == "sce_keys_noqueue":
         return lambda a, b: functional.sce(a, b, None, temperature=temperature, use_keys=True)
     raise KeyError(name)
@@ -238,7 +252,10 @@ def test_triton_backend_refuses_float64_clearly():
 
 def test_auto_on_cpu_is_cpp_when_built(monkeypatch):
     from fastssl import _backend
-    assert ops.backend_for("nt_xent", torch.device("cpu")) == ("cpp" if _backend.cpp_available() else "torch")
+
+    assert ops.backend_for("nt_xent", torch.device("cpu")) == (
+        "cpp" if _backend.cpp_available() else "torch"
+    )
     monkeypatch.setattr(_backend, "cpp_available", lambda: False)
     assert ops.backend_for("nt_xent", torch.device("cpu")) == "torch"
 

@@ -78,14 +78,18 @@ def test_tv_e(backend, device):
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_tv_c_rows(backend, device):
     negs = torch.linspace(-0.5, 0.4, 10, dtype=torch.float64)
-    rows = torch.stack([torch.cat([negs, torch.tensor([p], dtype=torch.float64)])
-                        for p in (0.8, 0.0, -0.6)] + [torch.tensor([-1.0] * 10 + [1.0]),
-                                                      torch.zeros(11), torch.tensor([1.0] * 10 + [-1.0])])
+    rows = torch.stack(
+        [torch.cat([negs, torch.tensor([p], dtype=torch.float64)]) for p in (0.8, 0.0, -0.6)]
+        + [torch.tensor([-1.0] * 10 + [1.0]), torch.zeros(11), torch.tensor([1.0] * 10 + [-1.0])]
+    )
     s = rows.to(torch.float64).to(device).requires_grad_(True)
     with fastssl.use_backend(backend):
         loss = groco_rows(s, 10)
-    expected = torch.tensor([0.187448665, 0.203970554, 0.219470979, 0.1469718, 0.2019829, 0.2643331],
-                            dtype=torch.float64, device=device)
+    expected = torch.tensor(
+        [0.187448665, 0.203970554, 0.219470979, 0.1469718, 0.2019829, 0.2643331],
+        dtype=torch.float64,
+        device=device,
+    )
     torch.testing.assert_close(loss, expected, atol=2e-7, rtol=0)
     (g,) = torch.autograd.grad(loss.sum(), s)
     assert abs(g[0, 10].item() + 2.134479e-02) < 1e-8

@@ -115,9 +115,13 @@ def _known_bases():
     B, n, k, P, D, N = 3, 6, 4, 2, 5, 8
     x = torch.randn(B, n, generator=g, dtype=torch.float64)
     y, Pm, saved = torch.ops.fastssl.soft_sort(x, "cpp", "odd_even", "cauchy", 10.0, 0.25, True)
-    anchor = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    anchor = torch.nn.functional.normalize(
+        torch.randn(B, D, generator=g, dtype=torch.float64), dim=1
+    )
     negs = torch.nn.functional.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=1)
-    pos = torch.nn.functional.normalize(torch.randn(P, B, D, generator=g, dtype=torch.float64), dim=2)
+    pos = torch.nn.functional.normalize(
+        torch.randn(P, B, D, generator=g, dtype=torch.float64), dim=2
+    )
     loss, sims, index = torch.ops.fastssl.groco_fused(anchor, negs, pos, 0, k, "odd_even", "cauchy",
                                                        10.0)
     scores = torch.randn(B, 7, generator=g)
@@ -283,8 +287,9 @@ def build_cases():
             continue
         as_kw = {str(i): v for i, v in enumerate(base)}
         for mlabel, args in _mutations(as_kw):
-            cases.append((f"_C.{name}[{mlabel}]", "c", name, [args[str(i)] for i in range(len(base))],
-                          False))
+            cases.append(
+                (f"_C.{name}[{mlabel}]", "c", name, [args[str(i)] for i in range(len(base))], False)
+            )
     for kind, name, label, args in must_raise:
         if kind == "op" and (not hasattr(torch.ops.fastssl, name) or not set(args) <= {
                 a.name for a in getattr(torch.ops.fastssl, name).default._schema.arguments}):

@@ -65,8 +65,9 @@ def test_lse_sum_matches_recompute_op(m, c, d, exclude_pos, subtract_pos, backen
     self_col, pos_col = _masks(m, c, seed=m * 100 + c)
     total, lse, ga, gb = _lse_sum_and_grads(a, b, self_col, pos_col, 1.7, exclude_pos,
                                             backend=backend, subtract_pos=subtract_pos)
-    ref_lse, ref_ga, ref_gb, ref_total = _recompute_and_grads(a, b, self_col, pos_col, 1.7,
-                                                              exclude_pos, subtract_pos=subtract_pos)
+    ref_lse, ref_ga, ref_gb, ref_total = _recompute_and_grads(
+        a, b, self_col, pos_col, 1.7, exclude_pos, subtract_pos=subtract_pos
+    )
     torch.testing.assert_close(lse, ref_lse)
     finite = torch.isfinite(ref_lse)
     # rows with every column masked have lse = -inf; the total is over the rows that have one
@@ -163,7 +164,9 @@ def test_lse_sum_refuses_a_gradient_it_did_not_make(backend, device):
 
 def _sce(q, k, cols, self_col, same_pass, w_lse, w_w, backend="torch"):
     q = q.detach().clone().requires_grad_(True)
-    lse_s, lse_t, wmean, u_s, u_t = ops.sce_stats(q, k, cols, self_col, 2.0, 3.0, same_pass, backend)
+    lse_s, lse_t, wmean, u_s, u_t = ops.sce_stats(
+        q, k, cols, self_col, 2.0, 3.0, same_pass, backend
+    )
     # arbitrary per-row weights of both statistics (SCE's are not uniform: logaddexp with pos)
     (w_lse * lse_s + w_w * wmean).sum().backward()
     assert (u_s.numel() > 0) == same_pass

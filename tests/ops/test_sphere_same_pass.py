@@ -58,8 +58,12 @@ def test_same_pass_matches_recompute(kind, kw, with_y, blocks, monkeypatch):
 def test_same_pass_gradcheck_and_second_backward():
     x = _rand(6, 4, seed=3).requires_grad_(True)
     y = _rand(5, 4, seed=4).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: ops._series_sum_grad_op(a, b, W, "torch")[0], (x, y))
-    assert torch.autograd.gradcheck(lambda a: ops._gauss_lse_grad_op(a, None, 1.5, 0, "torch")[0], (x,))
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops._series_sum_grad_op(a, b, W, "torch")[0], (x, y)
+    )
+    assert torch.autograd.gradcheck(
+        lambda a: ops._gauss_lse_grad_op(a, None, 1.5, 0, "torch")[0], (x,)
+    )
     out = ops._gauss_lse_grad_op(x, y, 1.5, 1, "torch")[0]
     g1 = torch.autograd.grad(out, (x, y), retain_graph=True)
     g2 = torch.autograd.grad(out, (x, y))

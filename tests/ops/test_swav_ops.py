@@ -92,14 +92,21 @@ def test_marginals(backend, device):
     codes = _run(backend, s, epsilon=0.3, iterations=60)
     assert_close(codes.sum(1), torch.ones(B, dtype=torch.float64, device=device))
     # many iterations: prototype masses converge to B/K (the fixed point of the reference)
-    assert_close(codes.sum(0), torch.full((K,), B / K, dtype=torch.float64, device=device), rtol=1e-5, atol=1e-6)
+    assert_close(
+        codes.sum(0),
+        torch.full((K,), B / K, dtype=torch.float64, device=device),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("backend,device", FAST)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_stays_finite_where_reference_overflows(backend, device, dtype):
     s = _cosine_scores(16, 12, D=4, dtype=dtype, device=device)
-    s[0, 0] = 0.95  # exp(19) overflows float16 (and the column/row sums do for bfloat16 at eps=0.01)
+    s[0, 0] = (
+        0.95  # exp(19) overflows float16 (and the column/row sums do for bfloat16 at eps=0.01)
+    )
     eps = 0.05 if dtype == torch.float16 else 0.01
     ref_lowp = R.sinkhorn(s, epsilon=eps)
     assert not torch.isfinite(ref_lowp).all()
@@ -159,8 +166,11 @@ def test_no_gradient_and_library_registration():
     codes = functional.sinkhorn(s)
     assert not codes.requires_grad
     assert hasattr(torch.ops.fastssl, "sinkhorn")
-    torch.library.opcheck(torch.ops.fastssl.sinkhorn.default, (torch.randn(5, 6), 0.05, 3, False, "cpp"),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fastssl.sinkhorn.default,
+        (torch.randn(5, 6), 0.05, 3, False, "cpp"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_traces_under_torch_compile_fullgraph():
@@ -195,7 +205,12 @@ def test_cuda_backends_match_fp64(backend, dtype):
         assert torch.isfinite(got).all()
         want = R.sinkhorn(s.double(), epsilon=eps)
         tol = torch.float64 if dtype == torch.float64 else torch.float32
-        assert_close(got.double(), want, dtype=tol, rtol=1e-4 if eps == 0.01 and tol != torch.float64 else None)
+        assert_close(
+            got.double(),
+            want,
+            dtype=tol,
+            rtol=1e-4 if eps == 0.01 and tol != torch.float64 else None,
+        )
 
 
 # ---- swav_cross_entropy: -sum_b <q_b, log_softmax(s_b / T)>, fused value and gradient --------
@@ -316,7 +331,9 @@ def test_cross_entropy_gradient_at_swav_size_in_the_interpreter():
     reference. The interpreter ignores warps, not the tile: the tile here is the one sm_80 and
     sm_90 launch at this size (checked), so one run covers both."""
     if os.environ.get("TRITON_INTERPRET") != "1" or not _INTERP_OK:
-        pytest.skip(_INTERP_WHY or "runs on the CPU interpreter (the GPU tests cover compiled runs)")
+        pytest.skip(
+            _INTERP_WHY or "runs on the CPU interpreter (the GPU tests cover compiled runs)"
+        )
     from fastssl.kernels import swav as KW
     B, K, T = 256, 3000, 0.1
     tile = {k: v for k, v in KW.config("cross_entropy", torch.float32, B, K, None).items()

@@ -42,7 +42,9 @@ def test_nt_xent_matches_simclr_two_crop_formula():
 def test_info_nce_equal_logits_and_symmetric_is_mean_of_directions():
     n = 4
     z = _same_rows(n)
-    torch.testing.assert_close(R.info_nce(z, z.clone()), torch.tensor(math.log(n), dtype=torch.float64))
+    torch.testing.assert_close(
+        R.info_nce(z, z.clone()), torch.tensor(math.log(n), dtype=torch.float64)
+    )
     q, k = torch.randn(n, 3, dtype=torch.float64), torch.randn(n, 3, dtype=torch.float64)
     sym = R.info_nce(q, k, temperature=0.2, symmetric=True)
     both = 0.5 * (R.info_nce(q, k, temperature=0.2) + R.info_nce(k, q, temperature=0.2))
@@ -107,7 +109,9 @@ def test_dclw_matches_lightly_formula():
     torch.testing.assert_close(R.dclw(x, y, temperature=T, sigma=sigma),
                                torch.stack(manual).mean())
     z = _same_rows(n)  # all similarities equal: w = 1, DCLW = DCL
-    torch.testing.assert_close(R.dclw(z, z.clone(), temperature=T), R.dcl(z, z.clone(), temperature=T))
+    torch.testing.assert_close(
+        R.dclw(z, z.clone(), temperature=T), R.dcl(z, z.clone(), temperature=T)
+    )
     # the weights carry no gradient (lightly detaches them)
     xg = x.clone().requires_grad_(True)
     (gw,) = torch.autograd.grad(R.dclw(xg, y, temperature=T), xg)

@@ -36,8 +36,13 @@ def test_tv_a_single_comparator(d):
         x = torch.tensor([[0.0, d]], dtype=torch.float64)
         _, P = soft_sort(x, steepness=1.0, distribution=dist)
         a = expected
-        torch.testing.assert_close(P[0], torch.tensor([[a, 1 - a], [1 - a, a]], dtype=torch.float64),
-                                   atol=6e-8, rtol=0, msg=dist)
+        torch.testing.assert_close(
+            P[0],
+            torch.tensor([[a, 1 - a], [1 - a, a]], dtype=torch.float64),
+            atol=6e-8,
+            rtol=0,
+            msg=dist,
+        )
 
 
 def test_tv_b():
@@ -59,8 +64,11 @@ def test_ties_are_exact_dyadics(key):
 
 def test_tv_c_rows():
     negs = torch.linspace(-0.5, 0.4, 10, dtype=torch.float64)
-    expect = {0.8: (0.187448665, 0.2797397, -2.134479e-02), 0.0: (0.203970554, 0.2429477, -0.022003719),
-              -0.6: (0.219470979, 0.2121913, -0.030407174)}
+    expect = {
+        0.8: (0.187448665, 0.2797397, -2.134479e-02),
+        0.0: (0.203970554, 0.2429477, -0.022003719),
+        -0.6: (0.219470979, 0.2121913, -0.030407174),
+    }
     for pos, (loss, q10, g10) in expect.items():
         s = torch.cat([negs, torch.tensor([pos], dtype=torch.float64)])[None].requires_grad_(True)
         row = _groco_rows_reference(s, 10, "odd_even", "cauchy", 1.0)
@@ -72,13 +80,48 @@ def test_tv_c_rows():
     s = torch.cat([negs, torch.tensor([0.8], dtype=torch.float64)])[None].requires_grad_(True)
     (g,) = torch.autograd.grad(_groco_rows_reference(s, 10, "odd_even", "cauchy", 1.0).sum(), s)
     q = soft_sort(s.detach(), steepness=1.0)[1][0, :, 10:].sum(-1)
-    torch.testing.assert_close(q, torch.tensor([0.0003301, 0.0003748, 0.0049457, 0.0054939, 0.0307931,
-                                                0.0333899, 0.1042637, 0.1101528, 0.2122539, 0.2182625,
-                                                0.2797397], dtype=torch.float64), atol=1e-7, rtol=0)
-    torch.testing.assert_close(g[0], torch.tensor([1.6163e-05, 2.0846e-05, 2.9843e-04, 3.67491e-04,
-                                                   1.98505e-03, 2.299864e-03, 5.521492e-03, 5.822375e-03,
-                                                   3.102849e-03, 1.91023e-03, -2.134479e-02],
-                                                  dtype=torch.float64), atol=1e-8, rtol=1e-4)
+    torch.testing.assert_close(
+        q,
+        torch.tensor(
+            [
+                0.0003301,
+                0.0003748,
+                0.0049457,
+                0.0054939,
+                0.0307931,
+                0.0333899,
+                0.1042637,
+                0.1101528,
+                0.2122539,
+                0.2182625,
+                0.2797397,
+            ],
+            dtype=torch.float64,
+        ),
+        atol=1e-7,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        g[0],
+        torch.tensor(
+            [
+                1.6163e-05,
+                2.0846e-05,
+                2.9843e-04,
+                3.67491e-04,
+                1.98505e-03,
+                2.299864e-03,
+                5.521492e-03,
+                5.822375e-03,
+                3.102849e-03,
+                1.91023e-03,
+                -2.134479e-02,
+            ],
+            dtype=torch.float64,
+        ),
+        atol=1e-8,
+        rtol=1e-4,
+    )
 
 
 def test_tv_c_bounds():

@@ -1,4 +1,6 @@
-"""fastssl.reference.sphere against the closed forms and invariants of the SFRIK spec (section 3)."""
+"""fastssl.reference.sphere against the closed forms and invariants of the SFRIK spec
+(section 3)."""
+
 import math
 
 import pytest

@@ -44,7 +44,9 @@ def _loop_sinkhorn(s, eps, iters):
 def test_sinkhorn_matches_explicit_loops(iters, eps):
     s = _cosine_scores(5, 7)
     got = R.sinkhorn(s, epsilon=eps, iterations=iters)
-    np.testing.assert_allclose(got.numpy(), _loop_sinkhorn(s.numpy(), eps, iters), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(
+        got.numpy(), _loop_sinkhorn(s.numpy(), eps, iters), rtol=1e-10, atol=1e-13
+    )
 
 
 def test_sinkhorn_marginals():
@@ -54,7 +56,9 @@ def test_sinkhorn_marginals():
     for iters in (1, 3, 10, 50):
         codes = R.sinkhorn(s, epsilon=0.05, iterations=iters)
         # the last step normalises samples: every code sums to exactly 1
-        torch.testing.assert_close(codes.sum(1), torch.ones(B, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            codes.sum(1), torch.ones(B, dtype=torch.float64), rtol=0, atol=1e-12
+        )
         assert (codes >= 0).all()
         errs.append((codes.sum(0) / (B / K) - 1).abs().max().item())
     # prototype masses approach B/K as the iterations go (3 iterations are still far at eps=0.05)

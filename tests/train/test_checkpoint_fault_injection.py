@@ -56,9 +56,14 @@ def _finish(proc, timeout=300):
 
 def _state(path):
     s = torch.load(path, weights_only=False)
-    return s["model"], s["momentum"], s["loss_state"], s["optimizer"]["state"], s["step"], s["epoch"]
-
-
+    return (
+        s["model"],
+        s["momentum"],
+        s["loss_state"],
+        s["optimizer"]["state"],
+        s["step"],
+        s["epoch"],
+    )
 
 
 @pytest.mark.slow

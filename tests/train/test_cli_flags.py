@@ -79,20 +79,30 @@ def test_eval_missing_checkpoint_names_what_the_trainer_writes(tmp_path, capsys)
 
 
 # --- bad --method-arg / --head: argparse errors (exit 2, no traceback) --------------------------
-@pytest.mark.parametrize("method,arg,needle", [
-    ("simclr", 'temperature="0.2"', 'temperature: expected a finite number for simclr (default '
-                                    '0.15), got a string "0.2"'),
-    ("sogclr", "gamma=[1]", "gamma: expected a finite number for sogclr (default 0.9), got a list [1]"),
-    ("simclr", "temperature=NaN", "temperature: expected a finite number"),
-    ("simclr", "temperature=true", "temperature: expected a finite number"),
-    ("simclr", "gamma=0.5", "unknown key(s) ['gamma'] for simclr"),
-    ("swav", "sinkhorn_iterations=2.5", "sinkhorn_iterations: expected an integer"),
-    ("swav", "n_prototypes=0", "n_prototypes: expected a value >= 1 for swav, got 0"),
-    ("sce", "use_keys=1", "use_keys: expected true or false"),
-    ("sce", "base_momentum=1.5", "base_momentum: expected a value in [0.0, 1.0]"),
-    ("sfrik", "weights=[1, 2]", "weights: expected a list of 3 finite numbers"),
-    ("groco", 'n_pos_views="all"', "n_pos_views: expected an integer or null"),
-])
+@pytest.mark.parametrize(
+    "method,arg,needle",
+    [
+        (
+            "simclr",
+            'temperature="0.2"',
+            'temperature: expected a finite number for simclr (default 0.15), got a string "0.2"',
+        ),
+        (
+            "sogclr",
+            "gamma=[1]",
+            "gamma: expected a finite number for sogclr (default 0.9), got a list [1]",
+        ),
+        ("simclr", "temperature=NaN", "temperature: expected a finite number"),
+        ("simclr", "temperature=true", "temperature: expected a finite number"),
+        ("simclr", "gamma=0.5", "unknown key(s) ['gamma'] for simclr"),
+        ("swav", "sinkhorn_iterations=2.5", "sinkhorn_iterations: expected an integer"),
+        ("swav", "n_prototypes=0", "n_prototypes: expected a value >= 1 for swav, got 0"),
+        ("sce", "use_keys=1", "use_keys: expected true or false"),
+        ("sce", "base_momentum=1.5", "base_momentum: expected a value in [0.0, 1.0]"),
+        ("sfrik", "weights=[1, 2]", "weights: expected a list of 3 finite numbers"),
+        ("groco", 'n_pos_views="all"', "n_pos_views: expected an integer or null"),
+    ],
+)
 def test_bad_method_arg_is_an_argparse_error(method, arg, needle, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--method", method, "--method-arg", arg, "--print-config"])
@@ -101,12 +111,18 @@ def test_bad_method_arg_is_an_argparse_error(method, arg, needle, capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("arg,needle", [
-    ('projector="x"', 'projector: expected a non-empty list of positive integers, got a string "x"'),
-    ("projector=[64,0]", "projector: expected a non-empty list of positive integers"),
-    ("bn=1", "bn: expected true or false"),
-    ("width=3", "unknown key 'width'"),
-])
+@pytest.mark.parametrize(
+    "arg,needle",
+    [
+        (
+            'projector="x"',
+            'projector: expected a non-empty list of positive integers, got a string "x"',
+        ),
+        ("projector=[64,0]", "projector: expected a non-empty list of positive integers"),
+        ("bn=1", "bn: expected true or false"),
+        ("width=3", "unknown key 'width'"),
+    ],
+)
 def test_bad_head_is_an_argparse_error(arg, needle, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--head", arg, "--print-config"])
@@ -138,7 +154,7 @@ def test_bad_dist_timeout_is_an_argparse_error(text, capsys):
     assert e.value.code == 2 and "argument --dist-timeout:" in capsys.readouterr().err
 
 
-# --- exit status of a run stopped by a signal ------------------------------------------------------
+# --- exit status of a run stopped by a signal -----------------------------------------------------
 def _tiny_run(monkeypatch, hooks):
     """The CLI at test size (16-pixel crops), with `hooks` passed to train()."""
     import fastssl.train.cli as cli

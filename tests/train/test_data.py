@@ -279,7 +279,10 @@ def test_synthetic_backend():
     assert len(batches) == 8 and batches[0].views[0].dtype == torch.bfloat16
     assert batches[0].views[0].is_contiguous(memory_format=torch.channels_last)
     assert sorted(torch.cat([x.index for x in batches]).tolist()) == list(range(64))
-    assert build_train_loader(None, TWO_VIEW, 8, backend="synthetic", device=CPU).num_samples == 1_281_167
+    assert (
+        build_train_loader(None, TWO_VIEW, 8, backend="synthetic", device=CPU).num_samples
+        == 1_281_167
+    )
 
 
 def test_eval_loader_order_and_shapes(demo_root):

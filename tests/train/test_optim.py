@@ -8,7 +8,8 @@ from fastssl.optim import LARS, build_optimizer, cosine_momentum, scale_lr, warm
 
 
 def reference_step(params, grads, bufs, *, lr, wd, eta, momentum, exclude_1d, mode, eps=1e-8):
-    """Straightforward per-parameter update rule (LARS, You et al. 2017, with SwAV's LARC trust ratio), in float64."""
+    """Straightforward per-parameter update rule (LARS, You et al. 2017, with SwAV's LARC trust
+    ratio), in float64."""
     for p, g, buf in zip(params, grads, bufs):
         if exclude_1d and p.ndim == 1:
             d = g.clone()
@@ -31,14 +32,18 @@ def _problem(seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = [(6, 5), (6,), (4, 6, 3, 3), (4,), (3, 4)]
     params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-    params.append(torch.zeros(3, 2, dtype=torch.float64))           # |w| = 0: no adaptation
-    grads = [[torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params] for _ in range(4)]
+    params.append(torch.zeros(3, 2, dtype=torch.float64))  # |w| = 0: no adaptation
+    grads = [
+        [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params] for _ in range(4)
+    ]
     for step in grads:
         step[4].zero_()                                             # |g| = 0 for one tensor
     return params, grads
 
 
-@pytest.mark.parametrize("mode,exclude_1d", [("lars", True), ("lars", False), ("larc", False), ("larc", True)])
+@pytest.mark.parametrize(
+    "mode,exclude_1d", [("lars", True), ("lars", False), ("larc", False), ("larc", True)]
+)
 def test_lars_matches_per_parameter_reference(mode, exclude_1d):
     params, grads = _problem()
     ref = [p.clone() for p in params]
@@ -66,8 +71,10 @@ def test_lars_float32_and_lr_groups_and_none_grads():
     for _ in range(3):
         opt.zero_grad()
         model(torch.randn(10, 8)).pow(2).mean().backward()
-        model[3].bias.grad = None          # a parameter without gradient is skipped
-        grads = [p.grad.double().clone() if p.grad is not None else None for p in model.parameters()]
+        model[3].bias.grad = None  # a parameter without gradient is skipped
+        grads = [
+            p.grad.double().clone() if p.grad is not None else None for p in model.parameters()
+        ]
         opt.step()
         live = [i for i, g in enumerate(grads) if g is not None]
         reference_step([ref[i] for i in live], [grads[i] for i in live], [bufs[i] for i in live],
@@ -136,7 +143,9 @@ def test_warmup_cosine():
     lrs = [warmup_cosine(s, **kw) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     # SwAV: warmup from start_warmup 0.3 to 4.8
-    assert warmup_cosine(0, total_steps=10, warmup_steps=5, peak_lr=4.8, start_lr=0.3) == pytest.approx(0.3)
+    assert warmup_cosine(
+        0, total_steps=10, warmup_steps=5, peak_lr=4.8, start_lr=0.3
+    ) == pytest.approx(0.3)
     assert warmup_cosine(0, total_steps=10, warmup_steps=0, peak_lr=2.0) == pytest.approx(2.0)
 
 

@@ -73,7 +73,7 @@ def test_list_presets_and_print_config(capsys):
     assert json.loads(capsys.readouterr().out)["preset"] == "sce_200ep"
 
 
-# --- real data (DALI on the demo dataset), checkpoint contents ---------------------------------------
+# --- real data (DALI on the demo dataset), checkpoint contents ------------------------------------
 def test_dali_demo_run_checkpoint_and_knn_monitor(tmp_path):
     pytest.importorskip("nvidia.dali", reason="DALI is not installed")
     cfg = small("simclr", tmp_path, backend="dali", data="demo", dataset_size=None, batch_size=100,
@@ -106,7 +106,7 @@ def test_backbone_loads_into_torchvision_resnet50(tmp_path):
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
 
 
-# --- exact resume after SIGTERM mid-epoch --------------------------------------------------------------
+# --- exact resume after SIGTERM mid-epoch ---------------------------------------------------------
 def _final_state(path):
     s = torch.load(path, weights_only=False)
     return s["model"], s["momentum"], s["loss_state"], s["optimizer"]["state"], s["step"]
@@ -135,7 +135,10 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     def kill_at_step(step, loss):
         if step == 6:                  # mid epoch 2 (4 steps per epoch)
             os.kill(os.getpid(), signal.SIGTERM)
-    part = train(small("sce", tmp_path / "part", epochs=2), hooks={"step_end": kill_at_step}, stream=DEVNULL)
+
+    part = train(
+        small("sce", tmp_path / "part", epochs=2), hooks={"step_end": kill_at_step}, stream=DEVNULL
+    )
     assert part["status"] == "interrupted" and part["step"] == 6
     state = torch.load(part["checkpoint"], weights_only=False)
     assert state["step"] == 6 and state["epoch"] == 1 and state["loader"]["position"] == 2
@@ -159,7 +162,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         return original(self, *a, **k)
     loop.StepRunner.__call__ = spy
     try:
-        with pytest.raises(NonFiniteLossError, match="non-finite loss .* last good checkpoint is kept"):
+        with pytest.raises(
+            NonFiniteLossError, match="non-finite loss .* last good checkpoint is kept"
+        ):
             train(small("simclr", tmp_path, epochs=3), hooks={"step_end": poison}, stream=DEVNULL)
     finally:
         loop.StepRunner.__call__ = original
@@ -173,15 +178,38 @@ def test_resume_errors(tmp_path):
         train(small("simclr", tmp_path, resume=str(tmp_path / "missing.pth")), stream=DEVNULL)
 
 
-# --- torchrun, 2 processes (gloo) ----------------------------------------------------------------------------
+# --- torchrun, 2 processes (gloo) -----------------------------------------------------------------
 @pytest.mark.distributed
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", os.path.join(ROOT, "train_imagenet.py"),
-           "--method", "simclr", "--loader", "synthetic", "--dataset-size", "32", "--batch-size", "8",
-           "--epochs", "2", "--knn-every", "0", "--out", str(out), "--head", "projector=[32,16]",
-           "--log-every", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        os.path.join(ROOT, "train_imagenet.py"),
+        "--method",
+        "simclr",
+        "--loader",
+        "synthetic",
+        "--dataset-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--knn-every",
+        "0",
+        "--out",
+        str(out),
+        "--head",
+        "projector=[32,16]",
+        "--log-every",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

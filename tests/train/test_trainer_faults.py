@@ -22,9 +22,27 @@ from test_trainer import DEVNULL, small  # noqa: E402  (the tiny synthetic run)
 
 
 def _cli_args(out, *extra):
-    return ["--method", "simclr", "--loader", "synthetic", "--dataset-size", "16", "--batch-size", "8",
-            "--epochs", "2", "--knn-every", "0", "--out", str(out), "--head", "projector=[32,16]",
-            "--log-every", "1", *extra]
+    return [
+        "--method",
+        "simclr",
+        "--loader",
+        "synthetic",
+        "--dataset-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--knn-every",
+        "0",
+        "--out",
+        str(out),
+        "--head",
+        "projector=[32,16]",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def _small_cli_config(monkeypatch):
@@ -84,9 +102,24 @@ def test_corrupt_image_stops_with_a_resumable_checkpoint_naming_the_file(tmp_pat
     result = train(cfg, stream=stream)
     assert result["status"] == "completed" and result["step"] == 2
     # the command line: `error: <file>: <reason>`, exit 2
-    argv = ["--preset", "demo_simclr", "--data", str(tmp_path / "data"), "--loader", "dali",
-            "--batch-size", "4", "--epochs", "1", "--knn-every", "0", "--out", str(tmp_path / "cli"),
-            "--head", "projector=[32,16]"]
+    argv = [
+        "--preset",
+        "demo_simclr",
+        "--data",
+        str(tmp_path / "data"),
+        "--loader",
+        "dali",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--knn-every",
+        "0",
+        "--out",
+        str(tmp_path / "cli"),
+        "--head",
+        "projector=[32,16]",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {bad}: " in err and "Traceback" not in err
@@ -160,7 +193,7 @@ def test_corrupt_scan_data_behind_a_valid_header_is_named(tmp_path):
     assert str(info.value).startswith(f"{bad}: ")
 
 
-# --- checkpoint writes --------------------------------------------------------------------------------
+# --- checkpoint writes ----------------------------------------------------------------------------
 def test_full_disk_names_the_path_keeps_training_and_retries(tmp_path, monkeypatch):
     real = ckpt_io._write_file
     calls = []
@@ -175,13 +208,17 @@ def test_full_disk_names_the_path_keeps_training_and_retries(tmp_path, monkeypat
     result = train(small("simclr", tmp_path, epochs=2), stream=stream)
     assert result["status"] == "completed"
     last = str(tmp_path / ckpt_io.LAST_NAME)
-    assert f"cannot write checkpoint {last}: [Errno 28] No space left on device" in stream.getvalue()
+    assert (
+        f"cannot write checkpoint {last}: [Errno 28] No space left on device" in stream.getvalue()
+    )
     assert torch.load(last, weights_only=False)["epoch"] == 2     # the retry holds both epochs
     assert sorted(os.listdir(tmp_path)) == ["backbone.pth", "checkpoint_last.pth", "config.json",
                                             "curves.png", "log.jsonl"]
 
 
-def test_full_disk_at_the_last_checkpoint_is_an_error_naming_the_path(tmp_path, monkeypatch, capsys):
+def test_full_disk_at_the_last_checkpoint_is_an_error_naming_the_path(
+    tmp_path, monkeypatch, capsys
+):
     def full(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     monkeypatch.setattr(ckpt_io, "_write_file", full)
@@ -221,7 +258,7 @@ def test_stale_temporary_files_are_swept_and_each_target_has_one_temp_name(tmp_p
                                             "curves.png", "log.jsonl"]
 
 
-# --- --resume -----------------------------------------------------------------------------------------
+# --- --resume -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_resume_of_an_unreadable_file_names_it(tmp_path, damage):
     path = tmp_path / "ckpt.pth"
@@ -266,7 +303,7 @@ def test_epoch_loss_after_a_sigterm_resume_covers_the_whole_epoch(tmp_path):
     assert epoch_losses(tmp_path / "part") == epoch_losses(tmp_path / "full")
 
 
-# --- --out --------------------------------------------------------------------------------------------
+# --- --out ----------------------------------------------------------------------------------------
 def test_file_valued_out_is_an_error_naming_it(tmp_path, monkeypatch, capsys):
     target = tmp_path / "a_file"
     target.write_text("x")

@@ -52,8 +52,11 @@ def test_epochs_numbered_from_one_in_every_record_and_the_curves_png(tmp_path, c
     assert result["status"] == "completed"
     stdout, stderr = capsys.readouterr()
     for e in (1, 2):
-        assert re.search(rf"^epoch {e}/2: epoch mean loss \d+\.\d{{4}}, [\d,]+ img/s, run ETA {ETA}$",
-                         stdout, re.M), stdout
+        assert re.search(
+            rf"^epoch {e}/2: epoch mean loss \d+\.\d{{4}}, [\d,]+ img/s, run ETA {ETA}$",
+            stdout,
+            re.M,
+        ), stdout
         assert re.search(rf"^epoch {e}/2 \[#+\] 2/2 .* step loss .* ETA epoch {ETA} run {ETA}$",
                          stderr, re.M), stderr
     records = _records(out)
@@ -80,7 +83,10 @@ def test_a_stopped_run_numbers_its_epoch_the_same_way_and_still_draws(tmp_path, 
     train(small("simclr", out, epochs=2, dataset_size=16, batch_size=8, resume="auto"))
     stdout = capsys.readouterr().out
     assert "1 epoch(s) done, continuing in epoch 2 at step 3" in stdout
-    assert [(r["epoch"], r["step"]) for r in _records(out) if r["event"] == "epoch"] == [(1, 2), (2, 4)]
+    assert [(r["epoch"], r["step"]) for r in _records(out) if r["event"] == "epoch"] == [
+        (1, 2),
+        (2, 4),
+    ]
 
 
 def test_curves_from_a_log_with_knn_and_a_resumed_overlap(tmp_path):
@@ -135,13 +141,30 @@ def test_tensorboard_scalars_through_a_summary_writer(tmp_path, monkeypatch):
 
 
 def test_tensorboard_absent_is_a_clear_error_before_any_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if not installed
-    with pytest.raises(ValueError, match=r"--tensorboard: the tensorboard package is not installed"):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(
+        ValueError, match=r"--tensorboard: the tensorboard package is not installed"
+    ):
         train_log.tensorboard_writer_class()
-    rc = main(["--loader", "synthetic", "--dataset-size", "16", "--batch-size", "8", "--epochs", "1",
-               "--out", str(tmp_path / "run"), "--tensorboard"])
+    rc = main(
+        [
+            "--loader",
+            "synthetic",
+            "--dataset-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--tensorboard",
+        ]
+    )
     assert rc == 2
-    assert "error: --tensorboard: the tensorboard package is not installed" in capsys.readouterr().err
+    assert (
+        "error: --tensorboard: the tensorboard package is not installed" in capsys.readouterr().err
+    )
     assert not (tmp_path / "run").exists()
     # not asked for: no tensorboard import at all
     assert train(small("simclr", tmp_path / "plain", epochs=1, dataset_size=8, batch_size=8),
