@@ -40,14 +40,14 @@ from functools import partial
 
 import torch
 
-from fastssl.kernels import contrastive as KC, sortnet as KS, sphere as KP, swav as KW
+from fastssl.kernels import contrastive as KC, dino as KD, sortnet as KS, sphere as KP, swav as KW
 from fastssl.kernels._launch import static_capture
 from fastssl.kernels.sortnet import DIST_IDS
 from fastssl.ops.sortnet import network_tensor
 
 from .common import PKG, table
 
-KERNEL_MODULES = {"contrastive": KC, "sphere": KP, "swav": KW, "sortnet": KS}
+KERNEL_MODULES = {"contrastive": KC, "sphere": KP, "swav": KW, "sortnet": KS, "dino": KD}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.path.expanduser(os.environ.get("FASTSSL_CACHE", "~/.cache/fastssl")))
@@ -136,12 +136,11 @@ def _cases():
 
     # dino: KoLeo's neighbour search (float32 and float64 rows; the teacher softmax is swav's
     # rowpass above): a small batch (16-row tiles, 32-wide feature chunks) and the large one.
-    from fastssl.kernels import dino as KD
-    for dn, dt in (("fp32", torch.float32), ("fp64", torch.float64)):
+    for dn, dt in (("fp32", f32), ("fp64", torch.float64)):
         for n, d in ((16, 32), (8192, 256)):
-            x = torch.empty(n, d, dtype=dt, **meta)
+            x = m(n, d, dtype=dt)
             out.append(("dino", "nearest", dn, f"N={n},D={d}",
-                        lambda x=x: KD.nearest_neighbor(x, x, 0)))
+                        partial(KD.nearest_neighbor, x, x, 0)))
 
     # sortnet: float32 (the ops' dtype on a GPU; half inputs run in float32) and float64; every
     # distribution (a constexpr branch); the real comparator tables of the benchmark and GroCo

@@ -139,8 +139,20 @@ class SwavKernels(Protocol):
         grad_scale, or empty without compute_grad)."""
 
 
+class DinoKernels(Protocol):
+    """DINO's teacher targets and KoLeo's nearest neighbour (fastssl/ops/dino.py); the student
+    cross-entropy is the swav family's ``cross_entropy``."""
+
+    def teacher_softmax(self, teacher: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+        """softmax((teacher - center) / teacher_temp) per row in the accumulation dtype."""
+
+    def nearest_neighbor(self, x: Tensor, x_all: Tensor, offset: int) -> Tensor:
+        """int64 (N,): for each row i of x the index in x_all of its largest inner product,
+        row offset + i excluded; the first index among ties."""
+
+
 INTERFACES = {"contrastive": ContrastiveKernels, "sphere": SphereKernels,
-              "sortnet": SortnetKernels, "swav": SwavKernels}
+              "sortnet": SortnetKernels, "swav": SwavKernels, "dino": DinoKernels}
 
 # Methods that some entries lack: the same-pass forwards (the Triton kernels stream a second
 # pass instead), the fused GroCo view (C++ only), the autograd forms (torch only, which has no
@@ -152,6 +164,7 @@ OPTIONAL = {
                 "groco_rows_backward", "groco_fused_forward", "groco_fused_backward",
                 "soft_sort", "groco_rows"},
     "swav": {"cross_entropy"},
+    "dino": set(),
 }
 
 

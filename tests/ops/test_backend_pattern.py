@@ -14,9 +14,10 @@ import fastssl
 from fastssl import functional
 from fastssl._backend import can_serve
 from fastssl.backends import LazyBackend, interfaces
-from fastssl.ops import contrastive, sortnet, sphere, swav
+from fastssl.ops import contrastive, dino, sortnet, sphere, swav
 
-FAMILIES = {"contrastive": contrastive, "sphere": sphere, "sortnet": sortnet, "swav": swav}
+FAMILIES = {"contrastive": contrastive, "sphere": sphere, "sortnet": sortnet, "swav": swav,
+            "dino": dino}
 # methods that only a backward calls
 BACKWARD_METHODS = {
     "contrastive": {"lse_backward", "sce_backward"},
