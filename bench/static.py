@@ -802,8 +802,9 @@ def ptxas_command_lines(rows: list[dict]) -> dict[int, list[list[str]]]:
 def markdown(rows: list[dict], offsets: list[str], tools: dict, out_arg: str) -> str:
     s = summary(rows)
     cmds = ptxas_command_lines(rows)
-    glue_line = (f"glue files compiled against the CUDA torch "
-                 f"{next((r.get('torch_headers') for r in rows if r['kind'] == 'glue' and r.get('torch_headers')), '-')}"
+    headers = next((r.get("torch_headers") for r in rows
+                    if r["kind"] == "glue" and r.get("torch_headers")), "-")
+    glue_line = (f"glue files compiled against the CUDA torch {headers}"
                  f" headers: {s['glue_compiled']} of {s['glue_files']}")
     if s["glue_skipped"]:
         glue_line = "glue: " + next(r["error"] for r in rows if r["kind"] == "glue"
