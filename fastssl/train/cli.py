@@ -15,7 +15,7 @@ from fastssl.train.config import make_config
 # The headline ImageNet preset of each method, used for --method M with a real --data DIR.
 METHOD_PRESET = {"groco": "groco_2views_100ep", "sce": "sce_200ep", "sogclr": "sogclr_800ep",
                  "sfrik": "sfrik_200ep", "swav": "swav_800ep_bs4096", "simclr": "simclr_200ep",
-                 "auh": "auh_200ep"}
+                 "auh": "auh_200ep", "dino": "dino_resnet50_100ep"}
 
 
 def _number(cast, strictly_positive: bool, what: str):
