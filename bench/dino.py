@@ -68,10 +68,13 @@ def eager_koleo(z, eps=1e-8):
 def _load_lightly(module: str):
     """lightly.<module> from its file, parent packages as empty stubs (their inits import
     torchvision, which the losses do not need). None where lightly is not installed."""
-    spec = importlib.util.find_spec("lightly")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = list(spec.submodule_search_locations)[0]
+    if "lightly" in sys.modules and getattr(sys.modules["lightly"], "__path__", None):
+        root = list(sys.modules["lightly"].__path__)[0]
+    else:
+        spec = importlib.util.find_spec("lightly")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = list(spec.submodule_search_locations)[0]
     parts = module.split(".")
     for i in range(len(parts)):
         name = ".".join(["lightly"] + parts[:i])
@@ -165,7 +168,7 @@ def bench_case(providers: dict, leaves, reps: int, device) -> dict:
             rows[name]["times_ms"].append(timed(fn))
     for name, row in rows.items():
         ts = sorted(row["times_ms"])
-        q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+        q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else [ts[0]] * 4
         row.update(median_ms=statistics.median(ts), p20_ms=q[0], p80_ms=q[3])
     base = rows["fastssl"]["median_ms"]
     for row in rows.values():
@@ -176,8 +179,10 @@ def bench_case(providers: dict, leaves, reps: int, device) -> dict:
 # --- cases ---------------------------------------------------------------------------------------
 def dino_sizes(quick):
     if quick:
-        return [dict(K=4096, B=64, n_global=2, n_local=10), dict(K=16384, B=16, n_global=2, n_local=6)]
-    return [dict(K=65536, B=256, n_global=2, n_local=10), dict(K=262144, B=64, n_global=2, n_local=6)]
+        return [dict(K=4096, B=64, n_global=2, n_local=10),
+                dict(K=16384, B=16, n_global=2, n_local=6)]
+    return [dict(K=65536, B=256, n_global=2, n_local=10),
+            dict(K=262144, B=64, n_global=2, n_local=6)]
 
 
 def koleo_sizes(quick):

@@ -107,7 +107,8 @@ class DINO(Method):
     def build_criterion(self):
         a = self.args
         return DINOLoss(a["n_prototypes"], student_temp=a["student_temp"],
-                        teacher_temp=a["teacher_temp"], warmup_teacher_temp=a["warmup_teacher_temp"],
+                        teacher_temp=a["teacher_temp"],
+                        warmup_teacher_temp=a["warmup_teacher_temp"],
                         warmup_teacher_temp_epochs=a["warmup_teacher_temp_epochs"],
                         center_momentum=a["center_momentum"], centering=a["centering"],
                         sinkhorn_iterations=a["sinkhorn_iterations"],

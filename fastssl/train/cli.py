@@ -141,7 +141,7 @@ LOADERS = ["auto", "dali", "synthetic"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_imagenet.py",
-        description="Self-supervised pretraining (SimCLR, GroCo, SCE, SogCLR, SFRIK, SwAV, AUH) with fastssl's "
+        description="Self-supervised pretraining (SimCLR, GroCo, SCE, SogCLR, SFRIK, SwAV, AUH, DINO) with fastssl's "
                     "fused losses. With no arguments: a short ResNet-18 run on the generated demo dataset, "
                     "then the k-NN accuracy of the learned features next to a random-init network.",
         epilog="Distributed: torchrun --nproc_per_node=G train_imagenet.py ... (NCCL on GPU, gloo on CPU). "
