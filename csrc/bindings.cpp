@@ -4,6 +4,7 @@
 void init_contrastive_cpu(pybind11::module_& m);
 void init_sortnet_cpu(pybind11::module_& m);
 void init_swav_cpu(pybind11::module_& m);
+void init_dino_cpu(pybind11::module_& m);
 #ifdef FASTSSL_WITH_CUDA
 void init_sortnet_cuda(pybind11::module_& m);
 void init_swav_cuda(pybind11::module_& m);
@@ -32,6 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   init_contrastive_cpu(m);
   init_sortnet_cpu(m);
   init_swav_cpu(m);
+  init_dino_cpu(m);
 #ifdef FASTSSL_WITH_CUDA
   init_sortnet_cuda(m);
   init_swav_cuda(m);

@@ -4,5 +4,7 @@ from fastssl.functional.contrastive import nt_xent, info_nce, dcl, dclw, sogclr,
 from fastssl.functional.sphere import sfrik, sfrik_mmd, auh
 from fastssl.functional.sortnet import groco, soft_sort
 from fastssl.functional.swav import sinkhorn, swav
+from fastssl.functional.dino import dino, dino_center, ibot_patch, koleo
 
-__all__ = ['nt_xent', 'info_nce', 'dcl', 'dclw', 'sogclr', 'sce', 'sfrik', 'sfrik_mmd', 'auh', 'groco', 'soft_sort', 'sinkhorn', 'swav']
+__all__ = ['nt_xent', 'info_nce', 'dcl', 'dclw', 'sogclr', 'sce', 'sfrik', 'sfrik_mmd', 'auh', 'groco', 'soft_sort', 'sinkhorn', 'swav',
+           'dino', 'dino_center', 'ibot_patch', 'koleo']

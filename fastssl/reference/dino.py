@@ -172,7 +172,9 @@ def ibot_patch(student_patches: torch.Tensor, teacher_patches: torch.Tensor,
             target = sinkhorn_knopp_teacher(t, tt, sinkhorn_iterations, n_rows=n_masked,
                                             gather_distributed=use_dist)
     loss = torch.sum(target * F.log_softmax(s / st, dim=-1), dim=-1)  # (M,)
-    weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+    # the counts in the logits' accumulation dtype (DINOv2's float32 division would round 1/3)
+    counts = masks.sum(-1).clamp(min=1).to(accumulation_dtype(student_patches))
+    weight = (1 / counts).unsqueeze(-1).expand_as(masks)[masks]
     total = -(loss * weight).sum() / B
     if use_dist:
         total = dist_utils.reduce_loss(total / dist_utils.world_size())

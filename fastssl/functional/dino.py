@@ -1,0 +1,240 @@
+"""The DINO family: DINO / DINOv2 cross-entropy, the center update, the iBOT patch loss and
+KoLeo (docs/api.md signatures).
+
+Each loss is a ``fastssl._backend.public_loss``: the decorator chooses the backend once (the
+family table ``fastssl.ops.dino.TABLE``, or ``fastssl.reference``), and the function below is
+the fused path run with that name, which it passes to every op it calls (the SwAV ops serve
+the same backend names).
+
+The fused DINO cross-entropy: with L_j = log_softmax(s_j / T_s), the loss is
+sum over pairs (i, j) of -mean_b <q_i, L_j> = sum over student crops j of -mean_b <Q_j, L_j>,
+Q_j the sum of the targets of the teacher crops paired with j. So each student crop is one
+``swav_cross_entropy`` (one log-sum-exp pass per row and the closed-form gradient) against
+Q_j: no (crops x B x K) softmax or log-softmax copy. The targets are made once per teacher
+crop (``dino_teacher_softmax``, or ``sinkhorn`` at epsilon = teacher_temp over all teacher
+crops concatenated, log-domain and stable in float16/bfloat16); every local crop shares one
+Q (the sum of all targets), and a global crop's Q is the sum of the other teacher crops'.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastssl import distributed as dist_utils
+from fastssl._backend import public_loss
+from fastssl._checks_dino import (check_dino, check_dino_center, check_ibot_patch, check_koleo,
+                                  check_koleo_rows)
+from fastssl._validation import accumulation_dtype
+from fastssl.ops import dino as _ops
+from fastssl.ops import swav as _swav_ops
+from fastssl.reference.dino import dino as _ref_dino
+from fastssl.reference.dino import dino_center as _ref_dino_center
+from fastssl.reference.dino import ibot_patch as _ref_ibot_patch
+from fastssl.reference.dino import koleo as _ref_koleo
+
+
+def _use_dist(gather_distributed: bool) -> bool:
+    return bool(gather_distributed) and dist_utils.is_distributed()
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The elementwise sum, one new tensor at most (the single tensor itself when alone)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    out = tensors[0] + tensors[1]
+    for t in tensors[2:]:
+        out.add_(t)
+    return out
+
+
+def _targets(teachers: list[torch.Tensor], center, teacher_temp: float, centering: str,
+             iterations: int, use_dist: bool, backend: str) -> list[torch.Tensor]:
+    """One (B, K) target per teacher crop, in the accumulation dtype, no gradient."""
+    acc = accumulation_dtype(teachers[0])
+    K = teachers[0].shape[1]
+    if centering == "softmax":
+        c = (center.reshape(K) if center is not None
+             else torch.zeros(K, dtype=acc, device=teachers[0].device))
+        return [_ops.teacher_softmax(t, c, teacher_temp, backend) for t in teachers]
+    t = teachers[0] if len(teachers) == 1 else torch.cat([x.detach() for x in teachers])
+    codes = _swav_ops.sinkhorn(t, teacher_temp, iterations, use_dist, backend)
+    return list(codes.chunk(len(teachers)))
+
+
+@public_loss("dino", "dino", _ops.TABLE, _ref_dino)
+def dino(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], *,
+         center: torch.Tensor | None = None, student_temp: float = 0.1,
+         teacher_temp: float = 0.04, centering: str = "softmax", sinkhorn_iterations: int = 3,
+         ignore_diagonal: bool = True, gather_distributed: bool = False,
+         backend) -> torch.Tensor:
+    """DINO / DINOv2 cross-entropy between teacher targets and student crops.
+
+    Args:
+        student_out: list of (B, K) student logits, one per crop (global crops first).
+        teacher_out: list of (B, K) teacher logits of the global crops (at most as many as
+            student crops); no gradient flows into them.
+        center: None or the (1, K) center (``dino_center``), "softmax" centering only.
+        student_temp, teacher_temp: floats > 0.
+        centering: "softmax" (DINO: softmax((t - center) / teacher_temp)) or
+            "sinkhorn_knopp" (DINOv2: Sinkhorn-Knopp at epsilon = teacher_temp over all teacher
+            crops concatenated, over every rank's rows under gather_distributed).
+        sinkhorn_iterations: int >= 0.
+        ignore_diagonal: skip the pair (teacher crop i, student crop i).
+        gather_distributed: the value is the global batch's, the gradient after DDP's average
+            the single-process one.
+
+    Returns:
+        A 0-dim tensor, float32 (float64 for float64 logits): the mean over the pairs of
+        mean_b -sum_k target_i[b, k] log_softmax(s_j[b] / student_temp)[k].
+
+    Example::
+
+        >>> loss = fastssl.functional.dino([s1, s2, s3], [t1, t2], center=c)
+    """
+    students, teachers, center, st, tt, pairs = check_dino(
+        student_out, teacher_out, center, student_temp, teacher_temp, centering,
+        sinkhorn_iterations, ignore_diagonal, gather_distributed)
+    use_dist = _use_dist(gather_distributed)
+    if use_dist:
+        dist_utils.check_equal_batch("student_out[0]", students[0])
+    B = students[0].shape[0]
+    with torch.no_grad():
+        targets = _targets(teachers, center, tt, centering, sinkhorn_iterations, use_dist,
+                           backend)
+    n_t = len(teachers)
+    everything = None  # the target of every crop paired with all teacher crops, made once
+    loss = None
+    for j, s in enumerate(students):
+        paired = [i for i, jj in pairs if jj == j]
+        if not paired:
+            continue
+        if len(paired) == n_t:
+            if everything is None:
+                everything = _sum(targets)
+            q = everything
+        else:
+            q = _sum([targets[i] for i in paired])
+        term = _swav_ops.swav_cross_entropy(s, q, st, backend)
+        loss = term if loss is None else loss + term
+    loss = loss / (B * len(pairs))
+    if use_dist:
+        loss = dist_utils.reduce_loss(loss / dist_utils.world_size())
+    return loss
+
+
+@public_loss("dino_center", "dino", _ops.TABLE, _ref_dino_center)
+@torch.no_grad()
+def dino_center(teacher_out: Sequence[torch.Tensor], center: torch.Tensor, *,
+                momentum: float = 0.9, gather_distributed: bool = False,
+                backend) -> torch.Tensor:
+    """The new EMA center: center * momentum + (1 - momentum) * mean of every teacher row (all
+    crops; all ranks under gather_distributed, one all-reduce of a K-vector). Returns a (1, K)
+    tensor in the center's dtype; the inputs are not modified.
+
+    Example::
+
+        >>> center = fastssl.functional.dino_center([t1, t2], center, momentum=0.9)
+    """
+    del backend  # one sum per crop: no kernel of its own
+    teachers, c = check_dino_center(teacher_out, center, momentum, gather_distributed)
+    use_dist = _use_dist(gather_distributed)
+    acc = accumulation_dtype(teachers[0])
+    total = torch.zeros((1, c.shape[1]), dtype=acc, device=c.device)
+    for t in teachers:
+        total += t.detach().sum(dim=0, keepdim=True, dtype=acc)
+    n = teachers[0].shape[0] * len(teachers)
+    if use_dist:
+        dist_utils.check_equal_batch("teacher_out[0]", teachers[0])
+        dist_utils.all_reduce_sum(total)
+        n = n * dist_utils.world_size()
+    new = c.to(acc) * momentum + (total / n) * (1 - momentum)
+    return new.to(center.dtype)
+
+
+@public_loss("ibot_patch", "dino", _ops.TABLE, _ref_ibot_patch)
+def ibot_patch(student_patches: torch.Tensor, teacher_patches: torch.Tensor,
+               masks: torch.Tensor, *, center: torch.Tensor | None = None,
+               student_temp: float = 0.1, teacher_temp: float = 0.04,
+               centering: str = "softmax", sinkhorn_iterations: int = 3,
+               gather_distributed: bool = False, backend) -> torch.Tensor:
+    """iBOT / DINOv2 masked-patch loss over the masked tokens only.
+
+    Args:
+        student_patches, teacher_patches: (B, P, K) patch logits.
+        masks: (B, P) bool, True where the student's patch was masked.
+        center, student_temp, teacher_temp, centering, sinkhorn_iterations: as :func:`dino`
+            ("sinkhorn_knopp" runs over the masked teacher tokens of every rank).
+        gather_distributed: the value is the global batch's (B summed over ranks).
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64): sum over masked tokens of the
+        cross-entropy, each weighted by 1 / its image's number of masked tokens, divided by B.
+
+    Example::
+
+        >>> loss = fastssl.functional.ibot_patch(s_patches, t_patches, masks, center=c)
+    """
+    center, st, tt = check_ibot_patch(student_patches, teacher_patches, masks, center,
+                                      student_temp, teacher_temp, centering,
+                                      sinkhorn_iterations, gather_distributed)
+    use_dist = _use_dist(gather_distributed)
+    if use_dist:
+        dist_utils.check_equal_batch("student_patches", student_patches)
+    B = masks.shape[0]
+    acc = accumulation_dtype(student_patches)
+    s = student_patches[masks]  # (M, K): the masked tokens only
+    with torch.no_grad():
+        t = teacher_patches.detach()[masks]
+        counts = masks.sum(dim=1)
+        # each token's weight, 1 / its image's masked count, folded into its target row: the
+        # cross-entropy is linear in the target (and its gradient uses the row's target sum)
+        w = (1.0 / counts.clamp(min=1).to(acc)).repeat_interleave(counts, output_size=s.shape[0])
+        if s.shape[0] == 0:
+            q = torch.zeros((0, s.shape[1]), dtype=acc, device=s.device)
+        else:
+            q = _targets([t], center, tt, centering, sinkhorn_iterations, use_dist, backend)[0]
+            q = q * w[:, None]
+    if s.shape[0] == 0:
+        loss = (s.sum() * 0).to(acc)  # no masked token: zero, with a (zero) gradient
+    else:
+        loss = _swav_ops.swav_cross_entropy(s, q, st, backend) / B
+    if use_dist:
+        loss = dist_utils.reduce_loss(loss / dist_utils.world_size())
+    return loss
+
+
+@public_loss("koleo", "dino", _ops.TABLE, _ref_koleo)
+def koleo(z: torch.Tensor, *, eps: float = 1e-8, gather_distributed: bool = False,
+          backend) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser: -mean over rows of log(||x_i - x_nn(i) + eps|| + eps), with
+    x = normalize(z) and nn(i) the nearest other row by inner product (searched tile by tile,
+    no N x N matrix; the gradient flows through the chosen pair only). Under
+    gather_distributed the neighbour is searched among every rank's rows.
+
+    Args:
+        z: (N, D) float tensor, at least 2 rows in the (global) batch. eps: float > 0.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 z).
+
+    Example::
+
+        >>> reg = fastssl.functional.koleo(cls_tokens)
+    """
+    eps = check_koleo(z, eps, gather_distributed)
+    use_dist = _use_dist(gather_distributed)
+    x = F.normalize(z.to(accumulation_dtype(z)), eps=eps, p=2, dim=-1)
+    if use_dist:
+        x_all = dist_utils.gather(x, name="z")
+        offset = dist_utils.row_offset(x.shape[0])
+    else:
+        x_all, offset = x, 0
+    check_koleo_rows(z, x_all.shape[0])
+    idx = _ops.nearest_neighbor(x, x_all, offset, backend)
+    distances = F.pairwise_distance(x, x_all.index_select(0, idx), p=2, eps=eps)
+    loss = -torch.log(distances + eps)
+    if use_dist:
+        return dist_utils.reduce_loss(loss.sum() / x_all.shape[0])
+    return loss.mean()
