@@ -150,6 +150,37 @@ def check_ibot_patch(student_patches, teacher_patches, masks, center, student_te
     return center, st, tt
 
 
+def check_ibot_patch_masked(student_tokens, teacher_tokens, masks, center, student_temp,
+                            teacher_temp, centering, sinkhorn_iterations, gather_distributed):
+    """The masked-token form (DINOv2's forward_masked, lightly's IBOTPatchLoss): (M, K) tokens
+    and a (B, ...) bool mask with M True entries. Returns (center, student_temp, teacher_temp)."""
+    check_tensor("student_tokens", student_tokens, ndim=2, min_rows=0)
+    check_tensor("teacher_tokens", teacher_tokens, ndim=2, min_rows=0)
+    if teacher_tokens.shape != student_tokens.shape:
+        raise ValueError(f"teacher_tokens: expected shape {tuple(student_tokens.shape)} (the "
+                         f"shape of student_tokens), got {tuple(teacher_tokens.shape)}")
+    if not isinstance(masks, torch.Tensor):
+        raise TypeError(f"masks: expected a (B, ...) bool tensor, got {type(masks).__name__}")
+    if masks.dtype != torch.bool:
+        raise TypeError(f"masks: expected dtype torch.bool, got {masks.dtype}")
+    if masks.dim() < 2 or masks.shape[0] < 1:
+        raise ValueError(f"masks: expected a (B, ...) tensor with B >= 1 and one flag per "
+                         f"patch, got shape {tuple(masks.shape)}")
+    check_same_device([("student_tokens", student_tokens), ("teacher_tokens", teacher_tokens),
+                       ("masks", masks)])
+    n = int(masks.sum())  # one host read: the tokens must be the masked ones
+    if n != student_tokens.shape[0]:
+        raise ValueError(f"masks: expected {student_tokens.shape[0]} True entries (one per row "
+                         f"of student_tokens), got {n}")
+    K = student_tokens.shape[1]
+    st = _check_temperature("student_temp", student_temp, accumulation_dtype(student_tokens))
+    tt = _check_temperature("teacher_temp", teacher_temp, accumulation_dtype(teacher_tokens))
+    check_centering(centering, center, sinkhorn_iterations)
+    center = check_center(center, K, student_tokens)
+    check_flag("gather_distributed", gather_distributed)
+    return center, st, tt
+
+
 def check_koleo(z, eps, gather_distributed) -> float:
     """Returns eps as a float."""
     check_embeddings("z", z)

@@ -8,8 +8,8 @@ N x N matrix). Under ``gather_distributed=True`` each rank returns lightly's per
 (the mean over its own rows) and, after DDP's gradient average, the parameters get lightly's
 gradient (the single-process gradient of the global batch).
 
-lightly's DINO family (``DINOLoss``, ``IBOTPatchLoss``, ``KoLeoLoss``) is added here with the
-DINO issue, once fastssl has those losses.
+lightly's DINO family: ``DINOLoss``, ``IBOTPatchLoss`` and ``KoLeoLoss`` (lightly 1.5.26's
+signatures, call forms and center buffers), on fastssl's DINO ops.
 """
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ from torch import Tensor, nn
 
 from fastssl import distributed as dist_utils
 from fastssl import functional
+from fastssl.functional.dino import ibot_patch_masked as _ibot_patch_masked
+from fastssl.functional.dino import koleo_lp as _koleo_lp
 
 __all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "SwaVLoss", "sinkhorn",
-           "negative_mises_fisher_weights"]
+           "negative_mises_fisher_weights", "DINOLoss", "IBOTPatchLoss", "KoLeoLoss"]
 
 
 def _check_distributed_available(name: str, flag: bool) -> None:
@@ -255,3 +257,159 @@ class SwaVLoss(nn.Module):
                                    queue_scores=queue,
                                    gather_distributed=self.sinkhorn_gather_distributed)
         return loss.reshape(1)
+
+
+# ---- the DINO family -------------------------------------------------------------------------
+
+_CENTER_MODES = ("mean",)
+
+
+def _check_center_mode(center_mode: str) -> None:
+    if center_mode not in _CENTER_MODES:
+        raise ValueError(f"Unknown mode '{center_mode}'. Valid modes are {sorted(_CENTER_MODES)}.")
+
+
+def _float32_value(x) -> float:
+    """lightly holds temperatures as float32 tensors (torch.tensor(t), torch.linspace): the
+    same rounded value, as a Python float."""
+    return float(torch.tensor(float(x), dtype=torch.float32))
+
+
+@torch.no_grad()
+def _center_mean(x: Tensor) -> Tensor:
+    """lightly's center_mean over every dimension but the last: the local mean, then averaged
+    over ranks when torch.distributed is initialised."""
+    batch_center = torch.mean(x, dim=tuple(range(x.dim() - 1)))
+    if dist_utils.is_distributed():
+        dist_utils.all_reduce_sum(batch_center)
+        batch_center = batch_center / dist_utils.world_size()
+    return batch_center
+
+
+class DINOLoss(nn.Module):
+    """lightly 1.5.26's ``DINOLoss(output_dim=65536, warmup_teacher_temp=0.04,
+    teacher_temp=0.04, warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9,
+    center_mode="mean")``, ``forward(teacher_out, student_out, teacher_temp=None, epoch=None)``
+    with lists of (B, K) logits per view, on :func:`fastssl.functional.dino` (one fused
+    cross-entropy per student view against its summed teacher targets, no stacked softmax or
+    log-softmax copies).
+
+    As lightly: the buffer ``center`` (1, 1, K) and the float32 ``teacher_temp_schedule``
+    (``torch.linspace``); the temperature is ``teacher_temp`` when given, else the schedule's
+    value at ``epoch`` during the warm-up, else the constructor's ``teacher_temp``; the pairs
+    (teacher view i, student view j), j != i, averaged; the center updated after the loss with
+    the mean of the teacher outputs (averaged over ranks when torch.distributed is
+    initialised); each rank's value is its own batch's.
+
+    Deliberate differences: more teacher views than student views is a ``ValueError`` (lightly
+    accepts it); float16/bfloat16 logits give a float32 loss.
+    """
+
+    def __init__(self, output_dim: int = 65536, warmup_teacher_temp: float = 0.04,
+                 teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
+                 student_temp: float = 0.1, center_momentum: float = 0.9,
+                 center_mode: str = "mean") -> None:
+        super().__init__()
+        self.teacher_temp = teacher_temp
+        self.student_temp = student_temp
+        _check_center_mode(center_mode)
+        self.center_mode = center_mode
+        self.register_buffer("center", torch.zeros(1, 1, output_dim))
+        self.center_momentum = center_momentum
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.teacher_temp_schedule = torch.linspace(start=warmup_teacher_temp, end=teacher_temp,
+                                                    steps=warmup_teacher_temp_epochs)
+
+    def _temperature(self, teacher_temp, epoch) -> float:
+        if teacher_temp is not None:
+            return _float32_value(teacher_temp)
+        if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
+            return float(self.teacher_temp_schedule[epoch])
+        return _float32_value(self.teacher_temp)
+
+    def forward(self, teacher_out: List[Tensor], student_out: List[Tensor],
+                teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> Tensor:
+        for name, value in (("teacher_out", teacher_out), ("student_out", student_out)):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"{name}: expected a list of (batch_size, output_dim) tensors, "
+                                f"one per view, got {type(value).__name__}")
+        temp = self._temperature(teacher_temp, epoch)
+        K = self.center.shape[-1]
+        loss = functional.dino(list(student_out), list(teacher_out),
+                               center=self.center.reshape(1, K), student_temp=self.student_temp,
+                               teacher_temp=temp, centering="softmax", ignore_diagonal=True)
+        self.update_center(torch.stack([t.detach() for t in teacher_out]))
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Tensor) -> None:
+        """lightly's moving-average update from the stacked (views, B, K) teacher outputs."""
+        batch_center = _center_mean(teacher_out).reshape(self.center.shape)
+        m = self.center_momentum
+        self.center.data = self.center * m + batch_center * (1 - m)
+
+
+class _Center(nn.Module):
+    """lightly's ``Center`` (the buffer ``center`` of size (1, K), mean mode), so that the
+    compat IBOTPatchLoss has lightly's state_dict keys (``center.center``)."""
+
+    def __init__(self, size, mode: str = "mean", momentum: float = 0.9) -> None:
+        super().__init__()
+        _check_center_mode(mode)
+        self.size = tuple(size)
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(self.size))
+
+    @property
+    def value(self) -> Tensor:
+        return self.center
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        batch_center = _center_mean(x).reshape(self.center.shape)
+        self.center = self.center * self.momentum + batch_center * (1 - self.momentum)
+
+
+class IBOTPatchLoss(nn.Module):
+    """lightly 1.5.26's ``IBOTPatchLoss(output_dim=65536, teacher_temp=0.04, student_temp=0.1,
+    center_mode="mean", center_momentum=0.9)``, ``forward(teacher_out, student_out, mask,
+    teacher_temp=None)``: (M, K) teacher and student outputs of the M masked tokens and the
+    (B, H, W) bool mask with M True entries; on :func:`fastssl.functional.ibot_patch`'s fused
+    path (per token the cross-entropy of softmax((t - center) / T_t) against the student's
+    log-softmax, weighted by 1 / the image's masked count, summed and divided by B). The
+    center (``center.center``, (1, K)) is updated after the loss with the mean teacher token.
+
+    Deliberate differences: a mask whose True count is not M is a ``ValueError`` naming
+    ``masks``; float16/bfloat16 outputs give a float32 loss.
+    """
+
+    def __init__(self, output_dim: int = 65536, teacher_temp: float = 0.04,
+                 student_temp: float = 0.1, center_mode: str = "mean",
+                 center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.teacher_temp = teacher_temp
+        self.student_temp = student_temp
+        self.center = _Center(size=(1, output_dim), mode=center_mode, momentum=center_momentum)
+
+    def forward(self, teacher_out: Tensor, student_out: Tensor, mask: Tensor,
+                teacher_temp: Optional[float] = None) -> Tensor:
+        temp = _float32_value(self.teacher_temp if teacher_temp is None else teacher_temp)
+        loss = _ibot_patch_masked(student_out, teacher_out, mask, center=self.center.value,
+                                  student_temp=self.student_temp, teacher_temp=temp)
+        self.center.update(teacher_out.detach())
+        return loss
+
+
+class KoLeoLoss(nn.Module):
+    """lightly 1.5.26's ``KoLeoLoss(p=2, eps=1e-8)``, ``forward(x)`` on (B, D) features: each
+    row's nearest other row (largest cosine, searched tile by tile, no B x B matrix), its
+    p-norm distance with ``PairwiseDistance(p, eps)``, -mean log(distance + eps).
+    Deliberate difference: float16/bfloat16 features give a float32 loss."""
+
+    def __init__(self, p: float = 2, eps: float = 1e-8):
+        super().__init__()
+        self.p = p
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _koleo_lp(x, p=float(self.p), eps=self.eps)

@@ -24,15 +24,17 @@ import torch.nn.functional as F
 
 from fastssl import distributed as dist_utils
 from fastssl._backend import public_loss
-from fastssl._checks_dino import (check_dino, check_dino_center, check_ibot_patch, check_koleo,
-                                  check_koleo_rows)
-from fastssl._validation import accumulation_dtype
+from fastssl._checks_dino import (check_dino, check_dino_center, check_ibot_patch,
+                                  check_ibot_patch_masked, check_koleo, check_koleo_rows)
+from fastssl._validation import accumulation_dtype, check_positive
 from fastssl.ops import dino as _ops
 from fastssl.ops import swav as _swav_ops
 from fastssl.reference.dino import dino as _ref_dino
 from fastssl.reference.dino import dino_center as _ref_dino_center
 from fastssl.reference.dino import ibot_patch as _ref_ibot_patch
+from fastssl.reference.dino import ibot_patch_masked as _ref_ibot_patch_masked
 from fastssl.reference.dino import koleo as _ref_koleo
+from fastssl.reference.dino import koleo_lp as _ref_koleo_lp
 
 
 def _use_dist(gather_distributed: bool) -> bool:
@@ -179,14 +181,34 @@ def ibot_patch(student_patches: torch.Tensor, teacher_patches: torch.Tensor,
     center, st, tt = check_ibot_patch(student_patches, teacher_patches, masks, center,
                                       student_temp, teacher_temp, centering,
                                       sinkhorn_iterations, gather_distributed)
+    return _ibot_masked(student_patches[masks], teacher_patches.detach()[masks], masks, center,
+                        st, tt, centering, sinkhorn_iterations, gather_distributed, backend)
+
+
+@public_loss("ibot_patch", "dino", _ops.TABLE, _ref_ibot_patch_masked)
+def ibot_patch_masked(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor,
+                      masks: torch.Tensor, *, center: torch.Tensor | None = None,
+                      student_temp: float = 0.1, teacher_temp: float = 0.04,
+                      centering: str = "softmax", sinkhorn_iterations: int = 3,
+                      gather_distributed: bool = False, backend) -> torch.Tensor:
+    """:func:`ibot_patch` on the masked tokens already selected (DINOv2's ``forward_masked``,
+    lightly's ``IBOTPatchLoss``): (M, K) student and teacher tokens in the order of the True
+    entries of ``masks`` ((B, ...) bool, M of them). Checking M costs one host read."""
+    center, st, tt = check_ibot_patch_masked(student_tokens, teacher_tokens, masks, center,
+                                             student_temp, teacher_temp, centering,
+                                             sinkhorn_iterations, gather_distributed)
+    return _ibot_masked(student_tokens, teacher_tokens.detach(), masks.flatten(1), center, st,
+                        tt, centering, sinkhorn_iterations, gather_distributed, backend)
+
+
+def _ibot_masked(s, t, masks, center, st, tt, centering, sinkhorn_iterations,
+                 gather_distributed, backend):
     use_dist = _use_dist(gather_distributed)
     if use_dist:
-        dist_utils.check_equal_batch("student_patches", student_patches)
+        dist_utils.check_equal_batch("masks", masks)
     B = masks.shape[0]
-    acc = accumulation_dtype(student_patches)
-    s = student_patches[masks]  # (M, K): the masked tokens only
+    acc = accumulation_dtype(s)
     with torch.no_grad():
-        t = teacher_patches.detach()[masks]
         counts = masks.sum(dim=1)
         # each token's weight, 1 / its image's masked count, folded into its target row: the
         # cross-entropy is linear in the target (and its gradient uses the row's target sum)
@@ -223,6 +245,18 @@ def koleo(z: torch.Tensor, *, eps: float = 1e-8, gather_distributed: bool = Fals
 
         >>> reg = fastssl.functional.koleo(cls_tokens)
     """
+    return _koleo(z, 2.0, eps, gather_distributed, backend)
+
+
+@public_loss("koleo", "dino", _ops.TABLE, _ref_koleo_lp)
+def koleo_lp(z: torch.Tensor, *, p: float = 2.0, eps: float = 1e-8,
+             gather_distributed: bool = False, backend) -> torch.Tensor:
+    """:func:`koleo` with the distance to the neighbour in the p-norm (lightly's
+    ``KoLeoLoss(p)``); the neighbour is still the largest inner product."""
+    return _koleo(z, check_positive("p", p), eps, gather_distributed, backend)
+
+
+def _koleo(z, p, eps, gather_distributed, backend):
     eps = check_koleo(z, eps, gather_distributed)
     use_dist = _use_dist(gather_distributed)
     x = F.normalize(z.to(accumulation_dtype(z)), eps=eps, p=2, dim=-1)
@@ -233,7 +267,7 @@ def koleo(z: torch.Tensor, *, eps: float = 1e-8, gather_distributed: bool = Fals
         x_all, offset = x, 0
     check_koleo_rows(z, x_all.shape[0])
     idx = _ops.nearest_neighbor(x, x_all, offset, backend)
-    distances = F.pairwise_distance(x, x_all.index_select(0, idx), p=2, eps=eps)
+    distances = F.pairwise_distance(x, x_all.index_select(0, idx), p=p, eps=eps)
     loss = -torch.log(distances + eps)
     if use_dist:
         return dist_utils.reduce_loss(loss.sum() / x_all.shape[0])

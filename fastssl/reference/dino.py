@@ -25,6 +25,7 @@ from fastssl._checks_dino import (
     check_dino,
     check_dino_center,
     check_ibot_patch,
+    check_ibot_patch_masked,
     check_koleo,
     check_koleo_rows,
 )
@@ -156,13 +157,33 @@ def ibot_patch(student_patches: torch.Tensor, teacher_patches: torch.Tensor,
     center, st, tt = check_ibot_patch(student_patches, teacher_patches, masks, center,
                                       student_temp, teacher_temp, centering,
                                       sinkhorn_iterations, gather_distributed)
+    return _ibot_masked(student_patches[masks], teacher_patches[masks], masks, center, st, tt,
+                        centering, sinkhorn_iterations, gather_distributed)
+
+
+def ibot_patch_masked(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor,
+                      masks: torch.Tensor, *, center: torch.Tensor | None = None,
+                      student_temp: float = 0.1, teacher_temp: float = 0.04,
+                      centering: str = "softmax", sinkhorn_iterations: int = 3,
+                      gather_distributed: bool = False) -> torch.Tensor:
+    """:func:`ibot_patch` on the masked tokens already selected (DINOv2's ``forward_masked``,
+    lightly's ``IBOTPatchLoss``): (M, K) tokens in the order of ``masks``' True entries, masks
+    (B, ...) bool with M True entries."""
+    center, st, tt = check_ibot_patch_masked(student_tokens, teacher_tokens, masks, center,
+                                             student_temp, teacher_temp, centering,
+                                             sinkhorn_iterations, gather_distributed)
+    return _ibot_masked(student_tokens, teacher_tokens, masks.flatten(1), center, st, tt,
+                        centering, sinkhorn_iterations, gather_distributed)
+
+
+def _ibot_masked(s, t, masks, center, st, tt, centering, sinkhorn_iterations,
+                 gather_distributed):
     use_dist = _use_dist(gather_distributed)
     if use_dist:
-        dist_utils.check_equal_batch("student_patches", student_patches)
+        dist_utils.check_equal_batch("masks", masks)
     B = masks.shape[0]
-    s = student_patches[masks]  # (M, K)
     with torch.no_grad():
-        t = teacher_patches.detach()[masks]
+        t = t.detach()
         if centering == "softmax":
             target = softmax_center_teacher(t, center, tt)
         else:
@@ -173,7 +194,7 @@ def ibot_patch(student_patches: torch.Tensor, teacher_patches: torch.Tensor,
                                             gather_distributed=use_dist)
     loss = torch.sum(target * F.log_softmax(s / st, dim=-1), dim=-1)  # (M,)
     # the counts in the logits' accumulation dtype (DINOv2's float32 division would round 1/3)
-    counts = masks.sum(-1).clamp(min=1).to(accumulation_dtype(student_patches))
+    counts = masks.sum(-1).clamp(min=1).to(accumulation_dtype(s))
     weight = (1 / counts).unsqueeze(-1).expand_as(masks)[masks]
     total = -(loss * weight).sum() / B
     if use_dist:
@@ -187,7 +208,15 @@ def koleo(z: torch.Tensor, *, eps: float = 1e-8, gather_distributed: bool = Fals
     product (the diagonal of x x^T filled below any cosine); loss = -mean log(pdist + eps) with
     pdist = ||x_i - x_nn(i) + eps|| (torch's PairwiseDistance). Under gather_distributed the
     neighbour is searched among the rows of every rank and the mean is over the global batch."""
+    return koleo_lp(z, p=2.0, eps=eps, gather_distributed=gather_distributed)
+
+
+def koleo_lp(z: torch.Tensor, *, p: float = 2.0, eps: float = 1e-8,
+             gather_distributed: bool = False) -> torch.Tensor:
+    """:func:`koleo` with the distance to the neighbour in the p-norm (lightly's KoLeoLoss(p));
+    the neighbour is still the largest inner product."""
     eps = check_koleo(z, eps, gather_distributed)
+    p = check_positive("p", p)
     use_dist = _use_dist(gather_distributed)
     x = F.normalize(z, eps=eps, p=2, dim=-1)
     if use_dist:
@@ -201,7 +230,7 @@ def koleo(z: torch.Tensor, *, eps: float = 1e-8, gather_distributed: bool = Fals
     own = torch.arange(n, device=z.device)
     dots[own, own + offset] = -2.0  # never its own neighbour (cosines are >= -1)
     _, idx = torch.max(dots, dim=1)
-    distances = F.pairwise_distance(x, x_all[idx], p=2, eps=eps)
+    distances = F.pairwise_distance(x, x_all[idx], p=p, eps=eps)
     loss = -torch.log(distances + eps)
     if use_dist:
         return dist_utils.reduce_loss(loss.sum() / x_all.shape[0])
