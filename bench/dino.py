@@ -1,26 +1,18 @@
 """DINO family benchmark: ``dino`` and ``koleo``, forward+backward, providers interleaved.
 
     python -m bench.dino [--quick] [--device cpu|cuda] [--dtypes float32,bfloat16] [--reps N]
-                         [--out FILE.json]
+                         [--ops dino,koleo] [--out FILE.json]
 
-dino (issue 28's rows): K = 65,536, B = 256, 2 + 10 crops and K = 262,144, B = 64, 2 + 6
-crops; koleo: N = 8,192, D = 256. ``--quick``: the same crop counts at small K / B / N.
-Providers, called in turn within each repetition (so load drifts hit them alike):
-
-* ``fastssl``: ``fastssl.functional.dino`` / ``koleo`` (whatever backend it picks);
-* ``eager``: PyTorch written as lightly writes DINOLoss (stacked crops, a softmax copy of every
-  teacher crop, a log-softmax copy of every student crop, one einsum) and as DINOv2 writes
-  KoLeo (N x N similarity, max, PairwiseDistance);
-* ``lightly``: lightly's own ``DINOLoss`` / ``KoLeoLoss``, where lightly is importable (its
-  loss modules are loaded from their files, without lightly's package inits that import
-  torchvision). Its DINOLoss also updates its centre: one (1, K) mean, included.
-
-Reported per case: median and p20/p80 of the per-call times (ms), each provider's ratio to
-fastssl (> 1: fastssl faster), and the peak memory growth of one call beyond the inputs *and
-beyond the student gradient* (which every implementation must return): on CUDA
-max_memory_allocated growth, on CPU the growth of the resident set's high-water mark (reset
-through /proc/self/clear_refs after gc and malloc_trim). Self-contained: imports nothing from
-bench's other modules.
+dino (issue 28): K = 65,536, B = 256, 2 + 10 crops and K = 262,144, B = 64, 2 + 6 crops;
+koleo: N = 8,192, D = 256; ``--quick``: the same crop counts at small K, B, N. Providers, in
+turn within each repetition: ``fastssl`` (``fastssl.functional``), ``eager`` (PyTorch as
+lightly writes DINOLoss: stacked crops, softmax / log-softmax copies, one einsum; KoLeo as
+DINOv2: N x N similarity, max, PairwiseDistance) and ``lightly`` (its DINOLoss / KoLeoLoss,
+loaded from their files where lightly is importable; its DINOLoss also updates its centre).
+Per case: median, p20/p80 (ms), ratio to fastssl (> 1: fastssl faster) and the peak memory
+growth of one call beyond the inputs and the student gradient (CUDA: max_memory_allocated;
+CPU: the RSS high-water mark, reset via /proc/self/clear_refs after gc and malloc_trim).
+Self-contained: imports nothing from bench's other modules.
 """
 from __future__ import annotations
 
@@ -154,10 +146,15 @@ def bench_case(providers: dict, leaves, reps: int, device) -> dict:
         return (time.perf_counter() - t0) * 1e3
 
     grad_bytes = sum(x.numel() * x.element_size() for x in leaves)
-    rows = {}
-    for name, fn in providers.items():       # warm-up, and the memory of one call
-        for _ in range(2):
-            step(fn)
+    rows, failed = {}, {}
+    for name, fn in list(providers.items()):  # warm-up, and the memory of one call
+        try:
+            for _ in range(2):
+                step(fn)
+        except (RuntimeError, ValueError, TypeError) as e:   # a peer that cannot run this case
+            failed[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            del providers[name]
+            continue
         for x in leaves:
             x.grad = None
         mem = peak_growth(lambda: step(fn), device)
@@ -173,7 +170,7 @@ def bench_case(providers: dict, leaves, reps: int, device) -> dict:
     base = rows["fastssl"]["median_ms"]
     for row in rows.values():
         row["ratio_to_fastssl"] = row["median_ms"] / base
-    return rows
+    return {**rows, **failed}
 
 
 # --- cases ---------------------------------------------------------------------------------------
@@ -206,7 +203,7 @@ def dino_case(size, dtype, device, lightly_dino):
     }
     if lightly_dino is not None:
         mod = lightly_dino(K, warmup_teacher_temp=TEACHER_TEMP, teacher_temp=TEACHER_TEMP,
-                           student_temp=STUDENT_TEMP).to(device)
+                           student_temp=STUDENT_TEMP).to(device=device, dtype=dtype)
         providers["lightly"] = lambda: mod(teacher, student)
     return providers, student
 
@@ -250,6 +247,9 @@ def main(argv=None):
                                 "mode": "forward+backward"})
                 shape = ", ".join(f"{k}={v}" for k, v in size.items())
                 for name, r in rows.items():
+                    if "error" in r:
+                        print(f"{op:5s} {shape:40s} {dtype_name:8s} {name:8s} failed: {r['error']}")
+                        continue
                     mem = r["peak_beyond_grad_mb"]
                     print(f"{op:5s} {shape:40s} {dtype_name:8s} {name:8s} "
                           f"median {r['median_ms']:10.2f} ms (p20 {r['p20_ms']:.2f}, p80 "

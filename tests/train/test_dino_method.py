@@ -176,6 +176,10 @@ def _assert_equal(a, b):
         assert a.keys() == b.keys()
         for k in a:
             _assert_equal(a[k], b[k])
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_equal(x, y)
     elif isinstance(a, torch.Tensor):
         assert torch.equal(a, b)
     else:
