@@ -54,7 +54,7 @@ TARGETS = (80, 90)
 # Largest shared memory one block may use (opt-in maximum): A100 163 KiB, H100/H200 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 FAMILIES = tuple(os.environ.get("FASTSSL_STATIC_FAMILIES",
-                               "contrastive,sphere,swav,sortnet").split(","))
+                               "contrastive,sphere,swav,sortnet,dino").split(","))
 
 
 def _env_for_compile():
@@ -153,6 +153,15 @@ def _cases():
                         lambda s=s, q=q: KW.swav_cross_entropy(s, q, 0.1, False)))
             out.append(("swav", "cross_entropy[grad]", dn, size,
                         lambda s=s, q=q: KW.swav_cross_entropy(s, q, 0.1, True)))
+
+    # dino: KoLeo's neighbour search (float32 and float64 rows; the teacher softmax is swav's
+    # rowpass above): a small batch (16-row tiles, 32-wide feature chunks) and the large one.
+    from fastssl.kernels import dino as KD
+    for dn, dt in (("fp32", torch.float32), ("fp64", torch.float64)):
+        for n, d in ((16, 32), (8192, 256)):
+            x = torch.empty(n, d, dtype=dt, **meta)
+            out.append(("dino", "nearest", dn, f"N={n},D={d}",
+                        lambda x=x: KD.nearest_neighbor(x, x, 0)))
 
     # sortnet: float32 (the ops' dtype on a GPU; half inputs run in float32) and float64; every
     # distribution (a constexpr branch); the real comparator tables of the benchmark and GroCo

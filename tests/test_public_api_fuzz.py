@@ -35,7 +35,7 @@ def _tensor_mutations(x: torch.Tensor, allow_device: bool):
     yield "one column more", torch.cat([x, x[:, :1]], 1)
     for dtype in (torch.int64, torch.int32, torch.bool, torch.uint8):
         yield f"dtype {dtype}", x.to(dtype)
-    yield "non-contiguous", x.t().contiguous().t()
+    yield "non-contiguous", x.transpose(0, -1).contiguous().transpose(0, -1)
     yield "expanded stride 0", x[:1].expand_as(x)
     yield "empty batch", x[:0]
     yield "a list", x.tolist()
@@ -190,6 +190,37 @@ TARGETS = {
               "n_assign_crops": ("int", 2), "temperature": ("pos", 0.1), "epsilon": ("pos", 0.05),
               "sinkhorn_iterations": ("int", 3), "queue_scores": ("queue_scores", None),
               "gather_distributed": ("flag", False)}),
+    "dino": (lambda a: functional.dino(a["student_out"], a["teacher_out"], center=a["center"],
+                                      student_temp=a["student_temp"],
+                                      teacher_temp=a["teacher_temp"], centering=a["centering"],
+                                      sinkhorn_iterations=a["sinkhorn_iterations"],
+                                      ignore_diagonal=a["ignore_diagonal"],
+                                      gather_distributed=a["gather_distributed"]),
+             {"student_out": ("views", [_t(1, B, 7), _t(2, B, 7), _t(3, B, 7)]),
+              "teacher_out": ("views", [_t(4, B, 7), _t(5, B, 7)]),
+              "center": ("tensor", _t(6, 1, 7)), "student_temp": ("pos", 0.1),
+              "teacher_temp": ("pos", 0.04), "centering": ("choice", "softmax"),
+              "sinkhorn_iterations": ("int", 3), "ignore_diagonal": ("flag", True),
+              "gather_distributed": ("flag", False)}),
+    "dino_center": (lambda a: functional.dino_center(a["teacher_out"], a["center"],
+                                                    momentum=a["momentum"],
+                                                    gather_distributed=a["gather_distributed"]),
+                    {"teacher_out": ("views", [_t(4, B, 7), _t(5, B, 7)]),
+                     "center": ("tensor", _t(6, 1, 7)), "momentum": ("unit", 0.9),
+                     "gather_distributed": ("flag", False)}),
+    "ibot_patch": (lambda a: functional.ibot_patch(a["student_patches"], a["teacher_patches"],
+                                                  a["masks"], student_temp=a["student_temp"],
+                                                  teacher_temp=a["teacher_temp"],
+                                                  centering=a["centering"],
+                                                  gather_distributed=a["gather_distributed"]),
+                   {"student_patches": ("tensor", _t(1, B * 4, 7).reshape(B, 4, 7)),
+                    "teacher_patches": ("tensor", _t(2, B * 4, 7).reshape(B, 4, 7)),
+                    "masks": ("tensor", _t(3, B, 4) > 0), "student_temp": ("pos", 0.1),
+                    "teacher_temp": ("pos", 0.04), "centering": ("choice", "sinkhorn_knopp"),
+                    "gather_distributed": ("flag", False)}),
+    "koleo": (lambda a: functional.koleo(a["z"], eps=a["eps"],
+                                        gather_distributed=a["gather_distributed"]),
+              {"z": ("tensor", _t(1)), "eps": ("pos", 1e-8), "gather_distributed": ("flag", False)}),
     # modules: constructor and forward arguments in one namespace
     "NTXentLoss": (lambda a: L.NTXentLoss(a["temperature"],
                                                    gather_distributed=a["gather_distributed"])(a["z1"], a["z2"]),
@@ -232,6 +263,20 @@ TARGETS = {
                   "epsilon": ("pos", 0.05), "sinkhorn_iterations": ("int", 3),
                   "n_assign_crops": ("int", 2), "queue_length": ("int", 12),
                   "embeddings": ("views", [_t(4), _t(5)]), "prototypes": ("tensor", _t(6, 7, D))}),
+    "DINOLoss": (lambda a: L.DINOLoss(7, a["student_temp"], a["teacher_temp"],
+                                      centering=a["centering"])(a["student_out"],
+                                                                a["teacher_out"], a["epoch"]),
+                 {"student_out": ("views", [_t(1, B, 7), _t(2, B, 7), _t(3, B, 7)]),
+                  "teacher_out": ("views", [_t(4, B, 7), _t(5, B, 7)]),
+                  "student_temp": ("pos", 0.1), "teacher_temp": ("pos", 0.04),
+                  "centering": ("choice", "softmax"), "epoch": ("int", 2)}),
+    "IBOTPatchLoss": (lambda a: L.IBOTPatchLoss(7, a["student_temp"])(
+                          a["student_patches"], a["teacher_patches"], a["masks"]),
+                      {"student_patches": ("tensor", _t(1, B * 4, 7).reshape(B, 4, 7)),
+                       "teacher_patches": ("tensor", _t(2, B * 4, 7).reshape(B, 4, 7)),
+                       "masks": ("tensor", _t(3, B, 4) > 0), "student_temp": ("pos", 0.1)}),
+    "KoLeoLoss": (lambda a: L.KoLeoLoss(a["eps"])(a["z"]),
+                  {"z": ("tensor", _t(1)), "eps": ("pos", 1e-8)}),
 }
 
 

@@ -8,7 +8,7 @@ N x N matrix). Under ``gather_distributed=True`` each rank returns lightly's per
 (the mean over its own rows) and, after DDP's gradient average, the parameters get lightly's
 gradient (the single-process gradient of the global batch).
 
-lightly's DINO family: ``DINOLoss``, ``IBOTPatchLoss`` and ``KoLeoLoss`` (lightly 1.5.26's
+lightly's DINO family: ``DINOLoss``, ``IBOTPatchLoss`` and ``KoLeoLoss`` (lightly 1.6.0's
 signatures, call forms and center buffers), on fastssl's DINO ops.
 """
 from __future__ import annotations
@@ -287,7 +287,7 @@ def _center_mean(x: Tensor) -> Tensor:
 
 
 class DINOLoss(nn.Module):
-    """lightly 1.5.26's ``DINOLoss(output_dim=65536, warmup_teacher_temp=0.04,
+    """lightly 1.6.0's ``DINOLoss(output_dim=65536, warmup_teacher_temp=0.04,
     teacher_temp=0.04, warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9,
     center_mode="mean")``, ``forward(teacher_out, student_out, teacher_temp=None, epoch=None)``
     with lists of (B, K) logits per view, on :func:`fastssl.functional.dino` (one fused
@@ -371,7 +371,7 @@ class _Center(nn.Module):
 
 
 class IBOTPatchLoss(nn.Module):
-    """lightly 1.5.26's ``IBOTPatchLoss(output_dim=65536, teacher_temp=0.04, student_temp=0.1,
+    """lightly 1.6.0's ``IBOTPatchLoss(output_dim=65536, teacher_temp=0.04, student_temp=0.1,
     center_mode="mean", center_momentum=0.9)``, ``forward(teacher_out, student_out, mask,
     teacher_temp=None)``: (M, K) teacher and student outputs of the M masked tokens and the
     (B, H, W) bool mask with M True entries; on :func:`fastssl.functional.ibot_patch`'s fused
@@ -401,7 +401,7 @@ class IBOTPatchLoss(nn.Module):
 
 
 class KoLeoLoss(nn.Module):
-    """lightly 1.5.26's ``KoLeoLoss(p=2, eps=1e-8)``, ``forward(x)`` on (B, D) features: each
+    """lightly 1.6.0's ``KoLeoLoss(p=2, eps=1e-8)``, ``forward(x)`` on (B, D) features: each
     row's nearest other row (largest cosine, searched tile by tile, no B x B matrix), its
     p-norm distance with ``PairwiseDistance(p, eps)``, -mean log(distance + eps).
     Deliberate difference: float16/bfloat16 features give a float32 loss."""

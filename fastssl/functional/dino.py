@@ -62,7 +62,7 @@ def _targets(teachers: list[torch.Tensor], center, teacher_temp: float, centerin
         return [_ops.teacher_softmax(t, c, teacher_temp, backend) for t in teachers]
     t = teachers[0] if len(teachers) == 1 else torch.cat([x.detach() for x in teachers])
     codes = _swav_ops.sinkhorn(t, teacher_temp, iterations, use_dist, backend)
-    return list(codes.chunk(len(teachers)))
+    return [codes] if len(teachers) == 1 else list(codes.chunk(len(teachers)))
 
 
 @public_loss("dino", "dino", _ops.TABLE, _ref_dino)
@@ -86,6 +86,8 @@ def dino(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor
         ignore_diagonal: skip the pair (teacher crop i, student crop i).
         gather_distributed: the value is the global batch's, the gradient after DDP's average
             the single-process one.
+        backend: not an argument of the public function: the backend that
+            ``fastssl._backend.public_loss`` chose for this call.
 
     Returns:
         A 0-dim tensor, float32 (float64 for float64 logits): the mean over the pairs of
@@ -131,9 +133,19 @@ def dino(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor
 def dino_center(teacher_out: Sequence[torch.Tensor], center: torch.Tensor, *,
                 momentum: float = 0.9, gather_distributed: bool = False,
                 backend) -> torch.Tensor:
-    """The new EMA center: center * momentum + (1 - momentum) * mean of every teacher row (all
-    crops; all ranks under gather_distributed, one all-reduce of a K-vector). Returns a (1, K)
-    tensor in the center's dtype; the inputs are not modified.
+    """DINO's center update: the new EMA center, center * momentum + (1 - momentum) * the mean
+    of every teacher row. The inputs are not modified.
+
+    Args:
+        teacher_out: list of (B, K) teacher logits (every crop counts).
+        center: the current (1, K) float center.
+        momentum: float in [0, 1].
+        gather_distributed: the mean is over every rank's rows (one all-reduce of a K-vector).
+        backend: not an argument of the public function: the backend that
+            ``fastssl._backend.public_loss`` chose for this call.
+
+    Returns:
+        The new (1, K) center in the center's dtype (float32 for a float32 center).
 
     Example::
 
@@ -169,6 +181,8 @@ def ibot_patch(student_patches: torch.Tensor, teacher_patches: torch.Tensor,
         center, student_temp, teacher_temp, centering, sinkhorn_iterations: as :func:`dino`
             ("sinkhorn_knopp" runs over the masked teacher tokens of every rank).
         gather_distributed: the value is the global batch's (B summed over ranks).
+        backend: not an argument of the public function: the backend that
+            ``fastssl._backend.public_loss`` chose for this call.
 
     Returns:
         A 0-dim float32 tensor (float64 for float64): sum over masked tokens of the
@@ -201,6 +215,13 @@ def ibot_patch_masked(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor
                         tt, centering, sinkhorn_iterations, gather_distributed, backend)
 
 
+def _no_rows(s: torch.Tensor) -> bool:
+    """Whether no token is masked. Under torch.compile the count is data-dependent: the traced
+    graph assumes some token is, so a step compiles without a graph break (with dynamo's
+    capture_dynamic_output_shape_ops for the boolean selection itself)."""
+    return not torch.compiler.is_compiling() and s.shape[0] == 0
+
+
 def _ibot_masked(s, t, masks, center, st, tt, centering, sinkhorn_iterations,
                  gather_distributed, backend):
     use_dist = _use_dist(gather_distributed)
@@ -213,12 +234,12 @@ def _ibot_masked(s, t, masks, center, st, tt, centering, sinkhorn_iterations,
         # each token's weight, 1 / its image's masked count, folded into its target row: the
         # cross-entropy is linear in the target (and its gradient uses the row's target sum)
         w = (1.0 / counts.clamp(min=1).to(acc)).repeat_interleave(counts, output_size=s.shape[0])
-        if s.shape[0] == 0:
+        if _no_rows(s):
             q = torch.zeros((0, s.shape[1]), dtype=acc, device=s.device)
         else:
             q = _targets([t], center, tt, centering, sinkhorn_iterations, use_dist, backend)[0]
             q = q * w[:, None]
-    if s.shape[0] == 0:
+    if _no_rows(s):
         loss = (s.sum() * 0).to(acc)  # no masked token: zero, with a (zero) gradient
     else:
         loss = _swav_ops.swav_cross_entropy(s, q, st, backend) / B
@@ -237,6 +258,8 @@ def koleo(z: torch.Tensor, *, eps: float = 1e-8, gather_distributed: bool = Fals
 
     Args:
         z: (N, D) float tensor, at least 2 rows in the (global) batch. eps: float > 0.
+        backend: not an argument of the public function: the backend that
+            ``fastssl._backend.public_loss`` chose for this call.
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 z).

@@ -185,6 +185,11 @@ class IBOTPatchLoss(torch.nn.Module):
 class KoLeoLoss(torch.nn.Module):
     """DINOv2's KoLeo regulariser (:func:`fastssl.functional.koleo`).
 
+    Args:
+        eps: float > 0 (the normalisation's, the distance's and the logarithm's).
+        gather_distributed: the nearest neighbour among every rank's rows, the mean over the
+            global batch.
+
     ``forward(z)``: (N, D) embeddings (N >= 2 in the global batch); a 0-dim float32 tensor.
 
     Example::

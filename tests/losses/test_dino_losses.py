@@ -13,6 +13,7 @@ import fastssl
 from fastssl import functional as Fn
 from fastssl import losses
 from fastssl import reference as R
+from fastssl._backend import can_serve
 from fastssl.testing import assert_close, assert_lowp_rule
 
 # the module (fastssl.functional.dino is also the name of the function)
@@ -131,18 +132,20 @@ def test_dino_center_equals_reference(backend, device):
 
 @pytest.mark.parametrize("backend,device", FUSED)
 def test_gradcheck_float64(backend, device):
+    # the interpreter runs each Triton launch in Python: two of the cases there (minutes else)
+    cases = DINO_CASES[::2] if backend == "triton" else DINO_CASES
     with fastssl.use_backend(backend):
-        for case in DINO_CASES:
+        for case in cases:
             kw = _dino_kwargs(case)
-            students = _crops(3, rows=3, cols=5, seed=6, grad=True)
-            kw = {k: (v[:, :5] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-            teachers = _crops(2, rows=3, cols=5, seed=7, scale=0.1)
+            students = _crops(3, rows=2, cols=4, seed=6, grad=True)
+            kw = {k: (v[:, :4] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            teachers = _crops(2, rows=2, cols=4, seed=7, scale=0.1)
             assert torch.autograd.gradcheck(lambda *s: Fn.dino(list(s), teachers, **kw),
                                             tuple(students))
         s, t, m = _patches(seed=8, Bp=2, P=3)
         m[0, 0] = True
         assert torch.autograd.gradcheck(lambda x: Fn.ibot_patch(x, t, m), (s,))
-        z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True,
+        z = torch.randn(5, 3, dtype=torch.float64, requires_grad=True,
                         generator=torch.Generator().manual_seed(9))
         assert torch.autograd.gradcheck(lambda x: Fn.koleo(x), (z,))
 
@@ -186,7 +189,6 @@ def test_low_precision_two_x_rule(backend, device, dtype):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_compile_fullgraph(backend):
-    from fastssl._backend import can_serve
     ok, why = can_serve(backend, torch.device("cpu"))
     if not ok:
         pytest.skip(why)
@@ -205,6 +207,22 @@ def test_compile_fullgraph(backend):
     want = (R.dino(students, teachers, center=center)
             + R.dino(students, teachers, centering="sinkhorn_knopp") + R.koleo(z)
             + R.dino_center(teachers, center).sum())
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_compile_fullgraph_ibot_patch(backend):
+    """The masked tokens are a data-dependent selection: fullgraph with dynamo's
+    capture_dynamic_output_shape_ops (no graph break inside the loss)."""
+    import torch._dynamo
+
+    s, t, m = _patches(seed=16, dtype=torch.float32)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        with fastssl.use_backend(backend):
+            f = torch.compile(lambda a, b, c: Fn.ibot_patch(a, b, c, centering="sinkhorn_knopp")
+                              + Fn.ibot_patch(a, b, c), fullgraph=True, backend="eager")
+            got = f(s, t, m)
+    want = R.ibot_patch(s, t, m, centering="sinkhorn_knopp") + R.ibot_patch(s, t, m)
     assert_close(got, want)
 
 
@@ -274,3 +292,26 @@ def test_ibot_and_koleo_modules():
         losses.IBOTPatchLoss(centering="mean")
     with pytest.raises(ValueError, match="center_momentum"):
         losses.DINOLoss(center_momentum=2.0)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sinkhorn_centering_stable_where_dinov2_overflows(backend, device, dtype):
+    """Teacher logits up to ~8 at teacher_temp 0.02..0.07: DINOv2's exp(t / T) overflows
+    float32 past t / T ~ 88; the log-domain targets stay finite and equal the float64 oracle
+    (where exp(400) still fits)."""
+    students = _crops(3, seed=50, dtype=dtype)
+    teachers = _crops(2, seed=51, scale=3.0, dtype=dtype)
+    for temp in (0.02, 0.04, 0.07):
+        with torch.no_grad():
+            overflow = R.dino([s.float() for s in students], [t.float() for t in teachers],
+                              centering="sinkhorn_knopp", teacher_temp=temp)
+        want = R.dino([s.double() for s in students], [t.double() for t in teachers],
+                      centering="sinkhorn_knopp", teacher_temp=temp)
+        with fastssl.use_backend(backend):
+            got = Fn.dino([s.to(device) for s in students], [t.to(device) for t in teachers],
+                          centering="sinkhorn_knopp", teacher_temp=temp)
+        assert torch.isfinite(got) and torch.isfinite(want)
+        assert_close(got.cpu().double(), want, dtype=torch.float32)
+        if temp == 0.02:
+            assert not torch.isfinite(overflow)  # the float32 upstream arithmetic overflows

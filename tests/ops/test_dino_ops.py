@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from conftest import backend_params
 
+from fastssl._backend import can_serve
+from fastssl.kernels import dino as KD
 from fastssl.ops import dino as ops
 from fastssl.testing import assert_close
 
@@ -75,7 +77,6 @@ def test_nearest_neighbor_first_index_among_ties(backend, device):
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_registration_and_compile(backend):
-    from fastssl._backend import can_serve
     ok, why = can_serve(backend, torch.device("cpu"))
     if not ok:
         pytest.skip(why)
@@ -117,13 +118,11 @@ def test_bad_input_named_errors():
 def test_launch_configuration_fits_the_register_budget():
     """The neighbour kernel's (rows x columns) accumulator and feature tiles stay at most 16
     values per thread for every dtype and size (what bench.static compiles with 0 spills)."""
-    pytest.importorskip("triton")
-    from fastssl.kernels.dino import config
     for cc in (80, 90):
         for dtype in (torch.float32, torch.float64):
             for N in (2, 16, 17, 1024, 65536):
                 for D in (3, 64, 256, 1536):
-                    cfg = config("nearest", dtype, N, D, cc)
+                    cfg = KD.config("nearest", dtype, N, D, cc)
                     threads = 32 * cfg["num_warps"]
                     assert cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 16 * threads
                     assert cfg["BLOCK_N"] * cfg["BLOCK_D"] <= 32 * threads

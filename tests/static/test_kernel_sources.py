@@ -17,8 +17,9 @@ sys.path.insert(0, ROOT)
 from bench import static as S  # noqa: E402
 from fastssl.kernels import _launch  # noqa: E402
 from fastssl.kernels import contrastive as KC, sortnet as KS, sphere as KP, swav as KW  # noqa: E402
+from fastssl.kernels import dino as KD  # noqa: E402
 
-FAMILIES = {"contrastive": KC, "sphere": KP, "swav": KW, "sortnet": KS}
+FAMILIES = {"contrastive": KC, "sphere": KP, "swav": KW, "sortnet": KS, "dino": KD}
 
 
 def _read(*parts):

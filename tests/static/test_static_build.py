@@ -54,7 +54,7 @@ def _where(r):
 
 def test_covers_every_family_dtype_and_target(rows):
     tri = _triton(rows)
-    assert {r["family"] for r in tri} == {"contrastive", "sphere", "swav", "sortnet"}
+    assert {r["family"] for r in tri} == {"contrastive", "sphere", "swav", "sortnet", "dino"}
     assert {r["cc"] for r in tri} == {80, 90}
     for fam in ("sphere", "swav"):
         assert {r["dtype"] for r in tri if r["family"] == fam} == {"bf16", "fp16", "fp32", "fp64"}
@@ -64,7 +64,8 @@ def test_covers_every_family_dtype_and_target(rows):
                      "_sce_fwd_kernel", "_sce_bwd_kernel", "_pair_forward_kernel",
                      "_pair_backward_kernel", "_colstats_kernel", "_rowpass_kernel",
                      "_swav_ce_kernel", "_ss_values_kernel", "_ss_perm_kernel",
-                     "_ss_bwd_perm_kernel", "_ss_bwd_values_kernel", "_groco_rows_kernel"}
+                     "_ss_bwd_perm_kernel", "_ss_bwd_values_kernel", "_groco_rows_kernel",
+                     "_nearest_kernel"}
 
 
 def test_every_triton_kernel_compiles(rows):
@@ -84,7 +85,8 @@ def test_every_dtype_in_the_table(rows):
     # every dtype each launcher accepts: float64 too (the gradcheck dtype) except in
     # contrastive, whose launchers reject it; sortnet runs half inputs in float32
     want = {"contrastive": {"bf16", "fp16", "fp32"}, "sphere": {"bf16", "fp16", "fp32", "fp64"},
-            "swav": {"bf16", "fp16", "fp32", "fp64"}, "sortnet": {"fp32", "fp64"}}
+            "swav": {"bf16", "fp16", "fp32", "fp64"}, "sortnet": {"fp32", "fp64"},
+            "dino": {"fp32", "fp64"}}  # KoLeo's search on normalised rows in the acc dtype
     for fam, dts in want.items():
         assert {r["dtype"] for r in tri if r["family"] == fam} == dts, fam
 
