@@ -158,7 +158,9 @@ PRESETS["demo_swav"] = {**_DEMO, "method": "swav", "optimizer": "larc", "exclude
                                         "n_assign_crops": 2, "n_prototypes": 30, "queue_length": 0,
                                         "epoch_queue_starts": 15, "freeze_prototypes_iters": 10}}
 # DINO's SGD at a demo-sized step (0.25 at bs 64): LARS's trust ratio (0.001 x |w| / |g|) moves
-# the weights too little in 56 steps, and that run's loss rose above log K.
+# the weights too little in 56 steps, and that run's loss rose above log K. Measured: k-NN top-1
+# 30.7 % vs 26.7 % at random init (the loss settles near log K: 56 steps do not leave DINO's
+# early uniform phase).
 PRESETS["demo_dino"] = {**_DEMO, "method": "dino", "optimizer": "sgd", "base_lr": 1.0,
                         "lr_scaling": "linear", "weight_decay": 0.0,
                         "crops": _byol_pair(32, (0.3, 1.0)) + [crop(16, (0.1, 0.3), 4, blur_p=0.5)],
