@@ -107,6 +107,23 @@ PRESETS["swav_200ep_bs256"] = {**_SWAV, "batch_size": 256, "epochs": 200, "base_
                                                "freeze_prototypes_iters": 5005}}
 PRESETS["swav_400ep_bs256"] = {**PRESETS["swav_200ep_bs256"], "epochs": 400}
 
+# --- DINO (README's ResNet-50 run): SGD lr 0.03*bs/256 at bs 512 (8 GPUs x 64), wd 1e-4 on ----
+# weights only (applied by the method: the trainer's weight_decay is 0), 10 warmup epochs, cosine
+# to min_lr 1e-6, 2x224 at (0.14, 1) + 8x96 at (0.05, 0.14), K = 65536, teacher temp 0.04,
+# clip 3.0, last layer frozen in epoch 1, teacher momentum 0.996 -> 1, torchvision's init.
+_DINO_ARGS = {"n_prototypes": 65536, "norm_last_layer": True, "n_global_crops": 2,
+              "student_temp": 0.1, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
+              "warmup_teacher_temp_epochs": 0, "center_momentum": 0.9, "centering": "softmax",
+              "sinkhorn_iterations": 3, "base_momentum": 0.996, "freeze_last_layer_epochs": 1,
+              "clip_grad": 3.0, "weight_decay": 1e-4, "koleo_weight": 0.0}
+PRESETS["dino_resnet50_100ep"] = {
+    "method": "dino", "arch": "resnet50", "batch_size": 512, "epochs": 100, "optimizer": "sgd",
+    "base_lr": 0.03, "lr_scaling": "linear", "warmup_epochs": 10, "start_lr_ratio": 0.0,
+    "final_lr_ratio": 1e-6 / (0.03 * 512 / 256), "weight_decay": 0.0, "momentum": 0.9,
+    "zero_init_residual": False,
+    "crops": _byol_pair(224, (0.14, 1.0)) + [crop(96, (0.05, 0.14), 8, blur_p=0.5)],
+    "heads": {"projector": [2048, 2048, 256], "bn": False}, "method_args": dict(_DINO_ARGS)}
+
 # --- demo presets: ResNet-18 on the generated demo dataset, small crops, small heads ------------
 _DEMO_CROPS = [crop(32, (0.3, 1.0), 2)]
 _DEMO = {"arch": "resnet18", "data": "demo", "batch_size": 64, "epochs": 8, "warmup_epochs": 1,
@@ -140,6 +157,16 @@ PRESETS["demo_swav"] = {**_DEMO, "method": "swav", "optimizer": "larc", "exclude
                         "method_args": {"temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3,
                                         "n_assign_crops": 2, "n_prototypes": 30, "queue_length": 0,
                                         "epoch_queue_starts": 15, "freeze_prototypes_iters": 10}}
+# DINO's SGD at a demo-sized step (0.25 at bs 64): LARS's trust ratio (0.001 x |w| / |g|) moves
+# the weights too little in 56 steps, and that run's loss rose above log K. Measured: k-NN top-1
+# 30.7 % vs 26.7 % at random init (the loss settles near log K: 56 steps do not leave DINO's
+# early uniform phase).
+PRESETS["demo_dino"] = {**_DEMO, "method": "dino", "optimizer": "sgd", "base_lr": 1.0,
+                        "lr_scaling": "linear", "weight_decay": 0.0,
+                        "crops": _byol_pair(32, (0.3, 1.0)) + [crop(16, (0.1, 0.3), 4, blur_p=0.5)],
+                        "heads": {"projector": [256, 256, 64], "bn": False},
+                        "method_args": {**_DINO_ARGS, "n_prototypes": 512, "base_momentum": 0.99,
+                                        "weight_decay": 1e-5}}
 PRESETS["demo"] = PRESETS["demo_simclr"]
 DEFAULT_PRESET = "demo"
 

@@ -19,7 +19,7 @@ from fastssl.train.log import tensorboard_writer_class
 # The headline ImageNet preset of each method, used for --method M with a real --data DIR.
 METHOD_PRESET = {"groco": "groco_2views_100ep", "sce": "sce_200ep", "sogclr": "sogclr_800ep",
                  "sfrik": "sfrik_200ep", "swav": "swav_800ep_bs4096", "simclr": "simclr_200ep",
-                 "auh": "auh_200ep"}
+                 "auh": "auh_200ep", "dino": "dino_resnet50_100ep"}
 
 
 def _number(cast, strictly_positive: bool, what: str):
@@ -144,7 +144,7 @@ LOADERS = ["auto", "dali", "synthetic"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_imagenet.py",
-        description="Self-supervised pretraining (SimCLR, GroCo, SCE, SogCLR, SFRIK, SwAV, AUH) with fastssl's "
+        description="Self-supervised pretraining (SimCLR, GroCo, SCE, SogCLR, SFRIK, SwAV, AUH, DINO) with fastssl's "
                     "fused losses. With no arguments: a short ResNet-18 run on the generated demo dataset, "
                     "then the k-NN accuracy of the learned features next to a random-init network.",
         epilog="Distributed: torchrun --nproc_per_node=G train_imagenet.py ... (NCCL on GPU, gloo on CPU). "

@@ -18,15 +18,16 @@ TINY_HEADS = {
     "sfrik": {"projector": [32, 64]}, "sogclr": {"projector": [32, 16]},
     "groco": {"projector": [32, 32, 16]}, "swav": {"projector": [32, 16]},
     "sce": {"projector": [32, 32, 16], "predictor": [32, 16]},
+    "dino": {"projector": [32, 16], "bn": False},
 }
 TINY_ARGS = {"groco": {"topk_neg": 4}, "sce": {"queue_size": 64}, "swav": {"n_prototypes": 10,
-             "freeze_prototypes_iters": 1}}
+             "freeze_prototypes_iters": 1}, "dino": {"n_prototypes": 10}}
 
 
 def tiny_config(method, tmp_path, **over):
     preset = get_preset(f"demo_{method}")
     crops = [{"size": 16, "scale": [0.3, 1.0], "count": 2}]
-    if method == "swav":
+    if method in ("swav", "dino"):
         crops.append({"size": 8, "scale": [0.1, 0.3], "count": 2})
     values = dict(backend="synthetic", dataset_size=24, batch_size=8, epochs=1, knn_every=0,
                   out=str(tmp_path / method), crops=crops, heads=TINY_HEADS[method],
