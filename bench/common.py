@@ -55,11 +55,13 @@ PARTS = (
                                "reference"),
     Part("roofline", 10, 60, "8192^3 bf16 matmul (device peak) and a device-to-device copy"),
     Part("bench_contrastive", 30, 60, "nt_xent, symmetric info_nce 2x32768 D=128 bf16 fwd+bwd"),
-    Part("max_n", 25, 60, f"largest nt_xent N in {MAX_N_BUDGET_GIB:.0f} GiB: fastssl and eager"),
+    Part("max_n", 20, 60, f"largest nt_xent N in {MAX_N_BUDGET_GIB:.0f} GiB: fastssl and eager"),
     Part("bench_sce_sphere", 20, 60, "sce B=1024 K=65536; sfrik_mmd B=2048 D=8192"),
     Part("bench_sortnet", 25, 60, "soft_sort B=1024 n=16/32/1024 (vs diffsort); groco B=4096"),
     Part("bench_swav", 20, 60, "sinkhorn B=4096 K=3000; swav loss 2+6 crops"),
-    Part("trainer", 50, 60, "ResNet-50 B=256 bf16 channels-last step, 8 methods, a few timed "
+    Part("dino", 15, 60, "python -m bench.dino: dino K=65536 B=256 2+10 crops, K=262144 B=64 "
+                         "2+6, koleo N=8192 (fp32, bf16; eager, lightly)"),
+    Part("trainer", 40, 60, "ResNet-50 B=256 bf16 channels-last step, 8 methods, a few timed "
                             "steps each"),
     Part("backend_choice", 25, 60, "python -m bench.backend_choice: cuda vs triton, what `auto` "
                                    "prefers"),

@@ -257,15 +257,22 @@ def main(argv=None):
                           f"peak beyond grad {'n/a' if mem is None else f'{mem:.1f} MB'}",
                           flush=True)
                 del providers, leaves
-    meta = {"device": str(device), "torch": torch.__version__, "quick": args.quick,
+                # after every case: a run cut off at its cap keeps what it measured
+                _write(args.out, results, device, args.quick, reps, load, lightly_dino)
+    meta = _write(args.out, results, device, args.quick, reps, load, lightly_dino)
+    print(f"load average after {meta['load_after']}")
+    return 0
+
+
+def _write(path, results, device, quick, reps, load, lightly_dino) -> dict:
+    meta = {"device": str(device), "torch": torch.__version__, "quick": quick,
             "threads": torch.get_num_threads(), "reps": reps, "load_before": load,
             "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "lightly": lightly_dino is not None}
-    print(f"load average after {meta['load_after']}")
-    if args.out:
-        with open(args.out, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
-    return 0
+    return meta
 
 
 if __name__ == "__main__":

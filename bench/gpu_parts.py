@@ -548,9 +548,26 @@ def part_backend_choice(out, dry_run, hook):
     return 0 if rc == 0 else 1
 
 
+def part_dino(out, dry_run, hook):
+    """python -m bench.dino at the issue's sizes (the dry run: that it imports and parses)."""
+    cmd = [sys.executable, "-m", f"{PKG}.dino"] + (
+        ["--help"] if dry_run else ["--out", str(out / "dino_results.json"), "--reps", "10"])
+    log_path = out / "logs" / "dino_run.log"
+    with open(log_path, "w") as log:
+        rc, secs = run_capped(cmd, log, max(1.0, time_left() - 2), env=dict(os.environ))
+    lines = log_path.read_text(errors="replace").splitlines()
+    write_json(out / "dino.json", {
+        "module": f"{PKG}.dino", "rc": rc, "seconds": round(secs, 1),
+        "status": "ok" if rc == 0 else ("timeout" if rc == "timeout" else "error"),
+        "note": (lines[-1][:300] if lines else ""), "output_tail": lines[-30:]})
+    print("\n".join(lines[-30:]), flush=True)
+    hook()
+    return 0 if rc == 0 else 1
+
+
 PARTS = {"build": part_build, "roofline": part_roofline, "max_n": part_max_n,
          "checkpoint": part_checkpoint, "trainer": part_trainer,
-         "backend_choice": part_backend_choice}
+         "backend_choice": part_backend_choice, "dino": part_dino}
 
 
 def main(argv=None) -> int:

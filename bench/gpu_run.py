@@ -216,7 +216,7 @@ def part_note(name: str, out: Path) -> str:
         return (f"{t['passed']} passed, {t['failed']} failed, {t['error']} errors, "
                 f"{t['skipped']} skipped"
                 + (f", {t['collect_errors']} files not collected" if t["collect_errors"] else ""))
-    info = load_json(out / f"{name}.json") if name in ("build", "backend_choice") else {}
+    info = load_json(out / f"{name}.json") if name in ("build", "backend_choice", "dino") else {}
     if info is None:
         return "no result file"
     if name == "build":
@@ -256,7 +256,7 @@ def run_all(args) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for stale in ("results.jsonl", "parts.jsonl", "tests.jsonl", "gpu_run.log", "tests_junit.xml",
                   "env.json", "build.json", "roofline.json", "checkpoint.json", "max_n.json",
-                  "backend_choice.json"):
+                  "backend_choice.json", "dino.json", "dino_results.json"):
         (out / stale).unlink(missing_ok=True)
     log = Log(out / "gpu_run.log")
     caps = parse_caps(args.cap, args.dry_run)
