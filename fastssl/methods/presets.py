@@ -52,8 +52,8 @@ _SCE = {"method": "sce", "arch": "resnet50", "batch_size": 4096, "epochs": 200, 
         "base_lr": 0.3, "lr_scaling": "linear", "warmup_epochs": 10, "final_lr_ratio": 0.0,
         "weight_decay": 1e-6, "momentum": 0.9, "crops": _byol_pair(224, (0.2, 1.0)),
         "heads": {"projector": [4096, 4096, 256], "predictor": [4096, 256]},
-        "method_args": {"queue_size": 65536, "coeff": 0.5, "temperature": 0.1, "temperature_m": 0.07,
-                        "use_keys": False, "base_momentum": 0.99}}
+        "method_args": {"queue_size": 65536, "coeff": 0.5, "temperature": 0.1,
+                        "temperature_m": 0.07, "use_keys": False, "base_momentum": 0.99}}
 PRESETS["sce_200ep"] = _SCE
 PRESETS["sce_100ep"] = {**_SCE, "epochs": 100, "base_lr": 0.6}
 PRESETS["sce_300ep"] = {**_SCE, "epochs": 300}
@@ -67,42 +67,49 @@ PRESETS["sogclr_800ep"] = {
     "crops": [crop(224, (0.08, 1.0), 2, blur_p=1.0)],
     "heads": {"projector": [2048, 128]}, "method_args": {"gamma": 0.9, "temperature": 0.1}}
 
-# --- SFRIK (3.4): bs 2048, LARS 0.4*bs/256 = 3.2, cosine to 0.001x, q = 32768 ----------------------
+# --- SFRIK (3.4): bs 2048, LARS 0.4*bs/256 = 3.2, cosine to 0.001x, q = 32768 -----------------
 _VICREG_CROPS = _byol_pair(224, (0.08, 1.0))
 _SFRIK_BASE = {"arch": "resnet50", "batch_size": 2048, "optimizer": "lars", "lr_scaling": "linear",
                "warmup_epochs": 10, "final_lr_ratio": 0.001, "weight_decay": 1e-6, "momentum": 0.9,
                "crops": _VICREG_CROPS}
 PRESETS["sfrik_200ep"] = {**_SFRIK_BASE, "method": "sfrik", "epochs": 200, "base_lr": 0.4,
                           "heads": {"projector": [8192, 8192, 32768]},
-                          "method_args": {"weights": [1.0, 40.0, 40.0], "sim_coeff": 40000.0, "mmd_coeff": 1.0}}
+                          "method_args": {"weights": [1.0, 40.0, 40.0], "sim_coeff": 40000.0,
+                                          "mmd_coeff": 1.0}}
 # Smaller-scale recipes of the SFRIK README (ResNet-18, 8192-8192-8192, bs 2048, 100 ep).
-_R18 = {**_SFRIK_BASE, "arch": "resnet18", "epochs": 100, "heads": {"projector": [8192, 8192, 8192]}}
+_R18 = {**_SFRIK_BASE, "arch": "resnet18", "epochs": 100,
+        "heads": {"projector": [8192, 8192, 8192]}}
 PRESETS["sfrik_r18_100ep"] = {**_R18, "method": "sfrik", "base_lr": 1.2,
-                              "method_args": {"weights": [1.0, 40.0, 40.0], "sim_coeff": 4000.0, "mmd_coeff": 1.0}}
-PRESETS["simclr_r18_100ep"] = {**_R18, "method": "simclr", "base_lr": 0.8, "method_args": {"temperature": 0.15}}
+                              "method_args": {"weights": [1.0, 40.0, 40.0], "sim_coeff": 4000.0,
+                                              "mmd_coeff": 1.0}}
+PRESETS["simclr_r18_100ep"] = {**_R18, "method": "simclr", "base_lr": 0.8,
+                               "method_args": {"temperature": 0.15}}
 PRESETS["auh_r18_100ep"] = {**_R18, "method": "auh", "base_lr": 1.0,
                             "method_args": {"sim_coeff": 3000.0, "unif_coeff": 1.0, "scale": 2.5}}
 # SimCLR / AUH at the SFRIK ResNet-50 scale (same projector and schedule as sfrik_200ep).
 PRESETS["simclr_200ep"] = {**_SFRIK_BASE, "method": "simclr", "epochs": 200, "base_lr": 0.3,
-                           "heads": {"projector": [8192, 8192, 8192]}, "method_args": {"temperature": 0.15}}
+                           "heads": {"projector": [8192, 8192, 8192]},
+                           "method_args": {"temperature": 0.15}}
 PRESETS["auh_200ep"] = {**_SFRIK_BASE, "method": "auh", "epochs": 200, "base_lr": 0.4,
                         "heads": {"projector": [8192, 8192, 8192]},
                         "method_args": {"sim_coeff": 3000.0, "unif_coeff": 1.0, "scale": 2.5}}
 
 # --- SwAV (upstream recipe): LARC(0.001, clip=False) on all parameters, lr 4.8 -> 0.0048 ---
 _SWAV_COLOR = {"jitter": [0.8, 0.8, 0.8, 0.2], "jitter_p": 0.8, "gray_p": 0.2, "blur_p": 0.5}
-_SWAV = {"method": "swav", "arch": "resnet50", "batch_size": 4096, "epochs": 800, "optimizer": "larc",
-         "exclude_1d": False, "base_lr": 4.8, "lr_scaling": "none", "warmup_epochs": 10,
-         "start_lr_ratio": 0.3 / 4.8, "final_lr_ratio": 0.001, "weight_decay": 1e-6, "momentum": 0.9,
-         "crops": [crop(224, (0.14, 1.0), 2, **_SWAV_COLOR), crop(96, (0.05, 0.14), 6, **_SWAV_COLOR)],
+_SWAV = {"method": "swav", "arch": "resnet50", "batch_size": 4096, "epochs": 800,
+         "optimizer": "larc", "exclude_1d": False, "base_lr": 4.8, "lr_scaling": "none",
+         "warmup_epochs": 10, "start_lr_ratio": 0.3 / 4.8, "final_lr_ratio": 0.001,
+         "weight_decay": 1e-6, "momentum": 0.9,
+         "crops": [crop(224, (0.14, 1.0), 2, **_SWAV_COLOR),
+                   crop(96, (0.05, 0.14), 6, **_SWAV_COLOR)],
          "heads": {"projector": [2048, 128]},
-         "method_args": {"temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3, "n_assign_crops": 2,
-                         "n_prototypes": 3000, "queue_length": 0, "epoch_queue_starts": 15,
-                         "freeze_prototypes_iters": 313}}
+         "method_args": {"temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3,
+                         "n_assign_crops": 2, "n_prototypes": 3000, "queue_length": 0,
+                         "epoch_queue_starts": 15, "freeze_prototypes_iters": 313}}
 for _ep in (800, 400, 200, 100):
     PRESETS[f"swav_{_ep}ep_bs4096"] = {**_SWAV, "epochs": _ep}
-PRESETS["swav_200ep_bs256"] = {**_SWAV, "batch_size": 256, "epochs": 200, "base_lr": 0.6, "warmup_epochs": 0,
-                               "start_lr_ratio": 0.0,
+PRESETS["swav_200ep_bs256"] = {**_SWAV, "batch_size": 256, "epochs": 200, "base_lr": 0.6,
+                               "warmup_epochs": 0, "start_lr_ratio": 0.0,
                                "method_args": {**_SWAV["method_args"], "queue_length": 3840,
                                                "freeze_prototypes_iters": 5005}}
 PRESETS["swav_400ep_bs256"] = {**PRESETS["swav_200ep_bs256"], "epochs": 400}
@@ -137,25 +144,31 @@ PRESETS["demo_simclr"] = {**_DEMO, "method": "simclr", "optimizer": "lars", "bas
 PRESETS["demo_groco"] = {**_DEMO, "method": "groco", "optimizer": "sgd", "base_lr": 0.75,
                          "lr_scaling": "linear32", "heads": {"projector": [256, 256, 128]},
                          "method_args": {"topk_neg": 10, "steepness": 1.0, "n_pos_views": None}}
-PRESETS["demo_sce"] = {**_DEMO, "method": "sce", "optimizer": "lars", "base_lr": 0.3, "lr_scaling": "linear",
+PRESETS["demo_sce"] = {**_DEMO, "method": "sce", "optimizer": "lars", "base_lr": 0.3,
+                       "lr_scaling": "linear",
                        "heads": {"projector": [256, 256, 64], "predictor": [256, 64]},
                        "method_args": {"queue_size": 1024, "coeff": 0.5, "temperature": 0.1,
-                                       "temperature_m": 0.07, "use_keys": False, "base_momentum": 0.99}}
+                                       "temperature_m": 0.07, "use_keys": False,
+                                       "base_momentum": 0.99}}
 PRESETS["demo_sogclr"] = {**_DEMO, "method": "sogclr", "optimizer": "lars", "base_lr": 0.075,
                           "lr_scaling": "sqrt", "heads": {"projector": [256, 64]},
                           "method_args": {"gamma": 0.9, "temperature": 0.1}}
-PRESETS["demo_sfrik"] = {**_DEMO, "method": "sfrik", "optimizer": "lars", "base_lr": 0.4, "lr_scaling": "linear",
-                         "final_lr_ratio": 0.001, "heads": {"projector": [256, 256, 512]},
-                         "method_args": {"weights": [1.0, 40.0, 40.0], "sim_coeff": 4000.0, "mmd_coeff": 1.0}}
-PRESETS["demo_auh"] = {**_DEMO, "method": "auh", "optimizer": "lars", "base_lr": 0.4, "lr_scaling": "linear",
+PRESETS["demo_sfrik"] = {**_DEMO, "method": "sfrik", "optimizer": "lars", "base_lr": 0.4,
+                         "lr_scaling": "linear", "final_lr_ratio": 0.001,
+                         "heads": {"projector": [256, 256, 512]},
+                         "method_args": {"weights": [1.0, 40.0, 40.0], "sim_coeff": 4000.0,
+                                         "mmd_coeff": 1.0}}
+PRESETS["demo_auh"] = {**_DEMO, "method": "auh", "optimizer": "lars", "base_lr": 0.4,
+                       "lr_scaling": "linear",
                        "heads": {"projector": [256, 256, 256]},
                        "method_args": {"sim_coeff": 3000.0, "unif_coeff": 1.0, "scale": 2.5}}
-PRESETS["demo_swav"] = {**_DEMO, "method": "swav", "optimizer": "larc", "exclude_1d": False, "base_lr": 0.6,
-                        "lr_scaling": "linear", "final_lr_ratio": 0.001,
+PRESETS["demo_swav"] = {**_DEMO, "method": "swav", "optimizer": "larc", "exclude_1d": False,
+                        "base_lr": 0.6, "lr_scaling": "linear", "final_lr_ratio": 0.001,
                         "crops": [crop(32, (0.3, 1.0), 2), crop(16, (0.1, 0.3), 2)],
                         "heads": {"projector": [256, 64]},
-                        "method_args": {"temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3,
-                                        "n_assign_crops": 2, "n_prototypes": 30, "queue_length": 0,
+                        "method_args": {"temperature": 0.1, "epsilon": 0.05,
+                                        "sinkhorn_iterations": 3, "n_assign_crops": 2,
+                                        "n_prototypes": 30, "queue_length": 0,
                                         "epoch_queue_starts": 15, "freeze_prototypes_iters": 10}}
 # DINO's SGD at a demo-sized step (0.25 at bs 64): LARS's trust ratio (0.001 x |w| / |g|) moves
 # the weights too little in 56 steps, and that run's loss rose above log K. Measured: k-NN top-1
@@ -182,6 +195,6 @@ def get_preset(name: str) -> dict:
 def describe(name: str) -> str:
     p = PRESETS[name]
     crops = " + ".join(f"{c.get('count', 1)}x{c['size']}" for c in p["crops"])
-    return (f"{name:24s} {p['method']:7s} {p['arch']:9s} bs {p['batch_size']:5d} {p['epochs']:4d} ep "
-            f"{p['optimizer']:4s} base_lr {p['base_lr']:g} ({p['lr_scaling']}) wd {p['weight_decay']:g} "
-            f"crops {crops}")
+    return (f"{name:24s} {p['method']:7s} {p['arch']:9s} bs {p['batch_size']:5d} "
+            f"{p['epochs']:4d} ep {p['optimizer']:4s} base_lr {p['base_lr']:g} "
+            f"({p['lr_scaling']}) wd {p['weight_decay']:g} crops {crops}")

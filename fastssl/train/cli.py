@@ -90,7 +90,8 @@ def _expected_type(default) -> tuple[str, object]:
 def _shown(value) -> str:
     kind = {str: "a string", list: "a list", dict: "an object", bool: "a boolean",
             type(None): "null"}.get(type(value))
-    text = json.dumps(value) if value is None or isinstance(value, (str, list, dict, bool)) else repr(value)
+    text = (json.dumps(value) if value is None or isinstance(value, (str, list, dict, bool))
+            else repr(value))
     return f"{kind} {text}" if kind and value is not None else text
 
 
@@ -144,23 +145,29 @@ LOADERS = ["auto", "dali", "synthetic"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_imagenet.py",
-        description="Self-supervised pretraining (SimCLR, GroCo, SCE, SogCLR, SFRIK, SwAV, AUH, DINO) with fastssl's "
-                    "fused losses. With no arguments: a short ResNet-18 run on the generated demo dataset, "
-                    "then the k-NN accuracy of the learned features next to a random-init network.",
-        epilog="Distributed: torchrun --nproc_per_node=G train_imagenet.py ... (NCCL on GPU, gloo on CPU). "
-               "Exit status: 0 finished or --max-steps reached, 1 non-finite loss or --dist-timeout "
-               "expired, 2 usage or data error, 128+N stopped by signal N after a resumable "
-               "checkpoint (resume with --resume auto).")
-    p.add_argument("--data", default=None, help="ImageFolder root (DIR or DIR/train) or 'demo' (default: demo)")
-    p.add_argument("--method", choices=sorted(METHODS), default=None, help="SSL method (default: the preset's)")
+        description="Self-supervised pretraining (SimCLR, GroCo, SCE, SogCLR, SFRIK, SwAV, AUH, "
+                    "DINO) with fastssl's fused losses. With no arguments: a short ResNet-18 run "
+                    "on the generated demo dataset, then the k-NN accuracy of the learned "
+                    "features next to a random-init network.",
+        epilog="Distributed: torchrun --nproc_per_node=G train_imagenet.py ... (NCCL on GPU, "
+               "gloo on CPU). Exit status: 0 finished or --max-steps reached, 1 non-finite loss "
+               "or --dist-timeout expired, 2 usage or data error, 128+N stopped by signal N "
+               "after a resumable checkpoint (resume with --resume auto).")
+    p.add_argument("--data", default=None,
+                   help="ImageFolder root (DIR or DIR/train) or 'demo' (default: demo)")
+    p.add_argument("--method", choices=sorted(METHODS), default=None,
+                   help="SSL method (default: the preset's)")
     p.add_argument("--preset", default=None,
-                   help="named recipe (see --list-presets); default: demo_<method> on the demo data, "
-                        "else the method's ImageNet preset")
+                   help="named recipe (see --list-presets); default: demo_<method> on the demo "
+                        "data, else the method's ImageNet preset")
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as JSON and exit")
     p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int, help="global batch size (split over the ranks)")
-    p.add_argument("--lr", type=_positive_float, help="absolute peak learning rate (overrides --base-lr scaling)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="global batch size (split over the ranks)")
+    p.add_argument("--lr", type=_positive_float,
+                   help="absolute peak learning rate (overrides --base-lr scaling)")
     p.add_argument("--base-lr", type=_positive_float)
     p.add_argument("--lr-scaling", choices=["linear", "linear32", "sqrt", "none"],
                    help="linear: base*bs/256, linear32: base*bs/32 (GroCo), sqrt: base*sqrt(bs)")
@@ -176,13 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="SyncBatchNorm under DDP on GPU (default: on)")
     p.add_argument("--out", help="output directory (checkpoints, log.jsonl, config.json)")
-    p.add_argument("--resume", help="checkpoint path, or 'auto' for OUT/checkpoint_last.pth if present "
-                                    "(read with torch.load(weights_only=True))")
+    p.add_argument("--resume",
+                   help="checkpoint path, or 'auto' for OUT/checkpoint_last.pth if present "
+                        "(read with torch.load(weights_only=True))")
     p.add_argument("--trust-checkpoint", action="store_true", default=None,
                    help="read --resume's checkpoint with a full unpickle (torch.load("
-                        "weights_only=False)), which RUNS ANY CODE INSIDE THE FILE: only for a file "
-                        "you trust that holds more than tensors and plain containers (e.g. from an "
-                        "older fastssl). Default: weights_only=True, and such a file is refused")
+                        "weights_only=False)), which RUNS ANY CODE INSIDE THE FILE: only for a "
+                        "file you trust that holds more than tensors and plain containers (e.g. "
+                        "from an older fastssl). Default: weights_only=True, and such a file is "
+                        "refused")
     p.add_argument("--seed", type=_nonneg_int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--loader", choices=LOADERS, default=None,
@@ -192,17 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     # backend (fastssl.use_backend); kept as a deprecated alias
     p.add_argument("--backend", choices=LOADERS, default=None, dest="loader_deprecated",
                    help=argparse.SUPPRESS)
-    p.add_argument("--dataset-size", type=_positive_int, help="--loader synthetic: number of samples")
+    p.add_argument("--dataset-size", type=_positive_int,
+                   help="--loader synthetic: number of samples")
     p.add_argument("--num-threads", type=_positive_int, help="loader threads")
-    p.add_argument("--knn-every", type=_nonneg_int, help="epochs between online k-NN monitors (0: off)")
+    p.add_argument("--knn-every", type=_nonneg_int,
+                   help="epochs between online k-NN monitors (0: off)")
     p.add_argument("--knn-k", type=_positive_int)
-    p.add_argument("--knn-train-samples", type=_positive_int, help="labelled subset for the k-NN monitor")
+    p.add_argument("--knn-train-samples", type=_positive_int,
+                   help="labelled subset for the k-NN monitor")
     p.add_argument("--eval-size", type=_positive_int, help="image size of the k-NN monitor")
     p.add_argument("--log-every", type=_positive_int, help="steps between progress/log lines")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="also log step loss, lr, images/s, epoch mean loss and k-NN to "
                         "OUT/tensorboard (needs the tensorboard package)")
-    p.add_argument("--max-steps", type=_positive_int, help="stop with a checkpoint after this many steps")
+    p.add_argument("--max-steps", type=_positive_int,
+                   help="stop with a checkpoint after this many steps")
     p.add_argument("--deterministic", action="store_true", default=None)
     p.add_argument("--dist-timeout", type=_duration, default=None, metavar="DURATION",
                    help="under torchrun: how long a collective waits for the other ranks before "
@@ -212,16 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip unreadable images, in training and in the k-NN monitor (each "
                         "decode-checked once, reported once per run), instead of stopping with a "
                         "checkpoint and 'error: FILE: REASON'")
-    p.add_argument("--method-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--method-arg", type=_key_value, action="append", default=[],
+                   metavar="KEY=VALUE",
                    help="override a method hyperparameter (JSON value), e.g. temperature=0.2")
     p.add_argument("--head", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a head setting (JSON value), e.g. projector=[512,128]")
     return p
 
 
-FLAG_FIELDS = ["data", "method", "epochs", "batch_size", "lr", "base_lr", "lr_scaling", "warmup_epochs",
-               "weight_decay", "optimizer", "arch", "amp", "channels_last", "compile", "sync_bn", "out",
-               "resume", "seed", "device", "dataset_size", "num_threads", "knn_every", "knn_k",
+FLAG_FIELDS = ["data", "method", "epochs", "batch_size", "lr", "base_lr", "lr_scaling",
+               "warmup_epochs", "weight_decay", "optimizer", "arch", "amp", "channels_last",
+               "compile", "sync_bn", "out", "resume", "seed", "device", "dataset_size",
+               "num_threads", "knn_every", "knn_k",
                "knn_train_samples", "eval_size", "log_every", "max_steps", "deterministic",
                "skip_corrupt", "tensorboard", "trust_checkpoint", "dist_timeout"]
 
@@ -322,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         if D.rank() == 0:
             key = f"knn{cfg.knn_k}_top1"
             print(f"k-NN top-1 (k={cfg.knn_k}) on the demo val split after {cfg.epochs} epochs of "
-                  f"{cfg.method}: learned features {learned[key]:.1f}% vs random init {rand[key]:.1f}% "
+                  f"{cfg.method}: learned features {learned[key]:.1f}% vs random init "
+                  f"{rand[key]:.1f}% "
                   f"(total {time.perf_counter() - start:.0f} s)")
     return 0

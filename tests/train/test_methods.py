@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastssl.methods import METHODS, SSLNet, StepContext, build_method
+from fastssl.methods import METHODS, StepContext, build_method
 from fastssl.methods.base import _resolution_groups
 from fastssl.methods.presets import PRESETS, get_preset
 from fastssl.train.config import make_config
@@ -73,10 +73,11 @@ def test_every_method_has_a_demo_and_an_imagenet_preset():
     assert peak_lr(make_config(PRESETS["sfrik_200ep"])) == pytest.approx(3.2)
 
 
-# --- hooks on a tiny conv backbone ------------------------------------------------------------------
+# --- hooks on a tiny conv backbone -----------------------------------------------------------
 def tiny_backbone():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 8
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten()), 8
 
 
 def views_of(sizes, batch=8, seed=0):
@@ -99,7 +100,8 @@ def test_multicrop_views_of_one_resolution_share_a_backbone_call():
     calls = []
     backbone, dim = tiny_backbone()
     backbone.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
-    method = build_method("swav", backbone, dim, heads=TINY_HEADS["swav"], args={"n_prototypes": 10})
+    method = build_method("swav", backbone, dim, heads=TINY_HEADS["swav"],
+                          args={"n_prototypes": 10})
     out = method.model(views_of([16, 16, 8, 8, 8]))
     assert calls == [16, 24]
     assert len(out["scores"]) == 5 and out["scores"][0].shape == (8, 10)
@@ -119,7 +121,8 @@ def test_swav_prototypes_normalised_and_frozen():
     frozen = w.clone()
     run_steps_from = build_optimizer("larc", method.model.parameters(), lr=0.1)
     runner = StepRunner(method, method.model, run_steps_from)
-    runner(views_of([16, 16, 8, 8]), torch.arange(8), StepContext(step=5, epoch=0, total_steps=10, steps_per_epoch=10))
+    runner(views_of([16, 16, 8, 8]), torch.arange(8),
+           StepContext(step=5, epoch=0, total_steps=10, steps_per_epoch=10))
     assert not torch.equal(method.model.prototypes.weight.detach(), frozen)
 
 
@@ -138,7 +141,8 @@ def test_sce_momentum_is_an_ema_of_parameters_only():
     for name, p in method.momentum_model.named_parameters():
         expected = m * target0[name] + (1 - m) * online_after[name].detach()
         torch.testing.assert_close(p.detach(), expected)
-        assert not torch.equal(p.detach(), online_before[name]) or online_before[name].abs().sum() == 0
+        assert (not torch.equal(p.detach(), online_before[name])
+                or online_before[name].abs().sum() == 0)
     # BN running statistics of the target come from its own forward passes, not from the EMA.
     for name, b in method.momentum_model.named_buffers():
         if name.endswith("num_batches_tracked"):
@@ -192,7 +196,8 @@ def test_swav_queue_starts_at_its_epoch_and_is_rescored():
     runner(views, torch.arange(8), StepContext(step=0, epoch=0, total_steps=9, steps_per_epoch=3))
     assert method.criterion.queue.numel() == 0   # not started in epoch 0
     for step in range(1, 4):
-        loss = runner(views, torch.arange(8), StepContext(step=step, epoch=1, total_steps=9, steps_per_epoch=3))
+        loss = runner(views, torch.arange(8),
+                      StepContext(step=step, epoch=1, total_steps=9, steps_per_epoch=3))
         assert torch.isfinite(loss)
     assert method.criterion.queue.shape == (2, 16, 16) and method.criterion.queue_full
 
@@ -206,8 +211,10 @@ def test_bf16_autocast_steps(tmp_path):
 
 def test_swav_step_under_bf16_autocast():
     backbone, dim = tiny_backbone()
-    method = build_method("swav", backbone, dim, heads=TINY_HEADS["swav"], args={"n_prototypes": 10})
+    method = build_method("swav", backbone, dim, heads=TINY_HEADS["swav"],
+                          args={"n_prototypes": 10})
     opt = build_optimizer("larc", method.model.parameters(), lr=0.1, exclude_1d=False)
     runner = StepRunner(method, method.model, opt, amp_dtype=torch.bfloat16, device_type="cpu")
-    loss = runner(views_of([16, 16, 8]), torch.arange(8), StepContext(step=0, epoch=0, total_steps=1, steps_per_epoch=1))
+    loss = runner(views_of([16, 16, 8]), torch.arange(8),
+                  StepContext(step=0, epoch=0, total_steps=1, steps_per_epoch=1))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
