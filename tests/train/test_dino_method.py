@@ -15,7 +15,7 @@ from fastssl.models.dino_head import DINOHead
 from fastssl.train.cli import main
 from fastssl.train.config import make_config
 from fastssl.train.loop import StepRunner, train
-from fastssl.train.optim import build_optimizer
+from fastssl.optim import build_optimizer
 
 DEVNULL = open("/dev/null", "w")
 TINY_HEADS = {"projector": [32, 32, 16], "bn": False}
