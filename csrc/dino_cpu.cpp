@@ -2,9 +2,14 @@
 //
 // For each row i of x (N x D) the index j in x_all (M x D) with the largest inner product
 // <x_i, x_all_j>, j != offset + i (the row itself in the gathered batch), the first index
-// among ties. Tiled: a block of rows is scored against every column row by row, so nothing
-// N x M is ever held (one running maximum per row). The teacher targets reuse the SwAV row
-// pass (csrc/swav_cpu.cpp).
+// among ties. Tiled over GEMM blocks: S = x_I x_all_J^T (at::mm, the BLAS: the search runs at
+// matrix-product speed; a scalar dot loop ran at a quarter of eager's full x x^T), reduced to a
+// running maximum per row, so nothing N x M is held (one bs x bs tile at a time). In a single
+// process (x is x_all) S is symmetric: only the tiles J >= I are formed, each serving its rows
+// (row maxima) and, transposed, the rows of block J (column maxima): half the products. The
+// tiles reach every row in increasing column order and a maximum replaces the running one only
+// when strictly larger, so ties keep the first index, as torch.argmax. The teacher targets
+// reuse the SwAV row pass (csrc/swav_cpu.cpp).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -17,41 +22,19 @@
 
 namespace {
 
-constexpr int64_t kRowBlock = 8;
+// Rows per tile side: a 1024 x 1024 float32 tile is 4 MiB, and 1024-row products keep the
+// BLAS near its peak at D = 128-1024.
+constexpr int64_t kTile = 1024;
 
-template <typename T>
-void nearest_impl(const T* x, const T* xa, int64_t N, int64_t M, int64_t D, int64_t offset,
-                  int64_t* out) {
-  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for schedule(static) if (N * M * D > 65536)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t r0 = blk * kRowBlock;
-    const int64_t rn = std::min(kRowBlock, N - r0);
-    T best[kRowBlock];
-    int64_t arg[kRowBlock];
-    for (int64_t r = 0; r < rn; ++r) {
-      best[r] = -std::numeric_limits<T>::infinity();
-      arg[r] = -1;
-    }
-    // each column row is loaded once per block of rows (kept in cache while scored)
-    for (int64_t j = 0; j < M; ++j) {
-      const T* c = xa + j * D;
-      for (int64_t r = 0; r < rn; ++r) {
-        const int64_t i = r0 + r;
-        if (j == offset + i) continue;
-        const T* a = x + i * D;
-        T dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += a[d] * c[d];
-        // strict: the first index wins a tie, as torch.argmax
-        if (dot > best[r] || arg[r] < 0) {
-          best[r] = dot;
-          arg[r] = j;
-        }
-      }
-    }
-    for (int64_t r = 0; r < rn; ++r) out[r0 + r] = arg[r];
-  }
+// The running maximum of rows [r0, r0 + n) updated with the tile's maxima (v, a + col0).
+void update(torch::Tensor& best, torch::Tensor& arg, int64_t r0, const torch::Tensor& v,
+            const torch::Tensor& a, int64_t col0) {
+  const int64_t n = v.size(0);
+  auto b = best.narrow(0, r0, n);
+  auto g = arg.narrow(0, r0, n);
+  auto take = v.gt(b).logical_or_(g.lt(0));
+  b.copy_(torch::where(take, v, b));
+  g.copy_(torch::where(take, a + col0, g));
 }
 
 torch::Tensor koleo_nearest_cpu(const torch::Tensor& x, const torch::Tensor& x_all,
@@ -71,13 +54,27 @@ torch::Tensor koleo_nearest_cpu(const torch::Tensor& x, const torch::Tensor& x_a
   TORCH_CHECK(offset >= 0 && offset + N <= M,
               "koleo_nearest_cpu: offset must place x's rows inside x_all, got offset ", offset,
               " for ", N, " rows of ", M);
-  auto out = torch::empty({N}, x.options().dtype(torch::kLong));
-  if (x.scalar_type() == torch::kFloat) {
-    nearest_impl<float>(x.data_ptr<float>(), x_all.data_ptr<float>(), N, M, D, offset,
-                        out.data_ptr<int64_t>());
-  } else {
-    nearest_impl<double>(x.data_ptr<double>(), x_all.data_ptr<double>(), N, M, D, offset,
-                         out.data_ptr<int64_t>());
+  const double ninf = -std::numeric_limits<double>::infinity();
+  auto best = torch::full({N}, ninf, x.options());
+  auto out = torch::full({N}, -1, x.options().dtype(torch::kLong));
+  const bool symmetric = N == M && offset == 0 && x.data_ptr() == x_all.data_ptr();
+  for (int64_t r0 = 0; r0 < N; r0 += kTile) {
+    const int64_t rn = std::min(kTile, N - r0);
+    auto xi = x.narrow(0, r0, rn);
+    // symmetric: the tiles left of the diagonal were formed as the transposes of earlier ones
+    for (int64_t c0 = symmetric ? r0 : 0; c0 < M; c0 += kTile) {
+      const int64_t cn = std::min(kTile, M - c0);
+      auto s = at::mm(xi, x_all.narrow(0, c0, cn).t());
+      // the row itself: entry (k, k + d) of the tile, row r0 + k against column offset + r0 + k
+      const int64_t d = offset + r0 - c0;
+      if (d > -rn && d < cn) s.diagonal(d).fill_(ninf);
+      auto rows = s.max(1);
+      update(best, out, r0, std::get<0>(rows), std::get<1>(rows), c0);
+      if (symmetric && c0 > r0) {
+        auto cols = s.max(0);  // the rows of block c0 against the columns of block r0
+        update(best, out, c0, std::get<0>(cols), std::get<1>(cols), r0);
+      }
+    }
   }
   return out;
 }
