@@ -29,6 +29,7 @@ from fastssl._checks_dino import (check_dino, check_dino_center, check_ibot_patc
 from fastssl._validation import accumulation_dtype, check_positive
 from fastssl.ops import dino as _ops
 from fastssl.ops import swav as _swav_ops
+from fastssl.functional.swav import sum_tensors
 from fastssl.reference.dino import dino as _ref_dino
 from fastssl.reference.dino import dino_center as _ref_dino_center
 from fastssl.reference.dino import ibot_patch as _ref_ibot_patch
@@ -39,16 +40,6 @@ from fastssl.reference.dino import koleo_lp as _ref_koleo_lp
 
 def _use_dist(gather_distributed: bool) -> bool:
     return bool(gather_distributed) and dist_utils.is_distributed()
-
-
-def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The elementwise sum, one new tensor at most (the single tensor itself when alone)."""
-    if len(tensors) == 1:
-        return tensors[0]
-    out = tensors[0] + tensors[1]
-    for t in tensors[2:]:
-        out.add_(t)
-    return out
 
 
 def _targets(teachers: list[torch.Tensor], center, teacher_temp: float, centering: str,
@@ -116,10 +107,10 @@ def dino(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor
             continue
         if len(paired) == n_t:
             if everything is None:
-                everything = _sum(targets)
+                everything = sum_tensors(targets)
             q = everything
         else:
-            q = _sum([targets[i] for i in paired])
+            q = sum_tensors([targets[i] for i in paired])
         term = _swav_ops.swav_cross_entropy(s, q, st, backend)
         loss = term if loss is None else loss + term
     loss = loss / (B * len(pairs))

@@ -123,10 +123,10 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
             others = [codes[i] for i in range(n_assign_crops) if i != v]
             if not others:
                 continue
-            target = _sum(others)
+            target = sum_tensors(others)
         else:
             if summed is None:
-                summed = _sum(codes)
+                summed = sum_tensors(codes)
             target = summed
         # sum over rows of -<target, log_softmax(scores / T)>, one fused op (closed-form backward)
         term = _ops.swav_cross_entropy(views[v], target, temperature, backend)
@@ -137,7 +137,7 @@ def swav(scores: Sequence[torch.Tensor], *, n_assign_crops: int = 2, temperature
     return loss
 
 
-def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+def sum_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The elementwise sum, one new tensor at most (the single tensor itself when alone)."""
     if len(tensors) == 1:
         return tensors[0]

@@ -39,6 +39,16 @@ def _resolution_groups(views):
     return groups
 
 
+def multicrop_features(backbone: nn.Module, views) -> torch.Tensor:
+    """The backbone's flattened features of every view, stacked in view order: crops of one
+    resolution go through the backbone in one call (SwAV's and DINO's multi-crop batching)."""
+    feats = []
+    for start, end in _resolution_groups(views):
+        x = views[start] if end - start == 1 else torch.cat(views[start:end])
+        feats.append(backbone(x).flatten(1))
+    return torch.cat(feats) if len(feats) > 1 else feats[0]
+
+
 class SSLNet(nn.Module):
     """Backbone + heads. ``forward(views)`` returns a dict of per-view lists:
     ``z`` (projector outputs), and ``p`` (predictor outputs) / ``scores`` (prototype scores of
@@ -62,11 +72,7 @@ class SSLNet(nn.Module):
         self.prototypes = prototypes
 
     def forward(self, views):
-        feats = []
-        for start, end in _resolution_groups(views):
-            x = views[start] if end - start == 1 else torch.cat(views[start:end])
-            feats.append(self.backbone(x).flatten(1))
-        feats = torch.cat(feats) if len(feats) > 1 else feats[0]
+        feats = multicrop_features(self.backbone, views)
         batch = views[0].shape[0]
         z = self.projector(feats)
         out = {"z": list(z.split(batch))}

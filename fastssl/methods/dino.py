@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from fastssl.losses import DINOLoss, KoLeoLoss
-from fastssl.methods.base import Method, _resolution_groups, ema_update
+from fastssl.methods.base import Method, ema_update, multicrop_features
 from fastssl.models.dino_head import DINOHead
 
 
@@ -55,11 +55,7 @@ class DINONet(nn.Module):
         self.head = head
 
     def forward(self, views):
-        feats = []
-        for start, end in _resolution_groups(views):
-            x = views[start] if end - start == 1 else torch.cat(views[start:end])
-            feats.append(self.backbone(x).flatten(1))
-        feats = torch.cat(feats) if len(feats) > 1 else feats[0]
+        feats = multicrop_features(self.backbone, views)
         batch = views[0].shape[0]
         return {"scores": list(self.head(feats).split(batch)), "feats": list(feats.split(batch))}
 

@@ -25,7 +25,7 @@ SCRIPTS = {"fastssl-train": "fastssl.train.cli:main", "fastssl-eval-knn": "fasts
            "fastssl-bench": "fastssl.bench.__main__:main"}
 # setup.py's extras before the move to pyproject.toml, unchanged
 EXTRAS = {"dev": ["pytest>=7", "pytest-timeout", "diffsort==0.2.0", "numpy", "matplotlib",
-                  "pillow", "triton>=3.0; platform_system == 'Linux'"],
+                  "pillow", "ruff>=0.6", "triton>=3.0; platform_system == 'Linux'"],
           "dali": ["nvidia-dali-cuda130"]}
 
 
