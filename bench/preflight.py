@@ -102,14 +102,17 @@ def prepare(log) -> dict:
 
 
 def find_python(version: str) -> str | None:
-    found = shutil.which(f"python{version}")
-    if found:
-        return found
-    cands = sorted(
+    """The first python<version> that runs: a pyenv shim on PATH can exist and still refuse
+    (exit 127) when that version is installed but not selected, so each candidate is tried."""
+    cands = [shutil.which(f"python{version}")]
+    cands += sorted(
         glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python{version}"))
-    )
-    cands += sorted(glob.glob(f"/root/.pyenv/versions/{version}.*/bin/python{version}"))
-    return cands[-1] if cands else None
+    )[::-1]
+    cands += sorted(glob.glob(f"/root/.pyenv/versions/{version}.*/bin/python{version}"))[::-1]
+    for cand in cands:
+        if cand and subprocess.run([cand, "-c", "pass"], capture_output=True).returncode == 0:
+            return cand
+    return None
 
 
 def ensure_env(env_dir: Path, log) -> tuple[Path, dict]:
