@@ -465,3 +465,13 @@ def test_a_stopped_run_takes_its_running_part_along(tmp_path):
     for pid in left:   # a failure must not leave the stalled part behind
         os.kill(pid, 9)
     assert left == []
+
+
+def test_child_env_without_pythonpath(monkeypatch):
+    # The GPU machine sets no PYTHONPATH: the parts' environment must still be built (a
+    # KeyError here ended the whole run before its first part; the preflight found it).
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    env = gpu_run.child_env(False, time.time() + 60)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(gpu_run.REPO)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert gpu_run.child_env(False, time.time() + 60)["PYTHONPATH"].endswith("/elsewhere")
