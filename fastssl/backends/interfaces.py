@@ -52,6 +52,17 @@ class ContrastiveKernels(Protocol):
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Same pass: (lse_s, lse_t, wmean, u_s, u_t), u the per-row gradients in q."""
 
+    def gram_lse_forward(self, z: Tensor, self_col: Tensor, pos_col: Tensor, scale: float,
+                         exclude_pos: bool, weighted: bool) -> tuple[Tensor, Tensor]:
+        """Symmetric schedule (issue 25): (lse, wmean) of the rows of X = scale * z @ z.T with
+        symmetric masks (self_col[i] in (i, -1); pos_col[pos_col[i]] = i), each upper-triangle
+        tile serving itself and its transpose; wmean empty unless weighted. Accumulation dtype."""
+
+    def gram_lse_backward(self, z: Tensor, self_col: Tensor, pos_col: Tensor, scale: float,
+                          exclude_pos: bool, lse: Tensor, g: Tensor) -> Tensor:
+        """Symmetric schedule: dz = scale * (G + G^T) z, G_ij = g_i softmax(X)_ij, each
+        upper-triangle tile recomputed once for both its rows and its columns."""
+
 
 class SphereKernels(Protocol):
     """Pair sums over the Gram of L2-normalised rows (fastssl/ops/sphere.py). y or b None: the
@@ -158,7 +169,8 @@ INTERFACES = {"contrastive": ContrastiveKernels, "sphere": SphereKernels,
 # pass instead), the fused GroCo view (C++ only), the autograd forms (torch only, which has no
 # explicit kernels), swav's cross-entropy (no hand-written CUDA kernel).
 OPTIONAL = {
-    "contrastive": {"lse_sum_forward", "sce_grad_forward"},
+    "contrastive": {"lse_sum_forward", "sce_grad_forward", "gram_lse_forward",
+                    "gram_lse_backward"},
     "sphere": {"series_forward_grad", "gauss_forward_grad"},
     "sortnet": {"soft_sort_forward", "soft_sort_backward", "groco_rows_forward",
                 "groco_rows_backward", "groco_fused_forward", "groco_fused_backward",
