@@ -1,10 +1,7 @@
-"""The parts of `python -m bench.gpu_run`, each run by it as a subprocess:
-`python -m bench.gpu_parts --part NAME --out DIR [--dry-run]`.
-
-Every part writes as it goes: benchmark records to DIR/results.jsonl (bench/results.py's
-format, with the part's name and, for matmul-bound losses, achieved TFLOP/s), the others to
-DIR/<part>.json. A part checks its deadline ($FASTSSL_GPU_RUN_DEADLINE) before each case and
-records what it had no time left for, rather than be killed in the middle of it.
+"""The parts of `python -m bench.gpu_run`, each its subprocess: `python -m bench.gpu_parts --part
+NAME --out DIR [--dry-run]`. Benchmark records go to DIR/results.jsonl as they come (results.py's
+format, with the part's name and, for matmul-bound losses, TFLOP/s), the others to
+DIR/<part>.json; a part checks its deadline before each case and records what it had no time for.
 """
 from __future__ import annotations
 
@@ -19,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,16 +36,15 @@ from .specs import select_specs
 
 COMPILE_MIN_S = 15.0   # a torch.compile case is not started with less time than this left
 STAGE = REPO / "build" / "gpu_run"   # the builds' own trees (build/ is git-ignored)
+FULL = ("forward+backward",)
+# Dense bf16 tensor-core peak by device name (vendor spec sheets); other devices: unknown.
+SPEC_BF16_TFLOPS = (("H200", 989.0), ("H100 80GB HBM3", 989.0), ("H100 SXM", 989.0))
 
 
-def _done(out: Path, name: str, info: dict, hook) -> None:
+def _done(out: Path, name: str, info: dict) -> dict:
     write_json(out / f"{name}.json", info)
     print(json.dumps({k: v for k, v in info.items() if not k.endswith("log_tail")}), flush=True)
-    hook()
-
-
-# ----------------------------------------------------------------------------------------------
-# build
+    return info
 
 
 def _child_json(code: str, env, timeout: float = 120):
@@ -58,27 +53,16 @@ def _child_json(code: str, env, timeout: float = 120):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _extension_state(env) -> dict:
-    try:
-        return _child_json("import json; from fastssl._backend import cpp_available, "
-                           "cuda_ext_available; print(json.dumps({'cpp': bool(cpp_available()), "
-                           "'cuda': bool(cuda_ext_available())}))", env)
-    except Exception as exc:  # noqa: BLE001
-        return {"cpp": False, "cuda": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-
-
 def _stage(name: str) -> Path:
     """A build tree with only what setup.py compiles (setup.py, csrc/, an empty fastssl/): no
-    pyproject.toml, so the machine's setuptools, whatever its version, never validates the
-    package metadata (setuptools < 77 rejects its license field), and the two builds side by
-    side share no file. Kept between calls: ninja then recompiles nothing that did not change."""
+    pyproject.toml, so an old setuptools on the machine never validates the package metadata
+    (< 77 rejects its license field). Kept between calls: ninja recompiles only what changed."""
     root = STAGE / name
     (root / "fastssl").mkdir(parents=True, exist_ok=True)
     (root / "csrc").mkdir(exist_ok=True)
     shutil.copy2(REPO / "setup.py", root / "setup.py")
     for src in (REPO / "csrc").iterdir():
-        dst = root / "csrc" / src.name
-        # copy only what changed: an unchanged source keeps its time, ninja skips it
+        dst = root / "csrc" / src.name   # an unchanged source keeps its time: ninja skips it
         if src.is_file() and (not dst.exists() or dst.read_bytes() != src.read_bytes()):
             shutil.copy2(src, dst)
     return root
@@ -88,35 +72,9 @@ def _built(root: Path) -> list[Path]:
     return sorted((root / "fastssl").glob("_C*.so"))
 
 
-def _install(root: Path) -> None:
-    for old in (REPO / "fastssl").glob("_C*.so"):
-        old.unlink()
-    for so in _built(root):
-        shutil.copy2(so, REPO / "fastssl" / so.name)
-    shutil.copy2(root / "fastssl" / "_build_info.py", REPO / "fastssl" / "_build_info.py")
-
-
-def _prebuilt_matches(env) -> str | None:
-    """A fastssl/_C that imports, was built against this torch and has the CUDA part (carried
-    prebuilt): kept, no build. Returns the reason, or None."""
-    if not list((REPO / "fastssl").glob("_C*.so")):
-        return None
-    try:
-        same_torch, with_cuda, loads, version = _child_json(
-            "import json, torch; from fastssl import _build_info as b; from fastssl._backend "
-            "import cuda_ext_available; print(json.dumps([b.TORCH_VERSION == torch.__version__, "
-            "bool(b.WITH_CUDA), bool(cuda_ext_available()), b.TORCH_VERSION]))", env, 60)
-    except Exception:  # noqa: BLE001 - no usable prebuilt: build
-        return None
-    if same_torch and with_cuda and loads:
-        return f"prebuilt fastssl._C kept: built against torch {version} with its CUDA part"
-    return None
-
-
 def part_build(out, dry_run, hook):
     """CPU-only and CUDA builds side by side, each in its own tree: the CUDA one is installed
-    when it succeeds, else the CPU one (no recompilation after a CUDA failure). No CUDA toolkit
-    with include/cuda_runtime.h: the CUDA build is not started, with the reason."""
+    when it succeeds, else the CPU one; no CUDA toolkit: the CUDA build is not started."""
     info = {"dry_run": dry_run}
     with open(out / "logs" / "build_ext.log", "w") as log:
         info["wheels"] = install_carried_wheels(log)
@@ -130,27 +88,42 @@ def part_build(out, dry_run, hook):
             info.update(status="ok", note=kept)
         else:
             _build_both(out, info, env, cuda_home, dry_run, log)
-    info["extension"] = (_extension_state(dict(os.environ)) if info.get("status") != "skipped"
-                         else {"note": "dry run: not built"})
-    if info.get("status") not in ("ok", "skipped"):
+    info["extension"] = ({"note": "dry run: not built"} if info["status"] == "skipped" else
+                         _child_json("import json; from fastssl._backend import cpp_available, "
+                                     "cuda_ext_available as c; print(json.dumps({'cpp': "
+                                     "bool(cpp_available()), 'cuda': bool(c())}))", os.environ))
+    if info["status"] not in ("ok", "skipped"):
         for kind in ("cuda", "cpu"):
-            path = out / "logs" / f"build_{kind}.log"
-            if path.exists():
+            if (path := out / "logs" / f"build_{kind}.log").exists():
                 lines = path.read_text(errors="replace").splitlines()
                 errors = [ln for ln in lines if "error" in ln.lower()][-15:]
                 info[f"{kind}_log_tail"] = [ln[:300] for ln in errors + ["..."] + lines[-10:]]
         info["log_tail"] = info.get("cuda_log_tail") or info.get("cpu_log_tail")
-    _done(out, "build", info, hook)
-    return 0 if info.get("status") in ("ok", "skipped") or info["extension"].get("cpp") else 1
+    _done(out, "build", info)
+    hook()
+    return 0 if info["status"] in ("ok", "skipped") or info["extension"].get("cpp") else 1
+
+
+def _prebuilt_matches(env) -> str | None:
+    """A carried fastssl/_C that imports, built against this torch with its CUDA part: kept."""
+    if not list((REPO / "fastssl").glob("_C*.so")):
+        return None
+    with contextlib.suppress(Exception):   # no usable prebuilt: build
+        same, cuda, loads, version = _child_json(
+            "import json, torch; from fastssl import _build_info as b; from fastssl._backend "
+            "import cuda_ext_available; print(json.dumps([b.TORCH_VERSION == torch.__version__, "
+            "bool(b.WITH_CUDA), bool(cuda_ext_available()), b.TORCH_VERSION]))", env, 60)
+        if same and cuda and loads:
+            return f"prebuilt fastssl._C kept: built against torch {version} with its CUDA part"
+    return None
 
 
 def _build_both(out, info, env, cuda_home, dry_run, log) -> None:
     procs, logs, rcs = {}, {}, {}
     for kind in ("cpu",) if dry_run or cuda_home is None else ("cpu", "cuda"):
         root = _stage(kind)
-        kenv = {**env, "FASTSSL_BUILD_CUDA": "1" if kind == "cuda" else "0"}
-        if kind == "cuda":
-            kenv["CUDA_HOME"] = cuda_home
+        kenv = {**env, "FASTSSL_BUILD_CUDA": "1" if kind == "cuda" else "0",
+                **({"CUDA_HOME": cuda_home} if kind == "cuda" else {})}
         logs[kind] = open(out / "logs" / f"build_{kind}.log", "w")
         cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
         logs[kind].write(f"$ (cd {root} && FASTSSL_BUILD_CUDA={kenv['FASTSSL_BUILD_CUDA']} "
@@ -165,11 +138,10 @@ def _build_both(out, info, env, cuda_home, dry_run, log) -> None:
         for proc, _, _ in procs.values():
             kill_group(proc, 0)
         raise SystemExit(128 + signum)
-
     signal.signal(signal.SIGTERM, stop)
 
     def wait(kind):
-        proc, t0, _ = procs[kind]
+        proc, t0, root = procs[kind]
         try:
             rcs[kind] = proc.wait(timeout=max(1.0, time_left() - 5))
         except subprocess.TimeoutExpired:
@@ -177,20 +149,24 @@ def _build_both(out, info, env, cuda_home, dry_run, log) -> None:
             rcs[kind] = "timeout"
         info[f"{kind}_build_rc"] = rcs[kind]
         info[f"{kind}_build_s"] = round(time.monotonic() - t0, 1)
+        return rcs[kind] == 0 and _built(root)
 
-    if "cuda" in procs:
-        wait("cuda")
-    if rcs.get("cuda") == 0 and _built(procs["cuda"][2]):
+    def install(root):
+        for old in (REPO / "fastssl").glob("_C*.so"):
+            old.unlink()
+        for so in _built(root) + [root / "fastssl" / "_build_info.py"]:
+            shutil.copy2(so, REPO / "fastssl" / so.name)
+
+    if "cuda" in procs and wait("cuda"):
         kill_group(procs["cpu"][0], 0)
         info["cpu_build_rc"] = "stopped: the CUDA build succeeded"
-        _install(procs["cuda"][2])
+        install(procs["cuda"][2])
         info.update(status="ok", note="built with the CUDA part (sm "
                                       f"{os.environ.get('FASTSSL_CUDA_ARCHS', '80,90')})")
     else:
-        wait("cpu")
-        cpu_ok = rcs.get("cpu") == 0 and _built(procs["cpu"][2])
+        cpu_ok = wait("cpu")
         if cpu_ok:
-            _install(procs["cpu"][2])
+            install(procs["cpu"][2])
         if dry_run:
             note = ("dry run: the CPU-only build, compiled in build/gpu_run/cpu and installed; "
                     + info["cuda_home"]) if cpu_ok else "dry run: the CPU-only build failed"
@@ -205,12 +181,8 @@ def _build_both(out, info, env, cuda_home, dry_run, log) -> None:
         info.update(status=("ok" if dry_run else "fallback") if cpu_ok else "error", note=note)
     for kind, f in logs.items():
         f.close()
-        log.write(f"\n===== build_{kind}.log =====\n")
-        log.write((out / "logs" / f"build_{kind}.log").read_text(errors="replace"))
-
-
-# ----------------------------------------------------------------------------------------------
-# roofline
+        log.write(f"\n===== build_{kind}.log =====\n"
+                  + (out / "logs" / f"build_{kind}.log").read_text(errors="replace"))
 
 
 def _median_ms(fn, cuda: bool, reps: int, warmup: int) -> float:
@@ -218,102 +190,117 @@ def _median_ms(fn, cuda: bool, reps: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     cfg = BenchConfig(min_reps=reps, max_reps=reps, min_time_s=0.0, cuda_rep_ms=0)
-    times = sorted((time_cuda_events if cuda else time_cpu)(lambda: None, lambda _: fn(), cfg))
-    return times[len(times) // 2]
+    return sorted((time_cuda_events if cuda else time_cpu)(lambda: None, lambda _: fn(), cfg))[
+        reps // 2]
+
+
+def _randn(*shape, device, dtype, seed=0, grad=False):
+    # Random operands: a product of zeros runs faster than real data.
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
+
+
+def _gemm(n, device, dtype) -> dict:
+    a, b = (_randn(n, n, device=device, dtype=dtype, seed=s) for s in (0, 1))
+    ms = _median_ms(lambda: a @ b, device.type == "cuda", 10, 3)
+    return {"matmul_n": n, "matmul_ms": ms, "peak_tflops": 2 * n**3 / (ms / 1e3) / 1e12}
 
 
 def part_roofline(out, dry_run, hook):
-    cuda = torch.cuda.is_available() and not dry_run
-    device = torch.device("cuda" if cuda else "cpu")
-    n, dtype = (8192, torch.bfloat16) if cuda else (256, torch.float32)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    # Random operands: a product of zeros runs faster than real data.
-    a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
-    info = {"device": device.type, "matmul_n": n, "dtype": str(dtype).replace("torch.", "")}
-    if cuda:
-        info["device_name"] = torch.cuda.get_device_name(device)
-    ms = _median_ms(lambda: a @ b, cuda, 10 if cuda else 5, 3 if cuda else 1)
-    info.update(matmul_ms=ms, peak_tflops=2 * n**3 / (ms / 1e3) / 1e12,
-                note="median of 10 products after 3 warm-ups, random data" if cuda
-                else "CPU dry run")
-    _done(out, "roofline", info, hook)
+    device = _device(dry_run)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    info = {"device": device.type, "dtype": str(dtype).replace("torch.", ""),
+            **({"device_name": torch.cuda.get_device_name(device)} if cuda else {}),
+            **_gemm(8192 if cuda else 256, device, dtype),
+            "note": "median of 10 products after 3 warm-ups, random data" if cuda
+            else "CPU dry run"}
+    _done(out, "roofline", info)
+    hook()
     # A device copy: bytes read + written over the time (the memory-bound ceiling).
-    a = b = None   # freed before the copy's buffers
-    numel = (1 << 30) // 4 if cuda else 1 << 20
-    x = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
+    x = torch.empty((1 << 30) // 4 if cuda else 1 << 20, device=device).uniform_()
     y = torch.empty_like(x)
     ms = _median_ms(lambda: y.copy_(x), cuda, 5, 1)
-    info.update(copy_bytes=2 * numel * 4, copy_ms=ms, copy_tb_s=2 * numel * 4 / (ms / 1e3) / 1e12)
-    _done(out, "roofline", info, lambda: None)
+    _done(out, "roofline", dict(info, copy_bytes=2 * x.nbytes, copy_ms=ms,
+                                copy_tb_s=2 * x.nbytes / (ms / 1e3) / 1e12))
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# headline benchmarks
+def nt_xent_roofline(out, device, dry_run) -> None:
+    """Issue 25: nt_xent forward+backward on the Triton backend against the device's bf16 peak,
+    the spec figure by device name and a 8192^3 GEMM measured here; DIR/nt_xent_roofline.json."""
+    cuda = device.type == "cuda"
+    dtype, d = (torch.bfloat16, 128) if cuda else (torch.float32, 8)
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    info = {"device_name": name, "dtype": str(dtype).replace("torch.", ""), "backend": "triton",
+            "spec_tflops": next((v for k, v in SPEC_BF16_TFLOPS if k in name), None),
+            "gemm": _gemm(8192 if cuda else 256, device, dtype), "rows": []}
+    for b in (8192, 32768) if cuda else (16, 32):
+        if time_left() < 3.0:
+            info["rows"].append({"B": b, "D": d, "status": "not reached: the part's cap"})
+            continue
+        zs = [_randn(b, d, device=device, dtype=dtype, seed=s, grad=True) for s in (0, 1)]
+
+        def step():
+            with backend_forced("triton"):
+                torch.autograd.grad(fast.nt_xent(*zs), zs)
+        try:
+            ms = _median_ms(step, cuda, 10 if cuda else 3, 2 if cuda else 1)
+        except Exception as exc:  # noqa: BLE001 - recorded, the part goes on
+            info["rows"].append({"B": b, "D": d, "status": failure_note(exc)})
+            continue
+        tflops = model_flop("nt_xent", {"B": b, "D": d}, "forward+backward") / (ms / 1e3) / 1e12
+        info["rows"].append({"B": b, "D": d, "status": "ok", "ms": ms, "tflops": tflops,
+                             "pct_spec": info["spec_tflops"] and 100 * tflops / info["spec_tflops"],
+                             "pct_gemm": 100 * tflops / info["gemm"]["peak_tflops"]})
+        _done(out, "nt_xent_roofline", info)
+        zs = None
+        free_device_memory(device)
+    _done(out, "nt_xent_roofline", info)
 
 
-@dataclass
-class Case:
-    op: str
-    shape: dict
-    dtype: str
-    modes: tuple
-    provider: str
-
-
-FULL = ("forward+backward",)
-
-
-def headline_cases(part: str, dry: bool) -> list[Case]:
-    """Cases of a benchmark part, most important first (a part cut off keeps the first ones).
-    torch.compile providers come last: each pays a compilation."""
+def headline_cases(part: str, dry: bool) -> list[tuple]:
+    """(op, shape, dtype, modes, provider) of a benchmark part, most important first (a part cut
+    off keeps the first ones); torch.compile last: each pays a compilation."""
     bf16 = "float32" if dry else "bfloat16"
-    cases: list[Case] = []
-
-    def add(op, shape, dtype, modes, providers):
-        cases.extend(Case(op, shape, dtype, modes, p) for p in providers)
-
+    sinkhorn = (("sinkhorn", {"B": 16, "K": 12} if dry else {"B": 4096, "K": 3000}, "float32",
+                 ("forward",)),)
+    swav = (("swav", {"B": 16, "K": 12, "crops": 8} if dry else {"B": 4096, "K": 3000, "crops": 8},
+             bf16, FULL),)
     gpu_fast = ("fastssl",) + (("fastssl:torch",) if dry else ("fastssl:cuda", "fastssl:triton"))
+    groups = []   # ((op, shape, dtype, modes), providers)
     if part == "bench_contrastive":
         nt = {"B": 16, "D": 8} if dry else {"B": 32768, "D": 128}
-        nce = {**nt, "symmetric": True}
-        add("nt_xent", nt, bf16, FULL, ("fastssl", "eager", "reference"))
-        add("info_nce", nce, bf16, FULL, ("fastssl", "eager", "reference"))
-        add("nt_xent", nt, bf16, FULL, ("eager:compile",))
-        add("info_nce", nce, bf16, FULL, ("eager:compile",))
+        both = [("nt_xent", nt, bf16, FULL), ("info_nce", {**nt, "symmetric": True}, bf16, FULL)]
+        groups = [(c, ("fastssl", "eager", "reference")) for c in both]
+        groups += [(c, ("eager:compile",)) for c in both]
     elif part == "bench_sce_sphere":
-        sce = {"B": 16, "D": 8, "K": 40} if dry else {"B": 1024, "D": 256, "K": 65536}
-        mmd = {"B": 16, "D": 8} if dry else {"B": 2048, "D": 8192}
-        add("sce", sce, bf16, FULL, ("fastssl", "reference"))
-        add("sfrik_mmd", mmd, bf16, FULL, ("fastssl", "reference"))
-        add("sce", sce, bf16, FULL, ("reference:compile",))
-        add("sfrik_mmd", mmd, bf16, FULL, ("reference:compile",))
+        both = [("sce", {"B": 16, "D": 8, "K": 40} if dry else {"B": 1024, "D": 256, "K": 65536},
+                 bf16, FULL), ("sfrik_mmd", {"B": 16, "D": 8} if dry else {"B": 2048, "D": 8192},
+                               bf16, FULL)]
+        groups = [(c, ("fastssl", "reference")) for c in both]
+        groups += [(c, ("reference:compile",)) for c in both]
     elif part == "bench_sortnet":
-        for n in ((5,) if dry else (16, 32)):
-            shape = {"B": 8 if dry else 1024, "n": n, "network": "odd_even"}
-            add("soft_sort", shape, "float32", FULL, gpu_fast + ("reference", "diffsort"))
-        groco = {"B": 16, "D": 8, "views": 2} if dry else {"B": 4096, "D": 2048, "views": 2}
-        add("groco", groco, bf16, FULL, ("fastssl", "reference"))
+        sort = lambda b, n, net="odd_even": ("soft_sort", {"B": b, "n": n, "network": net},  # noqa
+                                             "float32", FULL)
+        groco = lambda b, d: ("groco", {"B": b, "D": d, "views": 2}, bf16, FULL)  # noqa: E731
+        groups = [(sort(8 if dry else 1024, n), gpu_fast + ("reference", "diffsort"))
+                  for n in ((5,) if dry else (16, 32))]
+        groups.append((groco(16, 8) if dry else groco(4096, 2048), ("fastssl", "reference")))
         if not dry:   # the shapes of the issue-4 targets in bench/summary.py
-            add("soft_sort", {"B": 4096, "n": 32, "network": "odd_even"}, "float32", FULL,
-                ("fastssl", "diffsort"))
-            add("groco", {"B": 1024, "D": 2048, "views": 2}, bf16, FULL, ("fastssl", "reference"))
-        big = {"B": 4, "n": 16, "network": "bitonic"} if dry else {"B": 1024, "n": 1024,
-                                                                    "network": "bitonic"}
-        add("soft_sort", big, "float32", FULL, ("fastssl", "diffsort"))
+            groups += [(sort(4096, 32), ("fastssl", "diffsort")),
+                       (groco(1024, 2048), ("fastssl", "reference"))]
+        groups.append((sort(4, 16, "bitonic") if dry else sort(1024, 1024, "bitonic"),
+                       ("fastssl", "diffsort")))
     elif part == "bench_swav":
-        sk = {"B": 16, "K": 12} if dry else {"B": 4096, "K": 3000}
-        sw = {**sk, "crops": 8}
-        add("sinkhorn", sk, "float32", ("forward",), gpu_fast + ("reference",))
-        add("swav", sw, bf16, FULL, ("fastssl", "reference"))
+        groups = [(sinkhorn[0], gpu_fast + ("reference",)), (swav[0], ("fastssl", "reference"))]
         if not dry:   # the other issue-5 target shape
-            add("sinkhorn", {"B": 1024, "K": 65536}, "float32", ("forward",),
-                ("fastssl", "reference"))
-        add("sinkhorn", sk, "float32", ("forward",), ("reference:compile",))
-        add("swav", sw, bf16, FULL, ("reference:compile",))
+            groups.append((("sinkhorn", {"B": 1024, "K": 65536}, "float32", ("forward",)),
+                           ("fastssl", "reference")))
+        groups += [(sinkhorn[0], ("reference:compile",)), (swav[0], ("reference:compile",))]
     else:
         raise ValueError(f"part: unknown benchmark part {part!r}")
-    return cases
+    return [(*case, p) for case, providers in groups for p in providers]
 
 
 def _device(dry_run: bool) -> torch.device:
@@ -324,15 +311,16 @@ def _writer(out: Path, device) -> ResultWriter:
     return ResultWriter(out / "results.jsonl", environment(device), append=True)
 
 
-def _not_run(case, spec, device, part) -> dict:
-    return {"op": case.op, "family": spec.family, "provider": case.provider,
-            "shape": dict(case.shape), "x": case.shape.get(spec.x_key), "x_key": spec.x_key,
-            "dtype": case.dtype, "device": device.type, "gpu_run_part": part, "status": "skipped"}
+def _not_run(op, shape, dtype, mode, provider, device, part, note) -> dict:
+    spec = select_specs([op])[0]
+    return {"op": op, "family": spec.family, "provider": provider, "shape": dict(shape),
+            "x": shape.get(spec.x_key), "x_key": spec.x_key, "dtype": dtype, "device": device.type,
+            "gpu_run_part": part, "status": "skipped", "mode": mode, "note": note}
 
 
-def _skip_note(case, device, dry_run) -> str | None:
-    compile_ = case.provider.endswith(":compile")
-    if note := static_skip(case.provider, device.type):
+def _skip_note(provider, device, dry_run) -> str | None:
+    compile_ = provider.endswith(":compile")
+    if note := static_skip(provider, device.type):
         return note
     if compile_ and device.type != "cuda":
         return "torch.compile is measured on GPU only"
@@ -350,21 +338,21 @@ def part_bench(part, out, dry_run, hook):
     roof = load_json(out / "roofline.json") or {}
     peak = roof.get("peak_tflops") if roof.get("device") == "cuda" else None
     with _writer(out, device) as writer:
-        for case in headline_cases(part, dry_run):
-            spec = select_specs([case.op])[0]
-            note = _skip_note(case, device, dry_run)
-            if note:
-                for m in case.modes:
-                    progress(writer.write({**_not_run(case, spec, device, part), "mode": m,
-                                           "note": note}), sys.stdout)
+        for i, (op, shape, dtype, modes, provider) in enumerate(headline_cases(part, dry_run)):
+            if part == "bench_contrastive" and i == 6:   # after the timed cases, before compile
+                nt_xent_roofline(out, device, dry_run)
+            if note := _skip_note(provider, device, dry_run):
+                for m in modes:
+                    progress(writer.write(_not_run(op, shape, dtype, m, provider, device, part,
+                                                   note)), sys.stdout)
                 continue
-            for rec in run_case(spec, case.provider, Size(dict(case.shape), case.modes),
-                                getattr(torch, case.dtype), device, cfg):
+            for rec in run_case(select_specs([op])[0], provider, Size(dict(shape), modes),
+                                getattr(torch, dtype), device, cfg):
                 rec["gpu_run_part"] = part
-                flop = model_flop(case.op, case.shape, rec.get("mode"))
+                flop = model_flop(op, shape, rec.get("mode"))
                 if flop and rec.get("status") == "ok":
-                    rec["model_tflop"] = flop / 1e12
-                    rec["tflops"] = flop / (rec["p50_ms"] / 1e3) / 1e12
+                    rec.update(model_tflop=flop / 1e12,
+                               tflops=flop / (rec["p50_ms"] / 1e3) / 1e12)
                     if peak:
                         rec["peak_fraction"] = rec["tflops"] / peak
                 progress(writer.write(rec), sys.stdout)
@@ -372,21 +360,13 @@ def part_bench(part, out, dry_run, hook):
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# largest N in a fixed memory budget
-
-
 def _fits(provider: str, b: int, d: int, dtype, device, budget_bytes: int) -> dict:
-    """One forward+backward of nt_xent at B (N = 2B anchors): total peak memory (inputs
-    included) and time; fits when it ran and stayed within the budget."""
+    """One nt_xent forward+backward at B (N = 2B anchors): total peak memory (inputs included)
+    and time; fits when it ran within the budget."""
     fn = baselines.eager_nt_xent if provider == "eager" else fast.nt_xent
-    rec = {"B": b}
-    zs = ()
+    rec, zs = {"B": b}, ()
     try:
-        gen = torch.Generator(device="cpu").manual_seed(b)
-        zs = [torch.randn(b, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-              for _ in range(2)]
-        inputs = 2 * zs[0].numel() * zs[0].element_size()
+        zs = [_randn(b, d, device=device, dtype=dtype, seed=b + s, grad=True) for s in (0, 1)]
         with backend_forced("auto") if provider == "fastssl" else contextlib.nullcontext():
             t0 = time.perf_counter()
             if device.type == "cuda":
@@ -396,7 +376,8 @@ def _fits(provider: str, b: int, d: int, dtype, device, budget_bytes: int) -> di
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated()
             else:
-                peak = inputs + (cpu_peak_growth(lambda: zs, lambda z: fn(*z).backward()) or 0)
+                peak = 2 * zs[0].nbytes + (cpu_peak_growth(lambda: zs,
+                                                           lambda z: fn(*z).backward()) or 0)
             rec["seconds"] = time.perf_counter() - t0
         rec.update(status="ok" if peak <= budget_bytes else "over_budget", peak_mem_mb=peak / 2**20)
     except Exception as exc:  # noqa: BLE001 - an OOM is the expected way not to fit
@@ -407,8 +388,8 @@ def _fits(provider: str, b: int, d: int, dtype, device, budget_bytes: int) -> di
 
 
 def part_max_n(out, dry_run, hook):
-    """The largest nt_xent B within the memory budget (compare.search_max_b: doubling while the
-    predicted next call fits the time left, then bisection); every probe is a record."""
+    """The largest nt_xent B within the memory budget (compare.search_max_b); every probe is a
+    record."""
     device = _device(dry_run)
     d, dtype = (8, torch.float32) if dry_run else (128, torch.bfloat16)
     if device.type == "cuda":
@@ -418,25 +399,22 @@ def part_max_n(out, dry_run, hook):
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     else:
         budget = int(MAX_N_BUDGET_DRY_MIB * 2**20)
-    # GPU: fastssl up to B = 2^19 (N = 1,048,576 anchors, the issue's target); eager is
-    # quadratic in memory and fails far below its bound.
+    # GPU: fastssl up to B = 2^19 (N = 1,048,576, the issue's target); eager is quadratic in
+    # memory and fails far below its bound.
     bounds = ({"fastssl": (16, 512), "eager": (16, 512)} if dry_run
               else {"fastssl": (4096, 1 << 19), "eager": (4096, 1 << 17)})
     summary = {"budget_bytes": budget, "D": d, "dtype": str(dtype).replace("torch.", ""),
                "providers": {}}
-    family = select_specs(["nt_xent"])[0].family
     with _writer(out, device) as writer:
         for provider, (b0, b_max) in bounds.items():
             def probe(b, provider=provider):
                 rec = _fits(provider, b, d, dtype, device, budget)
-                full = {"op": "nt_xent", "family": family, "provider": provider,
-                        "shape": {"B": b, "D": d, "probe": "max_n"}, "x": b, "x_key": "B",
-                        "dtype": summary["dtype"], "device": device.type,
-                        "mode": "forward+backward", "gpu_run_part": "max_n", "probe": "max_n",
-                        "budget_mb": budget / 2**20}
+                full = _not_run("nt_xent", {"B": b, "D": d, "probe": "max_n"}, summary["dtype"],
+                                "forward+backward", provider, device, "max_n", "")
+                full.update(probe="max_n", budget_mb=budget / 2**20, x=b, x_key="B")
                 if rec["status"] == "ok":
                     ms = rec["seconds"] * 1e3
-                    full.update(status="ok", note="", p20_ms=ms, p50_ms=ms, p80_ms=ms, reps=1,
+                    full.update(status="ok", p20_ms=ms, p50_ms=ms, p80_ms=ms, reps=1,
                                 peak_mem_mb=rec["peak_mem_mb"],
                                 mem_method="total peak, inputs included")
                 else:
@@ -450,7 +428,7 @@ def part_max_n(out, dry_run, hook):
             _fits(provider, b0, d, dtype, device, budget)   # warm-up (JIT, pools): not a probe
             res = search_max_b(probe, b0, b_max, bisect=3, time_left=time_left)
             lo = res["max_B"]
-            summary["providers"][provider] = {"max_B": lo, "max_N": None if lo is None else 2 * lo,
+            summary["providers"][provider] = {"max_B": lo, "max_N": lo and 2 * lo,
                                               "first_fail_B": res["first_fail_B"],
                                               "bound_B": b_max, "end": res["end"]}
             write_json(out / "max_n.json", summary)
@@ -458,13 +436,8 @@ def part_max_n(out, dry_run, hook):
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# training step, checkpoint, backend choice
-
-
 def part_trainer(out, dry_run, hook):
     device = _device(dry_run)
-    spec = trainer.SPECS[0]
     cfg = BenchConfig.for_run(quick=dry_run)
     # each method's own crop recipe (SwAV and multi-crop GroCo with their small crops)
     if dry_run:
@@ -479,12 +452,12 @@ def part_trainer(out, dry_run, hook):
     with _writer(out, device) as writer:
         for shape in shapes:
             if time_left() < (2.0 if dry_run else 4.0):
-                case = Case(spec.name, shape, str(dtype).replace("torch.", ""), ("step",),
-                            "fastssl")
-                progress(writer.write({**_not_run(case, spec, device, "trainer"), "mode": "step",
-                                       "note": "not reached: the part's cap"}), sys.stdout)
+                progress(writer.write(_not_run("train_step", shape, str(dtype)[6:], "step",
+                                               "fastssl", device, "trainer",
+                                               "not reached: the part's cap")), sys.stdout)
                 continue
-            for rec in run_case(spec, "fastssl", Size(shape, ("step",)), dtype, device, cfg):
+            for rec in run_case(trainer.SPECS[0], "fastssl", Size(shape, ("step",)), dtype,
+                                device, cfg):
                 rec["gpu_run_part"] = "trainer"
                 progress(writer.write(rec), sys.stdout)
                 hook()
@@ -496,16 +469,15 @@ def part_checkpoint(out, dry_run, hook):
         import torchvision   # optional: only this part needs it
     except ImportError as exc:
         _done(out, "checkpoint", {"status": "skipped",
-                                  "note": f"torchvision is not installed ({exc})"}, hook)
+                                  "note": f"torchvision is not installed ({exc})"})
         return 0
-    # On the CPU even on the GPU machine: a checkpoint's names and values need no GPU. The file
-    # goes outside the run directory: a run cut off here must not archive a ~94 MB file.
+    # On the CPU even on the GPU machine: names and values need no GPU. The file goes outside
+    # the run directory: a run cut off here must not archive a ~94 MB file.
     torch.manual_seed(0)
     backbone, _ = build_backbone("resnet50")
     with tempfile.TemporaryDirectory(prefix="fastssl-ckpt-") as tmp:
-        path = Path(tmp) / "resnet50_backbone.pt"
-        torch.save(backbone_state_dict(backbone), path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        torch.save(backbone_state_dict(backbone), Path(tmp) / "backbone.pt")
+        state = torch.load(Path(tmp) / "backbone.pt", map_location="cpu", weights_only=True)
     tv = torchvision.models.resnet50(weights=None)
     res = tv.load_state_dict(state, strict=False)
     missing, unexpected = sorted(res.missing_keys), sorted(res.unexpected_keys)
@@ -518,56 +490,47 @@ def part_checkpoint(out, dry_run, hook):
         status="ok" if ok else "failed", torchvision_version=torchvision.__version__,
         missing_keys=missing, unexpected_keys=unexpected, max_abs_feature_diff=diff,
         device="cpu", keys=len(state),
-        note="only fc missing, same features" if ok else "mismatch: see the fields"), hook)
+        note="only fc missing, same features" if ok else "mismatch: see the fields"))
+    hook()
     return 0 if ok else 1
 
 
-def part_backend_choice(out, dry_run, hook):
-    """python -m bench.backend_choice: the CUDA tests of the cuda and triton backends and their
-    times, printing which one `auto` should prefer (the dry run: that it imports and parses)."""
-    info = {"module": f"{PKG}.backend_choice"}
-    if not (REPO / "bench" / "backend_choice.py").is_file():
-        info.update(status="missing", note="bench/backend_choice.py is not in this tree: not "
-                                           "measured")
-        _done(out, "backend_choice", info, lambda: None)
-        return 0
-    dest = out / "backend_choice"
-    dest.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", f"{PKG}.backend_choice"] + (
-        ["--help"] if dry_run else ["--out", str(dest)])
-    log_path = out / "logs" / "backend_choice_run.log"
+def _module_part(name, args, out, tail_n) -> int:
+    """Another entry point of the package run under the part's remaining time; DIR/<name>.json."""
+    log_path = out / "logs" / f"{name}_run.log"
     with open(log_path, "w") as log:
-        rc, secs = run_capped(cmd, log, max(1.0, time_left() - 2), env=dict(os.environ))
+        rc, secs = run_capped([sys.executable, "-m", f"{PKG}.{name}", *args], log,
+                              max(1.0, time_left() - 2), env=dict(os.environ))
     lines = log_path.read_text(errors="replace").splitlines()
-    info.update(status="ok" if rc == 0 else ("timeout" if rc == "timeout" else "error"), rc=rc,
-                seconds=round(secs, 1), note=(lines[-1][:300] if lines else ""),
-                output_tail=lines[-20:])
-    write_json(out / "backend_choice.json", info)
-    print("\n".join(lines[-20:]), flush=True)
-    hook()
+    write_json(out / f"{name}.json", {
+        "module": f"{PKG}.{name}", "rc": rc, "seconds": round(secs, 1),
+        "status": "ok" if rc == 0 else ("timeout" if rc == "timeout" else "error"),
+        "note": lines[-1][:300] if lines else "", "output_tail": lines[-tail_n:]})
+    print("\n".join(lines[-tail_n:]), flush=True)
     return 0 if rc == 0 else 1
+
+
+def part_backend_choice(out, dry_run, hook):
+    """python -m bench.backend_choice: the cuda and triton backends' CUDA tests and times, and
+    which one `auto` should prefer (the dry run: that it imports and parses)."""
+    if not (REPO / "bench" / "backend_choice.py").is_file():
+        _done(out, "backend_choice", {"module": f"{PKG}.backend_choice", "status": "missing",
+                                      "note": "bench/backend_choice.py is not in this tree: not "
+                                              "measured"})
+        return 0
+    (out / "backend_choice").mkdir(exist_ok=True)
+    rc = _module_part("backend_choice", ["--help"] if dry_run else
+                      ["--out", str(out / "backend_choice")], out, 20)
+    hook()
+    return rc
 
 
 def part_dino(out, dry_run, hook):
     """python -m bench.dino at the issue's sizes (the dry run: that it imports and parses)."""
-    cmd = [sys.executable, "-m", f"{PKG}.dino"] + (
-        ["--help"] if dry_run else ["--out", str(out / "dino_results.json"), "--reps", "10"])
-    log_path = out / "logs" / "dino_run.log"
-    with open(log_path, "w") as log:
-        rc, secs = run_capped(cmd, log, max(1.0, time_left() - 2), env=dict(os.environ))
-    lines = log_path.read_text(errors="replace").splitlines()
-    write_json(out / "dino.json", {
-        "module": f"{PKG}.dino", "rc": rc, "seconds": round(secs, 1),
-        "status": "ok" if rc == 0 else ("timeout" if rc == "timeout" else "error"),
-        "note": (lines[-1][:300] if lines else ""), "output_tail": lines[-30:]})
-    print("\n".join(lines[-30:]), flush=True)
+    rc = _module_part("dino", ["--help"] if dry_run else
+                      ["--out", str(out / "dino_results.json"), "--reps", "10"], out, 30)
     hook()
-    return 0 if rc == 0 else 1
-
-
-PARTS = {"build": part_build, "roofline": part_roofline, "max_n": part_max_n,
-         "checkpoint": part_checkpoint, "trainer": part_trainer,
-         "backend_choice": part_backend_choice, "dino": part_dino}
+    return rc
 
 
 def main(argv=None) -> int:
@@ -575,18 +538,16 @@ def main(argv=None) -> int:
     p.add_argument("--part", choices=PART_NAMES, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--stall", default=None, help="test hook: this part hangs after its first "
-                                                 "result, so the caller's cap must cut it off")
+    p.add_argument("--stall", help="test hook: this part hangs after its first result")
     args = p.parse_args(argv)
 
     def hook():
         if args.stall == args.part:
             print("stalling (test hook)", flush=True)
             time.sleep(10**6)
-
-    if args.part in PARTS:
-        return PARTS[args.part](args.out, args.dry_run, hook)
-    return part_bench(args.part, args.out, args.dry_run, hook)
+    fn = globals().get(f"part_{args.part}")
+    return fn(args.out, args.dry_run, hook) if fn else part_bench(args.part, args.out,
+                                                                   args.dry_run, hook)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,8 @@
-"""pytest plugin of the GPU run (``-p bench.gpu_pytest``): keeps the tests parametrised on one
-device and appends each test's outcome to a JSON-lines file as soon as it is known, so a test
-session cut off by its cap still leaves every result it reached. Environment (pytest-xdist
-workers see the same): FASTSSL_TESTS_DEVICE ("cuda" or "cpu": a ``device``/``dev`` parameter of
-that type, or the ``gpu`` marker for cuda), FASTSSL_TESTS_BACKENDS (optional comma-separated
-``backend`` values to keep), FASTSSL_TESTS_LOG (the file). A file that fails to collect is one
-"error" record (when "collect"; run with --continue-on-collection-errors).
-"""
+"""pytest plugin of the GPU run (``-p bench.gpu_pytest``): keeps the tests parametrised on
+$FASTSSL_TESTS_DEVICE ("cuda" or "cpu": a ``device``/``dev`` parameter, or the ``gpu`` marker for
+cuda) and the ``backend`` values in $FASTSSL_TESTS_BACKENDS (optional, comma-separated), and
+appends each outcome to $FASTSSL_TESTS_LOG as soon as it is known, so a session cut off by its
+cap keeps every result it reached; a file that fails to collect is one "error" record."""
 from __future__ import annotations
 
 import json
@@ -19,23 +16,17 @@ def _params(item) -> dict:
     return getattr(getattr(item, "callspec", None), "params", {}) or {}
 
 
-def item_device(item) -> str | None:
-    params = _params(item)
-    for key in ("device", "dev"):
-        if key in params:
-            return getattr(params[key], "type", None) or str(params[key]).split(":")[0]
-    return "cuda" if item.get_closest_marker("gpu") is not None else None
-
-
 def selected(item, device: str, backends: set[str] | None) -> bool:
-    backend = _params(item).get("backend")
-    return item_device(item) == device and (backends is None or backend is None
-                                            or str(backend) in backends)
+    params = _params(item)
+    dev = next((getattr(params[k], "type", None) or str(params[k]).split(":")[0]
+                for k in ("device", "dev") if k in params),
+               "cuda" if item.get_closest_marker("gpu") is not None else None)
+    backend = params.get("backend")
+    return dev == device and (backends is None or backend is None or str(backend) in backends)
 
 
 def pytest_collection_modifyitems(config, items):
-    device = os.environ.get("FASTSSL_TESTS_DEVICE")
-    if not device:
+    if not (device := os.environ.get("FASTSSL_TESTS_DEVICE")):
         return
     names = os.environ.get("FASTSSL_TESTS_BACKENDS", "")
     backends = {b.strip() for b in names.split(",") if b.strip()} or None
@@ -47,10 +38,11 @@ def pytest_collection_modifyitems(config, items):
 
 def _write(report, outcome: str, when: str) -> None:
     path = os.environ.get("FASTSSL_TESTS_LOG")
-    # Under pytest-xdist each report reaches the hooks twice, in the worker and in the
-    # controller: only the controller writes.
+    # Under pytest-xdist each report reaches the hooks in the worker and in the controller: only
+    # the controller writes.
     if not path or os.environ.get("PYTEST_XDIST_WORKER"):
         return
+    message = ""
     if report.skipped:
         rep = report.longrepr
         message = str(rep[2]) if isinstance(rep, tuple) else str(rep or "")
@@ -58,8 +50,6 @@ def _write(report, outcome: str, when: str) -> None:
         text = (getattr(report, "longreprtext", "") or str(report.longrepr or "")).strip()
         errors = [ln for ln in text.splitlines() if ln.startswith("E ")]
         message = "\n".join(errors[-6:]) or text[-600:]
-    else:
-        message = ""
     with open(path, "a") as f:
         f.write(json.dumps({"nodeid": report.nodeid, "outcome": outcome, "when": when,
                             "duration_s": round(getattr(report, "duration", 0.0), 4),

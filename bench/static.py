@@ -3,18 +3,15 @@
     python -m bench.static --out bench/results/static
     PYTHONPATH=<triton 3.6 site> python -m bench.static --out bench/results/static/triton-3.6
 
-Triton: the real launchers run on ``meta`` tensors inside
-``fastssl.kernels._launch.static_capture(cc)``, which records each launch at the configuration
-the launcher picks for that compute capability; each distinct binary is compiled afresh with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, and its figures
-(registers, spills, stack, shared memory, tensor-core instructions, scalar FMAs) come from the
-ptxas run Triton itself makes, its command line and log captured (``tritons_ptxas_runs``).
-CUDA: csrc/*_cuda.cu with setup.py's nvcc flags (csrc/build_flags.py) and -Xptxas -v;
-csrc/*_cuda_glue.cpp (-fsyntax-only) against a CUDA torch's include/
-($FASTSSL_TORCH_CUDA_INCLUDE, or torch==TORCH_VERSION's cached, fetched only with
---download-headers). A source check: products with a runtime integer argument in @triton.jit
-functions are formed in 64 bits. Results are cached in ~/.cache/fastssl/static by sources,
-triton version and specialisation.
+Triton: the real launchers run on ``meta`` tensors under ``static_capture(cc)``, which records
+each launch at the configuration the launcher picks; each distinct binary is compiled afresh by
+``triton.compile``, its figures (registers, spills, stack, shared memory, tensor-core
+instructions, scalar FMAs) taken from the ptxas run Triton itself makes (``tritons_ptxas_runs``).
+CUDA: csrc/*_cuda.cu with setup.py's nvcc flags and -Xptxas -v; csrc/*_cuda_glue.cpp
+(-fsyntax-only) against a CUDA torch's include/ ($FASTSSL_TORCH_CUDA_INCLUDE, or torch==
+TORCH_VERSION's cached, fetched only with --download-headers). A source check: products with a
+runtime integer argument in @triton.jit functions are formed in 64 bits. Results are cached in
+~/.cache/fastssl/static by sources, triton version and specialisation.
 """
 from __future__ import annotations
 
@@ -33,7 +30,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import textwrap
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -48,15 +44,22 @@ from fastssl.ops.sortnet import network_tensor
 from .common import PKG, table
 
 KERNEL_MODULES = {"contrastive": KC, "sphere": KP, "swav": KW, "sortnet": KS, "dino": KD}
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(os.path.expanduser(os.environ.get("FASTSSL_CACHE", "~/.cache/fastssl")))
+CSRC = os.path.join(ROOT, "csrc")
+CACHE = os.path.expanduser(os.environ.get("FASTSSL_CACHE", "~/.cache/fastssl"))
 TORCH_VERSION = "2.13.0"
 TARGETS = (80, 90)
 # Largest shared memory one block may use (opt-in maximum): A100 163 KiB, H100/H200 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 FAMILIES = tuple(os.environ.get("FASTSSL_STATIC_FAMILIES",
-                               "contrastive,sphere,swav,sortnet,dino").split(","))
+                                "contrastive,sphere,swav,sortnet,dino").split(","))
+ROW_VERSION = "3"  # bump when what a cached row records changes (3: Triton's own ptxas run)
+# Kernels whose inner loop is a GEMM tile: they must use tensor cores; those with both operands
+# from memory tiles get wgmma on Hopper (float64 has no wgmma form: mma.sync there too).
+GEMM_KERNELS = {"_lse_fwd_kernel", "_lse_bwd_rows_kernel", "_lse_bwd_cols_kernel",
+                "_sce_fwd_kernel", "_sce_bwd_kernel", "_pair_forward_kernel",
+                "_pair_backward_kernel"}
+WGMMA_EXPECTED = {"_lse_fwd_kernel", "_sce_fwd_kernel", "_pair_forward_kernel"}
 
 
 def _env_for_compile():
@@ -66,22 +69,17 @@ def _env_for_compile():
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
-# ---------------------------------------------------------------------------------------------
-# Cases: the launchers called with meta tensors, one call per configuration the ops use on a GPU
-# ---------------------------------------------------------------------------------------------
-
 def _cases():
     """(family, label, dtype name, size label, thunk) for every launcher configuration."""
     m = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    # float64: accepted by the sphere, swav and sortnet launchers (the ops' gradcheck dtype);
-    # contrastive rejects it ("use the torch backend"), so it has no float64 binary.
-    dtypes64 = dict(dtypes, fp64=torch.float64)
-    f32 = torch.float32
+    f32, f64 = torch.float32, torch.float64
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": f32}
+    # float64: the sphere, swav and sortnet launchers accept it (the gradcheck dtype);
+    # contrastive rejects it ("use the torch backend").
+    dtypes64 = dict(dtypes, fp64=f64)
     out = []
-
     # contrastive: (exclude_pos, split, weighted, col_stats) as the losses call them; tiles do
-    # not depend on the size (the feature loop is masked), so one size: n = 1024, D = 256.
+    # not depend on the size (the feature loop is masked): one size.
     combos = {"nt_xent": (False, False, False, False), "info_nce_sym": (False, False, False, True),
               "info_nce_queue": (False, True, False, False), "dcl": (True, True, False, False),
               "sogclr": (True, False, True, False)}
@@ -92,65 +90,55 @@ def _cases():
         size = f"n={n},D={d}"
         for name, (ex, sp, w, cs) in combos.items():
             split, v, c = n if sp else 2 * n, vec if sp else empty, cvec if cs else empty
-            out.append(("contrastive", f"lse_fwd[{name}]", dn, size,
-                        partial(KC.lse_forward, a, b, idx, idx, 1.0, split, ex, w, cs)))
-            out.append(("contrastive", f"lse_bwd[{name}]", dn, size,
-                        partial(KC.lse_backward, a, b, idx, idx, 1.0, split, ex, vec, v, c, vec, v,
-                                c)))
-        out.append(("contrastive", "sce_fwd", dn, size,
-                    partial(KC.sce_forward, a, a, b, idx, 10.0, 20.0)))
-        out.append(("contrastive", "sce_bwd", dn, size,
-                    partial(KC.sce_backward, a, a, b, idx, 10.0, 20.0, vec, vec, vec, vec)))
-
+            out += [("contrastive", f"lse_fwd[{name}]", dn, size,
+                     partial(KC.lse_forward, a, b, idx, idx, 1.0, split, ex, w, cs)),
+                    ("contrastive", f"lse_bwd[{name}]", dn, size,
+                     partial(KC.lse_backward, a, b, idx, idx, 1.0, split, ex, vec, v, c, vec, v,
+                             c))]
+        out += [("contrastive", "sce_fwd", dn, size,
+                 partial(KC.sce_forward, a, a, b, idx, 10.0, 20.0)),
+                ("contrastive", "sce_bwd", dn, size,
+                 partial(KC.sce_backward, a, a, b, idx, 10.0, 20.0, vec, vec, vec, vec))]
     # sphere: SFRIK's series (kind 0, 3 Gegenbauer degrees) and AUH's Gaussian (kind 1), each
     # symmetric (x against itself) and not; tiles do not depend on the size.
     n, d = 4096, 32768
     for dn, dt in dtypes64.items():
-        acc = torch.float64 if dt == torch.float64 else f32
+        acc = f64 if dt == f64 else f32
         x, r, coef, lse = m(n, d, dtype=dt), m(n, dtype=acc), m(7, dtype=acc), m(1, dtype=acc)
         for kind, cname in ((0, "series"), (1, "gauss")):
             kw = dict(kind=kind, coef=coef if kind == 0 else None, num_w=3 if kind == 0 else 1,
                       two_scale=4.0)
-            out += [("sphere", f"pair_fwd[{cname},sym]", dn, f"n={n},D={d}",
-                     partial(KP.pair_forward, x, None, r, None, **kw)),
-                    ("sphere", f"pair_fwd[{cname}]", dn, f"n={n},D={d}",
-                     partial(KP.pair_forward, x, x, r, r, **kw)),
-                    ("sphere", f"pair_bwd[{cname}]", dn, f"n={n},D={d}",
-                     partial(KP.pair_backward, x, x, r, r, lse=lse, **kw))]
-
+            out += [("sphere", label, dn, f"n={n},D={d}", fn) for label, fn in (
+                (f"pair_fwd[{cname},sym]", partial(KP.pair_forward, x, None, r, None, **kw)),
+                (f"pair_fwd[{cname}]", partial(KP.pair_forward, x, x, r, r, **kw)),
+                (f"pair_bwd[{cname}]", partial(KP.pair_backward, x, x, r, r, lse=lse, **kw)))]
     # swav: rows per program and prototype chunk follow B and K: a small local batch and the
     # large one, K = 3000 prototypes.
-    k = 3000
     for dn, dt in dtypes64.items():
         for bsz in (256, 4096):
-            acc = torch.float64 if dt == torch.float64 else f32
-            s, a, q = m(bsz, k, dtype=dt), m(k, dtype=acc), m(bsz, k, dtype=acc)
-            size = f"B={bsz},K={k}"
-            out += [("swav", "colstats", dn, size, partial(KW.colstats, s, 0.05)),
-                    ("swav", "rowpass[colsum]", dn, size, partial(KW.rowpass, s, 0.05, a, False)),
-                    ("swav", "rowpass[codes]", dn, size, partial(KW.rowpass, s, 0.05, a, True)),
-                    ("swav", "cross_entropy[loss]", dn, size,
-                     partial(KW.swav_cross_entropy, s, q, 0.1, False)),
-                    ("swav", "cross_entropy[grad]", dn, size,
-                     partial(KW.swav_cross_entropy, s, q, 0.1, True))]
-
-    # dino: KoLeo's neighbour search (float32 and float64 rows; the teacher softmax is swav's
-    # rowpass above): a small batch (16-row tiles, 32-wide feature chunks) and the large one.
-    for dn, dt in (("fp32", f32), ("fp64", torch.float64)):
+            acc = f64 if dt == f64 else f32
+            s, a, q = m(bsz, 3000, dtype=dt), m(3000, dtype=acc), m(bsz, 3000, dtype=acc)
+            out += [("swav", label, dn, f"B={bsz},K=3000", fn) for label, fn in (
+                ("colstats", partial(KW.colstats, s, 0.05)),
+                ("rowpass[colsum]", partial(KW.rowpass, s, 0.05, a, False)),
+                ("rowpass[codes]", partial(KW.rowpass, s, 0.05, a, True)),
+                ("cross_entropy[loss]", partial(KW.swav_cross_entropy, s, q, 0.1, False)),
+                ("cross_entropy[grad]", partial(KW.swav_cross_entropy, s, q, 0.1, True)))]
+    # dino: KoLeo's neighbour search (the teacher softmax is swav's rowpass): a small batch
+    # (16-row tiles, 32-wide feature chunks) and the large one.
+    for dn, dt in (("fp32", f32), ("fp64", f64)):
         for n, d in ((16, 32), (8192, 256)):
             x = m(n, d, dtype=dt)
             out.append(("dino", "nearest", dn, f"N={n},D={d}",
                         partial(KD.nearest_neighbor, x, x, 0)))
-
-    # sortnet: float32 (the ops' dtype on a GPU; half inputs run in float32) and float64; every
-    # distribution (a constexpr branch); the real comparator tables of the benchmark and GroCo
-    # sizes, since their counts (C, the checkpoint spacing K, S) and the P backward's chunk
-    # offsets are specialised arguments (1, a multiple of 16, or neither: distinct binaries).
-    # GroCo: rows of topk_neg = 10 negatives and 1 (2 views) or 3 (4 views) positives, B = 1024.
+    # sortnet: float32 (half inputs run in float32) and float64; every distribution (a constexpr
+    # branch); the real comparator tables of the benchmark and GroCo sizes, since their counts
+    # and the P backward's chunk offsets are specialised arguments (distinct binaries). GroCo:
+    # rows of topk_neg = 10 negatives and 1 (2 views) or 3 (4 views) positives, B = 1024.
     sort_sizes = (("odd_even", 32, 1024), ("odd_even", 32, 4096), ("odd_even", 32, 16384),
                   ("bitonic", 32, 4096), ("bitonic", 1024, 256))
     groco_sizes = (("odd_even", 11), ("bitonic", 11), ("odd_even", 13), ("bitonic", 13))
-    for dn, dt in (("fp32", f32), ("fp64", torch.float64)):
+    for dn, dt in (("fp32", f32), ("fp64", f64)):
         for dist_name, dist in DIST_IDS.items():
             for network, nn, bsz in sort_sizes:
                 net = network_tensor(network, nn, torch.device("cpu")).to("meta")
@@ -171,13 +159,9 @@ def _cases():
     return out
 
 
-# Bump when what a cached row records changes.
-ROW_VERSION = "3"  # 3: figures from Triton's own ptxas run
-
-
 def _sources_digest(family: str) -> str:
-    """Hash of what a family's compiled rows depend on: its kernel file, the launch module,
-    this check's row format and the triton version (so an edit recompiles only its family)."""
+    """Hash of what a family's rows depend on: its kernel file, the launch module, the row
+    format and the triton version (an edit recompiles only its family)."""
     import triton
     h = hashlib.sha256((triton.__version__ + ROW_VERSION).encode())
     for name in (f"{family}.py", "_launch.py"):
@@ -187,11 +171,11 @@ def _sources_digest(family: str) -> str:
 
 
 def _specialisation(launch, cc: int) -> str:
-    """What makes Triton build a distinct binary for a launch: kernel, constexprs, argument
-    types and specialisation attributes, warps and stages."""
-    job = dict(kernel=launch.kernel, args=launch.args, kwargs=launch.kwargs, cc=cc)
+    """What makes Triton build a distinct binary: kernel, constexprs, argument types and
+    specialisation attributes, warps and stages."""
     try:
-        src, _tgt, options, _c = _source(job)
+        src, _tgt, options, _c = _source(dict(kernel=launch.kernel, args=launch.args,
+                                              kwargs=launch.kwargs, cc=cc))
     except Exception as e:  # compiled (and reported) later: keep the launch
         return f"{launch.kernel.__name__}:unbound:{type(e).__name__}:{e}"
     return repr((launch.kernel.__name__, sorted(src.signature.items()),
@@ -201,8 +185,9 @@ def _specialisation(launch, cc: int) -> str:
 
 
 def _capture(cc: int):
-    """[(family, label, dtype, size, launch, specialisation)] on target cc: one entry per distinct
-    binary (the first case that launches it; the other cases' sizes are kept in ``also``)."""
+    """[(family, label, dtype, size, launch, specialisation, also)] on target cc: one entry per
+    distinct binary (the first case that launches it; other cases' sizes in ``also``). An integer
+    argument equal to 1 or a multiple of 16 gives another binary; equal binaries compile once."""
     rows, index = [], {}
     for family, label, dn, size, thunk in _cases():
         if family not in FAMILIES:
@@ -210,10 +195,6 @@ def _capture(cc: int):
         with static_capture(cc) as launches:
             thunk()
         for launch in launches:
-            # One row per distinct binary, i.e. per specialisation: an integer argument equal
-            # to 1 or a multiple of 16 gives another binary (a launcher that cuts a batch into
-            # chunks launches two: chunk offset 0 and, say, 14); equal binaries of several
-            # cases or sizes compile once.
             key = _specialisation(launch, cc)
             if key in index:
                 entry = rows[index[key]]
@@ -225,82 +206,49 @@ def _capture(cc: int):
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Compiling one Triton launch: Triton's own compile, Triton's own ptxas run
-# ---------------------------------------------------------------------------------------------
-
 def toolchain() -> dict:
-    """The compiler the rows come from: triton's version and, per target, the version of the
-    ptxas Triton runs for it (the wheel ships two)."""
+    """triton's version and, per target, the ptxas Triton runs for it (the wheel ships two)."""
     import triton
     from triton.backends.nvidia.compiler import get_ptxas
     return {"triton_version": triton.__version__,
             "ptxas_version": {str(cc): get_ptxas(cc).version for cc in TARGETS}}
 
 
-_PTXAS_RE = {
-    "registers": re.compile(r"Used (\d+) registers"),
-    "stack_bytes": re.compile(r"(\d+) bytes stack frame"),
-    "spill_store_bytes": re.compile(r"(\d+) bytes spill stores"),
-    "spill_load_bytes": re.compile(r"(\d+) bytes spill loads"),
-}
+_PTXAS_RE = {"registers": r"Used (\d+) registers", "stack_bytes": r"(\d+) bytes stack frame",
+             "spill_store_bytes": r"(\d+) bytes spill stores",
+             "spill_load_bytes": r"(\d+) bytes spill loads"}
 
 
 def _parse_ptxas(text: str) -> dict:
-    out = {}
-    for key, rx in _PTXAS_RE.items():
-        vals = [int(v) for v in rx.findall(text)]
-        out[key] = max(vals) if vals else 0
-    return out
-
-
-def _count_ptx(ptx: str) -> dict:
-    return {"wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
-            "mma": len(re.findall(r"\bmma\.sync\.aligned", ptx)),
-            "scalar_fma": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx))}
+    return {k: max(map(int, re.findall(rx, text)), default=0) for k, rx in _PTXAS_RE.items()}
 
 
 def ptxas_options(argv) -> list[str]:
-    """A ptxas command line with its file arguments (the PTX in, ``-o`` cubin out) and the
-    executable's path left out: the options, comparable across machines and runs."""
+    """A ptxas command line without the executable and its files (the PTX in, the ``-o``
+    cubin out): the options, comparable across machines and runs."""
     args = list(argv[1:])
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-            continue
-        if a == "-o":
-            skip = True
-            continue
-        if a.endswith(".ptx"):
-            continue
-        out.append(a)
-    return out
+    drop = {i + 1 for i, a in enumerate(args) if a == "-o"} | {
+        i for i, a in enumerate(args) if a == "-o" or a.endswith(".ptx")}
+    return [a for i, a in enumerate(args) if i not in drop]
 
 
 class _PtxasRecorder:
-    """Stands in for the ``subprocess`` module inside Triton's NVIDIA compiler while one kernel
-    compiles: every call passes through unchanged; a ptxas run on a PTX file is recorded with
-    its exact command line and the log ptxas wrote (Triton sends ptxas's stderr to a file and
-    keeps it only on failure). Those are the figures of the cubin Triton loads: a second ptxas
-    run with other options (``-arch -v`` without ``--regAllocOptLevel=2``, say) can differ."""
+    """Stands in for ``subprocess`` inside Triton's NVIDIA compiler during one compile: calls
+    pass through; a ptxas run on a PTX file is recorded with its command line and the log it
+    wrote (Triton keeps ptxas's stderr only on failure). Those are the figures of the cubin
+    Triton loads: a second ptxas run with other options can differ."""
 
     def __init__(self, real):
-        self._real = real
-        self.runs: list[dict] = []
+        self._real, self.runs = real, []
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def run(self, cmd, *args, **kwargs):
-        # Triton's compiler runs ptxas on a .ptx file (and ptxas --version, passed through).
-        is_ptxas = (isinstance(cmd, (list, tuple)) and len(cmd) > 1
-                    and any(str(c).endswith(".ptx") for c in cmd[1:]))
-        if not is_ptxas:
-            return self._real.run(cmd, *args, **kwargs)
+        if not (isinstance(cmd, (list, tuple)) and any(str(c).endswith(".ptx") for c in cmd[1:])):
+            return self._real.run(cmd, *args, **kwargs)   # ptxas --version and the like
         rec = {"argv": [str(c) for c in cmd], "log": "", "returncode": None}
         self.runs.append(rec)
-        err = kwargs.get("stderr")
         try:
             res = self._real.run(cmd, *args, **kwargs)
             rec["returncode"] = res.returncode
@@ -308,9 +256,8 @@ class _PtxasRecorder:
         except self._real.CalledProcessError as e:
             rec["returncode"] = e.returncode
             raise
-        finally:
-            # Triton passes an open log file as stderr: read what ptxas wrote there.
-            name = getattr(err, "name", None)
+        finally:   # Triton passes an open log file as stderr: read what ptxas wrote there
+            name = getattr(kwargs.get("stderr"), "name", None)
             if isinstance(name, str) and os.path.exists(name):
                 with open(name, errors="replace") as f:
                     rec["log"] = f.read()
@@ -318,55 +265,48 @@ class _PtxasRecorder:
 
 @contextlib.contextmanager
 def tritons_ptxas_runs():
-    """Within this block every ``triton.compile`` compiles afresh (no cache hit: a cached
-    kernel runs no ptxas) and the list yielded receives each ptxas run Triton makes."""
+    """Every ``triton.compile`` inside compiles afresh (a cached kernel runs no ptxas), and the
+    list yielded receives each ptxas run Triton makes."""
     from triton import knobs
     from triton.backends.nvidia import compiler as nvc
-    rec = _PtxasRecorder(nvc.subprocess)
-    saved = knobs.compilation.always_compile
-    nvc.subprocess = rec
-    knobs.compilation.always_compile = True
+    rec, saved = _PtxasRecorder(nvc.subprocess), knobs.compilation.always_compile
+    nvc.subprocess, knobs.compilation.always_compile = rec, True
     try:
         yield rec.runs
     finally:
-        nvc.subprocess = rec._real
-        knobs.compilation.always_compile = saved
+        nvc.subprocess, knobs.compilation.always_compile = rec._real, saved
 
 
 def _source(job: dict):
-    """(ASTSource, target, options) of one recorded launch, exactly as the launch would
-    specialise it (``kernel[grid](...)`` does the same binding and packing)."""
+    """(ASTSource, target, options, constexprs) of one launch, specialised as ``kernel[grid]``
+    would (the same binding and packing)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
-
-    kernel, args, kwargs = job["kernel"], job["args"], dict(job["kwargs"])
+    kernel, kwargs = job["kernel"], dict(job["kwargs"])
     tgt = GPUTarget("cuda", job["cc"], 32)
     backend = make_backend(tgt)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, spec, opts = binder(*args, **kwargs)
+    bound, spec, opts = binder(*job["args"], **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
     return ASTSource(kernel, signature, constexprs, attrs), tgt, options, constexprs
 
 
 def _compile_launch(job: dict) -> dict:
-    """Compile one recorded launch for one target with ``triton.compile``; the figures come
-    from the log of the ptxas run Triton itself makes for the cubin. A JSON-able row."""
+    """One launch compiled for one target by ``triton.compile``, with the figures of the ptxas
+    run Triton makes for the cubin: a JSON-able row."""
     _env_for_compile()
     import triton
-
-    kernel = job["kernel"]
     row = {k: job[k] for k in ("family", "case", "kernel_name", "dtype", "size", "cc")}
-    row["triton_version"] = triton.__version__
-    runs: list[dict] = []
+    row["triton_version"], runs = triton.__version__, []
     try:
         src, tgt, options, constexprs = _source(job)
         row["num_warps"], row["num_stages"] = options.num_warps, options.num_stages
-        row["constexprs"] = {kernel.arg_names[p[0]]: v for p, v in constexprs.items()
+        row["constexprs"] = {job["kernel"].arg_names[p[0]]: v for p, v in constexprs.items()
                              if isinstance(v, (int, float, str, bool))}
         with tritons_ptxas_runs() as runs:
             compiled = triton.compile(src, target=tgt, options=options.__dict__)
-    except Exception as e:  # the first line of the compiler's message is the finding
+    except Exception as e:  # the compiler's message is the finding
         # Triton's CompilationError reads "at L:C:", the source, then the cause: keep both ends.
         msg = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [""]
         cause = next((ln for ln in reversed(msg) if "Error" in ln), msg[-1])
@@ -376,14 +316,14 @@ def _compile_launch(job: dict) -> dict:
             row["ptxas_options"] = ptxas_options(runs[-1]["argv"])
         return row
     if len(runs) != 1:
-        row.update(compiled=False, error=f"expected one ptxas run by Triton, saw {len(runs)}")
-        return row
-    run_ = runs[0]
-    row.update(compiled=True, error=None, shared_bytes=int(compiled.metadata.shared),
-               ptxas_options=ptxas_options(run_["argv"]),
-               ptxas=os.path.basename(run_["argv"][0]),
-               **_parse_ptxas(run_["log"]), **_count_ptx(compiled.asm["ptx"]))
-    return row
+        return dict(row, compiled=False, error=f"expected one ptxas run by Triton, saw {len(runs)}")
+    ptx = compiled.asm["ptx"]
+    return dict(row, compiled=True, error=None, shared_bytes=int(compiled.metadata.shared),
+                ptxas_options=ptxas_options(runs[0]["argv"]),
+                ptxas=os.path.basename(runs[0]["argv"][0]), **_parse_ptxas(runs[0]["log"]),
+                wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+                mma=len(re.findall(r"\bmma\.sync\.aligned", ptx)),
+                scalar_fma=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)))
 
 
 _JOBS: list = []
@@ -406,91 +346,33 @@ def triton_rows(workers: int = 2, use_cache: bool = True) -> list[dict]:
     _env_for_compile()
     cache_dir = os.path.join(CACHE, "static")
     os.makedirs(cache_dir, exist_ok=True)
-    jobs = []
-    for cc in TARGETS:
-        for family, label, dn, size, launch, spec, also in _capture(cc):
-            jobs.append(dict(family=family, case=label, kernel_name=launch.kernel.__name__,
-                             dtype=dn, size=size, cc=cc, kernel=launch.kernel,
-                             args=launch.args, kwargs=launch.kwargs, spec=spec, also=also))
-    rows: list[dict | None] = [None] * len(jobs)
-    todo = []
-    for i, job in enumerate(jobs):
+    jobs = [dict(family=fam, case=label, kernel_name=launch.kernel.__name__, dtype=dn, size=size,
+                 cc=cc, kernel=launch.kernel, args=launch.args, kwargs=launch.kwargs, spec=spec,
+                 also=also)
+            for cc in TARGETS for fam, label, dn, size, launch, spec, also in _capture(cc)]
+    rows: dict[str, dict] = {}   # by cache key: identical launches compile once
+    for job in jobs:
         job["key"] = _job_key(job, _sources_digest(job["family"]))
         path = os.path.join(cache_dir, job["key"] + ".json")
-        if use_cache and os.path.exists(path):
+        if use_cache and job["key"] not in rows and os.path.exists(path):
             with open(path) as f:
-                rows[i] = json.load(f)
-        else:
-            todo.append(i)
-    # Identical launches (same key) compile once.
-    first_of: dict[str, int] = {}
-    unique = []
-    for i in todo:
-        first_of.setdefault(jobs[i]["key"], i)
-        if first_of[jobs[i]["key"]] == i:
-            unique.append(i)
-    if unique:
-        if workers > 1:
-            # The jobs hold JITFunctions (not picklable): forked workers read them by index.
-            global _JOBS
-            _JOBS = [jobs[i] for i in unique]
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                results = pool.map(_compile_index, range(len(unique)))
-                _store(cache_dir, jobs, unique, results, rows)
-        else:
-            _store(cache_dir, jobs, unique, (_compile_launch(jobs[i]) for i in unique), rows)
-    for i in todo:
-        if rows[i] is None:
-            src = rows[first_of[jobs[i]["key"]]]
-            rows[i] = dict(src, **{k: jobs[i][k] for k in ("family", "case", "dtype", "size")})
-    for i, row in enumerate(rows):
-        row.update({k: jobs[i][k] for k in ("family", "case", "dtype", "size", "cc", "also")})
-        row["kind"] = "triton"
-    return rows
-
-
-def _store(cache_dir, jobs, unique, results, rows) -> None:
-    # Each result is cached as it arrives: an interrupted run keeps what it compiled.
-    for i, res in zip(unique, results):
-        with open(os.path.join(cache_dir, jobs[i]["key"] + ".json"), "w") as f:
-            json.dump(res, f)
-        rows[i] = res
-
-
-# ---------------------------------------------------------------------------------------------
-# Verdicts on a Triton row
-# ---------------------------------------------------------------------------------------------
-
-# Kernels whose inner loop is a GEMM (tile of a matrix product): they must use tensor cores.
-GEMM_KERNELS = {"_lse_fwd_kernel", "_lse_bwd_rows_kernel", "_lse_bwd_cols_kernel",
-                "_sce_fwd_kernel", "_sce_bwd_kernel", "_pair_forward_kernel",
-                "_pair_backward_kernel"}
+                rows[job["key"]] = json.load(f)
+    todo = list({j["key"]: j for j in jobs if j["key"] not in rows}.values())
+    global _JOBS
+    _JOBS = todo   # JITFunctions are not picklable: forked workers read the jobs by index
+    with (ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) if workers > 1 and todo
+          else contextlib.nullcontext()) as pool:
+        results = (pool.map if pool else map)(_compile_index, range(len(todo)))
+        for job, res in zip(todo, results):   # cached as they come: a cut-off run keeps them
+            with open(os.path.join(cache_dir, job["key"] + ".json"), "w") as f:
+                json.dump(res, f)
+            rows[job["key"]] = res
+    return [dict(rows[j["key"]], kind="triton", **{k: j[k] for k in (
+        "family", "case", "dtype", "size", "cc", "also")}) for j in jobs]
 
 
 def tensor_cores(row: dict) -> int:
     return row.get("wgmma", 0) + row.get("mma", 0)
-
-
-def verdicts(row: dict) -> list[str]:
-    """What is wrong with one compiled row (empty: nothing)."""
-    bad = []
-    if not row.get("compiled"):
-        return [f"does not compile: {row.get('error')}"]
-    spill = row["spill_store_bytes"] + row["spill_load_bytes"]
-    if spill:  # any spill, any dtype: the launchers' configurations are chosen to have none
-        bad.append(f"spills {spill} bytes")
-    if row["shared_bytes"] > SMEM_LIMIT[row["cc"]]:
-        bad.append(f"shared memory {row['shared_bytes']} > {SMEM_LIMIT[row['cc']]}")
-    if row["kernel_name"] in GEMM_KERNELS:
-        if tensor_cores(row) == 0:
-            bad.append("GEMM loop without tensor cores")
-        elif row["cc"] >= 90 and row["wgmma"] == 0 and wgmma_expected(row):
-            bad.append("no wgmma on sm_90")
-    return bad
-
-
-# GEMM kernels where Triton emits wgmma on Hopper (both operands from memory tiles).
-WGMMA_EXPECTED = {"_lse_fwd_kernel", "_sce_fwd_kernel", "_pair_forward_kernel"}
 
 
 def wgmma_expected(row: dict) -> bool:
@@ -498,20 +380,29 @@ def wgmma_expected(row: dict) -> bool:
     return row["kernel_name"] in WGMMA_EXPECTED and row["dtype"] != "fp64"
 
 
-# ---------------------------------------------------------------------------------------------
-# 64-bit address arithmetic (source check)
-# ---------------------------------------------------------------------------------------------
+def verdicts(row: dict) -> list[str]:
+    """What is wrong with one compiled row (empty: nothing)."""
+    if not row.get("compiled"):
+        return [f"does not compile: {row.get('error')}"]
+    bad = []
+    if spill := row["spill_store_bytes"] + row["spill_load_bytes"]:   # any spill, any dtype
+        bad.append(f"spills {spill} bytes")
+    if row["shared_bytes"] > SMEM_LIMIT[row["cc"]]:
+        bad.append(f"shared memory {row['shared_bytes']} > {SMEM_LIMIT[row['cc']]}")
+    if row["kernel_name"] in GEMM_KERNELS and tensor_cores(row) == 0:
+        bad.append("GEMM loop without tensor cores")
+    elif (row["kernel_name"] in GEMM_KERNELS and row["cc"] >= 90 and row["wgmma"] == 0
+          and wgmma_expected(row)):
+        bad.append("no wgmma on sm_90")
+    return bad
+
 
 def _is_int64_cast(node) -> bool:
     """x.to(tl.int64) or tl.cast(x, tl.int64)."""
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
         return False
-    if node.func.attr == "to" and node.args:
-        dt = node.args[0]
-    elif node.func.attr == "cast" and len(node.args) >= 2:
-        dt = node.args[1]
-    else:
-        return False
+    at = {"to": 0, "cast": 1}.get(node.func.attr)
+    dt = node.args[at] if at is not None and len(node.args) > at else None
     return isinstance(dt, ast.Attribute) and dt.attr == "int64"
 
 
@@ -520,39 +411,31 @@ def _names(node) -> set[str]:
 
 
 def _wide(node, wide: set[str]) -> bool:
-    """The expression is computed in 64 bits: it contains an int64 cast or a 64-bit name."""
+    """Computed in 64 bits: it contains an int64 cast or a 64-bit name."""
     return any(_is_int64_cast(n) for n in ast.walk(node)) or bool(_names(node) & wide)
 
 
 def offset_findings(module, runtime_ints: set[str]) -> list[str]:
-    """Products of a runtime integer argument with a non-constant, both in 32 bits: each a
-    possible address computation that wraps at 2**31. ``runtime_ints``: the names of the
-    kernels' integer arguments (sizes, strides)."""
-    src = textwrap.dedent(inspect.getsource(module))
-    tree = ast.parse(src)
+    """Products of a runtime integer argument (``runtime_ints``: sizes, strides) with a
+    non-constant, both in 32 bits: each a possible address computation that wraps at 2**31."""
     findings = []
-    for fn in tree.body:
-        if not isinstance(fn, ast.FunctionDef):
-            continue
-        if not any("jit" in ast.unparse(d) for d in fn.decorator_list):
+    for fn in ast.parse(inspect.getsource(module)).body:
+        if not (isinstance(fn, ast.FunctionDef)
+                and any("jit" in ast.unparse(d) for d in fn.decorator_list)):
             continue
         wide: set[str] = set()
         for node in ast.walk(fn):
             if isinstance(node, ast.Assign) and _wide(node.value, wide):
-                for t in node.targets:
-                    wide |= _names(t)
+                wide |= {n for t in node.targets for n in _names(t)}
         for node in ast.walk(fn):
             if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult)):
                 continue
             sides = (node.left, node.right)
-            if any(isinstance(s, ast.Constant) for s in sides):
-                continue
-            if not any(_names(s) & runtime_ints for s in sides):
-                continue
-            if any(_wide(s, wide) for s in sides):
-                continue
-            findings.append(f"{module.__name__.split('.')[-1]}.py:{fn.lineno + node.lineno - 1}"
-                            f" {fn.name}: {ast.unparse(node)}")
+            if (not any(isinstance(s, ast.Constant) for s in sides)
+                    and any(_names(s) & runtime_ints for s in sides)
+                    and not any(_wide(s, wide) for s in sides)):
+                findings.append(f"{module.__name__.split('.')[-1]}.py:"
+                                f"{fn.lineno + node.lineno - 1} {fn.name}: {ast.unparse(node)}")
     return findings
 
 
@@ -560,22 +443,10 @@ def offset_rows(captured) -> list[str]:
     """offset_findings over every kernel family, with the integer arguments the launches pass."""
     ints: dict[str, set[str]] = {f: set() for f in FAMILIES}
     for family, _label, _dn, _size, launch in captured:
-        names = launch.kernel.arg_names
-        for name, val in zip(names, launch.args):
-            if isinstance(val, int) and not isinstance(val, bool):
-                ints[family].add(name)
-    out = []
-    for family in FAMILIES:
-        out += offset_findings(KERNEL_MODULES[family], ints[family])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# CUDA sources
-# ---------------------------------------------------------------------------------------------
-
-def _build_flags() -> dict:
-    return runpy.run_path(os.path.join(ROOT, "csrc", "build_flags.py"))
+        ints[family] |= {name for name, val in zip(launch.kernel.arg_names, launch.args)
+                         if isinstance(val, int) and not isinstance(val, bool)}
+    return [f for family in FAMILIES for f in offset_findings(KERNEL_MODULES[family],
+                                                              ints[family])]
 
 
 def _nvcc() -> str | None:
@@ -583,209 +454,164 @@ def _nvcc() -> str | None:
                                     and "/usr/local/cuda/bin/nvcc") or None
 
 
-_PTXAS_FN = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+a?)'")
-
-
-def _file_cached(kind: str, paths: list[str], extra: str, compute):
-    """compute() cached in CACHE/static under the contents of ``paths`` and ``extra``."""
+def _file_cached(kind: str, suffix: str, extra: str, compute):
+    """compute() cached in CACHE/static under the contents of csrc/*<suffix>, the build flags
+    and ``extra``; failures are recomputed (e.g. once the headers are fetched)."""
+    paths = [os.path.join(CSRC, n) for n in sorted(os.listdir(CSRC)) if n.endswith(suffix)]
     h = hashlib.sha256((kind + extra + ROW_VERSION).encode())
-    for p in paths:
+    for p in paths + [os.path.join(CSRC, "build_flags.py")]:
         with open(p, "rb") as f:
             h.update(f.read())
     path = os.path.join(CACHE, "static", f"{kind}-{h.hexdigest()[:24]}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    rows = compute()
-    if all(r.get("compiled") for r in rows):  # failures are recomputed (e.g. headers fetched)
+    rows = compute([os.path.basename(p) for p in paths])
+    if all(r.get("compiled") for r in rows):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(rows, f)
     return rows
 
 
+def _first_error(stderr: str) -> str:
+    return next((ln for ln in stderr.splitlines() if "error" in ln), stderr[:200])
+
+
 def cuda_rows() -> list[dict]:
     """ptxas -v figures of every kernel of csrc/*_cuda.cu, built with setup.py's nvcc flags."""
-    srcs = sorted(os.path.join(ROOT, "csrc", n) for n in os.listdir(os.path.join(ROOT, "csrc"))
-                  if n.endswith("_cuda.cu"))
-    nvcc = _nvcc() or ""
-    return _file_cached("cuda", srcs + [os.path.join(ROOT, "csrc", "build_flags.py")],
-                        nvcc + subprocess.run([nvcc, "--version"], capture_output=True,
-                                              text=True).stdout if nvcc else "", _cuda_rows)
-
-
-def _cuda_rows() -> list[dict]:
     nvcc = _nvcc()
-    if nvcc is None:
+    version = subprocess.run([nvcc, "--version"], capture_output=True,
+                             text=True).stdout if nvcc else ""
+    return _file_cached("cuda", "_cuda.cu", (nvcc or "") + version, _cuda_rows)
+
+
+def _cuda_rows(names) -> list[dict]:
+    if (nvcc := _nvcc()) is None:
         return [dict(kind="cuda", family="csrc", case="nvcc", compiled=False,
                      error="nvcc not found")]
-    flags = _build_flags()["NVCC_FLAGS"]
-    rows = []
-    for name in sorted(os.listdir(os.path.join(ROOT, "csrc"))):
-        if not name.endswith("_cuda.cu"):
-            continue
-        src = os.path.join(ROOT, "csrc", name)
-        with tempfile.TemporaryDirectory() as tmp:
-            res = subprocess.run([nvcc, *flags, "-Xptxas", "-v", "-c", src, "-o",
-                                  os.path.join(tmp, "x.o")], capture_output=True, text=True)
+    flags, rows = runpy.run_path(os.path.join(CSRC, "build_flags.py"))["NVCC_FLAGS"], []
+    for name in names:
         family = name[: -len("_cuda.cu")]
+        with tempfile.TemporaryDirectory() as tmp:
+            res = subprocess.run([nvcc, *flags, "-Xptxas", "-v", "-c", os.path.join(CSRC, name),
+                                  "-o", os.path.join(tmp, "x.o")], capture_output=True, text=True)
         if res.returncode != 0:
-            err = next((ln for ln in res.stderr.splitlines() if "error" in ln), res.stderr[:200])
-            rows.append(dict(kind="cuda", family=family, case=name, compiled=False, error=err))
+            rows.append(dict(kind="cuda", family=family, case=name, compiled=False,
+                             error=_first_error(res.stderr)))
             continue
         # ptxas prints, per entry: "Compiling entry function 'X' for 'sm_80'", then its figures.
-        blocks = re.split(r"(?=ptxas info\s*: Compiling entry function)", res.stderr)
-        for blk in blocks:
-            m = _PTXAS_FN.search(blk)
-            if not m:
+        for blk in re.split(r"(?=ptxas info\s*: Compiling entry function)", res.stderr):
+            if not (m := re.search(r"Compiling entry function '(\w+)' for '(sm_\d+a?)'", blk)):
                 continue
             mangled, arch = m.groups()
             demangled = subprocess.run(["c++filt", mangled], capture_output=True,
                                        text=True).stdout.strip() or mangled
             smem = re.search(r"(\d+) bytes smem", blk)
             short = re.sub(r"^void\s+", "", demangled).replace("(anonymous namespace)::", "")
+            dtype = next((n for k, n in (("__nv_bfloat16", "bf16"), ("__half", "fp16"),
+                                         ("double", "fp64"), ("float", "fp32"))
+                          if k in demangled), "-")
             rows.append(dict(kind="cuda", family=family, case=short.split("(")[0],
-                             kernel_name=demangled, dtype=_cuda_dtype(demangled), size="-",
-                             cc=int(arch[3:5]), compiled=True, error=None,
-                             shared_bytes=int(smem.group(1)) if smem else 0,
-                             wgmma=0, mma=0, scalar_fma=None, num_warps=None, num_stages=None,
-                             **_parse_ptxas(blk)))
+                             kernel_name=demangled, dtype=dtype, size="-", cc=int(arch[3:5]),
+                             compiled=True, error=None, shared_bytes=int(smem.group(1)) if smem
+                             else 0, wgmma=0, mma=0, scalar_fma=None, num_warps=None,
+                             num_stages=None, **_parse_ptxas(blk)))
     return rows
-
-
-def _cuda_dtype(demangled: str) -> str:
-    for key, name in (("__nv_bfloat16", "bf16"), ("__half", "fp16"), ("double", "fp64"),
-                      ("float", "fp32")):
-        if key in demangled:
-            return name
-    return "-"
 
 
 def _header_torch_version(inc: str) -> str | None:
     """The version a torch include/ tree belongs to (its version.h)."""
     for parts in (("torch", "headeronly", "version.h"),
                   ("torch", "csrc", "api", "include", "torch", "version.h")):
-        try:
-            with open(os.path.join(inc, *parts)) as f:
-                m = re.search(r"#define TORCH_VERSION\s*\\?\s*\"([^\"]+)\"", f.read())
-        except OSError:
-            continue
-        if m:
-            return m.group(1)
+        with contextlib.suppress(OSError), open(os.path.join(inc, *parts)) as f:
+            if m := re.search(r"#define TORCH_VERSION\s*\\?\s*\"([^\"]+)\"", f.read()):
+                return m.group(1)
     return None
 
 
 def torch_cuda_include(download: bool = False) -> str | None:
-    """include/ of a CUDA build of torch: $FASTSSL_TORCH_CUDA_INCLUDE if set, else the copy of
-    torch==TORCH_VERSION's cached in CACHE; fetched with pip only when ``download`` (never by
-    default: the check runs offline, and the glue rows then say the headers are missing)."""
-    explicit = os.environ.get("FASTSSL_TORCH_CUDA_INCLUDE")
-    if explicit:
-        ok = os.path.exists(os.path.join(explicit, "c10", "cuda", "CUDAStream.h"))
-        return explicit if ok else None
+    """include/ of a CUDA build of torch: $FASTSSL_TORCH_CUDA_INCLUDE, else torch==TORCH_VERSION's
+    cached in CACHE, fetched with pip only when ``download`` (the check runs offline)."""
+    marker = ("c10", "cuda", "CUDAStream.h")
+    if explicit := os.environ.get("FASTSSL_TORCH_CUDA_INCLUDE"):
+        return explicit if os.path.exists(os.path.join(explicit, *marker)) else None
     root = os.path.join(CACHE, f"torch-{TORCH_VERSION}")
     inc = os.path.join(root, "torch", "include")
-    marker = os.path.join(inc, "c10", "cuda", "CUDAStream.h")
-    if os.path.exists(marker):
-        return inc
-    if not download:
-        return None
+    if os.path.exists(os.path.join(inc, *marker)) or not download:
+        return inc if os.path.exists(os.path.join(inc, *marker)) else None
     wheel_dir = os.path.join(CACHE, "torchwheel")
     os.makedirs(wheel_dir, exist_ok=True)
-    wheels = [w for w in os.listdir(wheel_dir) if w.startswith(f"torch-{TORCH_VERSION}-")]
-    if not wheels:
-        # "===" : the exact version, never the local "+cpu" build of the CPU index.
-        res = subprocess.run([sys.executable, "-m", "pip", "download", f"torch==={TORCH_VERSION}",
-                              "--no-deps", "-d", wheel_dir], capture_output=True, text=True)
-        if res.returncode != 0:  # offline or no such wheel: the glue rows say so
-            return None
-        wheels = [w for w in os.listdir(wheel_dir) if w.startswith(f"torch-{TORCH_VERSION}-")]
-    with zipfile.ZipFile(os.path.join(wheel_dir, wheels[0])) as z:
-        for n in z.namelist():
-            if n.startswith("torch/include/"):
-                z.extract(n, root)
-    return inc if os.path.exists(marker) else None
+    find = lambda: [w for w in os.listdir(wheel_dir) if w.startswith(f"torch-{TORCH_VERSION}-")]  # noqa
+    if not find():   # "===": the exact version, never the local "+cpu" build of the CPU index
+        subprocess.run([sys.executable, "-m", "pip", "download", f"torch==={TORCH_VERSION}",
+                        "--no-deps", "-d", wheel_dir], capture_output=True, text=True)
+    if not find():   # offline or no such wheel: the glue rows say so
+        return None
+    with zipfile.ZipFile(os.path.join(wheel_dir, find()[0])) as z:
+        z.extractall(root, [n for n in z.namelist() if n.startswith("torch/include/")])
+    return inc if os.path.exists(os.path.join(inc, *marker)) else None
 
 
 def glue_rows(download: bool = False) -> list[dict]:
     """csrc/*_cuda_glue.cpp compiled against a CUDA torch's and the toolkit's headers."""
-    srcs = sorted(os.path.join(ROOT, "csrc", n) for n in os.listdir(os.path.join(ROOT, "csrc"))
-                  if n.endswith("_cuda_glue.cpp"))
     inc = torch_cuda_include(download)
-    return _file_cached("glue", srcs + [os.path.join(ROOT, "csrc", "build_flags.py")],
+    return _file_cached("glue", "_cuda_glue.cpp",
                         f"{inc}:{inc and _header_torch_version(inc)}:{_nvcc()}",
-                        lambda: _glue_rows(inc))
+                        lambda names: _glue_rows(inc, names))
 
 
-def _glue_rows(inc: str | None) -> list[dict]:
+def _glue_rows(inc: str | None, names) -> list[dict]:
     nvcc = _nvcc()
-    if inc is None:
-        return [dict(kind="glue", family="csrc", case="headers", compiled=False, skipped=True,
-                     error=f"skipped: no CUDA torch include/ (cached torch {TORCH_VERSION} "
-                           "headers, $FASTSSL_TORCH_CUDA_INCLUDE, or --download-headers)")]
-    if nvcc is None:
-        return [dict(kind="glue", family="csrc", case="headers", compiled=False, skipped=True,
-                     error="skipped: no CUDA toolkit (nvcc)")]
-    torch_version = _header_torch_version(inc)
     homes = [os.environ.get("CUDA_HOME", ""),
-             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+             nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
     cuda_inc = next((os.path.join(h, "include") for h in homes
                      if h and os.path.exists(os.path.join(h, "include", "cuda_runtime.h"))), None)
-    if cuda_inc is None:
+    why = ((inc is None and f"no CUDA torch include/ (cached torch {TORCH_VERSION} headers, "
+            "$FASTSSL_TORCH_CUDA_INCLUDE, or --download-headers)")
+           or (nvcc is None and "no CUDA toolkit (nvcc)")
+           or (cuda_inc is None and "no CUDA toolkit include/cuda_runtime.h"))
+    if why:
         return [dict(kind="glue", family="csrc", case="headers", compiled=False, skipped=True,
-                     error="skipped: no CUDA toolkit include/cuda_runtime.h")]
-    cxx = os.environ.get("CXX", "c++")
-    flags = _build_flags()["CXX_FLAGS"]
+                     error=f"skipped: {why}")]
+    cxx, flags = os.environ.get("CXX", "c++"), runpy.run_path(
+        os.path.join(CSRC, "build_flags.py"))["CXX_FLAGS"]
     rows = []
-    for name in sorted(os.listdir(os.path.join(ROOT, "csrc"))):
-        if not name.endswith("_cuda_glue.cpp"):
-            continue
-        cmd = [cxx, *flags, "-fsyntax-only", "-DFASTSSL_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
-               "-DTORCH_API_INCLUDE_EXTENSION_H", "-D_GLIBCXX_USE_CXX11_ABI=1",
-               f"-I{inc}", f"-I{os.path.join(inc, 'torch', 'csrc', 'api', 'include')}",
-               f"-I{cuda_inc}", f"-I{sysconfig.get_paths()['include']}",
-               os.path.join(ROOT, "csrc", name)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        err = None
-        if res.returncode != 0:
-            err = next((ln for ln in res.stderr.splitlines() if "error" in ln),
-                       res.stderr[:200]).replace(ROOT + "/", "")
+    for name in names:
+        res = subprocess.run([cxx, *flags, "-fsyntax-only", "-DFASTSSL_WITH_CUDA",
+                              "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                              "-D_GLIBCXX_USE_CXX11_ABI=1", f"-I{inc}",
+                              f"-I{os.path.join(inc, 'torch', 'csrc', 'api', 'include')}",
+                              f"-I{cuda_inc}", f"-I{sysconfig.get_paths()['include']}",
+                              os.path.join(CSRC, name)], capture_output=True, text=True)
         rows.append(dict(kind="glue", family=name[: -len("_cuda_glue.cpp")], case=name,
-                         compiled=res.returncode == 0, error=err, torch_headers=torch_version))
+                         compiled=res.returncode == 0, torch_headers=_header_torch_version(inc),
+                         error=_first_error(res.stderr).replace(ROOT + "/", "")
+                         if res.returncode else None))
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------
-
 def summary(rows: list[dict]) -> dict:
     tri = [r for r in rows if r["kind"] == "triton"]
+    ok = [r for r in tri if r.get("compiled")]
     gemm = [r for r in tri if r.get("kernel_name") in GEMM_KERNELS]
-    out = {"triton_version": next((r.get("triton_version") for r in tri), None),
-           "triton_cases": len(tri),
-           "compiled": sum(bool(r.get("compiled")) for r in tri),
-           "spilling": sum(bool(r.get("compiled")) and
-                           (r["spill_store_bytes"] + r["spill_load_bytes"]) > 0 for r in tri),
-           "over_smem": sum(bool(r.get("compiled")) and r["shared_bytes"] > SMEM_LIMIT[r["cc"]]
-                            for r in tri),
-           "gemm_cases": len(gemm),
-           "gemm_tensor_cores": sum(bool(r.get("compiled")) and tensor_cores(r) > 0 for r in gemm),
-           # wgmma has no float64 form: float64 GEMMs (mma.sync) are not in this count.
-           "gemm_sm90_wgmma": sum(bool(r.get("compiled")) and r.get("wgmma", 0) > 0
-                                  for r in gemm if r["cc"] >= 90 and r["dtype"] != "fp64"),
-           "gemm_sm90": sum(1 for r in gemm if r["cc"] >= 90 and r["dtype"] != "fp64"),
-           "cuda_kernels": sum(r["kind"] == "cuda" and bool(r.get("compiled")) for r in rows),
-           "cuda_spilling": sum(r["kind"] == "cuda" and bool(r.get("compiled")) and
-                                (r["spill_store_bytes"] + r["spill_load_bytes"]) > 0 for r in rows),
-           "glue_compiled": sum(r["kind"] == "glue" and bool(r.get("compiled")) for r in rows),
-           "glue_files": sum(r["kind"] == "glue" and not r.get("skipped") for r in rows),
-           "glue_skipped": sum(r["kind"] == "glue" and bool(r.get("skipped")) for r in rows)}
-    return out
-
-
-def _fmt(v):
-    return "-" if v is None else str(v)
+    # wgmma has no float64 form: float64 GEMMs (mma.sync) are not in the sm_90 count.
+    gemm90 = [r for r in gemm if r["cc"] >= 90 and r["dtype"] != "fp64"]
+    cuda = [r for r in rows if r["kind"] == "cuda" and r.get("compiled")]
+    glue = [r for r in rows if r["kind"] == "glue"]
+    spills = lambda r: r["spill_store_bytes"] + r["spill_load_bytes"] > 0  # noqa: E731
+    return {"triton_version": next((r.get("triton_version") for r in tri), None),
+            "triton_cases": len(tri), "compiled": len(ok), "spilling": sum(map(spills, ok)),
+            "over_smem": sum(r["shared_bytes"] > SMEM_LIMIT[r["cc"]] for r in ok),
+            "gemm_cases": len(gemm),
+            "gemm_tensor_cores": sum(bool(r.get("compiled")) and tensor_cores(r) > 0 for r in gemm),
+            "gemm_sm90_wgmma": sum(bool(r.get("compiled")) and r.get("wgmma", 0) > 0
+                                   for r in gemm90),
+            "gemm_sm90": len(gemm90), "cuda_kernels": len(cuda),
+            "cuda_spilling": sum(map(spills, cuda)),
+            "glue_compiled": sum(bool(r.get("compiled")) for r in glue),
+            "glue_files": sum(not r.get("skipped") for r in glue),
+            "glue_skipped": sum(bool(r.get("skipped")) for r in glue)}
 
 
 def ptxas_command_lines(rows: list[dict]) -> dict[int, list[list[str]]]:
@@ -793,37 +619,33 @@ def ptxas_command_lines(rows: list[dict]) -> dict[int, list[list[str]]]:
     out: dict[int, list[list[str]]] = {}
     for r in rows:
         if r["kind"] == "triton" and r.get("ptxas_options") is not None:
-            opts = out.setdefault(r["cc"], [])
-            if r["ptxas_options"] not in opts:
+            if r["ptxas_options"] not in (opts := out.setdefault(r["cc"], [])):
                 opts.append(r["ptxas_options"])
     return out
 
 
 def markdown(rows: list[dict], offsets: list[str], tools: dict, out_arg: str) -> str:
-    s = summary(rows)
-    cmds = ptxas_command_lines(rows)
-    headers = next((r.get("torch_headers") for r in rows
-                    if r["kind"] == "glue" and r.get("torch_headers")), "-")
-    glue_line = (f"glue files compiled against the CUDA torch {headers}"
-                 f" headers: {s['glue_compiled']} of {s['glue_files']}")
+    s, cmds = summary(rows), ptxas_command_lines(rows)
+    fmt = lambda v: "-" if v is None else str(v)  # noqa: E731
+    spill = lambda r: r["spill_store_bytes"] + r["spill_load_bytes"]  # noqa: E731
+    headers = next((r["torch_headers"] for r in rows if r.get("torch_headers")), "-")
+    glue_line = (f"glue files compiled against the CUDA torch {headers} headers: "
+                 f"{s['glue_compiled']} of {s['glue_files']}")
     if s["glue_skipped"]:
-        glue_line = "glue: " + next(r["error"] for r in rows if r["kind"] == "glue"
-                                    and r.get("skipped"))
+        glue_line = "glue: " + next(r["error"] for r in rows if r.get("skipped"))
+    has_cuda = any(r["kind"] == "cuda" for r in rows)
     lines = ["# Static GPU build check", "",
              f"Generated by `python -m bench.static --out {out_arg}` with triton "
              f"{tools['triton_version']} (no GPU). Each Triton case is compiled by "
              "`triton.compile` for its target, and its registers, spills and stack come from "
              "the log of the ptxas run Triton itself makes for the cubin it would load, with "
              "Triton's own command line:", ""]
-    for cc in TARGETS:
-        for opts in cmds.get(cc, []):
-            lines.append(f"- sm_{cc} (ptxas {tools['ptxas_version'].get(str(cc))}): "
-                         f"`ptxas {' '.join(opts)} <kernel>.ptx -o <kernel>.cubin`")
-    lines += ["",
-              "Shared memory limit per block: 163 KiB (sm_80), 227 KiB (sm_90). TC = "
+    lines += [f"- sm_{cc} (ptxas {tools['ptxas_version'].get(str(cc))}): "
+              f"`ptxas {' '.join(opts)} <kernel>.ptx -o <kernel>.cubin`"
+              for cc in TARGETS for opts in cmds.get(cc, [])]
+    lines += ["", "Shared memory limit per block: 163 KiB (sm_80), 227 KiB (sm_90). TC = "
               "tensor-core instructions in the PTX (mma.sync on sm_80, wgmma on sm_90), FMA = "
-              "scalar fp32 FMAs.", "",
-              "## Summary", "",
+              "scalar fp32 FMAs.", "", "## Summary", "",
               f"- Triton cases (kernel x configuration x dtype x size x target, one per distinct "
               f"binary): {s['triton_cases']}; compiled: {s['compiled']}; spilling: "
               f"{s['spilling']}; over the shared-memory limit: {s['over_smem']}",
@@ -831,28 +653,23 @@ def markdown(rows: list[dict], offsets: list[str], tools: dict, out_arg: str) ->
               f"{s['gemm_cases']}; sm_90 GEMM cases with wgmma: {s['gemm_sm90_wgmma']} of "
               f"{s['gemm_sm90']} (float64 excluded: wgmma has no float64 form, its GEMMs use "
               f"mma.sync on both targets)"]
-    if any(r["kind"] == "cuda" for r in rows):
-        lines.append(f"- CUDA kernels (csrc/*_cuda.cu, setup.py's nvcc flags): "
-                     f"{s['cuda_kernels']} compiled, {s['cuda_spilling']} spilling; {glue_line}")
+    lines += [f"- CUDA kernels (csrc/*_cuda.cu, setup.py's nvcc flags): {s['cuda_kernels']} "
+              f"compiled, {s['cuda_spilling']} spilling; {glue_line}"] * has_cuda
     lines += [f"- 32-bit address products in kernel sources: {len(offsets)}", ""]
     if offsets:
         lines += ["## 32-bit address products", ""] + [f"- `{o}`" for o in offsets] + [""]
-    spill = lambda r: r["spill_store_bytes"] + r["spill_load_bytes"]  # noqa: E731
     tri_rows = []
     for r in (r for r in rows if r["kind"] == "triton"):
-        head = [r["family"], r["case"], r.get("kernel_name"), r["dtype"], r["size"], r["cc"],
-                _fmt(r.get("num_warps")), _fmt(r.get("num_stages"))]
-        find = "; ".join(verdicts(r)) or "-"
-        if r.get("compiled"):
-            head[4] += f" (+{len(r['also'])})" if r.get("also") else ""
-            tri_rows.append(head + ["yes", r["registers"], spill(r), r["stack_bytes"],
-                                    r["shared_bytes"], tensor_cores(r), r["scalar_fma"], find])
-        else:
-            tri_rows.append(head + ["no"] + [""] * 6 + [find])
+        size = r["size"] + (f" (+{len(r['also'])})" if r.get("compiled") and r.get("also") else "")
+        head = [r["family"], r["case"], r.get("kernel_name"), r["dtype"], size, r["cc"],
+                fmt(r.get("num_warps")), fmt(r.get("num_stages"))]
+        figures = (["yes", r["registers"], spill(r), r["stack_bytes"], r["shared_bytes"],
+                    tensor_cores(r), r["scalar_fma"]] if r.get("compiled") else ["no"] + [""] * 6)
+        tri_rows.append(head + figures + ["; ".join(verdicts(r)) or "-"])
     lines += ["## Triton kernels", ""] + table(
         ["family", "case", "kernel", "dtype", "size", "sm", "warps", "stages", "ok", "regs",
          "spill B", "stack B", "smem B", "TC", "FMA", "findings"], tri_rows)
-    if any(r["kind"] == "cuda" for r in rows):
+    if has_cuda:
         lines += ["", "## CUDA kernels (csrc/*_cuda.cu)", ""] + table(
             ["family", "kernel", "dtype", "sm", "ok", "regs", "spill B", "stack B", "smem B"],
             [[r["family"], f"`{r['case']}`", r["dtype"], r["cc"], "yes", r["registers"], spill(r),
@@ -862,7 +679,7 @@ def markdown(rows: list[dict], offsets: list[str], tools: dict, out_arg: str) ->
         lines += ["", "## CUDA glue (csrc/*_cuda_glue.cpp)", ""] + table(
             ["file", "compiles", "error"],
             [[r["case"], "skipped" if r.get("skipped") else ("yes" if r["compiled"] else "no"),
-              _fmt(r.get("error"))] for r in rows if r["kind"] == "glue"])
+              fmt(r.get("error"))] for r in rows if r["kind"] == "glue"])
     return "\n".join(lines) + "\n"
 
 
@@ -872,22 +689,17 @@ def run(out_dir: str | None, workers: int = 2, with_cuda: bool = True,
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     tools = toolchain()
-    rows = triton_rows(workers)
-    offsets = offset_rows([c[:5] for cc in TARGETS[:1] for c in _capture(cc)])
-    if with_cuda:
-        rows += cuda_rows() + glue_rows(download)
+    rows = triton_rows(workers) + (cuda_rows() + glue_rows(download) if with_cuda else [])
+    offsets = offset_rows([c[:5] for c in _capture(TARGETS[0])])
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "static.jsonl"), "w") as f:
-            f.write(json.dumps(dict(kind="toolchain", **tools), sort_keys=True) + "\n")
-            for r in rows:
-                f.write(json.dumps({k: v for k, v in r.items() if k != "key"}, sort_keys=True)
-                        + "\n")
-            for o in offsets:
-                f.write(json.dumps({"kind": "offset32", "finding": o}) + "\n")
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in
+                         [dict(kind="toolchain", **tools)] + rows
+                         + [{"kind": "offset32", "finding": o} for o in offsets])
         rel = os.path.relpath(os.path.abspath(out_dir), ROOT)
         with open(os.path.join(out_dir, "static.md"), "w") as f:
-            f.write(markdown(rows, offsets, tools, rel if not rel.startswith("..") else out_dir))
+            f.write(markdown(rows, offsets, tools, out_dir if rel.startswith("..") else rel))
     return rows, offsets
 
 
@@ -908,8 +720,7 @@ def main(argv=None) -> int:
                         "headers when they are not cached (never done otherwise)")
     a = p.parse_args(argv)
     rows, offsets = run(a.out, a.workers, not a.no_cuda, a.download_headers)
-    s = summary(rows)
-    print(json.dumps(s))
+    print(json.dumps(summary(rows)))
     bad = [(r, v) for r in rows if r["kind"] == "triton" for v in verdicts(r)]
     for r, v in bad:
         print(f"sm_{r['cc']} {r['family']} {r['case']} {r['kernel_name']} {r['dtype']} "
