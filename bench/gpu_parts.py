@@ -235,7 +235,7 @@ def nt_xent_roofline(out, device, dry_run) -> None:
     info = {"device_name": name, "dtype": str(dtype).replace("torch.", ""), "backend": "triton",
             "spec_tflops": next((v for k, v in SPEC_BF16_TFLOPS if k in name), None),
             "gemm": _gemm(8192 if cuda else 256, device, dtype), "rows": []}
-    for b in (8192, 32768) if cuda else (16, 32):
+    for b in (8192, 32768) if cuda else (8, 16):
         if time_left() < 3.0:
             info["rows"].append({"B": b, "D": d, "status": "not reached: the part's cap"})
             continue

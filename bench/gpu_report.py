@@ -93,10 +93,10 @@ def gpu_section(out: Path, parts: list[dict], records: list[dict]) -> str:
         g = nt["gemm"]
         lines += ["## nt_xent roofline", "", f"fastssl.functional.nt_xent forward+backward, "
                   f"Triton backend, {nt['dtype']}, on {nt['device_name']}; FLOPs = "
-                  "bench.compare.model_flop (2 Gram products: 2 x 2 x (2B)^2 x D); spec peak "
-                  + (f"{nt['spec_tflops']:.0f}" if nt["spec_tflops"] else "unknown for this "
-                     "device") + f" dense TFLOP/s; GEMM {g['matmul_n']}^3 measured in the same "
-                  f"part: {g['peak_tflops']:.1f} TFLOP/s.", ""] + table(
+                  "bench.compare.model_flop (2 Gram products: 2 x 2 x (2B)^2 x D); spec peak: "
+                  + (f"{nt['spec_tflops']:.0f} dense TFLOP/s" if nt["spec_tflops"] else
+                     "unknown for this device") + f"; {nt['dtype']} GEMM {g['matmul_n']}^3 "
+                  f"measured in the same part: {g['peak_tflops']:.1f} TFLOP/s.", ""] + table(
             ["shape (per view)", "time p50", "TFLOP/s", "% spec peak", "% GEMM"],
             _nt_rows(nt)) + [""]
     if head := [r for r in records if str(r.get("gpu_run_part", "")).startswith("bench_")]:

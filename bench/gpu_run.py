@@ -129,7 +129,8 @@ def child_env(dry_run: bool, deadline: float, extra: dict | None = None) -> dict
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.pop("FASTSSL_BACKEND", None)
     paths = [str(REPO)] + [str(CARRIED / "site")] * (CARRIED / "site").is_dir()
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env["PYTHONPATH"]] * bool(env.get("PYTHONPATH")))
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")] * bool(
+        env.get("PYTHONPATH")))   # the GPU machine sets none
     # No network on the GPU machine: pip must not try (an index lookup waits on its timeout).
     env.setdefault("PIP_NO_INDEX", "1")
     env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")

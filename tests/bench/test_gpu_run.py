@@ -161,6 +161,11 @@ def test_every_part_wrote_its_results(dry_run):
     ]
     assert all(t["nodeid"].endswith(("-cpu]",)) or "-cpu-" in t["nodeid"] for t in tests)
     assert json.loads((out / "roofline.json").read_text())["peak_tflops"] > 0
+    # issue 25: nt_xent's achieved TFLOP/s against the spec peak (unknown on a CPU) and the GEMM
+    nt = json.loads((out / "nt_xent_roofline.json").read_text())
+    assert nt["backend"] == "triton" and nt["spec_tflops"] is None and nt["gemm"]["peak_tflops"] > 0
+    assert [r["B"] for r in nt["rows"]] == [8, 16]
+    assert all(r["status"] == "ok" and r["tflops"] > 0 and r["pct_gemm"] > 0 for r in nt["rows"])
     assert json.loads((out / "build.json").read_text())["status"] == "skipped"
     assert json.loads((out / "checkpoint.json").read_text())["status"] in ("ok", "skipped")
 
@@ -168,9 +173,11 @@ def test_every_part_wrote_its_results(dry_run):
 def test_summary_and_copies(dry_run):
     out = dry_run.out
     summary = (out / "summary.md").read_text()
-    for heading in ("# GPU run", "## Parts", "## Tests", "## Roofline", "## Headline benchmarks",
-                    "## Largest N", "## Training step", "# Benchmark summary"):
+    for heading in ("# GPU run", "## Parts", "## Tests", "## Roofline", "## nt_xent roofline",
+                    "## Headline benchmarks", "## Largest N", "## Training step",
+                    "# Benchmark summary"):
         assert heading in summary, heading
+    assert re.search(r"^\| B=16 D=8 \| .+ \| unknown \| \d+%", summary, re.M)
     assert f"| {STALLED} |" in summary and "timeout" in summary
     assert "| nt_xent |" in (out / "readme_table.md").read_text()
     assert list(out.glob("*.png"))
@@ -284,8 +291,7 @@ def test_collection_errors_are_recorded(tmp_path):
     assert recs["test_y"]["outcome"] == "passed", (proc.stdout[-2000:], recs)
     broken = next(r for r in recs.values() if r["when"] == "collect")
     assert broken["outcome"] == "error" and "module_that_is_not_there" in broken["message"], broken
-    from bench.gpu_report import tests_summary
-    assert tests_summary(tmp_path)["collect_errors"] == 1
+    assert common.tests_summary(tmp_path)["collect_errors"] == 1
 
 
 def test_run_directory_is_never_inside_OUT(tmp_path, monkeypatch):
