@@ -88,10 +88,15 @@ def part_build(out, dry_run, hook):
             info.update(status="ok", note=kept)
         else:
             _build_both(out, info, env, cuda_home, dry_run, log)
-    info["extension"] = ({"note": "dry run: not built"} if info["status"] == "skipped" else
-                         _child_json("import json; from fastssl._backend import cpp_available, "
-                                     "cuda_ext_available as c; print(json.dumps({'cpp': "
-                                     "bool(cpp_available()), 'cuda': bool(c())}))", os.environ))
+    try:
+        info["extension"] = ({"note": "dry run: not built"} if info["status"] == "skipped" else
+                             _child_json("import json; from fastssl._backend import "
+                                         "cpp_available as a, cuda_ext_available as c; print("
+                                         "json.dumps({'cpp': bool(a()), 'cuda': bool(c())}))",
+                                         dict(os.environ)))
+    except Exception as exc:  # noqa: BLE001 - recorded: build.json is written whatever happens
+        info["extension"] = {"cpp": False, "cuda": False,
+                             "error": f"{type(exc).__name__}: {exc}"[:300]}
     if info["status"] not in ("ok", "skipped"):
         for kind in ("cuda", "cpu"):
             if (path := out / "logs" / f"build_{kind}.log").exists():

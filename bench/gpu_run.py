@@ -65,7 +65,8 @@ def parse_caps(items: list[str] | None, dry_run: bool) -> dict[str, float]:
 
 _VERSIONS_CODE = r"""
 import importlib.metadata as md, json, os, platform, shutil, subprocess, sys, runpy
-out = {"python": platform.python_version(), "executable": sys.executable}
+out = {"python": platform.python_version(), "executable": sys.executable,
+       "ninja_on_path": shutil.which("ninja"), "cpu_count": os.cpu_count()}
 for name in ("torch", "triton", "numpy", "setuptools", "pytest", "pytest-xdist", "pytest-timeout",
              "torchvision", "matplotlib", "diffsort", "ninja", "pip"):
     try:
@@ -76,21 +77,18 @@ try:
     import torch
     out["torch_cuda"], out["cuda_available"] = torch.version.cuda, torch.cuda.is_available()
     if out["cuda_available"]:
-        out["gpu"] = torch.cuda.get_device_name(0)
-        major, minor = torch.cuda.get_device_capability(0)
-        out["capability"] = major * 10 + minor
+        out["gpu"], cap = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
+        out["capability"] = cap[0] * 10 + cap[1]
 except Exception as exc:
     out["torch_error"] = f"{type(exc).__name__}: {exc}"[:300]
 flags = runpy.run_path(os.path.join(sys.argv[1], "csrc", "build_flags.py"))
 out["cuda_home"], out["cuda_home_note"] = flags["find_cuda_home"]()
-if out["cuda_home"]:
-    try:
-        text = subprocess.run([os.path.join(out["cuda_home"], "bin", "nvcc"), "--version"],
-                              capture_output=True, text=True, timeout=20).stdout
-        out["nvcc"] = (text.strip().splitlines() or [""])[-1]
-    except Exception as exc:
-        out["nvcc"] = f"{type(exc).__name__}: {exc}"
-out["ninja_on_path"], out["cpu_count"] = shutil.which("ninja"), os.cpu_count()
+try:
+    text = subprocess.run([os.path.join(out["cuda_home"], "bin", "nvcc"), "--version"],
+                          capture_output=True, text=True, timeout=20).stdout
+    out["nvcc"] = (text.strip().splitlines() or [""])[-1]
+except Exception as exc:
+    out["nvcc"] = f"{type(exc).__name__}: {exc}" if out["cuda_home"] else None
 print(json.dumps(out))
 """
 

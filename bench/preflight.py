@@ -1,20 +1,8 @@
 """python -m bench.preflight: prove the GPU run on the GPU machine's own versions, here, before a
-GPU is available (the GPU machine is lent rarely and briefly: its first call must work).
-
-    python -m bench.preflight              # prepare, build/reuse the environment, run the checks
-    python -m bench.preflight --prepare    # only what must travel with the tree (.whl/), seconds
-
-1. prepare: .whl/ (git-ignored; the device call carries it) with diffsort's wheel (installed
-   offline by the run) and git_commit.txt (.git does not travel).
-2. the environment, built once into .device-env/ (--env, $FASTSSL_DEVICE_ENV): the GPU
-   machine's versions (DEVICE_PYTHON, DEVICE_REQUIREMENTS), reused while its marker matches.
-3. the checks, in that environment, in build/preflight/tree (the tree as a device call sends
-   it; its build/ kept unless --fresh) and offline (`unshare -rn` where allowed, PIP_NO_INDEX=1):
-   the versions, `pytest --collect-only` over tests/, `python3 -m bench.gpu_run --dry-run
-   --build` and `python -m bench.static --no-cuda` (triton 3.6).
-
-Log and summary: bench/results/preflight/ (preflight.log, preflight.json); exit 0 only if every
-check passed.
+GPU is lent (README, "Running the GPU suite"): .whl/ to carry (--prepare), an environment with
+the device's versions (.device-env/, built once), then offline in a copy of the tree as a device
+call sends it: the versions, pytest --collect-only, the gpu_run dry run with its build, and the
+static compile under triton 3.6. Log and summary in bench/results/preflight/; exit 0 iff all pass.
 """
 from __future__ import annotations
 
