@@ -1,8 +1,8 @@
 """What users would otherwise run: "eager" losses and the peer libraries, for the benchmarks.
 
-"eager" is the shortest correct PyTorch code for each loss, written here from its formula: the
-full similarity matrix and autograd, as lightly or the upstream repositories do (matmuls in the
-input dtype, softmax/log-sum-exp in float32, as autocast does). fastssl.reference stays in the
+"eager" is the best plain PyTorch a user would write for each loss, from its formula: the full
+similarity matrix and autograd, masks applied in place, one cross-entropy or log-sum-exp, no
+copies (matmuls in the input dtype, softmax/log-sum-exp in float32, as autocast does). fastssl.reference stays in the
 benchmarks only as the correctness anchor; tests/bench/test_baselines.py checks every eager
 loss against it in value and gradient (float64).
 
@@ -41,38 +41,46 @@ def _f32(x):
 
 
 def eager_nt_xent(z1, z2, temperature=0.1):
-    """SimCLR: cross-entropy of each of the 2B rows of Z Z^T / T (self masked) against its
-    other view."""
+    """SimCLR as a careful user writes it: the 2B x 2B logits, the diagonal masked in place,
+    one cross-entropy (no eye mask, no masked copy of the logits)."""
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = (z @ z.T) / temperature
-    logits = logits.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    logits = _f32((z @ z.T).div_(temperature))
+    logits.fill_diagonal_(float("-inf"))
     ar = torch.arange(b, device=z.device)
-    return F.cross_entropy(_f32(logits), torch.cat([ar + b, ar]))
+    return F.cross_entropy(logits, torch.cat([ar + b, ar]))
 
 
 def eager_info_nce(q, k, temperature=0.1, symmetric=False):
     """MoCo-v3 / CLIP InfoNCE over the B x B logits (both directions when symmetric)."""
-    logits = _f32(F.normalize(q, dim=1) @ F.normalize(k, dim=1).T) / temperature
+    logits = _f32(F.normalize(q, dim=1) @ F.normalize(k, dim=1).T).div_(temperature)
     labels = torch.arange(q.shape[0], device=q.device)
     loss = F.cross_entropy(logits, labels)
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
-    return loss
+    return 0.5 * (loss + F.cross_entropy(logits.T, labels)) if symmetric else loss
 
 
-def eager_dcl(z1, z2, temperature=0.1):
-    """Decoupled contrastive loss: -pos + log-sum-exp over the 2B - 2 negatives, every row of
-    Z Z^T / T (self and positive masked in the denominator), mean over the 2B rows."""
+def eager_dcl(z1, z2, temperature=0.1, weights=None):
+    """Decoupled contrastive loss: -w pos + log-sum-exp over the 2B - 2 negatives of each row
+    of Z Z^T / T, self and positive masked in place; mean over the 2B rows."""
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = _f32((z @ z.T) / temperature)
+    logits = _f32((z @ z.T).div_(temperature))
     ar = torch.arange(2 * b, device=z.device)
     pos_col = (ar + b) % (2 * b)
-    pos = logits[ar, pos_col]
-    mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
-    mask[ar, pos_col] = True
-    return (torch.logsumexp(logits.masked_fill(mask, float("-inf")), dim=1) - pos).mean()
+    pos = logits[ar, pos_col]          # a copy: the masking below leaves it intact
+    logits.fill_diagonal_(float("-inf"))
+    logits[ar, pos_col] = float("-inf")
+    if weights is not None:
+        pos = pos * weights.repeat(2)
+    return (torch.logsumexp(logits, dim=1) - pos).mean()
+
+
+def eager_dclw(z1, z2, temperature=0.1, sigma=0.5):
+    """DCLW: DCL with the von Mises-Fisher positive weights 2 - B softmax(<z1_i, z2_i> / sigma)."""
+    with torch.no_grad():
+        sim = (F.normalize(_f32(z1), dim=1) * F.normalize(_f32(z2), dim=1)).sum(1) / sigma
+        w = 2 - sim.shape[0] * torch.softmax(sim, dim=0)
+    return eager_dcl(z1, z2, temperature, w)
 
 
 def eager_sogclr(z1, z2, index, u, gamma=0.9, temperature=0.1):
@@ -83,12 +91,11 @@ def eager_sogclr(z1, z2, index, u, gamma=0.9, temperature=0.1):
     sim = _f32(z @ z.T)
     ar = torch.arange(2 * b, device=z.device)
     pos_col = (ar + b) % (2 * b)
-    neg_mask = torch.ones_like(sim, dtype=torch.bool)
-    neg_mask[ar, ar] = False
-    neg_mask[ar, pos_col] = False
     num_neg = 2 * (b - 1)
     with torch.no_grad():
-        neg_exp = torch.exp(sim / temperature) * neg_mask
+        neg_exp = torch.exp(sim / temperature)
+        neg_exp.fill_diagonal_(0)                   # self and positive masked in place
+        neg_exp[ar, pos_col] = 0
         u_old = u[index].to(sim.dtype)
         g = 1.0 if bool(u_old.sum() == 0) else gamma
         u_new = (1 - g) * u_old.repeat(2) + g * neg_exp.sum(1) / num_neg
@@ -143,8 +150,8 @@ def eager_sfrik(z1, z2, weights=(1.0, 40.0, 40.0), sim_coeff=4000.0, mmd_coeff=1
 def _uniformity(e, scale):
     # log mean_{i != j} exp(-2 s (1 - <e_i, e_j>)), from the off-diagonal Gram entries.
     n = e.shape[0]
-    logits = 2 * scale * (_f32(e @ e.T) - 1)
-    logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=e.device), float("-inf"))
+    logits = _f32(e @ e.T).sub_(1).mul_(2 * scale)
+    logits.fill_diagonal_(float("-inf"))
     return torch.logsumexp(logits.flatten(), 0) - math.log(n * (n - 1))
 
 
@@ -201,7 +208,7 @@ def eager_swav(scores, n_assign_crops=2, temperature=0.1, epsilon=0.05, sinkhorn
     return loss / n_assign_crops
 
 
-EAGER = {"nt_xent": eager_nt_xent, "info_nce": eager_info_nce, "dcl": eager_dcl,
+EAGER = {"nt_xent": eager_nt_xent, "info_nce": eager_info_nce, "dcl": eager_dcl, "dclw": eager_dclw,
          "sogclr": eager_sogclr, "sce": eager_sce, "sfrik": eager_sfrik,
          "sfrik_mmd": eager_sfrik_mmd, "auh": eager_auh, "sinkhorn": swav_sinkhorn,
          "swav": eager_swav}
