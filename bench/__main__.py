@@ -47,7 +47,7 @@ def parse_args(argv=None):
     a("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     a("--quick", action="store_true", help="tiny sizes and few calls (smoke test)")
     a("--largest", action="store_true", help="only the largest size of each series and mode")
-    a("--reps", type=int, default=None, help="exactly this many timed calls per provider")
+    a("--reps", type=int, default=None, help="at least this many timed calls per provider")
     a("--out", type=Path, default=None, help="output directory")
     a("--dtype", action="append", choices=("float32", "bfloat16", "float16"))
     a("--mode", action="append", choices=("forward", "backward", "forward+backward", "step"))
@@ -85,6 +85,7 @@ def plan_cases(spec, device_type, quick, providers, dtypes, modes, largest=False
             keep.setdefault(i, []).append(m)
         sizes = [Size(s.shape, tuple(keep[id(s)]), s.providers) for s in sizes if id(s) in keep]
     cases, skipped = [], []
+    providers = providers and {p for arg in providers for p in arg.split(",")}
     for provider in spec.providers:
         if providers and provider not in providers:
             continue

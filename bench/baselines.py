@@ -1,23 +1,14 @@
-"""What users would otherwise run: "eager" losses and the peer libraries, for the benchmarks.
+"""What users would otherwise run, for the benchmarks: "eager" losses and the peer libraries.
 
-"eager" is the best plain PyTorch a user would write for each loss, from its formula: the full
-similarity matrix and autograd, masks applied in place, one cross-entropy or log-sum-exp, no
-copies (matmuls in the input dtype, softmax/log-sum-exp in float32, as autocast does). fastssl.reference stays in the
-benchmarks only as the correctness anchor; tests/bench/test_baselines.py checks every eager
-loss against it in value and gradient (float64).
-
-Peers (``peer:<library>``) are imported from the installed package: lightly's losses from its
-submodules (its ``lightly.loss`` init imports torchvision; `pip download --no-deps lightly`
-unpacked on PYTHONPATH is enough). Sinkhorn's peers, SwAV's ``distributed_sinkhorn`` and
-lightly's ``sinkhorn``, are written here from their published formula (exp of the scores at the
-input dtype, no max subtraction: they overflow at small epsilon and in float16).
-
-torchsort (``peer:torchsort``, soft_sort) builds its C++ extension against the installed torch
-(`pip wheel --no-deps --no-build-isolation` of its sdist, with nvcc off PATH for a CPU torch).
-It projects onto the permutahedron (isotonic regression, O(n log n) per row) and returns values
-only, no permutation matrix, so only speed is compared, against fastssl's values path
-(return_permutation=False), at torchsort's default regularization_strength (1.0, l2). Optional:
-absent, its cases are recorded as skipped with the import error.
+"eager" is the best plain PyTorch a user would write, from the loss's formula: the full
+similarity matrix and autograd, masks in place, one cross-entropy or log-sum-exp, no copies
+(matmuls in the input dtype, softmax in float32 as autocast does); tests/bench/test_baselines.py
+checks each against fastssl.reference (float64, value and gradient). Peers (``peer:<library>``)
+come from the installed package: lightly's losses from its submodules (its package init imports
+torchvision); SwAV's and lightly's Sinkhorn are written here from their published formula (exp
+at the input dtype, no max subtraction: they overflow at small epsilon and in float16);
+torchsort (soft_sort, values only, regularization_strength 1.0, l2: a different relaxation, so
+time is compared, not the loss), recorded as skipped when its extension does not import.
 """
 from __future__ import annotations
 
@@ -35,9 +26,6 @@ def _f32(x):
     # autocast runs softmax / cross-entropy in float32; float32 and float64 stay as they are.
     return x.float() if x.element_size() < 4 else x
 
-
-# ----------------------------------------------------------------------------------------------
-# contrastive
 
 
 def eager_nt_xent(z1, z2, temperature=0.1):
@@ -118,9 +106,6 @@ def eager_sce(q, k, queue, coeff=0.5, temperature=0.1, temperature_m=0.07):
     return -(target * torch.log_softmax(logits_q, dim=1)).sum(1).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# sphere
-
 
 def _gegenbauer_psi(t, weights, dim):
     # Upstream's closed forms of the normalised Gegenbauer polynomials P1..P3 on S^(dim-1).
@@ -160,9 +145,6 @@ def eager_auh(z1, z2, sim_coeff=3000.0, unif_coeff=1.0, scale=2.5):
     unif = (_uniformity(x, scale) + _uniformity(y, scale)) / 2
     return sim_coeff * F.mse_loss(_f32(x), _f32(y)) + unif_coeff * unif
 
-
-# ----------------------------------------------------------------------------------------------
-# swav
 
 
 @torch.no_grad()
@@ -214,9 +196,6 @@ EAGER = {"nt_xent": eager_nt_xent, "info_nce": eager_info_nce, "dcl": eager_dcl,
          "swav": eager_swav}
 
 
-# ----------------------------------------------------------------------------------------------
-# peers
-
 
 class PeerMissing(ImportError):
     pass
@@ -252,51 +231,34 @@ def _lightly_module(name: str):
 
 def peer(op: str, name: str):
     """The peer's callable with fastssl's argument order, or raise PeerMissing."""
-    if name == "lightly":
-        if op == "nt_xent":
-            loss = _lightly_module("ntx_ent_loss").NTXentLoss(temperature=0.1)
-            return lambda z1, z2: loss(z1, z2)
-        if op == "dcl":
-            loss = _lightly_module("dcl_loss").DCLLoss(temperature=0.1)
-            return lambda z1, z2: loss(z1, z2)
-        if op == "swav":
-            loss = _lightly_module("swav_loss").SwaVLoss()
-
-            def lightly_swav(scores, n_assign_crops=2):
-                return loss(list(scores[:n_assign_crops]), list(scores[n_assign_crops:]))
-            return lightly_swav
-        if op == "sinkhorn":
-            try:
-                fn = _lightly_module("swav_loss").sinkhorn
-            except PeerMissing:
-                return lightly_sinkhorn   # its formula, written here (same operations)
-            return lambda s, epsilon=0.05: fn(s, iterations=3, epsilon=epsilon)
+    if name == "lightly" and op in ("nt_xent", "dcl", "dclw"):
+        mod = _lightly_module("ntx_ent_loss" if op == "nt_xent" else "dcl_loss")
+        return {"nt_xent": lambda: mod.NTXentLoss(temperature=0.1),
+                "dcl": lambda: mod.DCLLoss(temperature=0.1),
+                "dclw": lambda: mod.DCLWLoss(temperature=0.1, sigma=0.5)}[op]()
+    if name == "lightly" and op == "swav":
+        loss = _lightly_module("swav_loss").SwaVLoss()
+        return lambda scores, n_assign_crops=2: loss(list(scores[:n_assign_crops]),
+                                                     list(scores[n_assign_crops:]))
+    if name == "lightly" and op == "sinkhorn":
+        try:
+            fn = _lightly_module("swav_loss").sinkhorn
+        except PeerMissing:
+            return lightly_sinkhorn   # its formula, written here (same operations)
+        return lambda s, epsilon=0.05: fn(s, iterations=3, epsilon=epsilon)
     if name == "torchsort" and op == "soft_sort":
         try:
             import torchsort
         except Exception as e:  # noqa: BLE001 - an extension built for another torch fails here
             raise PeerMissing(f"torchsort is not importable ({type(e).__name__}: {e})") from None
-
-        def torchsort_soft_sort(x):
-            return torchsort.soft_sort(
-                x, regularization="l2", regularization_strength=TORCHSORT_STRENGTH
-            )
-
-        return torchsort_soft_sort
+        # torchsort's default strength: a different parameter of a different relaxation
+        return lambda x: torchsort.soft_sort(x, regularization="l2", regularization_strength=1.0)
     raise PeerMissing(f"no {name} peer for {op}")
 
 
-# torchsort's own default: its strength and fastssl's steepness are different parameters of
-# different relaxations (see the module docstring), so neither is tuned to match the other.
-TORCHSORT_STRENGTH = 1.0
-
-
-# The peers measured per op (a provider "peer:<name>"); ops without a peer package installable
-# here: info_nce (lightly's NTXentLoss is NT-Xent, not the two-tensor InfoNCE), sogclr, sce,
-# sfrik, auh (their upstream code is not a package; the eager loss is that code's formula),
-# groco (its upstream loss is fastssl.reference; diffsort is the peer of the sorting network).
-# soft_sort's peers: diffsort (the provider "diffsort", same relaxation, values and P) and
-# torchsort (values only, measured against fastssl's values path: bench/sortnet.py).
-PEERS = {"nt_xent": ("lightly",), "dcl": ("lightly",), "swav": ("lightly",),
-         "sinkhorn": ("lightly",), "soft_sort": ("diffsort", "torchsort")}
-# Sinkhorn's "eager" is SwAV's distributed_sinkhorn (swav_sinkhorn): the upstream code users copy.
+# The peers per op ("peer:<name>"); none installable here for info_nce (lightly's NTXentLoss is
+# not the two-tensor InfoNCE), sogclr, sce, sfrik, auh (upstream is not a package: eager is its
+# formula) and groco (upstream is fastssl.reference). soft_sort: diffsort (values and P) and
+# torchsort (values only). Sinkhorn's "eager" is SwAV's distributed_sinkhorn, what users copy.
+PEERS = {"nt_xent": ("lightly",), "dcl": ("lightly",), "dclw": ("lightly",),
+         "swav": ("lightly",), "sinkhorn": ("lightly",), "soft_sort": ("diffsort", "torchsort")}

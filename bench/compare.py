@@ -28,8 +28,8 @@ import fastssl.functional as fast
 from . import baselines, contrastive
 from .common import (BEGIN, END, README, RESULTS_ROOT, device_type, fmt_mb, fmt_ms, git_commit,
                      is_peer, latest_by_case, load_json, load_jsonl, shape_str, table)
-from .harness import BenchConfig, _interleaved, _mode_steps, _provider_ctx, cpu_peak_growth, \
-    time_cpu
+from .harness import BenchConfig, _interleaved, _mode_steps, _provider_ctx, _with_ctx, \
+    cpu_peak_growth, time_cpu
 
 # CPU target (issue 18): no slower than eager at any N >= 2048, memory <= 1/8 of eager. N is
 # the batch per view B (issue 18's reading); TWO_VIEW_OPS would count both views for an op.
@@ -230,9 +230,10 @@ def _env_note(records: list[dict]) -> list[str]:
     env = next((r for r in reversed(records) if "thp_enabled" in r), None)
     if env is None:
         return []
+    blocks = env.get("cpp_block_config")
     return [f"Transparent huge pages: enabled `{env.get('thp_enabled')}`, defrag "
             f"`{env.get('thp_defrag')}`; C++ contrastive block sizes: "
-            f"{json.dumps(env.get('cpp_block_config')) if env.get('cpp_block_config') else 'not reported by this build'}.", ""]
+            f"{json.dumps(blocks) if blocks else 'not reported by this build'}.", ""]
 
 
 def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: dict | None = None,
@@ -512,7 +513,7 @@ def time_interleaved(op: str, shape: dict, reps: int = 5) -> dict:
             prep = spec.build(p, shape, torch.float32, torch.device("cpu"))
             setup, run = _mode_steps(prep, "forward+backward")
             run(setup())
-        steps[p] = (setup, lambda s, run=run, p=p: _call_in(p, run, s))
+        steps[p] = (setup, lambda s, run=run, p=p: _with_ctx(p, run, s))
         leaves[p] = prep.leaves
     times = _interleaved(steps, torch.device("cpu"),
                          BenchConfig(min_reps=reps, max_reps=reps, min_time_s=0.0), leaves)
@@ -521,11 +522,6 @@ def time_interleaved(op: str, shape: dict, reps: int = 5) -> dict:
             "reps": reps, "fastssl_ms": med["fastssl"], "eager_ms": med["eager"],
             "ratio": med["eager"] / med["fastssl"], "times_ms": times,
             "loadavg_1m": os.getloadavg()[0], "loadavg_1m_start": load0}
-
-
-def _call_in(provider, run, state):
-    with _provider_ctx(provider):
-        return run(state)
 
 
 def competing_load(cases=COMPETING_CASES, reps: int = 5, load_threads: int = 2, load_n: int = 1024,
@@ -668,8 +664,8 @@ def readme_block(results_root: Path | None = None) -> str:
             continue
         rel = (path.parent.relative_to(root.parent.parent)
                if path.is_relative_to(root.parent.parent) else path.parent)
-        users = any(r.get("status") == "ok" and (r.get("provider") == "eager"
-                                                 or is_peer(r.get("provider", ""))) for r in records)
+        users = any(r.get("status") == "ok" and (r.get("provider") == "eager" or is_peer(
+            r.get("provider", ""))) for r in records)
         if users and headline_groups(list(latest_by_case(records).values())):
             parts += [readme_section(records, path.parent, rel), ""]
             shown += 1

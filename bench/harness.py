@@ -92,8 +92,9 @@ class BenchConfig:
         if quick:
             return cls(quick=True, min_reps=1, max_reps=2, min_time_s=0.0, max_time_s=0.5,
                        cuda_warmup_ms=5, cuda_rep_ms=20)
-        # --reps N: exactly N interleaved calls per provider, long calls included
-        return cls() if reps is None else cls(min_reps=reps, max_reps=reps, long_call_reps=reps)
+        # --reps N: at least N interleaved calls per provider, long calls included
+        return cls() if reps is None else cls(min_reps=reps, max_reps=max(reps, 20),
+                                              long_call_reps=reps)
 
 
 def static_skip(provider: str, device_type: str) -> str | None:
@@ -128,6 +129,11 @@ def provider_backend(provider: str) -> str | None:
 def _provider_ctx(provider: str):
     backend = provider_backend(provider)
     return backend_forced(backend) if backend is not None else contextlib.nullcontext()
+
+
+def _with_ctx(provider: str, run: Callable, state):
+    with _provider_ctx(provider):
+        return run(state)
 
 
 def baseline_providers(op: str) -> tuple[str, ...]:
@@ -174,15 +180,6 @@ def embeddings(b: int, d: int, dtype: torch.dtype, device: torch.device, *, seed
     return x.requires_grad_(requires_grad)
 
 
-def scalar_backward(out: torch.Tensor) -> None:
-    out.backward()
-
-
-def cotangent_backward(outputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor]) -> None:
-    torch.autograd.backward([o for o in outputs if o is not None],
-                            [c for o, c in zip(outputs, cotangents) if o is not None])
-
-
 def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
     q = torch.quantile(torch.tensor(times_ms, dtype=torch.float64),
                        torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
@@ -204,8 +201,12 @@ def _mode_steps(prep: Prepared, mode: str) -> tuple[Callable[[], Any], Callable[
         def no_grad_fwd(_):
             with torch.no_grad():
                 return prep.forward()
+        def fwd_bwd(_):   # returns the loss: the caller keeps it alive, as a loop does
+            out = prep.forward()
+            prep.backward(out)
+            return out
         run = {"step": lambda _: prep.forward(), "forward": no_grad_fwd,
-               "forward+backward": lambda _: prep.backward(prep.forward())}[mode]
+               "forward+backward": fwd_bwd}[mode]
         if mode == "forward+backward" and prep.backward is None:
             raise Skip(f"mode {mode!r}: the op has no gradient")
         return reset, run
@@ -428,11 +429,6 @@ def run_group(spec: OpSpec, providers: Sequence[str], size: Size, dtype: torch.d
             yield rec
     del preps
     free_device_memory(device)
-
-
-def _with_ctx(provider: str, run: Callable, state):
-    with _provider_ctx(provider):
-        return run(state)
 
 
 def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device: torch.device,

@@ -169,8 +169,8 @@ def build_summary(records: list[dict]) -> str:
              f"fastssl {env.get('fastssl_version')} at commit `{env.get('git_commit')}`, torch "
              f"{env.get('torch_version')}, triton {env.get('triton_version')}, "
              f"{env.get('num_threads')} threads, measured {env.get('timestamp')}"
-             + (f", transparent huge pages `{env['thp_enabled']}` (defrag `{env.get('thp_defrag')}`)"
-                if env.get("thp_enabled") else "") + ".", ""]
+             + (f", transparent huge pages `{env['thp_enabled']}` (defrag "
+                f"`{env.get('thp_defrag')}`)" if env.get("thp_enabled") else "") + ".", ""]
     if note := load_note(latest):
         lines += [f"Machine load: {note}", ""]
     lines += [
@@ -202,7 +202,7 @@ def build_summary(records: list[dict]) -> str:
     for r in latest:
         by_op[r["op"]].append(r)
     for op, recs in by_op.items():
-        lines += [f"## {op}", ""] + (_trainer_table(recs) if op == "train_step" else _op_table(recs))
+        lines += [f"## {op}", ""] + (_trainer_table if op == "train_step" else _op_table)(recs)
         if op != "train_step" and (note := same_code_note(recs)):
             lines += ["", note]
         problems = dict.fromkeys((r["provider"], r.get("status"), r.get("note", ""))
