@@ -365,12 +365,15 @@ def run_group(spec: OpSpec, providers: Sequence[str], size: Size, dtype: torch.d
                 wmode = "forward+backward" if "forward+backward" in modes and prep.backward \
                     else modes[0]
                 setup, run = _mode_steps(prep, wmode)
+                warm_s = 0.0
                 for i in range(cfg.warmup):
-                    t0 = time.perf_counter()
-                    mem = cpu_peak_growth(setup, run) if i == 0 and device.type == "cpu" \
-                        else run(setup()) and None
+                    t0, mem = time.perf_counter(), None
+                    if i == 0 and device.type == "cpu":
+                        mem = cpu_peak_growth(setup, run)
+                    else:
+                        run(setup())
                     warm_s = time.perf_counter() - t0
-                    warm[p] = (wmode, mem)
+                    warm.setdefault(p, (wmode, mem))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             # A call of seconds: fewer calls, its memory from the warm-up call (one-time
