@@ -155,7 +155,9 @@ def compare_rows(records: list[dict]) -> list[dict]:
             row["gflops"] = {p: flop / (r["p50_ms"] / 1e3) / 1e9 for p, r in provs.items()}
             row["ms_per_gflop"] = fast_rec["p50_ms"] / (flop / 1e9)
         rows.append(row)
-    rows.sort(key=lambda r: (r["op"], r["dtype"], _series(r), _ints(r["shape"]), r["mode"]))
+    rows.sort(key=lambda r: (r["op"], r["dtype"], str(sorted(
+        (k, v) for k, v in r["shape"].items() if not isinstance(v, int))),
+        [v for v in r["shape"].values() if isinstance(v, int)], r["mode"]))
     prev = {}
     for r in rows:   # time per GFLOP along each series: a jump across sizes is a defect
         key = (r["op"], r["dtype"], r["mode"], str({k: v for k, v in r["shape"].items()
@@ -165,14 +167,6 @@ def compare_rows(records: list[dict]) -> list[dict]:
         if r.get("ms_per_gflop"):
             prev[key] = (r["ms_per_gflop"], r["shape"].get("B"))
     return rows
-
-
-def _series(r: dict) -> str:
-    return str(sorted((k, v) for k, v in r["shape"].items() if not isinstance(v, int)))
-
-
-def _ints(shape: dict) -> list:
-    return [v for v in shape.values() if isinstance(v, int)]
 
 
 def _x(v):

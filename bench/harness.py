@@ -180,15 +180,10 @@ def embeddings(b: int, d: int, dtype: torch.dtype, device: torch.device, *, seed
     return x.requires_grad_(requires_grad)
 
 
-def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
-    q = torch.quantile(torch.tensor(times_ms, dtype=torch.float64),
-                       torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
-    return float(q[0]), float(q[1]), float(q[2])
-
-
 def percentile_summary(times_ms: list[float]) -> dict:
-    p20, p50, p80 = _quantiles(times_ms)
-    return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "reps": len(times_ms)}
+    q = torch.quantile(torch.tensor(times_ms, dtype=torch.float64),
+                       torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
+    return {"p20_ms": q[0], "p50_ms": q[1], "p80_ms": q[2], "reps": len(times_ms)}
 
 
 def _mode_steps(prep: Prepared, mode: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
