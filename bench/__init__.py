@@ -1,6 +1,2 @@
-"""fastssl benchmark suite: every op and loss of docs/api.md against its reference, and the
-training step.
-
-Run from the repository root:
-``python -m bench [--op NAME] [--device cpu|cuda] [--quick] [--out DIR]``.
-"""
+"""fastssl benchmark suite: every op and loss of docs/api.md against its reference and what
+users would otherwise run, and the training step. ``python -m bench --help``."""

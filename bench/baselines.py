@@ -1,23 +1,14 @@
-"""What users would otherwise run: "eager" losses and the peer libraries, for the benchmarks.
+"""What users would otherwise run, for the benchmarks: "eager" losses and the peer libraries.
 
-"eager" is the shortest correct PyTorch code for each loss, written here from its formula: the
-full similarity matrix and autograd, as lightly or the upstream repositories do (matmuls in the
-input dtype, softmax/log-sum-exp in float32, as autocast does). fastssl.reference stays in the
-benchmarks only as the correctness anchor; tests/bench/test_baselines.py checks every eager
-loss against it in value and gradient (float64).
-
-Peers (``peer:<library>``) are imported from the installed package: lightly's losses from its
-submodules (its ``lightly.loss`` init imports torchvision; `pip download --no-deps lightly`
-unpacked on PYTHONPATH is enough). Sinkhorn's peers, SwAV's ``distributed_sinkhorn`` and
-lightly's ``sinkhorn``, are written here from their published formula (exp of the scores at the
-input dtype, no max subtraction: they overflow at small epsilon and in float16).
-
-torchsort (``peer:torchsort``, soft_sort) builds its C++ extension against the installed torch
-(`pip wheel --no-deps --no-build-isolation` of its sdist, with nvcc off PATH for a CPU torch).
-It projects onto the permutahedron (isotonic regression, O(n log n) per row) and returns values
-only, no permutation matrix, so only speed is compared, against fastssl's values path
-(return_permutation=False), at torchsort's default regularization_strength (1.0, l2). Optional:
-absent, its cases are recorded as skipped with the import error.
+"eager" is the best plain PyTorch a user would write, from the loss's formula: the full
+similarity matrix and autograd, masks in place, one cross-entropy or log-sum-exp, no copies
+(matmuls in the input dtype, softmax in float32 as autocast does); tests/bench/test_baselines.py
+checks each against fastssl.reference (float64, value and gradient). Peers (``peer:<library>``)
+come from the installed package: lightly's losses from its submodules (its package init imports
+torchvision); SwAV's and lightly's Sinkhorn are written here from their published formula (exp
+at the input dtype, no max subtraction: they overflow at small epsilon and in float16);
+torchsort (soft_sort, values only, regularization_strength 1.0, l2: a different relaxation, so
+time is compared, not the loss), recorded as skipped when its extension does not import.
 """
 from __future__ import annotations
 
@@ -36,43 +27,48 @@ def _f32(x):
     return x.float() if x.element_size() < 4 else x
 
 
-# ----------------------------------------------------------------------------------------------
-# contrastive
-
 
 def eager_nt_xent(z1, z2, temperature=0.1):
-    """SimCLR: cross-entropy of each of the 2B rows of Z Z^T / T (self masked) against its
-    other view."""
+    """SimCLR as a careful user writes it: the 2B x 2B logits, the diagonal masked in place,
+    one cross-entropy (no eye mask, no masked copy of the logits)."""
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = (z @ z.T) / temperature
-    logits = logits.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    logits = _f32((z @ z.T).div_(temperature))
+    logits.fill_diagonal_(float("-inf"))
     ar = torch.arange(b, device=z.device)
-    return F.cross_entropy(_f32(logits), torch.cat([ar + b, ar]))
+    return F.cross_entropy(logits, torch.cat([ar + b, ar]))
 
 
 def eager_info_nce(q, k, temperature=0.1, symmetric=False):
     """MoCo-v3 / CLIP InfoNCE over the B x B logits (both directions when symmetric)."""
-    logits = _f32(F.normalize(q, dim=1) @ F.normalize(k, dim=1).T) / temperature
+    logits = _f32(F.normalize(q, dim=1) @ F.normalize(k, dim=1).T).div_(temperature)
     labels = torch.arange(q.shape[0], device=q.device)
     loss = F.cross_entropy(logits, labels)
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
-    return loss
+    return 0.5 * (loss + F.cross_entropy(logits.T, labels)) if symmetric else loss
 
 
-def eager_dcl(z1, z2, temperature=0.1):
-    """Decoupled contrastive loss: -pos + log-sum-exp over the 2B - 2 negatives, every row of
-    Z Z^T / T (self and positive masked in the denominator), mean over the 2B rows."""
+def eager_dcl(z1, z2, temperature=0.1, weights=None):
+    """Decoupled contrastive loss: -w pos + log-sum-exp over the 2B - 2 negatives of each row
+    of Z Z^T / T, self and positive masked in place; mean over the 2B rows."""
     b = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = _f32((z @ z.T) / temperature)
+    logits = _f32((z @ z.T).div_(temperature))
     ar = torch.arange(2 * b, device=z.device)
     pos_col = (ar + b) % (2 * b)
-    pos = logits[ar, pos_col]
-    mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
-    mask[ar, pos_col] = True
-    return (torch.logsumexp(logits.masked_fill(mask, float("-inf")), dim=1) - pos).mean()
+    pos = logits[ar, pos_col]          # a copy: the masking below leaves it intact
+    logits.fill_diagonal_(float("-inf"))
+    logits[ar, pos_col] = float("-inf")
+    if weights is not None:
+        pos = pos * weights.repeat(2)
+    return (torch.logsumexp(logits, dim=1) - pos).mean()
+
+
+def eager_dclw(z1, z2, temperature=0.1, sigma=0.5):
+    """DCLW: DCL with the von Mises-Fisher positive weights 2 - B softmax(<z1_i, z2_i> / sigma)."""
+    with torch.no_grad():
+        sim = (F.normalize(_f32(z1), dim=1) * F.normalize(_f32(z2), dim=1)).sum(1) / sigma
+        w = 2 - sim.shape[0] * torch.softmax(sim, dim=0)
+    return eager_dcl(z1, z2, temperature, w)
 
 
 def eager_sogclr(z1, z2, index, u, gamma=0.9, temperature=0.1):
@@ -83,12 +79,11 @@ def eager_sogclr(z1, z2, index, u, gamma=0.9, temperature=0.1):
     sim = _f32(z @ z.T)
     ar = torch.arange(2 * b, device=z.device)
     pos_col = (ar + b) % (2 * b)
-    neg_mask = torch.ones_like(sim, dtype=torch.bool)
-    neg_mask[ar, ar] = False
-    neg_mask[ar, pos_col] = False
     num_neg = 2 * (b - 1)
     with torch.no_grad():
-        neg_exp = torch.exp(sim / temperature) * neg_mask
+        neg_exp = torch.exp(sim / temperature)
+        neg_exp.fill_diagonal_(0)                   # self and positive masked in place
+        neg_exp[ar, pos_col] = 0
         u_old = u[index].to(sim.dtype)
         g = 1.0 if bool(u_old.sum() == 0) else gamma
         u_new = (1 - g) * u_old.repeat(2) + g * neg_exp.sum(1) / num_neg
@@ -110,9 +105,6 @@ def eager_sce(q, k, queue, coeff=0.5, temperature=0.1, temperature_m=0.07):
     target[:, 0] += coeff
     return -(target * torch.log_softmax(logits_q, dim=1)).sum(1).mean()
 
-
-# ----------------------------------------------------------------------------------------------
-# sphere
 
 
 def _gegenbauer_psi(t, weights, dim):
@@ -143,8 +135,8 @@ def eager_sfrik(z1, z2, weights=(1.0, 40.0, 40.0), sim_coeff=4000.0, mmd_coeff=1
 def _uniformity(e, scale):
     # log mean_{i != j} exp(-2 s (1 - <e_i, e_j>)), from the off-diagonal Gram entries.
     n = e.shape[0]
-    logits = 2 * scale * (_f32(e @ e.T) - 1)
-    logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=e.device), float("-inf"))
+    logits = _f32(e @ e.T).sub_(1).mul_(2 * scale)
+    logits.fill_diagonal_(float("-inf"))
     return torch.logsumexp(logits.flatten(), 0) - math.log(n * (n - 1))
 
 
@@ -153,9 +145,6 @@ def eager_auh(z1, z2, sim_coeff=3000.0, unif_coeff=1.0, scale=2.5):
     unif = (_uniformity(x, scale) + _uniformity(y, scale)) / 2
     return sim_coeff * F.mse_loss(_f32(x), _f32(y)) + unif_coeff * unif
 
-
-# ----------------------------------------------------------------------------------------------
-# swav
 
 
 @torch.no_grad()
@@ -201,14 +190,11 @@ def eager_swav(scores, n_assign_crops=2, temperature=0.1, epsilon=0.05, sinkhorn
     return loss / n_assign_crops
 
 
-EAGER = {"nt_xent": eager_nt_xent, "info_nce": eager_info_nce, "dcl": eager_dcl,
+EAGER = {"nt_xent": eager_nt_xent, "info_nce": eager_info_nce, "dcl": eager_dcl, "dclw": eager_dclw,
          "sogclr": eager_sogclr, "sce": eager_sce, "sfrik": eager_sfrik,
          "sfrik_mmd": eager_sfrik_mmd, "auh": eager_auh, "sinkhorn": swav_sinkhorn,
          "swav": eager_swav}
 
-
-# ----------------------------------------------------------------------------------------------
-# peers
 
 
 class PeerMissing(ImportError):
@@ -245,51 +231,34 @@ def _lightly_module(name: str):
 
 def peer(op: str, name: str):
     """The peer's callable with fastssl's argument order, or raise PeerMissing."""
-    if name == "lightly":
-        if op == "nt_xent":
-            loss = _lightly_module("ntx_ent_loss").NTXentLoss(temperature=0.1)
-            return lambda z1, z2: loss(z1, z2)
-        if op == "dcl":
-            loss = _lightly_module("dcl_loss").DCLLoss(temperature=0.1)
-            return lambda z1, z2: loss(z1, z2)
-        if op == "swav":
-            loss = _lightly_module("swav_loss").SwaVLoss()
-
-            def lightly_swav(scores, n_assign_crops=2):
-                return loss(list(scores[:n_assign_crops]), list(scores[n_assign_crops:]))
-            return lightly_swav
-        if op == "sinkhorn":
-            try:
-                fn = _lightly_module("swav_loss").sinkhorn
-            except PeerMissing:
-                return lightly_sinkhorn   # its formula, written here (same operations)
-            return lambda s, epsilon=0.05: fn(s, iterations=3, epsilon=epsilon)
+    if name == "lightly" and op in ("nt_xent", "dcl", "dclw"):
+        mod = _lightly_module("ntx_ent_loss" if op == "nt_xent" else "dcl_loss")
+        return {"nt_xent": lambda: mod.NTXentLoss(temperature=0.1),
+                "dcl": lambda: mod.DCLLoss(temperature=0.1),
+                "dclw": lambda: mod.DCLWLoss(temperature=0.1, sigma=0.5)}[op]()
+    if name == "lightly" and op == "swav":
+        loss = _lightly_module("swav_loss").SwaVLoss()
+        return lambda scores, n_assign_crops=2: loss(list(scores[:n_assign_crops]),
+                                                     list(scores[n_assign_crops:]))
+    if name == "lightly" and op == "sinkhorn":
+        try:
+            fn = _lightly_module("swav_loss").sinkhorn
+        except PeerMissing:
+            return lightly_sinkhorn   # its formula, written here (same operations)
+        return lambda s, epsilon=0.05: fn(s, iterations=3, epsilon=epsilon)
     if name == "torchsort" and op == "soft_sort":
         try:
             import torchsort
         except Exception as e:  # noqa: BLE001 - an extension built for another torch fails here
             raise PeerMissing(f"torchsort is not importable ({type(e).__name__}: {e})") from None
-
-        def torchsort_soft_sort(x):
-            return torchsort.soft_sort(
-                x, regularization="l2", regularization_strength=TORCHSORT_STRENGTH
-            )
-
-        return torchsort_soft_sort
+        # torchsort's default strength: a different parameter of a different relaxation
+        return lambda x: torchsort.soft_sort(x, regularization="l2", regularization_strength=1.0)
     raise PeerMissing(f"no {name} peer for {op}")
 
 
-# torchsort's own default: its strength and fastssl's steepness are different parameters of
-# different relaxations (see the module docstring), so neither is tuned to match the other.
-TORCHSORT_STRENGTH = 1.0
-
-
-# The peers measured per op (a provider "peer:<name>"); ops without a peer package installable
-# here: info_nce (lightly's NTXentLoss is NT-Xent, not the two-tensor InfoNCE), sogclr, sce,
-# sfrik, auh (their upstream code is not a package; the eager loss is that code's formula),
-# groco (its upstream loss is fastssl.reference; diffsort is the peer of the sorting network).
-# soft_sort's peers: diffsort (the provider "diffsort", same relaxation, values and P) and
-# torchsort (values only, measured against fastssl's values path: bench/sortnet.py).
-PEERS = {"nt_xent": ("lightly",), "dcl": ("lightly",), "swav": ("lightly",),
-         "sinkhorn": ("lightly",), "soft_sort": ("diffsort", "torchsort")}
-# Sinkhorn's "eager" is SwAV's distributed_sinkhorn (swav_sinkhorn): the upstream code users copy.
+# The peers per op ("peer:<name>"); none installable here for info_nce (lightly's NTXentLoss is
+# not the two-tensor InfoNCE), sogclr, sce, sfrik, auh (upstream is not a package: eager is its
+# formula) and groco (upstream is fastssl.reference). soft_sort: diffsort (values and P) and
+# torchsort (values only). Sinkhorn's "eager" is SwAV's distributed_sinkhorn, what users copy.
+PEERS = {"nt_xent": ("lightly",), "dcl": ("lightly",), "dclw": ("lightly",),
+         "swav": ("lightly",), "sinkhorn": ("lightly",), "soft_sort": ("diffsort", "torchsort")}

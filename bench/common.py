@@ -1,7 +1,6 @@
-"""What the benchmark modules share, importing nothing heavy (no torch): paths, the GPU run's
-parts and budget, number formats, JSON files, one markdown table writer, one capped subprocess
-runner, the measured commit and the provider vocabulary. Every entry point imports it; it
-imports no other module of the package, so the package has no import circle."""
+"""What the benchmark modules share, importing nothing heavy (no torch) and no other module of
+the package (so the package has no import circle): paths, the GPU run's parts and budget,
+provider vocabulary, formats, JSON files, one markdown table writer, one capped subprocess."""
 from __future__ import annotations
 
 import json
@@ -18,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PKG = __package__ or "bench"                 # "bench" in a checkout, "fastssl.bench" installed
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent                           # the checkout (the bench folder's parent)
-RESULTS_ROOT = HERE / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_ROOT = REPO / "bench" / "results"
 README = REPO / "README.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -46,37 +44,31 @@ class Part:
 
 
 # Caps (s) from the costs measured or estimated for an H100 with 16 cores (README, "Running the
-# GPU suite"): build = the slower of the two side-by-side builds; the benchmarks at their case
-# counts; torch.compile out (--with-compile adds COMPILE_EXTRA_S to three caps).
-PARTS = (
-    Part("build", 75, 60, "fastssl._C: CPU-only and CUDA builds side by side (sm of this GPU), "
-                          "CUDA preferred"),
-    Part("cuda_tests", 90, 60, "pytest tests/ops tests/losses: CUDA cases, every GPU backend vs "
-                               "reference"),
-    Part("roofline", 10, 60, "8192^3 bf16 matmul (device peak) and a device-to-device copy"),
-    Part("bench_contrastive", 30, 60, "nt_xent, symmetric info_nce 2x32768 D=128 bf16 fwd+bwd"),
-    Part("max_n", 20, 60, f"largest nt_xent N in {MAX_N_BUDGET_GIB:.0f} GiB: fastssl and eager"),
-    Part("bench_sce_sphere", 20, 60, "sce B=1024 K=65536; sfrik_mmd B=2048 D=8192"),
-    Part("bench_sortnet", 25, 60, "soft_sort B=1024 n=16/32/1024 (vs diffsort); groco B=4096"),
-    Part("bench_swav", 20, 60, "sinkhorn B=4096 K=3000; swav loss 2+6 crops"),
-    Part("dino", 15, 60, "python -m bench.dino: dino K=65536 B=256 2+10 crops, K=262144 B=64 "
-                         "2+6, koleo N=8192 (fp32, bf16; eager, lightly)"),
-    Part("trainer", 40, 60, "ResNet-50 B=256 bf16 channels-last step, 8 methods, a few timed "
-                            "steps each"),
-    Part("backend_choice", 25, 60, "python -m bench.backend_choice: cuda vs triton, what `auto` "
-                                   "prefers"),
-    Part("checkpoint", 10, 60, "fastssl ResNet-50 state dict loads into torchvision resnet50"),
-)
+# GPU suite"); torch.compile out (--with-compile adds COMPILE_EXTRA_S to three caps).
+PARTS = tuple(Part(n, c, 60, w) for n, c, w in (
+    ("build", 75, "fastssl._C: CPU-only and CUDA builds side by side (sm of this GPU), CUDA "
+                  "preferred"),
+    ("cuda_tests", 90, "pytest tests/ops tests/losses: CUDA cases, every GPU backend vs reference"),
+    ("roofline", 10, "8192^3 bf16 matmul (device peak) and a device-to-device copy"),
+    ("bench_contrastive", 30, "nt_xent, symmetric info_nce 2x32768 D=128 bf16 fwd+bwd"),
+    ("max_n", 20, f"largest nt_xent N in {MAX_N_BUDGET_GIB:.0f} GiB: fastssl and eager"),
+    ("bench_sce_sphere", 20, "sce B=1024 K=65536; sfrik_mmd B=2048 D=8192"),
+    ("bench_sortnet", 25, "soft_sort B=1024 n=16/32/1024 (vs diffsort); groco B=4096"),
+    ("bench_swav", 20, "sinkhorn B=4096 K=3000; swav loss 2+6 crops"),
+    ("dino", 15, "python -m bench.dino: dino K=65536 B=256 2+10 crops, K=262144 B=64 2+6, koleo "
+                 "N=8192 (fp32, bf16; eager, lightly)"),
+    ("trainer", 40, "ResNet-50 B=256 bf16 channels-last step, 8 methods, a few timed steps each"),
+    ("backend_choice", 25, "python -m bench.backend_choice: cuda vs triton, what `auto` prefers"),
+    ("checkpoint", 10, "fastssl ResNet-50 state dict loads into torchvision resnet50")))
 PART_NAMES = tuple(p.name for p in PARTS)
 COMPILE_EXTRA_S = {"bench_contrastive": 60, "bench_sce_sphere": 60, "bench_swav": 45}
 
-# Providers. Every op is offered fastssl (automatic, then each backend forced) and the reference
-# (the correctness anchor); its spec adds what users would otherwise run: eager PyTorch and the
-# peers (bench/baselines.py, diffsort). BASELINES and PROVIDER_ORDER: the reports' column order.
-FASTSSL_PROVIDERS = ("fastssl", "fastssl:torch", "fastssl:cpp", "fastssl:triton", "fastssl:cuda")
-STANDARD_PROVIDERS = FASTSSL_PROVIDERS + ("reference", "reference:compile")
+# Providers: fastssl (automatic, then each backend forced), the reference (the correctness
+# anchor), and what users would otherwise run (eager PyTorch, the peers). BASELINES and
+# PROVIDER_ORDER: the reports' column order.
+STANDARD_PROVIDERS = ("fastssl", "fastssl:torch", "fastssl:cpp", "fastssl:triton", "fastssl:cuda",
+                      "reference", "reference:compile")
 EAGER_PROVIDERS = ("eager", "eager:compile")
-PEER_PREFIX, PEER_NAMES = "peer:", ("diffsort",)
 BASELINES = ("eager", "eager:compile", "peer:lightly", "peer:torchsort", "diffsort", "reference",
              "reference:compile")
 PROVIDER_ORDER = ("fastssl", "fastssl:cuda", "fastssl:triton", "fastssl:cpp", "fastssl:torch",
@@ -84,7 +76,7 @@ PROVIDER_ORDER = ("fastssl", "fastssl:cuda", "fastssl:triton", "fastssl:cpp", "f
 
 
 def is_peer(provider: str) -> bool:
-    return provider.startswith(PEER_PREFIX) or provider in PEER_NAMES
+    return provider.startswith("peer:") or provider == "diffsort"
 
 
 def is_baseline(provider: str) -> bool:
@@ -95,10 +87,6 @@ def provider_order(p: str):
     if p in PROVIDER_ORDER:
         return (PROVIDER_ORDER.index(p), p)
     return (len(PROVIDER_ORDER) - 2 if is_peer(p) else len(PROVIDER_ORDER), p)
-
-
-# ----------------------------------------------------------------------------------------------
-# formats
 
 
 def fmt_ms(ms: float | None) -> str:
@@ -137,18 +125,12 @@ def progress(rec: dict, file=sys.stderr) -> None:
             f"{rec.get('dtype') or '-':<9} {rec.get('mode') or '-':<17}")
     if rec.get("status") == "ok":
         line += f" {fmt_ms(rec.get('p50_ms')):>10}  mem {fmt_mb(rec.get('peak_mem_mb')):>10}"
-        if rec.get("tflops"):
-            line += f"  {rec['tflops']:.1f} TFLOP/s"
-        if rec.get("images_per_s"):
-            line += f"  {rec['images_per_s']:.0f} img/s"
+        line += f"  {rec['tflops']:.1f} TFLOP/s" if rec.get("tflops") else ""
+        line += f"  {rec['images_per_s']:.0f} img/s" if rec.get("images_per_s") else ""
     else:
         line += f" [{rec.get('status')}] " + textwrap.shorten(str(rec.get("note", "")), 100,
                                                              placeholder=" ...")
     print(line, file=file, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# files
 
 
 def load_json(path: Path) -> dict | None:
@@ -159,6 +141,7 @@ def load_json(path: Path) -> dict | None:
 
 
 def load_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a line cut off by a killed writer is skipped."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError:
@@ -167,7 +150,7 @@ def load_jsonl(path: Path) -> list[dict]:
     for line in lines:
         try:
             out.append(json.loads(line))
-        except ValueError:   # empty, or a line cut off by a killed writer
+        except ValueError:
             continue
     return out
 
@@ -195,9 +178,8 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str:
-    """The commit measured: $FASTSSL_GIT_COMMIT, else .whl/git_commit.txt (written by
-    `python -m bench.preflight --prepare`: .git does not travel to the GPU machine), else
-    git_head()."""
+    """The commit measured: $FASTSSL_GIT_COMMIT, else .whl/git_commit.txt (.git does not travel
+    to the GPU machine), else git_head()."""
     value = os.environ.get(COMMIT_ENV, "").strip()
     if value:
         return value
@@ -209,20 +191,16 @@ def git_commit() -> str:
 
 def git_head() -> str:
     """HEAD, with "+dirty" when tracked files under fastssl/, csrc/, kernels/ or bench/ (not
-    bench/results/, what runs wrote) differ from it."""
+    bench/results/) differ from it."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, timeout=10,
-                              capture_output=True, text=True).stdout.strip()
+        git = dict(cwd=REPO, timeout=10, capture_output=True, text=True)
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], **git).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
                                 "fastssl", "csrc", "kernels", "bench", ":(exclude)bench/results"],
-                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+                               **git).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + ("+dirty" if dirty else "")) if head else "unknown"
-
-
-# ----------------------------------------------------------------------------------------------
-# subprocesses and time caps
 
 
 class Log:
@@ -238,12 +216,8 @@ class Log:
         self.f.flush()
 
 
-def deadline() -> float:
-    return float(os.environ.get(DEADLINE_ENV, "inf"))
-
-
 def time_left() -> float:
-    return deadline() - time.time()
+    return float(os.environ.get(DEADLINE_ENV, "inf")) - time.time()
 
 
 def kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
@@ -264,9 +238,8 @@ RUNNING: list[subprocess.Popen] = []   # in progress: a parent stopped by a sign
 
 
 def run_capped(cmd: list[str], log, cap_s: float, *, cwd=REPO, env=None) -> tuple[object, float]:
-    """Run cmd in its own process group (so a kill reaches the compilers or workers it
-    started), its output to the open file log; kill the group at cap_s. Returns (exit code or
-    "timeout", seconds)."""
+    """Run cmd in its own process group (a kill reaches what it started), output to the open
+    file log, killed at cap_s. Returns (exit code or "timeout", seconds)."""
     log.write(f"$ {' '.join(map(str, cmd))}\n")
     log.flush()
     t0 = time.monotonic()
@@ -288,8 +261,7 @@ def run_capped(cmd: list[str], log, cap_s: float, *, cwd=REPO, env=None) -> tupl
 
 
 def stop_running(signum, frame):
-    """Signal handler: a parent killed from outside (the device call's limit) must not leave
-    the group it started running."""
+    """Signal handler: a parent killed from outside must not leave its group running."""
     for proc in list(RUNNING):
         kill_group(proc, grace_s=1.0)
     raise SystemExit(128 + signum)
@@ -310,10 +282,6 @@ def tests_summary(out: Path) -> dict:
             "collect_errors": sum(r["outcome"] == "error" and r.get("when") == "collect"
                                   for r in recs),
             "skip_reasons": sorted(reasons.items(), key=lambda kv: -kv[1])}
-
-
-# ----------------------------------------------------------------------------------------------
-# records
 
 
 def case_key(r: dict) -> tuple:

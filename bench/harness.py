@@ -1,20 +1,19 @@
 """Timing and memory measurement shared by every benchmark module.
 
-An op spec (`OpSpec`) gives one docs/api.md op's sizes per device, its providers and how to
-build inputs and the callable for one provider. Providers: ``fastssl`` (backend "auto"),
-``fastssl:<backend>`` (forced), ``reference`` (fastssl.reference), ``reference:compile`` (GPU),
-and the baselines of bench/baselines.py (``eager``, ``peer:<library>``, ``diffsort``). Modes:
-``forward`` (under no_grad), ``backward`` (from an untimed forward), ``forward+backward``; the
-trainer uses ``step``.
+An op spec (`OpSpec`) gives an op's sizes per device, its providers, and how to build one
+provider's inputs and callable. Providers: ``fastssl`` (backend "auto"), ``fastssl:<backend>``
+(forced), ``reference``, ``reference:compile`` (GPU) and the baselines of bench/baselines.py.
+Modes: ``forward`` (no_grad), ``backward`` (from an untimed forward), ``forward+backward``; the
+trainer's ``step``.
 
-Timing: warm-up calls first (they pay torch.compile and Triton JIT). CUDA: triton.testing.do_bench
-(synchronised, L2 flushed) for forward and forward+backward, CUDA events around each backward.
-CPU: time.perf_counter over repeated calls until a minimum count and time. Quantiles p20/p50/p80.
-
-Peak memory is the peak above what was allocated just before the call. CUDA:
-max_memory_allocated after reset_peak_memory_stats. CPU: the growth of VmHWM, the kernel's
-high-water mark, reset to the current RSS through /proc/self/clear_refs after gc.collect() and
-malloc_trim(0) (ru_maxrss never decreases); it counts every allocation, the C++ extension's too.
+Every provider of one (op, shape, dtype) is measured in one process, interleaved (call k of
+every provider before call k+1 of any), so that no ratio comes from the order of measurement
+or a change of load. As in a training loop, the previous call's output and gradients stay
+alive while the next call runs. Quantiles p20/p50/p80 of per-call times (CPU perf_counter; CUDA
+events, synchronised, L2 flushed). Peak memory is the growth above what was allocated before
+the call: CUDA max_memory_allocated; CPU the kernel's high-water mark VmHWM, reset to the
+current RSS through /proc/self/clear_refs after gc and malloc_trim (it counts the C++
+extension's allocations too).
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ from . import baselines
 from .common import EAGER_PROVIDERS, STANDARD_PROVIDERS
 
 MODES = ("forward", "backward", "forward+backward")
-
+FULL = ("forward+backward",)
 
 
 class Skip(Exception):
@@ -44,8 +43,7 @@ class Skip(Exception):
 
 @dataclass
 class Size:
-    """One shape to measure. `modes`/`providers` restrict what is run at this shape (e.g. the
-    largest sizes only forward+backward, a max-batch probe only for fastssl)."""
+    """One shape; `modes`/`providers` restrict what runs at it (the largest sizes)."""
     shape: dict
     modes: tuple[str, ...] | None = None
     providers: tuple[str, ...] | None = None
@@ -53,13 +51,8 @@ class Size:
 
 @dataclass
 class Prepared:
-    """What a provider needs to run one case.
-
-    forward() runs the op and returns its output; backward(output) runs the backward from it
-    (None when the op has no gradient); leaves are the tensors whose .grad is reset between
-    calls; extras(record, config) may add fields to each measured record (the trainer's
-    images/s)."""
-
+    """forward() runs the op; backward(output) its backward (None: no gradient); leaves get
+    their .grad reset between calls; extras(record, config) adds fields (trainer's images/s)."""
     forward: Callable[[], Any]
     backward: Callable[[Any], Any] | None = None
     leaves: Sequence[torch.Tensor] = ()
@@ -75,8 +68,7 @@ class OpSpec:
     sizes: Callable[[str, bool], list[Size]]   # (device type, quick) -> sizes
     providers: tuple[str, ...] = STANDARD_PROVIDERS
     dtypes: Callable[[str, bool], tuple[torch.dtype, ...]] = lambda dev, quick: (
-        (torch.float32,) if dev == "cpu" or quick else (torch.bfloat16, torch.float32)
-    )
+        (torch.float32,) if dev == "cpu" or quick else (torch.bfloat16, torch.float32))
     modes: tuple[str, ...] = MODES
     x_key: str = "B"          # the shape entry plotted on the x axis (the batch size)
     x_label: str = "batch size B (per view)"
@@ -96,15 +88,13 @@ class BenchConfig:
     long_call_reps: int = 2     # ...gets this many timed calls
 
     @classmethod
-    def for_run(cls, quick: bool) -> "BenchConfig":
+    def for_run(cls, quick: bool, reps: int | None = None) -> "BenchConfig":
         if quick:
-            return cls(quick=True, warmup=1, min_reps=1, max_reps=2, min_time_s=0.0,
-                       max_time_s=0.5, cuda_warmup_ms=5, cuda_rep_ms=20)
-        return cls()
-
-
-# ----------------------------------------------------------------------------------------------
-# providers
+            return cls(quick=True, min_reps=1, max_reps=2, min_time_s=0.0, max_time_s=0.5,
+                       cuda_warmup_ms=5, cuda_rep_ms=20)
+        # --reps N: at least N interleaved calls per provider, long calls included
+        return cls() if reps is None else cls(min_reps=reps, max_reps=max(reps, 20),
+                                              long_call_reps=reps)
 
 
 def static_skip(provider: str, device_type: str) -> str | None:
@@ -123,9 +113,8 @@ def static_skip(provider: str, device_type: str) -> str | None:
 
 @contextlib.contextmanager
 def backend_forced(name: str) -> Iterator[None]:
-    """Force fastssl's backend for everything run inside, the backward included: the public
-    functions choose the backend once and their ops' backward uses that choice on whatever
-    thread the autograd engine runs it (docs/design.md), so the context alone is enough."""
+    """Force fastssl's backend, the backward included: the public functions choose it once and
+    their backward keeps that choice on any thread (docs/design.md)."""
     with fastssl.use_backend(name):
         yield
 
@@ -134,9 +123,17 @@ def provider_backend(provider: str) -> str | None:
     """The fastssl backend a provider forces ("auto" for fastssl), None for the others."""
     if provider == "fastssl":
         return "auto"
-    if provider.startswith("fastssl:"):
-        return provider.split(":", 1)[1]
-    return None
+    return provider.split(":", 1)[1] if provider.startswith("fastssl:") else None
+
+
+def _provider_ctx(provider: str):
+    backend = provider_backend(provider)
+    return backend_forced(backend) if backend is not None else contextlib.nullcontext()
+
+
+def _with_ctx(provider: str, run: Callable, state):
+    with _provider_ctx(provider):
+        return run(state)
 
 
 def baseline_providers(op: str) -> tuple[str, ...]:
@@ -147,42 +144,32 @@ def baseline_providers(op: str) -> tuple[str, ...]:
 
 def resolve_op(provider: str, op: str | None, fastssl_fn: Callable, reference_fn: Callable,
                device: torch.device | None = None) -> Callable:
-    """The callable computing an op for a provider: fastssl's (run_case forces the backend),
-    the reference, or (unless op is None: a spec with baselines of its own) the baselines users
-    would otherwise run: ``eager`` (bench/baselines.py), ``eager:compile`` (torch.compile of it,
-    GPU only) and ``peer:<library>``."""
-    if op is None:
-        pass
-    elif provider in EAGER_PROVIDERS:
+    """The callable of a provider: fastssl's (the backend is forced around the case), the
+    reference, or (op not None) eager, eager:compile (GPU) and peer:<library>."""
+    if op is not None and provider in EAGER_PROVIDERS:
         if op not in baselines.EAGER:
             raise Skip(f"no eager baseline for {op}")
-        fn = baselines.EAGER[op]
         if provider == "eager":
-            return fn
+            return baselines.EAGER[op]
         if device.type != "cuda":
             raise Skip("torch.compile of the eager loss is measured on GPU only")
         torch._dynamo.reset()
-        return torch.compile(fn, dynamic=False)
-    elif provider.startswith("peer:"):
+        return torch.compile(baselines.EAGER[op], dynamic=False)
+    if op is not None and provider.startswith("peer:"):
         try:
             return baselines.peer(op, provider.split(":", 1)[1])
         except baselines.PeerMissing as e:
             raise Skip(str(e)) from None
-    if provider_backend(provider) is not None:   # the backend is forced around the case
+    if provider_backend(provider) is not None:
         return fastssl_fn
     if provider == "reference":
         return reference_fn
     if provider == "reference:compile":
-        # Static shapes: each benchmark shape is compiled once during the warm-up calls. The
-        # dynamo cache is reset first: every case recompiles the same reference function, and
-        # past the recompile limit dynamo would silently run it eagerly.
+        # Static shapes, compiled in the warm-up; the dynamo cache reset first: past the
+        # recompile limit dynamo would silently run the function eagerly.
         torch._dynamo.reset()
         return torch.compile(reference_fn, dynamic=False)
     raise Skip(f"provider {provider!r} does not apply to this op")
-
-
-# ----------------------------------------------------------------------------------------------
-# inputs
 
 
 def embeddings(b: int, d: int, dtype: torch.dtype, device: torch.device, *, seed: int,
@@ -193,76 +180,48 @@ def embeddings(b: int, d: int, dtype: torch.dtype, device: torch.device, *, seed
     return x.requires_grad_(requires_grad)
 
 
-def scalar_backward(out: torch.Tensor) -> None:
-    out.backward()
-
-
-def cotangent_backward(outputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor]) -> None:
-    torch.autograd.backward([o for o in outputs if o is not None],
-                            [c for o, c in zip(outputs, cotangents) if o is not None])
-
-
-# ----------------------------------------------------------------------------------------------
-# timing
-
-
-def _reset_grads(leaves: Sequence[torch.Tensor]) -> None:
-    for t in leaves:
-        t.grad = None
-
-
-def _quantiles(times_ms: list[float]) -> tuple[float, float, float]:
-    t = torch.tensor(times_ms, dtype=torch.float64)
-    q = torch.quantile(t, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
-    return float(q[0]), float(q[1]), float(q[2])
+def percentile_summary(times_ms: list[float]) -> dict:
+    q = torch.quantile(torch.tensor(times_ms, dtype=torch.float64),
+                       torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
+    return {"p20_ms": q[0], "p50_ms": q[1], "p80_ms": q[2], "reps": len(times_ms)}
 
 
 def _mode_steps(prep: Prepared, mode: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
-    """(setup, run) for a mode: setup is untimed and returns the state run needs."""
-    leaves = prep.leaves
-    if mode == "step":
-        def setup():
-            _reset_grads(leaves)
-        return setup, lambda _: prep.forward()
-    if mode == "forward":
-        # The loss evaluated, not trained on: no autograd graph (for every provider alike). In
-        # training only forward+backward compares: fastssl's same-pass ops make the gradient
-        # during a recorded forward (bench/compare.py, MODES_NOTE).
-        def setup_fwd():
-            _reset_grads(leaves)
-
-        def run_fwd(_):
+    """(setup, run) for a mode: setup is untimed, resets the leaves' grads and returns the
+    state run needs (the backward mode's recorded forward)."""
+    def reset():
+        for t in prep.leaves:
+            t.grad = None
+    if mode in ("step", "forward", "forward+backward"):
+        def no_grad_fwd(_):
             with torch.no_grad():
                 return prep.forward()
-        return setup_fwd, run_fwd
-    if prep.backward is None:
-        raise Skip(f"mode {mode!r}: the op has no gradient")
+        def fwd_bwd(_):   # returns the loss: the caller keeps it alive, as a loop does
+            out = prep.forward()
+            prep.backward(out)
+            return out
+        run = {"step": lambda _: prep.forward(), "forward": no_grad_fwd,
+               "forward+backward": fwd_bwd}[mode]
+        if mode == "forward+backward" and prep.backward is None:
+            raise Skip(f"mode {mode!r}: the op has no gradient")
+        return reset, run
     if mode == "backward":
-        def setup_bwd():
-            _reset_grads(leaves)
-            return prep.forward()
-        return setup_bwd, lambda out: prep.backward(out)
-    if mode == "forward+backward":
-        def setup_full():
-            _reset_grads(leaves)
-        return setup_full, lambda _: prep.backward(prep.forward())
+        if prep.backward is None:
+            raise Skip(f"mode {mode!r}: the op has no gradient")
+        return lambda: (reset(), prep.forward())[1], lambda out: prep.backward(out)
     raise ValueError(f"unknown mode {mode!r}")
 
 
 def time_cpu(setup: Callable, run: Callable, cfg: BenchConfig) -> list[float]:
     times: list[float] = []
     started = time.perf_counter()
-    while True:
+    while len(times) < cfg.max_reps:
         state = setup()
         t0 = time.perf_counter()
         run(state)
         times.append((time.perf_counter() - t0) * 1e3)
-        del state
-        n = len(times)
-        if n >= cfg.max_reps:
-            break
-        if n >= cfg.min_reps and (sum(times) >= cfg.min_time_s * 1e3
-                                  or time.perf_counter() - started >= cfg.max_time_s):
+        if len(times) >= cfg.min_reps and (sum(times) >= cfg.min_time_s * 1e3
+                                           or time.perf_counter() - started >= cfg.max_time_s):
             break
     return times
 
@@ -270,89 +229,34 @@ def time_cpu(setup: Callable, run: Callable, cfg: BenchConfig) -> list[float]:
 _L2_FLUSH: torch.Tensor | None = None
 
 
-def _flush_l2() -> None:
+def _cuda_call(run: Callable, state) -> tuple[Any, float]:
     global _L2_FLUSH
     if _L2_FLUSH is None:
         _L2_FLUSH = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
     _L2_FLUSH.zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = run(state)
+    end.record()
+    torch.cuda.synchronize()
+    return out, start.elapsed_time(end)
 
 
 def time_cuda_events(setup: Callable, run: Callable, cfg: BenchConfig) -> list[float]:
-    """Per-call CUDA-event timing (used where an untimed setup must precede each call)."""
-    pairs = []
-    budget_ms = cfg.cuda_rep_ms
-    spent = 0.0
-    while True:
-        state = setup()
-        _flush_l2()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run(state)
-        end.record()
-        torch.cuda.synchronize()
-        pairs.append(start.elapsed_time(end))
-        spent += pairs[-1]
-        del state
-        if len(pairs) >= max(cfg.min_reps, 5) and (spent >= budget_ms or len(pairs) >= 1000):
-            break
-    return pairs
+    """Per-call CUDA-event timing, L2 flushed before each call."""
+    times: list[float] = []
+    while not (len(times) >= max(cfg.min_reps, 5)
+               and (sum(times) >= cfg.cuda_rep_ms or len(times) >= 1000)):
+        times.append(_cuda_call(run, setup())[1])
+    return times
 
 
-def time_cuda(prep: Prepared, mode: str, setup: Callable, run: Callable, cfg: BenchConfig
-              ) -> tuple[tuple[float, float, float], int]:
-    if mode != "backward":
-        try:
-            import triton.testing
-        except Exception:  # no triton: CUDA events do the same job
-            triton = None
-        if triton is not None:
-            q = triton.testing.do_bench(
-                lambda: run(None),
-                warmup=cfg.cuda_warmup_ms,
-                rep=cfg.cuda_rep_ms,
-                grad_to_none=list(prep.leaves) or None,
-                quantiles=[0.2, 0.5, 0.8],
-            )
-            # do_bench estimates its call count from the rep budget and a first timing.
-            est = q[1] if q[1] > 0 else 1.0
-            return (float(q[0]), float(q[1]), float(q[2])), max(1, int(cfg.cuda_rep_ms / est))
-    times = time_cuda_events(setup, run, cfg)
-    return _quantiles(times), len(times)
-
-
-# ----------------------------------------------------------------------------------------------
-# memory
-
-
-def _proc_status_kb(key: str) -> int | None:
+def _status_kb(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+            return next((int(line.split()[1]) for line in f if line.startswith(key + ":")), None)
     except OSError:
         return None
-    return None
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:  # not glibc: nothing to trim
-        pass
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-CPU_MEM_METHOD = "rss-hwm-growth"
-CUDA_MEM_METHOD = "max_memory_allocated-growth"
 
 
 def cpu_peak_growth(setup: Callable, run: Callable) -> int | None:
@@ -360,16 +264,18 @@ def cpu_peak_growth(setup: Callable, run: Callable) -> int | None:
     mark cannot be reset (not Linux)."""
     state = setup()
     gc.collect()
-    _malloc_trim()
-    if not _reset_hwm():
+    with contextlib.suppress(Exception):   # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
         return None
-    rss0 = _proc_status_kb("VmRSS")
+    rss0 = _status_kb("VmRSS")
     out = run(state)
-    hwm = _proc_status_kb("VmHWM")
+    hwm = _status_kb("VmHWM")
     del out, state
-    if rss0 is None or hwm is None:
-        return None
-    return max(0, hwm - rss0) * 1024
+    return None if rss0 is None or hwm is None else max(0, hwm - rss0) * 1024
 
 
 def cuda_peak_growth(setup: Callable, run: Callable) -> int:
@@ -385,23 +291,15 @@ def cuda_peak_growth(setup: Callable, run: Callable) -> int:
     return max(0, int(peak))
 
 
-# ----------------------------------------------------------------------------------------------
-# one case
-
-
 def classify_failure(exc: BaseException) -> str:
     if isinstance(exc, Skip):
         return "skipped"
     if isinstance(exc, NotImplementedError):
         return "not_implemented"
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t)
+    oom = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                            getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t)
     msg = str(exc)
-    if (
-        isinstance(exc, oom_types)
-        or "out of memory" in msg.lower()
-        or "can't allocate memory" in msg
-    ):
+    if isinstance(exc, oom) or "out of memory" in msg.lower() or "can't allocate memory" in msg:
         return "oom"
     if "has no implementation of this op" in msg or "cannot serve" in msg:
         return "unsupported"
@@ -419,84 +317,119 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device: torch.device,
-             cfg: BenchConfig) -> Iterator[dict]:
-    """Measure one (op, provider, shape, dtype) in every applicable mode; yields one partial
-    record per mode (op, provider, mode, status, note, timing and memory fields)."""
-    modes = size.modes or spec.modes
-    base = {"op": spec.name, "family": spec.family, "provider": provider, "shape": dict(size.shape),
+def _interleaved(steps: dict, device: torch.device, cfg: BenchConfig, leaves: dict) -> dict:
+    """Per-call times (ms) of every provider's (setup, run), call k of each before call k+1 of
+    any; the previous call's output and gradients stay alive while the next one runs."""
+    times = {p: [] for p in steps}
+    alive: dict = {}
+    started = time.perf_counter()
+    while True:
+        for p, (setup, run) in steps.items():
+            grads = [t.grad for t in leaves[p]]   # kept, as a loop keeps them until zero_grad
+            state = setup()
+            if device.type == "cuda":
+                out, ms = _cuda_call(run, state)
+            else:
+                t0 = time.perf_counter()
+                out = run(state)
+                ms = (time.perf_counter() - t0) * 1e3
+            alive[p] = (out, state, grads)
+            times[p].append(ms)
+        n = len(next(iter(times.values())))
+        budget_s = cfg.cuda_rep_ms / 1e3 if device.type == "cuda" else cfg.min_time_s
+        if n >= cfg.max_reps * (50 if device.type == "cuda" else 1) or n >= cfg.min_reps and (
+                min(sum(t) for t in times.values()) >= budget_s * 1e3
+                or time.perf_counter() - started >= cfg.max_time_s):
+            return times
+
+
+def run_group(spec: OpSpec, providers: Sequence[str], size: Size, dtype: torch.dtype,
+              device: torch.device, cfg: BenchConfig) -> Iterator[dict]:
+    """Measure one (op, shape, dtype) for every provider, interleaved, in every mode; yields
+    one partial record per (provider, mode)."""
+    base = {"op": spec.name, "family": spec.family, "shape": dict(size.shape),
             "x": size.shape.get(spec.x_key), "x_key": spec.x_key,
             "dtype": str(dtype).replace("torch.", ""), "device": device.type}
-
-    def failed(mode_list, exc):
-        for m in mode_list:
-            yield {**base, "mode": m, "status": classify_failure(exc), "note": failure_note(exc)}
-
-    backend = provider_backend(provider)
-    ctx = backend_forced(backend) if backend is not None else contextlib.nullcontext()
-    with ctx:
+    preps, warm, long_call = {}, {}, False
+    for p in providers:
         try:
-            prep = spec.build(provider, size.shape, dtype, device)
-            modes = prep.modes or modes
-            # Warm-up on the heaviest mode: JIT, torch.compile, lazily built tables, thread pools.
-            warm_mode = (
-                "forward+backward" if "forward+backward" in modes and prep.backward else modes[0]
-            )
-            setup, run = _mode_steps(prep, warm_mode)
-            warm_mem, warm_s = None, 0.0
-            for i in range(cfg.warmup):
-                t0 = time.perf_counter()
-                if i == 0 and device.type == "cpu":
-                    warm_mem = cpu_peak_growth(setup, run)
-                else:
-                    run(setup())
-                warm_s = time.perf_counter() - t0
+            with _provider_ctx(p):
+                prep = spec.build(p, size.shape, dtype, device)
+                modes = prep.modes or size.modes or spec.modes
+                # Warm-up on the heaviest mode: JIT, compile, lazily built tables, thread pools.
+                wmode = "forward+backward" if "forward+backward" in modes and prep.backward \
+                    else modes[0]
+                setup, run = _mode_steps(prep, wmode)
+                warm_s = 0.0
+                for i in range(cfg.warmup):
+                    t0, mem = time.perf_counter(), None
+                    if i == 0 and device.type == "cpu":
+                        mem = cpu_peak_growth(setup, run)
+                    else:
+                        run(setup())
+                    warm_s = time.perf_counter() - t0
+                    warm.setdefault(p, (wmode, mem))
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            # A call of several seconds (the big CPU reference cases) is measured with fewer
-            # repetitions, and its memory is taken from the warm-up call (one-time allocations
-            # are negligible next to the gigabytes such a call allocates).
-            long_call = device.type == "cpu" and warm_s > cfg.long_call_s
-            timing_cfg = (
-                replace(cfg, min_reps=cfg.long_call_reps, max_reps=cfg.long_call_reps)
-                if long_call
-                else cfg
-            )
+            # A call of seconds: fewer calls, its memory from the warm-up call (one-time
+            # allocations are negligible next to the gigabytes such a call allocates).
+            long_call |= device.type == "cpu" and warm_s > cfg.long_call_s
+            preps[p] = (prep, modes)
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
-            prep = None
-            yield from failed(modes, exc)
+            for m in size.modes or spec.modes:
+                yield {**base, "provider": p, "mode": m, "status": classify_failure(exc),
+                       "note": failure_note(exc)}
             free_device_memory(device)
-            return
-
-        for mode in modes:
-            rec = {**base, "mode": mode}
+    tcfg = replace(cfg, min_reps=cfg.long_call_reps, max_reps=cfg.long_call_reps) \
+        if long_call else cfg
+    for mode in dict.fromkeys(m for _, modes in preps.values() for m in modes):
+        steps, recs = {}, {}
+        for p, (prep, modes) in preps.items():
+            if mode not in modes:
+                continue
+            rec = recs[p] = {**base, "provider": p, "mode": mode}
             try:
                 setup, run = _mode_steps(prep, mode)
-                if device.type == "cuda":
-                    mem = cuda_peak_growth(setup, run)
-                    (p20, p50, p80), reps = time_cuda(prep, mode, setup, run, cfg)
-                    mem_method = CUDA_MEM_METHOD
-                else:
-                    if long_call and mode == warm_mode and warm_mem is not None:
-                        mem = warm_mem
+                with _provider_ctx(p):
+                    if device.type == "cuda":
+                        mem, rec["mem_method"] = cuda_peak_growth(setup, run), "max_memory_" \
+                            "allocated-growth"
                     else:
-                        mem = cpu_peak_growth(setup, run)
-                    times = time_cpu(setup, run, timing_cfg)
-                    (p20, p50, p80), reps = _quantiles(times), len(times)
-                    mem_method = CPU_MEM_METHOD if mem is not None else None
-                rec.update(status="ok", note="", p20_ms=p20, p50_ms=p50, p80_ms=p80, reps=reps,
-                           peak_mem_mb=None if mem is None else mem / 2**20, mem_method=mem_method)
-                if prep.extras is not None:
-                    rec.update(prep.extras(rec, cfg))
+                        wmode, mem = warm.get(p, (None, None))
+                        if not (long_call and mode == wmode and mem is not None):
+                            mem = cpu_peak_growth(setup, run)
+                        rec["mem_method"] = "rss-hwm-growth" if mem is not None else None
+                rec["peak_mem_mb"] = None if mem is None else mem / 2**20
+                steps[p] = (setup, lambda s, run=run, p=p: _with_ctx(p, run, s))
             except Exception as exc:  # noqa: BLE001
                 rec.update(status=classify_failure(exc), note=failure_note(exc))
                 free_device_memory(device)
+        try:
+            times = _interleaved(steps, device, tcfg, {p: preps[p][0].leaves for p in steps})
+        except Exception as exc:  # noqa: BLE001 - one provider failed: each is timed alone
+            times = {}
+            for p, st in steps.items():
+                try:
+                    times[p] = _interleaved({p: st}, device, tcfg, {p: preps[p][0].leaves})[p]
+                except Exception as exc1:  # noqa: BLE001
+                    recs[p].update(status=classify_failure(exc1), note=failure_note(exc1))
+                    free_device_memory(device)
+            del exc
+        for p, rec in recs.items():
+            if p in times:
+                rec.update(status="ok", note="", **percentile_summary(times[p]))
+                if preps[p][0].extras is not None:
+                    try:
+                        rec.update(preps[p][0].extras(rec, cfg))
+                    except Exception as exc:  # noqa: BLE001
+                        rec.update(status=classify_failure(exc), note=failure_note(exc))
             rec["loadavg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             yield rec
-    del prep
+    del preps
     free_device_memory(device)
 
 
-def percentile_summary(times_ms: list[float]) -> dict:
-    p20, p50, p80 = _quantiles(times_ms)
-    return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "reps": len(times_ms)}
+def run_case(spec: OpSpec, provider: str, size: Size, dtype: torch.dtype, device: torch.device,
+             cfg: BenchConfig) -> Iterator[dict]:
+    """run_group for one provider."""
+    return run_group(spec, (provider,), size, dtype, device, cfg)

@@ -1,13 +1,8 @@
-"""The results file: one JSON object per line, one line per (op, provider, mode, shape, dtype).
-
-Fields: op, family, provider, mode, shape (dict), x (the batch size plotted), x_key, dtype,
-device ("cpu"/"cuda"), device_name, status ("ok", "skipped", "not_implemented", "unsupported",
-"oom", "error"), note (why, when not ok), p20_ms / p50_ms / p80_ms, reps, peak_mem_mb
-(peak above the memory allocated before the call; see bench/harness.py), mem_method,
-loadavg_1m (1-minute load average when measured: a loaded machine shows here), and the run's
-environment: fastssl_version, git_commit, torch_version, triton_version, num_threads, timestamp.
-The trainer's records add images_per_s, loss_ms and loss_share.
-"""
+"""The results file: one JSON object per line per (op, provider, mode, shape, dtype): op, family,
+provider, mode, shape, x, x_key, dtype, device, status ("ok", "skipped", "not_implemented",
+"unsupported", "oom", "error"), note, p20_ms/p50_ms/p80_ms, reps, peak_mem_mb, mem_method,
+loadavg_1m, and the run's environment (environment()); the trainer adds images_per_s, loss_ms
+and loss_share. Older records lack the newer environment fields; readers use .get()."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -19,53 +14,60 @@ import torch
 
 import fastssl
 
-from .common import cpu_model_name, git_commit, slug
+from .common import cpu_model_name, git_commit, load_jsonl, slug
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_model_name()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
 
 
 def device_dir_name(device: torch.device) -> str:
-    """Directory name for a device's results: cpu-<cpu model> or the GPU's name."""
-    if device.type == "cuda":
-        return slug(device_name(device))
-    return "cpu-" + slug(cpu_model_name())
+    """cpu-<cpu model> or the GPU's name."""
+    return slug(device_name(device)) if device.type == "cuda" else "cpu-" + slug(cpu_model_name())
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
 
 
 def environment(device: torch.device) -> dict:
+    """The run's versions and machine state: the THP setting the figures were taken under and
+    the C++ contrastive block sizes (where the extension reports them) included."""
     try:
         import triton
         triton_version = triton.__version__
-    except Exception:
+    except Exception:  # noqa: BLE001 - no triton: recorded as None
         triton_version = None
-    return {
-        "device_name": device_name(device),
-        "fastssl_version": fastssl.__version__,
-        "git_commit": git_commit(),
-        "torch_version": torch.__version__,
-        "triton_version": triton_version,
-        "num_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    try:
+        from fastssl.backends.ext import contrastive as ext
+        blocks = getattr(ext, "block_config", None)
+        blocks = blocks() if blocks is not None else None
+    except Exception:  # noqa: BLE001 - no extension here: nothing to record
+        blocks = None
+    thp = "/sys/kernel/mm/transparent_hugepage/"
+    return {"device_name": device_name(device), "fastssl_version": fastssl.__version__,
+            "git_commit": git_commit(), "torch_version": torch.__version__,
+            "triton_version": triton_version, "num_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "thp_enabled": _read(thp + "enabled"),
+            "thp_defrag": _read(thp + "defrag"), "cpp_block_config": blocks,
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 class ResultWriter:
-    """Appends records (with the run's environment merged in) to a JSON-lines file, flushing
-    each line so that a crash loses nothing already measured."""
+    """Appends records (the run's environment merged in), flushing each line: a crash loses
+    nothing already measured."""
 
     def __init__(self, path: Path, env: dict, *, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.env = env
-        self._f = open(self.path, "a" if append else "w")
+        self.env, self._f = env, open(self.path, "a" if append else "w")
 
     def write(self, record: dict) -> dict:
         full = {**record, **{k: v for k, v in self.env.items() if k not in record}}
-        self._f.write(json.dumps(full, sort_keys=False) + "\n")
+        self._f.write(json.dumps(full, default=str) + "\n")
         self._f.flush()
         return full
 
@@ -79,6 +81,4 @@ class ResultWriter:
         self.close()
 
 
-def load(path: Path | str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+load = load_jsonl

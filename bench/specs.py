@@ -12,19 +12,16 @@ def all_specs():
 
 
 def select_specs(names: list[str] | None):
-    """Specs named by --op: an op name selects that op; a family or module name (contrastive,
-    sphere, sortnet, swav/sinkhorn, trainer) selects its ops unless it is also an op name
-    (``sinkhorn`` is the op, ``swav`` the family)."""
+    """--op: an op name selects the op; a family or module name its ops, unless it is also an
+    op name (``sinkhorn`` is the op, ``swav`` the family)."""
     module_of = {s.name: m for m, mod in FAMILY_MODULES.items() for s in mod.SPECS}
     specs = all_specs()
-    if not names:
+    wanted = {n.strip() for arg in names or () for n in arg.split(",") if n.strip()}
+    if not wanted:
         return specs
-    wanted = {n.strip() for arg in names for n in arg.split(",") if n.strip()}
-    op_names = {s.name for s in specs}
-    known = op_names | {s.family for s in specs} | set(FAMILY_MODULES)
-    unknown = sorted(wanted - known)
-    if unknown:
+    known = {s.name for s in specs} | {s.family for s in specs} | set(FAMILY_MODULES)
+    if unknown := sorted(wanted - known):
         raise SystemExit(f"--op: unknown op or family {unknown}; known: {sorted(known)}")
-    groups = wanted - op_names
+    groups = wanted - {s.name for s in specs}
     return [s for s in specs if s.name in wanted or s.family in groups
             or module_of[s.name] in groups]

@@ -58,3 +58,72 @@ def test_torchsort_note_appears_with_its_records():
     md = compare.compare_markdown(recs)
     assert "## Notes" in md and "permutahedron" in md and "no permutation matrix" in md
     assert "permutahedron" not in compare.compare_markdown(recs[:1])
+
+
+def test_providers_are_interleaved_and_keep_outputs_alive():
+    """Issue 25: call k of every provider before call k+1 of any, and the previous call's
+    output alive (as a training loop keeps it) while the next one runs."""
+    import weakref
+
+    import torch
+
+    from bench import harness
+
+    order, alive_at_call = [], []
+    last = {}
+
+    def build(provider, shape, dtype, device):
+        x = torch.ones(3, requires_grad=True)
+
+        def forward():
+            order.append(provider)
+            alive_at_call.append(provider in last and last[provider]() is not None)
+            out = (x * 2).sum()
+            last[provider] = weakref.ref(out)
+            return out
+        return harness.Prepared(forward=forward, backward=torch.Tensor.backward, leaves=(x,))
+
+    spec = harness.OpSpec("toy", "toy", build, lambda d, q: [], modes=("forward+backward",))
+    cfg = harness.BenchConfig(warmup=1, min_reps=4, max_reps=4, min_time_s=0.0)
+    recs = list(harness.run_group(spec, ("fastssl", "eager"), harness.Size({"B": 1}), torch.float32,
+                                  torch.device("cpu"), cfg))
+    assert [r["status"] for r in recs] == ["ok", "ok"] and all(r["reps"] == 4 for r in recs)
+    timed = order[-8:]
+    assert timed == ["fastssl", "eager"] * 4, order
+    assert all(alive_at_call[-6:]), alive_at_call
+
+
+def test_time_per_gflop_jump_is_flagged():
+    recs = [_rec("nt_xent", p, ms, 1.0, B=b) for b, f, e in ((1024, 10.0, 20.0),
+                                                              (2048, 40.0, 80.0),
+                                                              (4096, 400.0, 320.0))
+            for p, ms in (("fastssl", f), ("eager", e))]
+    rows = {r["shape"]["B"]: r for r in compare.compare_rows(recs)}
+    assert "jump" not in rows[2048] and rows[4096]["jump"][1] == 2048
+    assert abs(rows[4096]["jump"][0] - 2.5) < 1e-9
+    md = compare.compare_markdown(recs)
+    assert "JUMP x2.5 from B=2048" in md and "ms/GFLOP" in md
+
+
+def test_largest_plan_keeps_each_series_largest_size():
+    from bench import __main__ as bench_main
+    from bench import contrastive, sphere
+
+    nt = next(s for s in contrastive.SPECS if s.name == "nt_xent")
+    cases, _ = bench_main.plan_cases(nt, "cpu", False, ["fastssl,eager"], None, None, True)
+    got = {(p, s.shape["B"], m) for p, s, _, modes in cases for m in modes}
+    assert ("fastssl", 8192, "forward+backward") in got and ("eager", 1024, "forward") in got
+    assert not any(b in (2048, 4096) for _, b, _ in got)
+    auh = next(s for s in sphere.SPECS if s.name == "auh")
+    cases, _ = bench_main.plan_cases(auh, "cpu", False, ["fastssl"], None, ["forward"], True)
+    assert [(s.shape, modes) for _, s, _, modes in cases] == [({"B": 512, "D": 1024},
+                                                                ("forward",))]
+
+
+def test_environment_records_thp_and_block_config():
+    import torch
+
+    from bench import results
+
+    env = results.environment(torch.device("cpu"))
+    assert {"thp_enabled", "thp_defrag", "cpp_block_config", "cpu_count"} <= set(env)
