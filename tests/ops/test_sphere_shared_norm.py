@@ -74,23 +74,27 @@ def test_shared_normalisation_keeps_values_and_gradients(name, dtype):
     torch.testing.assert_close(g2, w2)
 
 
-def _op(kind, x, y, rx, ry):
+def _op(kind, x, y, rx, ry, backend="torch"):
     if kind == "series":
-        return ops.series_sum(x, y, weights=W, backend="torch", x_inv_norm=rx, y_inv_norm=ry)
+        return ops.series_sum(x, y, weights=W, backend=backend, x_inv_norm=rx, y_inv_norm=ry)
     return ops.gauss_lse(x, y, scale=2.0, diag_offset=1 if y is not None else 0,
-                         backend="torch", x_inv_norm=rx, y_inv_norm=ry)
+                         backend=backend, x_inv_norm=rx, y_inv_norm=ry)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kind", ["series", "gauss"])
 @pytest.mark.parametrize("with_y", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-def test_ops_with_given_inverse_norms_match_the_ops_without(kind, with_y, grad):
-    x = _rand(9, 5, seed=5).requires_grad_(grad)
-    y = _rand(7, 5, seed=6).requires_grad_(grad) if with_y else None
+def test_ops_with_given_inverse_norms_match_the_ops_without(kind, with_y, grad, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")  # CPU tensors run through the interpreter (conftest)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    x = _rand(9, 5, seed=5, dtype=dtype).requires_grad_(grad)
+    y = _rand(7, 5, seed=6, dtype=dtype).requires_grad_(grad) if with_y else None
     rx, ry = ops.inv_norms(x), (ops.inv_norms(y) if with_y else None)
     with torch.set_grad_enabled(grad):
-        got = _op(kind, x, y, rx, ry)
-        want = _op(kind, x, y, None, None)
+        got = _op(kind, x, y, rx, ry, backend)
+        want = _op(kind, x, y, None, None, backend)
     torch.testing.assert_close(got, want)
     if grad:
         leaves = (x,) if y is None else (x, y)
