@@ -6,9 +6,9 @@ gather_distributed with W > 1 ranks: the local rows x (B) meet the gathered rows
 ``reduce_loss``, so the value is the single-process value on the global batch on every rank
 and each rank's gradient / W is the single-process gradient of its rows (docs/api.md).
 
-SFRIK and AUH normalise each view once: the mse term's normalised rows come from the inverse
-norms (ops.inv_norms) that the pair ops then take as they are (x_inv_norm), instead of each
-term normalising the raw rows again (issue 25: the forward at B = 512, D = 1024 was 0.89x of
+SFRIK and AUH normalise each view once: the mse term's rows are divided by the norms
+(ops.norms) whose reciprocals the pair ops then take as they are (x_inv_norm), instead of
+each term normalising the raw rows again (issue 25: the forward at B = 512, D = 1024 was 0.89x of
 eager with the rows normalised twice per view).
 """
 from __future__ import annotations
@@ -39,14 +39,14 @@ def _mmd_share(z: torch.Tensor, weights, world: int, name: str, backend: str,
                           backend=backend, x_inv_norm=r) / (n * n)
 
 
-def _mse_share(z1: torch.Tensor, z2: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor,
+def _mse_share(z1: torch.Tensor, z2: torch.Tensor, n1: torch.Tensor, n2: torch.Tensor,
                world: int) -> torch.Tensor:
-    """This rank's share of the global mse(x, y) over N*D elements, x, y the rows normalised
-    with their inverse norms r1, r2 (ops.inv_norms: differentiable, so autograd carries the
-    mse's gradient through the normalisation)."""
-    # x - y in two passes (no separate x, y); d * d, not pow(2) (2x slower on CPU) nor a BLAS
-    # dot (its float32 sum is 20x less accurate than torch's, amplified by sim_coeff)
-    d = torch.addcmul(z1.to(r1.dtype) * r1[:, None], z2.to(r2.dtype), r2[:, None], value=-1)
+    """This rank's share of the global mse(x, y) over N*D elements, x, y the rows divided by
+    their norms n1, n2 (ops.norms: differentiable, so autograd carries the mse's gradient
+    through the normalisation; a division, whose gradient stays exact at |z| ~ 1e20)."""
+    d = z1.to(n1.dtype) / n1[:, None] - z2.to(n2.dtype) / n2[:, None]
+    # d * d, not pow(2) (2x slower on CPU) nor a BLAS dot (its float32 sum is 20x less
+    # accurate than torch's, amplified by sim_coeff)
     return (d * d).sum() / (z1.numel() * world)
 
 
@@ -102,10 +102,11 @@ def sfrik(z1, z2, *, weights=(1.0, 40.0, 40.0), sim_coeff=4000.0, mmd_coeff=1.0,
     weights, sim_coeff, mmd_coeff = check_sfrik(z1, z2, weights, sim_coeff, mmd_coeff,
                                                 gather_distributed)
     world = _world(gather_distributed)
-    r1, r2 = ops.inv_norms(z1), ops.inv_norms(z2)  # once per view, shared by both terms
+    n1, n2 = ops.norms(z1), ops.norms(z2)  # once per view, shared by both terms
+    r1, r2 = n1.detach().reciprocal(), n2.detach().reciprocal()  # the ops' inverse norms
     mmd = (_mmd_share(z1, weights, world, "z1", backend, r1)
            + _mmd_share(z2, weights, world, "z2", backend, r2)) / 2
-    share = sim_coeff * _mse_share(z1, z2, r1, r2, world) + mmd_coeff * mmd
+    share = sim_coeff * _mse_share(z1, z2, n1, n2, world) + mmd_coeff * mmd
     return dist_utils.reduce_loss(share) if world > 1 else share
 
 
@@ -153,8 +154,9 @@ def auh(z1, z2, *, sim_coeff=3000.0, unif_coeff=1.0, scale=2.5, gather_distribut
     sim_coeff, unif_coeff, scale = check_auh(z1, z2, sim_coeff, unif_coeff, scale,
                                              gather_distributed)
     world = _world(gather_distributed)
-    r1, r2 = ops.inv_norms(z1), ops.inv_norms(z2)  # once per view, shared by both terms
+    n1, n2 = ops.norms(z1), ops.norms(z2)  # once per view, shared by both terms
+    r1, r2 = n1.detach().reciprocal(), n2.detach().reciprocal()  # the ops' inverse norms
     unif = (_uniformity_share(z1, scale, world, "z1", backend, r1)
             + _uniformity_share(z2, scale, world, "z2", backend, r2)) / 2
-    share = sim_coeff * _mse_share(z1, z2, r1, r2, world) + unif_coeff * unif
+    share = sim_coeff * _mse_share(z1, z2, n1, n2, world) + unif_coeff * unif
     return dist_utils.reduce_loss(share) if world > 1 else share

@@ -30,7 +30,7 @@ import torch
 from fastssl._backend import check_backend_name, choose
 from fastssl._validation import accumulation_dtype
 from fastssl.backends import LazyBackend
-from fastssl.backends.torch.sphere import TorchSphere, _inv_norm, _project
+from fastssl.backends.torch.sphere import TorchSphere, _inv_norm, _norm, _project
 from fastssl.ops._entry import entry
 
 
@@ -287,6 +287,15 @@ def _wants_same_pass(backend: str, x: torch.Tensor, y: torch.Tensor | None) -> b
 
 # ---------------------------------------------------------------------------------------------
 # public entry points
+
+def norms(z: torch.Tensor) -> torch.Tensor:
+    """The L2 norms of the rows of z, (B,) in the accumulation dtype, clamped at 1e-12 as the
+    ops clamp them (overflow-safe); differentiable. Their reciprocals (detached) are the
+    ops' inverse norms, equal to :func:`inv_norms` bit for bit; dividing by them, not
+    multiplying by the reciprocals, keeps the gradient's radial part in float32 at |z| ~ 1e20
+    (d(1/n) = -dn / n^2 would underflow there)."""
+    return _norm(z)
+
 
 def inv_norms(z: torch.Tensor) -> torch.Tensor:
     """The inverse L2 norms of the rows of z, (B,) in the accumulation dtype, as the ops

@@ -21,10 +21,14 @@ _TORCH_BLOCK_ELEMENTS = 1 << 22
 # ---------------------------------------------------------------------------------------------
 # shared pieces
 
-def _inv_norm(z: torch.Tensor) -> torch.Tensor:
+def _norm(z: torch.Tensor) -> torch.Tensor:
     acc = accumulation_dtype(z)
     # scaled before squaring (row_norms): no overflow at |z| ~ 1e20 in float32
-    return row_norms(z, acc).squeeze(1).clamp_min(_NORM_EPS).reciprocal()
+    return row_norms(z, acc).squeeze(1).clamp_min(_NORM_EPS)
+
+
+def _inv_norm(z: torch.Tensor) -> torch.Tensor:
+    return _norm(z).reciprocal()
 
 
 def _rows_hat(z: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
