@@ -126,6 +126,18 @@ inline double exp_inplace_sum(double* buf, int64_t K) {
 // only gives them to a range marked MADV_HUGEPAGE when THP is in its usual "madvise" mode.
 // The mark is advice on memory this op just allocated (what torch's THP_MEM_ALLOC_ENABLE does
 // for every large allocation); only whole 2 MiB pages inside the buffer are marked.
+// Kept only where an A/B showed it helps in a training loop's mode (issue 25: outputs kept
+// alive, last 2 per provider, and dropped; advice on/off interleaved in one process, median
+// of 17, one thread, THP enabled=madvise defrag=madvise, a loaded 2-core machine): Sinkhorn
+// codes (sinkhorn_cached_cpu), kept outputs, advice on / off: B = 4096, K = 3000: float32
+// 361 / 477 ms, bfloat16 276 / 362, float16 448 / 509; B = 1024, K = 16384: 435 / 506,
+// 850 / 842, 779 / 1017 (dropped outputs: 1.2-1.8x faster with advice in all six). Each call took
+// ~22 huge-page faults and no compaction stall (/proc/vmstat compact_stall unchanged; 1069
+// free order-10 blocks): with memory too fragmented for a free 2 MiB page, defrag=madvise
+// compacts synchronously on these faults (the 64-69 ms mode the issue saw). Not used for the
+// SwAV cross-entropy gradient (no gain measured in the loss's forward+backward, B = 1024 x 2
+// crops and 512 x 8 crops, K = 3000: on/off within the noise, only 0.3-3.6 huge-page faults a
+// step, so its buffers mostly reuse mapped memory) nor the distributed row pass (not measured).
 void advise_huge_pages(const torch::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
@@ -317,7 +329,6 @@ torch::Tensor sinkhorn_rowpass_cpu(const torch::Tensor& s, double eps, const tor
               "sinkhorn_rowpass_cpu: a must be a contiguous CPU vector of K=", K, " ",
               s.scalar_type(), ", got ", a.sizes(), " ", a.scalar_type());
   auto out = write_codes ? torch::empty({B, K}, s.options()) : torch::empty({K}, s.options());
-  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "sinkhorn_rowpass_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     rowpass_impl<scalar_t>(s.data_ptr<scalar_t>(), B, K, static_cast<scalar_t>(eps),
@@ -339,7 +350,6 @@ std::vector<torch::Tensor> swav_cross_entropy_cpu(const torch::Tensor& s, const 
   const int64_t B = s.size(0), K = s.size(1);
   auto loss = torch::empty({}, s.options());
   auto grad = compute_grad ? torch::empty({B, K}, s.options()) : torch::empty({0}, s.options());
-  advise_huge_pages(grad);
   if (s.scalar_type() == torch::kFloat32) {
     loss.fill_(swav_ce_float(s.data_ptr<float>(), q.data_ptr<float>(), B, K,
                              static_cast<float>(temperature),

@@ -338,12 +338,12 @@ def pair_backward(a: torch.Tensor, b: torch.Tensor, ra: torch.Tensor, rb: torch.
 
 # ---- the triton entry of the table: normalisation scales, then the pair kernels above ----
 
-def _kernel_rows(z):
+def _kernel_rows(z, r=None):
     """(inverse norm, inverse norm of the scaled row, scale): the kernels scale each row by a
     power of two that brings its largest magnitude into [0.5, 1) as they load it (exact), so
     their float32 dot products cannot overflow at |z| ~ 1e20; r / s is the scaled row's
     inverse norm (s a power of two: exact)."""
-    r = _inv_norm(z)
+    r = _inv_norm(z) if r is None else r  # the caller's, where it normalised the rows already
     m = torch.linalg.vector_norm(z.detach(), ord=float("inf"), dim=1, dtype=r.dtype)
     ok = torch.isfinite(m) & (m > 0)
     s = torch.where(ok, torch.ldexp(torch.ones_like(m), -torch.frexp(m).exponent),
@@ -351,9 +351,9 @@ def _kernel_rows(z):
     return r, r / s, s
 
 
-def _triton_series_forward(x, y, weights, dim):
-    _, rx, sx = _kernel_rows(x)
-    ry, sy = (None, None) if y is None else _kernel_rows(y)[1:]
+def _triton_series_forward(x, y, weights, dim, rx=None, ry=None):
+    _, rx, sx = _kernel_rows(x, rx)
+    ry, sy = (None, None) if y is None else _kernel_rows(y, ry)[1:]
     coef = _coef_tensor(weights, dim, rx.dtype, x.device)
     rows, _ = pair_forward(x, y, rx, ry, kind=0, coef=coef, num_w=len(weights), sx=sx, sy=sy)
     return rows.sum()
@@ -372,9 +372,9 @@ def _triton_series_grad_hat(a, b, weights, dim):
     return out, ra
 
 
-def _triton_gauss_forward(x, y, scale, diag_offset):
-    _, rx, sx = _kernel_rows(x)
-    ry, sy = (None, None) if y is None else _kernel_rows(y)[1:]
+def _triton_gauss_forward(x, y, scale, diag_offset, rx=None, ry=None):
+    _, rx, sx = _kernel_rows(x, rx)
+    ry, sy = (None, None) if y is None else _kernel_rows(y, ry)[1:]
     sums, maxima = pair_forward(x, y, rx, ry, kind=1, coef=None, num_w=1,
                                 diag_offset=0 if y is None else diag_offset,
                                 two_scale=2.0 * scale, sx=sx, sy=sy)

@@ -66,10 +66,12 @@ class ContrastiveKernels(Protocol):
 
 class SphereKernels(Protocol):
     """Pair sums over the Gram of L2-normalised rows (fastssl/ops/sphere.py). y or b None: the
-    symmetric sum over the rows of x (a) with themselves."""
+    symmetric sum over the rows of x (a) with themselves. rx, ry: the rows' inverse norms where
+    the caller has them (the loss's mse term normalised the rows already), None: computed."""
 
     def series_forward(self, x: Tensor, y: Optional[Tensor], weights: Sequence[float],
-                       dim: int) -> Tensor:
+                       dim: int, rx: Optional[Tensor] = None,
+                       ry: Optional[Tensor] = None) -> Tensor:
         """sum_ij psi(<x̂_i, ŷ_j>), psi the Gegenbauer series of `weights` in dimension dim."""
 
     def series_grad_hat(self, a: Tensor, b: Optional[Tensor], weights: Sequence[float],
@@ -77,7 +79,8 @@ class SphereKernels(Protocol):
         """(gradient in the normalised rows, inverse norms): the backward's first part."""
 
     def gauss_forward(self, x: Tensor, y: Optional[Tensor], scale: float,
-                      diag_offset: int) -> Tensor:
+                      diag_offset: int, rx: Optional[Tensor] = None,
+                      ry: Optional[Tensor] = None) -> Tensor:
         """log sum_(i != j) exp(2 scale (<x̂_i, ŷ_j> - 1)) (the diagonal at diag_offset)."""
 
     def gauss_grad_hat(self, a: Tensor, b: Optional[Tensor], scale: float, diag_offset: int,
@@ -85,11 +88,13 @@ class SphereKernels(Protocol):
         """(gradient in the normalised rows, inverse norms) of gauss_forward."""
 
     def series_forward_grad(self, x: Tensor, y: Optional[Tensor], weights: Sequence[float],
-                            dim: int) -> tuple[Tensor, Tensor, Tensor]:
+                            dim: int, rx: Optional[Tensor] = None,
+                            ry: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Same pass: (total, dx, dy)."""
 
     def gauss_forward_grad(self, x: Tensor, y: Optional[Tensor], scale: float,
-                           diag_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+                           diag_offset: int, rx: Optional[Tensor] = None,
+                           ry: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Same pass: (lse, dx, dy)."""
 
 
