@@ -6,7 +6,7 @@ tiles (online max + sum of exponentials), so a forward pass saves O(M + C) numbe
 recomputes the tiles from those statistics, in two passes with no M x C buffer: one
 row-parallel pass for dA, one column-parallel pass for dB.
 
-Two kernel sets:
+Three kernel sets:
 
 * ``lse``: the log-sum-exp statistics of NT-Xent, InfoNCE, DCL and SogCLR. Per row, over the
   columns not masked out (the row's own column ``self_col``, and its positive ``pos_col`` when
@@ -18,9 +18,14 @@ Two kernel sets:
   softmax (k against the same columns at 1/temperature_m, own column masked) streamed over the
   same column tiles; saves the two log-sum-exps and the teacher-weighted mean of the student
   logits.
+* ``gram``: the symmetric schedule (issue 25) for X = scale * Z @ Z.T with symmetric masks
+  (NT-Xent, DCL, SogCLR on one process): each upper-triangle tile serves its rows and its
+  transpose's, so the forward costs half a Gram product and the backward one and a half (two
+  in all, against three for the symmetric op on the lse kernels). See "Symmetric schedule".
 
-Every tile accumulates in float32 (float32, bfloat16, float16 inputs); the feature dimension is
-looped over in chunks of BLOCK_D, so any D works; odd sizes are handled by masks.
+Every tile accumulates in float32 (float32, bfloat16, float16 inputs; the gram kernels also take
+float64, accumulated in float64); the feature dimension is looped over in chunks of BLOCK_D, so
+any D works; odd sizes are handled by masks.
 """
 from __future__ import annotations
 
@@ -602,20 +607,27 @@ def _gram_config(kernel: str, dtype: torch.dtype, d: int, cc: int | None) -> dic
                     GRAD_PRECISION=precision, UPCAST=dtype == torch.bfloat16,
                     num_warps=4, num_stages=1)
     hopper = cc >= 90
+    # Figures from Triton's own ptxas run (triton 3.9 and 3.6, M = 2048, D = 256).
     if f64:
-        # A double takes two registers and has no wgmma (mma.sync on both targets).
-        block, block_d, warps, stages = 32, 32, 4, 2
+        # A double takes two registers and has no wgmma (mma.sync on both targets): 32 x 32 on
+        # 4 warps, 68-160 registers, 0 spills.
+        block, block_d, block_do, warps, stages = 32, 32, 32, 4, 2
     elif kernel != "gram_bwd":
-        # One tile per program: 128 x 128 on two warpgroups; float32's tf32x3 splits on
-        # 32-wide feature chunks.
-        block, block_d, warps = 128, (32 if f32 else 64), 8
+        # One tile per program: 128 x 128 on two warpgroups. float32 (tf32x3's split operands)
+        # on sm_80 spilled 2000 bytes with 32-wide feature chunks, none with 16.
+        block, warps = 128, 8
+        block_d = 64 if not f32 else (32 if hopper else 16)
+        block_do = block_d
         stages = 3 if hopper else 2
     else:
-        # The recomputed tile H beside a (BLOCK x BLOCK_DO) product per side.
-        block = 128 if hopper and not f32 else 64
-        block_d = 32 if f32 else 64
-        warps, stages = (8 if block == 128 else 4), 2
-    return dict(BLOCK=block, BLOCK_D=block_d, BLOCK_DO=block_d, ACC=acc, PRECISION=precision,
+        # The recomputed tile H stays live across the feature loop beside one product per side:
+        # 128-row tiles reached 255 registers and spilled (bf16 128-688 bytes on sm_90, float32
+        # 48-1120), so 64 (float32 on sm_80: 32) on 8 warps.
+        block = 32 if f32 and not hopper else 64
+        block_d = block_do = 32 if f32 else 64
+        warps = 4 if block == 32 else 8
+        stages = 2
+    return dict(BLOCK=block, BLOCK_D=block_d, BLOCK_DO=block_do, ACC=acc, PRECISION=precision,
                 GRAD_PRECISION=precision, UPCAST=False, num_warps=warps, num_stages=stages)
 
 
@@ -864,7 +876,8 @@ def gram_lse_backward(z, self_col, pos_col, scale: float, exclude_pos: bool, lse
 
 class TritonContrastive:
     """The triton entry of the family's table (fastssl/backends/interfaces.py): the launches
-    above; no same-pass methods (dB from every row block would need atomics across programs)."""
+    above; no same-pass methods (dB from every row block would need atomics across programs);
+    the symmetric schedule's gram methods (which do accumulate through atomics)."""
     lse_forward = staticmethod(lse_forward)
     lse_backward = staticmethod(lse_backward)
     sce_forward = staticmethod(sce_forward)
