@@ -610,8 +610,10 @@ def _gram_config(kernel: str, dtype: torch.dtype, d: int, cc: int | None) -> dic
     # Figures from Triton's own ptxas run (triton 3.9 and 3.6, M = 2048, D = 256).
     if f64:
         # A double takes two registers and has no wgmma (mma.sync on both targets): 32 x 32 on
-        # 4 warps, 68-160 registers, 0 spills.
-        block, block_d, block_do, warps, stages = 32, 32, 32, 4, 2
+        # 4 warps. The forward on sm_90 spilled 8 bytes at 2 stages under triton 3.6 (96
+        # registers): one stage there, as kernels/dino.py found.
+        block, block_d, block_do, warps = 32, 32, 32, 4
+        stages = 2 if kernel == "gram_bwd" else 1
     elif kernel != "gram_bwd":
         # One tile per program: 128 x 128 on two warpgroups. float32 (tf32x3's split operands)
         # on sm_80 spilled 2000 bytes with 32-wide feature chunks, none with 16.
