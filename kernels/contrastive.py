@@ -6,7 +6,7 @@ tiles (online max + sum of exponentials), so a forward pass saves O(M + C) numbe
 recomputes the tiles from those statistics, in two passes with no M x C buffer: one
 row-parallel pass for dA, one column-parallel pass for dB.
 
-Two kernel sets:
+Three kernel sets:
 
 * ``lse``: the log-sum-exp statistics of NT-Xent, InfoNCE, DCL and SogCLR. Per row, over the
   columns not masked out (the row's own column ``self_col``, and its positive ``pos_col`` when
@@ -18,11 +18,18 @@ Two kernel sets:
   softmax (k against the same columns at 1/temperature_m, own column masked) streamed over the
   same column tiles; saves the two log-sum-exps and the teacher-weighted mean of the student
   logits.
+* ``gram``: the symmetric schedule (issue 25) for X = scale * Z @ Z.T with symmetric masks
+  (NT-Xent, DCL, SogCLR on one process): each upper-triangle tile serves its rows and its
+  transpose's, so the forward costs half a Gram product and the backward one and a half (two
+  in all, against three for the symmetric op on the lse kernels). See "Symmetric schedule".
 
-Every tile accumulates in float32 (float32, bfloat16, float16 inputs); the feature dimension is
-looped over in chunks of BLOCK_D, so any D works; odd sizes are handled by masks.
+Every tile accumulates in float32 (float32, bfloat16, float16 inputs; the gram kernels also take
+float64, accumulated in float64); the feature dimension is looped over in chunks of BLOCK_D, so
+any D works; odd sizes are handled by masks.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -350,11 +357,189 @@ def _sce_bwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, G_LSE, G_W, DQ,
 
 
 # ----------------------------------------------------------------------------------------------
+# Symmetric schedule (issue 25): X = scale * Z @ Z.T with symmetric masks, upper-triangle tiles
+# ----------------------------------------------------------------------------------------------
+#
+# Schedule: one program per upper-triangle tile pair (I, J), I <= J, of square BLOCK x BLOCK
+# tiles; the launcher lists the pairs (TILE_I, TILE_J). Every program does the same work (one
+# tile), so the triangle needs no load balancing, and it has nb (nb + 1) / 2 programs to fill the
+# GPU even at small M. Each tile serves its rows and, when I < J, its transpose's rows (the
+# masks are symmetric: entry (i, j) is masked exactly when (j, i) is), and both sides go to
+# global accumulators through atomic adds that the launcher zeroes: the forward adds BLOCK
+# numbers per side per tile, the backward BLOCK x BLOCK_DO per side per feature chunk. The
+# alternative (a program per row block walking J >= I, the row side in registers) halves the
+# backward's atomics but leaves the first row block nb tiles and the last one.
+#
+# Forward shift. A running max cannot be merged by atomics, so the sums use a shift known before
+# the pass: c = |scale| * max_k |z_k|^2 >= every |X_ij| (Cauchy-Schwarz), one number for all
+# rows, so one exp serves X_ij's row (i) and its transpose's row (j). For L2-normalised rows
+# c = |scale|, the bound the logits reach. A row whose sum of exp(X_ij - c) falls below
+# exp(-LOG_RANGE) (small norm against the largest, temperature 0.01 on large norms) could have
+# lost terms to underflow: the launcher flags it on the device and two fallback passes run (they
+# exit at once when no row is flagged, so no host synchronisation): the exact row maxima
+# (atomic max), then the sums shifted by each row's own maximum (two exps per entry).
+#
+# Backward. With P_ij = exp(X_ij - lse_i) and G_ij = g_i P_ij, dz = scale (G + G^T) z; the
+# tile H_IJ = G_IJ + (G_JI)^T is what both sides need: dz_I += scale H_IJ z_J and
+# dz_J += scale H_IJ^T z_I (the diagonal tile once). Writing P_ij = exp(X_ij - c) exp(c - lse_i)
+# gives H_ij = exp(X_ij - c) (u_i + u_j), u = g exp(c - lse): one exp per entry, used where
+# every row of the tile has c - lse <= LOG_RANGE (else two exps, exact for any row).
+
+@triton.jit
+def _gram_tile(Z, rows, cols, row_ok, col_ok, D, stride_z, scale,
+               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """scale * Z[rows] @ Z[cols].T for one (BLOCK, BLOCK) tile in ACC, looping over D."""
+    acc = tl.zeros((BLOCK, BLOCK), dtype=ACC)
+    a_ptr = Z + rows.to(tl.int64)[:, None] * stride_z
+    b_ptr = Z + cols.to(tl.int64)[:, None] * stride_z
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        a = tl.load(a_ptr + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bfloat16 dot (see _dot)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc * scale
+
+
+@triton.jit
+def _gram_fwd_kernel(Z, TILE_I, TILE_J, SELF_COL, POS_COL, SHIFT, FLAG, S, W,
+                     D, M, stride_z, scale,
+                     EXCLUDE_POS: tl.constexpr, WEIGHTED: tl.constexpr, ROW_SHIFT: tl.constexpr,
+                     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """S_i += sum_j exp(X_ij - c_i) (and W_i += the same weighted by X_ij) over one tile and its
+    transpose. ROW_SHIFT False: c = SHIFT[0] for every row; True: the fallback pass, c_i =
+    SHIFT[i] (the row's maximum), run only when FLAG is set."""
+    if ROW_SHIFT:
+        if tl.load(FLAG) == 0:
+            return
+    pid = tl.program_id(0)
+    bi = tl.load(TILE_I + pid)
+    bj = tl.load(TILE_J + pid)
+    rows = bi * BLOCK + tl.arange(0, BLOCK)
+    cols = bj * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < M
+    col_ok = cols < M
+    self_col = tl.load(SELF_COL + rows, mask=row_ok, other=-1)
+    pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
+    x = _gram_tile(Z, rows, cols, row_ok, col_ok, D, stride_z, scale,
+                   BLOCK, BLOCK_D, ACC, PRECISION, UPCAST)
+    ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
+    if ROW_SHIFT:
+        c_row = tl.load(SHIFT + rows, mask=row_ok, other=0.0)
+        c_col = tl.load(SHIFT + cols, mask=col_ok, other=0.0)
+        # An empty row (every column masked) has maximum -inf and no terms.
+        c_row = tl.where(c_row == NEG_INF, 0.0, c_row)
+        c_col = tl.where(c_col == NEG_INF, 0.0, c_col)
+        e_row = tl.exp(tl.where(ok, x - c_row[:, None], NEG_INF))
+        e_col = tl.exp(tl.where(ok, x - c_col[None, :], NEG_INF))
+    else:
+        c = tl.load(SHIFT)
+        e_row = tl.exp(tl.where(ok, x - c, NEG_INF))
+        e_col = e_row
+    tl.atomic_add(S + rows, tl.sum(e_row, axis=1), mask=row_ok)
+    if WEIGHTED:
+        x0 = tl.where(ok, x, 0.0)
+        tl.atomic_add(W + rows, tl.sum(e_row * x0, axis=1), mask=row_ok)
+    if bi != bj:  # the transpose's rows; the diagonal tile holds both (i, j) and (j, i) already
+        tl.atomic_add(S + cols, tl.sum(e_col, axis=0), mask=col_ok)
+        if WEIGHTED:
+            tl.atomic_add(W + cols, tl.sum(e_col * x0, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _gram_max_kernel(Z, TILE_I, TILE_J, SELF_COL, POS_COL, FLAG, ROW_MAX,
+                     D, M, stride_z, scale,
+                     EXCLUDE_POS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The fallback's first pass: ROW_MAX_i = max over the unmasked j of X_ij (atomic max, which
+    merges across programs where a running sum could not), only when FLAG is set."""
+    if tl.load(FLAG) == 0:
+        return
+    pid = tl.program_id(0)
+    bi = tl.load(TILE_I + pid)
+    bj = tl.load(TILE_J + pid)
+    rows = bi * BLOCK + tl.arange(0, BLOCK)
+    cols = bj * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < M
+    col_ok = cols < M
+    self_col = tl.load(SELF_COL + rows, mask=row_ok, other=-1)
+    pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
+    x = _gram_tile(Z, rows, cols, row_ok, col_ok, D, stride_z, scale,
+                   BLOCK, BLOCK_D, ACC, PRECISION, UPCAST)
+    ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
+    xm = tl.where(ok, x, NEG_INF)
+    tl.atomic_max(ROW_MAX + rows, tl.max(xm, axis=1), mask=row_ok)
+    if bi != bj:
+        tl.atomic_max(ROW_MAX + cols, tl.max(xm, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _gram_bwd_kernel(Z, TILE_I, TILE_J, SELF_COL, POS_COL, SHIFT, LSE, G, DZ,
+                     D, M, stride_z, stride_dz, scale, log_range,
+                     EXCLUDE_POS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                     GRAD_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """dz_I += scale H_IJ z_J and (I < J) dz_J += scale H_IJ^T z_I for one upper-triangle tile,
+    H_ij = g_i P_ij + g_j P_ji recomputed from the saved lse."""
+    pid = tl.program_id(0)
+    bi = tl.load(TILE_I + pid)
+    bj = tl.load(TILE_J + pid)
+    rows = bi * BLOCK + tl.arange(0, BLOCK)
+    cols = bj * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < M
+    col_ok = cols < M
+    self_col = tl.load(SELF_COL + rows, mask=row_ok, other=-1)
+    pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
+    c = tl.load(SHIFT)
+    # Padding rows read lse = c (so c - lse = 0 keeps the tile's one-exp test) and g = 0.
+    lse_r = tl.load(LSE + rows, mask=row_ok, other=c)
+    lse_c = tl.load(LSE + cols, mask=col_ok, other=c)
+    g_r = tl.load(G + rows, mask=row_ok, other=0.0)
+    g_c = tl.load(G + cols, mask=col_ok, other=0.0)
+    x = _gram_tile(Z, rows, cols, row_ok, col_ok, D, stride_z, scale,
+                   BLOCK, BLOCK_D, ACC, PRECISION, UPCAST)
+    ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
+    r_r = c - lse_r
+    r_c = c - lse_c
+    if tl.maximum(tl.max(r_r, axis=0), tl.max(r_c, axis=0)) <= log_range:
+        # exp(c - lse) <= exp(log_range) stays finite: one exp per entry for both sides.
+        u_r = g_r * tl.exp(r_r)
+        u_c = g_c * tl.exp(r_c)
+        h = tl.exp(tl.where(ok, x - c, NEG_INF)) * (u_r[:, None] + u_c[None, :])
+    else:
+        # A row whose sums underflowed at the shift c (forward's fallback rows): exact, two exps.
+        h = (g_r[:, None] * tl.exp(tl.where(ok, x - lse_r[:, None], NEG_INF))
+             + g_c[None, :] * tl.exp(tl.where(ok, x - lse_c[None, :], NEG_INF)))
+    h = h * scale
+    for d0 in range(0, D, BLOCK_DO):
+        d = d0 + tl.arange(0, BLOCK_DO)
+        d_ok = d < D
+        z_j = tl.load(Z + cols.to(tl.int64)[:, None] * stride_z + d[None, :],
+                      mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        part = tl.dot(h, z_j.to(ACC), input_precision=GRAD_PRECISION, out_dtype=ACC)
+        tl.atomic_add(DZ + rows.to(tl.int64)[:, None] * stride_dz + d[None, :], part,
+                      mask=row_ok[:, None] & d_ok[None, :])
+        if bi != bj:
+            z_i = tl.load(Z + rows.to(tl.int64)[:, None] * stride_z + d[None, :],
+                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            part_t = tl.dot(tl.trans(h), z_i.to(ACC), input_precision=GRAD_PRECISION,
+                            out_dtype=ACC)
+            tl.atomic_add(DZ + cols.to(tl.int64)[:, None] * stride_dz + d[None, :], part_t,
+                          mask=col_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
 # Configuration: the one place that picks tiles, warps and stages (bench/static.py compiles
 # exactly what the launchers below launch, through this function)
 # ----------------------------------------------------------------------------------------------
 
-KERNELS = ("lse_fwd", "lse_bwd_rows", "lse_bwd_cols", "sce_fwd", "sce_bwd")
+KERNELS = ("lse_fwd", "lse_bwd_rows", "lse_bwd_cols", "sce_fwd", "sce_bwd",
+           "gram_fwd", "gram_max", "gram_bwd")
 
 
 def config(kernel: str, dtype: torch.dtype, d: int, cc: int | None) -> dict:
@@ -370,6 +555,8 @@ def config(kernel: str, dtype: torch.dtype, d: int, cc: int | None) -> dict:
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel.startswith("gram_"):
+        return _gram_config(kernel, dtype, d, cc)
     f32 = dtype == torch.float32
     precision = "tf32x3" if f32 else "tf32"  # "tf32" is ignored by bf16/fp16 dots
     grad_precision = "tf32x3" if f32 else "tf32"
@@ -405,6 +592,45 @@ def config(kernel: str, dtype: torch.dtype, d: int, cc: int | None) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DO=block_do,
                 PRECISION=precision, GRAD_PRECISION=grad_precision, UPCAST=False,
                 num_warps=warps, num_stages=stages)
+
+
+def _gram_config(kernel: str, dtype: torch.dtype, d: int, cc: int | None) -> dict:
+    """The symmetric schedule's square tiles (row block I and column block J index one
+    partition). Products as in config(); float64 keeps exact (ieee) float64 products."""
+    f64 = dtype == torch.float64
+    f32 = dtype == torch.float32
+    precision = "ieee" if f64 else ("tf32x3" if f32 else "tf32")
+    acc = tl.float64 if f64 else tl.float32
+    if cc is None:
+        # The interpreter: 16-wide tiles and feature chunks, so small M and D span several.
+        return dict(BLOCK=16, BLOCK_D=16, BLOCK_DO=16, ACC=acc, PRECISION=precision,
+                    GRAD_PRECISION=precision, UPCAST=dtype == torch.bfloat16,
+                    num_warps=4, num_stages=1)
+    hopper = cc >= 90
+    # Figures from Triton's own ptxas run (triton 3.9 and 3.6, M = 2048, D = 256).
+    if f64:
+        # A double takes two registers and has no wgmma (mma.sync on both targets): 32 x 32 on
+        # 4 warps. The forward on sm_90 spilled 8 bytes at 2 stages under triton 3.6 (96
+        # registers): one stage there, as kernels/dino.py found.
+        block, block_d, block_do, warps = 32, 32, 32, 4
+        stages = 2 if kernel == "gram_bwd" else 1
+    elif kernel != "gram_bwd":
+        # One tile per program: 128 x 128 on two warpgroups. float32 (tf32x3's split operands)
+        # on sm_80 spilled 2000 bytes with 32-wide feature chunks, none with 16.
+        block, warps = 128, 8
+        block_d = 64 if not f32 else (32 if hopper else 16)
+        block_do = block_d
+        stages = 3 if hopper else 2
+    else:
+        # The recomputed tile H stays live across the feature loop beside one product per side:
+        # 128-row tiles reached 255 registers and spilled (bf16 128-688 bytes on sm_90, float32
+        # 48-1120), so 64 (float32 on sm_80: 32) on 8 warps.
+        block = 32 if f32 and not hopper else 64
+        block_d = block_do = 32 if f32 else 64
+        warps = 4 if block == 32 else 8
+        stages = 2
+    return dict(BLOCK=block, BLOCK_D=block_d, BLOCK_DO=block_do, ACC=acc, PRECISION=precision,
+                GRAD_PRECISION=precision, UPCAST=False, num_warps=warps, num_stages=stages)
 
 
 def _pick(cfg: dict, *names: str) -> dict:
@@ -559,10 +785,104 @@ def sce_backward(q, k, cols, self_col, scale_s: float, scale_t: float, lse_s, ls
     return dq
 
 
+_GRAM_DTYPES = _DTYPES + (torch.float64,)
+# Largest c - lse (c the shift, lse a row's log-sum-exp) at which the shifted sums keep every
+# term that matters: a term exp(X_ij - c) underflows below exp(-87) (float32) / exp(-708)
+# (float64), i.e. its share exp(X_ij - lse_i) < exp(-87 + LOG_RANGE); with 40 that is e^-47
+# per term, under float32's rounding for any M < 2^60 terms (e^-308 for float64 at 400).
+_LOG_RANGE = {torch.float32: 40.0, torch.float64: 400.0}
+_GRAM_NAMES = ("ACC", "PRECISION", "UPCAST", "BLOCK", "BLOCK_D")
+
+
+def _gram_args(z, self_col, pos_col):
+    check_tensor("z", z, dim=2, dtypes=_GRAM_DTYPES)
+    m = z.shape[0]
+    # self_col / pos_col are only compared with column numbers, never used as addresses.
+    check_tensor("self_col", self_col, dim=1, dtypes=_IDX, device=z.device, shape=(m,))
+    check_tensor("pos_col", pos_col, dim=1, dtypes=_IDX, device=z.device, shape=(m,))
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return z.contiguous(), self_col.contiguous(), pos_col.contiguous(), acc
+
+
+def _upper_tiles(m: int, block: int, device):
+    """(TILE_I, TILE_J): the upper-triangle tile pairs I <= J of an m x m matrix, int32."""
+    nb = triton.cdiv(m, block)
+    ij = torch.triu_indices(nb, nb, device=device, dtype=torch.int32)
+    return ij[0].contiguous(), ij[1].contiguous()
+
+
+def _gram_shift(z, scale: float, acc):
+    """c = |scale| max_k |z_k|^2 >= |X_ij| for every pair, as a 1-element device tensor (no host
+    synchronisation); |scale| for L2-normalised rows."""
+    norm = torch.linalg.vector_norm(z, dim=1, dtype=acc).amax()
+    return (abs(scale) * norm * norm).reshape(1)
+
+
+def gram_lse_forward(z, self_col, pos_col, scale: float, exclude_pos: bool, weighted: bool):
+    """(lse, wmean) of the rows of X = scale * z @ z.T with symmetric masks (self_col[i] in
+    (i, -1); pos_col[pos_col[i]] = i), wmean empty unless weighted; float32 (float64 for
+    float64 z). Upper-triangle tiles (see "Symmetric schedule" above)."""
+    z, self_col, pos_col, acc = _gram_args(z, self_col, pos_col)
+    m, d = z.shape
+    opts = dict(dtype=acc, device=z.device)
+    if m == 0:
+        return torch.empty(0, **opts), torch.empty(0, **opts)
+    cfg = config("gram_fwd", z.dtype, d, target(z.device))
+    tile_i, tile_j = _upper_tiles(m, cfg["BLOCK"], z.device)
+    grid = (tile_i.numel(),)
+    shift = _gram_shift(z, scale, acc)
+    flag = torch.zeros(1, dtype=torch.int32, device=z.device)
+    s = torch.zeros(m, **opts)
+    w = torch.zeros(m if weighted else 1, **opts)
+    args = (z, tile_i, tile_j, self_col, pos_col)
+    sizes = (d, m, z.stride(0), scale)
+    launch(_gram_fwd_kernel, grid, *args, shift, flag, s, w, *sizes,
+           EXCLUDE_POS=exclude_pos, WEIGHTED=weighted, ROW_SHIFT=False,
+           **_pick(cfg, *_GRAM_NAMES))
+    # Rows whose shifted sum may have lost terms to underflow: exact fallback, on the device.
+    flag = (s < math.exp(-_LOG_RANGE[acc])).any().to(torch.int32).reshape(1)
+    row_max = torch.full((m,), float("-inf"), **opts)
+    cfg_max = config("gram_max", z.dtype, d, target(z.device))
+    launch(_gram_max_kernel, grid, *args, flag, row_max, *sizes, EXCLUDE_POS=exclude_pos,
+           **_pick(cfg_max, *_GRAM_NAMES))
+    s2 = torch.zeros(m, **opts)
+    w2 = torch.zeros(m if weighted else 1, **opts)
+    launch(_gram_fwd_kernel, grid, *args, row_max, flag, s2, w2, *sizes,
+           EXCLUDE_POS=exclude_pos, WEIGHTED=weighted, ROW_SHIFT=True,
+           **_pick(cfg, *_GRAM_NAMES))
+    use_max = flag.bool()
+    lse = torch.where(use_max, row_max + s2.log(), shift + s.log())
+    wmean = torch.where(use_max, w2 / s2, w / s) if weighted else torch.empty(0, **opts)
+    return lse, wmean
+
+
+def gram_lse_backward(z, self_col, pos_col, scale: float, exclude_pos: bool, lse, g):
+    """dz = scale * (G + G^T) z, G_ij = g_i softmax(X)_ij, in z's dtype: each upper-triangle tile
+    recomputed once for its rows and its transpose's (float32 / float64 atomic accumulation,
+    so the last bits may vary between runs)."""
+    z, self_col, pos_col, acc = _gram_args(z, self_col, pos_col)
+    m, d = z.shape
+    _check_vec("lse", lse, m, z.device)
+    _check_vec("g", g, m, z.device)
+    if m == 0:
+        return torch.zeros_like(z)
+    cfg = config("gram_bwd", z.dtype, d, target(z.device))
+    tile_i, tile_j = _upper_tiles(m, cfg["BLOCK"], z.device)
+    dz = torch.zeros(m, d, dtype=acc, device=z.device)
+    launch(_gram_bwd_kernel, (tile_i.numel(),), z, tile_i, tile_j, self_col, pos_col,
+           _gram_shift(z, scale, acc), lse.contiguous().to(acc), g.contiguous().to(acc), dz,
+           d, m, z.stride(0), dz.stride(0), scale, _LOG_RANGE[acc], EXCLUDE_POS=exclude_pos,
+           **_pick(cfg, *_GRAM_NAMES, "GRAD_PRECISION", "BLOCK_DO"))
+    return dz.to(z.dtype)
+
+
 class TritonContrastive:
     """The triton entry of the family's table (fastssl/backends/interfaces.py): the launches
-    above; no same-pass methods (dB from every row block would need atomics across programs)."""
+    above; no same-pass methods (dB from every row block would need atomics across programs);
+    the symmetric schedule's gram methods (which do accumulate through atomics)."""
     lse_forward = staticmethod(lse_forward)
     lse_backward = staticmethod(lse_backward)
     sce_forward = staticmethod(sce_forward)
     sce_backward = staticmethod(sce_backward)
+    gram_lse_forward = staticmethod(gram_lse_forward)
+    gram_lse_backward = staticmethod(gram_lse_backward)

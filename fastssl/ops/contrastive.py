@@ -49,7 +49,8 @@ _KERNEL_METHODS = ("lse_forward", "lse_backward", "sce_forward", "sce_backward")
 _SAME_PASS_METHODS = ("lse_sum_forward", "sce_grad_forward")
 
 TABLE = {
-    "triton": LazyBackend("fastssl.kernels.contrastive", "TritonContrastive", _KERNEL_METHODS),
+    "triton": LazyBackend("fastssl.kernels.contrastive", "TritonContrastive",
+                          _KERNEL_METHODS + ("gram_lse_forward", "gram_lse_backward")),
     "cpp": LazyBackend("fastssl.backends.ext.contrastive", "CppContrastive",
                        _KERNEL_METHODS + _SAME_PASS_METHODS),
     "torch": TorchContrastive,
