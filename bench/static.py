@@ -57,9 +57,11 @@ ROW_VERSION = "3"  # bump when what a cached row records changes (3: Triton's ow
 # Kernels whose inner loop is a GEMM tile: they must use tensor cores; those with both operands
 # from memory tiles get wgmma on Hopper (float64 has no wgmma form: mma.sync there too).
 GEMM_KERNELS = {"_lse_fwd_kernel", "_lse_bwd_rows_kernel", "_lse_bwd_cols_kernel",
+                "_gram_fwd_kernel", "_gram_max_kernel", "_gram_bwd_kernel",
                 "_sce_fwd_kernel", "_sce_bwd_kernel", "_pair_forward_kernel",
                 "_pair_backward_kernel"}
-WGMMA_EXPECTED = {"_lse_fwd_kernel", "_sce_fwd_kernel", "_pair_forward_kernel"}
+WGMMA_EXPECTED = {"_lse_fwd_kernel", "_sce_fwd_kernel", "_pair_forward_kernel",
+                  "_gram_fwd_kernel", "_gram_max_kernel", "_gram_bwd_kernel"}
 
 
 def _env_for_compile():
@@ -75,7 +77,7 @@ def _cases():
     f32, f64 = torch.float32, torch.float64
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": f32}
     # float64: the sphere, swav and sortnet launchers accept it (the gradcheck dtype);
-    # contrastive rejects it ("use the torch backend").
+    # the contrastive lse launchers reject it ("use the torch backend"), the gram ones take it.
     dtypes64 = dict(dtypes, fp64=f64)
     out = []
     # contrastive: (exclude_pos, split, weighted, col_stats) as the losses call them; tiles do
@@ -99,6 +101,17 @@ def _cases():
                  partial(KC.sce_forward, a, a, b, idx, 10.0, 20.0)),
                 ("contrastive", "sce_bwd", dn, size,
                  partial(KC.sce_backward, a, a, b, idx, 10.0, 20.0, vec, vec, vec, vec))]
+    # the symmetric schedule (issue 25) as NT-Xent, DCL and SogCLR call it, float64 included;
+    # a forward launches three binaries (the shifted pass and the exact fallback's two)
+    for dn, dt in dtypes64.items():
+        z, zidx = m(2 * n, d, dtype=dt), m(2 * n, dtype=torch.int64)
+        zvec = m(2 * n, dtype=f64 if dt == f64 else f32)
+        for name, (ex, w) in {"nt_xent": (False, False), "dcl": (True, False),
+                              "sogclr": (True, True)}.items():
+            out += [("contrastive", f"gram_fwd[{name}]", dn, f"M={2 * n},D={d}",
+                     partial(KC.gram_lse_forward, z, zidx, zidx, 1.0, ex, w)),
+                    ("contrastive", f"gram_bwd[{name}]", dn, f"M={2 * n},D={d}",
+                     partial(KC.gram_lse_backward, z, zidx, zidx, 1.0, ex, zvec, zvec))]
     # sphere: SFRIK's series (kind 0, 3 Gegenbauer degrees) and AUH's Gaussian (kind 1), each
     # symmetric (x against itself) and not; tiles do not depend on the size.
     n, d = 4096, 32768
