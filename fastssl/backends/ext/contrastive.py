@@ -37,5 +37,25 @@ class CppContrastive(TorchContrastive):
         return out if len(out) == 5 else out + (out[0].new_empty(0),)
 
     @staticmethod
+    def gram_lse_forward(z, self_col, pos_col, scale, exclude_pos, weighted):
+        return tuple(_C.contrastive_gram_lse_forward_cpu(z, self_col, pos_col, float(scale),
+                                                         bool(exclude_pos), bool(weighted)))
+
+    @staticmethod
+    def gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g):
+        return _C.contrastive_gram_lse_backward_cpu(z, self_col, pos_col, float(scale),
+                                                    bool(exclude_pos), lse, g).to(z.dtype)
+
+    @staticmethod
     def sce_grad_forward(q, k, cols, self_col, scale_s, scale_t):
         return tuple(_C.sce_grad_cpu(q, k, cols, self_col, float(scale_s), float(scale_t)))
+
+
+def block_config() -> dict:
+    """The block sizes of the C++ contrastive kernels (the bench records them).
+
+    gram_tile: the edge T of the symmetric schedule's square tiles (gram_lse_forward /
+    backward): a T x T float32 tile of E plus the two T x D panels of Z sit in a core's L2.
+    row_block_elements: the row-block path's logits per block (rows = this / columns).
+    """
+    return {"gram_tile": int(_C.contrastive_gram_block()), "row_block_elements": 1 << 17}
