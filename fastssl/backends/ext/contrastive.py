@@ -55,7 +55,18 @@ def block_config() -> dict:
     """The block sizes of the C++ contrastive kernels (the bench records them).
 
     gram_tile: the edge T of the symmetric schedule's square tiles (gram_lse_forward /
-    backward): a T x T float32 tile of E plus the two T x D panels of Z sit in a core's L2.
-    row_block_elements: the row-block path's logits per block (rows = this / columns).
+    backward): a T x T float32 tile of E plus the two T x D panels of Z sit in a core's L2
+    (512 KiB per core on the development machine). row_block_elements: the row-block path's
+    logits per block (rows = this / columns).
+
+    Measured (bench.contrastive_profile --n 2048 --d 128 --threads 1 --reps 5 --blocks ...,
+    taskset -c 1, candidates interleaved in one process, median; the machine under a load of
+    about 7 from other processes, so the absolute figures are low; its roofline sgemm gave
+    17.1 GFLOP/s in that run), forward+backward of 2N = 4096, D = 128, in ms (counted GFLOP/s):
+
+        T = 128: 766 (11.2)   T = 192: 586 (14.7)   T = 256: 479 (17.9)
+        T = 320: 474 (18.1)   T = 384: 569 (15.1)   T = 512: 652 (13.2)
+
+    256 and 320 tie within the noise; 256 keeps the forward's tile and both panels in L2.
     """
     return {"gram_tile": int(_C.contrastive_gram_block()), "row_block_elements": 1 << 17}
