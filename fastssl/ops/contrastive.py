@@ -23,7 +23,9 @@ Backends (``TABLE``, each the family's interface, fastssl/backends/interfaces.py
 fastssl/backends/torch/contrastive.py: blocks of rows against all columns, never the full M x C
 matrix; serves float64), "cpp" (the torch entry's arithmetic in C++, csrc/contrastive_cpu.cpp,
 through fastssl/backends/ext/contrastive.py). On CPU, auto picks "cpp" when fastssl._C is
-built, else "torch". The reference is not a backend here: the public losses choose it
+built, else "torch". The "cpp" and "torch" entries also have the symmetric tile schedule
+(``gram_lse_forward`` / ``gram_lse_backward``, issue 25) that ``contrastive_lse_sym`` uses.
+The reference is not a backend here: the public losses choose it
 (``fastssl._backend.public_loss``).
 
 Same pass (issue 18). Where a loss is a plain sum of row log-sum-exps (NT-Xent, InfoNCE) or

@@ -231,3 +231,24 @@ def test_block_config_names_the_tile():
     from fastssl.backends.ext.contrastive import block_config
     cfg = block_config()
     assert cfg["gram_tile"] > 0 and cfg["row_block_elements"] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["nt_xent", "dcl"])
+def test_learnable_temperature_through_the_schedule(backend, name):
+    # the scale's gradient: the tap's share from dz (half: dz holds the row and column terms)
+    # plus the positive logits'
+    b = ops.GRAM_MIN_ROWS // 2
+    g = torch.Generator().manual_seed(5)
+    z1 = torch.randn(b, 6, generator=g, dtype=torch.float64)
+    z2 = z1 + 0.5 * torch.randn(b, 6, generator=g, dtype=torch.float64)
+    grads = []
+    for module, be in ((R, None), (functional, backend)):
+        t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        a1 = z1.clone().requires_grad_()
+        with fastssl.use_backend(be or "torch"):
+            loss = getattr(module, name)(a1, z2, t)
+        loss.backward()
+        grads.append((loss.detach(), t.grad, a1.grad))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
