@@ -636,18 +636,26 @@ at::Tensor gram_lse_backward_cpu(const at::Tensor& z, const at::Tensor& self_col
     // thread 0 accumulates into dz, the others into their own 2N x D partial sums
     part[tid] = tid == 0 ? dz : at::zeros({n, d}, o.opts);
     at::Tensor& dz_t = part[tid];
-    const at::Tensor x_buf = at::empty({t * t}, o.opts), h_buf = at::empty({t * t}, o.opts);
+    const at::Tensor x_buf = at::empty({t * t}, o.opts);
+    const at::Tensor h_buf = o.fixed ? at::Tensor() : at::empty({t * t}, o.opts);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t i0 = o.tiles[k][0], j0 = o.tiles[k][1];
       const int64_t ni = std::min(t, n - i0), nj = std::min(t, n - j0);
       const at::Tensor zi = o.Z.narrow(0, i0, ni), zj = o.Z.narrow(0, j0, nj);
-      at::Tensor x = tile_view(x_buf, ni, nj), h = tile_view(h_buf, ni, nj);
+      at::Tensor x = tile_view(x_buf, ni, nj);
+      at::Tensor h = o.fixed ? x : tile_view(h_buf, ni, nj);
       if (o.fixed) {
         x.fill_(-c);
         x.addmm_(zi, zj.t(), 1.0, scale);
         x.exp_();  // E
-        at::add_out(h, a.narrow(0, i0, ni).unsqueeze(1), a.narrow(0, j0, nj).unsqueeze(0));
-        h.mul_(x);  // H = E (a_i + a_j)
+        // H = E (a_i + a_j) in place: one tile buffer, so the tile and both panels stay in L2
+        AT_DISPATCH_FLOATING_TYPES(o.acc, "gram_lse_backward_cpu", [&] {
+          scalar_t* xp = x.data_ptr<scalar_t>();
+          const scalar_t* ai = a.data_ptr<scalar_t>() + i0;
+          const scalar_t* aj = a.data_ptr<scalar_t>() + j0;
+          for (int64_t i = 0; i < ni; ++i)
+            for (int64_t j = 0; j < nj; ++j) xp[i * nj + j] *= ai[i] + aj[j];
+        });
       } else {
         at::mm_out(x, zi, zj.t());
         x.mul_(scale);
