@@ -67,6 +67,10 @@ def block_config() -> dict:
         T = 128: 766 (11.2)   T = 192: 586 (14.7)   T = 256: 479 (17.9)
         T = 320: 474 (18.1)   T = 384: 569 (15.1)   T = 512: 652 (13.2)
 
-    256 and 320 tie within the noise; 256 keeps the forward's tile and both panels in L2.
+    Again at 2N = 8192 (--n 4096, load 0.6-0.8, roofline sgemm 61.5 GFLOP/s in the run):
+    T = 192: 656 ms, T = 256: 648 ms, T = 320: 608 ms (52.4, 53.0, 56.6 GFLOP/s counted).
+    256 and 320 are within the run-to-run noise (the same 256 call measured 771 ms in another
+    row of that run); 256 keeps the forward's tile and both panels in L2. To be settled on a
+    quiet machine (the C++ default g_gram_block, csrc/contrastive_cpu.cpp).
     """
     return {"gram_tile": int(_C.contrastive_gram_block()), "row_block_elements": 1 << 17}
