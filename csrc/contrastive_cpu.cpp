@@ -12,6 +12,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -426,6 +429,263 @@ std::vector<at::Tensor> lse_backward_cpu(const at::Tensor& a, const at::Tensor& 
   return {da, db};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Symmetric schedule (issue 25): X = scale * Z Z^T (2N x 2N) with symmetric masks (self_col[i]
+// in {i, -1}; pos_col[pos_col[i]] = i). Only the upper-triangle tiles (I, J), I <= J, are
+// formed: tile (I, J) serves rows I and, for I < J, rows J through its transpose.
+//  * Forward: the row and column partial sums of each tile go into per-thread arrays of length
+//    2N, merged after the region in thread order: half a Gram of products.
+//  * Backward of sum_i g_i lse_i: dz = scale (G + G^T) Z, G_ij = g_i P_ij. H = G + G^T is
+//    symmetric, H_ij = g_i P_ij + g_j P_ji, so one recomputed tile gives dz_I += H_IJ Z_J and
+//    dz_J += H_IJ^T Z_I (diagonal tiles once): half a Gram + two half products. With the
+//    forward, 2 full products where the row-block path takes 3.
+//  * Shift. |X_ij| <= c = scale max_k |z_k|^2 (Cauchy-Schwarz), so with that fixed shift ONE exp
+//    E_ij = exp(X_ij - c) serves the row and the column: lse_i = c + log sum_j E_ij and
+//    H_ij = E_ij (a_i + a_j), a_i = g_i exp(c - lse_i). Exact while E >= exp(-2c) stays normal
+//    with margin (2c <= kFixedSpan); beyond that (e.g. temperature 0.01) per-row online shifts,
+//    two exps per pair, so no row underflows to -inf.
+// ---------------------------------------------------------------------------------------------
+
+// Tile edge, measured (fastssl.backends.ext.contrastive.block_config documents the figures);
+// settable for the measurement (contrastive_gram_block).
+std::atomic<int64_t> g_gram_block{256};
+
+struct Gram {
+  int64_t n, d, t;
+  at::ScalarType acc;
+  at::TensorOptions opts;
+  at::Tensor Z, sc, pc;
+  std::vector<const int64_t*> masks;
+  std::vector<std::array<int64_t, 2>> tiles;  // (I0, J0), row panel by row panel
+  double shift;                               // c, in the fixed-shift form
+  bool fixed;
+};
+
+Gram prepare_gram(const at::Tensor& z, const at::Tensor& self_col, const at::Tensor& pos_col,
+                  double scale, bool exclude_pos) {
+  check_matrix(z, "z");
+  Gram o;
+  o.n = z.size(0);
+  o.d = z.size(1);
+  check_columns(self_col, "self_col", o.n, o.n);
+  check_columns(pos_col, "pos_col", o.n, o.n);
+  o.sc = self_col.contiguous();
+  o.pc = pos_col.contiguous();
+  const int64_t* sp = o.sc.data_ptr<int64_t>();
+  const int64_t* pp = o.pc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < o.n; ++i) {  // one tile serves both uses only with symmetric masks
+    TORCH_CHECK(sp[i] == i || sp[i] == -1, "self_col: expected i or -1 at row i, got ", sp[i],
+                " at row ", i);
+    TORCH_CHECK(!exclude_pos || pp[i] < 0 || pp[pp[i]] == i, "pos_col: expected symmetric "
+                "positives (pos_col[pos_col[i]] == i), got pos_col[", i, "] = ", pp[i],
+                " and pos_col[", pp[i], "] = ", pp[pp[i]]);
+  }
+  o.masks = {sp};
+  if (exclude_pos) o.masks.push_back(pp);
+  o.acc = acc_type(z);
+  o.opts = z.options().dtype(o.acc);
+  o.Z = z.detach().to(o.acc).contiguous();
+  o.t = std::max<int64_t>(1, g_gram_block.load());
+  const int64_t nb = (o.n + o.t - 1) / o.t;
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t j = i; j < nb; ++j) o.tiles.push_back({i * o.t, j * o.t});
+  const double r2 = o.n > 0 ? (o.Z * o.Z).sum(1).max().item<double>() : 0.0;
+  o.shift = scale * r2;
+  const double span = o.acc == at::kDouble ? 600.0 : 64.0;  // exp(-span) well above the minimum normal
+  o.fixed = std::isfinite(o.shift) && 2.0 * std::abs(o.shift) <= span;
+  return o;
+}
+
+// Masked entries of tile (I0.., J0..) (ni x nj, row-major) = value: (i, col[i]) for the rows whose
+// masked column lies in the tile; with symmetric masks these are also its column-derived ones.
+template <typename T>
+void mask_tile(T* x, int64_t i0, int64_t ni, int64_t j0, int64_t nj,
+               const std::vector<const int64_t*>& masks, T value) {
+  for (const int64_t* col : masks)
+    for (int64_t i = 0; i < ni; ++i) {
+      const int64_t j = col[i0 + i] - j0;
+      if (col[i0 + i] >= 0 && j >= 0 && j < nj) x[i * nj + j] = value;
+    }
+}
+
+void mask_tile_t(at::Tensor& x, int64_t i0, int64_t j0, const std::vector<const int64_t*>& masks,
+                 double value) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mask_tile", [&] {
+    mask_tile<scalar_t>(x.data_ptr<scalar_t>(), i0, x.size(0), j0, x.size(1), masks,
+                        static_cast<scalar_t>(value));
+  });
+}
+
+// A contiguous ni x nj view at the start of a thread's tile buffer.
+at::Tensor tile_view(const at::Tensor& buf, int64_t ni, int64_t nj) {
+  return buf.narrow(0, 0, ni * nj).view({ni, nj});
+}
+
+// Online log-sum-exp (per-row shifts): fold tile x (masked entries -inf) into the running
+// (max m, sum s, weighted sum w; w undefined unless weighted) along dim (1: rows, 0: columns).
+void merge_lse(at::Tensor m, at::Tensor s, at::Tensor w, const at::Tensor& x, int64_t dim) {
+  const at::Tensor mt = std::get<0>(x.max(dim));
+  const at::Tensor nw = at::maximum(m, mt);
+  const at::Tensor safe = at::where(at::isfinite(nw), nw, at::zeros_like(nw));
+  const at::Tensor e = at::exp(x - safe.unsqueeze(dim));
+  const at::Tensor factor = at::exp(m - safe);
+  s.mul_(factor).add_(e.sum(dim));
+  if (w.defined()) w.mul_(factor).add_(at::nan_to_num(e * x, 0.0).sum(dim));  // 0 * -inf: 0
+  m.copy_(nw);
+}
+
+// (lse, wmean): the rows' log-sum-exps of X (masked), wmean[i] = sum_j P_ij X_ij (empty unless
+// weighted; 0 on a row whose columns are all masked).
+std::vector<at::Tensor> gram_lse_forward_cpu(const at::Tensor& z, const at::Tensor& self_col,
+                                             const at::Tensor& pos_col, double scale,
+                                             bool exclude_pos, bool weighted) {
+  at::NoGradGuard no_grad;
+  const Gram o = prepare_gram(z, self_col, pos_col, scale, exclude_pos);
+  const int64_t n = o.n, t = o.t, ntiles = static_cast<int64_t>(o.tiles.size());
+  const double inf = std::numeric_limits<double>::infinity();
+  const double c = o.fixed ? o.shift : 0.0;
+  // per thread: (m, s, w) of every row; m stays c in the fixed-shift form
+  const int nthreads = std::max(1, at::get_num_threads());
+  std::vector<at::Tensor> part_m(nthreads), part_s(nthreads), part_w(nthreads);
+  at::parallel_for(0, ntiles, 1, [&](int64_t k0, int64_t k1) {
+    at::NoGradGuard no_grad_here;  // grad mode is per thread
+    const int tid = at::get_thread_num();
+    part_m[tid] = at::full({n}, o.fixed ? c : -inf, o.opts);
+    part_s[tid] = at::zeros({n}, o.opts);
+    if (weighted) part_w[tid] = at::zeros({n}, o.opts);
+    const at::Tensor x_buf = at::empty({t * t}, o.opts);
+    const at::Tensor w_buf = weighted ? at::empty({t * t}, o.opts) : at::Tensor();
+    at::Tensor &m_t = part_m[tid], &s_t = part_s[tid], &w_t = part_w[tid];
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t i0 = o.tiles[k][0], j0 = o.tiles[k][1];
+      const int64_t ni = std::min(t, n - i0), nj = std::min(t, n - j0);
+      const at::Tensor zi = o.Z.narrow(0, i0, ni), zj = o.Z.narrow(0, j0, nj);
+      at::Tensor x = tile_view(x_buf, ni, nj);
+      if (o.fixed) {
+        x.fill_(-c);
+        x.addmm_(zi, zj.t(), 1.0, scale);  // X - c
+        at::Tensor wx;
+        if (weighted) wx = tile_view(w_buf, ni, nj).copy_(x);
+        x.exp_();
+        mask_tile_t(x, i0, j0, o.masks, 0.0);
+        s_t.narrow(0, i0, ni).add_(x.sum(1));
+        if (j0 != i0) s_t.narrow(0, j0, nj).add_(x.sum(0));
+        if (weighted) {
+          wx.mul_(x);  // E (X - c); masked entries 0
+          w_t.narrow(0, i0, ni).add_(wx.sum(1));
+          if (j0 != i0) w_t.narrow(0, j0, nj).add_(wx.sum(0));
+        }
+      } else {
+        at::mm_out(x, zi, zj.t());
+        x.mul_(scale);
+        mask_tile_t(x, i0, j0, o.masks, -inf);
+        auto rows = [&](at::Tensor v, int64_t r0, int64_t len) {
+          return v.defined() ? v.narrow(0, r0, len) : v;
+        };
+        merge_lse(m_t.narrow(0, i0, ni), s_t.narrow(0, i0, ni), rows(w_t, i0, ni), x, 1);
+        if (j0 != i0)
+          merge_lse(m_t.narrow(0, j0, nj), s_t.narrow(0, j0, nj), rows(w_t, j0, nj), x, 0);
+      }
+    }
+  });
+  // merge the threads' partials in thread order (the same sum at every call)
+  at::Tensor m = at::full({n}, o.fixed ? c : -inf, o.opts);
+  for (const auto& p : part_m)
+    if (p.defined()) m = at::maximum(m, p);
+  const at::Tensor safe = at::where(at::isfinite(m), m, at::zeros_like(m));
+  at::Tensor s = at::zeros({n}, o.opts), w = at::zeros({weighted ? n : 0}, o.opts);
+  for (int tid = 0; tid < nthreads; ++tid) {
+    if (!part_m[tid].defined()) continue;
+    const at::Tensor f = at::exp(part_m[tid] - safe);
+    s.add_(part_s[tid] * f);
+    if (weighted) w.add_(part_w[tid] * f);
+  }
+  at::Tensor lse = at::log(s).add_(safe);  // a row with every column masked: -inf
+  at::Tensor wmean = at::empty({0}, o.opts);
+  if (weighted)  // fixed form: w holds E (X - c)
+    wmean = at::where(s > 0, w / s + c, at::zeros_like(s));
+  return {lse, wmean};
+}
+
+// dz = scale (G + G^T) Z of sum_i g_i lse_i, each upper-triangle tile recomputed once.
+at::Tensor gram_lse_backward_cpu(const at::Tensor& z, const at::Tensor& self_col,
+                                 const at::Tensor& pos_col, double scale, bool exclude_pos,
+                                 const at::Tensor& lse, const at::Tensor& g) {
+  at::NoGradGuard no_grad;
+  const Gram o = prepare_gram(z, self_col, pos_col, scale, exclude_pos);
+  const int64_t n = o.n, d = o.d, t = o.t, ntiles = static_cast<int64_t>(o.tiles.size());
+  auto vec = [n](const at::Tensor& v, const char* name) {
+    TORCH_CHECK(v.device().is_cpu() && v.dim() == 1 && v.size(0) == n &&
+                    at::isFloatingType(v.scalar_type()),
+                name, ": expected a floating CPU vector of length ", n, ", got ", v.sizes(), " ",
+                v.scalar_type());
+  };
+  vec(lse, "lse");
+  vec(g, "g");
+  const double c = o.shift;
+  const at::Tensor L = lse.to(o.acc).contiguous(), G = g.to(o.acc).contiguous();
+  // fixed form: a_i = g_i exp(c - lse_i) (0 on a row with every column masked: its E are 0)
+  at::Tensor a;
+  if (o.fixed) a = at::where(at::isfinite(L), G * at::exp(c - L), at::zeros_like(L));
+  at::Tensor dz = at::zeros({n, d}, o.opts);
+  const int nthreads = std::max(1, at::get_num_threads());
+  std::vector<at::Tensor> part(nthreads);
+  at::parallel_for(0, ntiles, 1, [&](int64_t k0, int64_t k1) {
+    at::NoGradGuard no_grad_here;
+    const int tid = at::get_thread_num();
+    // thread 0 accumulates into dz, the others into their own 2N x D partial sums
+    part[tid] = tid == 0 ? dz : at::zeros({n, d}, o.opts);
+    at::Tensor& dz_t = part[tid];
+    const at::Tensor x_buf = at::empty({t * t}, o.opts);
+    const at::Tensor h_buf = o.fixed ? at::Tensor() : at::empty({t * t}, o.opts);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t i0 = o.tiles[k][0], j0 = o.tiles[k][1];
+      const int64_t ni = std::min(t, n - i0), nj = std::min(t, n - j0);
+      const at::Tensor zi = o.Z.narrow(0, i0, ni), zj = o.Z.narrow(0, j0, nj);
+      at::Tensor x = tile_view(x_buf, ni, nj);
+      at::Tensor h = o.fixed ? x : tile_view(h_buf, ni, nj);
+      if (o.fixed) {
+        x.fill_(-c);
+        x.addmm_(zi, zj.t(), 1.0, scale);
+        x.exp_();  // E
+        // H = E (a_i + a_j) in place: one tile buffer, so the tile and both panels stay in L2
+        AT_DISPATCH_FLOATING_TYPES(o.acc, "gram_lse_backward_cpu", [&] {
+          scalar_t* xp = x.data_ptr<scalar_t>();
+          const scalar_t* ai = a.data_ptr<scalar_t>() + i0;
+          const scalar_t* aj = a.data_ptr<scalar_t>() + j0;
+          for (int64_t i = 0; i < ni; ++i)
+            for (int64_t j = 0; j < nj; ++j) xp[i * nj + j] *= ai[i] + aj[j];
+        });
+      } else {
+        at::mm_out(x, zi, zj.t());
+        x.mul_(scale);
+        at::sub_out(h, x, L.narrow(0, i0, ni).unsqueeze(1));
+        h.exp_().mul_(G.narrow(0, i0, ni).unsqueeze(1));  // g_i P_ij
+        if (j0 == i0) {
+          h.add_(h.t().clone());
+        } else {
+          x.sub_(L.narrow(0, j0, nj).unsqueeze(0)).exp_().mul_(G.narrow(0, j0, nj).unsqueeze(0));
+          h.add_(x);
+        }
+      }
+      // masked entries (only they may be inf or NaN: a row of only masked columns has lse
+      // -inf) zeroed after the exps
+      mask_tile_t(h, i0, j0, o.masks, 0.0);
+      dz_t.narrow(0, i0, ni).addmm_(h, zj);
+      if (j0 != i0) dz_t.narrow(0, j0, nj).addmm_(h.t(), zi);
+    }
+  });
+  for (int tid = 1; tid < nthreads; ++tid)  // thread order: the same sum at every call
+    if (part[tid].defined()) dz.add_(part[tid]);
+  return dz.mul_(scale);
+}
+
+// The tile edge: the current value, set first when block > 0 (measurement only).
+int64_t gram_block(int64_t block) {
+  if (block > 0) g_gram_block.store(block);
+  return g_gram_block.load();
+}
+
 }  // namespace
 
 void init_contrastive_cpu(pybind11::module_& m) {
@@ -438,6 +698,13 @@ void init_contrastive_cpu(pybind11::module_& m) {
         "logits, the gradients of sum(lse) [- sum(pos)] and the rows' cross-entropies "
         "-log_softmax at the positive (subtract_pos, positive unmasked; else empty), from one "
         "pass (CPU)");
+  m.def("contrastive_gram_lse_forward_cpu", &gram_lse_forward_cpu,
+        "(lse, wmean) of the rows of scale z z^T (symmetric masks) from the upper-triangle "
+        "tiles (CPU)");
+  m.def("contrastive_gram_lse_backward_cpu", &gram_lse_backward_cpu,
+        "dz = scale (G + G^T) z, G = g * softmax, each upper-triangle tile once (CPU)");
+  m.def("contrastive_gram_block", &gram_block, pybind11::arg("block") = 0,
+        "the symmetric schedule's tile edge (set first when block > 0)");
   m.def("sce_grad_cpu", &sce_grad_cpu,
         "(lse_s, lse_t, wmean, u_s, u_t): SCE's statistics and their per-row q gradients (CPU)");
 }

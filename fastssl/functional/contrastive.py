@@ -10,8 +10,9 @@ matrix), composes the loss from them and ``reduce_loss``.
 Layout shared by NT-Xent, DCL and SogCLR: the anchors are the local rows ``[z1; z2]`` (2B), the
 columns the global ``[Z1; Z2]`` (2N); row i of z1 has its own column at ``off + i`` and its
 positive at ``N + off + i``, and the other way round for z2 (``off`` = rank * B). In a single
-process the columns are the rows and the masks are symmetric, so NT-Xent and SogCLR use the
-symmetric op (one backward pass).
+process the columns are the rows and the masks are symmetric, so NT-Xent, DCL/DCLW and SogCLR
+use the symmetric op (with the "cpp" and "torch" entries its upper-triangle tile schedule,
+issue 25).
 """
 from __future__ import annotations
 
@@ -203,13 +204,18 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, normalize=True,
                              normalize)
     rows, cols, self_col, pos_col, n = _two_view_layout(z1, z2, gather_distributed, normalize)
     scale, scale_mul, tap = _logit_scale(temperature, t)
-    if ops.has_same_pass(backend):
+    sym = cols is rows and ops.use_gram(backend, rows.shape[0])
+    if ops.has_same_pass(backend) and not sym:
         # the positive is column pos_col[i] of the logits: the op's cross-entropy sum (its
         # gradient P - onehot made in the same pass; a learnable temperature's through the tap)
         a = tap(rows, 2) if cols is rows else tap(rows)
         ce_sum = _cross_entropy_sum(a, a if cols is rows else cols, self_col, pos_col, scale,
                                     backend)
         return dist_utils.reduce_loss(ce_sum / (2 * n))
+    if sym:
+        lse, _ = ops.contrastive_lse_sym(tap(rows, 2), self_col, pos_col, scale, False, False,
+                                         backend)
+        return dist_utils.reduce_loss(_sym_terms(lse, rows, scale_mul) / (2 * n))
     pos = _positive_logits(rows) * scale_mul
     if cols is rows:
         lse, _ = ops.contrastive_lse_sym(tap(rows, 2), self_col, pos_col, scale, False, False,
@@ -218,6 +224,17 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, normalize=True,
         lse, _, _, _ = ops.contrastive_lse(tap(rows), cols, self_col, pos_col, scale,
                                            cols.shape[0], False, False, False, backend)
     return dist_utils.reduce_loss(_sum_rows(lse - pos) / (2 * n))
+
+
+def _sym_terms(lse, rows, scale_mul, weigh=None):
+    """sum_i lse_i - pos_i for the symmetric op's rows [h1; h2], pos_i = scale * <h_i, its
+    positive> (weighted by `weigh`), in float64: the symmetric schedule returns lse, not the
+    cross-entropy read at the positive, so the difference (small where the positive dominates,
+    e.g. collinear views) is taken without a second rounding at the logits' magnitude."""
+    pos = _positive_logits(rows.to(torch.float64)) * scale_mul
+    if weigh is not None:
+        pos = weigh(pos)
+    return (lse.to(torch.float64) - pos).sum().to(lse.dtype)
 
 
 def _cross_entropy_sum(a, b, self_col, pos_col, scale, backend):
@@ -335,6 +352,14 @@ def _weighted_positives(pos, rows, b, weight_fn):
 def _dcl_fused(z1, z2, temperature, t, weight_fn, gather_distributed, backend):
     rows, cols, self_col, pos_col, n = _two_view_layout(z1, z2, gather_distributed)
     scale, scale_mul, tap = _logit_scale(temperature, t)
+    if cols is rows and ops.use_gram(backend, rows.shape[0]):
+        # one process: the 2N-2 negatives of row i are its row of Z Z^T without the own and
+        # the positive column, the symmetric schedule's exclude_pos (upper-triangle tiles)
+        lse, _ = ops.contrastive_lse_sym(tap(rows, 2), self_col, pos_col, scale, True, False,
+                                         backend)
+        return dist_utils.reduce_loss(
+            _sym_terms(lse, rows, scale_mul, lambda p: _weighted_positives(
+                p, rows, z1.shape[0], weight_fn)) / (2 * n))
     # Columns [Z1 | Z2] split at N: one log-sum-exp per view (each without its masked column),
     # merged by logaddexp into the log-sum-exp over all 2N-2 negatives (no extra pass).
     lse_z1, lse_z2, _, _ = ops.contrastive_lse(tap(rows), cols, self_col, pos_col, scale, n,

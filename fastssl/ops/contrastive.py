@@ -23,7 +23,9 @@ Backends (``TABLE``, each the family's interface, fastssl/backends/interfaces.py
 fastssl/backends/torch/contrastive.py: blocks of rows against all columns, never the full M x C
 matrix; serves float64), "cpp" (the torch entry's arithmetic in C++, csrc/contrastive_cpu.cpp,
 through fastssl/backends/ext/contrastive.py). On CPU, auto picks "cpp" when fastssl._C is
-built, else "torch". The reference is not a backend here: the public losses choose it
+built, else "torch". The "cpp" and "torch" entries also have the symmetric tile schedule
+(``gram_lse_forward`` / ``gram_lse_backward``, issue 25) that ``contrastive_lse_sym`` uses.
+The reference is not a backend here: the public losses choose it
 (``fastssl._backend.public_loss``).
 
 Same pass (issue 18). Where a loss is a plain sum of row log-sum-exps (NT-Xent, InfoNCE) or
@@ -47,12 +49,13 @@ from fastssl.backends.torch.contrastive import TorchContrastive
 
 _KERNEL_METHODS = ("lse_forward", "lse_backward", "sce_forward", "sce_backward")
 _SAME_PASS_METHODS = ("lse_sum_forward", "sce_grad_forward")
+_GRAM_METHODS = ("gram_lse_forward", "gram_lse_backward")
 
 TABLE = {
     "triton": LazyBackend("fastssl.kernels.contrastive", "TritonContrastive",
                           _KERNEL_METHODS + ("gram_lse_forward", "gram_lse_backward")),
     "cpp": LazyBackend("fastssl.backends.ext.contrastive", "CppContrastive",
-                       _KERNEL_METHODS + _SAME_PASS_METHODS),
+                       _KERNEL_METHODS + _SAME_PASS_METHODS + _GRAM_METHODS),
     "torch": TorchContrastive,
 }
 
@@ -228,6 +231,25 @@ def _lse_sum_backward(ctx, g_total, _g_lse, _g_da, _g_db):
 contrastive_lse_sum.register_autograd(_lse_sum_backward, setup_context=_lse_sum_setup_context)
 
 
+def has_gram(backend: str) -> bool:
+    """Whether `backend`'s entry has the symmetric tile schedule (gram_lse_forward / _backward,
+    issue 25): contrastive_lse_sym then forms only the upper-triangle tiles of z z^T (two full
+    products for forward and backward where the row-block path takes three)."""
+    return hasattr(TABLE[backend], "gram_lse_forward")
+
+
+# Rows (2N) from which the losses take the symmetric schedule for NT-Xent and DCL. Below, one or
+# two tiles hold the whole product (no work saved), and the same-pass / split ops keep eager's
+# float32 accuracy at tiny sizes (tests/losses/test_float32_accuracy.py): they read each row's
+# term at the positive, where lse - pos rounds at the logits' magnitude.
+GRAM_MIN_ROWS = 512
+
+
+def use_gram(backend: str, rows: int) -> bool:
+    """Whether a loss over `rows` symmetric rows takes the symmetric schedule on `backend`."""
+    return has_gram(backend) and rows >= GRAM_MIN_ROWS
+
+
 @torch.library.custom_op("fastssl::contrastive_lse_sym", mutates_args=())
 @entry("contrastive_lse_sym", **_SYM_SPEC)
 def contrastive_lse_sym(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.Tensor,
@@ -236,12 +258,18 @@ def contrastive_lse_sym(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.
     """contrastive_lse with b = a = z and symmetric masks (self_col[i] = i, and pos_col[j] = i
     whenever pos_col[i] = j): lse and wmean of every row of the symmetric X = scale z z.T.
 
-    Its backward is ONE row-parallel pass: by symmetry, the column gradient of X is the row
+    Entries with the symmetric schedule (``has_gram``) form each upper-triangle tile once for
+    its rows and its transpose, in the forward and in the backward. Otherwise the backward is
+    ONE row-parallel pass: by symmetry, the column gradient of X is the row
     gradient with the roles of (lse_i, g_i) and (lse_j, g_j) swapped, so
     dz_i = scale * sum_j (g_i P_ij + g_j P_ji) z_j, the column statistics being the row ones.
     """
-    lse, _, wmean, _ = TABLE[backend].lse_forward(z, z, self_col, pos_col, scale, z.shape[0],
-                                                     exclude_pos, weighted, False)
+    if has_gram(backend):
+        lse, wmean = TABLE[backend].gram_lse_forward(z, self_col, pos_col, scale, exclude_pos,
+                                                     weighted)
+    else:
+        lse, _, wmean, _ = TABLE[backend].lse_forward(z, z, self_col, pos_col, scale,
+                                                      z.shape[0], exclude_pos, weighted, False)
     dt = _stats_dtype(z)
     return lse.to(dt).contiguous(), wmean.to(dt).contiguous()
 
@@ -258,10 +286,13 @@ def _(z, self_col, pos_col, scale, exclude_pos, weighted, backend):
 def contrastive_lse_sym_backward(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.Tensor,
                                  scale: float, exclude_pos: bool, lse: torch.Tensor,
                                  g: torch.Tensor, backend: str) -> torch.Tensor:
-    empty = lse[:0]
-    dz, _ = TABLE[backend].lse_backward(z, z, self_col, pos_col, scale, z.shape[0],
-                                           exclude_pos, lse, empty, lse, g, empty, g,
-                                           need_da=True, need_db=False)
+    if has_gram(backend):
+        dz = TABLE[backend].gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g)
+    else:
+        empty = lse[:0]
+        dz, _ = TABLE[backend].lse_backward(z, z, self_col, pos_col, scale, z.shape[0],
+                                            exclude_pos, lse, empty, lse, g, empty, g,
+                                            need_da=True, need_db=False)
     return dz.to(z.dtype).contiguous()
 
 

@@ -37,5 +37,40 @@ class CppContrastive(TorchContrastive):
         return out if len(out) == 5 else out + (out[0].new_empty(0),)
 
     @staticmethod
+    def gram_lse_forward(z, self_col, pos_col, scale, exclude_pos, weighted):
+        return tuple(_C.contrastive_gram_lse_forward_cpu(z, self_col, pos_col, float(scale),
+                                                         bool(exclude_pos), bool(weighted)))
+
+    @staticmethod
+    def gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g):
+        return _C.contrastive_gram_lse_backward_cpu(z, self_col, pos_col, float(scale),
+                                                    bool(exclude_pos), lse, g).to(z.dtype)
+
+    @staticmethod
     def sce_grad_forward(q, k, cols, self_col, scale_s, scale_t):
         return tuple(_C.sce_grad_cpu(q, k, cols, self_col, float(scale_s), float(scale_t)))
+
+
+def block_config() -> dict:
+    """The block sizes of the C++ contrastive kernels (the bench records them).
+
+    gram_tile: the edge T of the symmetric schedule's square tiles (gram_lse_forward /
+    backward): a T x T float32 tile of E plus the two T x D panels of Z sit in a core's L2
+    (512 KiB per core on the development machine). row_block_elements: the row-block path's
+    logits per block (rows = this / columns).
+
+    Measured (bench.contrastive_profile --n 2048 --d 128 --threads 1 --reps 5 --blocks ...,
+    taskset -c 1, candidates interleaved in one process, median; the machine under a load of
+    about 7 from other processes, so the absolute figures are low; its roofline sgemm gave
+    17.1 GFLOP/s in that run), forward+backward of 2N = 4096, D = 128, in ms (counted GFLOP/s):
+
+        T = 128: 766 (11.2)   T = 192: 586 (14.7)   T = 256: 479 (17.9)
+        T = 320: 474 (18.1)   T = 384: 569 (15.1)   T = 512: 652 (13.2)
+
+    Again at 2N = 8192 (--n 4096, load 0.6-0.8, roofline sgemm 61.5 GFLOP/s in the run):
+    T = 192: 656 ms, T = 256: 648 ms, T = 320: 608 ms (52.4, 53.0, 56.6 GFLOP/s counted).
+    256 and 320 are within the run-to-run noise (the same 256 call measured 771 ms in another
+    row of that run); 256 keeps the forward's tile and both panels in L2. To be settled on a
+    quiet machine (the C++ default g_gram_block, csrc/contrastive_cpu.cpp).
+    """
+    return {"gram_tile": int(_C.contrastive_gram_block()), "row_block_elements": 1 << 17}

@@ -272,6 +272,100 @@ def torch_sce_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t, g_l
     return dq.to(q.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# Symmetric schedule (issue 25): X = scale * Z Z^T with symmetric masks, one pass over the
+# upper-triangle tiles (I, J), I <= J, each tile serving its rows and (I < J) its transpose.
+# ----------------------------------------------------------------------------------------------
+
+# Rows of a tile. Correctness over speed here (the cpp entry is the fast CPU path): a tile of
+# GRAM_BLOCK x GRAM_BLOCK logits, never the 2N x 2N matrix.
+GRAM_BLOCK = 512
+
+
+def _gram_tiles(n: int, block: int):
+    """The upper-triangle tile list (I0, I1, J0, J1), row panel by row panel."""
+    starts = range(0, n, block)
+    return [(i0, min(i0 + block, n), j0, min(j0 + block, n))
+            for i0 in starts for j0 in starts if j0 >= i0]
+
+
+def _zero_masked_tile(x, i0, i1, j0, j1, masks, value=0.0):
+    """In place: x[i - i0, col[i] - j0] = value for the tile's rows whose masked column lies in
+    [j0, j1). With symmetric masks these are also the tile's column-derived masked entries."""
+    w = j1 - j0
+    for col in masks:
+        c = col[i0:i1] - j0
+        ok = (col[i0:i1] >= 0) & (c >= 0) & (c < w)
+        idx = c.clamp(0, w - 1)[:, None]
+        keep = x.gather(1, idx)
+        x.scatter_(1, idx, torch.where(ok[:, None], torch.full_like(keep, value), keep))
+    return x
+
+
+def _merge_lse_(m, s, w, x, dim):
+    """Online log-sum-exp: fold the tile x (masked entries -inf) into the running (max m, sum s,
+    weighted sum w of exp(x - m) * x; w None unless weighted) along `dim` (1: rows, 0: cols)."""
+    mt = x.amax(dim=dim)
+    new = torch.maximum(m, mt)
+    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    e = (x - safe.unsqueeze(dim)).exp_()
+    factor = (m - safe).exp_()
+    s.mul_(factor).add_(e.sum(dim))
+    if w is not None:
+        w.mul_(factor).add_(torch.nan_to_num(e.mul_(x), nan=0.0).sum(dim))  # 0 * -inf: 0
+    m.copy_(new)
+
+
+def torch_gram_lse_forward(z, self_col, pos_col, scale, exclude_pos, weighted):
+    """(lse, wmean) of the rows of X = scale * z z^T (masked), from the upper-triangle tiles:
+    tile (I, J) adds its row statistics to rows I and, for I < J, its column statistics to
+    rows J (X symmetric: column j of X_IJ is row j of X_JI). Exact per-row online shifts."""
+    acc = accumulation_dtype(z)
+    zz = z.detach().to(acc)
+    n = zz.shape[0]
+    masks = (self_col, pos_col) if exclude_pos else (self_col,)
+    m = zz.new_full((n,), float("-inf"))
+    s = zz.new_zeros(n)
+    w = zz.new_zeros(n) if weighted else None
+    for i0, i1, j0, j1 in _gram_tiles(n, GRAM_BLOCK):
+        x = torch.mm(zz[i0:i1], zz[j0:j1].T).mul_(scale)
+        _zero_masked_tile(x, i0, i1, j0, j1, masks, float("-inf"))
+        _merge_lse_(m[i0:i1], s[i0:i1], None if w is None else w[i0:i1], x, 1)
+        if j0 != i0:
+            _merge_lse_(m[j0:j1], s[j0:j1], None if w is None else w[j0:j1], x, 0)
+    safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    lse = s.log().add_(safe)  # a row with every column masked: log 0 = -inf
+    if not weighted:
+        return lse, zz.new_empty(0)
+    return lse, torch.where(s > 0, w / s, torch.zeros_like(s))
+
+
+def torch_gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g):
+    """dz = scale (G + G^T) z, G_ij = g_i P_ij: tile (I, J) recomputed once, its symmetric
+    H_IJ = G_IJ + (G_JI)^T (g_i P_ij + g_j P_ji) giving dz_I += H_IJ z_J and, for I < J,
+    dz_J += H_IJ^T z_I."""
+    acc = accumulation_dtype(z)
+    zz = z.detach().to(acc)
+    n = zz.shape[0]
+    masks = (self_col, pos_col) if exclude_pos else (self_col,)
+    lse, g = lse.to(acc), g.to(acc)
+    dz = torch.zeros_like(zz)
+    for i0, i1, j0, j1 in _gram_tiles(n, GRAM_BLOCK):
+        x = torch.mm(zz[i0:i1], zz[j0:j1].T).mul_(scale)
+        h = (x - lse[i0:i1, None]).exp_().mul_(g[i0:i1, None])
+        if j0 == i0:
+            h = h + h.T
+        else:
+            h.add_((x - lse[None, j0:j1]).exp_().mul_(g[None, j0:j1]))
+        # masked entries (and only they: a row of only masked columns has lse -inf) may be
+        # inf or NaN here; zeroed after the exps
+        _zero_masked_tile(h, i0, i1, j0, j1, masks)
+        dz[i0:i1].addmm_(h, zz[j0:j1])
+        if j0 != i0:
+            dz[j0:j1].addmm_(h.T, zz[i0:i1])
+    return dz.mul_(scale).to(z.dtype)
+
+
 class TorchContrastive:
     """The family's interface (fastssl/backends/interfaces.py), same-pass methods included."""
     lse_forward = staticmethod(torch_lse_forward)
@@ -280,3 +374,5 @@ class TorchContrastive:
     sce_backward = staticmethod(torch_sce_backward)
     lse_sum_forward = staticmethod(torch_lse_sum_forward)
     sce_grad_forward = staticmethod(torch_sce_grad_forward)
+    gram_lse_forward = staticmethod(torch_gram_lse_forward)
+    gram_lse_backward = staticmethod(torch_gram_lse_backward)
