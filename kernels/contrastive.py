@@ -818,12 +818,23 @@ def _gram_shift(z, scale: float, acc):
     return (abs(scale) * norm * norm).reshape(1)
 
 
+def _deterministic(z) -> bool:
+    """Under torch.use_deterministic_algorithms the gram launches' float atomics (last bits vary
+    between runs) give way to the row-block kernels, which sum in a fixed order (float64 has no
+    row-block kernel and keeps the gram launches)."""
+    return torch.are_deterministic_algorithms_enabled() and z.dtype != torch.float64
+
+
 def gram_lse_forward(z, self_col, pos_col, scale: float, exclude_pos: bool, weighted: bool):
     """(lse, wmean) of the rows of X = scale * z @ z.T with symmetric masks (self_col[i] in
     (i, -1); pos_col[pos_col[i]] = i), wmean empty unless weighted; float32 (float64 for
     float64 z). Upper-triangle tiles (see "Symmetric schedule" above)."""
     z, self_col, pos_col, acc = _gram_args(z, self_col, pos_col)
     m, d = z.shape
+    if _deterministic(z):
+        lse, _, wmean, _ = lse_forward(z, z, self_col, pos_col, scale, m, exclude_pos, weighted,
+                                       False)
+        return lse, wmean
     opts = dict(dtype=acc, device=z.device)
     if m == 0:
         return torch.empty(0, **opts), torch.empty(0, **opts)
@@ -866,6 +877,11 @@ def gram_lse_backward(z, self_col, pos_col, scale: float, exclude_pos: bool, lse
     _check_vec("g", g, m, z.device)
     if m == 0:
         return torch.zeros_like(z)
+    if _deterministic(z):
+        empty = lse[:0]
+        dz, _ = lse_backward(z, z, self_col, pos_col, scale, m, exclude_pos, lse, empty, lse, g,
+                             empty, g, need_da=True, need_db=False)
+        return dz.to(z.dtype)
     cfg = config("gram_bwd", z.dtype, d, target(z.device))
     tile_i, tile_j = _upper_tiles(m, cfg["BLOCK"], z.device)
     dz = torch.zeros(m, d, dtype=acc, device=z.device)

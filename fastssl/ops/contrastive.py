@@ -53,7 +53,7 @@ _GRAM_METHODS = ("gram_lse_forward", "gram_lse_backward")
 
 TABLE = {
     "triton": LazyBackend("fastssl.kernels.contrastive", "TritonContrastive",
-                          _KERNEL_METHODS + ("gram_lse_forward", "gram_lse_backward")),
+                          _KERNEL_METHODS + _GRAM_METHODS),
     "cpp": LazyBackend("fastssl.backends.ext.contrastive", "CppContrastive",
                        _KERNEL_METHODS + _SAME_PASS_METHODS + _GRAM_METHODS),
     "torch": TorchContrastive,

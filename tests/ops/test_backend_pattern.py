@@ -20,7 +20,7 @@ FAMILIES = {"contrastive": contrastive, "sphere": sphere, "sortnet": sortnet, "s
             "dino": dino}
 # methods that only a backward calls
 BACKWARD_METHODS = {
-    "contrastive": {"lse_backward", "sce_backward"},
+    "contrastive": {"lse_backward", "sce_backward", "gram_lse_backward"},
     "sphere": {"series_grad_hat", "gauss_grad_hat"},
     "sortnet": {"soft_sort_backward", "groco_rows_backward", "groco_fused_backward"},
     "swav": {"cross_entropy"},

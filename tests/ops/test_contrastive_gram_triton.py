@@ -246,3 +246,35 @@ def test_empty_and_arguments(backend, device):
         TRITON.gram_lse_backward(z, sc, pos, 2.0, False, zeros(5), zeros(6))
     with pytest.raises(ValueError, match="g must"):
         TRITON.gram_lse_backward(z, sc, pos, 2.0, False, zeros(6), zeros(7))
+
+
+@pytest.mark.parametrize("backend,device", DEVICES)
+def test_gram_deterministic_mode_takes_the_row_block_kernels(backend, device, monkeypatch):
+    # Under torch.use_deterministic_algorithms the atomic gram launches give way to the
+    # row-block kernels (fixed summation order): same values as the gram path, and the gram
+    # kernels are not launched at all.
+    kc = _kc()
+    m, d = 40, 16
+    gen = torch.Generator().manual_seed(3)
+    z = F.normalize(torch.randn(m, d, generator=gen), dim=1).to(device)
+    self_col, pos_col = _layout(m, device)
+    g = torch.full((m,), 1.0 / m, device=device)
+    lse_ref, _, dz_ref = _full(z, self_col, pos_col, 10.0, True, g)
+    launched = []
+    real_launch = kc.launch
+
+    def spy(kernel, *args, **kwargs):
+        launched.append(getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel)))
+        return real_launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(kc, "launch", spy)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        lse, _ = TRITON.gram_lse_forward(z, self_col, pos_col, 10.0, True, False)
+        dz = TRITON.gram_lse_backward(z, self_col, pos_col, 10.0, True, lse, g)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert launched and not any("gram" in name for name in launched), launched
+    assert_close(lse.double().cpu(), lse_ref, rtol=1e-5, atol=1e-5)
+    assert_close(dz.double().cpu(), dz_ref, rtol=1e-4, atol=1e-5)
