@@ -57,7 +57,7 @@ def block_config() -> dict:
     gram_tile: the edge T of the symmetric schedule's square tiles (gram_lse_forward /
     backward): a T x T float32 tile of E plus the two T x D panels of Z sit in a core's L2
     (512 KiB per core on the development machine). row_block_elements: the row-block path's
-    logits per block (rows = this / columns).
+    logits per block (rows = this / columns; the measured choice is in csrc/contrastive_cpu.cpp).
 
     Measured (bench.contrastive_profile --n 2048 --d 128 --threads 1 --reps 5 --blocks ...,
     taskset -c 1, candidates interleaved in one process, median; the machine under a load of
@@ -73,4 +73,4 @@ def block_config() -> dict:
     row of that run); 256 keeps the forward's tile and both panels in L2. To be settled on a
     quiet machine (the C++ default g_gram_block, csrc/contrastive_cpu.cpp).
     """
-    return {"gram_tile": int(_C.contrastive_gram_block()), "row_block_elements": 1 << 17}
+    return {"gram_tile": int(_C.contrastive_gram_block()), "row_block_elements": 1 << 21}
