@@ -26,13 +26,19 @@ namespace {
 // streams all the columns once, so fewer, taller blocks read b fewer times: measured
 // (2 threads, EPYC, fwd+bwd, median of 3; 2^17 / 2^19 / 2^21 / 2^22 / 2^23 elements):
 // info_nce B = 8192 1601 / 1171 / 710 / 799 / 876 ms, symmetric 3167 / 1860 / 1639 / 1592 /
-// 1647 ms, sce B = 4096 K = 16384 3137 / 1733 / 1344 / 1380 / 1407 ms.
+// 1647 ms, sce B = 4096 K = 16384 3137 / 1733 / 1344 / 1380 / 1407 ms. At most c / 32 rows,
+// so that the buffers (two threads, two each: c^2 / 8 elements) stay a small share of eager's
+// c x c logits at smaller sizes (the 1/8-of-eager memory target from B = 2048).
 constexpr int64_t kBlockElements = int64_t(1) << 21;
 constexpr int64_t kBlocksPerThread = 4;
+constexpr int64_t kColumnsPerRow = 32;
+constexpr int64_t kMinRows = 16;
 
 int64_t block_rows(int64_t m, int64_t c) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t by_cache = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(c, 1));
+  const int64_t by_cache = std::max<int64_t>(
+      1, std::min(kBlockElements / std::max<int64_t>(c, 1),
+                  std::max<int64_t>(kMinRows, c / kColumnsPerRow)));
   const int64_t by_balance = std::max<int64_t>(1, (m + threads * kBlocksPerThread - 1) / (threads * kBlocksPerThread));
   return std::max<int64_t>(1, std::min(by_cache, by_balance));
 }
