@@ -212,14 +212,12 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, normalize=True,
         ce_sum = _cross_entropy_sum(a, a if cols is rows else cols, self_col, pos_col, scale,
                                     backend)
         return dist_utils.reduce_loss(ce_sum / (2 * n))
-    if sym:
-        lse, _ = ops.contrastive_lse_sym(tap(rows, 2), self_col, pos_col, scale, False, False,
-                                         backend)
-        return dist_utils.reduce_loss(_sym_terms(lse, rows, scale_mul) / (2 * n))
     pos = _positive_logits(rows) * scale_mul
     if cols is rows:
         lse, _ = ops.contrastive_lse_sym(tap(rows, 2), self_col, pos_col, scale, False, False,
                                          backend)
+        if sym:
+            return dist_utils.reduce_loss(_sym_terms(lse, rows, scale_mul) / (2 * n))
     else:
         lse, _, _, _ = ops.contrastive_lse(tap(rows), cols, self_col, pos_col, scale,
                                            cols.shape[0], False, False, False, backend)
