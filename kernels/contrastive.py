@@ -29,6 +29,7 @@ any D works; odd sizes are handled by masks.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -806,7 +807,13 @@ def _gram_args(z, self_col, pos_col):
 
 def _upper_tiles(m: int, block: int, device):
     """(TILE_I, TILE_J): the upper-triangle tile pairs I <= J of an m x m matrix, int32."""
-    nb = triton.cdiv(m, block)
+    return _upper_tile_table(triton.cdiv(m, block), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_tile_table(nb: int, device: torch.device):
+    # built once per (tile count, device): the forward and backward of every step reuse it
+    # (read only) instead of an index kernel and two allocations per launch
     ij = torch.triu_indices(nb, nb, device=device, dtype=torch.int32)
     return ij[0].contiguous(), ij[1].contiguous()
 
