@@ -454,6 +454,10 @@ std::vector<at::Tensor> lse_backward_cpu(const at::Tensor& a, const at::Tensor& 
 //    H_ij = E_ij (a_i + a_j), a_i = g_i exp(c - lse_i). Exact while E >= exp(-2c) stays normal
 //    with margin (2c <= kFixedSpan); beyond that (e.g. temperature 0.01) per-row online shifts,
 //    two exps per pair, so no row underflows to -inf.
+//  * Cross mode (0 < cross < 2N; symmetric InfoNCE with z = [q; k], cross = B): only the pairs
+//    across `cross` are entries, so only the tiles holding one are formed (the q k^T block);
+//    a tile's row sums are q -> k log-sum-exps, its column sums the k -> q ones: 1 product
+//    forward and 3 backward where two same-pass directions take 6.
 // ---------------------------------------------------------------------------------------------
 
 // Tile edge, measured (fastssl.backends.ext.contrastive.block_config documents the figures);
@@ -469,14 +473,18 @@ struct Gram {
   std::vector<std::array<int64_t, 2>> tiles;  // (I0, J0), row panel by row panel
   double shift;                               // c, in the fixed-shift form
   bool fixed;
+  int64_t cross;                              // 0: every pair; else only those across it
 };
 
 Gram prepare_gram(const at::Tensor& z, const at::Tensor& self_col, const at::Tensor& pos_col,
-                  double scale, bool exclude_pos) {
+                  double scale, bool exclude_pos, int64_t cross) {
   check_matrix(z, "z");
   Gram o;
   o.n = z.size(0);
   o.d = z.size(1);
+  TORCH_CHECK(cross == 0 || (cross > 0 && cross < o.n), "cross: expected 0 or 0 < cross < ",
+              o.n, ", got ", cross);
+  o.cross = cross;
   check_columns(self_col, "self_col", o.n, o.n);
   check_columns(pos_col, "pos_col", o.n, o.n);
   o.sc = self_col.contiguous();
@@ -498,7 +506,9 @@ Gram prepare_gram(const at::Tensor& z, const at::Tensor& self_col, const at::Ten
   o.t = std::max<int64_t>(1, g_gram_block.load());
   const int64_t nb = (o.n + o.t - 1) / o.t;
   for (int64_t i = 0; i < nb; ++i)
-    for (int64_t j = i; j < nb; ++j) o.tiles.push_back({i * o.t, j * o.t});
+    for (int64_t j = i; j < nb; ++j)  // cross mode: the tiles holding a pair across `cross`
+      if (cross == 0 || (i * o.t < cross && std::min(o.n, (j + 1) * o.t) > cross))
+        o.tiles.push_back({i * o.t, j * o.t});
   const double r2 = o.n > 0 ? (o.Z * o.Z).sum(1).max().item<double>() : 0.0;
   o.shift = scale * r2;
   const double span = o.acc == at::kDouble ? 600.0 : 64.0;  // exp(-span) well above the minimum normal
@@ -518,11 +528,26 @@ void mask_tile(T* x, int64_t i0, int64_t ni, int64_t j0, int64_t nj,
     }
 }
 
-void mask_tile_t(at::Tensor& x, int64_t i0, int64_t j0, const std::vector<const int64_t*>& masks,
-                 double value) {
+// Same-side pairs of a tile straddling `cross` = value (cross mode; none when the tile lies
+// across it, as every tile does when cross is a multiple of the tile edge).
+template <typename T>
+void mask_same_side(T* x, int64_t i0, int64_t ni, int64_t j0, int64_t nj, int64_t cross,
+                    T value) {
+  for (int64_t i = 0; i < ni; ++i) {
+    const bool low = i0 + i < cross;
+    for (int64_t j = 0; j < nj; ++j)
+      if ((j0 + j < cross) == low) x[i * nj + j] = value;
+  }
+}
+
+void mask_tile_t(at::Tensor& x, int64_t i0, int64_t j0, const Gram& o, double value) {
+  const int64_t ni = x.size(0), nj = x.size(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mask_tile", [&] {
-    mask_tile<scalar_t>(x.data_ptr<scalar_t>(), i0, x.size(0), j0, x.size(1), masks,
-                        static_cast<scalar_t>(value));
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    mask_tile<scalar_t>(xp, i0, ni, j0, nj, o.masks, static_cast<scalar_t>(value));
+    const bool straddles = o.cross > 0 && ((i0 < o.cross && i0 + ni > o.cross) ||
+                                           (j0 < o.cross && j0 + nj > o.cross));
+    if (straddles) mask_same_side<scalar_t>(xp, i0, ni, j0, nj, o.cross, static_cast<scalar_t>(value));
   });
 }
 
@@ -548,9 +573,9 @@ void merge_lse(at::Tensor m, at::Tensor s, at::Tensor w, const at::Tensor& x, in
 // weighted; 0 on a row whose columns are all masked).
 std::vector<at::Tensor> gram_lse_forward_cpu(const at::Tensor& z, const at::Tensor& self_col,
                                              const at::Tensor& pos_col, double scale,
-                                             bool exclude_pos, bool weighted) {
+                                             bool exclude_pos, bool weighted, int64_t cross) {
   at::NoGradGuard no_grad;
-  const Gram o = prepare_gram(z, self_col, pos_col, scale, exclude_pos);
+  const Gram o = prepare_gram(z, self_col, pos_col, scale, exclude_pos, cross);
   const int64_t n = o.n, t = o.t, ntiles = static_cast<int64_t>(o.tiles.size());
   const double inf = std::numeric_limits<double>::infinity();
   const double c = o.fixed ? o.shift : 0.0;
@@ -577,7 +602,7 @@ std::vector<at::Tensor> gram_lse_forward_cpu(const at::Tensor& z, const at::Tens
         at::Tensor wx;
         if (weighted) wx = tile_view(w_buf, ni, nj).copy_(x);
         x.exp_();
-        mask_tile_t(x, i0, j0, o.masks, 0.0);
+        mask_tile_t(x, i0, j0, o, 0.0);
         s_t.narrow(0, i0, ni).add_(x.sum(1));
         if (j0 != i0) s_t.narrow(0, j0, nj).add_(x.sum(0));
         if (weighted) {
@@ -588,7 +613,7 @@ std::vector<at::Tensor> gram_lse_forward_cpu(const at::Tensor& z, const at::Tens
       } else {
         at::mm_out(x, zi, zj.t());
         x.mul_(scale);
-        mask_tile_t(x, i0, j0, o.masks, -inf);
+        mask_tile_t(x, i0, j0, o, -inf);
         auto rows = [&](at::Tensor v, int64_t r0, int64_t len) {
           return v.defined() ? v.narrow(0, r0, len) : v;
         };
@@ -620,9 +645,9 @@ std::vector<at::Tensor> gram_lse_forward_cpu(const at::Tensor& z, const at::Tens
 // dz = scale (G + G^T) Z of sum_i g_i lse_i, each upper-triangle tile recomputed once.
 at::Tensor gram_lse_backward_cpu(const at::Tensor& z, const at::Tensor& self_col,
                                  const at::Tensor& pos_col, double scale, bool exclude_pos,
-                                 const at::Tensor& lse, const at::Tensor& g) {
+                                 const at::Tensor& lse, const at::Tensor& g, int64_t cross) {
   at::NoGradGuard no_grad;
-  const Gram o = prepare_gram(z, self_col, pos_col, scale, exclude_pos);
+  const Gram o = prepare_gram(z, self_col, pos_col, scale, exclude_pos, cross);
   const int64_t n = o.n, d = o.d, t = o.t, ntiles = static_cast<int64_t>(o.tiles.size());
   auto vec = [n](const at::Tensor& v, const char* name) {
     TORCH_CHECK(v.device().is_cpu() && v.dim() == 1 && v.size(0) == n &&
@@ -680,7 +705,7 @@ at::Tensor gram_lse_backward_cpu(const at::Tensor& z, const at::Tensor& self_col
       }
       // masked entries (only they may be inf or NaN: a row of only masked columns has lse
       // -inf) zeroed after the exps
-      mask_tile_t(h, i0, j0, o.masks, 0.0);
+      mask_tile_t(h, i0, j0, o, 0.0);
       dz_t.narrow(0, i0, ni).addmm_(h, zj);
       if (j0 != i0) dz_t.narrow(0, j0, nj).addmm_(h.t(), zi);
     }

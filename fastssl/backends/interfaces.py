@@ -53,15 +53,20 @@ class ContrastiveKernels(Protocol):
         """Same pass: (lse_s, lse_t, wmean, u_s, u_t), u the per-row gradients in q."""
 
     def gram_lse_forward(self, z: Tensor, self_col: Tensor, pos_col: Tensor, scale: float,
-                         exclude_pos: bool, weighted: bool) -> tuple[Tensor, Tensor]:
+                         exclude_pos: bool, weighted: bool, cross: int = 0
+                         ) -> tuple[Tensor, Tensor]:
         """Symmetric schedule (issue 25): (lse, wmean) of the rows of X = scale * z @ z.T with
         symmetric masks (self_col[i] in (i, -1); pos_col[pos_col[i]] = i), each upper-triangle
-        tile serving itself and its transpose; wmean empty unless weighted. Accumulation dtype."""
+        tile serving itself and its transpose; wmean empty unless weighted. Accumulation dtype.
+        cross: 0, every pair; 0 < cross < M, only the pairs across it ((i < cross) != (j <
+        cross)) are entries, the others masked (symmetric InfoNCE: z = [q; k], cross = B, the
+        row and column log-sum-exps of q k^T); any other value a ValueError naming `cross`."""
 
     def gram_lse_backward(self, z: Tensor, self_col: Tensor, pos_col: Tensor, scale: float,
-                          exclude_pos: bool, lse: Tensor, g: Tensor) -> Tensor:
+                          exclude_pos: bool, lse: Tensor, g: Tensor, cross: int = 0) -> Tensor:
         """Symmetric schedule: dz = scale * (G + G^T) z, G_ij = g_i softmax(X)_ij, each
-        upper-triangle tile recomputed once for both its rows and its columns."""
+        upper-triangle tile recomputed once for both its rows and its columns; cross as in
+        the forward."""
 
 
 class SphereKernels(Protocol):

@@ -306,12 +306,23 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, normalize=True,
         # row i's positive is column labels[i] of the (gathered) keys
         ce_sum = _cross_entropy_sum(tap(qn), k_all, no_self, labels, scale, backend)
         return dist_utils.reduce_loss(ce_sum / n)
+    if not dist_on and ops.use_gram(backend, 2 * b):
+        # symmetric, one process: the symmetric schedule's cross mode over z = [q; k] forms
+        # only the q k^T tiles, each giving its rows' (q -> k) and columns' (k -> q) statistics:
+        # 1 product forward, 3 backward (two same-pass directions: 6)
+        z = torch.cat([qn, kn])
+        ar = torch.arange(b, device=q.device)
+        lse, _ = ops.contrastive_lse_sym(tap(z, 2), torch.full((2 * b,), -1, dtype=torch.long,
+                                                                device=q.device),
+                                         torch.cat([ar + b, ar]), scale, False, False, backend,
+                                         b)
+        return _sym_terms(lse, z, scale_mul) / (2 * n)
     if not dist_on and ops.has_same_pass(backend):
         # symmetric, one process: each direction as the row cross-entropies of its own product
         # (q k^T, then k q^T), the per-row terms read from log_softmax at the positive as eager
-        # cross-entropy does: float32 error at eager's (the one-pass form below takes each
-        # term as lse - pos, rounded at the logits' magnitude, about twice eager's error),
-        # for 6 products instead of 4
+        # cross-entropy does: float32 error at eager's (the one-pass forms take each term as
+        # lse - pos, rounded at the logits' magnitude, about twice eager's error at these
+        # sizes), for 6 products instead of 4; from GRAM_MIN_ROWS rows the symmetric schedule
         ce_qk = _cross_entropy_sum(tap(qn), kn, no_self, labels, scale, backend)
         ce_kq = _cross_entropy_sum(tap(kn), qn, no_self, labels, scale, backend)
         return 0.5 * (ce_qk + ce_kq) / n

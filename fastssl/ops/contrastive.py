@@ -10,9 +10,10 @@ Three ops (the losses in ``fastssl.functional.contrastive`` compose them with O(
   split >= C), wmean[i] = softmax-weighted mean of row i's logits over the same columns as lse0
   (empty unless weighted; no gradient), col_lse[j] = log-sum-exp of column j (empty unless
   col_stats).
-* ``fastssl::contrastive_lse_sym(z, self_col, pos_col, scale, exclude_pos, weighted, backend)
-  -> (lse, wmean)``: the same with a = b = z and symmetric masks (single-process NT-Xent and
-  SogCLR), whose backward needs one pass instead of two.
+* ``fastssl::contrastive_lse_sym(z, self_col, pos_col, scale, exclude_pos, weighted, backend,
+  cross=0) -> (lse, wmean)``: the same with a = b = z and symmetric masks (single-process
+  NT-Xent and SogCLR), whose backward needs one pass instead of two; with cross > 0 only the
+  pairs across row `cross` are entries (single-process symmetric InfoNCE, z = [q; k]).
 * ``fastssl::sce_stats(q, k, cols, self_col, scale_s, scale_t, backend) -> (lse_s, lse_t,
   wmean)``: student X = scale_s * q @ cols.T, teacher Y = scale_t * k @ cols.T with
   (i, self_col[i]) masked in Y only; lse_s, lse_t the row log-sum-exps, wmean[i] = sum_j
@@ -253,10 +254,14 @@ def use_gram(backend: str, rows: int) -> bool:
 @torch.library.custom_op("fastssl::contrastive_lse_sym", mutates_args=())
 @entry("contrastive_lse_sym", **_SYM_SPEC)
 def contrastive_lse_sym(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.Tensor,
-                        scale: float, exclude_pos: bool, weighted: bool, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        scale: float, exclude_pos: bool, weighted: bool, backend: str,
+                        cross: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """contrastive_lse with b = a = z and symmetric masks (self_col[i] = i, and pos_col[j] = i
     whenever pos_col[i] = j): lse and wmean of every row of the symmetric X = scale z z.T.
+
+    cross > 0 (entries with the symmetric schedule only): only the pairs across row `cross`
+    are entries. With z = [q; k] and cross = B, lse[:B] are the row log-sum-exps of
+    scale q k^T and lse[B:] its column ones (symmetric InfoNCE), from the q k^T tiles alone.
 
     Entries with the symmetric schedule (``has_gram``) form each upper-triangle tile once for
     its rows and its transpose, in the forward and in the backward. Otherwise the backward is
@@ -266,17 +271,24 @@ def contrastive_lse_sym(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.
     """
     if has_gram(backend):
         lse, wmean = TABLE[backend].gram_lse_forward(z, self_col, pos_col, scale, exclude_pos,
-                                                     weighted)
+                                                     weighted, cross)
     else:
+        _cross_needs_gram(cross, backend)
         lse, _, wmean, _ = TABLE[backend].lse_forward(z, z, self_col, pos_col, scale,
                                                       z.shape[0], exclude_pos, weighted, False)
     dt = _stats_dtype(z)
     return lse.to(dt).contiguous(), wmean.to(dt).contiguous()
 
 
+def _cross_needs_gram(cross: int, backend: str) -> None:
+    if cross:
+        raise RuntimeError(f"fastssl::contrastive_lse_sym: cross={cross} needs the symmetric "
+                           f"schedule, which backend {backend!r} does not have")
+
+
 @contrastive_lse_sym.register_fake
 @entry("contrastive_lse_sym", **_SYM_SPEC)
-def _(z, self_col, pos_col, scale, exclude_pos, weighted, backend):
+def _(z, self_col, pos_col, scale, exclude_pos, weighted, backend, cross=0):
     dt = _stats_dtype(z)
     return z.new_empty(z.shape[0], dtype=dt), z.new_empty(z.shape[0] if weighted else 0, dtype=dt)
 
@@ -285,10 +297,12 @@ def _(z, self_col, pos_col, scale, exclude_pos, weighted, backend):
 @entry("contrastive_lse_sym_backward", **_SYM_BWD_SPEC)
 def contrastive_lse_sym_backward(z: torch.Tensor, self_col: torch.Tensor, pos_col: torch.Tensor,
                                  scale: float, exclude_pos: bool, lse: torch.Tensor,
-                                 g: torch.Tensor, backend: str) -> torch.Tensor:
+                                 g: torch.Tensor, backend: str, cross: int = 0) -> torch.Tensor:
     if has_gram(backend):
-        dz = TABLE[backend].gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g)
+        dz = TABLE[backend].gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g,
+                                              cross)
     else:
+        _cross_needs_gram(cross, backend)
         empty = lse[:0]
         dz, _ = TABLE[backend].lse_backward(z, z, self_col, pos_col, scale, z.shape[0],
                                             exclude_pos, lse, empty, lse, g, empty, g,
@@ -298,22 +312,22 @@ def contrastive_lse_sym_backward(z: torch.Tensor, self_col: torch.Tensor, pos_co
 
 @contrastive_lse_sym_backward.register_fake
 @entry("contrastive_lse_sym_backward", **_SYM_BWD_SPEC)
-def _(z, self_col, pos_col, scale, exclude_pos, lse, g, backend):
+def _(z, self_col, pos_col, scale, exclude_pos, lse, g, backend, cross=0):
     return torch.empty_like(z)
 
 
 def _lse_sym_setup_context(ctx, inputs, output):
-    z, self_col, pos_col, scale, exclude_pos, _weighted, backend = inputs
+    z, self_col, pos_col, scale, exclude_pos, _weighted, backend, cross = inputs
     ctx.save_for_backward(z, self_col, pos_col, output[0])
-    ctx.args = (scale, exclude_pos, backend)
+    ctx.args = (scale, exclude_pos, backend, cross)
 
 
 def _lse_sym_backward(ctx, g, _g_wmean):
     z, self_col, pos_col, lse = ctx.saved_tensors
-    scale, exclude_pos, backend = ctx.args
+    scale, exclude_pos, backend, cross = ctx.args
     dz = contrastive_lse_sym_backward(z, self_col, pos_col, scale, exclude_pos, lse,
-                                      _zeros_if_none(g, lse), backend)
-    return dz, None, None, None, None, None, None
+                                      _zeros_if_none(g, lse), backend, cross)
+    return dz, None, None, None, None, None, None, None
 
 
 contrastive_lse_sym.register_autograd(_lse_sym_backward, setup_context=_lse_sym_setup_context)

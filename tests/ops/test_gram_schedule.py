@@ -1,8 +1,9 @@
 """The symmetric tile schedule of the contrastive family (issue 25): gram_lse_forward /
 gram_lse_backward of the "cpp" and "torch" entries against full float64 matrices (tile edges,
 masks, weights, the fixed-shift and the per-row-shift forms), the registered symmetric ops
-through them, and the losses that route through them (NT-Xent, DCL, DCLW, SogCLR) against
-fastssl.reference. Before issue 25 neither entry had these methods."""
+through them, and the losses that route through them (NT-Xent, DCL, DCLW, SogCLR, and
+single-process symmetric InfoNCE through the cross mode) against fastssl.reference. Before
+issue 25 neither entry had these methods."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,14 +36,18 @@ def _layout(b):
     return torch.cat([ar, b + ar]), torch.cat([b + ar, ar])
 
 
-def _full(z, self_col, pos_col, scale, exclude_pos):
-    """(lse, wmean) from the full masked matrix, differentiable (the test's reference)."""
+def _full(z, self_col, pos_col, scale, exclude_pos, cross=0):
+    """(lse, wmean) from the full masked matrix, differentiable (the test's reference); cross
+    > 0 masks the pairs on one side of it."""
     x = scale * z @ z.T
     n = z.shape[0]
     mask = torch.zeros(n, n, dtype=torch.bool)
     for col in ((self_col, pos_col) if exclude_pos else (self_col,)):
         rows = torch.arange(n)[col >= 0]
         mask[rows, col[col >= 0]] = True
+    if cross:
+        low = torch.arange(n) < cross
+        mask |= low[:, None] == low[None, :]
     xm = x.masked_fill(mask, float("-inf"))
     lse = torch.logsumexp(xm, 1)
     p = torch.softmax(xm, 1).nan_to_num(0.0)
@@ -92,6 +97,64 @@ def test_gram_methods_match_full_matrix(backend, case, dtype, tile):
     gscale = scale_tol * zr.grad.abs().max().item() + tol
     torch.testing.assert_close(dz.double(), zr.grad, rtol=0, atol=gscale)
     assert torch.isfinite(dz).all()
+
+
+CROSS_CASES = [
+    # (M, D, scale, cross, normalized): symmetric InfoNCE's layout (cross = M / 2), a cross
+    # inside a tile, at the ends, temperature 0.01 (per-row shifts), large norms
+    (600, 16, 10.0, 300, True), (74, 9, 10.0, 37, True), (75, 5, 3.0, 30, False),
+    (40, 6, 10.0, 1, True), (40, 6, 10.0, 39, True), (140, 8, 100.0, 70, True),
+    (90, 6, 2.0, 45, False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CROSS_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_cross_mode_matches_full_matrix(backend, case, dtype, tile):
+    m, d, scale, cross, normalized = case
+    g = torch.Generator().manual_seed(m * 17 + cross)
+    z = torch.randn(m, d, generator=g, dtype=torch.float64)
+    z = F.normalize(z, dim=1) if normalized else 4.0 * z
+    no_self = torch.full((m,), -1, dtype=torch.long)
+    pos = (torch.arange(m) + cross) % m     # any columns: not excluded
+    zr = z.clone().requires_grad_()
+    lse_ref, w_ref = _full(zr, no_self, pos, scale, False, cross)
+    gvec = torch.randn(m, generator=g, dtype=torch.float64)
+    (lse_ref * gvec).sum().backward()
+    entry = _entry(backend)
+    lse, w = entry.gram_lse_forward(z.to(dtype), no_self, pos, scale, False, True, cross)
+    dz = entry.gram_lse_backward(z.to(dtype), no_self, pos, scale, False, lse_ref.to(dtype),
+                                 gvec.to(dtype), cross)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    scale_tol = tol * max(1.0, scale * z.norm(dim=1).max().item() ** 2)
+    torch.testing.assert_close(lse.double(), lse_ref.detach(), rtol=0, atol=scale_tol)
+    torch.testing.assert_close(w.double(), w_ref.detach(), rtol=0, atol=scale_tol)
+    gscale = scale_tol * zr.grad.abs().max().item() + tol
+    torch.testing.assert_close(dz.double(), zr.grad, rtol=0, atol=gscale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cross", [-1, 8, 9, True])
+def test_gram_cross_refuses_bad_values(backend, cross):
+    z = torch.randn(8, 3)
+    no_self = torch.full((8,), -1, dtype=torch.long)
+    with pytest.raises(ValueError, match="cross"):
+        _entry(backend).gram_lse_forward(z, no_self, no_self, 1.0, False, False, cross)
+    with pytest.raises(ValueError, match="cross"):
+        _entry(backend).gram_lse_backward(z, no_self, no_self, 1.0, False, torch.zeros(8),
+                                          torch.ones(8), cross)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sym_op_cross_gradcheck_float64(backend, tile):
+    z = torch.randn(13, 3, dtype=torch.float64, requires_grad=True)
+    no_self = torch.full((13,), -1, dtype=torch.long)
+
+    def f(z):
+        lse, _ = ops.contrastive_lse_sym(z, no_self, no_self, 2.5, False, False, backend, 6)
+        return lse
+    assert torch.autograd.gradcheck(f, (z,))
 
 
 def test_gram_masked_rows_are_exact_minus_inf():
@@ -169,6 +232,7 @@ LOSSES = {
     "sogclr": (lambda f, a, b: f.sogclr(a, b, torch.arange(a.shape[0]),
                                         torch.full((a.shape[0] + 3,), 0.5, dtype=torch.float32),
                                         gamma=0.9, temperature=0.2)),
+    "info_nce_sym": (lambda f, a, b: f.info_nce(a, b, 0.2, symmetric=True)),
 }
 
 
@@ -194,7 +258,7 @@ def test_losses_through_the_schedule_match_reference(backend, name, monkeypatch)
     torch.testing.assert_close(f2.grad, a2.grad, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["nt_xent", "dcl"])
+@pytest.mark.parametrize("name", ["nt_xent", "dcl", "info_nce_sym"])
 def test_losses_float32_through_the_schedule(name):
     b = ops.GRAM_MIN_ROWS // 2
     g = torch.Generator().manual_seed(1)
@@ -250,5 +314,26 @@ def test_learnable_temperature_through_the_schedule(backend, name):
             loss = getattr(module, name)(a1, z2, t)
         loss.backward()
         grads.append((loss.detach(), t.grad, a1.grad))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learnable_temperature_info_nce_symmetric_cross_mode(backend, monkeypatch):
+    # the tap's share of the symmetric op (half of <z, dz> / scale) in the cross mode too
+    b = ops.GRAM_MIN_ROWS // 2
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(b, 6, generator=g, dtype=torch.float64)
+    k = q + 0.5 * torch.randn(b, 6, generator=g, dtype=torch.float64)
+    calls = _spy(monkeypatch, backend)
+    grads = []
+    for module, be in ((R, "torch"), (functional, backend)):
+        t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        a = q.clone().requires_grad_()
+        with fastssl.use_backend(be):
+            loss = module.info_nce(a, k, t, symmetric=True)
+        loss.backward()
+        grads.append((loss.detach(), t.grad, a.grad))
+    assert calls == ["gram_lse_forward", "gram_lse_backward"]
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastssl import _C
-from fastssl.backends.torch.contrastive import TorchContrastive
+from fastssl.backends.torch.contrastive import TorchContrastive, check_cross
 
 
 class CppContrastive(TorchContrastive):
@@ -37,14 +37,16 @@ class CppContrastive(TorchContrastive):
         return out if len(out) == 5 else out + (out[0].new_empty(0),)
 
     @staticmethod
-    def gram_lse_forward(z, self_col, pos_col, scale, exclude_pos, weighted):
-        return tuple(_C.contrastive_gram_lse_forward_cpu(z, self_col, pos_col, float(scale),
-                                                         bool(exclude_pos), bool(weighted)))
+    def gram_lse_forward(z, self_col, pos_col, scale, exclude_pos, weighted, cross=0):
+        return tuple(_C.contrastive_gram_lse_forward_cpu(
+            z, self_col, pos_col, float(scale), bool(exclude_pos), bool(weighted),
+            check_cross(cross, z.shape[0])))
 
     @staticmethod
-    def gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g):
-        return _C.contrastive_gram_lse_backward_cpu(z, self_col, pos_col, float(scale),
-                                                    bool(exclude_pos), lse, g).to(z.dtype)
+    def gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g, cross=0):
+        return _C.contrastive_gram_lse_backward_cpu(
+            z, self_col, pos_col, float(scale), bool(exclude_pos), lse, g,
+            check_cross(cross, z.shape[0])).to(z.dtype)
 
     @staticmethod
     def sce_grad_forward(q, k, cols, self_col, scale_s, scale_t):

@@ -282,11 +282,30 @@ def torch_sce_backward(q, k, cols, self_col, scale_s, scale_t, lse_s, lse_t, g_l
 GRAM_BLOCK = 512
 
 
-def _gram_tiles(n: int, block: int):
-    """The upper-triangle tile list (I0, I1, J0, J1), row panel by row panel."""
+def check_cross(cross: int, n: int) -> int:
+    """The symmetric schedule's `cross` (0, or a row index strictly inside z), else ValueError."""
+    if isinstance(cross, bool) or not isinstance(cross, int) or not (
+            cross == 0 or 0 < cross < n):
+        raise ValueError(f"cross: expected 0 or 0 < cross < {n}, got {cross!r}")
+    return cross
+
+
+def _gram_tiles(n: int, block: int, cross: int = 0):
+    """The upper-triangle tile list (I0, I1, J0, J1), row panel by row panel; with cross > 0
+    only the tiles holding a pair across it (i0 < cross < j1)."""
     starts = range(0, n, block)
     return [(i0, min(i0 + block, n), j0, min(j0 + block, n))
-            for i0 in starts for j0 in starts if j0 >= i0]
+            for i0 in starts for j0 in starts
+            if j0 >= i0 and (cross == 0 or (i0 < cross < min(j0 + block, n)))]
+
+
+def _mask_same_side(x, i0, i1, j0, j1, cross, value):
+    """In place: the tile's pairs on one side of `cross` (cross mode: not entries) = value."""
+    if cross and (i0 < cross < i1 or j0 < cross < j1):
+        rows = torch.arange(i0, i1, device=x.device)[:, None] < cross
+        cols = torch.arange(j0, j1, device=x.device)[None, :] < cross
+        x.masked_fill_(rows == cols, value)
+    return x
 
 
 def _zero_masked_tile(x, i0, i1, j0, j1, masks, value=0.0):
@@ -316,10 +335,12 @@ def _merge_lse_(m, s, w, x, dim):
     m.copy_(new)
 
 
-def torch_gram_lse_forward(z, self_col, pos_col, scale, exclude_pos, weighted):
+def torch_gram_lse_forward(z, self_col, pos_col, scale, exclude_pos, weighted, cross=0):
     """(lse, wmean) of the rows of X = scale * z z^T (masked), from the upper-triangle tiles:
     tile (I, J) adds its row statistics to rows I and, for I < J, its column statistics to
-    rows J (X symmetric: column j of X_IJ is row j of X_JI). Exact per-row online shifts."""
+    rows J (X symmetric: column j of X_IJ is row j of X_JI). Exact per-row online shifts.
+    cross > 0: only the pairs across it are entries (symmetric InfoNCE's q k^T block)."""
+    check_cross(cross, z.shape[0])
     acc = accumulation_dtype(z)
     zz = z.detach().to(acc)
     n = zz.shape[0]
@@ -327,9 +348,10 @@ def torch_gram_lse_forward(z, self_col, pos_col, scale, exclude_pos, weighted):
     m = zz.new_full((n,), float("-inf"))
     s = zz.new_zeros(n)
     w = zz.new_zeros(n) if weighted else None
-    for i0, i1, j0, j1 in _gram_tiles(n, GRAM_BLOCK):
+    for i0, i1, j0, j1 in _gram_tiles(n, GRAM_BLOCK, cross):
         x = torch.mm(zz[i0:i1], zz[j0:j1].T).mul_(scale)
         _zero_masked_tile(x, i0, i1, j0, j1, masks, float("-inf"))
+        _mask_same_side(x, i0, i1, j0, j1, cross, float("-inf"))
         _merge_lse_(m[i0:i1], s[i0:i1], None if w is None else w[i0:i1], x, 1)
         if j0 != i0:
             _merge_lse_(m[j0:j1], s[j0:j1], None if w is None else w[j0:j1], x, 0)
@@ -340,17 +362,18 @@ def torch_gram_lse_forward(z, self_col, pos_col, scale, exclude_pos, weighted):
     return lse, torch.where(s > 0, w / s, torch.zeros_like(s))
 
 
-def torch_gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g):
+def torch_gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g, cross=0):
     """dz = scale (G + G^T) z, G_ij = g_i P_ij: tile (I, J) recomputed once, its symmetric
     H_IJ = G_IJ + (G_JI)^T (g_i P_ij + g_j P_ji) giving dz_I += H_IJ z_J and, for I < J,
-    dz_J += H_IJ^T z_I."""
+    dz_J += H_IJ^T z_I. cross as in the forward."""
+    check_cross(cross, z.shape[0])
     acc = accumulation_dtype(z)
     zz = z.detach().to(acc)
     n = zz.shape[0]
     masks = (self_col, pos_col) if exclude_pos else (self_col,)
     lse, g = lse.to(acc), g.to(acc)
     dz = torch.zeros_like(zz)
-    for i0, i1, j0, j1 in _gram_tiles(n, GRAM_BLOCK):
+    for i0, i1, j0, j1 in _gram_tiles(n, GRAM_BLOCK, cross):
         x = torch.mm(zz[i0:i1], zz[j0:j1].T).mul_(scale)
         h = (x - lse[i0:i1, None]).exp_().mul_(g[i0:i1, None])
         if j0 == i0:
@@ -360,6 +383,7 @@ def torch_gram_lse_backward(z, self_col, pos_col, scale, exclude_pos, lse, g):
         # masked entries (and only they: a row of only masked columns has lse -inf) may be
         # inf or NaN here; zeroed after the exps
         _zero_masked_tile(h, i0, i1, j0, j1, masks)
+        _mask_same_side(h, i0, i1, j0, j1, cross, 0.0)
         dz[i0:i1].addmm_(h, zz[j0:j1])
         if j0 != i0:
             dz[j0:j1].addmm_(h.T, zz[i0:i1])
