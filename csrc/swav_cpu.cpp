@@ -302,8 +302,10 @@ T swav_ce_impl(const T* s, const T* q, int64_t B, int64_t K, T temp, T* grad, T 
   return static_cast<T>(total);
 }
 
-// float32 cross-entropy rows through the vector kernels (defined with them below)
-float swav_ce_float(const float* s, const float* q, int64_t B, int64_t K, float temp, float* grad,
+// float32 / float16 / bfloat16 cross-entropy rows through the vector kernels (defined with them
+// below)
+template <typename In>
+float swav_ce_float(const In* s, const float* q, int64_t B, int64_t K, float temp, float* grad,
                     float grad_scale);
 
 std::vector<torch::Tensor> sinkhorn_colstats_cpu(const torch::Tensor& s, double eps) {
@@ -338,23 +340,37 @@ torch::Tensor sinkhorn_rowpass_cpu(const torch::Tensor& s, double eps, const tor
   return out;
 }
 
+// Scores float32/float64, or float16/bfloat16 read as they are (float targets, float loss and
+// gradient): the swapped-prediction cross-entropy and, with compute_grad, its gradient in s.
 std::vector<torch::Tensor> swav_cross_entropy_cpu(const torch::Tensor& s, const torch::Tensor& q,
                                                   double temperature, bool compute_grad,
                                                   double grad_scale) {
-  check_scores(s, "swav_cross_entropy_cpu");
+  const bool half = s.scalar_type() == torch::kHalf || s.scalar_type() == torch::kBFloat16;
+  if (half) {
+    TORCH_CHECK(s.device().is_cpu() && s.dim() == 2 && s.is_contiguous() && s.numel() > 0,
+                "swav_cross_entropy_cpu: scores must be a non-empty contiguous 2-D CPU tensor, "
+                "got ", s.sizes(), " on ", s.device());
+  } else {
+    check_scores(s, "swav_cross_entropy_cpu");
+  }
   TORCH_CHECK(temperature > 0, "swav_cross_entropy_cpu: temperature must be > 0, got ", temperature);
+  const auto acc = half ? torch::kFloat32 : s.scalar_type();
   TORCH_CHECK(q.device().is_cpu() && q.sizes() == s.sizes() && q.is_contiguous() &&
-                  q.scalar_type() == s.scalar_type(),
-              "swav_cross_entropy_cpu: targets must be a contiguous CPU ", s.scalar_type(),
+                  q.scalar_type() == acc,
+              "swav_cross_entropy_cpu: targets must be a contiguous CPU ", acc,
               " tensor of shape ", s.sizes(), ", got ", q.sizes(), " ", q.scalar_type());
   const int64_t B = s.size(0), K = s.size(1);
-  auto loss = torch::empty({}, s.options());
-  auto grad = compute_grad ? torch::empty({B, K}, s.options()) : torch::empty({0}, s.options());
+  const auto opts = s.options().dtype(acc);
+  auto loss = torch::empty({}, opts);
+  auto grad = compute_grad ? torch::empty({B, K}, opts) : torch::empty({0}, opts);
+  float* gp = compute_grad && acc == torch::kFloat32 ? grad.data_ptr<float>() : nullptr;
+  const float t = static_cast<float>(temperature), gs = static_cast<float>(grad_scale);
   if (s.scalar_type() == torch::kFloat32) {
-    loss.fill_(swav_ce_float(s.data_ptr<float>(), q.data_ptr<float>(), B, K,
-                             static_cast<float>(temperature),
-                             compute_grad ? grad.data_ptr<float>() : nullptr,
-                             static_cast<float>(grad_scale)));
+    loss.fill_(swav_ce_float(s.data_ptr<float>(), q.data_ptr<float>(), B, K, t, gp, gs));
+  } else if (s.scalar_type() == torch::kHalf) {
+    loss.fill_(swav_ce_float(s.data_ptr<c10::Half>(), q.data_ptr<float>(), B, K, t, gp, gs));
+  } else if (s.scalar_type() == torch::kBFloat16) {
+    loss.fill_(swav_ce_float(s.data_ptr<c10::BFloat16>(), q.data_ptr<float>(), B, K, t, gp, gs));
   } else {
     loss.fill_(swav_ce_impl<double>(s.data_ptr<double>(), q.data_ptr<double>(), B, K, temperature,
                                     compute_grad ? grad.data_ptr<double>() : nullptr, grad_scale));
@@ -554,8 +570,10 @@ FASTSSL_INLINE void k_scale_acc(float* acc, const float* e, const float* w, floa
 // (sum_k q) log l - sum_k q (z - m), z = s / T; with grad, writes (softmax(z) sum_k q - q) gmul,
 // gmul = grad_scale / T (the backward's incoming gradient folded in: no pass to scale it).
 // The target sums run in double (float sums of K terms would cost ~1e-5 of log K).
-template <int W>
-FASTSSL_INLINE double k_ce_row(const float* s, const float* q, int64_t K, float inv_t,
+// Scores are read in their own dtype (float16/bfloat16 widened per vector, as the Sinkhorn
+// reads them): no float32 copy of the B x K scores per call.
+template <int W, typename In>
+FASTSSL_INLINE double k_ce_row(const In* s, const float* q, int64_t K, float inv_t,
                                float gmul, float* grad) {
   using F = typename Vec<W>::f;
   using D = typename Vec<W>::d;
@@ -566,7 +584,7 @@ FASTSSL_INLINE double k_ce_row(const float* s, const float* q, int64_t K, float 
     mv = v > mv ? v : mv;
   }
   float m = hmax<W>(mv);
-  for (; k < K; ++k) m = s[k] > m ? s[k] : m;
+  for (; k < K; ++k) m = static_cast<float>(s[k]) > m ? static_cast<float>(s[k]) : m;
   // z - m = s / T - m / T; m / T is the max of s / T (division by T > 0 keeps the order)
   const float mz = m * inv_t;
   F lv = F{};
@@ -586,7 +604,8 @@ FASTSSL_INLINE double k_ce_row(const float* s, const float* q, int64_t K, float 
     float d[W], qt[W];
     for (int j = 0; j < W; ++j) {
       const bool in = k + j < K;
-      d[j] = in ? s[k + j] * inv_t - mz : -std::numeric_limits<float>::infinity();
+      d[j] = in ? static_cast<float>(s[k + j]) * inv_t - mz
+                : -std::numeric_limits<float>::infinity();
       qt[j] = in ? q[k + j] : 0.0f;
     }
     const F e = vexp<W>(vload<W>(d));
@@ -618,6 +637,8 @@ struct RowKernels {
   void (*scale_store)(float*, const float*, float, int64_t);
   void (*scale_acc)(float*, const float*, const float*, float, int64_t);
   double (*ce_row)(const float*, const float*, int64_t, float, float, float*);
+  double (*ce_row_h)(const c10::Half*, const float*, int64_t, float, float, float*);
+  double (*ce_row_b)(const c10::BFloat16*, const float*, int64_t, float, float, float*);
 };
 
 #define FASTSSL_ROW_KERNELS(NS, W, TARGET)                                                        \
@@ -648,8 +669,17 @@ struct RowKernels {
   TARGET double ce_row(const float* s, const float* q, int64_t K, float it, float gm, float* g) { \
     return k_ce_row<W>(s, q, K, it, gm, g);                                                     \
   }                                                                                             \
+  TARGET double ce_row_h(const c10::Half* s, const float* q, int64_t K, float it, float gm,     \
+                         float* g) {                                                            \
+    return k_ce_row<W>(s, q, K, it, gm, g);                                                     \
+  }                                                                                             \
+  TARGET double ce_row_b(const c10::BFloat16* s, const float* q, int64_t K, float it, float gm, \
+                         float* g) {                                                            \
+    return k_ce_row<W>(s, q, K, it, gm, g);                                                     \
+  }                                                                                             \
   const RowKernels table = {#NS,     colmax_f, colmax_h,    colmax_b,  expsum_f, expsum_h,       \
-                            expsum_b, dot_top,  scale_store, scale_acc, ce_row};                 \
+                            expsum_b, dot_top,  scale_store, scale_acc, ce_row,   ce_row_h,      \
+                            ce_row_b};                                                          \
   }
 
 FASTSSL_ROW_KERNELS(baseline, 4, )
@@ -727,15 +757,28 @@ inline void row_scale_acc(double* a, const double* e, const double* w, double in
   for (int64_t k = 0; k < K; ++k) a[k] += e[k] * w[k] * inv;
 }
 
-// float32 rows of swav_cross_entropy_cpu through the chosen kernels
-float swav_ce_float(const float* s, const float* q, int64_t B, int64_t K, float temp, float* grad,
+inline double ce_row(const float* s, const float* q, int64_t K, float it, float gm, float* g) {
+  return g_rows->ce_row(s, q, K, it, gm, g);
+}
+inline double ce_row(const c10::Half* s, const float* q, int64_t K, float it, float gm, float* g) {
+  return g_rows->ce_row_h(s, q, K, it, gm, g);
+}
+inline double ce_row(const c10::BFloat16* s, const float* q, int64_t K, float it, float gm,
+                     float* g) {
+  return g_rows->ce_row_b(s, q, K, it, gm, g);
+}
+
+// float32 / float16 / bfloat16 rows of swav_cross_entropy_cpu through the chosen kernels (float
+// targets, float arithmetic and gradient)
+template <typename In>
+float swav_ce_float(const In* s, const float* q, int64_t B, int64_t K, float temp, float* grad,
                     float grad_scale) {
   const int nt = num_threads(B * K);
   const float inv_t = 1.0f / temp, gmul = inv_t * grad_scale;
   double total = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
   for (int64_t b = 0; b < B; ++b)
-    total += g_rows->ce_row(s + b * K, q + b * K, K, inv_t, gmul, grad ? grad + b * K : nullptr);
+    total += ce_row(s + b * K, q + b * K, K, inv_t, gmul, grad ? grad + b * K : nullptr);
   return static_cast<float>(total);
 }
 

@@ -139,3 +139,26 @@ def test_cross_entropy_float64_grad_scale():
     _, g1 = _C.swav_cross_entropy_cpu(s, q, 0.2, True)
     _, g3 = _C.swav_cross_entropy_cpu(s, q, 0.2, True, 3.0)
     torch.testing.assert_close(g3, 3.0 * g1, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compute_grad,grad_scale", [(True, 1.0), (True, -2.5), (False, 1.0)])
+def test_cross_entropy_reads_half_scores_as_they_are(isa, dtype, compute_grad, grad_scale):
+    # float16/bfloat16 scores go into the kernel without a float32 copy (issue 25: the copies
+    # were SwAV's half-precision deficit against lightly); the widening is exact, so the loss
+    # and the float32 gradient equal those of the same scores upcast beforehand, bit for bit
+    g = torch.Generator().manual_seed(4)
+    for b, k in ((13, 37), (4, 3000), (2, 5)):  # tails of every vector width
+        s = (3 * torch.randn(b, k, generator=g)).to(dtype)
+        q = torch.softmax(torch.randn(b, k, generator=g), dim=1)
+        loss, grad = _C.swav_cross_entropy_cpu(s, q, 0.1, compute_grad, grad_scale)
+        want_loss, want_grad = _C.swav_cross_entropy_cpu(s.float(), q, 0.1, compute_grad,
+                                                         grad_scale)
+        assert loss.dtype == grad.dtype == torch.float32
+        assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+
+
+def test_cross_entropy_half_scores_need_float_targets():
+    s = torch.randn(3, 8).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="targets must be a contiguous CPU Float"):
+        _C.swav_cross_entropy_cpu(s, torch.softmax(s.float(), 1).to(torch.bfloat16), 0.1, True)

@@ -1,11 +1,16 @@
 """The cpp and cuda backends of the swav family: glue over fastssl._C (csrc/swav_cpu.cpp:
-OpenMP and vector kernels, the Sinkhorn reading float16/bfloat16 as they are and the
-cross-entropy upcasting them first; csrc/swav_cuda.cu through csrc/swav_cuda_glue.cpp)."""
+OpenMP and vector kernels, the Sinkhorn and the cross-entropy reading float16/bfloat16 as
+they are; csrc/swav_cuda.cu through csrc/swav_cuda_glue.cpp)."""
 from __future__ import annotations
+
+import torch
 
 from fastssl import _C
 from fastssl._validation import accumulation_dtype
 from fastssl.backends.torch.swav import log_domain_sinkhorn
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _cpp_input(scores):
@@ -28,15 +33,15 @@ class CppSwav:
     @staticmethod
     def cross_entropy(scores, targets, temperature, compute_grad, grad_scale=None):
         acc = accumulation_dtype(scores)
+        # float16/bfloat16 scores go in as they are (the kernel widens them per vector: no
+        # float32 copy); the targets (Sinkhorn codes, float32 already) in the float dtype
+        s = scores.contiguous() if scores.dtype in _HALF else _cpp_input(scores)
+        q = targets.to(acc).contiguous()
         # the scale is folded into the kernel's gradient pass, its value read in C++ (a CPU
         # tensor: no device sync, and no host read in the traced Python)
         if grad_scale is None:
-            return tuple(_C.swav_cross_entropy_cpu(_cpp_input(scores),
-                                                   targets.to(acc).contiguous(), temperature,
-                                                   compute_grad))
-        return tuple(_C.swav_cross_entropy_scaled_cpu(_cpp_input(scores),
-                                                      targets.to(acc).contiguous(), temperature,
-                                                      compute_grad,
+            return tuple(_C.swav_cross_entropy_cpu(s, q, temperature, compute_grad))
+        return tuple(_C.swav_cross_entropy_scaled_cpu(s, q, temperature, compute_grad,
                                                       grad_scale.detach().reshape(1)))
 
 
