@@ -6,6 +6,7 @@
 //   a -= log sum_b softmax_k(x[b, :] + a)[k]     (n - 1 times, rowpass with write_codes=false)
 // so the B x K matrix is only ever read (never a Q matrix written), each pass one read,
 // and every exponent is max-shifted (no overflow for any epsilon or input range).
+#include <atomic>
 #include <torch/extension.h>
 
 // The vector kernels pass 32/64-byte vectors only between always-inline functions; the note
@@ -138,8 +139,12 @@ inline double exp_inplace_sum(double* buf, int64_t K) {
 // SwAV cross-entropy gradient (no gain measured in the loss's forward+backward, B = 1024 x 2
 // crops and 512 x 8 crops, K = 3000: on/off within the noise, only 0.3-3.6 huge-page faults a
 // step, so its buffers mostly reuse mapped memory) nor the distributed row pass (not measured).
+// On by default; settable for the A/B measurement (swav_huge_page_advice).
+std::atomic<bool> g_huge_advice{true};
+
 void advise_huge_pages(const torch::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!g_huge_advice.load()) return;
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const size_t n = t.nbytes();
   if (n < 2 * kHuge) return;
@@ -970,6 +975,14 @@ void init_swav_cpu(pybind11::module_& m) {
   m.def("swav_cpu_isa", &swav_cpu_isa, pybind11::arg("name") = std::string(),
         "Vector kernel set of the CPU SwAV ops; a name selects another available set");
   m.def("swav_cpu_isas", &swav_cpu_isas, "Vector kernel sets this CPU can run");
+  m.def(
+      "swav_huge_page_advice",
+      [](int64_t on) {
+        if (on >= 0) g_huge_advice.store(on != 0);
+        return g_huge_advice.load();
+      },
+      pybind11::arg("on") = -1,
+      "whether the Sinkhorn codes get MADV_HUGEPAGE (set first when on >= 0; measurement only)");
   m.def("swav_cpu_exp", &swav_cpu_exp, pybind11::arg("x"),
         "exp of a float32 vector with the SwAV kernels' polynomial (for its accuracy test)");
   m.def("sinkhorn_colstats_cpu", &sinkhorn_colstats_cpu, pybind11::arg("scores"),

@@ -162,3 +162,18 @@ def test_cross_entropy_half_scores_need_float_targets():
     s = torch.randn(3, 8).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="targets must be a contiguous CPU Float"):
         _C.swav_cross_entropy_cpu(s, torch.softmax(s.float(), 1).to(torch.bfloat16), 0.1, True)
+
+
+def test_huge_page_advice_toggle_keeps_the_codes():
+    # the advice is a measurement switch (bench/sinkhorn_thp.py): it may change the pages,
+    # never the values
+    before = _C.swav_huge_page_advice()
+    s = _scores(512, 2100, 5).float()  # > 4 MiB of codes: whole 2 MiB pages inside
+    try:
+        assert _C.swav_huge_page_advice(1) is True
+        on = _C.sinkhorn_cached_cpu(s, 0.05, 3)
+        assert _C.swav_huge_page_advice(0) is False
+        off = _C.sinkhorn_cached_cpu(s, 0.05, 3)
+    finally:
+        _C.swav_huge_page_advice(int(before))
+    assert torch.equal(on, off)
