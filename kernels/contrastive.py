@@ -21,7 +21,8 @@ Three kernel sets:
 * ``gram``: the symmetric schedule (issue 25) for X = scale * Z @ Z.T with symmetric masks
   (NT-Xent, DCL, SogCLR on one process): each upper-triangle tile serves its rows and its
   transpose's, so the forward costs half a Gram product and the backward one and a half (two
-  in all, against three for the symmetric op on the lse kernels). See "Symmetric schedule".
+  in all, against three for the symmetric op on the lse kernels). Its cross mode serves
+  symmetric InfoNCE on z = [q; k] from the q x k tiles only. See "Symmetric schedule".
 
 Every tile accumulates in float32 (float32, bfloat16, float16 inputs; the gram kernels also take
 float64, accumulated in float64); the feature dimension is looped over in chunks of BLOCK_D, so
