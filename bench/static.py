@@ -101,17 +101,20 @@ def _cases():
                  partial(KC.sce_forward, a, a, b, idx, 10.0, 20.0)),
                 ("contrastive", "sce_bwd", dn, size,
                  partial(KC.sce_backward, a, a, b, idx, 10.0, 20.0, vec, vec, vec, vec))]
-    # the symmetric schedule (issue 25) as NT-Xent, DCL and SogCLR call it, float64 included;
-    # a forward launches three binaries (the shifted pass and the exact fallback's two)
+    # the symmetric schedule (issue 25) as NT-Xent, DCL, SogCLR and symmetric InfoNCE (cross
+    # mode, cross = n: a runtime argument that is not specialised, so it shares their binaries)
+    # call it, float64 included; a forward launches three binaries (the shifted pass and the
+    # exact fallback's two)
     for dn, dt in dtypes64.items():
         z, zidx = m(2 * n, d, dtype=dt), m(2 * n, dtype=torch.int64)
         zvec = m(2 * n, dtype=f64 if dt == f64 else f32)
-        for name, (ex, w) in {"nt_xent": (False, False), "dcl": (True, False),
-                              "sogclr": (True, True)}.items():
+        for name, (ex, w, cross) in {"nt_xent": (False, False, 0), "dcl": (True, False, 0),
+                                     "sogclr": (True, True, 0),
+                                     "info_nce_sym": (False, False, n)}.items():
             out += [("contrastive", f"gram_fwd[{name}]", dn, f"M={2 * n},D={d}",
-                     partial(KC.gram_lse_forward, z, zidx, zidx, 1.0, ex, w)),
+                     partial(KC.gram_lse_forward, z, zidx, zidx, 1.0, ex, w, cross)),
                     ("contrastive", f"gram_bwd[{name}]", dn, f"M={2 * n},D={d}",
-                     partial(KC.gram_lse_backward, z, zidx, zidx, 1.0, ex, zvec, zvec))]
+                     partial(KC.gram_lse_backward, z, zidx, zidx, 1.0, ex, zvec, zvec, cross))]
     # sphere: SFRIK's series (kind 0, 3 Gegenbauer degrees) and AUH's Gaussian (kind 1), each
     # symmetric (x against itself) and not; tiles do not depend on the size.
     n, d = 4096, 32768

@@ -21,7 +21,8 @@ Three kernel sets:
 * ``gram``: the symmetric schedule (issue 25) for X = scale * Z @ Z.T with symmetric masks
   (NT-Xent, DCL, SogCLR on one process): each upper-triangle tile serves its rows and its
   transpose's, so the forward costs half a Gram product and the backward one and a half (two
-  in all, against three for the symmetric op on the lse kernels). See "Symmetric schedule".
+  in all, against three for the symmetric op on the lse kernels). Its cross mode serves
+  symmetric InfoNCE on z = [q; k] from the q x k tiles only. See "Symmetric schedule".
 
 Every tile accumulates in float32 (float32, bfloat16, float16 inputs; the gram kernels also take
 float64, accumulated in float64); the feature dimension is looped over in chunks of BLOCK_D, so
@@ -385,6 +386,13 @@ def _sce_bwd_kernel(Q, K, COLS, SELF_COL, LSE_S, LSE_T, G_LSE, G_W, DQ,
 # dz_J += scale H_IJ^T z_I (the diagonal tile once). Writing P_ij = exp(X_ij - c) exp(c - lse_i)
 # gives H_ij = exp(X_ij - c) (u_i + u_j), u = g exp(c - lse): one exp per entry, used where
 # every row of the tile has c - lse <= LOG_RANGE (else two exps, exact for any row).
+#
+# Cross mode (symmetric InfoNCE, z = [q; k], cross = B): only the pairs across row `cross` are
+# entries, (i < cross) != (j < cross); the same-side pairs are masked like a self_col entry. The
+# tile table keeps the upper-triangle tiles that hold a cross pair (I0 < cross < J1): for cross a
+# multiple of the tile edge, exactly the q-rows x k-columns block, a quarter of the square, and
+# each tile serves q -> k through its rows and k -> q through its transpose's. The shift c and the
+# underflow fallback are unchanged (Cauchy-Schwarz bounds every pair, masked or not).
 
 @triton.jit
 def _gram_tile(Z, rows, cols, row_ok, col_ok, D, stride_z, scale,
@@ -407,8 +415,22 @@ def _gram_tile(Z, rows, cols, row_ok, col_ok, D, stride_z, scale,
 
 
 @triton.jit
+def _gram_unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, cross,
+                   EXCLUDE_POS: tl.constexpr):
+    """_unmasked, and in cross mode (cross > 0) only the pairs across row cross: (i < cross) !=
+    (j < cross). cross = 0 makes the column side all True against an all-False row side, so the
+    test passes every pair with no branch (one runtime argument serves both modes)."""
+    ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
+    side_r = rows < cross
+    side_c = (cols < cross) | (cross == 0)
+    return ok & (side_r[:, None] != side_c[None, :])
+
+
+# cross stays a plain 32-bit argument (no specialisation on 1 or multiples of 16): the off mode
+# (0) and every split share one binary.
+@triton.jit(do_not_specialize=["cross"])
 def _gram_fwd_kernel(Z, TILE_I, TILE_J, SELF_COL, POS_COL, SHIFT, FLAG, S, W,
-                     D, M, stride_z, scale,
+                     D, M, stride_z, scale, cross,
                      EXCLUDE_POS: tl.constexpr, WEIGHTED: tl.constexpr, ROW_SHIFT: tl.constexpr,
                      ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -429,7 +451,7 @@ def _gram_fwd_kernel(Z, TILE_I, TILE_J, SELF_COL, POS_COL, SHIFT, FLAG, S, W,
     pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
     x = _gram_tile(Z, rows, cols, row_ok, col_ok, D, stride_z, scale,
                    BLOCK, BLOCK_D, ACC, PRECISION, UPCAST)
-    ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
+    ok = _gram_unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, cross, EXCLUDE_POS)
     if ROW_SHIFT:
         c_row = tl.load(SHIFT + rows, mask=row_ok, other=0.0)
         c_col = tl.load(SHIFT + cols, mask=col_ok, other=0.0)
@@ -452,9 +474,9 @@ def _gram_fwd_kernel(Z, TILE_I, TILE_J, SELF_COL, POS_COL, SHIFT, FLAG, S, W,
             tl.atomic_add(W + cols, tl.sum(e_col * x0, axis=0), mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cross"])
 def _gram_max_kernel(Z, TILE_I, TILE_J, SELF_COL, POS_COL, FLAG, ROW_MAX,
-                     D, M, stride_z, scale,
+                     D, M, stride_z, scale, cross,
                      EXCLUDE_POS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """The fallback's first pass: ROW_MAX_i = max over the unmasked j of X_ij (atomic max, which
@@ -472,16 +494,16 @@ def _gram_max_kernel(Z, TILE_I, TILE_J, SELF_COL, POS_COL, FLAG, ROW_MAX,
     pos_col = tl.load(POS_COL + rows, mask=row_ok, other=-1)
     x = _gram_tile(Z, rows, cols, row_ok, col_ok, D, stride_z, scale,
                    BLOCK, BLOCK_D, ACC, PRECISION, UPCAST)
-    ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
+    ok = _gram_unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, cross, EXCLUDE_POS)
     xm = tl.where(ok, x, NEG_INF)
     tl.atomic_max(ROW_MAX + rows, tl.max(xm, axis=1), mask=row_ok)
     if bi != bj:
         tl.atomic_max(ROW_MAX + cols, tl.max(xm, axis=0), mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cross"])
 def _gram_bwd_kernel(Z, TILE_I, TILE_J, SELF_COL, POS_COL, SHIFT, LSE, G, DZ,
-                     D, M, stride_z, stride_dz, scale, log_range,
+                     D, M, stride_z, stride_dz, scale, log_range, cross,
                      EXCLUDE_POS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                      GRAD_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
@@ -504,7 +526,7 @@ def _gram_bwd_kernel(Z, TILE_I, TILE_J, SELF_COL, POS_COL, SHIFT, LSE, G, DZ,
     g_c = tl.load(G + cols, mask=col_ok, other=0.0)
     x = _gram_tile(Z, rows, cols, row_ok, col_ok, D, stride_z, scale,
                    BLOCK, BLOCK_D, ACC, PRECISION, UPCAST)
-    ok = _unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, EXCLUDE_POS)
+    ok = _gram_unmasked(rows, cols, row_ok, col_ok, self_col, pos_col, cross, EXCLUDE_POS)
     r_r = c - lse_r
     r_c = c - lse_c
     if tl.maximum(tl.max(r_r, axis=0), tl.max(r_c, axis=0)) <= log_range:
@@ -795,26 +817,50 @@ _LOG_RANGE = {torch.float32: 40.0, torch.float64: 400.0}
 _GRAM_NAMES = ("ACC", "PRECISION", "UPCAST", "BLOCK", "BLOCK_D")
 
 
-def _gram_args(z, self_col, pos_col):
+def _check_cross(cross, m: int) -> int:
+    """cross: 0 (every pair an entry) or 0 < cross < m (only the pairs across it)."""
+    # an integer (bool is not a row count), any integer type (Python, NumPy, 0-dim tensor)
+    value = None
+    if not isinstance(cross, bool) and hasattr(cross, "__index__"):
+        try:
+            value = cross.__index__()
+        except TypeError:  # e.g. a floating 0-dim tensor
+            pass
+    if value is None or not (value == 0 or 0 < value < m):
+        raise ValueError(f"cross: expected 0 or 0 < cross < {m}, got {cross!r}")
+    return value
+
+
+def _gram_args(z, self_col, pos_col, cross):
     check_tensor("z", z, dim=2, dtypes=_GRAM_DTYPES)
     m = z.shape[0]
+    cross = _check_cross(cross, m)
     # self_col / pos_col are only compared with column numbers, never used as addresses.
     check_tensor("self_col", self_col, dim=1, dtypes=_IDX, device=z.device, shape=(m,))
     check_tensor("pos_col", pos_col, dim=1, dtypes=_IDX, device=z.device, shape=(m,))
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    return z.contiguous(), self_col.contiguous(), pos_col.contiguous(), acc
+    return z.contiguous(), self_col.contiguous(), pos_col.contiguous(), acc, cross
 
 
-def _upper_tiles(m: int, block: int, device):
-    """(TILE_I, TILE_J): the upper-triangle tile pairs I <= J of an m x m matrix, int32."""
-    return _upper_tile_table(triton.cdiv(m, block), torch.device(device))
+def _upper_tiles(m: int, block: int, device, cross: int = 0):
+    """(TILE_I, TILE_J): the upper-triangle tile pairs I <= J of an m x m matrix, int32; in
+    cross mode only those holding a pair across ``cross``: rows I0 < cross (I < cdiv(cross,
+    block)) and columns J1 > cross (J >= cross // block)."""
+    nb = triton.cdiv(m, block)
+    i_end, j_start = (triton.cdiv(cross, block), cross // block) if cross else (nb, 0)
+    return _upper_tile_table(nb, i_end, j_start, torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)
-def _upper_tile_table(nb: int, device: torch.device):
-    # built once per (tile count, device): the forward and backward of every step reuse it
-    # (read only) instead of an index kernel and two allocations per launch
-    ij = torch.triu_indices(nb, nb, device=device, dtype=torch.int32)
+def _upper_tile_table(nb: int, i_end: int, j_start: int, device: torch.device):
+    # built once per (tile count, cross block, device): the forward and backward of every step
+    # reuse it (read only) instead of an index kernel and two allocations per launch
+    if (i_end, j_start) == (nb, 0):
+        ij = torch.triu_indices(nb, nb, device=device, dtype=torch.int32)
+    else:
+        # selected on the host (the meta device of bench.static has no values to select by)
+        ij = torch.triu_indices(nb, nb, dtype=torch.int32)
+        ij = ij[:, (ij[0] < i_end) & (ij[1] >= j_start)].to(device)
     return ij[0].contiguous(), ij[1].contiguous()
 
 
@@ -832,12 +878,34 @@ def _deterministic(z) -> bool:
     return torch.are_deterministic_algorithms_enabled() and z.dtype != torch.float64
 
 
-def gram_lse_forward(z, self_col, pos_col, scale: float, exclude_pos: bool, weighted: bool):
+def _cross_blocks(z, pos_col, cross: int):
+    """Deterministic mode in cross mode: the two rectangular blocks X_qk = scale q k^T (rows
+    < cross) and X_kq as operands of the row-block kernels, with pos_col renumbered to each
+    block's columns (a same-side position becomes negative: no column; self_col never points
+    across, so it is all -1)."""
+    q, k = z[:cross], z[cross:]
+    pos_q, pos_k = pos_col[:cross] - cross, pos_col[cross:]
+    none = torch.full_like(pos_col, -1)
+    return q, k, none[:cross], pos_q, none[cross:], pos_k
+
+
+def gram_lse_forward(z, self_col, pos_col, scale: float, exclude_pos: bool, weighted: bool,
+                     cross: int = 0):
     """(lse, wmean) of the rows of X = scale * z @ z.T with symmetric masks (self_col[i] in
     (i, -1); pos_col[pos_col[i]] = i), wmean empty unless weighted; float32 (float64 for
-    float64 z). Upper-triangle tiles (see "Symmetric schedule" above)."""
-    z, self_col, pos_col, acc = _gram_args(z, self_col, pos_col)
+    float64 z). Upper-triangle tiles (see "Symmetric schedule" above). cross > 0: only the
+    pairs (i < cross) != (j < cross) are entries (symmetric InfoNCE on z = [q; k])."""
+    z, self_col, pos_col, acc, cross = _gram_args(z, self_col, pos_col, cross)
     m, d = z.shape
+    if _deterministic(z) and cross:
+        # q -> k rows over k's columns, k -> q rows over q's: the cross blocks only, each row
+        # block summed in a fixed order (no column statistics: those merge under a lock)
+        q, k, sc_q, pos_q, sc_k, pos_k = _cross_blocks(z, pos_col, cross)
+        lse_q, _, w_q, _ = lse_forward(q, k, sc_q, pos_q, scale, m - cross, exclude_pos,
+                                       weighted, False)
+        lse_k, _, w_k, _ = lse_forward(k, q, sc_k, pos_k, scale, cross, exclude_pos, weighted,
+                                       False)
+        return torch.cat([lse_q, lse_k]), torch.cat([w_q, w_k])
     if _deterministic(z):
         lse, _, wmean, _ = lse_forward(z, z, self_col, pos_col, scale, m, exclude_pos, weighted,
                                        False)
@@ -846,14 +914,14 @@ def gram_lse_forward(z, self_col, pos_col, scale: float, exclude_pos: bool, weig
     if m == 0:
         return torch.empty(0, **opts), torch.empty(0, **opts)
     cfg = config("gram_fwd", z.dtype, d, target(z.device))
-    tile_i, tile_j = _upper_tiles(m, cfg["BLOCK"], z.device)
+    tile_i, tile_j = _upper_tiles(m, cfg["BLOCK"], z.device, cross)
     grid = (tile_i.numel(),)
     shift = _gram_shift(z, scale, acc)
     flag = torch.zeros(1, dtype=torch.int32, device=z.device)
     s = torch.zeros(m, **opts)
     w = torch.zeros(m if weighted else 1, **opts)
     args = (z, tile_i, tile_j, self_col, pos_col)
-    sizes = (d, m, z.stride(0), scale)
+    sizes = (d, m, z.stride(0), scale, cross)
     launch(_gram_fwd_kernel, grid, *args, shift, flag, s, w, *sizes,
            EXCLUDE_POS=exclude_pos, WEIGHTED=weighted, ROW_SHIFT=False,
            **_pick(cfg, *_GRAM_NAMES))
@@ -874,27 +942,39 @@ def gram_lse_forward(z, self_col, pos_col, scale: float, exclude_pos: bool, weig
     return lse, wmean
 
 
-def gram_lse_backward(z, self_col, pos_col, scale: float, exclude_pos: bool, lse, g):
-    """dz = scale * (G + G^T) z, G_ij = g_i softmax(X)_ij, in z's dtype: each upper-triangle tile
-    recomputed once for its rows and its transpose's (float32 / float64 atomic accumulation,
-    so the last bits may vary between runs)."""
-    z, self_col, pos_col, acc = _gram_args(z, self_col, pos_col)
+def gram_lse_backward(z, self_col, pos_col, scale: float, exclude_pos: bool, lse, g,
+                      cross: int = 0):
+    """dz = scale * (G + G^T) z, G_ij = g_i softmax(X)_ij over the entries (cross > 0: the
+    pairs across it only), in z's dtype: each upper-triangle tile recomputed once for its rows
+    and its transpose's (float32 / float64 atomic accumulation, so the last bits may vary
+    between runs)."""
+    z, self_col, pos_col, acc, cross = _gram_args(z, self_col, pos_col, cross)
     m, d = z.shape
     _check_vec("lse", lse, m, z.device)
     _check_vec("g", g, m, z.device)
     if m == 0:
         return torch.zeros_like(z)
+    if _deterministic(z) and cross:
+        # dz_q = scale (G_qk + G_kq^T) k and dz_k = scale (G_kq + G_qk^T) q: one row-block pass
+        # over X_qk with the k rows' softmax as its column term, dq row-parallel, dk
+        # column-parallel (no atomics)
+        q, k, sc_q, pos_q, _, _ = _cross_blocks(z, pos_col, cross)
+        empty = lse[:0]
+        dq, dk = lse_backward(q, k, sc_q, pos_q, scale, m - cross, exclude_pos, lse[:cross],
+                              empty, lse[cross:], g[:cross], empty, g[cross:])
+        return torch.cat([dq, dk]).to(z.dtype)
     if _deterministic(z):
         empty = lse[:0]
         dz, _ = lse_backward(z, z, self_col, pos_col, scale, m, exclude_pos, lse, empty, lse, g,
                              empty, g, need_da=True, need_db=False)
         return dz.to(z.dtype)
     cfg = config("gram_bwd", z.dtype, d, target(z.device))
-    tile_i, tile_j = _upper_tiles(m, cfg["BLOCK"], z.device)
+    tile_i, tile_j = _upper_tiles(m, cfg["BLOCK"], z.device, cross)
     dz = torch.zeros(m, d, dtype=acc, device=z.device)
     launch(_gram_bwd_kernel, (tile_i.numel(),), z, tile_i, tile_j, self_col, pos_col,
            _gram_shift(z, scale, acc), lse.contiguous().to(acc), g.contiguous().to(acc), dz,
-           d, m, z.stride(0), dz.stride(0), scale, _LOG_RANGE[acc], EXCLUDE_POS=exclude_pos,
+           d, m, z.stride(0), dz.stride(0), scale, _LOG_RANGE[acc], cross,
+           EXCLUDE_POS=exclude_pos,
            **_pick(cfg, *_GRAM_NAMES, "GRAD_PRECISION", "BLOCK_DO"))
     return dz.to(z.dtype)
 
