@@ -16,7 +16,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>  // TUNING ONLY
 #include <limits>
 #include <vector>
 
@@ -248,15 +247,18 @@ std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
 // tile. The former version built the two n x c logit blocks in full (8 MiB each at c = 16384)
 // and made ~10 passes over them from memory. wmean needs no pass of its own:
 // sum_j softmax(Y)_ij X_ij = scale_s q_i . (softmax(Y) C)_i = q_i . u_t,i.
-// Sizes measured at B = 4096, K = 16384, D = 128, 2 threads (see fastssl.backends.ext.
-// contrastive.block_config): kSceRows rows per block, kSceTile columns per tile.
-constexpr int64_t kSceRows = 128;
+// Sizes measured at B = 4096, K = 16384, D = 128, 2 threads, float32, candidates interleaved in
+// one process with the former version and a 2048^2 sgemm (the machine shared, load 4.5-5.6, so
+// the figures are noisy; median ms over 9 then 7 calls, rows x tile): 128 x 256 2210,
+// 128 x 512 2168, 256 x 256 2005 / 2358, 256 x 512 1969 / 2140, 128 x 1024 2053, 512 x 256 2392,
+// 512 x 128 2552, 256 x 1024 2443; the former version 2838 / 2872. Taller blocks read the
+// columns fewer times; 256 x 512 was the best or near it in both runs (its float32 tile, 2 x 256
+// x 512, is 1 MiB: twice the core's 512 KiB L2, held in the 32 MiB L3; the smaller tiles that fit
+// L2 were not faster here). Fewer rows when the row count is small, so that every thread gets
+// blocks (kBlocksPerThread). Reported by fastssl.backends.ext.contrastive.block_config()
+// (sce_rows, sce_tile): keep the two in step.
+constexpr int64_t kSceRows = 256;
 constexpr int64_t kSceTile = 512;
-
-int64_t sce_env(const char* name, int64_t fallback) {  // TUNING ONLY, removed before commit
-  const char* v = std::getenv(name);
-  return v ? std::max<int64_t>(1, std::atoll(v)) : fallback;
-}
 
 // Per-thread scratch of the tiled SCE kernel, sized for the largest block and tile.
 struct SceScratch {
@@ -278,11 +280,12 @@ void sce_row_block(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& C
                    T* u_s, T* u_t) {
   const int64_t c = Cm.size(0), d = Cm.size(1), n2 = 2 * n;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
   at::Tensor A = w.a.narrow(0, 0, n2), U = w.u.narrow(0, 0, n2);
   A.narrow(0, 0, n).copy_(Q.narrow(0, r0, n)).mul_(scale_s);
   A.narrow(0, n, n).copy_(K.narrow(0, r0, n)).mul_(scale_t);
   U.zero_();
-  std::fill_n(w.m.begin(), n2, -std::numeric_limits<double>::infinity());
+  std::fill_n(w.m.begin(), n2, kNegInfD);
   std::fill_n(w.l.begin(), n2, 0.0);
   at::Tensor mx = w.mx.narrow(0, 0, n2), psum = w.psum.narrow(0, 0, n2);
   at::Tensor alpha = w.alpha.narrow(0, 0, n2), msafe = w.msafe.narrow(0, 0, n2);
@@ -304,16 +307,15 @@ void sce_row_block(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& C
     for (int64_t i = 0; i < n2; ++i) {
       const double m_old = w.m[i], m_new = std::max<double>(m_old, mxp[i]);
       // a row masked so far has l = 0 and U = 0: any finite factor; exp(-inf - -inf) is NaN
-      alp[i] = m_old == -std::numeric_limits<double>::infinity() ? T(0) : T(std::exp(m_old - m_new));
-      msp[i] = m_new == -std::numeric_limits<double>::infinity() ? T(0) : T(m_new);
+      alp[i] = m_old == kNegInfD ? T(0) : T(std::exp(m_old - m_new));
+      msp[i] = m_new == kNegInfD ? T(0) : T(m_new);
       w.m[i] = m_new;
     }
     S.sub_(msafe.unsqueeze(1));
     S.exp_();  // masked entries: exp(-inf) = 0
     at::sum_out(psum, S, {1});
-    static const int64_t mutate = sce_env("FASTSSL_SCE_MUTATE", 0);  // TUNING ONLY
-    for (int64_t i = 0; i < n2; ++i) w.l[i] = (mutate == 2 && j0 > 0 ? w.l[i] : w.l[i] * alp[i]) + psp[i];
-    if (j0 > 0 && mutate != 1) U.mul_(alpha.unsqueeze(1));
+    for (int64_t i = 0; i < n2; ++i) w.l[i] = w.l[i] * alp[i] + psp[i];
+    if (j0 > 0) U.mul_(alpha.unsqueeze(1));  // the first tile's alpha is 0 and U is zero
     U.addmm_(S, Ct);
   }
   const T* up = U.data_ptr<T>();
@@ -370,9 +372,9 @@ std::vector<at::Tensor> sce_grad_cpu(const at::Tensor& q, const at::Tensor& k,
   }
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rows = std::max<int64_t>(
-      1, std::min(sce_env("FASTSSL_SCE_ROWS", kSceRows),
+      1, std::min(kSceRows,
                   (m + threads * kBlocksPerThread - 1) / (threads * kBlocksPerThread)));
-  const int64_t tile = std::min(sce_env("FASTSSL_SCE_TILE", kSceTile), c);
+  const int64_t tile = std::min(kSceTile, c);
   const int64_t blocks = (m + rows - 1) / rows;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::NoGradGuard no_grad_here;  // grad mode is per thread
