@@ -113,3 +113,16 @@ def test_sce_tiled_is_deterministic(backend, device):
     for _ in range(2):
         again = ops.sce_stats(q, k, cols, self_col, 10.0, 1 / 0.07, True, backend)
         assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+@CPP
+def test_sce_tiled_float32_wide_logits(backend, device):
+    """float32 (the fused AVX2 exp, where the CPU has it) with logits spanning more than exp's
+    float32 range (scale 100: entries below max - 87 are 0), against the float64 op."""
+    q, k, cols = _late_max(200, 1300, 8, "late", seed=7)
+    self_col = torch.randint(-1, 1300, (200,), generator=torch.Generator().manual_seed(8))
+    got = ops.sce_stats(q.float(), k.float(), cols.float(), self_col, 100.0, 100.0, True, backend)
+    ref = ops.sce_stats(q, k, cols, self_col, 100.0, 100.0, True, backend)
+    for x, y in zip(got, ref):
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=2e-4)
