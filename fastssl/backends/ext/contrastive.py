@@ -74,5 +74,11 @@ def block_config() -> dict:
     256 and 320 are within the run-to-run noise (the same 256 call measured 771 ms in another
     row of that run); 256 keeps the forward's tile and both panels in L2. To be settled on a
     quiet machine (the C++ default g_gram_block, csrc/contrastive_cpu.cpp).
+
+    sce_rows, sce_tile: the column-tiled SCE kernel (sce_grad_forward) takes blocks of at most
+    sce_rows rows (fewer when the batch is small, so every thread gets blocks) through the
+    columns in tiles of sce_tile; the measurement is beside kSceRows / kSceTile in
+    csrc/contrastive_cpu.cpp (constants there: keep the two in step).
     """
-    return {"gram_tile": int(_C.contrastive_gram_block()), "row_block_elements": 1 << 21}
+    return {"gram_tile": int(_C.contrastive_gram_block()), "row_block_elements": 1 << 21,
+            "sce_rows": 256, "sce_tile": 512}
