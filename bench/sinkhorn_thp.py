@@ -2,11 +2,12 @@
 
     python -m bench.sinkhorn_thp [--threads 2] [--reps 15]
 
-Each case times the one-call C++ Sinkhorn with the advice on and off, and eager PyTorch's
-Sinkhorn (and lightly's where importable), interleaved call by call in one process, each
-provider keeping its last two outputs alive as a loop that keeps its codes does; prints the
-medians and the p20/p80 spread (a bimodal case shows as a wide spread), the THP setting and the
-load. Not a test: figures go into csrc/swav_cpu.cpp's comment and the issue note.
+Each case times the one-call C++ Sinkhorn under each page advice of its codes (none,
+MADV_HUGEPAGE, MADV_POPULATE_WRITE, both) and eager PyTorch's Sinkhorn, interleaved call by
+call in one process, each provider keeping its last two outputs alive as a loop that keeps its
+codes does; prints the medians and the p20/p80 spread (a bimodal case shows as a wide
+spread), the THP setting and the load. Not a test: its figures go into csrc/swav_cpu.cpp's
+comment.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from bench.baselines import swav_sinkhorn
 
 CASES = [(1024, 16384), (4096, 3000), (256, 16384)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# the advice modes of fastssl._C.swav_huge_page_advice
+MODES = {"none": 0, "hugepage": 1, "populate": 2, "hugepage+populate": 3}
 
 
 def _thp() -> str:
@@ -45,13 +48,11 @@ def main() -> None:
             for dtype in DTYPES:
                 g = torch.Generator().manual_seed(0)
                 scores = torch.tanh(torch.randn(b, k, generator=g)).to(dtype)
-                providers = {
-                    "advice on": lambda: (_C.swav_huge_page_advice(1),
-                                          _C.sinkhorn_cached_cpu(scores, 0.05, 3))[1],
-                    "advice off": lambda: (_C.swav_huge_page_advice(0),
-                                           _C.sinkhorn_cached_cpu(scores, 0.05, 3))[1],
-                    "eager": lambda: swav_sinkhorn(scores),
-                }
+                def advised(mode, scores=scores):
+                    _C.swav_huge_page_advice(mode)
+                    return _C.sinkhorn_cached_cpu(scores, 0.05, 3)
+                providers = {name: (lambda m=mode: advised(m)) for name, mode in MODES.items()}
+                providers["eager"] = lambda scores=scores: swav_sinkhorn(scores)
                 kept = {n: [] for n in providers}
                 times = {n: [] for n in providers}
                 for rep in range(args.reps + 2):

@@ -139,18 +139,36 @@ inline double exp_inplace_sum(double* buf, int64_t K) {
 // SwAV cross-entropy gradient (no gain measured in the loss's forward+backward, B = 1024 x 2
 // crops and 512 x 8 crops, K = 3000: on/off within the noise, only 0.3-3.6 huge-page faults a
 // step, so its buffers mostly reuse mapped memory) nor the distributed row pass (not measured).
-// On by default; settable for the A/B measurement (swav_huge_page_advice).
-std::atomic<bool> g_huge_advice{true};
+// The advice alone is bimodal in a loop that keeps its outputs: whether a fault finds a free
+// 2 MiB page varies call to call. Prefaulting the whole buffer in one call
+// (MADV_POPULATE_WRITE, after the hugepage mark) removed the slow mode (python -m
+// bench.sinkhorn_thp, quiet, 2 threads, THP madvise/madvise, kept outputs, median [p20-p80],
+// none / hugepage / hugepage+populate): B = 1024, K = 16384 bfloat16 103.0 [101-109] /
+// 75.6 [72-134] / 77.5 [75-81] ms, float16 103.7 / 78.9 [75-131] / 78.6 [76-83], float32
+// 99.8 / 71.6 [69-136] / 74.1 [72-80]; B = 4096, K = 3000 bfloat16 62.0 [48-73] / 57.5
+// [48-91] / 53.4 [50-55], float32 74.4 / 60.0 [52-102] / 58.7 [56-61]. Populate alone was
+// slower than none (4 KiB pages). At 16 MiB (B = 256, K = 16384) the prefault cost ~2 ms more
+// than the advice alone (steady there), so it applies from kPopulateBytes.
+// Settable for the A/B (swav_huge_page_advice): bit 0 MADV_HUGEPAGE, bit 1 MADV_POPULATE_WRITE.
+std::atomic<int> g_huge_advice{3};
+constexpr size_t kPopulateBytes = size_t(32) << 20;
 
 void advise_huge_pages(const torch::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (!g_huge_advice.load()) return;
+  const int mode = g_huge_advice.load();
+  if (mode == 0) return;
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const size_t n = t.nbytes();
   if (n < 2 * kHuge) return;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + n) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
+  if ((mode & 1) && hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#ifdef MADV_POPULATE_WRITE
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t plo = p & ~(kPage - 1);
+  if ((mode & 2) && n >= kPopulateBytes)  // advice only: an older kernel returns EINVAL
+    madvise(reinterpret_cast<void*>(plo), p + n - plo, MADV_POPULATE_WRITE);
+#endif
 #else
   (void)t;
 #endif
@@ -978,11 +996,12 @@ void init_swav_cpu(pybind11::module_& m) {
   m.def(
       "swav_huge_page_advice",
       [](int64_t on) {
-        if (on >= 0) g_huge_advice.store(on != 0);
-        return g_huge_advice.load();
+        if (on >= 0) g_huge_advice.store(static_cast<int>(on));
+        return static_cast<int64_t>(g_huge_advice.load());
       },
       pybind11::arg("on") = -1,
-      "whether the Sinkhorn codes get MADV_HUGEPAGE (set first when on >= 0; measurement only)");
+      "the Sinkhorn codes' page advice: bit 0 MADV_HUGEPAGE, bit 1 MADV_POPULATE_WRITE (set "
+      "first when on >= 0; measurement only)");
   m.def("swav_cpu_exp", &swav_cpu_exp, pybind11::arg("x"),
         "exp of a float32 vector with the SwAV kernels' polynomial (for its accuracy test)");
   m.def("sinkhorn_colstats_cpu", &sinkhorn_colstats_cpu, pybind11::arg("scores"),

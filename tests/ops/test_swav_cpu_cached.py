@@ -165,15 +165,16 @@ def test_cross_entropy_half_scores_need_float_targets():
 
 
 def test_huge_page_advice_toggle_keeps_the_codes():
-    # the advice is a measurement switch (bench/sinkhorn_thp.py): it may change the pages,
-    # never the values
+    # the page advice (MADV_HUGEPAGE, and from 32 MiB MADV_POPULATE_WRITE) may change the
+    # pages, never the values; every mode of the measurement switch (bench/sinkhorn_thp.py)
     before = _C.swav_huge_page_advice()
-    s = _scores(512, 2100, 5).float()  # > 4 MiB of codes: whole 2 MiB pages inside
+    assert before == 3  # the default: both
+    s = _scores(2048, 4100, 5).float()  # 33.6 MB of codes: past the prefault threshold
     try:
-        assert _C.swav_huge_page_advice(1) is True
-        on = _C.sinkhorn_cached_cpu(s, 0.05, 3)
-        assert _C.swav_huge_page_advice(0) is False
-        off = _C.sinkhorn_cached_cpu(s, 0.05, 3)
+        outs = []
+        for mode in range(4):
+            assert _C.swav_huge_page_advice(mode) == mode
+            outs.append(_C.sinkhorn_cached_cpu(s, 0.05, 3))
     finally:
         _C.swav_huge_page_advice(int(before))
-    assert torch.equal(on, off)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
