@@ -178,11 +178,14 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str:
-    """The commit measured: $FASTSSL_GIT_COMMIT, else .whl/git_commit.txt (.git does not travel
-    to the GPU machine), else git_head()."""
+    """The commit measured: $FASTSSL_GIT_COMMIT, else git_head() in a checkout, else
+    .whl/git_commit.txt (.git does not travel to the GPU machine; a checkout's own .whl may
+    hold a stale one from an earlier carry)."""
     value = os.environ.get(COMMIT_ENV, "").strip()
     if value:
         return value
+    if (REPO / ".git").exists():
+        return git_head()
     try:
         return (CARRIED / "git_commit.txt").read_text().split()[0]
     except (OSError, IndexError):

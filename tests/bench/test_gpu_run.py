@@ -333,6 +333,9 @@ def test_git_commit_travels_without_git(tmp_path, monkeypatch):
     monkeypatch.delenv(gpu_run.COMMIT_ENV)
     monkeypatch.setattr(common, "CARRIED", tmp_path)
     (tmp_path / "git_commit.txt").write_text("0123456789ab+dirty\n")
+    # in a checkout its HEAD wins over a stale carried file
+    assert gpu_run.git_commit() == common.git_head() != "0123456789ab+dirty"
+    monkeypatch.setattr(common, "REPO", tmp_path / "no-checkout")  # the GPU machine: no .git
     assert gpu_run.git_commit() == "0123456789ab+dirty"
     from bench import results
     monkeypatch.setenv(gpu_run.COMMIT_ENV, "fedcba987654")
