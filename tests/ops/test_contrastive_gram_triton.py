@@ -172,19 +172,24 @@ def test_without_the_underflow_guard_the_large_norm_case_fails(backend, device, 
 
 
 class _Lse(torch.autograd.Function):
+    """The Triton methods as a differentiable lse of z: NT-Xent's layout, or with cross > 0
+    symmetric InfoNCE's (z = [q; k], only the pairs across `cross`)."""
+
     @staticmethod
-    def forward(ctx, z, exclude_pos, scale):
-        sc, pos = _layout(z.shape[0], z.device)
-        lse, _ = TRITON.gram_lse_forward(z, sc, pos, scale, exclude_pos, False)
+    def forward(ctx, z, exclude_pos, scale, cross):
+        sc, pos = (_info_nce_layout(z.shape[0], cross, z.device) if cross
+                   else _layout(z.shape[0], z.device))
+        lse, _ = TRITON.gram_lse_forward(z, sc, pos, scale, exclude_pos, False, cross)
         ctx.save_for_backward(z, lse)
-        ctx.args = (sc, pos, scale, exclude_pos)
+        ctx.args = (sc, pos, scale, exclude_pos, cross)
         return lse
 
     @staticmethod
     def backward(ctx, g):
         z, lse = ctx.saved_tensors
-        sc, pos, scale, exclude_pos = ctx.args
-        return TRITON.gram_lse_backward(z, sc, pos, scale, exclude_pos, lse, g), None, None
+        sc, pos, scale, exclude_pos, cross = ctx.args
+        dz = TRITON.gram_lse_backward(z, sc, pos, scale, exclude_pos, lse, g, cross)
+        return dz, None, None, None
 
 
 @pytest.mark.parametrize("backend,device", DEVICES)
@@ -192,7 +197,7 @@ class _Lse(torch.autograd.Function):
 def test_float64_gradcheck(backend, device, exclude_pos):
     z, _ = _inputs(7, 3, torch.float64, 5, device)
     z.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: _Lse.apply(t, exclude_pos, 3.0), (z,),
+    assert torch.autograd.gradcheck(lambda t: _Lse.apply(t, exclude_pos, 3.0, 0), (z,),
                                     eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
@@ -205,7 +210,7 @@ def test_nt_xent_from_the_gram_statistics_matches_the_reference(backend, device)
     t = 0.1
     z = torch.cat([F.normalize(z1, dim=1), F.normalize(z2, dim=1)])
     pos = _layout(38, device)[1]
-    loss = (_Lse.apply(z, False, 1 / t) - (z * z[pos]).sum(1) / t).mean()
+    loss = (_Lse.apply(z, False, 1 / t, 0) - (z * z[pos]).sum(1) / t).mean()
     gz1, gz2 = torch.autograd.grad(loss, (z1, z2))
     r1, r2 = (v.detach().cpu().double().requires_grad_(True) for v in (z1, z2))
     ref = reference.nt_xent(r1, r2, t)
@@ -400,28 +405,12 @@ def test_cross_tile_table_holds_exactly_the_tiles_with_a_cross_pair(backend, dev
     assert full_i.numel() == nb * (nb + 1) // 2
 
 
-class _CrossLse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, cross, scale):
-        sc, pos = _info_nce_layout(z.shape[0], cross, z.device)
-        lse, _ = TRITON.gram_lse_forward(z, sc, pos, scale, False, False, cross)
-        ctx.save_for_backward(z, lse)
-        ctx.args = (sc, pos, scale, cross)
-        return lse
-
-    @staticmethod
-    def backward(ctx, g):
-        z, lse = ctx.saved_tensors
-        sc, pos, scale, cross = ctx.args
-        return TRITON.gram_lse_backward(z, sc, pos, scale, False, lse, g, cross), None, None
-
-
 @pytest.mark.parametrize("backend,device", DEVICES)
 @pytest.mark.parametrize("cross", [3, 4])
 def test_cross_float64_gradcheck(backend, device, cross):
     z, _ = _inputs(7, 3, torch.float64, 5, device)
     z.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: _CrossLse.apply(t, cross, 3.0), (z,),
+    assert torch.autograd.gradcheck(lambda t: _Lse.apply(t, False, 3.0, cross), (z,),
                                     eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
@@ -434,7 +423,7 @@ def test_symmetric_info_nce_from_the_cross_statistics_matches_the_reference(back
     t = 0.1
     z = torch.cat([F.normalize(q, dim=1), F.normalize(k, dim=1)])
     pos = _info_nce_layout(38, 19, device)[1]
-    loss = (_CrossLse.apply(z, 19, 1 / t) - (z * z[pos]).sum(1) / t).mean()
+    loss = (_Lse.apply(z, False, 1 / t, 19) - (z * z[pos]).sum(1) / t).mean()
     gq, gk = torch.autograd.grad(loss, (q, k))
     rq, rk = (v.detach().cpu().double().requires_grad_(True) for v in (q, k))
     ref = reference.info_nce(rq, rk, t, symmetric=True)
