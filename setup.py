@@ -88,6 +88,7 @@ def _extension():
         return sorted(os.path.relpath(p, ROOT) for p in paths)
 
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*_cpu.cpp"))) + ["csrc/bindings.cpp"]
+    depends = rel(glob.glob(os.path.join(ROOT, "csrc", "*.h")))  # rebuild when a header changes
     cxx_flags = list(FLAGS["CXX_FLAGS"])
     link_flags = []
     if _has_openmp():
@@ -103,9 +104,9 @@ def _extension():
         return CUDAExtension("fastssl._C", sources,
                              extra_compile_args={"cxx": cxx_flags + ["-DFASTSSL_WITH_CUDA"],
                                                  "nvcc": nvcc_flags},
-                             extra_link_args=link_flags)
+                             extra_link_args=link_flags, depends=depends)
     return CppExtension("fastssl._C", sources, extra_compile_args={"cxx": cxx_flags},
-                        extra_link_args=link_flags)
+                        extra_link_args=link_flags, depends=depends)
 
 
 def _torch_requirement() -> str:

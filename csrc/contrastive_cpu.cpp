@@ -20,9 +20,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "vec_exp.h"
 
 namespace {
 
@@ -286,43 +284,19 @@ struct SceScratch {
 // x[j] = exp(x[j] - m) in place for j < n (m the row's running max, so x - m <= 0), returning
 // their sum (8 lanes, then the lanes in order: the same sum at every call). ATen's exp_ costs
 // ~2 ns an element here, a sixth of a tile's time; this pass (sub, exp, sum fused) ~0.5 ns.
-// exp: Cody-Waite reduction by ln 2 and a degree-7 polynomial (Cephes' expf coefficients,
-// within 1 ulp measured over [-100, 0]); below -87 (exp < 2e-38, next to a row sum >= 1) it
-// gives 0, and -inf (a masked entry) 0; NaN stays NaN.
+// The exp is the shared vector one (csrc/vec_exp.h, as the SwAV kernels'): below -87 and at
+// -inf (a masked entry) it gives 0; NaN stays NaN.
 __attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n, float m) {
-  const __m256 vm = _mm256_set1_ps(m), log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-  const __m256 lo = _mm256_set1_ps(-87.0f), one = _mm256_set1_ps(1.0f);
-  const __m256 p0 = _mm256_set1_ps(1.9875691500e-4f), p1 = _mm256_set1_ps(1.3981999507e-3f),
-               p2 = _mm256_set1_ps(8.3334519073e-3f), p3 = _mm256_set1_ps(4.1665795894e-2f),
-               p4 = _mm256_set1_ps(1.6666665459e-1f), p5 = _mm256_set1_ps(5.0000001201e-1f);
-  __m256 acc = _mm256_setzero_ps();
+  using F = fastssl_vec::Vec<8>::f;
+  F acc = F{};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + j), vm);
-    const __m256 keep = _mm256_cmp_ps(v, lo, _CMP_GE_OQ);
-    const __m256 xc = _mm256_max_ps(v, lo);
-    const __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, log2e),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, ln2_hi, xc);
-    r = _mm256_fnmadd_ps(k, ln2_lo, r);
-    __m256 p = _mm256_fmadd_ps(p0, r, p1);
-    p = _mm256_fmadd_ps(p, r, p2);
-    p = _mm256_fmadd_ps(p, r, p3);
-    p = _mm256_fmadd_ps(p, r, p4);
-    p = _mm256_fmadd_ps(p, r, p5);
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    __m256 y = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-    y = _mm256_blendv_ps(y, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    _mm256_storeu_ps(x + j, y);
-    acc = _mm256_add_ps(acc, y);
+    const F y = fastssl_vec::vexp<8>(fastssl_vec::vload<8>(x + j) - m);
+    fastssl_vec::vstore<8>(x + j, y);
+    acc += y;
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
   float s = 0;
-  for (float lane : lanes) s += lane;
+  for (int k = 0; k < 8; ++k) s += acc[k];
   for (; j < n; ++j) s += (x[j] = std::exp(x[j] - m));
   return s;
 }

@@ -9,6 +9,8 @@
 #include <atomic>
 #include <torch/extension.h>
 
+#include "vec_exp.h"
+
 // The vector kernels pass 32/64-byte vectors only between always-inline functions; the note
 // that their ABI differs without AVX does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -54,26 +56,15 @@ int thread_id() {
 // gcc 12 does not vectorise a scalar exp loop, even under `omp simd`. Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
 // the Cephes degree-5 polynomial for e^r (about 1 ulp), 2^n built in the exponent bits.
 // Arguments below -87 (e^x under FLT_MIN) give 0.
+using fastssl_vec::exp_poly;
+using fastssl_vec::Vec;
+using fastssl_vec::vexp;
+using fastssl_vec::vload;
+using fastssl_vec::vstore;
+
 typedef float f4 __attribute__((vector_size(16)));
 typedef int32_t i4 __attribute__((vector_size(16)));
 
-template <typename V>
-__attribute__((always_inline)) inline V exp_poly(V x) {
-  const V lo = V{} - 87.0f;
-  const V xc = x < lo ? lo : x;
-  const V t = xc * 1.44269504088896341f;
-  const V n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-  V r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const V z = r * r;
-  V p = V{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  return p * z + r + 1.0f;
-}
 
 __attribute__((always_inline)) inline f4 exp_vec(f4 x) {
   const f4 lo = f4{} - 87.0f;
@@ -421,37 +412,6 @@ std::vector<torch::Tensor> swav_cross_entropy_scaled_cpu(const torch::Tensor& s,
 // and the widest the CPU (and OS) supports is picked once at load, as torch's own CPU kernels
 // do, so no -march flag is needed. The arithmetic is the same at every width (the exp
 // polynomial above); only the order of the row sums differs.
-template <int W>
-struct Vec {
-  typedef float f __attribute__((vector_size(4 * W)));
-  typedef int32_t i __attribute__((vector_size(4 * W)));
-  typedef uint32_t u __attribute__((vector_size(4 * W)));
-  typedef uint16_t h __attribute__((vector_size(2 * W)));
-  typedef double d __attribute__((vector_size(8 * W)));
-};
-
-#define FASTSSL_INLINE __attribute__((always_inline)) inline
-
-template <int W>
-FASTSSL_INLINE typename Vec<W>::f vexp(typename Vec<W>::f x) {
-  using F = typename Vec<W>::f;
-  using I = typename Vec<W>::i;
-  const F lo = F{} - 87.0f;
-  const F er = exp_poly(x);  // e^r, the one polynomial of this file (exp_vec's, at width W)
-  const F xc = x < lo ? lo : x;
-  const F n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  const F y = er * (F)bits;
-  return x < lo ? F{} : y;
-}
-
-template <int W>
-FASTSSL_INLINE typename Vec<W>::f vload(const float* p) {
-  typename Vec<W>::f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // bfloat16 is the top half of a float: widen and shift the bits (exact).
 template <int W>
 FASTSSL_INLINE typename Vec<W>::f vload(const c10::BFloat16* p) {
@@ -478,11 +438,6 @@ FASTSSL_INLINE typename Vec<W>::f vload(const c10::Half* p) {
   const F sub = (F)(o + (1u << 23)) - 6.103515625e-05f;  // 2^-14, the float of exponent 113
   o = e == 0u ? (U)sub : o;
   return (F)(o | ((h & 0x8000u) << 16));
-}
-
-template <int W>
-FASTSSL_INLINE void vstore(float* p, typename Vec<W>::f v) {
-  std::memcpy(p, &v, sizeof(v));
 }
 
 template <int W>
