@@ -36,6 +36,7 @@ constexpr int64_t kBlockElements = int64_t(1) << 21;
 constexpr int64_t kBlocksPerThread = 4;
 constexpr int64_t kColumnsPerRow = 32;
 constexpr int64_t kMinRows = 16;
+constexpr int64_t kNormRows = 1024;  // rows per block of the Gram's squared-norm bound
 
 int64_t block_rows(int64_t m, int64_t c) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -647,7 +648,12 @@ Gram prepare_gram(const at::Tensor& z, const at::Tensor& self_col, const at::Ten
     for (int64_t j = i; j < nb; ++j)  // cross mode: the tiles holding a pair across `cross`
       if (cross == 0 || (i * o.t < cross && std::min(o.n, (j + 1) * o.t) > cross))
         o.tiles.push_back({i * o.t, j * o.t});
-  const double r2 = o.n > 0 ? (o.Z * o.Z).sum(1).max().item<double>() : 0.0;
+  // max_k |z_k|^2 over row blocks: a 2N x D square of Z would be the op's largest temporary
+  double r2 = 0.0;
+  for (int64_t r0 = 0; r0 < o.n; r0 += kNormRows) {
+    const at::Tensor zr = o.Z.narrow(0, r0, std::min(kNormRows, o.n - r0));
+    r2 = std::max(r2, (zr * zr).sum(1).max().item<double>());
+  }
   o.shift = scale * r2;
   const double span = o.acc == at::kDouble ? 600.0 : 64.0;  // exp(-span) well above the minimum normal
   o.fixed = std::isfinite(o.shift) && 2.0 * std::abs(o.shift) <= span;

@@ -91,8 +91,12 @@ def _two_view_layout(z1, z2, gather_distributed, normalize=True):
     own and positive columns."""
     dist_on, n, off = _gather_layout(z1, gather_distributed)
     b = z1.shape[0]
-    h1, h2 = (_normalize(z1), _normalize(z2)) if normalize else (z1, z2)
-    rows = torch.cat([h1, h2], 0)
+    # the concatenation normalised as one (row-wise, so the same values): the halves are views
+    # of the one saved operand, not two more B x D tensors kept alive beside it
+    rows = torch.cat([z1, z2], 0)
+    if normalize:
+        rows = _normalize(rows)
+    h1, h2 = rows[:b], rows[b:]
     if dist_on:
         cols = torch.cat([dist_utils.gather(h1, name="z1"), dist_utils.gather(h2, name="z2")], 0)
     else:
@@ -224,30 +228,38 @@ def nt_xent(z1, z2, temperature=0.1, *, memory_bank=None, normalize=True,
     return dist_utils.reduce_loss(_sum_rows(lse - pos) / (2 * n))
 
 
-_ROWDOT_BLOCK = 1024  # rows per float64 block of _RowDot64 (2 MiB of copies at D = 128)
+_ROWDOT_BLOCK = 1024  # rows per float64 block of _HalvesDot64 (2 MiB of copies at D = 128)
 
 
-class _RowDot64(torch.autograd.Function):
-    """<a_i, b_i> in float64, formed over blocks of rows (no float64 copy of a or b kept for the
-    backward, which is g_i b_i and g_i a_i in the inputs' dtype): the positives of the symmetric
-    schedule's losses, where float64 copies of the rows were half of symmetric InfoNCE's peak
-    memory at B = 2048 (issue 25)."""
+class _HalvesDot64(torch.autograd.Function):
+    """<h_i, h_{B+i}> of the two halves of rows = [h1; h2] (2B x D), in float64, formed over
+    blocks of rows in both directions: no float64 copy of a half is kept or built whole, and the
+    backward writes g_i h2_i and g_i h1_i straight into one 2B x D gradient (slicing rows in
+    autograd would build a zero-filled 2B x D tensor per half). The positives of the symmetric
+    schedule's losses; float64 copies and sliced gradients were half of symmetric InfoNCE's
+    peak memory at B = 2048 (issue 25)."""
 
     @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        out = a.new_empty(a.shape[0], dtype=torch.float64)
-        for s in range(0, a.shape[0], _ROWDOT_BLOCK):
-            e = s + _ROWDOT_BLOCK
-            out[s:e] = (a[s:e].to(torch.float64) * b[s:e].to(torch.float64)).sum(-1)
+    def forward(ctx, rows):
+        ctx.save_for_backward(rows)
+        b = rows.shape[0] // 2
+        out = rows.new_empty(b, dtype=torch.float64)
+        for s in range(0, b, _ROWDOT_BLOCK):
+            e = min(b, s + _ROWDOT_BLOCK)
+            out[s:e] = (rows[s:e].to(torch.float64) * rows[b + s:b + e].to(torch.float64)).sum(-1)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        g = g[:, None]
-        return ((g * b.to(g.dtype)).to(a.dtype) if ctx.needs_input_grad[0] else None,
-                (g * a.to(g.dtype)).to(b.dtype) if ctx.needs_input_grad[1] else None)
+        (rows,) = ctx.saved_tensors
+        b = rows.shape[0] // 2
+        grad = torch.empty_like(rows, memory_format=torch.contiguous_format)
+        for s in range(0, b, _ROWDOT_BLOCK):
+            e = min(b, s + _ROWDOT_BLOCK)
+            gs = g[s:e, None]
+            grad[s:e] = gs * rows[b + s:b + e].to(g.dtype)
+            grad[b + s:b + e] = gs * rows[s:e].to(g.dtype)
+        return grad
 
 
 def _sym_terms(lse, rows, scale_mul, weigh=None):
@@ -256,7 +268,7 @@ def _sym_terms(lse, rows, scale_mul, weigh=None):
     cross-entropy read at the positive, so the difference (small where the positive dominates,
     e.g. collinear views) is taken without a second rounding at the logits' magnitude."""
     b = rows.shape[0] // 2
-    half = _RowDot64.apply(rows[:b], rows[b:])
+    half = _HalvesDot64.apply(rows)
     pos = torch.cat([half, half]) * scale_mul
     if weigh is not None:
         pos = weigh(pos)
@@ -325,27 +337,29 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, normalize=True,
     t = check_info_nce(q, k, temperature, symmetric, gather_distributed, normalize)
     dist_on, n, off = _gather_layout(q, gather_distributed)
     b = q.shape[0]
-    qn, kn = (_normalize(q), _normalize(k)) if normalize else (q, k)
-    k_all = dist_utils.gather(kn, name="k") if dist_on else kn
     labels = torch.arange(b, device=q.device) + off
     no_self = torch.full_like(labels, -1)
     scale, scale_mul, tap = _logit_scale(temperature, t)
-    if not symmetric and ops.has_same_pass(backend):
-        # row i's positive is column labels[i] of the (gathered) keys
-        ce_sum = _cross_entropy_sum(tap(qn), k_all, no_self, labels, scale, backend)
-        return dist_utils.reduce_loss(ce_sum / n)
-    if not dist_on and ops.use_gram(backend, 2 * b):
+    if symmetric and not dist_on and ops.use_gram(backend, 2 * b):
         # symmetric, one process: the symmetric schedule's cross mode over z = [q; k] forms
         # only the q k^T tiles, each giving its rows' (q -> k) and columns' (k -> q) statistics:
-        # 1 product forward, 3 backward (two same-pass directions: 6)
-        z = torch.cat([qn, kn])
+        # 1 product forward, 3 backward (two same-pass directions: 6). [q; k] is normalised as
+        # one (row-wise: the same values), so no normalised q and k live beside z.
+        z = torch.cat([q, k])
+        z = _normalize(z) if normalize else z
         ar = torch.arange(b, device=q.device)
         lse, _ = ops.contrastive_lse_sym(tap(z, 2), torch.full((2 * b,), -1, dtype=torch.long,
                                                                 device=q.device),
                                          torch.cat([ar + b, ar]), scale, False, False, backend,
                                          b)
         return _sym_terms(lse, z, scale_mul) / (2 * n)
-    if not dist_on and ops.has_same_pass(backend):
+    qn, kn = (_normalize(q), _normalize(k)) if normalize else (q, k)
+    k_all = dist_utils.gather(kn, name="k") if dist_on else kn
+    if not symmetric and ops.has_same_pass(backend):
+        # row i's positive is column labels[i] of the (gathered) keys
+        ce_sum = _cross_entropy_sum(tap(qn), k_all, no_self, labels, scale, backend)
+        return dist_utils.reduce_loss(ce_sum / n)
+    if symmetric and not dist_on and ops.has_same_pass(backend):
         # symmetric, one process: each direction as the row cross-entropies of its own product
         # (q k^T, then k q^T), the per-row terms read from log_softmax at the positive as eager
         # cross-entropy does: float32 error at eager's (the one-pass forms take each term as

@@ -337,3 +337,28 @@ def test_learnable_temperature_info_nce_symmetric_cross_mode(backend, monkeypatc
     assert calls == ["gram_lse_forward", "gram_lse_backward"]
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_symmetric_info_nce_never_takes_the_symmetric_schedule(backend, monkeypatch):
+    """A backend without same-pass kernels (Triton) once sent non-symmetric InfoNCE from
+    2B >= GRAM_MIN_ROWS into the cross mode, which returns the SYMMETRIC loss: the value must
+    stay the q -> k direction alone (here through the torch/C++ entries with the same-pass
+    kernels hidden, as Triton has none)."""
+    monkeypatch.setattr(ops, "has_same_pass", lambda name: False)
+    b = ops.GRAM_MIN_ROWS // 2 + 3
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(b, 12, generator=g, dtype=torch.float64)
+    k = q + 0.5 * torch.randn(b, 12, generator=g, dtype=torch.float64)
+    a1, a2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    ref = R.info_nce(a1, a2, 0.2, symmetric=False)
+    ref.backward()
+    calls = _spy(monkeypatch, backend)
+    f1, f2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    with fastssl.use_backend(backend):
+        out = functional.info_nce(f1, f2, 0.2, symmetric=False)
+    out.backward()
+    assert not any(c.startswith("gram") for c in calls)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(f1.grad, a1.grad, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(f2.grad, a2.grad, rtol=1e-8, atol=1e-12)
