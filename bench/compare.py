@@ -29,7 +29,7 @@ from . import baselines, contrastive
 from .common import (BEGIN, END, README, RESULTS_ROOT, device_type, fmt_mb, fmt_ms, git_commit,
                      is_peer, latest_by_case, load_json, load_jsonl, shape_str, table)
 from .harness import BenchConfig, _interleaved, _mode_steps, _provider_ctx, _with_ctx, \
-    cpu_peak_growth, time_cpu
+    cpu_alloc_peak, time_cpu
 
 # CPU target (issue 18): no slower than eager at any N >= 2048, memory <= 1/8 of eager. N is
 # the batch per view B (issue 18's reading); TWO_VIEW_OPS would count both views for an op.
@@ -418,7 +418,7 @@ def max_n_search(budget_mb: float, start_b: int, bound_b: int,
             zs = [torch.randn(b, d, generator=g).requires_grad_() for _ in range(2)]
             with fastssl.use_backend("auto"):
                 try:
-                    peak = cpu_peak_growth(lambda: zs, lambda z: fn(*z).backward())
+                    peak = cpu_alloc_peak(lambda: zs, lambda z: fn(*z).backward())[0]
                 except (RuntimeError, MemoryError):
                     peak = None
             mb = None if peak is None else peak / 2**20

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import fastssl.functional as fast
 
 from .baselines import PeerMissing, _lightly_module
-from .harness import BenchConfig, _interleaved, cpu_peak_growth, cuda_peak_growth
+from .harness import BenchConfig, _interleaved, cpu_alloc_peak, cuda_peak_growth
 
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 
@@ -73,8 +73,8 @@ def bench_case(providers: dict, leaves, reps: int, device) -> dict:
         except (RuntimeError, ValueError, TypeError) as e:   # a peer that cannot run this case
             rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             continue
-        mem = (cuda_peak_growth if device.type == "cuda" else cpu_peak_growth)(
-            setup, lambda _, fn=fn: step(fn))
+        mem = cuda_peak_growth(setup, lambda _, fn=fn: step(fn)) if device.type == "cuda" \
+            else cpu_alloc_peak(setup, lambda _, fn=fn: step(fn))[0]
         rows[name] = {"peak_beyond_grad_mb": None if mem is None
                       else max(0, mem - grad_bytes) / 2**20}
         steps[name] = (setup, lambda _, fn=fn: step(fn))

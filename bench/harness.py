@@ -11,9 +11,11 @@ every provider before call k+1 of any), so that no ratio comes from the order of
 or a change of load. As in a training loop, the previous call's output and gradients stay
 alive while the next call runs. Quantiles p20/p50/p80 of per-call times (CPU perf_counter; CUDA
 events, synchronised, L2 flushed). Peak memory is the growth above what was allocated before
-the call: CUDA max_memory_allocated; CPU the kernel's high-water mark VmHWM, reset to the
-current RSS through /proc/self/clear_refs after gc and malloc_trim (it counts the C++
-extension's allocations too).
+the call: CUDA max_memory_allocated; CPU its analogue, the highest running sum of the tensor
+allocations and frees that the torch profiler reports (c10's CPU allocator, which the C++
+extension's at::empty buffers use too). The process's RSS high-water growth (VmHWM reset through
+/proc/self/clear_refs after gc and malloc_trim) is recorded beside it (rss_growth_mb): it also
+holds glibc's heap fragmentation, which varied by a quarter from call to call (issue 25).
 """
 from __future__ import annotations
 
@@ -278,6 +280,32 @@ def cpu_peak_growth(setup: Callable, run: Callable) -> int | None:
     return None if rss0 is None or hwm is None else max(0, hwm - rss0) * 1024
 
 
+def cpu_alloc_peak(setup: Callable, run: Callable) -> tuple[int, int | None]:
+    """(allocated peak, RSS peak growth) in bytes of one call of run(setup()) on CPU.
+
+    The first is the CPU analogue of CUDA's max_memory_allocated growth: the running sum of
+    the tensor allocations and frees the torch profiler reports (c10's CPU allocator: every
+    ATen op and every at::empty of the C++ kernels, worker threads included) from the call's
+    start, at its highest. The second is the process's RSS high-water growth: it also holds
+    glibc's heap fragmentation, which for the same call varied 72-98 MiB (eager symmetric
+    InfoNCE, B = 2048) and 11-16 MiB (fastssl) from call to call (issue 25), so the verdicts
+    use the allocated peak."""
+    from torch.profiler import ProfilerActivity, profile
+    state = setup()
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        rss = cpu_peak_growth(lambda: state, run)
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == cpu)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    del state
+    return peak, rss
+
+
 def cuda_peak_growth(setup: Callable, run: Callable) -> int:
     state = setup()
     torch.cuda.synchronize()
@@ -364,7 +392,7 @@ def run_group(spec: OpSpec, providers: Sequence[str], size: Size, dtype: torch.d
                 for i in range(cfg.warmup):
                     t0, mem = time.perf_counter(), None
                     if i == 0 and device.type == "cpu":
-                        mem = cpu_peak_growth(setup, run)
+                        mem = cpu_alloc_peak(setup, run)
                     else:
                         run(setup())
                     warm_s = time.perf_counter() - t0
@@ -397,8 +425,10 @@ def run_group(spec: OpSpec, providers: Sequence[str], size: Size, dtype: torch.d
                     else:
                         wmode, mem = warm.get(p, (None, None))
                         if not (long_call and mode == wmode and mem is not None):
-                            mem = cpu_peak_growth(setup, run)
-                        rec["mem_method"] = "rss-hwm-growth" if mem is not None else None
+                            mem = cpu_alloc_peak(setup, run)
+                        mem, rss = mem
+                        rec["mem_method"] = "cpu-allocated-peak (torch.profiler memory events)"
+                        rec["rss_growth_mb"] = None if rss is None else rss / 2**20
                 rec["peak_mem_mb"] = None if mem is None else mem / 2**20
                 steps[p] = (setup, lambda s, run=run, p=p: _with_ctx(p, run, s))
             except Exception as exc:  # noqa: BLE001

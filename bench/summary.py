@@ -177,8 +177,9 @@ def build_summary(records: list[dict]) -> str:
         "Times are medians over repeated calls (p20-p80 in brackets), the providers of a case "
         "interleaved in one process; on GPU synchronised CUDA events after warm-up. Speedup = "
         "baseline time / provider time. Peak memory is the peak above what was allocated before "
-        "the call (inputs); on CPU it is the growth of the process's peak RSS (VmHWM reset per "
-        "measurement), on GPU torch.cuda.max_memory_allocated. Memory ratio = provider / "
+        "the call (inputs); on CPU the peak of the tensor allocations the torch profiler reports "
+        "(the allocator's live bytes, as on GPU; the RSS high-water growth is kept in the "
+        "records as rss_growth_mb), on GPU torch.cuda.max_memory_allocated. Memory ratio = provider / "
         "reference (smaller is better).", "",
         "Modes: `forward` runs under torch.no_grad() (the loss evaluated, not trained on), "
         "`backward` is the backward of a recorded forward, `forward+backward` a training step "

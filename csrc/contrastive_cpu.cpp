@@ -22,6 +22,10 @@
 
 #include "vec_exp.h"
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // 8 MiB of float32 logits per block buffer (each thread holds one or two), and at least a few
@@ -168,6 +172,112 @@ void finish_grads(at::Tensor& da, at::Tensor& db, const std::vector<at::Tensor>&
     if (db_part[t].defined()) db.add_(db_part[t]);
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTSSL_SCE_AVX2 1
+// x[j] = exp(x[j] - m) in place for j < n (m the row's running max, so x - m <= 0), returning
+// their sum (8 lanes, then the lanes in order: the same sum at every call). ATen's exp_ costs
+// ~2 ns an element here, a sixth of a tile's time; this pass (sub, exp, sum fused) ~0.5 ns.
+// The exp is the shared vector one (csrc/vec_exp.h, as the SwAV kernels'): below -87 and at
+// -inf (a masked entry) it gives 0; NaN stays NaN.
+__attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n, float m) {
+  using F = fastssl_vec::Vec<8>::f;
+  F acc = F{};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const F y = fastssl_vec::vexp<8>(fastssl_vec::vload<8>(x + j) - m);
+    fastssl_vec::vstore<8>(x + j, y);
+    acc += y;
+  }
+  float s = 0;
+  for (int k = 0; k < 8; ++k) s += acc[k];
+  for (; j < n; ++j) s += (x[j] = std::exp(x[j] - m));
+  return s;
+}
+
+// max of x[0..n) (8 lanes; -inf for n = 0)
+__attribute__((target("avx2,fma"))) float row_max_avx2(const float* x, int64_t n) {
+  __m256 acc = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(x + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float m = lanes[0];
+  for (int k = 1; k < 8; ++k) m = std::max(m, lanes[k]);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+// Whether lse_sum_cpu's float32 blocks take fused_block (1, the default) or the log_softmax
+// form; settable for the A/B (contrastive_fused_exp).
+std::atomic<int> g_fused_exp{1};
+
+#ifdef FASTSSL_SCE_AVX2
+// One float32 row block of lse_sum_cpu with the exp fused (issue 25): x (n x c, masked entries
+// -inf) becomes E = exp(x - m_i) and the row sums s_i in one pass (exp_shift_sum_avx2), and
+// P = E / s is never written: the 1/s_i is folded into the n x D operands of the gradient
+// products, da_r = diag(1/s) (E B) - B[pos] and db += E^T diag(1/s) a_r - onehot^T a_r. The
+// log_softmax + exp form made four passes over the block (8 MiB per thread at c = 8192,
+// beyond L2), this two (max, exp): they were 18% of non-symmetric InfoNCE's time at B = 8192.
+// lse = m + log s; ce = -((x_pos - m) - log s), log_softmax's own arithmetic at the positive
+// (+inf where a mask hides the positive, as log_softmax there is -inf).
+// A row with every column masked: s = 0, lse = -inf, its gradient row 0 (as the ATen path).
+void fused_block(at::Tensor& x, float* xp, const at::Tensor& a_r, const at::Tensor& B,
+                 int64_t r0, int64_t n, int64_t c, const int64_t* pos_p, float* lsep, float* cep,
+                 const float* posp, bool subtract_pos, bool need_da, bool need_db, at::Tensor& da,
+                 at::Tensor& db_t, std::vector<float>& rowbuf) {
+  const float inf = std::numeric_limits<float>::infinity();
+  rowbuf.resize(static_cast<size_t>(n));
+  float* inv = rowbuf.data();
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = xp + i * c;
+    const float m = row_max_avx2(row, c);
+    const float shift = m == -inf ? 0.0f : m;
+    const int64_t p = pos_p[r0 + i];
+    // log_softmax is -inf at a masked positive: ce +inf there, as the ATen form gives
+    const bool pos_masked = p >= 0 && row[p] == -inf;
+    const float s = exp_shift_sum_avx2(row, c, shift);  // masked (-inf) entries: 0
+    const float log_s = std::log(s);
+    lsep[r0 + i] = s > 0 ? shift + log_s : -inf;
+    if (cep)  // a row without a positive: its lse alone
+      cep[r0 + i] = p < 0 ? lsep[r0 + i] : pos_masked ? inf : -((posp[r0 + i] - shift) - log_s);
+    inv[i] = s > 0 ? 1.0f / s : 0.0f;
+  }
+  if (!(need_da || need_db)) return;
+  const int64_t d = B.size(1);
+  const float* bp = B.data_ptr<float>();
+  const float* ap = a_r.data_ptr<float>();
+  if (need_da) {
+    at::Tensor da_r = da.narrow(0, r0, n);
+    at::mm_out(da_r, x, B);
+    float* dp = da_r.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      float* out = dp + i * d;
+      const int64_t p = subtract_pos ? pos_p[r0 + i] : -1;
+      const float* bpos = p >= 0 ? bp + p * d : nullptr;
+      for (int64_t k = 0; k < d; ++k) out[k] = out[k] * inv[i] - (bpos ? bpos[k] : 0.0f);
+    }
+  }
+  if (need_db) {
+    const at::Tensor a_s = a_r * at::from_blob(inv, {n, 1}, a_r.options());
+    db_t.addmm_(x.t(), a_s);
+    if (subtract_pos) {
+      float* dbp = db_t.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t p = pos_p[r0 + i];
+        if (p < 0) continue;
+        for (int64_t k = 0; k < d; ++k) dbp[p * d + k] -= ap[i * d + k];
+      }
+    }
+  }
+}
+#endif
+
 // (lse, pos, da, db, ce): lse[i] = log-sum-exp of row i of X = scale * a @ b.T with the masked
 // entries removed, pos[i] = X[i, pos_col[i]] (0 where pos_col is -1); ce[i] = lse[i] - pos[i]
 // read as -log_softmax(X)[i, pos_col[i]] (eager cross-entropy's arithmetic: no rounding at the
@@ -207,6 +317,7 @@ std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
     const int tid = at::get_thread_num();
     at::Tensor& db_t = db_part.at(tid);
     if (need_db && !db_t.defined()) db_t = tid == 0 ? db : at::zeros({c, d}, opts);
+    std::vector<float> rowbuf;
     AT_DISPATCH_FLOATING_TYPES(acc, "lse_sum_cpu", [&] {
       std::vector<scalar_t> probe;
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -219,6 +330,18 @@ std::vector<at::Tensor> lse_sum_cpu(const at::Tensor& a, const at::Tensor& b,
         for (int64_t i = 0; i < n; ++i)  // the positive's logit, before any mask
           if (pos_p[r0 + i] >= 0) posp[r0 + i] = xp[i * c + pos_p[r0 + i]];
         fill_masked<scalar_t>(xp, n, c, r0, masks, -std::numeric_limits<scalar_t>::infinity());
+#ifdef FASTSSL_SCE_AVX2
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (has_avx2() && g_fused_exp.load()) {
+            // (the dispatch lambda is not a template: the casts compile for double too)
+            fused_block(x, reinterpret_cast<float*>(xp), a_r, B, r0, n, c, pos_p,
+                        lse.data_ptr<float>(), want_ce ? ce.data_ptr<float>() : nullptr,
+                        reinterpret_cast<const float*>(posp), subtract_pos, need_da, need_db,
+                        da, db_t, rowbuf);
+            continue;
+          }
+        }
+#endif
         save_probe<scalar_t>(xp, n, c, r0, masks, probe);
         at::_log_softmax_out(x, x, 1, false);  // row by row: in place is exact
         read_lse<scalar_t>(probe, xp, n, c, r0, masks, lse.data_ptr<scalar_t>());
@@ -280,33 +403,6 @@ struct SceScratch {
         psum(at::empty({2 * rows}, opts)), m(2 * rows), l(2 * rows) {}
 };
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define FASTSSL_SCE_AVX2 1
-// x[j] = exp(x[j] - m) in place for j < n (m the row's running max, so x - m <= 0), returning
-// their sum (8 lanes, then the lanes in order: the same sum at every call). ATen's exp_ costs
-// ~2 ns an element here, a sixth of a tile's time; this pass (sub, exp, sum fused) ~0.5 ns.
-// The exp is the shared vector one (csrc/vec_exp.h, as the SwAV kernels'): below -87 and at
-// -inf (a masked entry) it gives 0; NaN stays NaN.
-__attribute__((target("avx2,fma"))) float exp_shift_sum_avx2(float* x, int64_t n, float m) {
-  using F = fastssl_vec::Vec<8>::f;
-  F acc = F{};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const F y = fastssl_vec::vexp<8>(fastssl_vec::vload<8>(x + j) - m);
-    fastssl_vec::vstore<8>(x + j, y);
-    acc += y;
-  }
-  float s = 0;
-  for (int k = 0; k < 8; ++k) s += acc[k];
-  for (; j < n; ++j) s += (x[j] = std::exp(x[j] - m));
-  return s;
-}
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-#endif
 
 // Rows [r0, r0 + n) of the SCE statistics (see sce_grad_cpu), one thread, columns in order:
 // the same sums at every call.
@@ -859,6 +955,12 @@ at::Tensor gram_lse_backward_cpu(const at::Tensor& z, const at::Tensor& self_col
   return dz.mul_(scale);
 }
 
+// lse_sum_cpu's fused float32 blocks: the current setting, set first when flag >= 0 (A/B only).
+int contrastive_fused_exp(int flag) {
+  if (flag >= 0) g_fused_exp.store(flag ? 1 : 0);
+  return g_fused_exp.load();
+}
+
 // The tile edge: the current value, set first when block > 0 (measurement only).
 int64_t gram_block(int64_t block) {
   if (block > 0) g_gram_block.store(block);
@@ -877,6 +979,8 @@ void init_contrastive_cpu(pybind11::module_& m) {
         "logits, the gradients of sum(lse) [- sum(pos)] and the rows' cross-entropies "
         "-log_softmax at the positive (subtract_pos, positive unmasked; else empty), from one "
         "pass (CPU)");
+  m.def("contrastive_fused_exp", &contrastive_fused_exp, pybind11::arg("flag") = -1,
+        "lse_sum_cpu's fused float32 exp blocks on (1) / off (0); -1 reads (A/B only)");
   m.def("contrastive_gram_lse_forward_cpu", &gram_lse_forward_cpu,
         "(lse, wmean) of the rows of scale z z^T (symmetric masks) from the upper-triangle "
         "tiles (CPU)");

@@ -39,30 +39,39 @@ _NORM_EPS = 1e-12  # F.normalize's
 
 class _NormalizeRows(torch.autograd.Function):
     """F.normalize(x, dim=1) (norms clamped at eps = 1e-12, as F.normalize) that keeps only its
-    output and the row norms for backward: dx = (dy - y <y, dy>) / |x| on rows whose norm is
-    above eps, dy / eps on the others. F.normalize's autograd keeps x and builds its gradient
-    from a division's and a norm's backward, several B x D temporaries more; at B = 2048,
-    D = 128 they were most of the fused losses' peak memory (issue 18)."""
+    output (or its input) and the row norms for backward: dx = (dy - y <y, dy>) / |x| on rows
+    whose norm is above eps, dy / eps on the others. F.normalize's autograd keeps x and builds
+    its gradient from a division's and a norm's backward, several B x D temporaries more; at
+    B = 2048, D = 128 they were most of the fused losses' peak memory (issue 18).
+
+    save_input: keep x and recompute y = x / |x| (the same division: the same values) in the
+    backward. For an op that does not keep its operands (the same-pass kernels keep only their
+    gradients), y then lives only through the forward, while x is the caller's tensor, alive
+    anyway (issue 25: 2 of non-symmetric InfoNCE's 8 MiB at B = 2048). An op that keeps y
+    (the recompute and symmetric-schedule ops) wants y kept instead."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, save_input=False):
         norm = row_norms(x).clamp_min_(_NORM_EPS)  # scaled: no overflow at |x| ~ 1e20
         y = x / norm
-        ctx.save_for_backward(y, norm)
+        ctx.save_for_backward(x if save_input else y, norm)
+        ctx.save_input = save_input
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        y, norm = ctx.saved_tensors
+        saved, norm = ctx.saved_tensors
+        y = saved / norm if ctx.save_input else saved
         # <y_i, dy_i> as a batched 1 x D @ D x 1 product (no B x D temporary), 0 where clamped
         proj = torch.bmm(y.unsqueeze(1), dy.unsqueeze(2)).squeeze(2)
         proj = proj.masked_fill_(norm <= _NORM_EPS, 0.0)
-        return dy.addcmul(y, proj, value=-1.0).div_(norm)
+        return dy.addcmul(y, proj, value=-1.0).div_(norm), None
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise in the accumulation dtype, back to the input dtype (the kernels' operand)."""
-    return _NormalizeRows.apply(x.to(accumulation_dtype(x))).to(x.dtype)
+def _normalize(x: torch.Tensor, save_input: bool = False) -> torch.Tensor:
+    """L2-normalise in the accumulation dtype, back to the input dtype (the kernels' operand);
+    save_input as _NormalizeRows."""
+    return _NormalizeRows.apply(x.to(accumulation_dtype(x)), save_input).to(x.dtype)
 
 
 def _gather_layout(x: torch.Tensor, gather_distributed: bool):
@@ -353,7 +362,9 @@ def info_nce(q, k, temperature=0.1, *, symmetric=False, normalize=True,
                                          torch.cat([ar + b, ar]), scale, False, False, backend,
                                          b)
         return _sym_terms(lse, z, scale_mul) / (2 * n)
-    qn, kn = (_normalize(q), _normalize(k)) if normalize else (q, k)
+    # the same-pass kernels keep only their gradients: qn and kn need not outlive the forward
+    same_pass = ops.has_same_pass(backend) and not (symmetric and dist_on)
+    qn, kn = (_normalize(q, same_pass), _normalize(k, same_pass)) if normalize else (q, k)
     k_all = dist_utils.gather(kn, name="k") if dist_on else kn
     if not symmetric and ops.has_same_pass(backend):
         # row i's positive is column labels[i] of the (gathered) keys

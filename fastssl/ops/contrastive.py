@@ -224,8 +224,19 @@ def _lse_sum_backward(ctx, g_total, _g_lse, _g_da, _g_db):
     if (ctx.needs_input_grad[0] and not need_da) or (ctx.needs_input_grad[1] and not need_db):
         raise RuntimeError("fastssl::contrastive_lse_sum: a gradient was asked for an input "
                            "whose need_da / need_db was False in the forward")
-    ga = (da * g_total).to(a_dtype) if need_da else None
-    gb = (db * g_total).to(b_dtype) if need_db else None
+    # In place when this graph is not kept (no retain_graph / create_graph): the saved
+    # gradients are freed after this call, and two scaled copies were a quarter of
+    # non-symmetric InfoNCE's peak at B = 2048 (issue 25). The op's da / db outputs are these
+    # tensors: read them before backward() (the losses discard them).
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    # eager tensors only: a traced backward (aot / compile: fake or functional tensor
+    # subclasses) must stay free of mutation
+    in_place = (keep_graph is not None and not torch.is_grad_enabled() and not keep_graph()
+                and type(da) is torch.Tensor and type(db) is torch.Tensor
+                and not torch.compiler.is_compiling())
+    scaled = (lambda t: t.mul_(g_total)) if in_place else (lambda t: t * g_total)
+    ga = scaled(da).to(a_dtype) if need_da else None
+    gb = scaled(db).to(b_dtype) if need_db else None
     return ga, gb, None, None, None, None, None, None, None, None
 
 

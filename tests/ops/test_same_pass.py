@@ -231,3 +231,42 @@ def test_normalize_rows_matches_f_normalize():
     assert yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb.float(), torch.nn.functional.normalize(xb.float(), dim=1),
                                atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("exclude_pos", [False, True])
+@pytest.mark.parametrize("subtract_pos", [False, True])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_lse_sum_fused_float32_blocks_match_the_log_softmax_form(exclude_pos, subtract_pos,
+                                                                 need):
+    # The C++ float32 blocks take the fused exp (AVX2) by default; the log_softmax form stays
+    # for float64 and without AVX2. Both forms on the same inputs (every-column-masked rows,
+    # rows without a positive, several row blocks per thread), and against float64.
+    _C = pytest.importorskip("fastssl._C")
+    g = torch.Generator().manual_seed(9)
+    m, c, d = 300, 2, 16
+    a = torch.randn(m, d, generator=g)
+    b = torch.randn(c, d, generator=g)
+    self_col = torch.randint(-1, c, (m,), generator=g)
+    pos_col = torch.randint(-1, c, (m,), generator=g)
+    self_col[:4], pos_col[:4] = torch.tensor([0, 1, 0, 1]), torch.tensor([1, 0, 1, 0])
+    a_wide, b_wide = torch.randn(m, d, generator=g), torch.randn(173, d, generator=g)
+    cases = [(a, b, self_col, pos_col),
+             (a_wide, b_wide, torch.randint(-1, 173, (m,), generator=g),
+              torch.randint(-1, 173, (m,), generator=g))]
+    before = _C.contrastive_fused_exp()
+    try:
+        for aa, bb, sc, pc in cases:
+            outs = []
+            for flag in (0, 1):
+                _C.contrastive_fused_exp(flag)
+                outs.append(_C.contrastive_lse_sum_cpu(aa, bb, sc, pc, 3.0, exclude_pos,
+                                                       subtract_pos, *need))
+            ref = _C.contrastive_lse_sum_cpu(aa.double(), bb.double(), sc, pc, 3.0,
+                                             exclude_pos, subtract_pos, *need)
+            for slow, fast, exact in zip(*outs, ref):
+                assert slow.shape == fast.shape
+                if slow.numel():
+                    torch.testing.assert_close(fast, slow, rtol=2e-5, atol=2e-5)
+                    torch.testing.assert_close(fast.double(), exact, rtol=2e-5, atol=2e-5)
+    finally:
+        _C.contrastive_fused_exp(before)
