@@ -245,7 +245,7 @@ def compare_markdown(records: list[dict], roofline: dict | None = None, max_n: d
     lines += ["Ratio = the baseline's median time / fastssl's (>= 1.00x: fastssl no slower). "
               "`eager` = the best plain PyTorch a user would write from the formula: full "
               "matrices, masks in place, one cross-entropy (bench/baselines.py); peers in this "
-              f"run: {', '.join(peers) or 'none'}. Memory = fastssl's peak growth / eager's. "
+              f"run: {', '.join(peers) or 'none'}. Memory = fastssl's allocated peak / eager's (CPU: the peak of the tensor allocations the torch profiler reports, as CUDA's max_memory_allocated; the RSS growth, which adds glibc's heap fragmentation, is in results.jsonl as rss_growth_mb). "
               f"Target range of {', '.join(MEMORY_TARGET_OPS)}: N >= {TARGET_MIN_N} anchors (N "
               "= B, the batch per view); smaller sizes are shown, marked below the target range. "
               f"ms/GFLOP: fastssl's time per model GFLOP; `JUMP` marks a size where it grew more "
