@@ -294,7 +294,7 @@ def cpu_alloc_peak(setup: Callable, run: Callable) -> tuple[int, int | None]:
     state = setup()
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        rss = cpu_peak_growth(lambda: state, run)
+        rss = cpu_peak_growth(lambda s=state: s, run)
     cpu = torch._C._autograd.DeviceType.CPU
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == cpu)

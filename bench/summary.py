@@ -179,8 +179,8 @@ def build_summary(records: list[dict]) -> str:
         "baseline time / provider time. Peak memory is the peak above what was allocated before "
         "the call (inputs); on CPU the peak of the tensor allocations the torch profiler reports "
         "(the allocator's live bytes, as on GPU; the RSS high-water growth is kept in the "
-        "records as rss_growth_mb), on GPU torch.cuda.max_memory_allocated. Memory ratio = provider / "
-        "reference (smaller is better).", "",
+        "records as rss_growth_mb), on GPU torch.cuda.max_memory_allocated. Memory ratio = "
+        "provider / reference (smaller is better).", "",
         "Modes: `forward` runs under torch.no_grad() (the loss evaluated, not trained on), "
         "`backward` is the backward of a recorded forward, `forward+backward` a training step "
         "(fastssl's same-pass ops make their gradient during the recorded forward: compare the "

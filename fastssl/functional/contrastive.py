@@ -276,7 +276,6 @@ def _sym_terms(lse, rows, scale_mul, weigh=None):
     positive> (weighted by `weigh`), in float64: the symmetric schedule returns lse, not the
     cross-entropy read at the positive, so the difference (small where the positive dominates,
     e.g. collinear views) is taken without a second rounding at the logits' magnitude."""
-    b = rows.shape[0] // 2
     half = _HalvesDot64.apply(rows)
     pos = torch.cat([half, half]) * scale_mul
     if weigh is not None:
